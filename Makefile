@@ -1,0 +1,45 @@
+# Every target does its own set-up: the venv is made (and reinstalled when pyproject.toml changes) on demand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+export MLFLOW_ENABLE_TELEMETRY := false
+
+.PHONY: demo test lint ui mlflow-ui clean install
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/lora-pipeline demo
+
+test: $(STAMP)
+	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
+
+ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db \
+	  --default-artifact-root $(CURDIR)/data/mlflow/artifacts
+
+clean:
+	rm -rf data/datasets data/loras data/evals data/mlflow data/.tmp $(DAGSTER_HOME)

@@ -1,0 +1,278 @@
+"""`lora-pipeline`: the command line. Every run goes through the Dagster instance so the UI sees it.
+
+A user error prints one line (`error: <file>: <problem>`) and exits 1; `--json` prints a
+machine-readable result instead of the human summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.paths import DataRoot
+
+Command = Callable[[argparse.Namespace, DataRoot], dict[str, Any]]
+
+
+def _register(version_or_batches: dict[str, list[str]]) -> None:
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.defs import partitions
+
+    inst = dagster_runs.instance()
+    for name, keys in version_or_batches.items():
+        partitions.register(inst, getattr(partitions, name), keys)
+
+
+def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.core.sources import intake
+
+    result = intake(Path(args.src_dir), root, args.batch)
+    _register({"source_batches": [args.batch]})
+    outcome = dagster_runs.run_job("register_batch_job", args.batch, dagster_runs.instance())
+    meta = outcome.metadata("source_batch")
+    return {
+        "batch": args.batch,
+        "path": str(root.batch(args.batch)),
+        "files": meta.get("files"),
+        "bytes": meta.get("bytes"),
+        "fingerprint": meta.get("fingerprint"),
+        "skipped": [n for n in getattr(result, "skipped", [])],
+        "dagster_run_id": outcome.run_id,
+    }
+
+
+def build_version(root: DataRoot, version: str) -> dict[str, Any]:
+    """Snapshot + captions + report for one version; UserError if a blocking check fails."""
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.core.manifest import read_json
+    from lora_pipeline.core.spec import load_spec
+    from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
+
+    load_spec(root.spec_file(version))  # a bad spec fails here with its one line
+    _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
+    outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance())
+    snapshot_dir = root.dataset(version)
+    report = read_json(snapshot_dir / "report.json")
+    errors = [p for p in report["problems"] if p["severity"] == "error"]
+    summary = {
+        "version": version,
+        "dataset": str(snapshot_dir),
+        "manifest_root": read_json(snapshot_dir / "snapshot.json")["manifest_root"],
+        "counts": report.get("counts", {}),
+        "errors": len(errors),
+        "warnings": sum(p["severity"] == "warning" for p in report["problems"]),
+        "report": str(snapshot_dir / "report.md"),
+        "contact_sheet": str(snapshot_dir / "contact_sheet.png"),
+        "dagster_run_id": outcome.run_id,
+    }
+    if outcome.check_passed(NO_ERRORS_CHECK) is False:
+        first = errors[0] if errors else {"file": "", "message": "see report.md"}
+        raise UserError(
+            f"{len(errors)} blocking problem(s), first: {first['file']}: {first['message']} "
+            f"(report: {snapshot_dir / 'report.md'})",
+            root.spec_file(version),
+        )
+    return summary
+
+
+def cmd_build(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    return build_version(root, args.version)
+
+
+def train_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.core.gate import require_passed_report
+    from lora_pipeline.core.recipe import load_recipe
+    from lora_pipeline.defs.partitions import training_key
+
+    load_recipe(root.recipe_file(recipe))
+    require_passed_report(root, version)
+    _register({"dataset_versions": [version], "recipes": [recipe]})
+    outcome = dagster_runs.run_job("train_job", training_key(version, recipe), dagster_runs.instance())
+    meta = outcome.metadata("lora_epochs")
+    files = sorted(str(p) for p in root.loras(version, recipe).glob("*.safetensors"))
+    return {
+        "version": version,
+        "recipe": recipe,
+        "epoch_files": files,
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "mlflow_tracking_uri": meta.get("mlflow_tracking_uri"),
+        "dagster_run_id": outcome.run_id,
+    }
+
+
+def cmd_train(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    return train_version(root, args.version, args.recipe)
+
+
+def evaluate_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.core.manifest import read_json
+    from lora_pipeline.core.recipe import load_recipe
+    from lora_pipeline.defs.partitions import training_key
+
+    load_recipe(root.recipe_file(recipe))
+    if not any(root.loras(version, recipe).glob("*.safetensors")):
+        raise UserError(f"no trained epochs: run `lora-pipeline train {version} --recipe {recipe}` first",
+                        root.loras(version, recipe))
+    _register({"dataset_versions": [version], "recipes": [recipe]})
+    outcome = dagster_runs.run_job("evaluate_job", training_key(version, recipe), dagster_runs.instance())
+    out = root.evals(version, recipe)
+    return {
+        "version": version,
+        "recipe": recipe,
+        "grids": sorted(str(p) for p in out.glob("grid*.png")),
+        "val_loss_png": str(out / "val_loss.png"),
+        "recommendation": read_json(out / "recommendation.json"),
+        "dagster_run_id": outcome.run_id,
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    return evaluate_version(root, args.version, args.recipe)
+
+
+def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    from lora_pipeline.core.provenance import format_provenance, trace_lora
+
+    chain = trace_lora(root, Path(args.file))
+    chain["_text"] = format_provenance(chain)
+    return chain
+
+
+def cmd_verify(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    from lora_pipeline.core.manifest import verify_snapshot
+
+    if args.version:
+        if not (root.dataset(args.version) / "snapshot.json").is_file():
+            raise UserError("no such dataset version (not built)", root.dataset(args.version))
+        versions = [args.version]
+    else:
+        versions = sorted(p.parent.name for p in root.datasets.glob("*/snapshot.json"))
+    results = [verify_snapshot(root.dataset(v)) for v in versions]
+    findings = [f for r in results for f in r.problems()]
+    return {
+        "versions": {r.version: {"ok": r.ok, "files_checked": r.files_checked} for r in results},
+        "findings": findings,
+        "ok": not findings,
+        "_exit": 0 if not findings else 1,
+    }
+
+
+def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+    from lora_pipeline.core.provenance import trace_lora
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    built = {}
+    for version in DEMO_VERSIONS:
+        t = time.monotonic()
+        built[version] = build_version(root, version)
+        timings[f"build {version}"] = round(time.monotonic() - t, 1)
+        _say(args, f"built {version}: {built[version]['dataset']}")
+    t = time.monotonic()
+    trained = train_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE)
+    timings["train"] = round(time.monotonic() - t, 1)
+    _say(args, f"trained {len(trained['epoch_files'])} epochs: {Path(trained['epoch_files'][-1]).parent}")
+    t = time.monotonic()
+    evaluated = evaluate_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE)
+    timings["evaluate"] = round(time.monotonic() - t, 1)
+    rec = evaluated["recommendation"]
+    chosen = next(f for f in trained["epoch_files"] if f.endswith(f"-e{rec['recommended_epoch']:03d}.safetensors"))
+    chain = trace_lora(root, Path(chosen))
+    timings["total"] = round(time.monotonic() - started, 1)
+    return {
+        "datasets": {v: b["dataset"] for v, b in built.items()},
+        "reports": {v: b["report"] for v, b in built.items()},
+        "epoch_files": trained["epoch_files"],
+        "mlflow_run_id": trained["mlflow_run_id"],
+        "mlflow_tracking_uri": trained["mlflow_tracking_uri"],
+        "grids": evaluated["grids"],
+        "val_loss_png": evaluated["val_loss_png"],
+        "recommendation": rec,
+        "provenance_status": chain.get("status"),
+        "provenance_images": len(chain.get("images", [])),
+        "seconds": timings,
+    }
+
+
+DEMO_VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
+DEMO_TRAIN_VERSION = "hardware-design-aesthetic-v2"
+DEMO_RECIPE = "demo-tiny"
+
+
+def _say(args: argparse.Namespace, line: str) -> None:
+    if not args.json:
+        print(line, flush=True)
+
+
+def _print_human(name: str, result: dict[str, Any]) -> None:
+    if "_text" in result:
+        print(result["_text"])
+        return
+    for key, value in result.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, indent=2, sort_keys=True)
+        print(f"{key}: {value}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--json", action="store_true", help="print a machine-readable JSON result")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("intake", cmd_intake, "copy an external handoff into sources/ID (copy-only) and mark it _READY")
+    sp.add_argument("src_dir")
+    sp.add_argument("--batch", required=True)
+    sp = add("build", cmd_build, "snapshot + captions + report; exit 1 if a blocking check fails")
+    sp.add_argument("version")
+    sp = add("train", cmd_train, "train every epoch; refuses a dataset whose blocking checks failed")
+    sp.add_argument("version")
+    sp.add_argument("--recipe", required=True)
+    sp = add("evaluate", cmd_evaluate, "epoch x weight grid, validation loss, recommended epoch")
+    sp.add_argument("version")
+    sp.add_argument("--recipe", required=True)
+    sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files")
+    sp.add_argument("file")
+    sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
+    sp.add_argument("version", nargs="?")
+    add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    root = DataRoot.from_env()
+    try:
+        result = args.fn(args, root)
+    except UserError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    exit_code = result.pop("_exit", 0)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2, sort_keys=True,
+                         default=str))
+    else:
+        _print_human(args.command, result)
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Plain-Python core of lora-pipeline. Nothing in this package imports Dagster."""

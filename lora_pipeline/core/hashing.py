@@ -1,0 +1,53 @@
+"""Content hashing: file sha256 and the Merkle root over manifest rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON (sorted keys, no spaces) for hashing specs and recipes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_json(value: Any) -> str:
+    return sha256_bytes(canonical_json(value).encode("utf-8"))
+
+
+def merkle_root(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Merkle root over rows sorted by path; each leaf is sha256("path\\0sha256\\0bytes").
+
+    Pairs are hashed level by level; an odd node is promoted unchanged. An empty
+    set hashes to sha256(b"").
+    """
+    leaves = [
+        hashlib.sha256(f"{r['path']}\0{r['sha256']}\0{r['bytes']}".encode()).digest()
+        for r in sorted(rows, key=lambda r: r["path"])
+    ]
+    if not leaves:
+        return hashlib.sha256(b"").hexdigest()
+    level = leaves
+    while len(level) > 1:
+        nxt = [hashlib.sha256(level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0].hex()

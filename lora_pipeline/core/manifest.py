@@ -1,0 +1,159 @@
+"""`manifest.jsonl` and `snapshot.json`: reading, writing atomically, and re-verifying.
+
+A manifest row describes one file of a snapshot, path relative to the snapshot folder:
+
+    {"path": "img/10_hdaesth/a.png", "kind": "image", "sha256": ..., "bytes": ...,
+     "width": 1024, "height": 768, "source_batch": "curated-2026-10",      # or "source_dataset"
+     "source_path": "views/a.png", "source_sha256": ...}
+    {"path": "img/10_hdaesth/a.txt", "kind": "caption", "sha256": ..., "bytes": ...,
+     "image": "img/10_hdaesth/a.png", "caption_source": "sidecar:curated-2026-10/views/a.txt",
+     "source_batch": ..., "source_path": ..., "source_sha256": ...}
+
+`manifest_root` in snapshot.json is the Merkle root over every row (images and captions);
+`image_root` is the root over the image rows alone, fixed when the images are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import merkle_root, sha256_file
+
+MANIFEST = "manifest.jsonl"
+SNAPSHOT = "snapshot.json"
+# Files the pipeline writes into a snapshot besides the manifest's own rows.
+NON_CONTENT = {MANIFEST, SNAPSHOT, "report.json", "report.md", "contact_sheet.png"}
+
+
+def atomic_write_text(path: Path, text: str, readonly: bool = False) -> None:
+    """Write beside the target and rename over it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if readonly:
+            os.chmod(tmp, 0o444)
+        elif path.exists():
+            os.chmod(path, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError("file not found", path) from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON: {exc.msg} at line {exc.lineno}", path) from None
+
+
+def write_manifest(snapshot_dir: Path, rows: Iterable[dict[str, Any]]) -> str:
+    """Write manifest.jsonl sorted by path; return the Merkle root of the rows."""
+    ordered = sorted(rows, key=lambda r: r["path"])
+    text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered)
+    atomic_write_text(snapshot_dir / MANIFEST, text)
+    return merkle_root(ordered)
+
+
+def read_manifest(snapshot_dir: Path) -> list[dict[str, Any]]:
+    path = snapshot_dir / MANIFEST
+    if not path.is_file():
+        raise UserError("no manifest: the snapshot is missing or incomplete", path)
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"line {lineno} is not valid JSON", path) from None
+    return rows
+
+
+def read_snapshot_info(snapshot_dir: Path) -> dict[str, Any]:
+    return read_json(snapshot_dir / SNAPSHOT)
+
+
+@dataclass
+class VerifyResult:
+    version: str
+    manifest_root: str
+    files_checked: int = 0
+    mismatched: list[str] = field(default_factory=list)  # content changed (a flipped byte)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    root_mismatch: bool = False  # manifest rows no longer hash to snapshot.json's root
+
+    @property
+    def ok(self) -> bool:
+        return not (self.mismatched or self.missing or self.extra or self.root_mismatch)
+
+    def problems(self) -> list[str]:
+        out = [f"{self.version}/{p}: content changed (sha256 differs from manifest)" for p in self.mismatched]
+        out += [f"{self.version}/{p}: missing" for p in self.missing]
+        out += [f"{self.version}/{p}: extra file not in manifest" for p in self.extra]
+        if self.root_mismatch:
+            out.append(f"{self.version}/{MANIFEST}: rows do not match manifest_root in {SNAPSHOT}")
+        return out
+
+
+def verify_snapshot(snapshot_dir: Path) -> VerifyResult:
+    """Re-hash every file of a snapshot and compare with its manifest and root."""
+    info = read_snapshot_info(snapshot_dir)
+    rows = read_manifest(snapshot_dir)
+    result = VerifyResult(version=snapshot_dir.name, manifest_root=info.get("manifest_root", ""))
+    result.root_mismatch = merkle_root(rows) != info.get("manifest_root")
+    expected = {r["path"]: r for r in rows}
+    for rel, row in sorted(expected.items()):
+        path = snapshot_dir / rel
+        if not path.is_file() or path.is_symlink():
+            result.missing.append(rel)
+            continue
+        result.files_checked += 1
+        if path.stat().st_size != row["bytes"] or sha256_file(path) != row["sha256"]:
+            result.mismatched.append(rel)
+    for path in sorted(snapshot_dir.rglob("*")):
+        rel = path.relative_to(snapshot_dir).as_posix()
+        if (path.is_file() or path.is_symlink()) and rel not in expected and rel not in NON_CONTENT:
+            result.extra.append(rel)
+    return result
+
+
+def record_captions(snapshot_dir: Path, caption_rows: list[dict[str, Any]]) -> str:
+    """Add the caption rows to the manifest once and seal the snapshot; return the new manifest root.
+
+    The images were fixed when the snapshot was copied; captions complete it. Recording the same
+    captions again is a no-op; different captions for a sealed snapshot are refused, because a
+    dataset version never changes after it is complete.
+    """
+    info = read_snapshot_info(snapshot_dir)
+    image_rows = [r for r in read_manifest(snapshot_dir) if r.get("kind") != "caption"]
+    rows = image_rows + list(caption_rows)
+    root = merkle_root(rows)
+    if info.get("captions_complete"):
+        if root != info.get("manifest_root"):
+            raise UserError(
+                f"dataset version '{info['version']}' is complete and its captions would change; "
+                "versions are immutable — name a new version",
+                snapshot_dir / SNAPSHOT,
+            )
+        return root
+    write_manifest(snapshot_dir, rows)
+    write_json(snapshot_dir / SNAPSHOT, {**info, "manifest_root": root, "captions_complete": True})
+    return root

@@ -1,0 +1,165 @@
+"""Dataset assets: source_batch -> dataset_snapshot -> caption_set -> dataset_report (+ blocking checks)."""
+
+from __future__ import annotations
+
+import collections
+
+import dagster as dg
+
+from lora_pipeline.core.captions import plan_captions, write_captions
+from lora_pipeline.core.codeversion import code_version
+from lora_pipeline.core.manifest import read_manifest, record_captions
+from lora_pipeline.core.problems import has_errors
+from lora_pipeline.core.report import write_report
+from lora_pipeline.core.snapshot import build_snapshot
+from lora_pipeline.core.sources import batch_fingerprint, batch_manifest, scan_batch
+from lora_pipeline.core.spec import load_spec
+from lora_pipeline.core.validation import validate_dataset
+from lora_pipeline.defs.metadata import image_markdown, table
+from lora_pipeline.defs.partitions import dataset_versions, source_batches
+from lora_pipeline.defs.resources import DataRootResource
+
+GROUP = "datasets"
+NO_ERRORS_CHECK = "no_blocking_problems"
+NO_WARNINGS_CHECK = "no_warnings"
+
+
+@dg.asset(
+    partitions_def=source_batches,
+    group_name=GROUP,
+    kinds={"filesystem"},
+    description="A complete source handoff under sources/<batch> (marked _READY). Only read, never written.",
+)
+def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    scan = scan_batch(data_root.data, context.partition_key)
+    rows = batch_manifest(scan)
+    fingerprint = batch_fingerprint(rows)
+    suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
+    context.log.info(f"batch {scan.batch}: {len(rows)} files, fingerprint {fingerprint}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(fingerprint),
+        metadata={
+            "path": dg.MetadataValue.path(str(scan.dir)),
+            "files": len(rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "fingerprint": fingerprint,
+            "by_extension": dict(sorted(suffixes.items())),
+            "skipped": len(scan.problems),
+            "manifest": table(rows, ["path", "bytes", "sha256"]),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=dataset_versions,
+    group_name=GROUP,
+    kinds={"filesystem"},
+    deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
+    description="datasets/<version>/: copy-only, immutable snapshot of the images named by specs/<version>.yaml.",
+)
+def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    root = data_root.data
+    spec = load_spec(root.spec_file(context.partition_key))
+    result = build_snapshot(root, spec, code_version())
+    verb = "built" if result.created else "unchanged (rebuild is a no-op)"
+    context.log.info(f"dataset {spec.name} {verb}: {len(result.rows)} images, image root {result.image_root}")
+    per_source = collections.Counter(r.get("source_batch") or r.get("source_dataset") for r in result.rows)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(result.image_root),
+        metadata={
+            "path": dg.MetadataValue.path(str(result.dir)),
+            "created": result.created,
+            "images": len(result.rows),
+            "per_source": dict(sorted(per_source.items())),
+            "image_root": result.image_root,
+            "intent": spec.intent,
+            "spec_sha256": spec.sha256,
+            "scan_problems": len(result.problems),
+            "manifest": table(result.rows, ["path", "bytes", "width", "height", "source_batch", "source_dataset",
+                                            "source_path", "sha256"]),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=dataset_versions,
+    group_name=GROUP,
+    kinds={"text"},
+    deps=[dataset_snapshot],
+    description="The .txt caption beside every image (trigger token first) and the caption rows of the manifest.",
+)
+def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    root = data_root.data
+    spec = load_spec(root.spec_file(context.partition_key))
+    snapshot_dir = root.dataset(spec.name)
+    plan = plan_captions(root, spec, snapshot_dir)
+    caption_rows = write_captions(snapshot_dir, plan)
+    manifest_root = record_captions(snapshot_dir, caption_rows)
+    context.log.info(f"{len(caption_rows)} captions written; manifest root {manifest_root}")
+    preview = [{"image": image, "caption": text, "source": plan.caption_sources.get(image, "")}
+               for image, text in sorted(plan.captions.items())]
+    tags = collections.Counter()
+    for counts in plan.tag_frequency.values():
+        tags.update(counts)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(manifest_root),
+        metadata={
+            "captions": len(caption_rows),
+            "manifest_root": manifest_root,
+            "caption_problems": len(plan.problems),
+            "captions_table": table(preview, ["image", "caption", "source"]),
+            "top_tags": table([{"tag": t, "count": c} for t, c in tags.most_common(30)], ["tag", "count"]),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=dataset_versions,
+    group_name=GROUP,
+    kinds={"markdown"},
+    deps=[caption_set],
+    check_specs=[
+        dg.AssetCheckSpec(NO_ERRORS_CHECK, asset="dataset_report", blocking=True,
+                          description="No error in report.json: blocks training on a bad dataset."),
+        dg.AssetCheckSpec(NO_WARNINGS_CHECK, asset="dataset_report", blocking=False,
+                          description="Warnings in report.json, for a human to look at."),
+    ],
+    description="Validation before GPU time: report.json/report.md/contact_sheet.png in the snapshot.",
+)
+def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    root = data_root.data
+    spec = load_spec(root.spec_file(context.partition_key))
+    snapshot_dir = root.dataset(spec.name)
+    plan = plan_captions(root, spec, snapshot_dir)
+    result = validate_dataset(root, spec, snapshot_dir, plan)
+    files = write_report(snapshot_dir, result, plan)
+    problems = list(result.problems)
+    errors = [p for p in problems if p["severity"] == "error"]
+    warnings = [p for p in problems if p["severity"] == "warning"]
+    context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings")
+    columns = ["severity", "code", "file", "scope", "message"]
+    return dg.MaterializeResult(
+        metadata={
+            "report": dg.MetadataValue.md(files.markdown),
+            "contact_sheet": image_markdown(files.contact_sheet, "contact sheet"),
+            "problems": table(problems, columns),
+            "errors": len(errors),
+            "warnings": len(warnings),
+            "images": len(read_manifest(snapshot_dir)),
+            "report_json": dg.MetadataValue.path(str(files.report_json)),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=NO_ERRORS_CHECK,
+                passed=not has_errors(problems),
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"errors": len(errors), "problems": table(errors, columns)},
+            ),
+            dg.AssetCheckResult(
+                check_name=NO_WARNINGS_CHECK,
+                passed=not warnings,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"warnings": len(warnings), "problems": table(warnings, columns)},
+            ),
+        ],
+    )

@@ -1,0 +1,29 @@
+"""Partitions (DESIGN.md, "Assets and partitions"). All dynamic: sensors and the CLI register keys."""
+
+import dagster as dg
+
+source_batches = dg.DynamicPartitionsDefinition(name="source_batches")
+dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
+recipes = dg.DynamicPartitionsDefinition(name="recipes")
+# Multi-partition keys are "<dataset_version>|<recipe>" (dimension names in alphabetical order).
+training_runs = dg.MultiPartitionsDefinition({"dataset_version": dataset_versions, "recipe": recipes})
+by_dataset_version = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="dataset_version")
+
+
+def training_key(version: str, recipe: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"dataset_version": version, "recipe": recipe})
+
+
+def split_training_key(context: dg.AssetExecutionContext) -> tuple[str, str]:
+    keys = context.partition_key.keys_by_dimension  # type: ignore[union-attr]
+    return keys["dataset_version"], keys["recipe"]
+
+
+def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
+    """Add the keys not yet known; return those that were new."""
+    assert partitions.name is not None
+    known = set(instance.get_dynamic_partitions(partitions.name))
+    new = [k for k in dict.fromkeys(keys) if k not in known]
+    if new:
+        instance.add_dynamic_partitions(partitions.name, new)
+    return new

@@ -1,0 +1,37 @@
+"""Nightly re-verification of every snapshot against its manifest."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from lora_pipeline.core.manifest import verify_snapshot
+from lora_pipeline.defs.resources import DataRootResource
+
+
+@dg.op(description="Re-hash every complete snapshot; fail naming each flipped, missing or extra file.")
+def verify_all_snapshots(context: dg.OpExecutionContext, data_root: DataRootResource) -> None:
+    root = data_root.data
+    versions = sorted(p.parent.name for p in root.datasets.glob("*/snapshot.json"))
+    findings = []
+    for version in versions:
+        result = verify_snapshot(root.dataset(version))
+        context.log.info(f"{version}: {result.files_checked} files checked, {'ok' if result.ok else 'MISMATCH'}")
+        findings += result.problems()
+    if findings:
+        raise dg.Failure(
+            description=f"{len(findings)} snapshot file(s) no longer match their manifest",
+            metadata={"findings": dg.MetadataValue.md("\n".join(f"- {f}" for f in findings))},
+        )
+
+
+@dg.job(description="Re-verify all dataset snapshots against their manifests.")
+def verify_snapshots_job() -> None:
+    verify_all_snapshots()
+
+
+nightly_verify_schedule = dg.ScheduleDefinition(
+    name="nightly_verify_schedule",
+    job=verify_snapshots_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
