@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from lora_pipeline.core.manifest import SNAPSHOT, read_json
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.snapshot import next_free_version
 from lora_pipeline.core.spec import DatasetSpec, load_spec
@@ -57,12 +58,21 @@ def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> list[Aut
     """Write one new spec per (auto-rebuild family, matching new batch set); return what was written.
 
     The new spec is the newest spec of the family with a new name and an intent naming the
-    trigger; its glob sources now also match the new batch. Files are created exclusively, so an
-    existing spec is never overwritten.
+    trigger; its glob sources now also match the new batch. Only a built version can be
+    outgrown: while the newest version is unbuilt, its own build picks the batch up, and a batch
+    its snapshot already holds changes nothing. Files are created exclusively, so an existing
+    spec is never overwritten.
     """
     made = []
     for spec in latest_auto_rebuild_specs(root):
-        matching = [b for b in new_batches if any(fnmatch.fnmatchcase(b, g) for g in _glob_sources(spec))]
+        info_path = root.dataset(spec.name) / SNAPSHOT
+        if not info_path.is_file():
+            continue
+        included = {s["name"] for s in read_json(info_path).get("sources", []) if s.get("kind") == "batch"}
+        matching = [
+            b for b in new_batches
+            if b not in included and any(fnmatch.fnmatchcase(b, g) for g in _glob_sources(spec))
+        ]
         if not matching:
             continue
         new_version = next_free_version(root, spec.name)

@@ -23,7 +23,7 @@ class DataRoot:
     root: Path
 
     @classmethod
-    def from_env(cls) -> "DataRoot":
+    def from_env(cls) -> DataRoot:
         return cls(default_data_root())
 
     @property

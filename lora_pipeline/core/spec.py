@@ -12,6 +12,9 @@ from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.yamlfile import load_yaml_mapping, reject_unknown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A batch source may be a glob over batch names ("turntable-renders-*"): it takes every ready batch
+# that matches when the version is built, and lets `auto_rebuild` make a new version when one lands.
+BATCH_PATTERN_RE = re.compile(r"^[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*$")
 TRIGGER_RE = re.compile(r"^\S+$")
 CaptionFrom = Literal["sidecar", "table", "attributes"]
 
@@ -32,6 +35,10 @@ class SourceRef:
     @property
     def name(self) -> str:
         return self.batch or self.dataset or ""
+
+    @property
+    def is_pattern(self) -> bool:
+        return bool(self.batch) and any(c in self.batch for c in "*?[")
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ def parse_spec(data: dict[str, Any], path: Path) -> DatasetSpec:
             include=_str_list(entry.get("include"), "include", path),
             exclude=_str_list(entry.get("exclude"), "exclude", path),
         )
-        if not NAME_RE.match(ref.name):
+        if not (BATCH_PATTERN_RE if ref.batch else NAME_RE).match(ref.name):
             raise UserError(f"source name '{ref.name}' is not a valid folder name", path)
         sources.append(ref)
     captions = _parse_captions(data.get("captions") or {}, path)

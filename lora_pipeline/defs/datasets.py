@@ -1,6 +1,5 @@
 """Dataset assets: source_batch -> dataset_snapshot -> caption_set -> dataset_report (+ blocking checks)."""
 
-from __future__ import annotations
 
 import collections
 

@@ -1,6 +1,5 @@
 """Metadata helpers shared by the assets: images the UI renders, tables, previews."""
 
-from __future__ import annotations
 
 import base64
 import io

@@ -19,11 +19,18 @@ def split_training_key(context: dg.AssetExecutionContext) -> tuple[str, str]:
     return keys["dataset_version"], keys["recipe"]
 
 
-def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
-    """Add the keys not yet known; return those that were new."""
+def unknown_keys(
+    instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]
+) -> list[str]:
+    """The keys (in order, without repeats) that the instance does not know yet."""
     assert partitions.name is not None
     known = set(instance.get_dynamic_partitions(partitions.name))
-    new = [k for k in dict.fromkeys(keys) if k not in known]
+    return [k for k in dict.fromkeys(keys) if k not in known]
+
+
+def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
+    """Add the keys not yet known; return those that were new."""
+    new = unknown_keys(instance, partitions, keys)
     if new:
         instance.add_dynamic_partitions(partitions.name, new)
     return new

@@ -1,6 +1,5 @@
 """Nightly re-verification of every snapshot against its manifest."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,19 +1,12 @@
 """Sensors: new batches, new specs and recipes register partitions and start builds."""
 
-from __future__ import annotations
 
 import dagster as dg
 
 from lora_pipeline.core.autorebuild import write_auto_rebuild_specs
 from lora_pipeline.defs.jobs import build_dataset_job, register_batch_job
-from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches
+from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches, unknown_keys
 from lora_pipeline.defs.resources import DataRootResource
-
-
-def _unknown(context: dg.SensorEvaluationContext, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
-    assert partitions.name is not None
-    known = set(context.instance.get_dynamic_partitions(partitions.name))
-    return [k for k in keys if k not in known]
 
 
 @dg.sensor(job=register_batch_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
@@ -24,13 +17,13 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
     built in the same tick (the spec sensor then sees the version as known).
     """
     root = data_root.data
-    new_batches = _unknown(context, source_batches, root.ready_batches())
+    new_batches = unknown_keys(context.instance, source_batches, root.ready_batches())
     if not new_batches:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new ready batch"))
     rebuilds = write_auto_rebuild_specs(root, new_batches)
     for r in rebuilds:
         context.log.info(f"batch {r.batch} landed: wrote {r.spec_path.name} (new version of {r.from_version})")
-    new_versions = _unknown(context, dataset_versions, [r.new_version for r in rebuilds])
+    new_versions = unknown_keys(context.instance, dataset_versions, [r.new_version for r in rebuilds])
     run_requests = [dg.RunRequest(run_key=f"batch:{b}", partition_key=b) for b in new_batches]
     run_requests += [
         dg.RunRequest(run_key=f"dataset:{v}", partition_key=v, job_name=build_dataset_job.name) for v in new_versions
@@ -45,8 +38,8 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
 def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     """A new `specs/<version>.yaml` registers the version and builds it; new recipes are registered."""
     root = data_root.data
-    new_versions = _unknown(context, dataset_versions, root.spec_versions())
-    new_recipes = _unknown(context, recipes, root.recipe_names())
+    new_versions = unknown_keys(context.instance, dataset_versions, root.spec_versions())
+    new_recipes = unknown_keys(context.instance, recipes, root.recipe_names())
     requests = []
     if new_versions:
         requests.append(dataset_versions.build_add_request(new_versions))

@@ -1,0 +1,426 @@
+"""Caption sets: where each snapshot image's caption comes from, and writing it beside the image.
+
+Sources (the spec's `captions.from`) for images copied from a source batch:
+
+- `sidecar`: `<stem>.txt` in the same folder of the batch as the image.
+- `table`: a CSV or JSONL file (by extension) inside a batch with columns `file` and `caption`.
+- `attributes`: a CSV or JSONL file with `file` plus attribute columns, rendered with `captions.template`
+  (str.format placeholders naming columns; `{trigger}` is the spec's trigger).
+
+`captions.table` is "<batch>/<path>", or just "<path>" when the spec names exactly one batch. A table's
+`file` is the image's path relative to the batch root, '/'-separated (the manifest's `source_path`); a row
+is "#n" in a caption source, the n-th record counting from 1 (a CSV header is not a record). Images
+reused from an earlier dataset version always take that version's .txt beside the image.
+
+Every caption is read as UTF-8 (an optional BOM is dropped), normalised (see caption_lint: a multi-line
+caption is joined into one line with the separator, because kohya reads only the first line, and warned
+about) and linted. Problems with single files are collected so one report lists them all; a table or
+spec that cannot be used at all raises UserError.
+
+A sidecar or table row is an `orphan_caption` when the image it names does not exist in the batch. An
+image that exists but is not in the snapshot was left out on purpose (include/exclude globs), so its
+caption is not an orphan.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import string
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from lora_pipeline.core.caption_lint import lint_captions, normalise_caption, place_trigger
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import sha256_bytes
+from lora_pipeline.core.manifest import atomic_write_text, read_manifest
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.problems import Problem, problem
+from lora_pipeline.core.spec import DatasetSpec
+
+CAPTION_SUFFIX = ".txt"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass
+class CaptionPlan:
+    """Everything caption_set needs, computed without writing anything."""
+
+    captions: dict[str, str] = field(default_factory=dict)  # snapshot image path -> final caption text
+    # image path -> "sidecar:<batch>/<path>", "table:<batch>/<table>#<n>", "attributes:<batch>/<table>#<n>"
+    # or "dataset:<version>/<path of .txt>"
+    caption_sources: dict[str, str] = field(default_factory=dict)
+    caption_source_sha256: dict[str, str] = field(default_factory=dict)  # sha256 of that sidecar/table file
+    problems: list[Problem] = field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya ss_tag_frequency
+    lint: dict[str, Any] = field(default_factory=dict)  # caption_lint stats plus `multiline`
+
+
+def caption_path(image_path: str) -> str:
+    """The caption file that pairs with a snapshot image (kohya: same folder, same stem, .txt)."""
+    return PurePosixPath(image_path).with_suffix(CAPTION_SUFFIX).as_posix()
+
+
+def parse_caption_source(source: str) -> tuple[str, str, str]:
+    """("sidecar" | "table" | "attributes" | "dataset", batch or version, path of the file) of a source."""
+    kind, _, rest = source.partition(":")
+    name, _, path = rest.partition("/")
+    if kind in ("table", "attributes"):
+        path = path.rpartition("#")[0]
+    return kind, name, path
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8-sig")
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
+
+
+def read_caption_text(path: Path) -> str:
+    """A caption file's text: UTF-8 with an optional BOM, else UserError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError("caption file not found", path) from None
+    try:
+        return _decode(data)
+    except UnicodeDecodeError as exc:
+        raise UserError(_not_utf8(data, exc), path) from None
+
+
+@dataclass
+class _Found:
+    text: str  # as read, before normalisation
+    source: str
+    sha256: str
+
+
+@dataclass
+class _Collector:
+    """Captions found so far and the problems met on the way."""
+
+    spec: DatasetSpec
+    found: dict[str, _Found] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def read_file(self, image: str, path: Path, file: str, scope: str, source: str) -> None:
+        data = path.read_bytes()
+        try:
+            self.found[image] = _Found(_decode(data), source, sha256_bytes(data))
+        except UnicodeDecodeError as exc:
+            self.problems.append(problem(file, "caption_not_utf8", "error", _not_utf8(data, exc), scope))
+
+    def missing(self, image: str, why: str) -> None:
+        self.problems.append(problem(image, "missing_caption", "error", f"no caption: {why}", self.scope))
+
+    def orphan(self, file: str, batch: str, why: str) -> None:
+        self.problems.append(problem(file, "orphan_caption", "warning", why, f"batch:{batch}"))
+
+    @property
+    def scope(self) -> str:
+        return f"dataset:{self.spec.name}"
+
+
+def _batches(spec: DatasetSpec) -> list[str]:
+    return list(dict.fromkeys(ref.batch for ref in spec.sources if ref.batch))
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under a batch folder, skipping hidden ones (.DS_Store, ._AppleDouble, .git)."""
+    files = (p for p in folder.rglob("*") if p.is_file())
+    return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    claimed: dict[str, set[str]] = defaultdict(set)
+    for row in images:
+        batch = row["source_batch"]
+        rel = caption_path(row["source_path"])
+        claimed[batch].add(rel)
+        path = root.batch(batch) / rel
+        if path.is_file():
+            out.read_file(row["path"], path, rel, f"batch:{batch}", f"sidecar:{batch}/{rel}")
+        else:
+            out.missing(row["path"], f"sidecar {batch}/{rel} not found")
+    for batch in _batches(out.spec):
+        folder = root.batch(batch)
+        if not folder.is_dir():
+            continue
+        files = _visible_files(folder)
+        image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+        for path in files:
+            rel = path.relative_to(folder).as_posix()
+            if path.suffix == CAPTION_SUFFIX and rel not in claimed[batch] and path.with_suffix("") not in image_stems:
+                out.orphan(rel, batch, "caption file with no image of the same name beside it")
+
+
+@dataclass
+class _Table:
+    batch: str
+    rel: str  # path inside the batch
+    path: Path
+    sha256: str
+    columns: set[str]
+    rows: list[dict[str, str]]  # record n is rows[n - 1]
+
+
+def _safe_relative(file: str, folder: Path) -> str | None:
+    """`file` as a normalised path inside `folder`, or None when it is absolute or leaves the folder."""
+    posix = PurePosixPath(file.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(file).drive or ".." in posix.parts:
+        return None
+    if not (folder / posix).resolve().is_relative_to(folder.resolve()):
+        return None  # a symlink pointing out of the batch
+    return posix.as_posix()
+
+
+def _locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
+    ref = spec.captions.table or ""
+    spec_file = root.spec_file(spec.name)
+    batches = _batches(spec)
+    head, _, rest = ref.partition("/")
+    if rest and head in batches:
+        batch, rel = head, rest
+    elif len(batches) == 1:
+        batch, rel = batches[0], ref
+    else:
+        names = ", ".join(batches) or "none"
+        raise UserError(f"captions.table '{ref}' must start with one of the spec's batches ({names})", spec_file)
+    safe = _safe_relative(rel, root.batch(batch))
+    if safe is None:
+        raise UserError(f"captions.table '{ref}' must be a path inside batch '{batch}'", spec_file)
+    path = root.batch(batch) / safe
+    if not path.is_file():
+        raise UserError("caption table not found", path)
+    return batch, safe, path
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _parse_csv(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        if reader.fieldnames is None:
+            raise UserError("caption table is empty", path)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        for n, row in enumerate(reader, 1):
+            if None in row:
+                raise UserError(f"row {n} has more fields than the header (quote captions that contain commas)", path)
+            rows.append({key: _cell(value) for key, value in row.items()})
+    except csv.Error as exc:
+        raise UserError(f"not valid CSV at line {reader.line_num}: {exc}", path) from None
+    return set(reader.fieldnames), rows
+
+
+def _parse_jsonl(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
+    columns: set[str] = set()
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"line {lineno} is not valid JSON: {exc.msg}", path) from None
+        if not isinstance(record, dict):
+            raise UserError(f"line {lineno} is not a JSON object", path)
+        columns.update(record)
+        rows.append({key: _cell(value) for key, value in record.items()})
+    return columns, rows
+
+
+def _read_table(batch: str, rel: str, path: Path) -> _Table:
+    parsers = {".csv": _parse_csv, ".jsonl": _parse_jsonl}
+    parser = parsers.get(path.suffix.lower())
+    if parser is None:
+        raise UserError("a caption table must be .csv or .jsonl", path)
+    data = path.read_bytes()
+    try:
+        text = _decode(data)
+    except UnicodeDecodeError as exc:
+        raise UserError(_not_utf8(data, exc), path) from None
+    columns, rows = parser(text, path)
+    return _Table(batch, rel, path, sha256_bytes(data), columns, rows)
+
+
+def _template_fields(template: str, spec_file: Path) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UserError(f"captions.template is not a valid template: {exc}", spec_file) from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    for name in names:
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            raise UserError(f"captions.template placeholder '{{{name}}}' must name a table column", spec_file)
+    return list(dict.fromkeys(names))
+
+
+def _render(table: _Table, n: int, row: dict[str, str], template: str, trigger: str) -> str:
+    try:
+        return template.format_map({**row, "trigger": trigger})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"captions.template cannot render row {n}: {exc}", table.path) from None
+
+
+def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    spec = out.spec
+    kind = spec.captions.source
+    table = _read_table(*_locate_table(root, spec))
+    fields: list[str] = []
+    if kind == "attributes":
+        placeholders = _template_fields(spec.captions.template or "", root.spec_file(spec.name))
+        fields = [name for name in placeholders if name != "trigger"]
+    for column in ("file", "caption") if kind == "table" else ("file", *fields):
+        if column not in table.columns:
+            what = "captions.template" if column in fields else f"captions.from: {kind}"
+            raise UserError(f"no column '{column}' (needed by {what})", table.path)
+
+    folder = root.batch(table.batch)
+    scope = f"batch:{table.batch}"
+    by_source = {row["source_path"]: row["path"] for row in images if row["source_batch"] == table.batch}
+    first_row: dict[str, int] = {}
+    for n, row in enumerate(table.rows, 1):
+        file = row.get("file", "").strip()
+        where = f"row {n} of {table.rel}"
+        if not file:
+            out.problems.append(problem(table.rel, "table_row_without_file", "error", f"{where} has no file", scope))
+            continue
+        rel = _safe_relative(file, folder)
+        if rel is None:
+            message = f"{where} names '{file}', which is outside the batch; it was not read"
+            out.problems.append(problem(file, "caption_path_outside_batch", "error", message, scope))
+            continue
+        image = by_source.get(rel)
+        if image is None:
+            if not (folder / rel).is_file():
+                out.orphan(rel, table.batch, f"{where} names an image that is not in the batch")
+            continue
+        if image in first_row:
+            message = f"rows {first_row[image]} and {n} of {table.rel} both caption it"
+            out.problems.append(problem(rel, "duplicate_caption_row", "error", message, scope))
+            continue
+        first_row[image] = n
+        empty = [f for f in fields if not row.get(f, "").strip()]
+        if empty:
+            message = f"{where} has no value for {', '.join(empty)}"
+            out.problems.append(problem(rel, "empty_attribute", "error", message, scope))
+            continue
+        text = (
+            row.get("caption", "")
+            if kind == "table"
+            else _render(table, n, row, spec.captions.template or "", spec.trigger)
+        )
+        out.found[image] = _Found(text, f"{kind}:{table.batch}/{table.rel}#{n}", table.sha256)
+
+    for row in images:
+        if row["path"] in out.found or row["path"] in first_row:
+            continue
+        if row["source_batch"] == table.batch:
+            out.missing(row["path"], f"{table.batch}/{table.rel} has no row for '{row['source_path']}'")
+        else:
+            why = f"captions come from {table.batch}/{table.rel}, but the image is from batch '{row['source_batch']}'"
+            out.missing(row["path"], why)
+
+
+def _from_datasets(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    for row in images:
+        version = row["source_dataset"]
+        rel = caption_path(row["source_path"])
+        path = root.dataset(version) / rel
+        if path.is_file():
+            out.read_file(row["path"], path, rel, f"dataset:{version}", f"dataset:{version}/{rel}")
+        else:
+            out.missing(row["path"], f"{version}/{rel} not found")
+
+
+def _stem_collisions(images: list[dict[str, Any]], out: _Collector) -> set[str]:
+    """Images that would share one .txt (a.png and a.jpg in one folder): kohya cannot pair them."""
+    by_caption: dict[str, list[str]] = defaultdict(list)
+    for row in images:
+        by_caption[caption_path(row["path"])].append(row["path"])
+    clashing = set()
+    for txt, paths in by_caption.items():
+        if len(paths) > 1:
+            clashing.update(paths)
+            message = f"{' and '.join(sorted(paths))} would share the caption file {txt}"
+            out.problems.extend(problem(p, "caption_stem_collision", "error", message, out.scope) for p in paths)
+    return clashing
+
+
+def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> CaptionPlan:
+    """Find, normalise and lint the caption of every image in a snapshot's manifest; writes nothing."""
+    images = sorted((r for r in read_manifest(snapshot_dir) if r.get("kind") == "image"), key=lambda r: r["path"])
+    from_batches = [r for r in images if "source_batch" in r]
+    out = _Collector(spec)
+    if spec.captions.source == "sidecar":
+        _from_sidecars(root, from_batches, out)
+    elif from_batches or _batches(spec):
+        _from_table(root, from_batches, out)
+    _from_datasets(root, [r for r in images if "source_dataset" in r], out)
+    clashing = _stem_collisions(images, out)
+
+    plan = CaptionPlan()
+    multiline = 0
+    for image, found in sorted(out.found.items()):
+        if image in clashing:
+            continue
+        text, was_multiline = normalise_caption(found.text)
+        if was_multiline:
+            multiline += 1
+            message = "the caption has several lines; they were joined with ',' because kohya reads only the first"
+            out.problems.append(problem(image, "multiline_caption", "warning", message, out.scope))
+        plan.captions[image] = place_trigger(text, spec.trigger) if spec.captions.prepend_trigger else text
+        plan.caption_sources[image] = found.source
+        plan.caption_source_sha256[image] = found.sha256
+
+    lint_problems, plan.lint, plan.tag_frequency = lint_captions(plan.captions, spec)
+    plan.lint["multiline"] = multiline
+    for p in lint_problems + out.problems:
+        source = plan.caption_sources.get(p["file"]) if p["scope"] == out.scope else None
+        plan.problems.append({**p, "message": f"{p['message']} (caption from {source})"} if source else p)
+    return plan
+
+
+def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]]:
+    """Write each planned caption as a read-only .txt beside its image; return the manifest caption rows.
+
+    A caption file already there with the same content is left alone, so re-running is a no-op. One with
+    different content means the snapshot's captions would change: snapshots are immutable, so that is a
+    UserError asking for a new dataset version.
+    """
+    rows = []
+    for image, caption in sorted(plan.captions.items()):
+        rel = caption_path(image)
+        target = snapshot_dir / rel
+        text = caption + "\n"
+        data = text.encode("utf-8")
+        if not target.exists():
+            atomic_write_text(target, text, readonly=True)
+        elif target.read_bytes() != data:
+            raise UserError("differs from the new caption; snapshots are immutable, make a new dataset version", target)
+        source = plan.caption_sources[image]
+        kind, name, source_path = parse_caption_source(source)
+        rows.append(
+            {
+                "path": rel,
+                "kind": "caption",
+                "sha256": sha256_bytes(data),
+                "bytes": len(data),
+                "image": image,
+                "caption_source": source,
+                "source_dataset" if kind == "dataset" else "source_batch": name,
+                "source_path": source_path,
+                "source_sha256": plan.caption_source_sha256[image],
+            }
+        )
+    return rows

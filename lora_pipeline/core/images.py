@@ -1,0 +1,283 @@
+"""Reading images the way training will: checks, conversions and a perceptual hash.
+
+`inspect_image` opens one file strictly (no truncated-image tolerance, a pixel limit checked on the
+header before anything is decoded), decodes it fully and reports every problem as (code, severity,
+message). `load_rgb` is the one conversion training uses, so what validation checks is what the model
+sees: EXIF orientation applied, then 8-bit RGB (alpha composited on white, 16-bit scaled, CMYK and
+palette converted). The snapshot keeps the original bytes; conversions only ever happen in memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import struct
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lora_pipeline.core.problems import Severity
+
+# What Pillow raises on damaged image data. Anything else (TypeError, KeyError...) is a bug and propagates.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# Codes after which the pixels could not be read: such an image has no hash and no thumbnail.
+UNDECODABLE = frozenset({"zero_byte", "not_an_image", "decompression_bomb", "truncated_image", "conversion_failed"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+BIT_DEPTH = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16}
+# Pillow names some files by a sub-format; for extension checks they are the parent format.
+FORMAT_ALIASES = {"MPO": "JPEG"}
+# Multi-frame formats whose extra frames are a real animation (MPO's second frame is a phone preview).
+ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
+# Below this many files a process pool costs more to start than it saves.
+POOL_THRESHOLD = 32
+HASH_SIZE = 8  # dHash of 8x8 = 64 bits
+COLOUR_GRID = 4  # colour signature: mean RGB of a 4x4 grid, 48 bytes
+
+
+class ImageProblem(NamedTuple):
+    code: str
+    severity: Severity
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one image file is, as training would read it. Sizes are after EXIF orientation."""
+
+    path: str
+    bytes: int
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    raw_width: int | None = None  # as stored, before EXIF orientation
+    raw_height: int | None = None
+    mode: str | None = None
+    bit_depth: int | None = None
+    has_alpha: bool = False
+    exif_orientation: int = 1
+    frames: int = 1
+    dhash: int | None = None  # 64-bit difference hash of the training view (None when undecodable)
+    colour_signature: bytes | None = None  # mean RGB per cell of a 4x4 grid, to tell recolours from copies
+    problems: tuple[ImageProblem, ...] = ()
+
+    @property
+    def exif_rotated(self) -> bool:
+        """True when the EXIF orientation tag makes training rotate or mirror the stored pixels."""
+        return self.exif_orientation != 1
+
+    @property
+    def decoded(self) -> bool:
+        return not any(p.code in UNDECODABLE for p in self.problems)
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ALPHA_MODES or "transparency" in im.info
+
+
+def colour_note(im: Image.Image) -> str | None:
+    """How `to_rgb` converts this image, in words; None for plain 8-bit RGB (nothing to say)."""
+    mode = im.mode
+    if has_alpha(im):
+        if mode == "P":
+            kind = "palette transparency"
+        elif mode in ALPHA_MODES:
+            kind = f"an alpha channel ({mode})"
+        else:
+            kind = f"a transparent colour key ({mode})"
+        return f"has {kind}; training composites it on a white background and drops the alpha"
+    if mode.startswith("I;16"):
+        return f"16-bit grayscale ({mode}); training scales it to 8-bit (value * 255 / 65535) and converts to RGB"
+    if mode == "I":
+        return (
+            "32-bit integer grayscale (I); training clips it to 0-65535, scales it to 8-bit "
+            "(value * 255 / 65535) and converts to RGB"
+        )
+    if mode == "F":
+        return "32-bit float grayscale (F); training clips it to 0-255 and converts to RGB"
+    if mode == "CMYK":
+        return "CMYK; training converts it to RGB with Pillow's convert('RGB') (no ICC colour management)"
+    if mode == "P":
+        return "palette image (P); training converts it to RGB"
+    if mode == "L":
+        return "grayscale (L); training copies the gray channel into R, G and B"
+    if mode == "1":
+        return "1-bit black and white; training converts it to RGB (black 0, white 255)"
+    if mode != "RGB":
+        return f"mode {mode}; training converts it to RGB with Pillow's convert('RGB')"
+    return None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any decoded image to 8-bit RGB exactly as training does (see `colour_note`)."""
+    if im.mode == "RGB" and not has_alpha(im):
+        return im
+    if has_alpha(im):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        return im.convert("L").convert("RGB")
+    return im.convert("RGB")
+
+
+@contextmanager
+def _strict_pillow() -> Iterator[None]:
+    """Refuse truncated files and silence Pillow's own bomb warning (our max_pixels check replaces it).
+
+    `LOAD_TRUNCATED_IMAGES` is module state in Pillow; it is forced off only for the duration of the
+    call and restored afterwards, so code that relies on it elsewhere is unaffected.
+    """
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _orientation(im: Image.Image) -> int:
+    value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _dhash(gray: Image.Image) -> int:
+    """Difference hash: 1 bit per horizontally adjacent pixel pair of a 9x8 thumbnail."""
+    px = np.asarray(gray.resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BOX), dtype=np.int16)
+    bits = (px[:, 1:] > px[:, :-1]).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _fingerprints(rgb: Image.Image) -> tuple[int, bytes]:
+    small = rgb.resize((64, 64), Image.Resampling.BOX)  # one pass over the full image; the rest is tiny
+    colour = small.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX).tobytes()
+    return _dhash(small.convert("L")), colour
+
+
+def _extension_note(path: Path, fmt: str | None) -> str | None:
+    expected = Image.registered_extensions().get(path.suffix.lower())
+    actual = FORMAT_ALIASES.get(fmt or "", fmt)
+    if fmt and expected != actual:
+        return f"holds {actual} data but has the extension '{path.suffix}'; tools that trust extensions may fail"
+    return None
+
+
+def inspect_image(path: Path, max_pixels: int) -> ImageInfo:
+    """Check one file in the order: empty, identifiable, pixel limit (header only), full decode, conversion."""
+    size = path.stat().st_size
+    base = {"path": str(path), "bytes": size}
+    if size == 0:
+        return ImageInfo(**base, problems=(ImageProblem("zero_byte", "error", "file is empty (0 bytes)"),))
+    with path.open("rb") as fh, _strict_pillow():  # file-system errors raise here, not as image problems
+        try:
+            im = Image.open(fh)
+        except UnidentifiedImageError:
+            msg = "not a readable image: Pillow cannot identify the file format"
+            return ImageInfo(**base, problems=(ImageProblem("not_an_image", "error", msg),))
+        except Image.DecompressionBombError as exc:
+            msg = f"refused before decoding: {exc}"
+            return ImageInfo(**base, problems=(ImageProblem("decompression_bomb", "error", msg),))
+        except DECODE_ERRORS as exc:
+            msg = f"the image header is cut short or damaged ({exc})"
+            return ImageInfo(**base, problems=(ImageProblem("truncated_image", "error", msg),))
+        with im:
+            return _inspect_open(path, im, base, max_pixels)
+
+
+def _inspect_open(path: Path, im: Image.Image, base: dict[str, str | int], max_pixels: int) -> ImageInfo:
+    raw_w, raw_h = im.size
+    header = {
+        **base,
+        "format": im.format,
+        "width": raw_w,
+        "height": raw_h,
+        "raw_width": raw_w,
+        "raw_height": raw_h,
+        "mode": im.mode,
+        "bit_depth": BIT_DEPTH.get(im.mode, 8),
+    }
+    problems: list[ImageProblem] = []
+    if note := _extension_note(path, im.format):
+        problems.append(ImageProblem("extension_mismatch", "warning", note))
+    if raw_w * raw_h > max_pixels:
+        msg = f"header claims {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels, above checks.max_pixels {max_pixels:,}"
+        problems.append(ImageProblem("decompression_bomb", "error", f"refused before decoding: {msg}"))
+        return ImageInfo(**header, problems=tuple(problems))
+    try:
+        frames = getattr(im, "n_frames", 1)  # GIF counts frames by reading them all: part of the decode
+        im.load()
+    except DECODE_ERRORS as exc:
+        problems.append(ImageProblem("truncated_image", "error", f"pixel data cannot be fully decoded ({exc})"))
+        return ImageInfo(**header, problems=tuple(problems))
+    try:
+        orientation = _orientation(im)
+        upright = ImageOps.exif_transpose(im) if orientation != 1 else im
+        rgb = to_rgb(upright)
+        dhash, colour = _fingerprints(rgb)
+    except DECODE_ERRORS as exc:
+        msg = f"decodes but cannot be converted to RGB for training ({exc})"
+        problems.append(ImageProblem("conversion_failed", "error", msg))
+        return ImageInfo(**header, problems=tuple(problems))
+    if note := colour_note(im):
+        problems.append(ImageProblem("colour_mode", "warning", note))
+    if frames > 1 and im.format in ANIMATED_FORMATS:
+        msg = f"animated {im.format} with {frames} frames; training uses only the first frame"
+        problems.append(ImageProblem("animated", "warning", msg))
+    return ImageInfo(
+        **{**header, "width": upright.width, "height": upright.height},
+        has_alpha=has_alpha(im),
+        frames=frames,
+        exif_orientation=orientation,
+        dhash=dhash,
+        colour_signature=colour,
+        problems=tuple(problems),
+    )
+
+
+def _open_rgb(path: Path, draft: int | None) -> Image.Image:
+    with Image.open(path) as im:
+        if draft:
+            im.draft("RGB", (draft, draft))  # JPEG only: decode at a reduced scale of at least draft px
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The image as training sees it: EXIF orientation applied, 8-bit RGB. Raises on damaged files."""
+    return _open_rgb(path, None)
+
+
+def thumbnail(path: Path, size: int) -> Image.Image:
+    """`load_rgb` shrunk to fit a size x size box, for display only."""
+    rgb = _open_rgb(path, size)
+    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def _inspect_star(args: tuple[Path, int]) -> ImageInfo:
+    return inspect_image(*args)
+
+
+def inspect_images(paths: list[Path], max_pixels: int, workers: int = 2) -> list[ImageInfo]:
+    """`inspect_image` for many files, in `workers` processes, results in the order of `paths`.
+
+    Workers come from the forkserver start method: they fork from a clean single-threaded server
+    process, because forking the caller itself (a Dagster run has threads) can deadlock.
+    """
+    jobs = [(Path(p), max_pixels) for p in paths]
+    if workers <= 1 or len(jobs) < POOL_THRESHOLD:
+        return [_inspect_star(job) for job in jobs]
+    chunk = max(1, min(64, len(jobs) // (workers * 8)))
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_inspect_star, jobs, chunksize=chunk))

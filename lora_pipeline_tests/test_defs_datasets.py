@@ -1,0 +1,100 @@
+"""End-to-end: the real Dagster definitions build every sample version from read-only sources."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from lora_pipeline import dagster_runs
+from lora_pipeline.core.manifest import read_json, read_manifest, verify_snapshot
+from lora_pipeline.defs import partitions
+from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
+
+REPO = Path(__file__).resolve().parents[1]
+VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
+
+
+def tree_state(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """sha256, mode and mtime of every file under a folder (symlinks not followed)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode):
+            out[path.relative_to(folder).as_posix()] = (
+                hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode, st.st_mtime_ns)
+    return out
+
+
+def make_read_only(folder: Path) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            path.chmod(mode & ~0o222)
+
+
+def test_definitions_validate():
+    """`dagster definitions validate` loads the code location the way the UI does."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_definitions_hold_the_contract_assets():
+    defs = dagster_runs.definitions()
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"source_batch", "dataset_snapshot", "caption_set", "dataset_report", "lora_epochs",
+                    "evaluation_grid"}
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("lora_epochs")).pools == {"gpu"}
+
+
+def test_build_every_sample_version_with_read_only_sources(sample_root):
+    make_read_only(sample_root.sources)
+    before = tree_state(sample_root.sources)  # content, mode and mtime of every source file
+    inst = dagster_runs.instance()
+    partitions.register(inst, partitions.dataset_versions, VERSIONS)
+    for version in VERSIONS:
+        outcome = dagster_runs.run_job("build_dataset_job", version, inst)
+        assert outcome.check_passed(NO_ERRORS_CHECK) is True, read_json(sample_root.dataset(version) / "report.json")
+        snapshot_dir = sample_root.dataset(version)
+        info = read_json(snapshot_dir / "snapshot.json")
+        assert info["captions_complete"] and verify_snapshot(snapshot_dir).ok
+        rows = read_manifest(snapshot_dir)
+        images = [r for r in rows if r["kind"] == "image"]
+        captions = [r for r in rows if r["kind"] == "caption"]
+        assert images and len(images) == len(captions)
+        for row in images:  # copies, never links
+            st = os.lstat(snapshot_dir / row["path"])
+            assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    assert tree_state(sample_root.sources) == before
+    # v2 copies v1's images again and adds the turntable renders; the merge version needs merge: true
+    v1 = {r["sha256"] for r in read_manifest(sample_root.dataset(VERSIONS[0])) if r["kind"] == "image"}
+    v2_rows = [r for r in read_manifest(sample_root.dataset(VERSIONS[1])) if r["kind"] == "image"]
+    assert v1 <= {r["sha256"] for r in v2_rows}
+    assert {r.get("source_dataset") for r in v2_rows} >= {VERSIONS[0]}
+
+
+def test_rebuild_is_a_noop_and_changed_spec_is_refused(sample_root):
+    from lora_pipeline.core.errors import UserError
+
+    inst = dagster_runs.instance()
+    version = VERSIONS[0]
+    partitions.register(inst, partitions.dataset_versions, [version])
+    dagster_runs.run_job("build_dataset_job", version, inst)
+    before = tree_state(sample_root.dataset(version))
+    dagster_runs.run_job("build_dataset_job", version, inst)
+    assert tree_state(sample_root.dataset(version)) == before  # not a byte, mode or mtime changed
+    spec = sample_root.spec_file(version)
+    spec.write_text(spec.read_text().replace("repeats: 10", "repeats: 12"))
+    with pytest.raises(UserError, match="name a new version"):
+        dagster_runs.run_job("build_dataset_job", version, inst)

@@ -1,0 +1,88 @@
+"""Sensors evaluated with build_sensor_context against a real temporary Dagster instance."""
+
+from __future__ import annotations
+
+import dagster as dg
+import yaml
+from PIL import Image, ImageDraw
+
+from lora_pipeline import dagster_runs
+from lora_pipeline.core.manifest import read_json, read_manifest
+from lora_pipeline.defs.resources import DataRootResource
+from lora_pipeline.defs.sensors import source_batch_sensor, spec_sensor
+from lora_pipeline_tests.test_defs_datasets import tree_state
+
+STUDY = "curated-study"
+
+
+def _apply(inst: dg.DagsterInstance, result: dg.SensorResult) -> None:
+    """Do what the daemon does with a tick's partition requests."""
+    for request in result.dynamic_partitions_requests or []:
+        inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+
+
+def _context(inst: dg.DagsterInstance, root) -> dg.SensorEvaluationContext:
+    return dg.build_sensor_context(
+        instance=inst, resources={"data_root": DataRootResource(path=str(root.root))},
+        definitions=dagster_runs.definitions(),
+    )
+
+
+def _land_batch(root, batch: str, colors: list[str]) -> None:
+    folder = root.batch(batch)
+    folder.mkdir(parents=True)
+    for i, color in enumerate(colors):
+        im = Image.new("RGB", (640, 576), "white")
+        draw = ImageDraw.Draw(im)
+        draw.ellipse((80 + 40 * i, 60, 560, 520 - 30 * i), fill=color)
+        draw.rectangle((250, 200 + 20 * i, 400, 330), fill="black")
+        im.save(folder / f"late-{i}.png")
+        (folder / f"late-{i}.txt").write_text(f"hdaesth, front view, {color} body, matte finish\n")
+    (folder / "_READY").write_text("")
+
+
+def test_spec_sensor_registers_versions_and_recipes(sample_root):
+    inst = dagster_runs.instance()
+    result = spec_sensor(_context(inst, sample_root))
+    versions = {r.partition_key for r in result.run_requests}
+    assert versions == set(sample_root.spec_versions())
+    _apply(inst, result)
+    assert set(inst.get_dynamic_partitions("recipes")) == set(sample_root.recipe_names())
+    again = spec_sensor(_context(inst, sample_root))
+    assert not again.run_requests  # known versions are not rebuilt every tick
+
+
+def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
+    inst = dagster_runs.instance()
+    spec = {
+        "name": f"{STUDY}-v2", "intent": "every curated batch, rebuilt as batches land", "trigger": "hdaesth",
+        "repeats": 2, "auto_rebuild": True, "sources": [{"batch": "curated-*"}],
+        "captions": {"from": "sidecar"}, "checks": {"min_side": 512, "max_aspect": 2.5},
+    }
+    sample_root.spec_file(f"{STUDY}-v2").write_text(yaml.safe_dump(spec, sort_keys=False))
+    # first tick: every committed batch is new; nothing to auto-rebuild while v2 is unbuilt
+    first = source_batch_sensor(_context(inst, sample_root))
+    assert {r.partition_key for r in first.run_requests} == set(sample_root.ready_batches())
+    assert not (sample_root.specs / f"{STUDY}-v3.yaml").exists()
+    _apply(inst, first)
+    inst.add_dynamic_partitions("dataset_versions", [f"{STUDY}-v2"])
+    dagster_runs.run_job("build_dataset_job", f"{STUDY}-v2", inst)
+    v2_before = tree_state(sample_root.dataset(f"{STUDY}-v2"))
+
+    _land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
+    tick = source_batch_sensor(_context(inst, sample_root))
+    keys = {(r.job_name, r.partition_key) for r in tick.run_requests}
+    assert (None, "curated-2026-12") in keys and ("build_dataset_job", f"{STUDY}-v3") in keys
+    v3_spec = yaml.safe_load(sample_root.spec_file(f"{STUDY}-v3").read_text())
+    assert v3_spec["name"] == f"{STUDY}-v3" and "curated-2026-12" in v3_spec["intent"]
+    _apply(inst, tick)
+    for request in tick.run_requests:
+        dagster_runs.run_job(request.job_name or "register_batch_job", request.partition_key, inst)
+
+    assert tree_state(sample_root.dataset(f"{STUDY}-v2")) == v2_before  # the old version is never touched
+    v3_sources = {r.get("source_batch") for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}
+    assert "curated-2026-12" in v3_sources
+    assert read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["captions_complete"]
+    # the next tick sees nothing new and writes no v4
+    assert not source_batch_sensor(_context(inst, sample_root)).run_requests
+    assert not (sample_root.specs / f"{STUDY}-v4.yaml").exists()
