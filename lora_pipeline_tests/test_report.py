@@ -52,7 +52,7 @@ def test_report_json_has_the_contract_keys_and_blocks_on_errors(hand_snapshot, p
 
     assert files.report_json == hand_snapshot.dir / "report.json" and not files.passed
     report = json.loads(files.report_json.read_text())
-    assert {"version", "counts", "problems", "buckets", "tag_frequency", "lint", "passed", "generated_at"} <= set(
+    assert {"version", "counts", "problems", "buckets", "tag_frequency", "lint", "passed", "manifest_root"} <= set(
         report
     )
     assert report["version"] == "hand-v1" and report["passed"] is False

@@ -4,7 +4,6 @@ matching batch lands. The old version is never touched; the new spec says which 
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,25 +11,13 @@ import yaml
 
 from lora_pipeline.core.manifest import SNAPSHOT, read_json
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.snapshot import next_free_version
+from lora_pipeline.core.snapshot import family, next_free_version, version_number
 from lora_pipeline.core.spec import DatasetSpec, load_spec
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
-VERSION_SUFFIX = re.compile(r"-v(\d+)$")
-GLOB_CHARS = set("*?[")
-
-
-def family_of(version: str) -> str:
-    return VERSION_SUFFIX.sub("", version)
-
-
-def _version_number(version: str) -> int:
-    match = VERSION_SUFFIX.search(version)
-    return int(match.group(1)) if match else 0
-
 
 def _glob_sources(spec: DatasetSpec) -> list[str]:
-    return [s.batch for s in spec.sources if s.batch and GLOB_CHARS & set(s.batch)]
+    return [s.name for s in spec.sources if s.is_pattern]
 
 
 @dataclass(frozen=True)
@@ -48,9 +35,9 @@ def latest_auto_rebuild_specs(root: DataRoot) -> list[DatasetSpec]:
         spec = load_spec(root.spec_file(version))
         if not (spec.auto_rebuild and _glob_sources(spec)):
             continue
-        family = family_of(spec.name)
-        if family not in newest or _version_number(spec.name) > _version_number(newest[family].name):
-            newest[family] = spec
+        name = family(spec.name)
+        if name not in newest or version_number(spec.name) > version_number(newest[name].name):
+            newest[name] = spec
     return [newest[f] for f in sorted(newest)]
 
 

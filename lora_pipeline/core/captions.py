@@ -39,6 +39,7 @@ from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.manifest import atomic_write_text, read_manifest
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.problems import Problem, problem
+from lora_pipeline.core.sources import expand_sources
 from lora_pipeline.core.spec import DatasetSpec
 
 CAPTION_SUFFIX = ".txt"
@@ -126,8 +127,8 @@ class _Collector:
         return f"dataset:{self.spec.name}"
 
 
-def _batches(spec: DatasetSpec) -> list[str]:
-    return list(dict.fromkeys(ref.batch for ref in spec.sources if ref.batch))
+def _batches(root: DataRoot, spec: DatasetSpec) -> list[str]:
+    return list(dict.fromkeys(ref.batch for ref in expand_sources(root, spec) if ref.batch))
 
 
 def _visible_files(folder: Path) -> list[Path]:
@@ -147,7 +148,7 @@ def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector
             out.read_file(row["path"], path, rel, f"batch:{batch}", f"sidecar:{batch}/{rel}")
         else:
             out.missing(row["path"], f"sidecar {batch}/{rel} not found")
-    for batch in _batches(out.spec):
+    for batch in _batches(root, out.spec):
         folder = root.batch(batch)
         if not folder.is_dir():
             continue
@@ -182,7 +183,7 @@ def _safe_relative(file: str, folder: Path) -> str | None:
 def _locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
     ref = spec.captions.table or ""
     spec_file = root.spec_file(spec.name)
-    batches = _batches(spec)
+    batches = _batches(root, spec)
     head, _, rest = ref.partition("/")
     if rest and head in batches:
         batch, rel = head, rest
@@ -364,7 +365,7 @@ def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> Capt
     out = _Collector(spec)
     if spec.captions.source == "sidecar":
         _from_sidecars(root, from_batches, out)
-    elif from_batches or _batches(spec):
+    elif from_batches or _batches(root, spec):
         _from_table(root, from_batches, out)
     _from_datasets(root, [r for r in images if "source_dataset" in r], out)
     clashing = _stem_collisions(images, out)

@@ -9,8 +9,6 @@ The output depends only on the inputs (no timestamps), so the same snapshot give
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, ImageDraw, ImageFont
 
 from lora_pipeline.core.images import thumbnail
-from lora_pipeline.core.manifest import read_manifest
+from lora_pipeline.core.manifest import atomic_write_bytes, read_manifest
 from lora_pipeline.core.problems import Problem
 from lora_pipeline.core.validation import ValidationResult, source_label
 
@@ -194,7 +192,7 @@ def _draw_cell(
 def write_contact_sheet(
     path: Path, snapshot_dir: Path, result: ValidationResult, captions: Mapping[str, str], max_images: int = MAX_IMAGES
 ) -> ContactSheet:
-    """Render and write the sheet atomically (temp file beside it, then rename)."""
+    """Render and write the sheet atomically (temp file beside it, then rename; unchanged bytes are kept)."""
     items = select_items(snapshot_dir, result, captions, max_images)
     total = len(result.infos)
     errors, warnings = result.counts["problems"]["error"], result.counts["problems"]["warning"]
@@ -204,12 +202,5 @@ def write_contact_sheet(
     )
     buffer = io.BytesIO()
     render(items, title, total).save(buffer, "PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
     return ContactSheet(path=path, shown=len(items), total=total)

@@ -32,23 +32,31 @@ SNAPSHOT = "snapshot.json"
 NON_CONTENT = {MANIFEST, SNAPSHOT, "report.json", "report.md", "contact_sheet.png"}
 
 
-def atomic_write_text(path: Path, text: str, readonly: bool = False) -> None:
-    """Write beside the target and rename over it, so readers never see half a file."""
+def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
+    """Write beside the target and rename over it, so readers never see half a file.
+
+    A file that already holds exactly these bytes is left alone (not even its mtime changes), so
+    re-running a step over a finished snapshot does not touch it. Returns whether it wrote.
+    """
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if readonly:
-            os.chmod(tmp, 0o444)
-        elif path.exists():
-            os.chmod(path, 0o644)
+        os.chmod(tmp, 0o444 if readonly else 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return True
+
+
+def atomic_write_text(path: Path, text: str, readonly: bool = False) -> bool:
+    return atomic_write_bytes(path, text.encode("utf-8"), readonly)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
@@ -56,8 +55,9 @@ def to_plain(value: Any) -> Any:
     raise TypeError(f"cannot store a {type(value).__name__} in {REPORT_JSON}")
 
 
-def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan, generated_at: str) -> dict[str, Any]:
-    """report.json's content."""
+def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> dict[str, Any]:
+    """report.json's content: a function of the snapshot alone (no timestamp), so an unchanged
+    snapshot gets a byte-identical report and rebuilding leaves the files untouched."""
     return {
         "version": result.version,
         "manifest_root": result.manifest_root,
@@ -69,7 +69,6 @@ def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan, gener
         "tag_frequency": to_plain(caption_plan.tag_frequency),
         "lint": to_plain(caption_plan.lint),
         "contact_sheet": CONTACT_SHEET,
-        "generated_at": generated_at,
     }
 
 
@@ -79,7 +78,7 @@ def write_report(
     """Write the contact sheet, report.json and report.md into the snapshot folder, each atomically."""
     captions = {str(k): v for k, v in caption_plan.captions.items()}
     sheet = write_contact_sheet(snapshot_dir / CONTACT_SHEET, snapshot_dir, result, captions, max_images)
-    data = report_data(result, caption_plan, datetime.now(UTC).isoformat(timespec="seconds"))
+    data = report_data(result, caption_plan)
     write_json(snapshot_dir / REPORT_JSON, data)
     markdown = render_markdown(data, sheet.shown)
     atomic_write_text(snapshot_dir / REPORT_MD, markdown)
@@ -135,7 +134,7 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
         f"# Dataset report: {data['version']}",
         "",
         f"{verdict}: {errors} errors, {warnings} warnings; {counts['images']} images, "
-        f"{counts['captions']} captions, {counts['pairs']} pairs ({data['generated_at']})",
+        f"{counts['captions']} captions, {counts['pairs']} pairs; manifest root `{data['manifest_root'][:16]}…`",
         "",
         "## Counts",
         "",

@@ -1,0 +1,410 @@
+"""Dataset snapshots: copy-only, immutable, atomic dataset versions (DESIGN.md, "Dataset snapshot layout").
+
+`plan_snapshot` decides which source files go where without touching anything; `build_snapshot`
+copies them into a hidden staging folder beside `datasets/<version>` and renames it into place
+only once the images, `manifest.jsonl` and `snapshot.json` are complete and on disk. A build
+killed half-way leaves only a staging folder, which the next build of that version removes.
+
+An existing version is never rewritten: the same spec over the same source bytes is a no-op,
+anything else is refused with the name of a free version to use instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lora_pipeline.core.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import merkle_root
+from lora_pipeline.core.manifest import SNAPSHOT, read_manifest, read_snapshot_info, write_json, write_manifest
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.problems import Problem, problem
+from lora_pipeline.core.sources import expand_sources, hash_files, is_image, scan_batch
+from lora_pipeline.core.spec import DatasetSpec, SourceRef
+
+COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
+VERSION_SUFFIX = re.compile(r"-v(\d+)$")
+ORIGIN_KEYS = ("origin_batch", "origin_path", "origin_sha256")
+
+
+def family(name: str) -> str:
+    """A dataset's family: its name without a trailing -v<N> (`hw-aesthetic-v3` -> `hw-aesthetic`)."""
+    return VERSION_SUFFIX.sub("", name)
+
+
+def version_number(name: str) -> int:
+    """N of a trailing -v<N>; 0 for a name without one."""
+    match = VERSION_SUFFIX.search(name)
+    return int(match.group(1)) if match else 0
+
+
+def next_free_version(root: DataRoot, name: str) -> str:
+    """`<family>-v<N+1>` where N is the highest version of the family seen in specs/ or datasets/."""
+    base = family(name)
+    pattern = re.compile(rf"^{re.escape(base)}-v(\d+)$")
+    taken = set(root.spec_versions()) | {name}
+    if root.datasets.is_dir():
+        taken |= {p.name for p in root.datasets.iterdir()}
+    highest = max([1] + [int(m.group(1)) for n in taken if (m := pattern.match(n))])
+    return f"{base}-v{highest + 1}"
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One image to copy: where it comes from and where it lands in the snapshot."""
+
+    dest: str  # path inside the snapshot: img/<repeats>_<trigger>/<basename>
+    src: Path
+    bytes: int
+    source_kind: str  # "batch" or "dataset"
+    source_name: str
+    source_path: str  # relative to the batch folder or to the earlier snapshot
+    source_sha256: str | None  # known up front for dataset sources; batch files are hashed as they are copied
+    origin: dict[str, str] | None  # origin_* of a dataset source's row; None: the batch file is the origin
+    renamed_from: str | None = None
+
+
+@dataclass
+class SnapshotPlan:
+    spec: DatasetSpec
+    spec_path: Path
+    sources: list[SourceRef]  # the spec's sources with batch patterns expanded to the batches they matched
+    files: list[PlannedFile]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        return self.spec.name
+
+    @property
+    def parents(self) -> list[str]:
+        return [ref.dataset for ref in self.sources if ref.dataset]
+
+
+@dataclass
+class SnapshotResult:
+    version: str
+    dir: Path
+    manifest_root: str
+    image_root: str
+    rows: list[dict[str, Any]]  # the image rows of manifest.jsonl, sorted by path
+    created: bool
+    problems: list[Problem]
+    copy_methods: dict[str, int]
+    seconds: float
+
+
+def _matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Case-insensitive glob on the relative path or the basename (handoffs come from case-blind systems)."""
+    lower = path.lower()
+    base = posixpath.basename(lower)
+    return any(fnmatchcase(lower, p.lower()) or fnmatchcase(base, p.lower()) for p in patterns)
+
+
+def _selected(path: str, ref: SourceRef) -> bool:
+    return (not ref.include or _matches(path, ref.include)) and not _matches(path, ref.exclude)
+
+
+def _check_sources(spec: DatasetSpec, sources: list[SourceRef], spec_path: Path) -> None:
+    own = family(spec.name)
+    seen: set[tuple[str, str]] = set()
+    for ref in sources:
+        if (ref.kind, ref.name) in seen:
+            raise UserError(f"sources list {ref.kind} '{ref.name}' twice; combine its include/exclude globs", spec_path)
+        seen.add((ref.kind, ref.name))
+        if ref.dataset == spec.name:
+            raise UserError(f"dataset '{spec.name}' cannot be a source of itself", spec_path)
+        if ref.dataset and not spec.merge and family(ref.dataset) != own:
+            raise UserError(
+                f"sources mix dataset families {own} and {family(ref.dataset)}; "
+                "set merge: true to merge on purpose, or make an independent version",
+                spec_path,
+            )
+
+
+def _table_in_batch(table: str | None, batch: str) -> str | None:
+    """The captions table's path relative to `batch` (it may be written `<batch>/<path>` or just `<path>`)."""
+    if table is None:
+        return None
+    return table[len(batch) + 1 :] if table.startswith(batch + "/") else table
+
+
+def _batch_files(root: DataRoot, spec: DatasetSpec, ref: SourceRef) -> tuple[list[PlannedFile], list[Problem]]:
+    scan = scan_batch(root, ref.name)
+    problems = list(scan.problems)
+    table = _table_in_batch(spec.captions.table, ref.name)
+    files = []
+    for f in scan.files:
+        if not _selected(f.path, ref):
+            continue
+        if is_image(f.path):
+            files.append(
+                PlannedFile(
+                    dest="",
+                    src=f.abs,
+                    bytes=f.bytes,
+                    source_kind="batch",
+                    source_name=ref.name,
+                    source_path=f.path,
+                    source_sha256=None,
+                    origin=None,
+                )
+            )
+        elif not (f.path.lower().endswith(".txt") or f.path == table):
+            ext = posixpath.splitext(f.path)[1] or "no extension"
+            problems.append(
+                problem(f.path, "not_an_image", "warning", f"not an image ({ext}), not copied", f"batch:{ref.name}")
+            )
+    return files, problems
+
+
+def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[PlannedFile]:
+    snap = root.dataset(ref.name)
+    if not (snap / SNAPSHOT).is_file():
+        raise UserError(
+            f"source dataset '{ref.name}' is not built yet; build it first (lora-pipeline build {ref.name})", spec_path
+        )
+    rows = sorted((r for r in read_manifest(snap) if r["kind"] == "image"), key=lambda r: r["path"])
+    return [
+        PlannedFile(
+            dest="",
+            src=snap / r["path"],
+            bytes=r["bytes"],
+            source_kind="dataset",
+            source_name=ref.name,
+            source_path=r["path"],
+            source_sha256=r["sha256"],
+            origin={k: r[k] for k in ORIGIN_KEYS},
+        )
+        for r in rows
+        if _selected(r["path"], ref)
+    ]
+
+
+def _assign_names(files: list[PlannedFile], spec: DatasetSpec) -> tuple[list[PlannedFile], list[Problem]]:
+    """Flatten into the class folder with unique stems (case-insensitive, so `a.png`/`A.jpg` cannot share
+    `a.txt`); on a collision the file later in spec order becomes `<stem>__<source>[-N].<ext>`."""
+    folder = f"img/{spec.class_folder}"
+    taken: set[str] = set()
+    named, problems = [], []
+    for f in files:
+        base = posixpath.basename(f.source_path)
+        stem, ext = posixpath.splitext(base)
+        name, renamed = base, None
+        if stem.lower() in taken:
+            stem = f"{stem}__{f.source_name}"
+            name, n = stem + ext, 2
+            while posixpath.splitext(name)[0].lower() in taken:
+                name, n = f"{stem}-{n}{ext}", n + 1
+            renamed = base
+            problems.append(
+                problem(
+                    f"{folder}/{name}",
+                    "basename_collision",
+                    "warning",
+                    f"renamed from '{base}' ({f.source_kind} '{f.source_name}': {f.source_path}); "
+                    "an earlier source already uses that name",
+                    f"dataset:{spec.name}",
+                )
+            )
+        taken.add(posixpath.splitext(name)[0].lower())
+        named.append(replace(f, dest=f"{folder}/{name}", renamed_from=renamed))
+    return named, problems
+
+
+def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
+    """Resolve the spec's sources, in order, into the list of images to copy; reads only."""
+    spec_path = root.spec_file(spec.name)
+    sources = expand_sources(root, spec)
+    _check_sources(spec, sources, spec_path)
+    files: list[PlannedFile] = []
+    problems: list[Problem] = []
+    for ref in sources:
+        if ref.batch:
+            found, found_problems = _batch_files(root, spec, ref)
+            problems += found_problems
+        else:
+            found = _dataset_files(root, ref, spec_path)
+        if not found:
+            problems.append(
+                problem("", "source_empty", "warning", f"no images selected from {ref.kind} '{ref.name}'", "spec")
+            )
+        files += found
+    if not files:
+        raise UserError("no images selected from any source; check the source names and include/exclude", spec_path)
+    files, renames = _assign_names(files, spec)
+    return SnapshotPlan(spec=spec, spec_path=spec_path, sources=sources, files=files, problems=problems + renames)
+
+
+def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tuple[list[dict[str, str]], str]:
+    """Per-source Merkle roots and one root over every planned file's identity (source/path) and bytes."""
+    per_source: dict[tuple[str, str], list[dict[str, Any]]] = {(r.kind, r.name): [] for r in plan.sources}
+    overall = []
+    for f, sha, size in zip(plan.files, shas, sizes, strict=True):
+        per_source[(f.source_kind, f.source_name)].append({"path": f.source_path, "sha256": sha, "bytes": size})
+        overall.append({"path": f"{f.source_kind}:{f.source_name}/{f.source_path}", "sha256": sha, "bytes": size})
+    sources = [{"kind": k, "name": n, "fingerprint": merkle_root(rows)} for (k, n), rows in per_source.items()]
+    return sources, merkle_root(overall)
+
+
+def image_size(path: Path) -> tuple[int | None, int | None]:
+    """(width, height) from the header alone, no decode; (None, None) if Pillow cannot read it —
+    not hidden: validation decodes every image and reports the unreadable ones."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, None
+
+
+def _copy_one(f: PlannedFile, staging: Path) -> tuple[dict[str, Any], str]:
+    """Copy one planned file into the staging folder; return its manifest row and the copy method."""
+    dest = staging / f.dest
+    try:
+        method, sha = copy_file(f.src, dest)
+    except FileNotFoundError:
+        raise UserError(f"source file vanished during the build ({f.source_kind} '{f.source_name}')", f.src) from None
+    if f.source_sha256 is not None and sha != f.source_sha256:
+        raise UserError(
+            f"no longer matches the manifest of dataset '{f.source_name}'; run `lora-pipeline verify {f.source_name}`",
+            f.src,
+        )
+    width, height = image_size(dest)
+    row: dict[str, Any] = {
+        "path": f.dest,
+        "kind": "image",
+        "sha256": sha,
+        "bytes": dest.stat().st_size,
+        "width": width,
+        "height": height,
+        f"source_{f.source_kind}": f.source_name,
+        "source_path": f.source_path,
+        "source_sha256": sha,
+        **(f.origin or {"origin_batch": f.source_name, "origin_path": f.source_path, "origin_sha256": sha}),
+    }
+    if f.renamed_from:
+        row["renamed_from"] = f.renamed_from
+    return row, method
+
+
+@contextmanager
+def _version_lock(root: DataRoot, version: str) -> Iterator[None]:
+    """Serialize builds of one version (across processes); released by the kernel if we are killed."""
+    root.datasets.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root.datasets / f".{version}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _immutable_error(root: DataRoot, version: str, what: str) -> UserError:
+    return UserError(
+        f"dataset version '{version}' already exists with a different spec (or changed sources); versions are "
+        f"immutable — name a new version, e.g. {next_free_version(root, version)} ({what})",
+        root.spec_file(version),
+    )
+
+
+def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -> SnapshotResult:
+    """A version that is already there: a no-op when spec and source bytes are unchanged, else refused."""
+    if not (target / SNAPSHOT).is_file():
+        raise UserError(
+            f"folder exists without {SNAPSHOT} (not a finished snapshot); versions are never overwritten — "
+            f"move it aside or name a new version, e.g. {next_free_version(root, spec.name)}",
+            target,
+        )
+    info = read_snapshot_info(target)
+    if info.get("spec_sha256") != spec.sha256:
+        raise _immutable_error(root, spec.name, "the spec changed since it was built")
+    plan = plan_snapshot(root, spec)
+    batch_files = [f for f in plan.files if f.source_sha256 is None]
+    hashed = iter(hash_files([f.src for f in batch_files]))
+    shas = [f.source_sha256 or next(hashed) for f in plan.files]
+    _, fingerprint = _fingerprints(plan, shas, [f.bytes for f in plan.files])
+    if fingerprint != info.get("sources_fingerprint"):
+        raise _immutable_error(root, spec.name, "its source files changed since it was built")
+    return SnapshotResult(
+        version=spec.name,
+        dir=target,
+        manifest_root=info["manifest_root"],
+        image_root=info["image_root"],
+        rows=[r for r in read_manifest(target) if r["kind"] == "image"],
+        created=False,
+        problems=info["problems"],
+        copy_methods={},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> SnapshotResult:
+    """Materialize `datasets/<spec.name>` from the spec's sources (copy-only, atomic, immutable)."""
+    started = time.perf_counter()
+    version = spec.name
+    target = root.dataset(version)
+    with _version_lock(root, version):
+        if os.path.lexists(target):
+            return _existing(root, spec, target, started)
+        plan = plan_snapshot(root, spec)
+        # Holding the lock, every staging folder of this version belongs to a build that died.
+        for stale in root.datasets.glob(f".{version}.tmp-*"):
+            shutil.rmtree(stale)
+        staging = root.datasets / f".{version}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            (staging / "img" / spec.class_folder).mkdir(parents=True)
+            with background_writeback(staging), ThreadPoolExecutor(COPY_WORKERS) as pool:
+                copied = list(pool.map(lambda f: _copy_one(f, staging), plan.files))
+            rows = [row for row, _ in copied]
+            methods = Counter(method for _, method in copied)
+            image_root = write_manifest(staging, rows)
+            sources, fingerprint = _fingerprints(plan, [r["sha256"] for r in rows], [r["bytes"] for r in rows])
+            info = {
+                "version": version,
+                "spec": spec.resolved(),
+                "spec_sha256": spec.sha256,
+                "manifest_root": image_root,
+                "image_root": image_root,
+                "parents": plan.parents,
+                "sources": sources,
+                "sources_fingerprint": fingerprint,
+                "code_version": code_version,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "problems": plan.problems,
+                "captions_complete": False,
+            }
+            write_json(staging / SNAPSHOT, info)
+            sync_filesystem(staging)
+            os.rename(staging, target)
+            fsync_dir(root.datasets)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return SnapshotResult(
+        version=version,
+        dir=target,
+        manifest_root=image_root,
+        image_root=image_root,
+        rows=sorted(rows, key=lambda r: r["path"]),
+        created=True,
+        problems=plan.problems,
+        copy_methods=dict(methods),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,221 @@
+"""Source batches: reading `sources/<batch>/` (never writing it) and copy-only intake of handoffs.
+
+A batch is complete when it holds `_READY`. Scanning never follows symlinks: a link inside a
+handoff may point anywhere (another batch, a home folder), and copying through it would make
+the snapshot depend on files nobody handed off. Junk (OS metadata, hidden files) is skipped and
+reported so that a user sees what was left out and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import shutil
+import stat
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import merkle_root, sha256_file
+from lora_pipeline.core.manifest import atomic_write_text
+from lora_pipeline.core.paths import READY_MARKER, DataRoot
+from lora_pipeline.core.problems import Problem, problem
+from lora_pipeline.core.spec import NAME_RE, DatasetSpec, SourceRef
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+HASH_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def is_junk(name: str) -> bool:
+    """OS litter and hidden files or folders: never content, never copied."""
+    return name in JUNK_NAMES or name.startswith(".")
+
+
+def is_image(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    path: str  # posix path relative to the batch folder
+    abs: Path
+    bytes: int
+
+
+@dataclass
+class BatchScan:
+    batch: str
+    dir: Path
+    files: list[BatchFile] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
+    """Regular, non-junk files under `top` (sorted by path), without following any symlink.
+
+    The top-level `_READY` marker is neither content nor a problem. Everything skipped is
+    returned as a warning problem with `file` relative to `top`.
+    """
+    files: list[BatchFile] = []
+    problems: list[Problem] = []
+
+    def skip(rel: str, code: str, message: str) -> None:
+        problems.append(problem(rel, code, "warning", message, scope))
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(top).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        kept = []
+        for name in sorted(dirnames):
+            if is_junk(name):
+                skip(prefix + name + "/", "junk_skipped", "hidden or system folder skipped, never copied")
+            elif (here / name).is_symlink():
+                skip(prefix + name + "/", "symlink_not_followed", "link to a folder not followed, never copied")
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            rel = prefix + name
+            if not prefix and name == READY_MARKER:
+                continue
+            if is_junk(name):
+                skip(rel, "junk_skipped", "hidden or system file skipped, never copied")
+                continue
+            st = os.lstat(here / name)
+            if stat.S_ISLNK(st.st_mode):
+                skip(rel, "symlink_not_followed", "symbolic link not followed, never copied")
+            elif not stat.S_ISREG(st.st_mode):
+                skip(rel, "not_a_regular_file", "not a regular file (device, socket or pipe), never copied")
+            else:
+                files.append(BatchFile(rel, here / name, st.st_size))
+    files.sort(key=lambda f: f.path)
+    return files, problems
+
+
+def _check_name(batch: str) -> None:
+    if not NAME_RE.match(batch):
+        raise UserError(f"batch id '{batch}' may only use letters, digits, '.', '_' and '-'")
+
+
+def scan_batch(root: DataRoot, batch: str) -> BatchScan:
+    """List a complete batch's files and what was skipped; raises UserError if it is missing or not ready."""
+    _check_name(batch)
+    top = root.batch(batch)
+    if top.is_symlink():
+        raise UserError("batch folder is a symbolic link; bring the handoff in with `lora-pipeline intake`", top)
+    if not top.is_dir():
+        raise UserError("batch folder not found", top)
+    if not (top / READY_MARKER).is_file():
+        raise UserError(f"batch is not complete: no {READY_MARKER} marker", top)
+    files, problems = walk_files(top, f"batch:{batch}")
+    return BatchScan(batch=batch, dir=top, files=files, problems=problems)
+
+
+def hash_files(paths: list[Path]) -> list[str]:
+    """sha256 of each path, in order; threads overlap I/O and hashing (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(HASH_WORKERS) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+def batch_manifest(scan: BatchScan) -> list[dict[str, Any]]:
+    """One row {path, sha256, bytes} per content file of the batch, sorted by path."""
+    hashes = hash_files([f.abs for f in scan.files])
+    return [{"path": f.path, "sha256": h, "bytes": f.bytes} for f, h in zip(scan.files, hashes, strict=True)]
+
+
+def batch_fingerprint(rows: list[dict[str, Any]]) -> str:
+    return merkle_root(rows)
+
+
+@dataclass
+class IntakeResult:
+    batch: str
+    dir: Path
+    files: int
+    bytes: int
+    rows: list[dict[str, Any]]
+    fingerprint: str
+    skipped: list[Problem]  # junk and symlinks left behind in the handoff
+    copy_methods: dict[str, int]
+
+
+def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
+    """Copy an external handoff into `sources/<batch>` and mark it `_READY`; `src_dir` is only read.
+
+    The copy lands in a hidden staging folder beside the target and is renamed into place
+    only when complete, so a batch folder never holds half a handoff; `_READY` comes last.
+    """
+    _check_name(batch)
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise UserError("handoff folder not found (or not a folder)", src_dir)
+    target = root.batch(batch)
+    if os.path.lexists(target):
+        raise UserError(
+            "batch already exists; batches are never overwritten or merged into — use a new batch id", target
+        )
+    files, skipped = walk_files(src_dir, f"batch:{batch}")
+    if not files:
+        raise UserError("handoff folder holds no files to copy", src_dir)
+    root.sources.mkdir(parents=True, exist_ok=True)
+    staging = root.sources / f".{batch}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # only ever our own pid's leftover
+    staging.mkdir()
+    try:
+        for d in sorted({Path(f.path).parent for f in files}):
+            (staging / d).mkdir(parents=True, exist_ok=True)
+        with background_writeback(staging), ThreadPoolExecutor(HASH_WORKERS) as pool:
+            copied = list(pool.map(lambda f: copy_file(f.abs, staging / f.path), files))
+        sync_filesystem(staging)
+        if os.path.lexists(target):
+            raise UserError("batch appeared while copying; not overwriting it", target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    rows = [
+        {"path": f.path, "sha256": sha, "bytes": (target / f.path).stat().st_size}
+        for f, (_, sha) in zip(files, copied, strict=True)
+    ]
+    fingerprint = batch_fingerprint(rows)
+    created_at = datetime.now(UTC).isoformat(timespec="seconds")
+    marker = {"batch": batch, "files": len(rows), "fingerprint": fingerprint, "created_at": created_at}
+    atomic_write_text(target / READY_MARKER, json.dumps(marker, sort_keys=True) + "\n", readonly=True)
+    fsync_dir(root.sources)
+    return IntakeResult(
+        batch=batch,
+        dir=target,
+        files=len(rows),
+        bytes=sum(r["bytes"] for r in rows),
+        rows=rows,
+        fingerprint=fingerprint,
+        skipped=skipped,
+        copy_methods=dict(Counter(method for method, _ in copied)),
+    )
+
+
+def expand_sources(root: DataRoot, spec: DatasetSpec) -> list[SourceRef]:
+    """The spec's sources with every batch pattern ("curated-*") replaced by the ready batches it matches.
+
+    A pattern that matches no ready batch is an error: the spec would silently lose a source.
+    """
+    expanded: list[SourceRef] = []
+    ready = root.ready_batches()
+    for ref in spec.sources:
+        if not ref.is_pattern:
+            expanded.append(ref)
+            continue
+        matches = [b for b in ready if fnmatch.fnmatchcase(b, ref.name)]
+        if not matches:
+            raise UserError(f"batch pattern '{ref.name}' matches no ready batch", root.spec_file(spec.name))
+        expanded += [dataclasses.replace(ref, batch=b) for b in matches]
+    return expanded
