@@ -35,7 +35,7 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 
     result = intake(Path(args.src_dir), root, args.batch)
     _register({"source_batches": [args.batch]})
-    outcome = dagster_runs.run_job("register_batch_job", args.batch, dagster_runs.instance())
+    outcome = dagster_runs.run_job("register_batch_job", args.batch, dagster_runs.instance(), args.json)
     meta = outcome.metadata("source_batch")
     return {
         "batch": args.batch,
@@ -48,7 +48,7 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
     }
 
 
-def build_version(root: DataRoot, version: str) -> dict[str, Any]:
+def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
     from lora_pipeline.core.manifest import read_json
@@ -57,7 +57,7 @@ def build_version(root: DataRoot, version: str) -> dict[str, Any]:
 
     load_spec(root.spec_file(version))  # a bad spec fails here with its one line
     _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
-    outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance())
+    outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet)
     snapshot_dir = root.dataset(version)
     report = read_json(snapshot_dir / "report.json")
     errors = [p for p in report["problems"] if p["severity"] == "error"]
@@ -83,10 +83,10 @@ def build_version(root: DataRoot, version: str) -> dict[str, Any]:
 
 
 def cmd_build(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return build_version(root, args.version)
+    return build_version(root, args.version, args.json)
 
 
-def train_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
+def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
     from lora_pipeline.core.gate import require_passed_report
     from lora_pipeline.core.recipe import load_recipe
@@ -95,7 +95,7 @@ def train_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
     load_recipe(root.recipe_file(recipe))
     require_passed_report(root, version)
     _register({"dataset_versions": [version], "recipes": [recipe]})
-    outcome = dagster_runs.run_job("train_job", training_key(version, recipe), dagster_runs.instance())
+    outcome = dagster_runs.run_job("train_job", training_key(version, recipe), dagster_runs.instance(), quiet)
     meta = outcome.metadata("lora_epochs")
     files = sorted(str(p) for p in root.loras(version, recipe).glob("*.safetensors"))
     return {
@@ -109,10 +109,10 @@ def train_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return train_version(root, args.version, args.recipe)
+    return train_version(root, args.version, args.recipe, args.json)
 
 
-def evaluate_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any]:
+def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
     from lora_pipeline.core.manifest import read_json
     from lora_pipeline.core.recipe import load_recipe
@@ -123,7 +123,7 @@ def evaluate_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any
         raise UserError(f"no trained epochs: run `lora-pipeline train {version} --recipe {recipe}` first",
                         root.loras(version, recipe))
     _register({"dataset_versions": [version], "recipes": [recipe]})
-    outcome = dagster_runs.run_job("evaluate_job", training_key(version, recipe), dagster_runs.instance())
+    outcome = dagster_runs.run_job("evaluate_job", training_key(version, recipe), dagster_runs.instance(), quiet)
     out = root.evals(version, recipe)
     return {
         "version": version,
@@ -136,7 +136,7 @@ def evaluate_version(root: DataRoot, version: str, recipe: str) -> dict[str, Any
 
 
 def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return evaluate_version(root, args.version, args.recipe)
+    return evaluate_version(root, args.version, args.recipe, args.json)
 
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
@@ -174,15 +174,15 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
     built = {}
     for version in DEMO_VERSIONS:
         t = time.monotonic()
-        built[version] = build_version(root, version)
+        built[version] = build_version(root, version, args.json)
         timings[f"build {version}"] = round(time.monotonic() - t, 1)
         _say(args, f"built {version}: {built[version]['dataset']}")
     t = time.monotonic()
-    trained = train_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE)
+    trained = train_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE, args.json)
     timings["train"] = round(time.monotonic() - t, 1)
     _say(args, f"trained {len(trained['epoch_files'])} epochs: {Path(trained['epoch_files'][-1]).parent}")
     t = time.monotonic()
-    evaluated = evaluate_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE)
+    evaluated = evaluate_version(root, DEMO_TRAIN_VERSION, DEMO_RECIPE, args.json)
     timings["evaluate"] = round(time.monotonic() - t, 1)
     rec = evaluated["recommendation"]
     chosen = next(f for f in trained["epoch_files"] if f.endswith(f"-e{rec['recommended_epoch']:03d}.safetensors"))

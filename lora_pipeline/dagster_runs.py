@@ -61,14 +61,21 @@ class RunOutcome:
         return None
 
 
-def run_job(job_name: str, partition_key: str | dg.MultiPartitionKey, inst: dg.DagsterInstance) -> RunOutcome:
+def run_job(
+    job_name: str, partition_key: str | dg.MultiPartitionKey, inst: dg.DagsterInstance, quiet: bool = False
+) -> RunOutcome:
     """Execute a job for one partition in this process, recorded in the instance.
+
+    The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet.
 
     A step that failed on a user error re-raises it as UserError (its one line); any other
     failure raises RuntimeError naming the run so it can be read in the UI.
     """
     job = definitions().resolve_job_def(job_name)
-    result = job.execute_in_process(instance=inst, partition_key=partition_key, raise_on_error=False)
+    run_config = {"loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "INFO"}}}}
+    result = job.execute_in_process(
+        run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False
+    )
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:

@@ -1,5 +1,7 @@
 """Partitions (DESIGN.md, "Assets and partitions"). All dynamic: sensors and the CLI register keys."""
 
+import warnings
+
 import dagster as dg
 
 source_batches = dg.DynamicPartitionsDefinition(name="source_batches")
@@ -7,7 +9,9 @@ dataset_versions = dg.DynamicPartitionsDefinition(name="dataset_versions")
 recipes = dg.DynamicPartitionsDefinition(name="recipes")
 # Multi-partition keys are "<dataset_version>|<recipe>" (dimension names in alphabetical order).
 training_runs = dg.MultiPartitionsDefinition({"dataset_version": dataset_versions, "recipe": recipes})
-by_dataset_version = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="dataset_version")
+with warnings.catch_warnings():  # a beta API, used knowingly: training partitions map to their dataset version
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    by_dataset_version = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="dataset_version")
 
 
 def training_key(version: str, recipe: str) -> dg.MultiPartitionKey:
