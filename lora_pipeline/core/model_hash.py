@@ -1,0 +1,57 @@
+"""`base_model_hash`: which base model a LoRA was trained on, without loading it (no torch/diffusers import).
+
+Kept apart from models.py so that `lora-pipeline provenance` stays quick to start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import sha256_file
+
+UNET_WEIGHTS = "diffusion_pytorch_model"
+
+
+def _model_folder(source: str) -> Path:
+    """A diffusers folder, or a hub id's snapshot in the local cache (never downloaded here)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or source.startswith((".", "~")):
+        raise UserError("base model folder not found", source)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["unet/*"], local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise UserError(f"base model '{source}' is not a local folder nor in the Hugging Face cache") from None
+
+
+def _unet_weight_files(unet_dir: Path) -> list[Path]:
+    """The files diffusers loads the U-Net from: single or sharded, safetensors preferred over .bin."""
+    for ext in ("safetensors", "bin"):
+        single = unet_dir / f"{UNET_WEIGHTS}.{ext}"
+        if single.is_file():
+            return [single]
+        index = unet_dir / f"{UNET_WEIGHTS}.{ext}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [unet_dir / s for s in shards]
+    raise UserError("no U-Net weights found", unet_dir)
+
+
+def base_model_hash(source: str) -> str:
+    """sha256 identifying the base model's U-Net (the part a U-Net LoRA patches).
+
+    One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
+    "name  sha256" lines of the shards, in name order. Stable for a given model folder.
+    """
+    files = _unet_weight_files(_model_folder(source) / "unet")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    lines = "".join(f"{f.name}  {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()

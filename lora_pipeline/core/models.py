@@ -1,0 +1,154 @@
+"""Base models for training and sampling: resolve, load (offline), encode prompts the way the pipelines do.
+
+A recipe's `base_model` is a tiny model name (`tiny-sd`, `tiny-sdxl`: generated under `models/`), a diffusers
+folder (an absolute path, or a folder name under `models/`), or a Hugging Face hub id. Hub ids load from the
+local cache only when HF_HUB_OFFLINE=1, which the Makefile and tests set: nothing downloads at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.model_hash import base_model_hash
+from lora_pipeline.core.tiny_models import TINY_MODELS, ensure_tiny_model
+
+__all__ = [
+    "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "load_base_model",
+    "resolve_base_model", "sdxl_add_time_ids",
+]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_base_model(models_dir: Path, base_model: str) -> str:
+    """The folder or hub id to load: tiny names are generated first; paths must be diffusers folders."""
+    if base_model in TINY_MODELS:
+        return str(ensure_tiny_model(models_dir, base_model))
+    candidates = [Path(base_model).expanduser()]
+    if not Path(base_model).is_absolute():
+        candidates.append(models_dir / base_model)
+    for path in candidates:
+        if path.exists():
+            if not (path / "model_index.json").is_file():
+                raise UserError("base model must be a diffusers folder (with model_index.json)", path)
+            return str(path.resolve())
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
+        raise UserError(f"base model '{base_model}' is neither a local diffusers folder nor a hub id (org/name)")
+    return base_model
+
+
+@dataclass
+class BaseModel:
+    """Everything a LoRA trainer needs from a base model, frozen and in eval mode.
+
+    `tokenizers`/`text_encoders` hold one entry for SD 1.5 and two for SDXL. The VAE stays float32 whatever
+    `dtype` the rest uses (SDXL's VAE overflows in fp16; it only encodes latents once per image).
+    """
+
+    family: str
+    source: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[CLIPTextModel]
+    noise_scheduler: DDPMScheduler
+    vae_scale_factor: int
+    latents_scaling_factor: float
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def _check_family(unet: UNet2DConditionModel, family: str, source: str) -> None:
+    is_sdxl = unet.config.addition_embed_type == "text_time"
+    if family not in ("sd15", "sdxl"):
+        raise UserError(f"model_family must be sd15 or sdxl, not '{family}'")
+    if is_sdxl != (family == "sdxl"):
+        actual = "an SDXL" if is_sdxl else "an SD 1.x-style"
+        raise UserError(f"base model is {actual} model but the recipe says model_family: {family}", source)
+
+
+def load_base_model(
+    models_dir: Path,
+    base_model: str,
+    family: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load U-Net, VAE, tokenizer(s), text encoder(s) and a DDPM training scheduler from the model's config."""
+    source = resolve_base_model(models_dir, base_model)
+    opts: dict[str, Any] = {"local_files_only": _offline() or Path(source).is_dir()}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **opts)
+        _check_family(unet, family, source)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **opts)
+        names = [("tokenizer", "text_encoder", CLIPTextModel)]
+        if family == "sdxl":
+            names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=tok, **opts) for tok, _, _ in names]
+        encoders = [cls.from_pretrained(source, subfolder=enc, dtype=dtype, **opts) for _, enc, cls in names]
+        config = DDPMScheduler.load_config(source, subfolder="scheduler", **opts)
+    except OSError as exc:  # missing folder/file, or a hub id that is not cached while offline
+        raise UserError(f"cannot load base model: {str(exc).splitlines()[0]}", source) from None
+    # kohya trains with DDPM and clip_sample off; betas and prediction type come from the model's own config.
+    noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+    target = torch.device(device)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(target)
+    return BaseModel(
+        family=family, source=source, unet=unet, vae=vae, tokenizers=tokenizers, text_encoders=encoders,
+        noise_scheduler=noise_scheduler, vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+        latents_scaling_factor=float(vae.config.scaling_factor), device=target,
+    )
+
+
+def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text conditioning exactly as the inference pipelines compute it (no clip skip), so training matches.
+
+    SD 1.5: the text encoder's last hidden state, and None. SDXL: the penultimate hidden states of both
+    encoders concatenated on the feature axis, and the pooled `text_embeds` of the second encoder.
+    Text encoders are frozen (network_train_unet_only), hence no gradients.
+    """
+    if base.family == "sd15":
+        encoder = base.text_encoders[0]
+        return encoder(_token_ids(base.tokenizers[0], prompts).to(encoder.device))[0], None
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
+        out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_add_time_ids(
+    original_size: tuple[int, int],
+    crop_top_left: tuple[int, int],
+    target_size: tuple[int, int],
+    batch: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> torch.Tensor:
+    """SDXL's micro-conditioning row (original h, w, crop top, left, target h, w), repeated `batch` times.
+
+    Sizes are (height, width) in pixels, as StableDiffusionXLPipeline._get_add_time_ids builds them.
+    """
+    row = [*original_size, *crop_top_left, *target_size]
+    return torch.tensor([row] * batch, dtype=dtype, device=device)

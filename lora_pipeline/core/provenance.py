@@ -1,0 +1,255 @@
+"""From a LoRA file back to everything that made it: `lora-pipeline provenance FILE`.
+
+Only the file's header is read (plus its sha256); the rest comes from the data root. The chain is:
+LoRA -> recipe -> dataset version (its manifest, re-verified) -> every image with its caption and the
+source files they were copied from (re-hashed) -> base model -> code commit -> MLflow run. Every link is
+checked against what is on disk now, and each break becomes one plain-language finding in `status`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lora_file import read_lora_metadata
+from lora_pipeline.core.manifest import SNAPSHOT, read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.model_hash import base_model_hash
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.recipe import load_recipe
+from lora_pipeline.core.spec import load_spec
+
+KEY = "lora_pipeline."
+TRAINING_KEYS = (
+    "ss_base_model_version", "ss_network_dim", "ss_network_alpha", "ss_epoch", "ss_num_epochs", "ss_steps",
+    "ss_max_train_steps", "ss_seed", "ss_optimizer", "ss_learning_rate", "ss_lr_scheduler", "ss_resolution",
+    "ss_num_train_images", "ss_training_started_at", "sshs_model_hash",
+)
+
+
+class _Chain:
+    """Collects findings and hashes each file at most once while the chain is walked."""
+
+    def __init__(self, root: DataRoot) -> None:
+        self.root = root
+        self.findings: list[str] = []
+        self._hashes: dict[Path, str | None] = {}
+
+    def rel(self, path: Path) -> str:
+        """A path as the user knows it: relative to the data root when it lies inside."""
+        try:
+            return path.resolve().relative_to(self.root.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def file_status(self, path: Path, expected: str, what: str, since: str) -> str:
+        """"unchanged", "changed" or "missing"; a finding for the latter two."""
+        if path not in self._hashes:
+            self._hashes[path] = sha256_file(path) if path.is_file() and not path.is_symlink() else None
+        actual = self._hashes[path]
+        if actual is None:
+            self.findings.append(f"{what} {self.rel(path)} no longer exists")
+            return "missing"
+        if actual != expected:
+            self.findings.append(f"{what} {self.rel(path)} changed since {since}")
+            return "changed"
+        return "unchanged"
+
+    def source_link(self, kind: str, name: str, path: str, sha: str, since: str) -> dict[str, Any]:
+        """A file a snapshot row was copied or derived from: a batch file or an earlier dataset's file."""
+        where = self.root.batch(name) if kind == "batch" else self.root.dataset(name)
+        what = "source file" if kind == "batch" else f"file of dataset {name}"
+        status = self.file_status(where / path, sha, what, since)
+        return {"kind": kind, "name": name, "path": path, "sha256": sha, "status": status}
+
+
+def _source_of(row: dict[str, Any]) -> tuple[str, str]:
+    return ("batch", row["source_batch"]) if "source_batch" in row else ("dataset", row["source_dataset"])
+
+
+def _recipe_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
+    name, recorded = meta.get(f"{KEY}recipe", ""), meta.get(f"{KEY}recipe_sha256", "")
+    path = chain.root.recipe_file(name)
+    link: dict[str, Any] = {"name": name, "sha256": recorded, "file": chain.rel(path)}
+    if f"{KEY}recipe_resolved" in meta:
+        link["as_trained"] = json.loads(meta[f"{KEY}recipe_resolved"])
+    if not path.is_file():
+        link["file_status"] = "missing"
+        chain.findings.append(f"recipe file {chain.rel(path)} no longer exists (the LoRA header keeps it as trained)")
+        return link
+    try:
+        current = load_recipe(path).sha256
+    except UserError as exc:
+        link["file_status"] = "invalid"
+        chain.findings.append(f"recipe file {chain.rel(path)} no longer loads: {exc}")
+        return link
+    link["file_status"] = "unchanged" if current == recorded else "changed"
+    if current != recorded:
+        chain.findings.append(f"recipe file {chain.rel(path)} changed since training (its sha256 differs)")
+    return link
+
+
+def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    folder = chain.root.dataset(version)
+    header_root = meta.get(f"{KEY}manifest_root", "")
+    link: dict[str, Any] = {"version": version, "path": chain.rel(folder), "header_manifest_root": header_root}
+    if not (folder / SNAPSHOT).is_file():
+        chain.findings.append(f"dataset version {version} is missing: {chain.rel(folder / SNAPSHOT)} does not exist")
+        return link, []
+    info = read_snapshot_info(folder)
+    link.update(
+        snapshot_manifest_root=info.get("manifest_root"), spec_sha256=meta.get(f"{KEY}spec_sha256"),
+        created_at=info.get("created_at"), parents=info.get("parents", []), code_version=info.get("code_version"),
+    )
+    if info.get("manifest_root") != header_root:
+        chain.findings.append(
+            f"header manifest root differs from the snapshot's: the LoRA was trained on {header_root[:12]}…, "
+            f"{chain.rel(folder / SNAPSHOT)} now says {str(info.get('manifest_root'))[:12]}…"
+        )
+    if "spec_sha256" in info and info["spec_sha256"] != meta.get(f"{KEY}spec_sha256"):
+        chain.findings.append(f"header spec sha256 differs from the one in {chain.rel(folder / SNAPSHOT)}")
+    spec_file = chain.root.spec_file(version)
+    if spec_file.is_file() and "spec_sha256" in info:
+        try:
+            spec_changed = load_spec(spec_file).sha256 != info["spec_sha256"]
+        except UserError as exc:
+            chain.findings.append(f"spec file {chain.rel(spec_file)} no longer loads: {exc}")
+        else:
+            if spec_changed:
+                chain.findings.append(f"spec file {chain.rel(spec_file)} changed since the snapshot was built")
+    verified = verify_snapshot(folder)
+    link.update(verified=verified.ok, files_checked=verified.files_checked)
+    prefix = "snapshot no longer matches its manifest:"
+    chain.findings += [f"{prefix} {chain.rel(folder / p)} content changed" for p in verified.mismatched]
+    chain.findings += [f"{prefix} {chain.rel(folder / p)} is missing" for p in verified.missing]
+    chain.findings += [f"{prefix} {chain.rel(folder / p)} is an extra file" for p in verified.extra]
+    if verified.root_mismatch:
+        chain.findings.append(f"{prefix} its rows no longer hash to the manifest_root in {SNAPSHOT}")
+    return link, _images(chain, folder, version)
+
+
+def _images(chain: _Chain, folder: Path, version: str) -> list[dict[str, Any]]:
+    rows = read_manifest(folder)
+    captions = {r["image"]: r for r in rows if r.get("kind") == "caption"}
+    since = f"the snapshot {version}"
+    images = []
+    for row in sorted((r for r in rows if r.get("kind") == "image"), key=lambda r: r["path"]):
+        kind, name = _source_of(row)
+        image: dict[str, Any] = {
+            "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"],
+            "width": row.get("width"), "height": row.get("height"),
+            "source": chain.source_link(kind, name, row["source_path"], row["source_sha256"], since),
+        }
+        if kind == "dataset" and "origin_batch" in row:
+            image["origin"] = chain.source_link("batch", row["origin_batch"], row["origin_path"],
+                                                row["origin_sha256"], since)
+        caption = captions.get(row["path"])
+        if caption is None:
+            chain.findings.append(f"{chain.rel(folder / row['path'])} has no caption in the manifest")
+        else:
+            text_path = folder / caption["path"]
+            ckind, cname = _source_of(caption)
+            image["caption"] = {
+                "path": caption["path"], "sha256": caption["sha256"],
+                "text": text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else None,
+                "from": caption.get("caption_source"),
+                "source": chain.source_link(ckind, cname, caption["source_path"], caption["source_sha256"], since),
+            }
+        images.append(image)
+    return images
+
+
+def _base_model_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
+    source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
+    link = {"name": meta.get(f"{KEY}base_model"), "source": source, "hash": recorded}
+    try:
+        current = base_model_hash(source)
+    except UserError as exc:
+        link["status"] = "unavailable"
+        chain.findings.append(f"base model cannot be checked: {exc}")
+        return link
+    link["status"] = "unchanged" if current == recorded else "changed"
+    if current != recorded:
+        chain.findings.append(f"base model {source} changed since training (its U-Net hash differs)")
+    return link
+
+
+def mlflow_tracking_uri(root: DataRoot) -> str:
+    """The MLflow backend store under the data root (SQLite), as the Makefile's `mlflow-ui` opens it."""
+    return f"sqlite:///{root.mlflow / 'mlflow.db'}"
+
+
+def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
+    """The provenance chain of one LoRA file, each link checked; `status` is "ok" or a list of findings."""
+    meta = read_lora_metadata(lora_path)
+    version = meta.get(f"{KEY}dataset_version")
+    if not version:
+        raise UserError("has no lora_pipeline provenance in its header (not trained by this pipeline)", lora_path)
+    chain = _Chain(root)
+    lora = {
+        "path": str(lora_path), "sha256": sha256_file(lora_path), "epoch": meta.get(f"{KEY}epoch"),
+        "title": meta.get("modelspec.title"), "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
+    }
+    recipe = _recipe_link(chain, meta)
+    dataset, images = _dataset_link(chain, meta, version)
+    base = _base_model_link(chain, meta)
+    return {
+        "lora": lora, "recipe": recipe, "dataset": dataset, "images": images, "base_model": base,
+        "code_commit": meta.get(f"{KEY}code_commit"),
+        "mlflow": {"run_id": meta.get(f"{KEY}mlflow_run_id"), "tracking_uri": mlflow_tracking_uri(root)},
+        "status": chain.findings or "ok",
+    }
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "?"
+
+
+def _source_line(label: str, link: dict[str, Any]) -> str:
+    return f"{label}: {link['kind']} {link['name']}: {link['path']} (sha256 {_short(link['sha256'])}, {link['status']})"
+
+
+def format_provenance(chain: dict[str, Any]) -> str:
+    """A readable, indented text tree of `trace_lora`'s chain for the command line."""
+    lora, recipe, dataset, base = chain["lora"], chain["recipe"], chain["dataset"], chain["base_model"]
+    training = lora["training"]
+    lines = [
+        f"LoRA {lora['path']}",
+        f"  sha256 {lora['sha256']}",
+        f"  epoch {lora['epoch']} of {training.get('ss_num_epochs', '?')}, step {training.get('ss_steps', '?')}, "
+        f"dim {training.get('ss_network_dim', '?')} alpha {training.get('ss_network_alpha', '?')}, "
+        f"{training.get('ss_base_model_version', '?')}",
+        f"recipe {recipe['name']} (sha256 {_short(recipe['sha256'])}): {recipe['file']} {recipe.get('file_status')}",
+        f"dataset {dataset['version']} at {dataset['path']}",
+        f"  manifest root {dataset['header_manifest_root']} (in the LoRA header)",
+    ]
+    if "snapshot_manifest_root" in dataset:
+        lines.append(f"  manifest root {dataset['snapshot_manifest_root']} (in snapshot.json)")
+        state = "verified" if dataset["verified"] else "DOES NOT MATCH its manifest"
+        lines.append(f"  snapshot {state} ({dataset['files_checked']} files re-hashed)")
+    lines.append(f"  {len(chain['images'])} images")
+    for image in chain["images"]:
+        size = f"{image['width']}x{image['height']}" if image.get("width") else "size unknown"
+        lines.append(f"    {image['path']} ({size}, sha256 {_short(image['sha256'])})")
+        caption = image.get("caption")
+        if caption:
+            lines.append(f"      caption: {caption['text']}")
+        lines.append("      " + _source_line("from", image["source"]))
+        if "origin" in image:
+            lines.append("      " + _source_line("origin", image["origin"]))
+        if caption:
+            src = caption["source"]
+            lines.append(f"      caption source {caption['from']} (sha256 {_short(src['sha256'])}, {src['status']})")
+    lines += [
+        f"base model {base['name']}: {base['source']} (U-Net sha256 {_short(base['hash'])}, {base['status']})",
+        f"code commit {chain['code_commit']}",
+        f"MLflow run {chain['mlflow']['run_id']} in {chain['mlflow']['tracking_uri']}",
+    ]
+    if chain["status"] == "ok":
+        lines.append("status: ok, every link checks out")
+    else:
+        lines.append(f"status: {len(chain['status'])} finding(s)")
+        lines += [f"  - {finding}" for finding in chain["status"]]
+    return "\n".join(lines)

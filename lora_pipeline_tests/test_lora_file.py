@@ -1,0 +1,190 @@
+"""kohya-format LoRA files: key names, alpha, the SDXL sgm mapping, loading in diffusers, header metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import sha256_bytes, sha256_file
+from lora_pipeline.core.lora_file import (
+    LoraProvenance,
+    add_unet_lora,
+    build_metadata,
+    kohya_state_dict,
+    read_lora_metadata,
+    save_lora,
+    sgm_module_name,
+)
+from lora_pipeline.core.recipe import Recipe
+
+PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+FAMILY = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl"}
+RANK, ALPHA = 4, 2.0
+PROVENANCE = LoraProvenance(
+    dataset_version="hand-v1", manifest_root="ab" * 32, spec_sha256="cd" * 32, base_model_source="/models/tiny-sd",
+    base_model_hash="ef" * 32, code_commit="0123abc", mlflow_run_id="run42",
+)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def trained_unet(folder: Path) -> UNet2DConditionModel:
+    """The model's U-Net with a LoRA whose up weights are random, so the adapter changes the output."""
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    add_unet_lora(unet, RANK, ALPHA)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return unet.eval()
+
+
+def unet_inputs(unet: UNet2DConditionModel) -> dict:
+    gen = torch.Generator().manual_seed(3)
+    cfg = unet.config
+    inputs = {
+        "sample": torch.randn(2, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor([10, 700]),
+        "encoder_hidden_states": torch.randn(2, 77, cfg.cross_attention_dim, generator=gen),
+    }
+    if cfg.addition_embed_type == "text_time":
+        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, text_dim, generator=gen),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
+    return inputs
+
+
+@torch.no_grad()
+def unet_out(unet: UNet2DConditionModel, inputs: dict) -> torch.Tensor:
+    return unet(**inputs).sample
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_kohya_file_loads_in_diffusers_with_the_same_effect(tiny_model, tmp_path, name):
+    folder = tiny_model(name)
+    unet = trained_unet(folder)
+    tensors = kohya_state_dict(unet, FAMILY[name], ALPHA)
+    path = tmp_path / "lora.safetensors"
+    digest = save_lora(path, tensors, {"ss_network_dim": str(RANK)})
+    assert digest == sha256_file(path)
+
+    keys = list(safetensors.torch.load_file(path))
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert set(keys) == {f"{m}.{s}" for m in modules for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert {tensors[f"{m}.alpha"].item() for m in modules} == {ALPHA}
+    if name == "tiny-sdxl":
+        assert all(m.split("_")[2] in ("input", "middle", "output") for m in modules)
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q" in modules  # down_blocks.1.attentions.0
+        assert "lora_unet_middle_block_1_proj_in" in modules
+        assert "lora_unet_output_blocks_5_1_transformer_blocks_0_ff_net_2" in modules  # up_blocks.1.attentions.2
+        assert not any("down_blocks" in m or "up_blocks" in m or "mid_block" in m for m in modules)
+    else:
+        assert "lora_unet_down_blocks_0_attentions_0_proj_in" in modules
+        assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0" in modules
+        assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].ndim == 4  # 1x1 conv
+
+    inputs = unet_inputs(unet)
+    expected = unet_out(unet, inputs)
+    pipe = PIPELINES[name].from_pretrained(folder, local_files_only=True)
+    base = unet_out(pipe.unet, inputs)
+    assert (expected - base).abs().max() > 1e-2  # the adapter really changes the output
+    pipe.load_lora_weights(path)
+    torch.testing.assert_close(unet_out(pipe.unet, inputs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sgm_names_invert_diffusers_own_mapping(tiny_model):
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model("tiny-sdxl"), subfolder="unet")
+    names = [n for n, _ in unet.named_modules() if n.endswith("attn1.to_q") or n.endswith(".proj_out")]
+    sgm = {"lora_unet_" + sgm_module_name(n, 2).replace(".", "_") + ".lora_down.weight": n for n in names}
+    back = _maybe_map_sgm_blocks_to_diffusers({k: torch.zeros(1) for k in sgm}, unet.config)
+    renames = {"input_blocks": "down_blocks", "middle_block": "mid_block", "output_blocks": "up_blocks"}
+    mapped = [k.split(".")[0] for k in back]  # block indices are mapped here; the words in _convert_unet_lora_key
+    for sgm_word, diffusers_word in renames.items():
+        mapped = [k.replace(sgm_word, diffusers_word) for k in mapped]
+    assert sorted(mapped) == sorted("lora_unet_" + n.replace(".", "_") for n in names)
+    # SDXL's real layout: down_blocks.2.attentions.1 is input block 8, up_blocks.0.attentions.2 output block 2
+    assert sgm_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
+    assert sgm_module_name("up_blocks.0.attentions.2.proj_in", 2) == "output_blocks.2.1.proj_in"
+    with pytest.raises(ValueError, match="only attention blocks carry LoRA"):
+        sgm_module_name("down_blocks.0.resnets.0.conv1", 2)
+
+
+def test_kohya_state_dict_refuses_an_alpha_other_than_the_adapters(tiny_model):
+    unet = trained_unet(tiny_model("tiny-sd"))
+    with pytest.raises(ValueError, match="is not 4.0"):
+        kohya_state_dict(unet, "sd15", 4.0)
+    with pytest.raises(ValueError, match="no LoRA adapter named 'other'"):
+        kohya_state_dict(unet, "sd15", ALPHA, adapter_name="other")
+
+
+def test_save_lora_adds_addnet_hashes_and_is_atomic(tmp_path):
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3), "lora_unet_x.alpha": torch.tensor(1.0)}
+    path = tmp_path / "sub" / "a.safetensors"
+    save_lora(path, tensors, {"ss_seed": "1", "modelspec.title": "a"})
+    meta = read_lora_metadata(path)
+    raw = path.read_bytes()
+    data_start = 8 + int.from_bytes(raw[:8], "little")
+    assert meta["sshs_model_hash"] == sha256_bytes(raw[data_start:])  # the tensors' bytes, not the header
+    assert len(meta["sshs_legacy_hash"]) == 8
+    save_lora(path, tensors, {"ss_seed": "1", "modelspec.title": "renamed"})
+    assert read_lora_metadata(path)["sshs_model_hash"] == meta["sshs_model_hash"]
+    assert [p.name for p in path.parent.iterdir()] == ["a.safetensors"]  # no temp file left behind
+    with pytest.raises(TypeError, match="must be strings: ss_epoch"):
+        save_lora(path, tensors, {"ss_epoch": 3})
+
+
+def test_read_lora_metadata_refuses_what_is_not_safetensors(tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("hello, this is not a tensor file")
+    with pytest.raises(UserError, match=r"notes.safetensors: not a safetensors file"):
+        read_lora_metadata(bad)
+    with pytest.raises(UserError, match="file not found"):
+        read_lora_metadata(tmp_path / "missing.safetensors")
+
+
+def test_build_metadata_writes_kohya_modelspec_and_provenance_keys():
+    recipe = Recipe(name="demo-tiny", base_model="tiny-sdxl", model_family="sdxl", resolution=64, network_dim=4,
+                    network_alpha=2.0, epochs=4, optimizer="DAdaptAdamW", min_snr_gamma=None)
+    meta = build_metadata(
+        recipe=recipe, provenance=PROVENANCE, epoch=3, steps=30, max_train_steps=40, num_train_images=100,
+        num_batches_per_epoch=10, tag_frequency={"10_hdaesth": {"hdaesth": 10, "front view": 3}},
+        dataset_dirs={"10_hdaesth": {"n_repeats": 10, "img_count": 10}}, training_started_at=1_700_000_000.5,
+    )
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (meta["ss_epoch"], meta["ss_num_epochs"], meta["ss_steps"]) == ("3", "4", "30")
+    assert meta["ss_output_name"] == "hand-v1-demo-tiny"
+    assert json.loads(meta["ss_tag_frequency"]) == {"10_hdaesth": {"hdaesth": 10, "front view": 3}}
+    assert json.loads(meta["ss_dataset_dirs"])["10_hdaesth"]["n_repeats"] == 10
+    assert meta["ss_resolution"] == "(64, 64)" and meta["ss_shuffle_caption"] == "True"
+    assert meta["ss_min_snr_gamma"] == "None" and meta["ss_sd_model_name"] == "tiny-sdxl"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.date"].startswith("2023-11-14T22:13:20")
+    assert meta["lora_pipeline.recipe_sha256"] == recipe.sha256
+    assert json.loads(meta["lora_pipeline.recipe_resolved"])["network_alpha"] == 2.0
+    assert (meta["lora_pipeline.manifest_root"], meta["lora_pipeline.mlflow_run_id"]) == ("ab" * 32, "run42")
+    assert meta["lora_pipeline.epoch"] == "3" and meta["lora_pipeline.code_commit"] == "0123abc"
+    sd15 = build_metadata(
+        recipe=Recipe(name="r"), provenance=PROVENANCE, epoch=1, steps=1, max_train_steps=1, num_train_images=1,
+        num_batches_per_epoch=1, tag_frequency={}, dataset_dirs={}, training_started_at=0.0,
+    )
+    assert sd15["ss_base_model_version"] == "sd_v1" and sd15["modelspec.implementation"] == "diffusers"
+    assert sd15["modelspec.architecture"] == "stable-diffusion-v1/lora"
