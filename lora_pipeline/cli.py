@@ -188,7 +188,23 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
     chosen = next(f for f in trained["epoch_files"] if f.endswith(f"-e{rec['recommended_epoch']:03d}.safetensors"))
     chain = trace_lora(root, Path(chosen))
     timings["total"] = round(time.monotonic() - started, 1)
+    reasons = rec.get("reasons") or []
+    text = "\n".join([
+        "",
+        "lora-pipeline demo: done",
+        *(f"  dataset     {v}: {b['dataset']} (report {b['report']})" for v, b in built.items()),
+        f"  epochs      {len(trained['epoch_files'])} files in {Path(trained['epoch_files'][-1]).parent}",
+        f"  mlflow      run {trained['mlflow_run_id']} in {trained['mlflow_tracking_uri']} (make mlflow-ui)",
+        *(f"  grid        {g}" for g in evaluated["grids"]),
+        f"  val loss    {evaluated['val_loss_png']}",
+        f"  recommended epoch {rec['recommended_epoch']}: {chosen}",
+        *(f"              - {r}" for r in reasons[:3]),
+        f"  provenance  {chain.get('status')} ({len(chain.get('images', []))} images traced): "
+        f"lora-pipeline provenance {chosen}",
+        "  seconds     " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+    ])
     return {
+        "_text": text,
         "datasets": {v: b["dataset"] for v, b in built.items()},
         "reports": {v: b["report"] for v, b in built.items()},
         "epoch_files": trained["epoch_files"],

@@ -196,3 +196,119 @@ def tiny_model(tmp_path_factory):
 
     models = tmp_path_factory.mktemp("models")
     return lambda name: ensure_tiny_model(models, name)
+
+
+# --- training snapshots (helper E): a small captioned snapshot and the tiny models under one data root ----
+TRAIN_TAGS = ("red body", "blue body", "matte finish", "glossy finish", "front view", "side view", "round screen")
+TRAIN_SIZES = ((96, 64), (64, 96), (80, 80), (64, 64), (112, 64), (72, 88))
+
+
+@_pytest.fixture
+def train_snapshot(tmp_path, tiny_model):
+    """`train_snapshot(version="train-v1", n=4, repeats=2)`: a DataRoot with a complete captioned snapshot.
+
+    Images are shape pictures of several aspect ratios (so they fall into different buckets), captions
+    "trg, <3-4 tags>", manifest rows for images and captions, snapshot.json with spec.repeats; the
+    data root's models/ links to the worker's generated tiny models.
+    """
+    from lora_pipeline.core.hashing import sha256_file
+    from lora_pipeline.core.manifest import SNAPSHOT, write_json, write_manifest
+    from lora_pipeline.core.paths import DataRoot
+
+    root = DataRoot(tmp_path / "data")
+
+    def make(version: str = "train-v1", n: int = 4, repeats: int = 2) -> DataRoot:
+        root.models.mkdir(parents=True, exist_ok=True)
+        for name in ("tiny-sd", "tiny-sdxl"):
+            if not (root.models / name).exists():
+                _os.symlink(tiny_model(name), root.models / name)
+        folder = f"img/{repeats}_trg"
+        snapshot = root.dataset(version)
+        (snapshot / folder).mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            size = TRAIN_SIZES[i % len(TRAIN_SIZES)]
+            rel = f"{folder}/im{i}.png"
+            _picture(100 + i, size).save(snapshot / rel)
+            digest = sha256_file(snapshot / rel)
+            rows.append({"path": rel, "kind": "image", "sha256": digest, "bytes": (snapshot / rel).stat().st_size,
+                         "width": size[0], "height": size[1], "source_batch": "b1", "source_path": f"im{i}.png",
+                         "source_sha256": digest})
+            tags = [TRAIN_TAGS[(i + k) % len(TRAIN_TAGS)] for k in range(3 + i % 2)]
+            cap = f"{folder}/im{i}.txt"
+            (snapshot / cap).write_text(", ".join(["trg", *tags]) + "\n", encoding="utf-8")
+            rows.append({"path": cap, "kind": "caption", "sha256": sha256_file(snapshot / cap),
+                         "bytes": (snapshot / cap).stat().st_size, "image": rel,
+                         "caption_source": f"sidecar:b1/im{i}.txt"})
+        manifest_root = write_manifest(snapshot, rows)
+        spec = {"name": version, "trigger": "trg", "repeats": repeats}
+        write_json(snapshot / SNAPSHOT, {"version": version, "spec": spec, "spec_sha256": "f" * 64,
+                                         "manifest_root": manifest_root, "captions_complete": True})
+        return root
+
+    return make
+
+
+# --- hand-built LoRA epochs (helper F): kohya files + an MLflow training run, without training ------------
+@_pytest.fixture
+def lora_epochs():
+    """`lora_epochs(root, recipe, version="train-v1", epochs=3, scale=0.3, steps_per_epoch=4, losses=None)`.
+
+    Writes `loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors` the way the trainer names and
+    heads them (D's add_unet_lora / kohya_state_dict / build_metadata / save_lora), with random LoRA
+    up-weights growing with the epoch (epoch e: e * scale * fixed noise) so later epochs change images
+    more. A finished MLflow training run in `root.mlflow` holds the per-step `loss` metric (`losses`,
+    default a slow decline); its id is in every header. Returns the run id.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lora_pipeline.core.lora_file import (
+        LoraProvenance,
+        add_unet_lora,
+        build_metadata,
+        kohya_state_dict,
+        save_lora,
+    )
+    from lora_pipeline.core.models import resolve_base_model
+    from lora_pipeline.core.tracking import TrainingTracker
+    from lora_pipeline.core.training.checkpoint import epoch_file_name
+
+    def make(root, recipe, version: str = "train-v1", epochs: int = 3, scale: float = 0.3,
+             steps_per_epoch: int = 4, losses: list | None = None) -> str:
+        total = epochs * steps_per_epoch
+        losses = losses if losses is not None else [1.0 - 0.01 * i for i in range(total)]
+        tracker = TrainingTracker(root.mlflow)
+        with tracker.run(f"{version}/{recipe.name}", params=recipe.resolved()) as run_id:
+            tracker.log_steps(losses, [1e-3] * len(losses))
+        source = resolve_base_model(root.models, recipe.base_model)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+        with torch.random.fork_rng(devices=[]):  # peft draws the down-projections from the global RNG
+            torch.manual_seed(7)
+            add_unet_lora(unet, recipe.network_dim, recipe.network_alpha)
+        generator = torch.Generator().manual_seed(7)
+        ups = {n: torch.randn(p.shape, generator=generator) for n, p in unet.named_parameters() if "lora_B" in n}
+        provenance = LoraProvenance(version, "root", "spec", source, "hash", "commit", run_id)
+        for epoch in range(1, epochs + 1):
+            with torch.no_grad():
+                for name, param in unet.named_parameters():
+                    if name in ups:
+                        param.copy_(ups[name] * scale * epoch)
+            metadata = build_metadata(
+                recipe=recipe, provenance=provenance, epoch=epoch, steps=epoch * steps_per_epoch,
+                max_train_steps=total, num_train_images=8, num_batches_per_epoch=steps_per_epoch,
+                tag_frequency={}, dataset_dirs={}, training_started_at=1_700_000_000.0,
+            )
+            tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha)
+            path = root.loras(version, recipe.name) / epoch_file_name(version, recipe.name, epoch)
+            save_lora(path, tensors, metadata)
+        return run_id
+
+    return make
+
+
+# --- threads (lead): pytest-xdist runs two workers on two cores; two torch threads each would oversubscribe
+if _os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch as _torch
+
+    _torch.set_num_threads(1)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import canonical_json, sha256_bytes
+from lora_pipeline.core.manifest import atomic_write_bytes
 from lora_pipeline.core.recipe import Recipe
 
 # kohya's default U-Net targets: every Linear / 1x1 Conv2d inside the transformer blocks (Transformer2DModel).
@@ -106,6 +105,20 @@ def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     return {"sshs_model_hash": sha256_bytes(data[header:]), "sshs_legacy_hash": legacy}
 
 
+def sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys (and metadata keys) in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from call to call; sorting makes
+    equal tensors and metadata give byte-identical files (reproducible runs, resume == uninterrupted run).
+    The header is padded with spaces to a multiple of 8 bytes, as safetensors itself does.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """Write a safetensors LoRA atomically (temp file beside it, then rename); return the file's sha256.
 
@@ -115,19 +128,8 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     if wrong:
         raise TypeError(f"LoRA metadata values must be strings: {', '.join(map(str, wrong))}")
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    data = safetensors.torch.save(tensors, metadata={**metadata, **addnet_hashes(tensors, metadata)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = sorted_header(safetensors.torch.save(tensors, metadata={**metadata, **addnet_hashes(tensors, metadata)}))
+    atomic_write_bytes(path, data)
     return sha256_bytes(data)
 
 

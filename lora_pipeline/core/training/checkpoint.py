@@ -1,0 +1,103 @@
+"""Resume state: a run killed at any point continues from its last saved epoch and ends byte-identical.
+
+After each saved epoch the trainer writes the epoch file (atomically), then `out_dir/.resume/state.pt`
+(atomically): LoRA weights, optimizer and LR-scheduler state, epoch and global step, the loss history,
+the records of the files saved so far, the start time and provenance written into every header, and the
+key (recipe sha256, manifest root, base model hash) that must match for a run to resume. No RNG state is
+kept: every random draw comes from generators seeded by (seed, epoch/step) (see seeds.py).
+
+On start, epoch files that the state does not vouch for (beyond its epoch, or all of them when there is
+no matching state) are removed, as are temp files of interrupted writes: they may come from a run with
+other settings or from a kill between the file and the state write.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.manifest import atomic_write_bytes
+
+RESUME_DIR = ".resume"
+STATE_FILE = "state.pt"
+FORMAT = 1
+
+
+def epoch_file_name(version: str, recipe: str, epoch: int) -> str:
+    return f"{version}-{recipe}-e{epoch:03d}.safetensors"
+
+
+@dataclass
+class ResumeState:
+    key: dict[str, str]  # recipe_sha256, manifest_root, base_model_hash
+    epoch: int  # last completed and saved epoch
+    global_step: int
+    started_at: float
+    provenance: dict[str, str]  # lora_pipeline.* values written into every file of the run
+    saved: list[dict[str, Any]]  # {epoch, file (name in out_dir), steps, mean_loss, sha256} per saved epoch
+    losses: list[float]  # per global step
+    lrs: list[float]
+    lora: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    format: int = field(default=FORMAT)
+
+
+def state_path(out_dir: Path) -> Path:
+    return out_dir / RESUME_DIR / STATE_FILE
+
+
+def save_state(out_dir: Path, state: ResumeState) -> None:
+    buffer = io.BytesIO()
+    torch.save(asdict(state), buffer)
+    atomic_write_bytes(state_path(out_dir), buffer.getvalue())
+
+
+def load_state(out_dir: Path) -> ResumeState | None:
+    path = state_path(out_dir)
+    if not path.is_file():
+        return None
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if data.get("format") != FORMAT:
+        return None
+    return ResumeState(**data)
+
+
+def _files_intact(out_dir: Path, state: ResumeState) -> bool:
+    return all(
+        (out_dir / rec["file"]).is_file() and sha256_file(out_dir / rec["file"]) == rec["sha256"] for rec in state.saved
+    )
+
+
+def resume_point(
+    out_dir: Path, version: str, recipe: str, key: dict[str, str], log: Callable[[str], None]
+) -> ResumeState | None:
+    """The state to continue from (or None to start fresh), after removing every file it does not vouch for."""
+    state = load_state(out_dir)
+    if state is not None and state.key != key:
+        log(f"resume state in {out_dir} is for another recipe, dataset or base model; starting from epoch 1")
+        state = None
+    if state is not None and not _files_intact(out_dir, state):
+        log(f"saved epoch files in {out_dir} changed or went missing; starting from epoch 1")
+        state = None
+    if state is None:
+        state_path(out_dir).unlink(missing_ok=True)
+    keep = {rec["file"] for rec in state.saved} if state else set()
+    pattern = re.compile(re.escape(f"{version}-{recipe}-e") + r"\d{3,}\.safetensors")
+    for folder in (out_dir, out_dir / RESUME_DIR):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            stale_epoch = folder == out_dir and pattern.fullmatch(path.name) and path.name not in keep
+            interrupted = path.name.startswith(".") and path.name.endswith(".tmp")
+            if path.is_file() and (stale_epoch or interrupted):
+                log(f"removing {path.name} (not from a resumable run)")
+                path.unlink()
+    return state

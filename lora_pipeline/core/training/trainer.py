@@ -1,0 +1,266 @@
+"""`train_lora`: a U-Net LoRA on a dataset snapshot, one kohya-format file per saved epoch, resumable.
+
+The base model's VAE and text encoders are frozen; only kohya's U-Net attention modules carry LoRA
+(`lora_file.add_unet_lora`). On CUDA the run uses the recipe's mixed precision through accelerate (frozen
+weights in that dtype, LoRA weights float32), channels-last, SDPA attention (diffusers' default) and,
+when the recipe asks, gradient checkpointing. On CPU it runs in float32 with deterministic algorithms, so
+the same inputs give byte-identical files; see seeds.py and checkpoint.py for reproducibility and resume.
+
+`provenance` may name `code_commit` (default: this checkout's) and `mlflow_run_id` (without a tracker);
+the keys the trainer derives itself (dataset_version, manifest_root, spec_sha256, recipe_sha256,
+base_model_source, base_model_hash) may be passed too and must then agree with what it reads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import cast_training_params
+
+from lora_pipeline.core.codeversion import code_version
+from lora_pipeline.core.lora_file import LoraProvenance, add_unet_lora, build_metadata, kohya_state_dict, save_lora
+from lora_pipeline.core.models import BaseModel, base_model_hash, load_base_model
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.tracking import TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
+from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
+from lora_pipeline.core.training.encode import LatentSource, TextSource
+from lora_pipeline.core.training.loop import NoiseSettings, StepContext, make_accelerator, run_epoch
+from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.seeds import Stream, derive_seed
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOSS_CURVE = "loss_curve.png"
+DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
+PROVENANCE_KEYS = {*DERIVED, "code_commit", "mlflow_run_id"}
+
+
+@dataclass
+class TrainResult:
+    version: str
+    recipe: str
+    out_dir: Path
+    epochs: list[dict[str, Any]]  # {epoch, file (absolute path), steps, mean_loss, sha256} per saved epoch
+    loss_history: list[float]  # per global step, step 1 first
+    lr_history: list[float]  # effective learning rate per step (d * lr for DAdaptAdamW / Prodigy)
+    images_per_second: float  # over the steps this call trained (0.0 when it only found a finished run)
+    resumed_from_epoch: int  # 0 for a fresh start
+    steps_per_epoch: int
+    total_steps: int
+    mlflow_run_id: str
+    loss_curve: Path
+    device: str
+    mixed_precision: str  # what ran: the recipe's on CUDA, "no" on CPU
+    validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
+
+
+def _provenance(given: Mapping[str, str], derived: dict[str, str], run_id: str) -> LoraProvenance:
+    unknown = sorted(set(given) - PROVENANCE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown provenance keys: {', '.join(unknown)}")
+    for key, value in given.items():
+        if key in derived and value != derived[key]:
+            raise ValueError(f"provenance {key}={value!r} disagrees with the trainer's {derived[key]!r}")
+    if given.get("mlflow_run_id") and run_id and given["mlflow_run_id"] != run_id:
+        raise ValueError(f"provenance mlflow_run_id={given['mlflow_run_id']!r} but the tracker's run is {run_id!r}")
+    names = {f.name for f in fields(LoraProvenance)}
+    values = {**{k: v for k, v in derived.items() if k in names}, "code_commit": given.get("code_commit") or
+              code_version(), "mlflow_run_id": run_id or given.get("mlflow_run_id", "")}
+    return LoraProvenance(**values)
+
+
+@dataclass
+class _Run:
+    """What the epoch loop needs besides the step context."""
+
+    root: DataRoot
+    version: str
+    recipe: Recipe
+    out_dir: Path
+    data: TrainingData
+    base: BaseModel
+    derived: dict[str, str]
+    key: dict[str, str]  # what a resume state must match
+    state: ResumeState | None
+    started_at: float
+    device: torch.device
+    precision: str
+    log: Callable[[str], None]
+
+
+def train_lora(
+    root: DataRoot,
+    version: str,
+    recipe: Recipe,
+    *,
+    out_dir: Path,
+    provenance: Mapping[str, str],
+    tracker: TrainingTracker | None = None,
+    log: Callable[[str], None] = print,
+    device: str | None = None,
+    started_at: float | None = None,
+) -> TrainResult:
+    """Train (or resume) a LoRA of `recipe` on dataset `version`; see the module docstring.
+
+    `started_at` (unix time, default now) goes into every header as kohya's ss_training_started_at; a
+    resumed run keeps the one of the run it continues.
+    """
+    data = load_training_data(root.dataset(version), recipe)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = recipe.mixed_precision if target.type == "cuda" else "no"
+    base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision])
+    derived = {
+        "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
+        "recipe_sha256": recipe.sha256, "base_model_source": base.source,
+        "base_model_hash": base_model_hash(base.source),
+    }
+    key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
+    state = resume_point(out_dir, version, recipe.name, key, log)
+    run = _Run(root, version, recipe, out_dir, data, base, derived, key, state,
+               state.started_at if state else started_at if started_at is not None else time.time(),
+               target, precision, log)
+    if tracker is None:
+        return _train(run, _provenance(provenance, derived, ""), None)
+    tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
+            "recipe_sha256": recipe.sha256}
+    resume_id = state.provenance.get("mlflow_run_id") if state else None
+    with tracker.run(f"{version}/{recipe.name}", params=recipe.resolved(), tags=tags, resume_run_id=resume_id) as rid:
+        rows = [{**row, "split": "validation" if row["path"] in {i.rel for i in data.validation} else "train"}
+                for row in data.image_rows]
+        tracker.log_dataset(rows, name=version, digest=data.manifest_root, source=str(data.snapshot_dir))
+        return _train(run, _provenance(provenance, derived, rid), tracker)
+
+
+def _train(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(run.device.type == "cpu" or deterministic)
+    try:
+        return _train_steps(run, provenance, tracker)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _build_context(run: _Run) -> StepContext:
+    recipe, base, device = run.recipe, run.base, run.device
+    dtype = DTYPES[run.precision]
+    unet = base.unet
+    with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
+        torch.manual_seed(derive_seed(recipe.seed, Stream.INIT))
+        add_unet_lora(unet, recipe.network_dim, recipe.network_alpha)
+    cast_training_params(unet, dtype=torch.float32)
+    if run.state is not None:
+        named = dict(unet.named_parameters())
+        with torch.no_grad():
+            for name, tensor in run.state.lora.items():
+                named[name].copy_(tensor)
+    if recipe.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
+    unet.to(device)
+    if device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    base.vae.to(device)
+    for encoder in base.text_encoders:
+        encoder.to(device)
+    images = run.data.train
+    latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device)
+    text = TextSource(base, dtype, device, () if recipe.shuffle_caption else [i.caption for i in images])
+    if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
+        if recipe.cache_latents:
+            base.vae.to("cpu")
+        if not recipe.shuffle_caption:
+            for encoder in base.text_encoders:
+                encoder.to("cpu")
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, params, device)
+    total = steps_per_epoch(images, run.data.repeats, recipe.train_batch_size) * recipe.epochs
+    lr_scheduler = make_lr_scheduler(recipe, optimizer, total)
+    accelerator = make_accelerator(device, run.precision)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if run.state is not None:
+        optimizer.load_state_dict(run.state.optimizer)
+        lr_scheduler.load_state_dict(run.state.lr_scheduler)
+    return StepContext(
+        unet=unet, scheduler=base.noise_scheduler, accelerator=accelerator, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, params=params, images=images, latents=latents, text=text,
+        settings=NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma), seed=recipe.seed,
+        separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
+        sdxl=recipe.model_family == "sdxl", dtype=dtype,
+    )
+
+
+def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
+                total: int, per_epoch: int) -> tuple[Path, str]:
+    recipe = run.recipe
+    unet = ctx.accelerator.unwrap_model(ctx.unet)
+    metadata = build_metadata(
+        recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=total,
+        num_train_images=run.data.num_train_images, num_batches_per_epoch=per_epoch,
+        tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
+        training_started_at=run.started_at, prediction_type=run.base.noise_scheduler.config.prediction_type,
+    )
+    path = run.out_dir / epoch_file_name(run.version, recipe.name, epoch)
+    return path, save_lora(path, kohya_state_dict(unet, recipe.model_family, recipe.network_alpha), metadata)
+
+
+def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
+    recipe, state = run.recipe, run.state
+    ctx = _build_context(run)
+    per_epoch = steps_per_epoch(run.data.train, run.data.repeats, recipe.train_batch_size)
+    total = per_epoch * recipe.epochs
+    start = state.epoch if state else 0
+    global_step = state.global_step if state else 0
+    losses, lrs = (list(state.losses), list(state.lrs)) if state else ([], [])
+    saved = list(state.saved) if state else []
+    if state:
+        run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{recipe.epochs} (step {global_step})")
+    trained_images, seconds = 0, 0.0
+    for epoch in range(start + 1, recipe.epochs + 1):
+        batches = epoch_batches(run.data.train, run.data.repeats, recipe.train_batch_size, recipe.seed, epoch)
+        stats = run_epoch(ctx, epoch, batches, global_step + 1)
+        global_step += len(batches)
+        losses += stats.losses
+        lrs += stats.lrs
+        trained_images += stats.images
+        seconds += stats.seconds
+        mean_loss = statistics.fmean(stats.losses)
+        if epoch % recipe.save_every_n_epochs == 0 or epoch == recipe.epochs:
+            path, sha = _save_epoch(run, ctx, provenance, epoch, global_step, total, per_epoch)
+            saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
+                          "sha256": sha})
+            unet = ctx.accelerator.unwrap_model(ctx.unet)
+            save_state(run.out_dir, ResumeState(
+                key=run.key,
+                epoch=epoch, global_step=global_step, started_at=run.started_at, provenance=asdict(provenance),
+                saved=saved, losses=losses, lrs=lrs,
+                lora={n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad},
+                optimizer=ctx.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
+            ))
+        if tracker is not None:
+            tracker.log_steps(losses, lrs)
+            tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
+        run.log(
+            f"epoch {epoch}/{recipe.epochs}: {len(batches)} steps, mean loss {mean_loss:.4f}, "
+            f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
+        )
+    curve = loss_curve_png(losses, run.out_dir / LOSS_CURVE, steps_per_epoch=per_epoch,
+                           title=f"{run.version}/{recipe.name} training loss")
+    if tracker is not None:
+        tracker.log_steps(losses, lrs)
+        tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
+        tracker.log_files([curve], overwrite=True)
+    return TrainResult(
+        version=run.version, recipe=recipe.name, out_dir=run.out_dir,
+        epochs=[{**rec, "file": str(run.out_dir / rec["file"])} for rec in saved],
+        loss_history=losses, lr_history=lrs, images_per_second=trained_images / seconds if seconds else 0.0,
+        resumed_from_epoch=start, steps_per_epoch=per_epoch, total_steps=total,
+        mlflow_run_id=provenance.mlflow_run_id, loss_curve=curve, device=str(run.device),
+        mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
+    )

@@ -1,0 +1,95 @@
+"""Training assets: lora_epochs -> evaluation_grid, per dataset version x recipe, in pool `gpu`."""
+
+import dagster as dg
+
+from lora_pipeline.core.codeversion import code_version
+from lora_pipeline.core.evaluation.evaluate import evaluate_lora
+from lora_pipeline.core.gate import require_passed_report
+from lora_pipeline.core.recipe import load_recipe
+from lora_pipeline.core.tracking import TrainingTracker, tracking_uri
+from lora_pipeline.core.training.trainer import train_lora
+from lora_pipeline.defs.metadata import image_markdown, table
+from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
+from lora_pipeline.defs.resources import DataRootResource
+
+GROUP = "training"
+MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+
+
+def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
+    return dg.MetadataValue.url(f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+@dg.asset(
+    partitions_def=training_runs,
+    group_name=GROUP,
+    kinds={"pytorch", "mlflow"},
+    pool="gpu",
+    deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
+    description="loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors: one kohya-format LoRA per "
+    "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
+)
+def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    root = data_root.data
+    version, recipe_name = split_training_key(context)
+    recipe = load_recipe(root.recipe_file(recipe_name))
+    # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
+    require_passed_report(root, version)
+    commit = code_version()
+    tracker = TrainingTracker(
+        root.mlflow,
+        tags={"dagster_run_id": context.run_id, "dagster_partition_key": str(context.partition_key),
+              "code_commit": commit},
+    )
+    result = train_lora(
+        root, version, recipe, out_dir=root.loras(version, recipe_name), provenance={"code_commit": commit},
+        tracker=tracker, log=context.log.info,
+    )
+    last = result.epochs[-1]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(last["sha256"]),
+        metadata={
+            "path": dg.MetadataValue.path(str(result.out_dir)),
+            "epochs": table(result.epochs, ["epoch", "file", "steps", "mean_loss", "sha256"]),
+            "epoch_files": len(result.epochs),
+            "loss_curve": image_markdown(result.loss_curve, "training loss"),
+            "final_mean_loss": float(last["mean_loss"]),
+            "images_per_second": float(result.images_per_second),
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "total_steps": result.total_steps,
+            "device": result.device,
+            "mixed_precision": result.mixed_precision,
+            "mlflow_run_id": result.mlflow_run_id,
+            "mlflow_tracking_uri": tracking_uri(root.mlflow),
+            "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
+            "code_commit": commit,
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=training_runs,
+    group_name=GROUP,
+    kinds={"pytorch", "mlflow"},
+    pool="gpu",
+    deps=[lora_epochs],
+    description="evals/<version>/<recipe>/: epoch x LoRA-weight grids (one per prompt), validation loss and the "
+    "recommended sweet-spot epoch with its reasons.",
+)
+def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+    root = data_root.data
+    version, recipe_name = split_training_key(context)
+    recipe = load_recipe(root.recipe_file(recipe_name))
+    result = evaluate_lora(root, version, recipe, log=context.log.info)
+    metadata: dict = {
+        "path": dg.MetadataValue.path(str(result.out_dir)),
+        "recommended_epoch": result.recommendation["recommended_epoch"],
+        "recommendation": dg.MetadataValue.md(result.summary_markdown),
+        "loss_table": table(result.loss_rows, ["epoch", "train_loss", "val_loss"]),
+        "val_loss": image_markdown(result.val_loss_plot, "validation and training loss"),
+        "mlflow_run_id": result.mlflow_run_id,
+        "seconds": round(result.seconds, 1),
+    }
+    for i, grid in enumerate(result.grid_paths):
+        metadata[f"grid_{i}"] = image_markdown(grid, f"prompt {i}: {recipe.sample_prompts[i]}", max_width=1400)
+    return dg.MaterializeResult(metadata=metadata)

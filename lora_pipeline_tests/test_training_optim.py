@@ -1,0 +1,68 @@
+"""Optimizers and learning-rate schedules: each one steps, AdamW8bit keeps real 8-bit state, lr follows the schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_pipeline.core.recipe import OPTIMIZERS, SCHEDULERS, Recipe
+from lora_pipeline.core.training.optim import current_lr, make_lr_scheduler, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def _param() -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.linspace(-1, 1, 64).reshape(8, 8))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_each_optimizer_takes_a_step(name):
+    lr = 1.0 if name in ("DAdaptAdamW", "Prodigy") else 1e-2
+    param = _param()
+    before = param.detach().clone()
+    optimizer = make_optimizer(Recipe(name="r", optimizer=name, learning_rate=lr), [param], CPU)
+    for _ in range(3):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+    assert not torch.equal(param.detach(), before)
+    assert current_lr(optimizer) > 0
+    state = optimizer.state[param]
+    if name == "AdamW8bit":
+        assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8
+        assert state["state1"].shape == param.shape
+    if name in ("DAdaptAdamW", "Prodigy"):
+        assert optimizer.param_groups[0]["d"] > 1e-6  # the step size adapted from its d0
+
+
+def _lrs(scheduler_name: str, warmup: int, total: int) -> list[float]:
+    param = _param()
+    recipe = Recipe(name="r", optimizer="AdamW", learning_rate=0.1, lr_scheduler=scheduler_name, lr_warmup_steps=warmup)
+    optimizer = make_optimizer(recipe, [param], CPU)
+    scheduler = make_lr_scheduler(recipe, optimizer, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_lr_follows_the_schedule(name):
+    total, warmup = 20, 4
+    lrs = _lrs(name, warmup, total)
+    if name == "constant":
+        expected = [0.1] * total
+    elif name == "constant_with_warmup":
+        expected = [0.1 * min(1.0, s / warmup) for s in range(total)]
+    elif name == "linear":
+        expected = [0.1 * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+    else:
+        expected = [
+            0.1 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
+            for s in range(total)
+        ]
+    assert lrs == pytest.approx(expected, abs=1e-9)
