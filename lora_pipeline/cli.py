@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -270,7 +272,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_third_party_notices() -> None:
+    """Keep the terminal to our own lines: transformers says torchvision is absent (on purpose: it breaks
+    the CPU torch) and bitsandbytes says an optional kernel package is absent, on every import."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party_notices()
     args = parser().parse_args(argv)
     root = DataRoot.from_env()
     try:

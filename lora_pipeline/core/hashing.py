@@ -6,17 +6,23 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CHUNK = 1 << 20
 
 
+def sha256_stream(f: BinaryIO) -> tuple[str, int]:
+    """(sha256, byte count) of what is left to read in an open binary file."""
+    h, n = hashlib.sha256(), 0
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
+
+
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return sha256_stream(f)[0]
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -58,6 +58,11 @@ class DataRoot:
     def mlflow(self) -> Path:
         return self.root / "mlflow"
 
+    @property
+    def cache(self) -> Path:
+        """Derived data that can always be rebuilt (hash caches); never under sources/."""
+        return self.root / ".cache"
+
     def batch(self, batch_id: str) -> Path:
         return self.sources / batch_id
 

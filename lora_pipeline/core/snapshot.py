@@ -2,8 +2,17 @@
 
 `plan_snapshot` decides which source files go where without touching anything; `build_snapshot`
 copies them into a hidden staging folder beside `datasets/<version>` and renames it into place
-only once the images, `manifest.jsonl` and `snapshot.json` are complete and on disk. A build
-killed half-way leaves only a staging folder, which the next build of that version removes.
+only once the images, `manifest.jsonl` and `snapshot.json` are complete. A build killed half-way
+leaves only a staging folder, which the next build of that version removes.
+
+A source file whose sha256 is already on record is copied in the kernel without being read; every
+other file is hashed as it is copied (snapshot_copy says when a recorded hash is trusted).
+
+Durability, like `cp`: the image bytes reach the disk by the kernel's normal writeback; there is no
+full-data sync. `manifest.jsonl` and `snapshot.json` are fsynced, and so is `datasets/` after the
+rename. The atomic rename guarantees that a killed build never leaves anything under the final
+name; damage from a power loss before writeback is caught by the scheduled verification, which
+re-hashes every snapshot against its manifest.
 
 An existing version is never rewritten: the same spec over the same source bytes is a no-op,
 anything else is refused with the name of a free version to use instead.
@@ -28,15 +37,14 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from lora_pipeline.core.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
+from lora_pipeline.core.copying import fsync_dir
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root
 from lora_pipeline.core.manifest import SNAPSHOT, read_manifest, read_snapshot_info, write_json, write_manifest
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.problems import Problem, problem
-from lora_pipeline.core.sources import expand_sources, hash_files, is_image, scan_batch
+from lora_pipeline.core.snapshot_copy import Copy, Known, copy_planned, current_hashes, known_hashes, record_hashes
+from lora_pipeline.core.sources import expand_sources, is_image, scan_batch
 from lora_pipeline.core.spec import DatasetSpec, SourceRef
 
 COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
@@ -76,9 +84,11 @@ class PlannedFile:
     source_kind: str  # "batch" or "dataset"
     source_name: str
     source_path: str  # relative to the batch folder or to the earlier snapshot
-    source_sha256: str | None  # known up front for dataset sources; batch files are hashed as they are copied
+    source_sha256: str | None  # known up front for dataset sources; a batch file's comes from the hash cache or copy
     origin: dict[str, str] | None  # origin_* of a dataset source's row; None: the batch file is the origin
     renamed_from: str | None = None
+    width: int | None = None  # known up front for dataset sources, like source_sha256
+    height: int | None = None
 
 
 @dataclass
@@ -108,6 +118,7 @@ class SnapshotResult:
     created: bool
     problems: list[Problem]
     copy_methods: dict[str, int]
+    hashed: int  # images whose bytes this call read and hashed; the others had a hash on record
     seconds: float
 
 
@@ -192,6 +203,8 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
             source_path=r["path"],
             source_sha256=r["sha256"],
             origin={k: r[k] for k in ORIGIN_KEYS},
+            width=r["width"],
+            height=r["height"],
         )
         for r in rows
         if _selected(r["path"], ref)
@@ -264,46 +277,6 @@ def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tupl
     return sources, merkle_root(overall)
 
 
-def image_size(path: Path) -> tuple[int | None, int | None]:
-    """(width, height) from the header alone, no decode; (None, None) if Pillow cannot read it —
-    not hidden: validation decodes every image and reports the unreadable ones."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, None
-
-
-def _copy_one(f: PlannedFile, staging: Path) -> tuple[dict[str, Any], str]:
-    """Copy one planned file into the staging folder; return its manifest row and the copy method."""
-    dest = staging / f.dest
-    try:
-        method, sha = copy_file(f.src, dest)
-    except FileNotFoundError:
-        raise UserError(f"source file vanished during the build ({f.source_kind} '{f.source_name}')", f.src) from None
-    if f.source_sha256 is not None and sha != f.source_sha256:
-        raise UserError(
-            f"no longer matches the manifest of dataset '{f.source_name}'; run `lora-pipeline verify {f.source_name}`",
-            f.src,
-        )
-    width, height = image_size(dest)
-    row: dict[str, Any] = {
-        "path": f.dest,
-        "kind": "image",
-        "sha256": sha,
-        "bytes": dest.stat().st_size,
-        "width": width,
-        "height": height,
-        f"source_{f.source_kind}": f.source_name,
-        "source_path": f.source_path,
-        "source_sha256": sha,
-        **(f.origin or {"origin_batch": f.source_name, "origin_path": f.source_path, "origin_sha256": sha}),
-    }
-    if f.renamed_from:
-        row["renamed_from"] = f.renamed_from
-    return row, method
-
-
 @contextmanager
 def _version_lock(root: DataRoot, version: str) -> Iterator[None]:
     """Serialize builds of one version (across processes); released by the kernel if we are killed."""
@@ -336,9 +309,7 @@ def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -
     if info.get("spec_sha256") != spec.sha256:
         raise _immutable_error(root, spec.name, "the spec changed since it was built")
     plan = plan_snapshot(root, spec)
-    batch_files = [f for f in plan.files if f.source_sha256 is None]
-    hashed = iter(hash_files([f.src for f in batch_files]))
-    shas = [f.source_sha256 or next(hashed) for f in plan.files]
+    shas, hashed = current_hashes(root, plan)
     _, fingerprint = _fingerprints(plan, shas, [f.bytes for f in plan.files])
     if fingerprint != info.get("sources_fingerprint"):
         raise _immutable_error(root, spec.name, "its source files changed since it was built")
@@ -351,8 +322,20 @@ def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -
         created=False,
         problems=info["problems"],
         copy_methods={},
+        hashed=hashed,
         seconds=time.perf_counter() - started,
     )
+
+
+def _copy_all(plan: SnapshotPlan, known: list[Known | None], staging: Path) -> list[Copy]:
+    """`copy_planned` for every planned file, in plan order, on COPY_WORKERS threads. Each task copies a run
+    of files: a task per file costs more in thread handoffs than the kernel takes to copy a small image."""
+    jobs = list(zip(plan.files, known, strict=True))
+    step = -(-len(jobs) // (COPY_WORKERS * 4))
+    runs = [jobs[i : i + step] for i in range(0, len(jobs), step)]
+    with ThreadPoolExecutor(COPY_WORKERS) as pool:
+        done = pool.map(lambda run: [copy_planned(f, k, staging) for f, k in run], runs)
+        return [copy for run in done for copy in run]
 
 
 def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> SnapshotResult:
@@ -370,10 +353,9 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         staging = root.datasets / f".{version}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             (staging / "img" / spec.class_folder).mkdir(parents=True)
-            with background_writeback(staging), ThreadPoolExecutor(COPY_WORKERS) as pool:
-                copied = list(pool.map(lambda f: _copy_one(f, staging), plan.files))
-            rows = [row for row, _ in copied]
-            methods = Counter(method for _, method in copied)
+            done = _copy_all(plan, known_hashes(root, plan), staging)
+            rows = [row for row, _, _ in done]
+            methods = Counter(copied.method for _, copied, _ in done)
             image_root = write_manifest(staging, rows)
             sources, fingerprint = _fingerprints(plan, [r["sha256"] for r in rows], [r["bytes"] for r in rows])
             info = {
@@ -391,7 +373,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
                 "captions_complete": False,
             }
             write_json(staging / SNAPSHOT, info)
-            sync_filesystem(staging)
+            record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])
             os.rename(staging, target)
             fsync_dir(root.datasets)
         except BaseException:
@@ -406,5 +388,6 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         created=True,
         problems=plan.problems,
         copy_methods=dict(methods),
+        hashed=sum(copied.sha256 is not None for _, copied, _ in done),
         seconds=time.perf_counter() - started,
     )

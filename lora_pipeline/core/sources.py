@@ -23,7 +23,8 @@ from typing import Any
 
 from lora_pipeline.core.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import merkle_root, sha256_file
+from lora_pipeline.core.hashcache import HASH_WORKERS, fingerprint_files, record
+from lora_pipeline.core.hashing import merkle_root
 from lora_pipeline.core.manifest import atomic_write_text
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
 from lora_pipeline.core.problems import Problem, problem
@@ -31,7 +32,6 @@ from lora_pipeline.core.spec import NAME_RE, DatasetSpec, SourceRef
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
-HASH_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def is_junk(name: str) -> bool:
@@ -52,6 +52,7 @@ class BatchFile:
 
 @dataclass
 class BatchScan:
+    root: DataRoot
     batch: str
     dir: Path
     files: list[BatchFile] = field(default_factory=list)
@@ -90,13 +91,14 @@ def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
             if is_junk(name):
                 skip(rel, "junk_skipped", "hidden or system file skipped, never copied")
                 continue
-            st = os.lstat(here / name)
+            path = here / name
+            st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
                 skip(rel, "symlink_not_followed", "symbolic link not followed, never copied")
             elif not stat.S_ISREG(st.st_mode):
                 skip(rel, "not_a_regular_file", "not a regular file (device, socket or pipe), never copied")
             else:
-                files.append(BatchFile(rel, here / name, st.st_size))
+                files.append(BatchFile(rel, path, st.st_size))
     files.sort(key=lambda f: f.path)
     return files, problems
 
@@ -117,19 +119,19 @@ def scan_batch(root: DataRoot, batch: str) -> BatchScan:
     if not (top / READY_MARKER).is_file():
         raise UserError(f"batch is not complete: no {READY_MARKER} marker", top)
     files, problems = walk_files(top, f"batch:{batch}")
-    return BatchScan(batch=batch, dir=top, files=files, problems=problems)
-
-
-def hash_files(paths: list[Path]) -> list[str]:
-    """sha256 of each path, in order; threads overlap I/O and hashing (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(HASH_WORKERS) as pool:
-        return list(pool.map(sha256_file, paths))
+    return BatchScan(root=root, batch=batch, dir=top, files=files, problems=problems)
 
 
 def batch_manifest(scan: BatchScan) -> list[dict[str, Any]]:
-    """One row {path, sha256, bytes} per content file of the batch, sorted by path."""
-    hashes = hash_files([f.abs for f in scan.files])
-    return [{"path": f.path, "sha256": h, "bytes": f.bytes} for f, h in zip(scan.files, hashes, strict=True)]
+    """One row {path, sha256, bytes} per content file of the batch, sorted by path.
+
+    Every file is hashed (this is the batch's registration), and what was found, with image sizes
+    and the stat that vouches for it, replaces the batch's hash cache (see hashcache), so that a
+    snapshot build can copy these files without reading them again.
+    """
+    found = fingerprint_files([(f.abs, f.path, is_image(f.path)) for f in scan.files])
+    record(scan.root, scan.batch, [entry for entry, cacheable in found if cacheable], replace=True)
+    return [{"path": e.path, "sha256": e.sha256, "bytes": e.bytes} for e, _ in found]
 
 
 def batch_fingerprint(rows: list[dict[str, Any]]) -> str:
@@ -153,6 +155,8 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
 
     The copy lands in a hidden staging folder beside the target and is renamed into place
     only when complete, so a batch folder never holds half a handoff; `_READY` comes last.
+    Its hashes are not put in the hash cache: the copies are brand new, so by the racy rule
+    (see hashcache) they could not be trusted; `source_batch` registers the batch soon after.
     """
     _check_name(batch)
     src_dir = Path(src_dir)
@@ -182,10 +186,7 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    rows = [
-        {"path": f.path, "sha256": sha, "bytes": (target / f.path).stat().st_size}
-        for f, (_, sha) in zip(files, copied, strict=True)
-    ]
+    rows = [{"path": f.path, "sha256": c.sha256, "bytes": c.bytes} for f, c in zip(files, copied, strict=True)]
     fingerprint = batch_fingerprint(rows)
     created_at = datetime.now(UTC).isoformat(timespec="seconds")
     marker = {"batch": batch, "files": len(rows), "fingerprint": fingerprint, "created_at": created_at}
@@ -199,7 +200,7 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
         rows=rows,
         fingerprint=fingerprint,
         skipped=skipped,
-        copy_methods=dict(Counter(method for method, _ in copied)),
+        copy_methods=dict(Counter(c.method for c in copied)),
     )
 
 

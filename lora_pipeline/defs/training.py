@@ -3,11 +3,8 @@
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.evaluation.evaluate import evaluate_lora
 from lora_pipeline.core.gate import require_passed_report
 from lora_pipeline.core.recipe import load_recipe
-from lora_pipeline.core.tracking import TrainingTracker, tracking_uri
-from lora_pipeline.core.training.trainer import train_lora
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.resources import DataRootResource
@@ -35,6 +32,10 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     recipe = load_recipe(root.recipe_file(recipe_name))
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
     require_passed_report(root, version)
+    # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
+    from lora_pipeline.core.tracking import TrainingTracker, tracking_uri
+    from lora_pipeline.core.training.trainer import train_lora
+
     commit = code_version()
     tracker = TrainingTracker(
         root.mlflow,
@@ -80,6 +81,8 @@ def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResour
     root = data_root.data
     version, recipe_name = split_training_key(context)
     recipe = load_recipe(root.recipe_file(recipe_name))
+    from lora_pipeline.core.evaluation.evaluate import evaluate_lora  # heavy import, as in lora_epochs
+
     result = evaluate_lora(root, version, recipe, log=context.log.info)
     metadata: dict = {
         "path": dg.MetadataValue.path(str(result.out_dir)),

@@ -9,6 +9,7 @@ from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
 from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.training.dadapt import DAdaptAdamW
 
 
 def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -17,9 +18,8 @@ def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], device:
     params = list(params)
     lr, decay = recipe.learning_rate, recipe.weight_decay
     if recipe.optimizer == "DAdaptAdamW":
-        import dadaptation
-
-        return dadaptation.DAdaptAdam(params, lr=lr, decouple=True, weight_decay=decay)
+        # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
+        return DAdaptAdamW(params, lr=lr, weight_decay=decay)
     if recipe.optimizer == "Prodigy":
         import prodigyopt
 

@@ -1,0 +1,195 @@
+"""`evaluate_lora`: X/Y grids, validation loss and the recommended epoch of one trained LoRA.
+
+Reads `loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors` and writes to `evals/<version>/<recipe>/`:
+`grid_<i>.png` per sample prompt, `val_loss.png`, `recommendation.json` and `recommendation.md`; the same
+files and the per-epoch losses go to an MLflow run nested under the training run.
+
+The base model is loaded once; each evaluated epoch's file is loaded once, sampled at every eval weight
+and measured for validation loss at weight 1, then deleted again. On CPU the outputs are byte-identical
+from run to run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.evaluation.grid import load_pipeline, loaded_lora, sample, sampling_dtype, write_grids
+from lora_pipeline.core.evaluation.recommend import image_signals, recommend, round6
+from lora_pipeline.core.evaluation.report import render_markdown
+from lora_pipeline.core.evaluation.tracking import log_evaluation, training_run_client
+from lora_pipeline.core.evaluation.val_loss import (
+    ValidationSet,
+    loss_plot,
+    prepare_validation,
+    training_losses,
+    validation_loss,
+)
+from lora_pipeline.core.lora_file import read_lora_metadata
+from lora_pipeline.core.manifest import atomic_write_text, write_json
+from lora_pipeline.core.models import BaseModel, load_base_model
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.training.data import load_training_data
+
+VAL_LOSS_PNG = "val_loss.png"
+RECOMMENDATION_JSON = "recommendation.json"
+RECOMMENDATION_MD = "recommendation.md"
+GRID_RE = re.compile(r"grid_\d+\.png")
+
+
+@dataclass
+class EvaluationResult:
+    version: str
+    recipe: str
+    out_dir: Path
+    epochs: list[int]  # the evaluated epochs (grid rows, top to bottom)
+    weights: list[float]  # grid columns after the weight-0 base column
+    grid_paths: list[Path]  # grid_<i>.png, one per sample prompt, in prompt order
+    val_loss_plot: Path
+    recommendation_json: Path
+    recommendation_md: Path
+    loss_rows: list[dict[str, Any]]  # {epoch, train_loss, val_loss} per evaluated epoch
+    recommendation: dict[str, Any]  # the content of recommendation.json
+    summary_markdown: str  # the content of recommendation.md
+    mlflow_run_id: str  # the evaluation's run (nested under the training run when that is known)
+    seconds: float
+
+
+def epoch_files(folder: Path, version: str, recipe: str) -> dict[int, Path]:
+    """The saved epochs of a training: {epoch: file}, from the trainer's file names."""
+    pattern = re.compile(re.escape(f"{version}-{recipe}-e") + r"(\d{3,})\.safetensors")
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if (m := pattern.fullmatch(path.name)) and path.is_file():
+                found[int(m[1])] = path
+    if not found:
+        raise UserError(f"no trained epochs of {version}/{recipe}; train first (lora-pipeline train "
+                        f"{version} --recipe {recipe})", folder)
+    return dict(sorted(found.items()))
+
+
+def select_epochs(epochs: Sequence[int], limit: int) -> list[int]:
+    """All epochs, or `limit` of them evenly spaced and always ending on the last (20 of 20 by 5: 4, 8, .., 20)."""
+    ordered = sorted(epochs)
+    n = len(ordered)
+    if limit <= 0 or limit >= n:
+        return ordered
+    return sorted({ordered[n - 1 - (j * n) // limit] for j in range(limit)})
+
+
+def _check_headers(headers: Mapping[int, Mapping[str, str]], files: Mapping[int, Path], recipe: Recipe) -> str:
+    """Every file must be for this recipe's base model and come from one training run; return that run's id."""
+    runs = {headers[e].get("lora_pipeline.mlflow_run_id", "") for e in headers}
+    for epoch, header in headers.items():
+        trained_on = header.get("lora_pipeline.base_model")
+        if trained_on is not None and trained_on != recipe.base_model:
+            raise UserError(f"trained on base model '{trained_on}' but recipe {recipe.name} now says "
+                            f"'{recipe.base_model}'; retrain", files[epoch])
+    if len(runs) > 1:
+        raise UserError(f"epoch files come from {len(runs)} different training runs; retrain", files[min(files)])
+    return runs.pop()
+
+
+def _subtitle(version: str, recipe: Recipe) -> str:
+    return (f"{version} / {recipe.name} · {recipe.base_model} · seed {recipe.sample_seed} + prompt index · "
+            f"{recipe.sample_steps} steps · cfg {recipe.guidance_scale:g} · {recipe.resolution} px")
+
+
+def _sample_epochs(
+    pipe: DiffusionPipeline, base: BaseModel, validation: ValidationSet, recipe: Recipe, files: Mapping[int, Path],
+    epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None],
+) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, float]]:
+    """Base images, then per epoch (its file loaded once) the images at every weight and the validation loss."""
+    baseline = sample(pipe, recipe)
+    images: dict[int, np.ndarray] = {}
+    val: dict[int, float] = {}
+    for epoch in epochs:
+        with loaded_lora(pipe, files[epoch], epoch) as adapter:
+            images[epoch] = np.stack([sample(pipe, recipe, adapter, w) for w in recipe.eval_weights])
+            pipe.set_adapters([adapter], adapter_weights=[1.0])
+            val[epoch] = validation_loss(pipe.unet, base, validation, dtype)
+        log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
+    return baseline, images, val
+
+
+def evaluate_lora(
+    root: DataRoot,
+    version: str,
+    recipe: Recipe,
+    *,
+    log: Callable[[str], None] = print,
+    device: str | None = None,
+) -> EvaluationResult:
+    """Grids, validation loss and the recommended epoch of `version` × `recipe`; see the module docstring."""
+    started = time.perf_counter()
+    if not recipe.sample_prompts:
+        raise UserError(f"recipe {recipe.name} has no sample_prompts; the grid needs at least one",
+                        root.recipe_file(recipe.name))
+    files = epoch_files(root.loras(version, recipe.name), version, recipe.name)
+    headers = {epoch: read_lora_metadata(path) for epoch, path in files.items()}
+    run_id = _check_headers(headers, files, recipe)
+    epochs = select_epochs(list(files), recipe.eval_max_epochs)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = sampling_dtype(recipe, target)
+    data = load_training_data(root.dataset(version), recipe)
+    base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
+    validation = prepare_validation(base, data, recipe, target, dtype)
+    if not validation.held_out:
+        log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")
+    log(f"evaluating {len(epochs)} of {len(files)} epochs x {len(recipe.eval_weights) + 1} weights x "
+        f"{len(recipe.sample_prompts)} prompts on {target}")
+    baseline, images, val = _sample_epochs(load_pipeline(base, dtype), base, validation, recipe, files, epochs,
+                                           dtype, log)
+    client = training_run_client(root.mlflow)
+    train, train_note = training_losses(client, run_id, {e: headers[e] for e in epochs})
+    rows = [
+        {"epoch": e, "grid_row": i + 1, "train_loss": round6(train[e]), "val_loss": round6(val[e]),
+         "file": files[e].name, "steps": int(headers[e].get("ss_steps", 0)),
+         **image_signals(baseline, images[e], recipe.eval_weights)}
+        for i, e in enumerate(epochs)
+    ]
+    decision = recommend(rows, recipe.eval_weights)
+    chosen = decision["recommended_epoch"]
+    out_dir = root.evals(version, recipe.name)
+    grids = write_grids(out_dir, recipe, baseline, images, chosen, _subtitle(version, recipe))
+    for stale in out_dir.iterdir():
+        if GRID_RE.fullmatch(stale.name) and stale not in grids:
+            stale.unlink()
+    plot = loss_plot(epochs, [r["train_loss"] for r in rows], [r["val_loss"] for r in rows], chosen,
+                     out_dir / VAL_LOSS_PNG, f"{version}/{recipe.name}: loss per epoch", validation.held_out)
+    report = {
+        **decision,
+        "version": version, "recipe": recipe.name, "recipe_sha256": recipe.sha256, "training_run_id": run_id,
+        "recommended_file": files[chosen].relative_to(root.root).as_posix(),
+        "epochs": rows, "saved_epochs": list(files), "weights": [0.0, *recipe.eval_weights],
+        "prompts": list(recipe.sample_prompts), "grids": [p.name for p in grids],
+        "validation": validation.describe(), "train_loss_source": train_note,
+        "sampling": {
+            "seed": recipe.sample_seed, "steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale,
+            "resolution": recipe.resolution, "device": target.type, "dtype": str(dtype).removeprefix("torch."),
+        },
+    }
+    markdown = render_markdown(report)
+    write_json(out_dir / RECOMMENDATION_JSON, report)
+    atomic_write_text(out_dir / RECOMMENDATION_MD, markdown)
+    eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,
+                              [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD], root.mlflow)
+    log(f"recommended epoch {chosen}: {decision['basis']}")
+    return EvaluationResult(
+        version=version, recipe=recipe.name, out_dir=out_dir, epochs=epochs, weights=list(recipe.eval_weights),
+        grid_paths=grids, val_loss_plot=plot, recommendation_json=out_dir / RECOMMENDATION_JSON,
+        recommendation_md=out_dir / RECOMMENDATION_MD,
+        loss_rows=[{k: r[k] for k in ("epoch", "train_loss", "val_loss")} for r in rows], recommendation=report,
+        summary_markdown=markdown, mlflow_run_id=eval_run, seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,102 @@
+"""DAdaptAdamW with foreach kernels and no host synchronisation.
+
+Numerically the algorithm of `dadaptation.DAdaptAdam(decouple=True)` (Defazio & Mishchenko, 2023) with its
+defaults (no bias correction, growth_rate inf, layer_scale 1), which kohya's `--optimizer_type DAdaptAdam`
+runs. The reference implementation loops over parameters in Python and calls `.item()` twice per tensor:
+768 device synchronisations per step for a rank-32 SD1.5 LoRA, which left an H100 idle most of each step
+(measured: 135 ms of CPU per step in the optimizer alone). Here `d` and the running numerator stay on the
+device as 0-dim tensors and every per-tensor operation is one fused `torch._foreach_*` launch. A unit test
+checks the updates against `dadaptation.DAdaptAdam` step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class DAdaptAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        d0: float = 1e-6,
+        growth_rate: float = float("inf"),
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, d0=d0, growth_rate=growth_rate, k=0)
+        super().__init__(params, defaults)
+        if len(self.param_groups) != 1:
+            raise ValueError("DAdaptAdamW here takes one parameter group")
+        group = self.param_groups[0]
+        device = group["params"][0].device
+        group["d"] = torch.tensor(d0, dtype=torch.float32, device=device)
+        group["numerator_weighted"] = torch.zeros((), dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: C901 - one algorithm, kept in the reference's order
+        loss = closure() if closure is not None else None
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return loss
+        beta1, beta2 = group["betas"]
+        sqrt_beta2 = beta2**0.5
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states, strict=True):
+            if not state:
+                state["s"] = torch.zeros_like(p)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+        s = [st["s"] for st in states]
+        exp_avg = [st["exp_avg"] for st in states]
+        exp_avg_sq = [st["exp_avg_sq"] for st in states]
+        d = group["d"]
+        dlr = d * lr  # 0-dim tensor on the device: no synchronisation
+
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_add_(denom, eps)
+        ratio = torch._foreach_div(s, denom)
+        numerator_acum = dlr * _dot(grads, ratio)
+
+        torch._foreach_mul_(exp_avg, beta1)
+        scaled = torch._foreach_mul(grads, dlr * (1 - beta1))
+        torch._foreach_add_(exp_avg, scaled)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+        torch._foreach_mul_(s, sqrt_beta2)
+        scaled = torch._foreach_mul(grads, dlr * (1 - sqrt_beta2))
+        torch._foreach_add_(s, scaled)
+        sk_l1 = torch.stack(torch._foreach_norm(s, 1)).sum()
+
+        # The reference returns early when every gradient is zero (sk_l1 == 0): no d update, no step.
+        progressed = sk_l1 > 0
+        numerator_weighted = sqrt_beta2 * group["numerator_weighted"] + (1 - sqrt_beta2) * numerator_acum
+        if lr > 0.0:
+            d_hat = numerator_weighted / ((1 - sqrt_beta2) * torch.where(progressed, sk_l1, 1.0))
+            d_new = torch.maximum(d, torch.minimum(d_hat, d * group["growth_rate"]))
+        else:
+            d_new = d
+        group["numerator_weighted"] = torch.where(progressed, numerator_weighted, group["numerator_weighted"])
+        group["d"] = torch.where(progressed, d_new, d)
+
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_add_(denom, eps)
+        step = torch._foreach_div(exp_avg, denom)
+        if decay != 0:
+            torch._foreach_add_(step, torch._foreach_mul(params, decay * dlr))
+        torch._foreach_mul_(step, progressed.to(params[0].dtype))
+        torch._foreach_sub_(params, step)
+        group["k"] += 1
+        return loss
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i <a_i, b_i> as one reduction over the concatenated products."""
+    return torch.cat([x.reshape(-1) for x in torch._foreach_mul(a, b)]).sum()
