@@ -39,11 +39,11 @@ def make_read_only(folder: Path) -> None:
             path.chmod(mode & ~0o222)
 
 
-def test_definitions_validate():
+def test_definitions_validate(tmp_path):
     """`dagster definitions validate` loads the code location the way the UI does."""
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
-        cwd=REPO,
+        cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
