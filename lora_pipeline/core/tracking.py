@@ -10,7 +10,6 @@ the steps the run does not have yet.
 
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,8 +19,6 @@ from typing import Any
 
 import mlflow.data
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -33,7 +30,7 @@ from mlflow.utils.validation import (
 )
 
 from lora_pipeline.core.hashing import canonical_json
-from lora_pipeline.core.manifest import atomic_write_bytes
+from lora_pipeline.core.plots import line_chart
 
 EXPERIMENT = "lora-pipeline"
 DB_FILE = "mlflow.db"
@@ -172,25 +169,15 @@ def loss_curve_png(
     losses: Sequence[float], path: Path, *, steps_per_epoch: int | None = None, title: str = "training loss"
 ) -> Path:
     """Per-step loss with a moving average and epoch boundaries, written atomically as a PNG."""
-    figure = Figure(figsize=(8, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     steps = list(range(1, len(losses) + 1))
-    axes.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss")
-    window = max(1, min(50, len(losses) // 10))
-    if window > 1:
-        averaged = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
-                    for i in range(len(losses))]
-        axes.plot(steps, averaged, color="tab:blue", linewidth=1.6, label=f"moving average ({window})")
-    if steps_per_epoch:
-        for boundary in range(steps_per_epoch, len(losses), steps_per_epoch):
-            axes.axvline(boundary + 0.5, color="0.8", linewidth=0.6)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(title)
-    axes.legend(loc="upper right")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    with line_chart(path, title, "step") as axes:
+        axes.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss")
+        window = max(1, min(50, len(losses) // 10))
+        if window > 1:
+            averaged = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+                        for i in range(len(losses))]
+            axes.plot(steps, averaged, color="tab:blue", linewidth=1.6, label=f"moving average ({window})")
+        if steps_per_epoch:
+            for boundary in range(steps_per_epoch, len(losses), steps_per_epoch):
+                axes.axvline(boundary + 0.5, color="0.8", linewidth=0.6)
     return path

@@ -13,7 +13,6 @@ Training loss per epoch is the mean of the run's per-step `loss` metric in MLflo
 
 from __future__ import annotations
 
-import io
 import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -21,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline.core.evaluation.grid import deterministic
-from lora_pipeline.core.manifest import atomic_write_bytes
 from lora_pipeline.core.models import BaseModel
+from lora_pipeline.core.plots import line_chart
 from lora_pipeline.core.recipe import Recipe
 from lora_pipeline.core.training.data import TrainingData
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
@@ -128,22 +125,14 @@ def training_losses(
 def loss_plot(epochs: Sequence[int], train: Sequence[float | None], val: Sequence[float | None], recommended: int,
               path: Path, title: str, held_out: bool) -> Path:
     """Training and validation loss per epoch (missing points left out), the recommended epoch marked; atomic PNG."""
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     val_label = "validation loss" if held_out else "validation loss (NO held-out images: training images)"
-    for values, colour, label in ((train, "tab:blue", "training loss (epoch mean)"), (val, "tab:orange", val_label)):
-        points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
-        if points:
-            axes.plot(*zip(*points, strict=True), marker="o", color=colour, label=label)
-    axes.axvline(recommended, color="tab:red", linestyle="--", linewidth=1.2, label=f"recommended: epoch {recommended}")
-    axes.set_xticks(list(epochs))
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("loss")
-    axes.set_title(title)
-    axes.legend(loc="best")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
+    with line_chart(path, title, "epoch", size=(7, 4)) as axes:
+        curves = ((train, "tab:blue", "training loss (epoch mean)"), (val, "tab:orange", val_label))
+        for values, colour, label in curves:
+            points = [(e, v) for e, v in zip(epochs, values, strict=True) if v is not None]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", color=colour, label=label)
+        axes.axvline(recommended, color="tab:red", linestyle="--", linewidth=1.2,
+                     label=f"recommended: epoch {recommended}")
+        axes.set_xticks(list(epochs))
     return path
