@@ -102,7 +102,7 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
     assert info["created_at"].endswith("+00:00")
     reported = {(p["file"], p["code"]) for p in info["problems"]}
     assert reported == {
-        ("notes.pdf", "not_an_image"),
+        ("notes.pdf", "non_image_file"),
         (".DS_Store", "junk_skipped"),
         ("link.png", "symlink_not_followed"),
     }

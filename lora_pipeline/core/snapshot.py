@@ -181,7 +181,10 @@ def _batch_files(root: DataRoot, spec: DatasetSpec, ref: SourceRef) -> tuple[lis
         elif not (f.path.lower().endswith(".txt") or f.path == table):
             ext = posixpath.splitext(f.path)[1] or "no extension"
             problems.append(
-                problem(f.path, "not_an_image", "warning", f"not an image ({ext}), not copied", f"batch:{ref.name}")
+                problem(
+                    f.path, "non_image_file", "warning", f"not an image file ({ext}): skipped, not copied",
+                    f"batch:{ref.name}",
+                )
             )
     return files, problems
 
