@@ -7,7 +7,7 @@ import dagster as dg
 
 from lora_pipeline.core.captions import plan_captions, write_captions
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.manifest import read_manifest, record_captions
+from lora_pipeline.core.manifest import record_captions
 from lora_pipeline.core.problems import has_errors
 from lora_pipeline.core.report import write_report
 from lora_pipeline.core.snapshot import build_snapshot
@@ -74,6 +74,8 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
             "intent": spec.intent,
             "spec_sha256": spec.sha256,
             "scan_problems": len(result.problems),
+            "copy_methods": result.copy_methods,
+            "files_hashed": result.hashed,
             "manifest": table(result.rows, ["path", "bytes", "width", "height", "source_batch", "source_dataset",
                                             "source_path", "sha256"]),
         },
@@ -144,7 +146,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
             "problems": table(problems, columns),
             "errors": len(errors),
             "warnings": len(warnings),
-            "images": len(read_manifest(snapshot_dir)),
+            "counts": dg.MetadataValue.json(result.counts),
             "report_json": dg.MetadataValue.path(str(files.report_json)),
         },
         check_results=[
