@@ -274,9 +274,11 @@ def parser() -> argparse.ArgumentParser:
 
 def _quiet_third_party_notices() -> None:
     """Keep the terminal to our own lines: transformers says torchvision is absent (on purpose: it breaks
-    the CPU torch) and bitsandbytes says an optional kernel package is absent, on every import."""
+    the CPU torch), bitsandbytes that an optional kernel package is absent, mlflow that it made its tables."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shard loading bars of a 5 MB tiny model
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def main(argv: list[str] | None = None) -> int:
