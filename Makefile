@@ -42,4 +42,4 @@ mlflow-ui: $(STAMP)
 	  --default-artifact-root $(CURDIR)/data/mlflow/artifacts
 
 clean:
-	rm -rf data/datasets data/loras data/evals data/mlflow data/.tmp $(DAGSTER_HOME)
+	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp $(DAGSTER_HOME)
