@@ -5,12 +5,11 @@ Kept apart from models.py so that `lora-pipeline provenance` stays quick to star
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
 
@@ -54,4 +53,4 @@ def base_model_hash(source: str) -> str:
     if len(files) == 1:
         return sha256_file(files[0])
     lines = "".join(f"{f.name}  {sha256_file(f)}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return sha256_bytes(lines.encode())

@@ -9,6 +9,7 @@ checked against what is on disk now, and each break becomes one plain-language f
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,30 @@ def _recipe_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
         link["file_status"] = "missing"
         chain.findings.append(f"recipe file {chain.rel(path)} no longer exists (the LoRA header keeps it as trained)")
         return link
+    return _compare(
+        chain, link, "file_status", lambda: load_recipe(path).sha256, recorded,
+        ("invalid", f"recipe file {chain.rel(path)} no longer loads"),
+        f"recipe file {chain.rel(path)} changed since training (its sha256 differs)",
+    )
+
+
+def _compare(
+    chain: _Chain, link: dict[str, Any], status_key: str, rehash: Callable[[], str], recorded: str,
+    failure: tuple[str, str], changed: str,
+) -> dict[str, Any]:
+    """Re-hash something the header recorded; set link[status_key] and add a finding when it differs.
+
+    `failure` is (status, finding) for when it cannot be re-hashed (the UserError's line is appended).
+    """
     try:
-        current = load_recipe(path).sha256
+        current = rehash()
     except UserError as exc:
-        link["file_status"] = "invalid"
-        chain.findings.append(f"recipe file {chain.rel(path)} no longer loads: {exc}")
+        link[status_key] = failure[0]
+        chain.findings.append(f"{failure[1]}: {exc}")
         return link
-    link["file_status"] = "unchanged" if current == recorded else "changed"
+    link[status_key] = "unchanged" if current == recorded else "changed"
     if current != recorded:
-        chain.findings.append(f"recipe file {chain.rel(path)} changed since training (its sha256 differs)")
+        chain.findings.append(changed)
     return link
 
 
@@ -164,16 +180,11 @@ def _images(chain: _Chain, folder: Path, version: str) -> list[dict[str, Any]]:
 def _base_model_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
     source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
     link = {"name": meta.get(f"{KEY}base_model"), "source": source, "hash": recorded}
-    try:
-        current = base_model_hash(source)
-    except UserError as exc:
-        link["status"] = "unavailable"
-        chain.findings.append(f"base model cannot be checked: {exc}")
-        return link
-    link["status"] = "unchanged" if current == recorded else "changed"
-    if current != recorded:
-        chain.findings.append(f"base model {source} changed since training (its U-Net hash differs)")
-    return link
+    return _compare(
+        chain, link, "status", lambda: base_model_hash(source), recorded,
+        ("unavailable", "base model cannot be checked"),
+        f"base model {source} changed since training (its U-Net hash differs)",
+    )
 
 
 def mlflow_tracking_uri(root: DataRoot) -> str:
