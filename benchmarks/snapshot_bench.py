@@ -37,12 +37,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_pipeline.core.hashcache import RACY_NS, cache_file
-from lora_pipeline.core.images import inspect_images
+from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file
+from lora_pipeline.core.datasets.images import inspect_images
+from lora_pipeline.core.datasets.snapshot import SnapshotResult, build_snapshot
+from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
-from lora_pipeline.core.snapshot import SnapshotResult, build_snapshot
-from lora_pipeline.core.sources import batch_manifest, scan_batch
-from lora_pipeline.core.spec import DatasetSpec, SourceRef
 
 SIZE = (1152, 896)  # ~1.03 megapixels
 QUALITY = 90

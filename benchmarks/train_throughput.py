@@ -35,10 +35,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from torch.utils.flop_counter import FlopCounterMode
 
-from lora_pipeline.core.lora_file import add_unet_lora
-from lora_pipeline.core.recipe import OPTIMIZERS, Recipe
 from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, make_accelerator, training_step
+from lora_pipeline.core.training.lora_file import add_unet_lora
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0

@@ -33,7 +33,7 @@ def _register(version_or_batches: dict[str, list[str]]) -> None:
 
 def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.sources import intake
+    from lora_pipeline.core.datasets.sources import intake
 
     result = intake(Path(args.src_dir), root, args.batch)
     _register({"source_batches": [args.batch]})
@@ -53,8 +53,8 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.manifest import read_json
-    from lora_pipeline.core.spec import load_spec
+    from lora_pipeline.core.datasets.spec import load_spec
+    from lora_pipeline.core.fileio import read_json
     from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
 
     load_spec(root.spec_file(version))  # a bad spec fails here with its one line
@@ -90,8 +90,8 @@ def cmd_build(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 
 def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.gate import require_passed_report
-    from lora_pipeline.core.recipe import load_recipe
+    from lora_pipeline.core.datasets.gate import require_passed_report
+    from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
 
     load_recipe(root.recipe_file(recipe))
@@ -116,8 +116,8 @@ def cmd_train(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 
 def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.manifest import read_json
-    from lora_pipeline.core.recipe import load_recipe
+    from lora_pipeline.core.fileio import read_json
+    from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
 
     load_recipe(root.recipe_file(recipe))
@@ -150,7 +150,7 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    from lora_pipeline.core.manifest import verify_snapshot
+    from lora_pipeline.core.datasets.manifest import verify_snapshot
 
     if args.version:
         if not (root.dataset(args.version) / "snapshot.json").is_file():

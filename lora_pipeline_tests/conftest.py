@@ -66,7 +66,7 @@ class HandSnapshot:
         self.plan = HandCaptionPlan()
 
     def spec(self, **checks: _Any):
-        from lora_pipeline.core.spec import ChecksSpec, DatasetSpec, SourceRef
+        from lora_pipeline.core.datasets.spec import ChecksSpec, DatasetSpec, SourceRef
 
         return DatasetSpec(name=self.version, trigger=self.trigger, repeats=self.repeats,
                            sources=(SourceRef(batch="b1"),), checks=ChecksSpec(**checks))
@@ -94,7 +94,8 @@ class HandSnapshot:
         (self.dir / image_rel).with_suffix(".txt").write_text(text, encoding="utf-8")
 
     def finish(self, problems: list | None = None) -> _Path:
-        from lora_pipeline.core.manifest import SNAPSHOT, write_json, write_manifest
+        from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
+        from lora_pipeline.core.fileio import write_json
 
         root = write_manifest(self.dir, self.rows)
         write_json(self.dir / SNAPSHOT, {"version": self.version, "manifest_root": root, "problems": problems or []})
@@ -192,7 +193,7 @@ def picture():
 @_pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """`tiny_model(name)`: the folder of the generated `tiny-sd` / `tiny-sdxl` model (shared by a worker's tests)."""
-    from lora_pipeline.core.models import ensure_tiny_model
+    from lora_pipeline.core.models.loading import ensure_tiny_model
 
     models = tmp_path_factory.mktemp("models")
     return lambda name: ensure_tiny_model(models, name)
@@ -211,8 +212,9 @@ def train_snapshot(tmp_path, tiny_model):
     "trg, <3-4 tags>", manifest rows for images and captions, snapshot.json with spec.repeats; the
     data root's models/ links to the worker's generated tiny models.
     """
+    from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
+    from lora_pipeline.core.fileio import write_json
     from lora_pipeline.core.hashing import sha256_file
-    from lora_pipeline.core.manifest import SNAPSHOT, write_json, write_manifest
     from lora_pipeline.core.paths import DataRoot
 
     root = DataRoot(tmp_path / "data")
@@ -263,16 +265,16 @@ def lora_epochs():
     import torch
     from diffusers import UNet2DConditionModel
 
-    from lora_pipeline.core.lora_file import (
+    from lora_pipeline.core.models.loading import resolve_base_model
+    from lora_pipeline.core.training.checkpoint import epoch_file_name
+    from lora_pipeline.core.training.lora_file import (
         LoraProvenance,
         add_unet_lora,
         build_metadata,
         kohya_state_dict,
         save_lora,
     )
-    from lora_pipeline.core.models import resolve_base_model
-    from lora_pipeline.core.tracking import TrainingTracker
-    from lora_pipeline.core.training.checkpoint import epoch_file_name
+    from lora_pipeline.core.training.tracking import TrainingTracker
 
     def make(root, recipe, version: str = "train-v1", epochs: int = 3, scale: float = 0.3,
              steps_per_epoch: int = 4, losses: list | None = None) -> str:

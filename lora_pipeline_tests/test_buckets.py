@@ -1,4 +1,4 @@
-from lora_pipeline.core.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
 
 
 def test_buckets_for_512_match_kohya():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.captions import (
+from lora_pipeline.core.datasets.captions import (
     CaptionPlan,
     caption_path,
     parse_caption_source,
@@ -16,11 +16,11 @@ from lora_pipeline.core.captions import (
     read_caption_text,
     write_captions,
 )
+from lora_pipeline.core.datasets.manifest import read_manifest, write_manifest
+from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
-from lora_pipeline.core.manifest import read_manifest, write_manifest
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.spec import CaptionSpec, DatasetSpec, SourceRef
 
 IMG = b"\x89PNG fake image bytes"
 FOLDER = "img/10_hdaesth"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.copying import BUFFER, copy_file, copy_unread, fsync_dir, stat_key, sync_filesystem
+from lora_pipeline.core.datasets.copying import BUFFER, copy_file, copy_unread, fsync_dir, stat_key, sync_filesystem
 
 
 def assert_independent_read_only_copy(src: Path, dst: Path, data: bytes) -> None:

@@ -13,7 +13,8 @@ import dagster as dg
 import pytest
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.manifest import read_json, read_manifest, verify_snapshot
+from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot
+from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
 

@@ -7,7 +7,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.manifest import read_json, read_manifest
+from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs.resources import DataRootResource
 from lora_pipeline.defs.sensors import source_batch_sensor, spec_sensor
 from lora_pipeline_tests.test_defs_datasets import tree_state

@@ -9,11 +9,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline import dagster_runs
+from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.manifest import read_manifest
 from lora_pipeline.core.provenance import trace_lora
-from lora_pipeline.core.tracking import tracking_uri
+from lora_pipeline.core.training.tracking import tracking_uri
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
 

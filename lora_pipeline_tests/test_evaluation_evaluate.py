@@ -15,9 +15,9 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation import evaluate_lora
 from lora_pipeline.core.evaluation.grid import column_labels, plan_grid
 from lora_pipeline.core.evaluation.recommend import fmt
-from lora_pipeline.core.recipe import Recipe
-from lora_pipeline.core.tracking import TrainingTracker, tracking_uri
 from lora_pipeline.core.training import train_lora
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.tracking import TrainingTracker, tracking_uri
 
 PROMPTS = ("trg, red body, matte finish", "trg, blue body, glossy finish")
 TINY = {"name": "tiny", "base_model": "tiny-sd", "model_family": "sd15", "resolution": 64, "min_bucket_reso": 32,

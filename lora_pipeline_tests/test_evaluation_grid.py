@@ -16,8 +16,8 @@ from lora_pipeline.core.evaluation.grid import (
     sample,
     save_png,
 )
-from lora_pipeline.core.models import load_base_model
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.training.recipe import Recipe
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
 

@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.copying import stat_key
+from lora_pipeline.core.datasets.copying import stat_key
+from lora_pipeline.core.datasets.hashcache import (
+    RACY_NS,
+    Entry,
+    cache_file,
+    fingerprint,
+    load_cache,
+    record,
+    trustworthy,
+)
+from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashcache import RACY_NS, Entry, cache_file, fingerprint, load_cache, record, trustworthy
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.sources import batch_manifest, scan_batch
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from lora_pipeline.core.images import POOL_THRESHOLD, inspect_image, inspect_images, load_rgb
+from lora_pipeline.core.datasets.images import POOL_THRESHOLD, inspect_image, inspect_images, load_rgb
 
 MAX = 10_000_000
 

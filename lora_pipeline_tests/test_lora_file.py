@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
-from lora_pipeline.core.lora_file import (
+from lora_pipeline.core.training.lora_file import (
     LoraProvenance,
     add_unet_lora,
     build_metadata,
@@ -21,7 +21,7 @@ from lora_pipeline.core.lora_file import (
     save_lora,
     sgm_module_name,
 )
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.training.recipe import Recipe
 
 PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 FAMILY = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl"}

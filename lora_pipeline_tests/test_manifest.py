@@ -7,19 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot, write_manifest
+from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json
 from lora_pipeline.core.hashing import merkle_root
-from lora_pipeline.core.manifest import (
-    atomic_write_text,
-    read_json,
-    read_manifest,
-    verify_snapshot,
-    write_json,
-    write_manifest,
-)
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.snapshot import build_snapshot
-from lora_pipeline.core.spec import DatasetSpec, SourceRef
 
 FOLDER = "img/10_hdaesth"
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.models import (
+from lora_pipeline.core.models.loading import (
     TINY_MODELS,
     base_model_hash,
     encode_prompts,
@@ -21,9 +22,8 @@ from lora_pipeline.core.models import (
     resolve_base_model,
     sdxl_add_time_ids,
 )
-from lora_pipeline.core.spec import load_spec
-from lora_pipeline.core.tiny_models import STAMP, generate_tiny_model
-from lora_pipeline.core.tokenizer import WORDS, build_tokenizer
+from lora_pipeline.core.models.tiny import STAMP, generate_tiny_model
+from lora_pipeline.core.models.tokenizer import WORDS, build_tokenizer
 
 REPO_SPECS = Path(__file__).resolve().parents[1] / "data" / "specs"
 PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}

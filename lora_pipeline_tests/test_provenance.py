@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
+from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lora_file import LoraProvenance, build_metadata, save_lora
-from lora_pipeline.core.manifest import SNAPSHOT, write_json, write_manifest
-from lora_pipeline.core.models import base_model_hash
+from lora_pipeline.core.models.loading import base_model_hash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.provenance import format_provenance, trace_lora
-from lora_pipeline.core.recipe import load_recipe
-from lora_pipeline.core.spec import load_spec
+from lora_pipeline.core.training.lora_file import LoraProvenance, build_metadata, save_lora
+from lora_pipeline.core.training.recipe import load_recipe
 
 VERSION, FOLDER = "hand-v1", "img/2_hnd"
 SPEC = """name: hand-v1

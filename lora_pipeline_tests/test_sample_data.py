@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.caption_lint import lint_captions
+from lora_pipeline.core.datasets.caption_lint import lint_captions
+from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import READY_MARKER, REPO_ROOT, DataRoot
-from lora_pipeline.core.recipe import load_recipe
-from lora_pipeline.core.spec import DatasetSpec, load_spec
+from lora_pipeline.core.training.recipe import load_recipe
 
 SCRIPT = REPO_ROOT / "scripts" / "make_sample_data.py"
 DATA = DataRoot(REPO_ROOT / "data")

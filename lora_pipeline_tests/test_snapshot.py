@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.datasets.snapshot import build_snapshot, plan_snapshot
+from lora_pipeline.core.datasets.snapshot_plan import family, next_free_version
+from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
-from lora_pipeline.core.manifest import read_manifest, read_snapshot_info, verify_snapshot
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.snapshot import build_snapshot, family, next_free_version, plan_snapshot
-from lora_pipeline.core.spec import CaptionSpec, DatasetSpec, SourceRef
 
 FOLDER = "img/10_hdaesth"
 
@@ -237,8 +238,8 @@ KILL_SCRIPT = """
 import sys
 from pathlib import Path
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.snapshot import build_snapshot
-from lora_pipeline.core.spec import DatasetSpec, SourceRef
+from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 spec = DatasetSpec(name="big-v1", trigger="t", repeats=1, sources=(SourceRef(batch="big"),))
 build_snapshot(DataRoot(Path(sys.argv[1])), spec, "c")
 """

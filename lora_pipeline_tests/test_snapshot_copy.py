@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file, load_cache
+from lora_pipeline.core.datasets.manifest import record_captions, verify_snapshot
+from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashcache import RACY_NS, cache_file, load_cache
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.manifest import record_captions, verify_snapshot
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.snapshot import build_snapshot
-from lora_pipeline.core.sources import batch_manifest, scan_batch
-from lora_pipeline.core.spec import DatasetSpec, SourceRef
 
 FOLDER = "img/10_hdaesth"
 IMAGES = {"a.png": ((40, 30), "PNG"), "b.jpg": ((20, 50), "JPEG"), "views/c.png": ((33, 17), "PNG")}

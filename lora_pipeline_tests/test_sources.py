@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifest, intake, is_image, is_junk, scan_batch
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.sources import batch_fingerprint, batch_manifest, intake, is_image, is_junk, scan_batch
 
 
 @pytest.fixture

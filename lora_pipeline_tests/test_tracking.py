@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_training_trainer import STARTED_AT, tiny_recipe
 
-from lora_pipeline.core.tracking import EXPERIMENT, TrainingTracker, loss_curve_png, tracking_uri
+from lora_pipeline.core.training.tracking import EXPERIMENT, TrainingTracker, loss_curve_png, tracking_uri
 from lora_pipeline.core.training.trainer import train_lora
 
 TAGS = {"dagster_run_id": "dagster-123", "partition_key": "train-v1|tiny", "code_commit": "abc123"}

@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from lora_pipeline.core.buckets import bucket_resolutions
+from lora_pipeline.core.datasets.buckets import bucket_resolutions
+from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.manifest import SNAPSHOT, read_json, write_json
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.fileio import read_json, write_json
 from lora_pipeline.core.training.data import (
     epoch_batches,
     fit_to_bucket,
@@ -19,6 +19,7 @@ from lora_pipeline.core.training.data import (
     split_train_validation,
     steps_per_epoch,
 )
+from lora_pipeline.core.training.recipe import Recipe
 
 RECIPE = Recipe(name="r", resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
                 validation_split=0.2)

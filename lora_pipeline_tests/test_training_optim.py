@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lora_pipeline.core.recipe import OPTIMIZERS, SCHEDULERS, Recipe
 from lora_pipeline.core.training.optim import current_lr, make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.recipe import OPTIMIZERS, SCHEDULERS, Recipe
 
 CPU = torch.device("cpu")
 

@@ -17,9 +17,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from lora_pipeline.core.lora_file import add_unet_lora, read_lora_metadata
-from lora_pipeline.core.recipe import Recipe
 from lora_pipeline.core.training.checkpoint import load_state
+from lora_pipeline.core.training.lora_file import add_unet_lora, read_lora_metadata
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.trainer import train_lora
 
 PROVENANCE = {"code_commit": "test-commit", "mlflow_run_id": "test-run"}
@@ -162,7 +162,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     import torch
     from lora_pipeline.core.paths import DataRoot
-    from lora_pipeline.core.recipe import Recipe
+    from lora_pipeline.core.training.recipe import Recipe
     from lora_pipeline.core.training.trainer import train_lora
 
     root, out, recipe, provenance, started, threads = sys.argv[1:7]

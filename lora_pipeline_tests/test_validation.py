@@ -3,9 +3,9 @@ import io
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.datasets.problems import problem
+from lora_pipeline.core.datasets.validation import blocking_errors, validate_dataset
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.problems import problem
-from lora_pipeline.core.validation import blocking_errors, validate_dataset
 
 RED, BLUE = (200, 40, 40), (60, 60, 230)  # about the same brightness: same structure hash, different colour
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_pipeline.core.manifest import atomic_write_text
+from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
 
 TRIGGER = "hdaesth"

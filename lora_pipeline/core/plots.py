@@ -11,7 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lora_pipeline.core.manifest import atomic_write_bytes
+from lora_pipeline.core.fileio import atomic_write_bytes
 
 
 @contextmanager

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lora_file import read_lora_metadata
-from lora_pipeline.core.manifest import SNAPSHOT, read_manifest, read_snapshot_info, verify_snapshot
-from lora_pipeline.core.model_hash import base_model_hash
+from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.recipe import load_recipe
-from lora_pipeline.core.spec import load_spec
+from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.recipe import load_recipe
 
 KEY = "lora_pipeline."
 TRAINING_KEYS = (

@@ -5,15 +5,15 @@ import collections
 
 import dagster as dg
 
-from lora_pipeline.core.captions import plan_captions, write_captions
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.manifest import record_captions
-from lora_pipeline.core.problems import has_errors
-from lora_pipeline.core.report import write_report
-from lora_pipeline.core.snapshot import build_snapshot
-from lora_pipeline.core.sources import batch_fingerprint, batch_manifest, scan_batch
-from lora_pipeline.core.spec import load_spec
-from lora_pipeline.core.validation import validate_dataset
+from lora_pipeline.core.datasets.captions import plan_captions, write_captions
+from lora_pipeline.core.datasets.manifest import record_captions
+from lora_pipeline.core.datasets.problems import has_errors
+from lora_pipeline.core.datasets.report import write_report
+from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifest, scan_batch
+from lora_pipeline.core.datasets.spec import load_spec
+from lora_pipeline.core.datasets.validation import validate_dataset
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import dataset_versions, source_batches
 from lora_pipeline.defs.resources import DataRootResource

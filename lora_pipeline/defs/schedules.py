@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from lora_pipeline.core.manifest import verify_snapshot
+from lora_pipeline.core.datasets.manifest import verify_snapshot
 from lora_pipeline.defs.resources import DataRootResource
 
 

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from lora_pipeline.core.autorebuild import write_auto_rebuild_specs
+from lora_pipeline.core.datasets.autorebuild import write_auto_rebuild_specs
 from lora_pipeline.defs.jobs import build_dataset_job, register_batch_job
 from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches, unknown_keys
 from lora_pipeline.defs.resources import DataRootResource

@@ -3,8 +3,8 @@
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.gate import require_passed_report
-from lora_pipeline.core.recipe import load_recipe
+from lora_pipeline.core.datasets.gate import require_passed_report
+from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.resources import DataRootResource
@@ -33,7 +33,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
     require_passed_report(root, version)
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
-    from lora_pipeline.core.tracking import TrainingTracker, tracking_uri
+    from lora_pipeline.core.training.tracking import TrainingTracker, tracking_uri
     from lora_pipeline.core.training.trainer import train_lora
 
     commit = code_version()

@@ -23,10 +23,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.evaluation.eval_tracking import log_evaluation, training_run_client
 from lora_pipeline.core.evaluation.grid import load_pipeline, loaded_lora, sample, sampling_dtype, write_grids
 from lora_pipeline.core.evaluation.recommend import image_signals, recommend, round6
-from lora_pipeline.core.evaluation.report import render_markdown
-from lora_pipeline.core.evaluation.tracking import log_evaluation, training_run_client
+from lora_pipeline.core.evaluation.summary import render_markdown
 from lora_pipeline.core.evaluation.val_loss import (
     ValidationSet,
     loss_plot,
@@ -34,12 +34,12 @@ from lora_pipeline.core.evaluation.val_loss import (
     training_losses,
     validation_loss,
 )
-from lora_pipeline.core.lora_file import read_lora_metadata
-from lora_pipeline.core.manifest import atomic_write_text, write_json
-from lora_pipeline.core.models import BaseModel, load_base_model
+from lora_pipeline.core.fileio import atomic_write_text, write_json
+from lora_pipeline.core.models.loading import BaseModel, load_base_model
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.recipe import Recipe
 from lora_pipeline.core.training.data import load_training_data
+from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.recipe import Recipe
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"

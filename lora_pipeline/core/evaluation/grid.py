@@ -24,9 +24,9 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 
 from lora_pipeline.core.evaluation.recommend import weight_label
-from lora_pipeline.core.manifest import atomic_write_bytes
-from lora_pipeline.core.models import BaseModel
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.training.recipe import Recipe
 
 MIN_CELL = 128  # tiny samples are enlarged (nearest neighbour) to at least this, so labels stay legible
 BACKGROUND = (255, 255, 255)

@@ -24,12 +24,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline.core.evaluation.grid import deterministic
-from lora_pipeline.core.models import BaseModel
+from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.plots import line_chart
-from lora_pipeline.core.recipe import Recipe
 from lora_pipeline.core.training.data import TrainingData
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, compute_loss
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.manifest import atomic_write_bytes
 
 RESUME_DIR = ".resume"
 STATE_FILE = "state.pt"

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_pipeline.core.buckets import bucket_resolutions, select_bucket
-from lora_pipeline.core.caption_lint import split_tags
-from lora_pipeline.core.captions import caption_path, read_caption_text
+from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.captions import caption_path, read_caption_text
+from lora_pipeline.core.datasets.images import load_rgb
+from lora_pipeline.core.datasets.manifest import MANIFEST, SNAPSHOT, read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.tags import split_tags
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
-from lora_pipeline.core.images import load_rgb
-from lora_pipeline.core.manifest import MANIFEST, SNAPSHOT, read_manifest, read_snapshot_info
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_pipeline.core.models import BaseModel, encode_prompts, sdxl_add_time_ids
+from lora_pipeline.core.models.loading import BaseModel, encode_prompts, sdxl_add_time_ids
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 

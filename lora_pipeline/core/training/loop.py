@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch.optim.lr_scheduler import LRScheduler
 
-from lora_pipeline.core.training.captions import step_captions
+from lora_pipeline.core.training.caption_shuffle import step_captions
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.optim import current_lr

@@ -8,8 +8,8 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from lora_pipeline.core.recipe import Recipe
 from lora_pipeline.core.training.dadapt import DAdaptAdamW
+from lora_pipeline.core.training.recipe import Recipe
 
 
 def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:

@@ -24,17 +24,23 @@ import torch
 from diffusers.training_utils import cast_training_params
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.lora_file import LoraProvenance, add_unet_lora, build_metadata, kohya_state_dict, save_lora
-from lora_pipeline.core.models import BaseModel, base_model_hash, load_base_model
+from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.recipe import Recipe
-from lora_pipeline.core.tracking import TrainingTracker, loss_curve_png
 from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
 from lora_pipeline.core.training.loop import NoiseSettings, StepContext, make_accelerator, run_epoch
+from lora_pipeline.core.training.lora_file import (
+    LoraProvenance,
+    add_unet_lora,
+    build_metadata,
+    kohya_state_dict,
+    save_lora,
+)
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, derive_seed
+from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_CURVE = "loss_curve.png"

@@ -39,7 +39,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer, vocab_and_merges
+from lora_pipeline.core.models.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer, vocab_and_merges
 
 TINY_MODELS = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl"}
 GENERATOR_VERSION = 1

@@ -15,10 +15,11 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lora_pipeline.core.images import thumbnail
-from lora_pipeline.core.manifest import atomic_write_bytes, read_manifest
-from lora_pipeline.core.problems import Problem
-from lora_pipeline.core.validation import ValidationResult, source_label
+from lora_pipeline.core.datasets.images import thumbnail
+from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.datasets.problems import Problem
+from lora_pipeline.core.datasets.validation import ValidationResult, source_label
+from lora_pipeline.core.fileio import atomic_write_bytes
 
 CELL = 160  # thumbnail box, px
 PAD = 8

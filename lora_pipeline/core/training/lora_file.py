@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import canonical_json, sha256_bytes
-from lora_pipeline.core.manifest import atomic_write_bytes
-from lora_pipeline.core.recipe import Recipe
+from lora_pipeline.core.training.recipe import Recipe
 
 # kohya's default U-Net targets: every Linear / 1x1 Conv2d inside the transformer blocks (Transformer2DModel).
 KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]

@@ -28,10 +28,10 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from lora_pipeline.core.copying import StatKey, stat_key
+from lora_pipeline.core.datasets.copying import StatKey, stat_key
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_stream
-from lora_pipeline.core.manifest import atomic_write_text
 from lora_pipeline.core.paths import DataRoot
 
 RACY_NS = 2_000_000_000  # git's 2 s window (FAT and some network filesystems keep 2-second timestamps)

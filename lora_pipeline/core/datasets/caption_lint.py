@@ -1,4 +1,4 @@
-"""Caption text: normalising, splitting into tags, placing the trigger, and linting a caption set.
+"""Linting a caption set: trigger placement, empty and shared captions, vocabulary and banned words.
 
 Normalisation (`normalise_caption`, which decides what lands in the snapshot's .txt):
 
@@ -22,38 +22,11 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from lora_pipeline.core.problems import Problem, problem
-from lora_pipeline.core.spec import DatasetSpec
+from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.spec import DatasetSpec
+from lora_pipeline.core.datasets.tags import is_trigger, split_tags
 
-_WHITESPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+(?:[-']\w+)*")
-
-
-def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """The caption's tags: split on the separator, whitespace collapsed, empty tags dropped."""
-    tags = (_WHITESPACE.sub(" ", part).strip() for part in caption.split(separator))
-    return [tag for tag in tags if tag]
-
-
-def join_tags(tags: list[str], separator: str = ",") -> str:
-    """Inverse of split_tags for normalised tags: "a, b" for the default separator."""
-    return (f"{separator} " if separator.strip() else separator).join(tags)
-
-
-def normalise_caption(text: str, separator: str = ",") -> tuple[str, bool]:
-    """(one-line normalised caption, whether more than one non-blank line was joined)."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return join_tags(split_tags(separator.join(lines), separator), separator), len(lines) > 1
-
-
-def is_trigger(tag: str, trigger: str) -> bool:
-    return tag.casefold() == trigger.casefold()
-
-
-def place_trigger(caption: str, trigger: str, separator: str = ",") -> str:
-    """The caption with the trigger as its first tag and no other occurrence of it (`prepend_trigger`)."""
-    tags = [tag for tag in split_tags(caption, separator) if not is_trigger(tag, trigger)]
-    return join_tags([trigger, *tags], separator)
 
 
 def words(text: str) -> list[str]:

@@ -17,13 +17,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lora_pipeline.core.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.images import ImageInfo, inspect_images
+from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.problems import Problem, Severity, problem
+from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.images import ImageInfo, inspect_images
-from lora_pipeline.core.manifest import read_manifest, read_snapshot_info
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.problems import Problem, Severity, problem
-from lora_pipeline.core.spec import DatasetSpec
 
 NEAR_DUPLICATE_DISTANCE = 6  # max Hamming distance of two 64-bit dHashes
 # Two images with the same structure but different colours (a red and a blue body from the same view)

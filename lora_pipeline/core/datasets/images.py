@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lora_pipeline.core.problems import Severity
+from lora_pipeline.core.datasets.problems import Severity
 
 # What Pillow raises on damaged image data. Anything else (TypeError, KeyError...) is a bug and propagates.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.manifest import read_json
+from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.paths import DataRoot
 
 

@@ -18,8 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-from lora_pipeline.core.recipe import Recipe
-from lora_pipeline.core.tracking import TrainingTracker, _param_value, tracking_uri
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.tracking import TrainingTracker, _param_value, tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 PER_EPOCH_METRICS = ("val_loss", "train_loss", "break_ratio")

@@ -16,60 +16,19 @@ A manifest row describes one file of a snapshot, path relative to the snapshot f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json
 from lora_pipeline.core.hashing import merkle_root, sha256_file
 
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"
 # Files the pipeline writes into a snapshot besides the manifest's own rows.
 NON_CONTENT = {MANIFEST, SNAPSHOT, "report.json", "report.md", "contact_sheet.png"}
-
-
-def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
-    """Write beside the target and rename over it, so readers never see half a file.
-
-    A file that already holds exactly these bytes is left alone (not even its mtime changes), so
-    re-running a step over a finished snapshot does not touch it. Returns whether it wrote.
-    """
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o444 if readonly else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
-def atomic_write_text(path: Path, text: str, readonly: bool = False) -> bool:
-    return atomic_write_bytes(path, text.encode("utf-8"), readonly)
-
-
-def write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("file not found", path) from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON: {exc.msg} at line {exc.lineno}", path) from None
 
 
 def write_manifest(snapshot_dir: Path, rows: Iterable[dict[str, Any]]) -> str:

@@ -33,14 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from lora_pipeline.core.caption_lint import lint_captions, normalise_caption, place_trigger
+from lora_pipeline.core.datasets.caption_lint import lint_captions
+from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.sources import expand_sources
+from lora_pipeline.core.datasets.spec import DatasetSpec
+from lora_pipeline.core.datasets.tags import normalise_caption, place_trigger
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_bytes
-from lora_pipeline.core.manifest import atomic_write_text, read_manifest
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.problems import Problem, problem
-from lora_pipeline.core.sources import expand_sources
-from lora_pipeline.core.spec import DatasetSpec
 
 CAPTION_SUFFIX = ".txt"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})

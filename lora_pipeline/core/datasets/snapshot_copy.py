@@ -17,16 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lora_pipeline.core.copying import Copied, copy_file, copy_unread, stat_key
+from lora_pipeline.core.datasets.copying import Copied, copy_file, copy_unread, stat_key
+from lora_pipeline.core.datasets.hashcache import Entry, fingerprint_files, image_size, load_cache, record, trustworthy
+from lora_pipeline.core.datasets.manifest import SNAPSHOT
+from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashcache import Entry, fingerprint_files, image_size, load_cache, record, trustworthy
-from lora_pipeline.core.manifest import SNAPSHOT
 from lora_pipeline.core.paths import DataRoot
-
-if TYPE_CHECKING:  # snapshot.py imports this module; its plan types are only annotations here
-    from lora_pipeline.core.snapshot import PlannedFile, SnapshotPlan
 
 
 @dataclass(frozen=True)

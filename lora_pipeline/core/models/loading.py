@@ -17,8 +17,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.model_hash import base_model_hash
-from lora_pipeline.core.tiny_models import TINY_MODELS, ensure_tiny_model
+from lora_pipeline.core.models.model_hash import base_model_hash
+from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
 
 __all__ = [
     "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "load_base_model",

@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
+from lora_pipeline.core.datasets.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
+from lora_pipeline.core.datasets.hashcache import HASH_WORKERS, fingerprint_files, record
+from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.spec import NAME_RE, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashcache import HASH_WORKERS, fingerprint_files, record
+from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
-from lora_pipeline.core.manifest import atomic_write_text
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
-from lora_pipeline.core.problems import Problem, problem
-from lora_pipeline.core.spec import NAME_RE, DatasetSpec, SourceRef
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_pipeline.core.caption_lint import join_tags, split_tags
+from lora_pipeline.core.datasets.tags import join_tags, split_tags
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
 
 

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
-from lora_pipeline.core.contact_sheet import MAX_IMAGES, write_contact_sheet
-from lora_pipeline.core.manifest import atomic_write_text, write_json
-from lora_pipeline.core.validation import CaptionPlanLike, ValidationResult
+from lora_pipeline.core.datasets.contact_sheet import MAX_IMAGES, write_contact_sheet
+from lora_pipeline.core.datasets.validation import CaptionPlanLike, ValidationResult
+from lora_pipeline.core.fileio import atomic_write_text, write_json
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"

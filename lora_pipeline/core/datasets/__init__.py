@@ -1,0 +1,1 @@
+"""Datasets: sources, specs, copy-only snapshots, captions, validation and the report."""
