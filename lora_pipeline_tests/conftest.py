@@ -314,3 +314,20 @@ if _os.environ.get("PYTEST_XDIST_WORKER"):
     import torch as _torch
 
     _torch.set_num_threads(1)
+
+
+# --- finishing a built snapshot (helper fsa): captions, report and seal, as caption_set and dataset_report do --
+def finish_version(root, spec):
+    """Complete `datasets/<spec.name>` after build_snapshot with the real steps of caption_set and
+    dataset_report (captions, manifest caption rows, report files, seal); returns the seal."""
+    from lora_pipeline.core.datasets.captions import plan_captions, write_captions
+    from lora_pipeline.core.datasets.manifest import record_captions
+    from lora_pipeline.core.datasets.report import write_report
+    from lora_pipeline.core.datasets.seal import seal_snapshot
+    from lora_pipeline.core.datasets.validation import validate_dataset
+
+    snapshot_dir = root.dataset(spec.name)
+    plan = plan_captions(root, spec, snapshot_dir)
+    record_captions(snapshot_dir, write_captions(snapshot_dir, plan))
+    write_report(snapshot_dir, validate_dataset(root, spec, snapshot_dir, plan, workers=1), plan)
+    return seal_snapshot(snapshot_dir)

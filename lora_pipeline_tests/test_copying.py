@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_pipeline.core.datasets.copying import BUFFER, copy_file, copy_unread, fsync_dir, stat_key, sync_filesystem
+from lora_pipeline.core.datasets.regular_files import NotRegularFile
 
 
 def assert_independent_read_only_copy(src: Path, dst: Path, data: bytes) -> None:
@@ -110,7 +111,7 @@ def test_failed_copy_leaves_nothing_behind(tmp_path: Path) -> None:
     src = tmp_path / "folder"
     src.mkdir()  # a folder cannot be read as a file
     dst = tmp_path / "dst"
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(NotRegularFile):
         copy_file(src, dst)
     assert not os.path.lexists(dst)
 

@@ -20,6 +20,7 @@ from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline_tests.conftest import finish_version
 
 FOLDER = "img/10_hdaesth"
 
@@ -150,8 +151,9 @@ def test_a_folder_that_is_not_a_finished_snapshot_is_never_overwritten(root: Dat
 def test_merge_rule(root: DataRoot, make_batch, image_bytes) -> None:
     make_batch(root, "b1", {"a.png": image_bytes(1)})
     make_batch(root, "b2", {"b.png": image_bytes(2)})
-    build_snapshot(root, spec_for("hw-v1", SourceRef(batch="b1")), "c")
-    build_snapshot(root, spec_for("other-v1", SourceRef(batch="b2")), "c")
+    for spec in (spec_for("hw-v1", SourceRef(batch="b1")), spec_for("other-v1", SourceRef(batch="b2"))):
+        build_snapshot(root, spec, "c")
+        finish_version(root, spec)
     mixed = spec_for("hw-v2", SourceRef(dataset="hw-v1"), SourceRef(dataset="other-v1"))
     with pytest.raises(UserError) as err:
         plan_snapshot(root, mixed)
@@ -191,8 +193,10 @@ def test_dataset_sources_carry_origin_through_generations(root: DataRoot, make_b
     a = image_bytes(1)
     make_batch(root, "b1", {"views/a.png": a})
     make_batch(root, "b2", {"views/a.png": image_bytes(2), "c.png": image_bytes(3)})
-    build_snapshot(root, spec_for("hw-v1", SourceRef(batch="b1")), "c")
-    build_snapshot(root, spec_for("hw-v2", SourceRef(dataset="hw-v1"), SourceRef(batch="b2")), "c")
+    for spec in (spec_for("hw-v1", SourceRef(batch="b1")),
+                 spec_for("hw-v2", SourceRef(dataset="hw-v1"), SourceRef(batch="b2"))):
+        build_snapshot(root, spec, "c")
+        finish_version(root, spec)
     v3 = build_snapshot(root, spec_for("hw-v3", SourceRef(dataset="hw-v2", exclude=("c.png",))), "c")
 
     rows = {r["path"]: r for r in v3.rows}
@@ -276,6 +280,7 @@ def test_include_exclude_globs_are_case_insensitive_on_path_or_basename(root: Da
 def test_a_tampered_source_dataset_is_refused(root: DataRoot, make_batch, image_bytes) -> None:
     make_batch(root, "b1", {"a.png": image_bytes(1)})
     v1 = build_snapshot(root, spec_for("hw-v1", SourceRef(batch="b1")), "c").dir
+    finish_version(root, spec_for("hw-v1", SourceRef(batch="b1")))
     copied = v1 / FOLDER / "a.png"
     copied.chmod(0o644)
     copied.write_bytes(image_bytes(2))

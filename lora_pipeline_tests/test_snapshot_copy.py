@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file, load_cache
-from lora_pipeline.core.datasets.manifest import record_captions, verify_snapshot
+from lora_pipeline.core.datasets.manifest import verify_snapshot
 from lora_pipeline.core.datasets.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline_tests.conftest import finish_version
 
 FOLDER = "img/10_hdaesth"
 IMAGES = {"a.png": ((40, 30), "PNG"), "b.jpg": ((20, 50), "JPEG"), "views/c.png": ((33, 17), "PNG")}
@@ -148,7 +149,7 @@ def test_an_earlier_snapshots_rows_are_trusted_until_its_file_changes(root: Data
     write_batch(root.batch("b1"))
     v1 = build_snapshot(root, spec_for("hw-v1", SourceRef(batch="b1")), "c")
     time.sleep(0.02)
-    record_captions(v1.dir, [])  # caption_set seals the snapshot, writing snapshot.json again
+    finish_version(root, spec_for("hw-v1", SourceRef(batch="b1")))  # captions, report, seal: snapshot.json again
 
     v2 = build_snapshot(root, spec_for("hw-v2", SourceRef(dataset="hw-v1")), "c")
     os.utime(v1.dir / FOLDER / "a.png")  # touched after snapshot.json: the row is not trusted, the bytes are read

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
@@ -135,8 +136,10 @@ def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[di
         else:
             if spec_changed:
                 chain.findings.append(f"spec file {chain.rel(spec_file)} changed since the snapshot was built")
-    verified = verify_snapshot(folder)
+    verified = verify_version(folder)
     link.update(verified=verified.ok, files_checked=verified.files_checked)
+    if not verified.sealed:
+        chain.findings.append(f"dataset version {version} is not sealed (its build did not finish): not verified")
     prefix = "snapshot no longer matches its manifest:"
     chain.findings += [f"{prefix} {chain.rel(folder / p)} content changed" for p in verified.mismatched]
     chain.findings += [f"{prefix} {chain.rel(folder / p)} is missing" for p in verified.missing]

@@ -10,6 +10,7 @@ from lora_pipeline.core.datasets.captions import plan_captions, write_captions
 from lora_pipeline.core.datasets.manifest import record_captions
 from lora_pipeline.core.datasets.problems import has_errors
 from lora_pipeline.core.datasets.report import write_report
+from lora_pipeline.core.datasets.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import load_spec
@@ -125,7 +126,8 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
         dg.AssetCheckSpec(NO_WARNINGS_CHECK, asset="dataset_report", blocking=False,
                           description="Warnings in report.json, for a human to look at."),
     ],
-    description="Validation before GPU time: report.json/report.md/contact_sheet.png in the snapshot.",
+    description="Validation before GPU time: report.json/report.md/contact_sheet.png in the snapshot, then "
+    "seal.json (the version is whole; readers, verify and the training gate require it).",
 )
 def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root = data_root.data
@@ -134,6 +136,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     plan = plan_captions(root, spec, snapshot_dir)
     result = validate_dataset(root, spec, snapshot_dir, plan)
     files = write_report(snapshot_dir, result, plan)
+    seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
     problems = list(result.problems)
     errors = [p for p in problems if p["severity"] == "error"]
     warnings = [p for p in problems if p["severity"] == "warning"]
@@ -148,6 +151,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
             "warnings": len(warnings),
             "counts": dg.MetadataValue.json(result.counts),
             "report_json": dg.MetadataValue.path(str(files.report_json)),
+            "sealed_files": seal["files"],
         },
         check_results=[
             dg.AssetCheckResult(

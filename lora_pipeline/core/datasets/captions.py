@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,15 +37,25 @@ from typing import Any
 from lora_pipeline.core.datasets.caption_lint import lint_captions
 from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.datasets.problems import Problem, problem
-from lora_pipeline.core.datasets.sources import expand_sources
+from lora_pipeline.core.datasets.regular_files import (
+    CAPTION_LIMIT,
+    TABLE_LIMIT,
+    FileTooLarge,
+    NotRegularFile,
+    is_regular,
+    read_regular,
+)
+from lora_pipeline.core.datasets.seal import read_seal
+from lora_pipeline.core.datasets.sources import expand_sources, walk_files
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.datasets.tags import normalise_caption, place_trigger
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import atomic_write_text
+from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import DataRoot
 
 CAPTION_SUFFIX = ".txt"
+_NOT_READ = {"symlink_not_followed": "symbolic link", "not_a_regular_file": "special file (not a regular file)"}
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -85,9 +96,10 @@ def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
 
 
 def read_caption_text(path: Path) -> str:
-    """A caption file's text: UTF-8 with an optional BOM, else UserError naming the file."""
+    """A caption file's text: UTF-8 with an optional BOM, a regular file of at most CAPTION_LIMIT bytes,
+    else UserError naming the file."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path, CAPTION_LIMIT)
     except FileNotFoundError:
         raise UserError("caption file not found", path) from None
     try:
@@ -111,8 +123,21 @@ class _Collector:
     found: dict[str, _Found] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
-    def read_file(self, image: str, path: Path, file: str, scope: str, source: str) -> None:
-        data = path.read_bytes()
+    def read_file(self, image: str, path: Path, file: str, scope: str, source: str, label: str) -> None:
+        """Read the caption of `image` from `path` (`file` within `scope`, `label` in messages); what stops it
+        is a problem."""
+        try:
+            data = read_regular(path, CAPTION_LIMIT)
+        except FileNotFoundError:
+            self.missing(image, f"{label} not found")
+            return
+        except NotRegularFile as exc:
+            self.missing(image, f"{label} is a {_NOT_READ[exc.code]}; it was not read")
+            return
+        except FileTooLarge:
+            message = f"caption file larger than {CAPTION_LIMIT:,} bytes; it was not read"
+            self.problems.append(problem(file, "caption_too_large", "error", message, scope))
+            return
         try:
             self.found[image] = _Found(_decode(data), source, sha256_bytes(data))
         except UnicodeDecodeError as exc:
@@ -133,31 +158,22 @@ def _batches(root: DataRoot, spec: DatasetSpec) -> list[str]:
     return list(dict.fromkeys(ref.batch for ref in expand_sources(root, spec) if ref.batch))
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under a batch folder, skipping hidden ones (.DS_Store, ._AppleDouble, .git)."""
-    files = (p for p in folder.rglob("*") if p.is_file())
-    return sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
     claimed: dict[str, set[str]] = defaultdict(set)
     for row in images:
         batch = row["source_batch"]
         rel = caption_path(row["source_path"])
         claimed[batch].add(rel)
-        path = root.batch(batch) / rel
-        if path.is_file():
-            out.read_file(row["path"], path, rel, f"batch:{batch}", f"sidecar:{batch}/{rel}")
-        else:
-            out.missing(row["path"], f"sidecar {batch}/{rel} not found")
+        path, source = root.batch(batch) / rel, f"sidecar:{batch}/{rel}"
+        out.read_file(row["path"], path, rel, f"batch:{batch}", source, f"sidecar {batch}/{rel}")
     for batch in _batches(root, out.spec):
         folder = root.batch(batch)
         if not folder.is_dir():
             continue
-        files = _visible_files(folder)
+        files = [PurePosixPath(f.path) for f in walk_files(folder, f"batch:{batch}")[0]]
         image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
         for path in files:
-            rel = path.relative_to(folder).as_posix()
+            rel = path.as_posix()
             if path.suffix == CAPTION_SUFFIX and rel not in claimed[batch] and path.with_suffix("") not in image_stems:
                 out.orphan(rel, batch, "caption file with no image of the same name beside it")
 
@@ -182,7 +198,9 @@ def _safe_relative(file: str, folder: Path) -> str | None:
     return posix.as_posix()
 
 
-def _locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
+def locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
+    """(batch, path inside it, path) of the spec's caption table; UserError if it is missing, outside the
+    batch, a symbolic link or not a regular file."""
     ref = spec.captions.table or ""
     spec_file = root.spec_file(spec.name)
     batches = _batches(root, spec)
@@ -198,8 +216,10 @@ def _locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
     if safe is None:
         raise UserError(f"captions.table '{ref}' must be a path inside batch '{batch}'", spec_file)
     path = root.batch(batch) / safe
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError("caption table not found", path)
+    if not is_regular(path):
+        raise NotRegularFile(path, "symlink_not_followed" if path.is_symlink() else "not_a_regular_file")
     return batch, safe, path
 
 
@@ -247,7 +267,7 @@ def _read_table(batch: str, rel: str, path: Path) -> _Table:
     parser = parsers.get(path.suffix.lower())
     if parser is None:
         raise UserError("a caption table must be .csv or .jsonl", path)
-    data = path.read_bytes()
+    data = read_regular(path, TABLE_LIMIT)
     try:
         text = _decode(data)
     except UnicodeDecodeError as exc:
@@ -278,7 +298,7 @@ def _render(table: _Table, n: int, row: dict[str, str], template: str, trigger: 
 def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
     spec = out.spec
     kind = spec.captions.source
-    table = _read_table(*_locate_table(root, spec))
+    table = _read_table(*locate_table(root, spec))
     fields: list[str] = []
     if kind == "attributes":
         placeholders = _template_fields(spec.captions.template or "", root.spec_file(spec.name))
@@ -305,7 +325,7 @@ def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -
             continue
         image = by_source.get(rel)
         if image is None:
-            if not (folder / rel).is_file():
+            if not is_regular(folder / rel):
                 out.orphan(rel, table.batch, f"{where} names an image that is not in the batch")
             continue
         if image in first_row:
@@ -323,6 +343,10 @@ def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -
             if kind == "table"
             else _render(table, n, row, spec.captions.template or "", spec.trigger)
         )
+        if len(text.encode("utf-8")) > CAPTION_LIMIT:
+            message = f"{where} gives a caption larger than {CAPTION_LIMIT:,} bytes; it was not used"
+            out.problems.append(problem(rel, "caption_too_large", "error", message, scope))
+            continue
         out.found[image] = _Found(text, f"{kind}:{table.batch}/{table.rel}#{n}", table.sha256)
 
     for row in images:
@@ -339,11 +363,8 @@ def _from_datasets(root: DataRoot, images: list[dict[str, Any]], out: _Collector
     for row in images:
         version = row["source_dataset"]
         rel = caption_path(row["source_path"])
-        path = root.dataset(version) / rel
-        if path.is_file():
-            out.read_file(row["path"], path, rel, f"dataset:{version}", f"dataset:{version}/{rel}")
-        else:
-            out.missing(row["path"], f"{version}/{rel} not found")
+        path, source = root.dataset(version) / rel, f"dataset:{version}/{rel}"
+        out.read_file(row["path"], path, rel, f"dataset:{version}", source, f"{version}/{rel}")
 
 
 def _stem_collisions(images: list[dict[str, Any]], out: _Collector) -> set[str]:
@@ -399,17 +420,17 @@ def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]
 
     A caption file already there with the same content is left alone, so re-running is a no-op. One with
     different content means the snapshot's captions would change: snapshots are immutable, so that is a
-    UserError asking for a new dataset version.
+    UserError asking for a new dataset version, and so is a caption missing from a sealed version: every
+    check comes before the first write.
     """
-    rows = []
+    rows, new = [], []
     for image, caption in sorted(plan.captions.items()):
         rel = caption_path(image)
         target = snapshot_dir / rel
-        text = caption + "\n"
-        data = text.encode("utf-8")
-        if not target.exists():
-            atomic_write_text(target, text, readonly=True)
-        elif target.read_bytes() != data:
+        data = (caption + "\n").encode("utf-8")
+        if not os.path.lexists(target):
+            new.append((target, data))
+        elif read_regular(target, CAPTION_LIMIT + 1) != data:
             raise UserError("differs from the new caption; snapshots are immutable, make a new dataset version", target)
         source = plan.caption_sources[image]
         kind, name, source_path = parse_caption_source(source)
@@ -426,4 +447,8 @@ def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]
                 "source_sha256": plan.caption_source_sha256[image],
             }
         )
+    if new and read_seal(snapshot_dir) is not None:
+        raise UserError("has no caption in this sealed version; versions are immutable, make a new one", new[0][0])
+    for target, data in new:
+        atomic_write_bytes(target, data, readonly=True)
     return rows

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from lora_pipeline.core.datasets.regular_files import open_regular
+
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 BUFFER = 4 << 20  # one read covers a typical training image; larger files loop
 # errno values that mean "this filesystem (pair) cannot clone", not "this copy failed".
@@ -129,7 +131,7 @@ def copy_file(src: Path, dst: Path) -> Copied:
     clone's pages); should the source have changed meanwhile, the clone itself is hashed instead.
     """
     h = hashlib.sha256()
-    with open(src, "rb", buffering=0) as fin, _new_file(dst) as dst_fd:
+    with open_regular(src) as fin, _new_file(dst) as dst_fd:
         before = os.fstat(fin.fileno())
         cloned = _try_clone(fin.fileno(), dst_fd, (before.st_dev, os.fstat(dst_fd).st_dev))
         size = _pump(fin, None if cloned else dst_fd, h)
@@ -149,7 +151,7 @@ def copy_unread(src: Path, dst: Path, accept: Callable[[os.stat_result], bool]) 
     (the caller then copies it with `copy_file`). A clone where the filesystem offers one, else
     copy_file_range, else (another filesystem, no kernel support) a byte copy through a buffer.
     """
-    with open(src, "rb", buffering=0) as fin:
+    with open_regular(src) as fin:
         src_fd = fin.fileno()
         before = os.fstat(src_fd)
         if not accept(before):

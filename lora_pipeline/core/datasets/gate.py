@@ -3,28 +3,38 @@
 Dagster's blocking checks only stop downstream steps inside the same run; training launched in
 a separate run (the CLI, the UI, a schedule) must ask for itself. The report is the record the
 blocking check is computed from, so it is the thing to read — and it must describe the snapshot
-as it is now (same manifest root), or it is stale.
+as it is now (same manifest root), or it is stale. The version must be sealed (whole), and its report
+and metadata files must still be the ones the seal recorded: an edited report.json is not believed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from lora_pipeline.core.datasets.manifest import REPORT_JSON, SNAPSHOT
+from lora_pipeline.core.datasets.seal import changed_sealed_files, require_sealed
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.paths import DataRoot
 
 
 def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
+    """The report of a sealed version whose blocking checks passed; UserError (one line) otherwise."""
     snapshot_dir = root.dataset(version)
-    if not (snapshot_dir / "snapshot.json").is_file():
+    if not (snapshot_dir / SNAPSHOT).is_file():
         raise UserError(f"dataset version '{version}' is not built: run `lora-pipeline build {version}` first",
                         root.spec_file(version))
-    report_path = snapshot_dir / "report.json"
-    if not report_path.is_file():
-        raise UserError(f"no validation report: run `lora-pipeline build {version}` first", report_path)
+    seal = require_sealed(snapshot_dir)
+    changed = changed_sealed_files(snapshot_dir, seal)
+    if changed:
+        raise UserError(
+            f"{', '.join(changed)} changed since the version was sealed; refusing to train "
+            f"(run `lora-pipeline verify {version}`)",
+            snapshot_dir,
+        )
+    report_path = snapshot_dir / REPORT_JSON
     report = read_json(report_path)
-    snapshot = read_json(snapshot_dir / "snapshot.json")
+    snapshot = read_json(snapshot_dir / SNAPSHOT)
     if not snapshot.get("captions_complete"):
         raise UserError(f"captions are not complete: run `lora-pipeline build {version}` first", snapshot_dir)
     if report.get("manifest_root") != snapshot.get("manifest_root"):

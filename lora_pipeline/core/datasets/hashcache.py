@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from lora_pipeline.core.datasets.copying import StatKey, stat_key
+from lora_pipeline.core.datasets.regular_files import open_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_stream
@@ -85,7 +86,7 @@ def trustworthy(before: os.stat_result, after: os.stat_result, started_ns: int) 
 def fingerprint(path: Path, rel: str, image: bool) -> tuple[Entry, bool]:
     """Hash one file (and read an image's header): its entry and whether the entry may be cached."""
     started = time.time_ns()
-    with open(path, "rb") as f:
+    with open_regular(path, buffered=True) as f:
         before = os.fstat(f.fileno())
         sha, size = sha256_stream(f)
         f.seek(0)

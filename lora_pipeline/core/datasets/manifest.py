@@ -16,7 +16,7 @@ A manifest row describes one file of a snapshot, path relative to the snapshot f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,13 @@ from lora_pipeline.core.hashing import merkle_root, sha256_file
 
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"
-# Files the pipeline writes into a snapshot besides the manifest's own rows.
-NON_CONTENT = {MANIFEST, SNAPSHOT, "report.json", "report.md", "contact_sheet.png"}
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CONTACT_SHEET = "contact_sheet.png"
+SEAL = "seal.json"  # written last: the version is whole (see seal.py)
+# Files the pipeline writes into a snapshot besides the manifest's own rows; the seal records their sha256.
+SEALED_FILES = (MANIFEST, SNAPSHOT, REPORT_JSON, REPORT_MD, CONTACT_SHEET)
+NON_CONTENT = {*SEALED_FILES, SEAL}
 
 
 def write_manifest(snapshot_dir: Path, rows: Iterable[dict[str, Any]]) -> str:
@@ -66,13 +71,22 @@ class VerifyResult:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     root_mismatch: bool = False  # manifest rows no longer hash to snapshot.json's root
+    sealed: bool = True  # False: the version is not whole yet, and nothing was checked (see seal.py)
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.extra or self.root_mismatch)
+        return self.sealed and not (self.mismatched or self.missing or self.extra or self.root_mismatch)
 
     def problems(self) -> list[str]:
-        out = [f"{self.version}/{p}: content changed (sha256 differs from manifest)" for p in self.mismatched]
+        if not self.sealed:
+            return [
+                f"{self.version}: not sealed yet (being built, or its build was interrupted: "
+                f"run `lora-pipeline build {self.version}`); not verified"
+            ]
+        out = [
+            f"{self.version}/{p}: content changed (sha256 differs from {'seal' if p in SEALED_FILES else 'manifest'})"
+            for p in self.mismatched
+        ]
         out += [f"{self.version}/{p}: missing" for p in self.missing]
         out += [f"{self.version}/{p}: extra file not in manifest" for p in self.extra]
         if self.root_mismatch:
@@ -80,8 +94,9 @@ class VerifyResult:
         return out
 
 
-def verify_snapshot(snapshot_dir: Path) -> VerifyResult:
-    """Re-hash every file of a snapshot and compare with its manifest and root."""
+def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None = None) -> VerifyResult:
+    """Re-hash every file of a snapshot and compare with its manifest and root, and the files named in
+    `sealed_files` ({name: sha256}, the seal's record of report and metadata files) with their hashes."""
     info = read_snapshot_info(snapshot_dir)
     rows = read_manifest(snapshot_dir)
     result = VerifyResult(version=snapshot_dir.name, manifest_root=info.get("manifest_root", ""))
@@ -95,6 +110,14 @@ def verify_snapshot(snapshot_dir: Path) -> VerifyResult:
         result.files_checked += 1
         if path.stat().st_size != row["bytes"] or sha256_file(path) != row["sha256"]:
             result.mismatched.append(rel)
+    for name, digest in sorted((sealed_files or {}).items()):
+        path = snapshot_dir / name
+        if not path.is_file() or path.is_symlink():
+            result.missing.append(name)
+            continue
+        result.files_checked += 1
+        if sha256_file(path) != digest:
+            result.mismatched.append(name)
     for path in sorted(snapshot_dir.rglob("*")):
         rel = path.relative_to(snapshot_dir).as_posix()
         if (path.is_file() or path.is_symlink()) and rel not in expected and rel not in NON_CONTENT:

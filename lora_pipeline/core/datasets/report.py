@@ -9,12 +9,10 @@ from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from lora_pipeline.core.datasets.contact_sheet import MAX_IMAGES, write_contact_sheet
+from lora_pipeline.core.datasets.manifest import CONTACT_SHEET, REPORT_JSON, REPORT_MD
 from lora_pipeline.core.datasets.validation import CaptionPlanLike, ValidationResult
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-CONTACT_SHEET = "contact_sheet.png"
 MD_PROBLEM_ROWS = 100
 MD_TOP_TAGS = 25
 MD_LIST_ITEMS = 30

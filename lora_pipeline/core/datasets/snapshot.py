@@ -3,7 +3,9 @@
 `plan_snapshot` decides which source files go where without touching anything; `build_snapshot`
 copies them into a hidden staging folder beside `datasets/<version>` and renames it into place
 only once the images, `manifest.jsonl` and `snapshot.json` are complete. A build killed half-way
-leaves only a staging folder, which the next build of that version removes.
+leaves only a staging folder, which the next intake or build removes (see staging.py). The version
+is whole only when the last step (the report) has sealed it (see seal.py); building it again
+completes a version whose build was interrupted after the rename.
 
 A source file whose sha256 is already on record is copied in the kernel without being read; every
 other file is hashed as it is copied (snapshot_copy says when a recorded hash is trusted).
@@ -23,8 +25,6 @@ from __future__ import annotations
 import fcntl
 import os
 import posixpath
-import secrets
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,9 +36,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.core.datasets.captions import locate_table
 from lora_pipeline.core.datasets.copying import fsync_dir
 from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info, write_manifest
 from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.seal import read_seal
 from lora_pipeline.core.datasets.snapshot_copy import (
     Copy,
     Known,
@@ -50,6 +52,7 @@ from lora_pipeline.core.datasets.snapshot_copy import (
 from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
 from lora_pipeline.core.datasets.sources import expand_sources, is_image, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
+from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import merkle_root
@@ -146,6 +149,12 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
         raise UserError(
             f"source dataset '{ref.name}' is not built yet; build it first (lora-pipeline build {ref.name})", spec_path
         )
+    if read_seal(snap) is None:
+        raise UserError(
+            f"source dataset '{ref.name}' is not sealed (its build did not finish); "
+            f"complete it first (lora-pipeline build {ref.name})",
+            spec_path,
+        )
     rows = sorted((r for r in read_manifest(snap) if r["kind"] == "image"), key=lambda r: r["path"])
     return [
         PlannedFile(
@@ -216,6 +225,8 @@ def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
         files += found
     if not files:
         raise UserError("no images selected from any source; check the source names and include/exclude", spec_path)
+    if spec.captions.source != "sidecar" and any(ref.batch for ref in sources):
+        locate_table(root, spec)  # a missing or linked caption table fails here, before anything is copied
     files, renames = _assign_names(files, spec)
     return SnapshotPlan(spec=spec, spec_path=spec_path, sources=sources, files=files, problems=problems + renames)
 
@@ -301,11 +312,8 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         if os.path.lexists(target):
             return _existing(root, spec, target, started)
         plan = plan_snapshot(root, spec)
-        # Holding the lock, every staging folder of this version belongs to a build that died.
-        for stale in root.datasets.glob(f".{version}.tmp-*"):
-            shutil.rmtree(stale)
-        staging = root.datasets / f".{version}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
+        remove_abandoned(root.datasets)
+        with staging_folder(root.datasets, version) as staging:
             (staging / "img" / spec.class_folder).mkdir(parents=True)
             done = _copy_all(plan, known_hashes(root, plan), staging)
             rows = [row for row, _, _ in done]
@@ -329,10 +337,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
             write_json(staging / SNAPSHOT, info)
             record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])
             os.rename(staging, target)
-            fsync_dir(root.datasets)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        fsync_dir(root.datasets)
     return SnapshotResult(
         version=version,
         dir=target,

@@ -12,7 +12,6 @@ import dataclasses
 import fnmatch
 import json
 import os
-import shutil
 import stat
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from lora_pipeline.core.datasets.copying import background_writeback, copy_file,
 from lora_pipeline.core.datasets.hashcache import HASH_WORKERS, fingerprint_files, record
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.spec import NAME_RE, DatasetSpec, SourceRef
+from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
@@ -32,6 +32,7 @@ from lora_pipeline.core.paths import READY_MARKER, DataRoot
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+UNDECODABLE_MESSAGE = "file name is not valid UTF-8: skipped, never copied; rename it and hand it off again"
 
 
 def is_junk(name: str) -> bool:
@@ -59,11 +60,25 @@ class BatchScan:
     problems: list[Problem] = field(default_factory=list)
 
 
+def printable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
     """Regular, non-junk files under `top` (sorted by path), without following any symlink.
 
     The top-level `_READY` marker is neither content nor a problem. Everything skipped is
-    returned as a warning problem with `file` relative to `top`.
+    returned as a warning problem with `file` relative to `top`. A name that is not valid UTF-8
+    cannot be written into a manifest or a caption table's `file` column, so it is skipped too.
     """
     files: list[BatchFile] = []
     problems: list[Problem] = []
@@ -77,7 +92,9 @@ def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
         prefix = "" if rel_dir == "." else rel_dir + "/"
         kept = []
         for name in sorted(dirnames):
-            if is_junk(name):
+            if _undecodable(name):
+                skip(printable_name(prefix + name) + "/", "undecodable_name", UNDECODABLE_MESSAGE)
+            elif is_junk(name):
                 skip(prefix + name + "/", "junk_skipped", "hidden or system folder skipped, never copied")
             elif (here / name).is_symlink():
                 skip(prefix + name + "/", "symlink_not_followed", "link to a folder not followed, never copied")
@@ -87,6 +104,9 @@ def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
         for name in sorted(filenames):
             rel = prefix + name
             if not prefix and name == READY_MARKER:
+                continue
+            if _undecodable(name):
+                skip(printable_name(rel), "undecodable_name", UNDECODABLE_MESSAGE)
                 continue
             if is_junk(name):
                 skip(rel, "junk_skipped", "hidden or system file skipped, never copied")
@@ -171,26 +191,22 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     if not files:
         raise UserError("handoff folder holds no files to copy", src_dir)
     root.sources.mkdir(parents=True, exist_ok=True)
-    staging = root.sources / f".{batch}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)  # only ever our own pid's leftover
-    staging.mkdir()
-    try:
+    remove_abandoned(root.sources)
+    with staging_folder(root.sources, batch) as staging:
         for d in sorted({Path(f.path).parent for f in files}):
             (staging / d).mkdir(parents=True, exist_ok=True)
         with background_writeback(staging), ThreadPoolExecutor(HASH_WORKERS) as pool:
             copied = list(pool.map(lambda f: copy_file(f.abs, staging / f.path), files))
+        rows = [{"path": f.path, "sha256": c.sha256, "bytes": c.bytes} for f, c in zip(files, copied, strict=True)]
+        fingerprint = batch_fingerprint(rows)
+        created_at = datetime.now(UTC).isoformat(timespec="seconds")
+        marker = {"batch": batch, "files": len(rows), "fingerprint": fingerprint, "created_at": created_at}
+        # The marker is written before the rename: a batch folder either is complete or does not exist.
+        atomic_write_text(staging / READY_MARKER, json.dumps(marker, sort_keys=True) + "\n", readonly=True)
         sync_filesystem(staging)
         if os.path.lexists(target):
             raise UserError("batch appeared while copying; not overwriting it", target)
         os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    rows = [{"path": f.path, "sha256": c.sha256, "bytes": c.bytes} for f, c in zip(files, copied, strict=True)]
-    fingerprint = batch_fingerprint(rows)
-    created_at = datetime.now(UTC).isoformat(timespec="seconds")
-    marker = {"batch": batch, "files": len(rows), "fingerprint": fingerprint, "created_at": created_at}
-    atomic_write_text(target / READY_MARKER, json.dumps(marker, sort_keys=True) + "\n", readonly=True)
     fsync_dir(root.sources)
     return IntakeResult(
         batch=batch,
