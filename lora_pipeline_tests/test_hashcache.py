@@ -6,17 +6,23 @@ test_snapshot_copy.py.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageOps
 
 from lora_pipeline.core.datasets.copying import stat_key
 from lora_pipeline.core.datasets.hashcache import (
     RACY_NS,
+    UNKNOWN_SIZE,
     Entry,
+    ImageSize,
     cache_file,
     fingerprint,
+    image_size,
     load_cache,
     record,
     trustworthy,
@@ -33,7 +39,7 @@ def root(tmp_path: Path) -> DataRoot:
 
 
 def entry(path: str, seed: int) -> Entry:
-    return Entry(path, sha256_bytes(bytes([seed])), 10 + seed, 4, 3, (10 + seed, 1, 2, 100 + seed, 7))
+    return Entry(path, sha256_bytes(bytes([seed])), 10 + seed, ImageSize(4, 3, 4, 3), (10 + seed, 1, 2, 100 + seed, 7))
 
 
 def test_the_racy_rule(tmp_path: Path) -> None:
@@ -60,12 +66,12 @@ def test_fingerprint_reads_hash_size_dimensions_and_stat(tmp_path: Path, image_b
 
     found, cacheable = fingerprint(img, "views/a.jpg", image=True)
 
-    assert found == Entry("views/a.jpg", sha256_bytes(data), len(data), 40, 30, stat_key(img.stat()))
+    assert found == Entry("views/a.jpg", sha256_bytes(data), len(data), ImageSize(40, 30, 40, 30), stat_key(img.stat()))
     assert not cacheable  # written a moment ago: racy
     text = fingerprint(txt, "a.txt", image=False)[0]
-    assert (text.bytes, text.width, text.height) == (7, None, None)
+    assert (text.bytes, text.size) == (7, UNKNOWN_SIZE)
     broken = fingerprint(bad, "b.png", image=True)[0]
-    assert (broken.width, broken.height) == (None, None)  # validation decodes it and reports it
+    assert broken.size == UNKNOWN_SIZE  # validation decodes it and reports it
 
 
 def test_batch_manifest_caches_under_the_data_root_and_never_a_racy_entry(
@@ -104,3 +110,29 @@ def test_a_damaged_cache_is_reported_not_ignored(root: DataRoot) -> None:
     with pytest.raises(UserError) as err:
         load_cache(root, "b1")
     assert str(err.value) == f"{path}: hash cache line 2 is damaged; delete the file (it is rebuilt)"
+
+
+def _exif_jpeg(size: tuple[int, int], orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "JPEG", exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("orientation", "seen"), [(1, (80, 60)), (3, (80, 60)), (6, (60, 80)), (8, (60, 80))])
+def test_image_size_is_the_size_training_sees_after_exif_orientation(tmp_path: Path, orientation, seen) -> None:
+    path = tmp_path / "a.jpg"
+    path.write_bytes(_exif_jpeg((80, 60), orientation))
+    assert image_size(path) == ImageSize(*seen, 80, 60)
+    with Image.open(path) as im:  # what training's load_rgb does
+        assert ImageOps.exif_transpose(im).size == seen
+
+
+def test_a_cache_row_from_before_oriented_sizes_is_hashed_again(root: DataRoot) -> None:
+    record(root, "b1", [entry("a.png", 1), entry("b.png", 2)])
+    path = cache_file(root, "b1")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    del rows[0]["stored_width"], rows[0]["stored_height"]  # the format of the previous release
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_cache(root, "b1") == {"b.png": entry("b.png", 2)}

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
+from lora_pipeline.core.datasets.manifest import (
+    CONTACT_SHEET,
+    REPORT_JSON,
+    REPORT_MD,
+    SEALED_FILES,
+    SNAPSHOT,
+    write_manifest,
+)
+from lora_pipeline.core.datasets.seal import seal_snapshot
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
@@ -85,7 +93,11 @@ def traced(tmp_path, image_bytes, tiny_model):
     _write(root.spec_file(VERSION), SPEC.encode())
     spec_sha = load_spec(root.spec_file(VERSION)).sha256
     write_json(snap / SNAPSHOT, {"version": VERSION, "manifest_root": manifest_root, "spec_sha256": spec_sha,
-                                 "parents": ["hand-v0"], "code_version": "abc", "created_at": "2026-11-01T00:00:00"})
+                                 "parents": ["hand-v0"], "code_version": "abc", "created_at": "2026-11-01T00:00:00",
+                                 "captions_complete": True})
+    for name in (REPORT_JSON, REPORT_MD, CONTACT_SHEET):
+        _write(snap / name, b"{}")  # provenance reads none of them; the seal needs them present
+    seal_snapshot(snap)
     recipe = load_recipe(_write(root.recipe_file("r1"), RECIPE.encode()))
     base = str(tiny_model("tiny-sd"))
 
@@ -114,7 +126,7 @@ def test_chain_matches_the_manifest_and_the_real_source_files(traced):
     assert chain["status"] == "ok"
     assert chain["lora"]["sha256"] == sha256_file(lora) and chain["lora"]["epoch"] == "2"
     assert chain["recipe"]["file_status"] == "unchanged" and chain["recipe"]["as_trained"]["network_dim"] == 4
-    assert chain["dataset"]["verified"] and chain["dataset"]["files_checked"] == 4
+    assert chain["dataset"]["verified"] and chain["dataset"]["files_checked"] == 4 + len(SEALED_FILES)
     assert chain["dataset"]["header_manifest_root"] == chain["dataset"]["snapshot_manifest_root"]
     assert chain["base_model"]["status"] == "unchanged" and chain["code_commit"] == "c0ffee"
     assert chain["mlflow"] == {"run_id": "run-7", "tracking_uri": f"sqlite:///{root.mlflow / 'mlflow.db'}"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -79,6 +80,8 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
         "bytes": len(a),
         "width": 40,
         "height": 30,
+        "stored_width": 40,
+        "stored_height": 30,
         "source_batch": "b1",
         "source_path": "views/a.png",
         "source_sha256": sha256_bytes(a),
@@ -287,3 +290,29 @@ def test_a_tampered_source_dataset_is_refused(root: DataRoot, make_batch, image_
     with pytest.raises(UserError, match="no longer matches the manifest of dataset 'hw-v1'"):
         build_snapshot(root, spec_for("hw-v2", SourceRef(dataset="hw-v1")), "c")
     assert not root.dataset("hw-v2").exists() and not list(root.datasets.glob(".hw-v2.tmp-*"))
+
+
+def test_manifest_sizes_are_the_sizes_training_sees_after_exif_orientation(root: DataRoot, make_batch) -> None:
+    from PIL import Image
+
+    from lora_pipeline.core.datasets.hashcache import RACY_NS
+    from lora_pipeline.core.datasets.images import load_rgb
+    from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 80x60, shown turned by 90 degrees
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (10, 120, 200)).save(buf, "JPEG", exif=exif)
+    make_batch(root, "b1", {"turned.jpg": buf.getvalue()})
+    make_batch(root, "b2", {"turned.jpg": buf.getvalue()})
+    time.sleep(RACY_NS / 1e9 + 0.2)
+    batch_manifest(scan_batch(root, "b2"))  # b2's sizes come from the hash cache, b1's from the copy
+    for batch, hashed in (("b1", 1), ("b2", 0)):
+        result = build_snapshot(root, spec_for(f"{batch}-v1", SourceRef(batch=batch)), "c")
+        assert result.hashed == hashed
+        row = result.rows[0]
+        assert (row["width"], row["height"], row["stored_width"], row["stored_height"]) == (60, 80, 80, 60)
+        assert load_rgb(result.dir / row["path"]).size == (row["width"], row["height"])
+    finish_version(root, spec_for("b1-v1", SourceRef(batch="b1")))
+    reused = build_snapshot(root, spec_for("b1-v2", SourceRef(dataset="b1-v1")), "c").rows[0]
+    assert (reused["width"], reused["height"], reused["stored_width"], reused["stored_height"]) == (60, 80, 80, 60)

@@ -24,11 +24,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from PIL import Image
 
 from lora_pipeline.core.datasets.copying import StatKey, stat_key
+from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation
 from lora_pipeline.core.datasets.regular_files import open_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
@@ -40,14 +41,29 @@ HASH_WORKERS = min(4, os.cpu_count() or 1)
 STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
 
-def image_size(source: Path | BinaryIO) -> tuple[int | None, int | None]:
-    """(width, height) from the header alone, no decode; (None, None) if Pillow cannot read it —
+class ImageSize(NamedTuple):
+    """An image's size as training sees it (after EXIF orientation) and as the file stores it."""
+
+    width: int | None
+    height: int | None
+    stored_width: int | None
+    stored_height: int | None
+
+
+UNKNOWN_SIZE = ImageSize(None, None, None, None)
+
+
+def image_size(source: Path | BinaryIO) -> ImageSize:
+    """The size from the header alone, no decode; UNKNOWN_SIZE if Pillow cannot read it —
     not hidden: validation decodes every image and reports the unreadable ones."""
     try:
         with Image.open(source) as im:
-            return im.size
+            width, height = im.size
+            if header_orientation(im) in TRANSPOSING_ORIENTATIONS:
+                return ImageSize(height, width, width, height)
+            return ImageSize(width, height, width, height)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, None
+        return UNKNOWN_SIZE
 
 
 @dataclass(frozen=True)
@@ -57,8 +73,7 @@ class Entry:
     path: str  # relative to the batch folder
     sha256: str
     bytes: int
-    width: int | None
-    height: int | None
+    size: ImageSize
     stat: StatKey
 
     def describes(self, st: os.stat_result) -> bool:
@@ -67,13 +82,17 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         found = {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
-        return found | {"width": self.width, "height": self.height} | dict(zip(STAT_FIELDS, self.stat, strict=True))
+        return found | self.size._asdict() | dict(zip(STAT_FIELDS, self.stat, strict=True))
 
     @classmethod
-    def from_json(cls, row: dict[str, Any]) -> Entry:
+    def from_json(cls, row: dict[str, Any]) -> Entry | None:
+        """The entry of a cache row; None for a row written before sizes were recorded after EXIF orientation
+        (the file is simply hashed again)."""
+        if "width" in row and "stored_width" not in row:
+            return None
         size, mtime, ctime, ino, dev = (int(row[k]) for k in STAT_FIELDS)
         stat = (size, mtime, ctime, ino, dev)
-        return cls(row["path"], row["sha256"], int(row["bytes"]), row["width"], row["height"], stat)
+        return cls(row["path"], row["sha256"], int(row["bytes"]), ImageSize(*(row[k] for k in ImageSize._fields)), stat)
 
 
 def trustworthy(before: os.stat_result, after: os.stat_result, started_ns: int) -> bool:
@@ -90,9 +109,9 @@ def fingerprint(path: Path, rel: str, image: bool) -> tuple[Entry, bool]:
         before = os.fstat(f.fileno())
         sha, size = sha256_stream(f)
         f.seek(0)
-        width, height = image_size(f) if image else (None, None)
+        dimensions = image_size(f) if image else UNKNOWN_SIZE
         after = os.fstat(f.fileno())
-    return Entry(rel, sha, size, width, height, stat_key(before)), trustworthy(before, after, started)
+    return Entry(rel, sha, size, dimensions, stat_key(before)), trustworthy(before, after, started)
 
 
 def fingerprint_files(files: list[tuple[Path, str, bool]]) -> list[tuple[Entry, bool]]:
@@ -119,7 +138,8 @@ def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
             entry = Entry.from_json(json.loads(line))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise UserError(f"hash cache line {lineno} is damaged; delete the file (it is rebuilt)", path) from None
-        entries[entry.path] = entry
+        if entry is not None:
+            entries[entry.path] = entry
     return entries
 
 

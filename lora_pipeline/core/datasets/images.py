@@ -146,9 +146,26 @@ def _strict_pillow() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _orientation(im: Image.Image) -> int:
-    value = im.getexif().get(ExifTags.Base.Orientation, 1)
+# EXIF orientations that turn the picture by 90 degrees: training sees width and height swapped.
+TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _valid_orientation(exif: Image.Exif) -> int:
+    value = exif.get(ExifTags.Base.Orientation, 1)
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _orientation(im: Image.Image) -> int:
+    return _valid_orientation(im.getexif())
+
+
+def header_orientation(im: Image.Image) -> int:
+    """The EXIF orientation from what Pillow read when opening the file, without decoding any pixels.
+
+    The base class's getexif reads only the header's EXIF and XMP; a PNG's own getexif would first decode
+    the whole image to look for an eXIf chunk after the pixel data (not allowed by the PNG spec since 2017).
+    """
+    return _valid_orientation(Image.Image.getexif(im))
 
 
 def _dhash(gray: Image.Image) -> int:

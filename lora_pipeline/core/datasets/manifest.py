@@ -3,14 +3,17 @@
 A manifest row describes one file of a snapshot, path relative to the snapshot folder:
 
     {"path": "img/10_hdaesth/a.png", "kind": "image", "sha256": ..., "bytes": ...,
-     "width": 1024, "height": 768, "source_batch": "curated-2026-10",      # or "source_dataset"
+     "width": 1024, "height": 768, "stored_width": 1024, "stored_height": 768,
+     "source_batch": "curated-2026-10",                                      # or "source_dataset"
      "source_path": "views/a.png", "source_sha256": ...}
     {"path": "img/10_hdaesth/a.txt", "kind": "caption", "sha256": ..., "bytes": ...,
      "image": "img/10_hdaesth/a.png", "caption_source": "sidecar:curated-2026-10/views/a.txt",
      "source_batch": ..., "source_path": ..., "source_sha256": ...}
 
 `manifest_root` in snapshot.json is the Merkle root over every row (images and captions);
-`image_root` is the root over the image rows alone, fixed when the images are copied.
+`image_root` is the root over the image rows alone, fixed when the images are copied. `width` and
+`height` are the size training sees (after EXIF orientation); `stored_width`/`stored_height` are the size
+stored in the file (they differ for a picture that EXIF turns by 90 degrees).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from typing import Any
 
 from lora_pipeline.core.datasets.captions import locate_table
 from lora_pipeline.core.datasets.copying import fsync_dir
+from lora_pipeline.core.datasets.hashcache import ImageSize
 from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info, write_manifest
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.seal import read_seal
@@ -166,8 +167,7 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
             source_path=r["path"],
             source_sha256=r["sha256"],
             origin={k: r[k] for k in ORIGIN_KEYS},
-            width=r["width"],
-            height=r["height"],
+            size=ImageSize(*(r[k] for k in ImageSize._fields)) if "stored_width" in r else None,
         )
         for r in rows
         if _selected(r["path"], ref)

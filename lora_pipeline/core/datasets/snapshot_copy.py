@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.datasets.copying import Copied, copy_file, copy_unread, stat_key
-from lora_pipeline.core.datasets.hashcache import Entry, fingerprint_files, image_size, load_cache, record, trustworthy
+from lora_pipeline.core.datasets.hashcache import (
+    Entry,
+    ImageSize,
+    fingerprint_files,
+    image_size,
+    load_cache,
+    record,
+    trustworthy,
+)
 from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan
 from lora_pipeline.core.errors import UserError
@@ -32,8 +40,7 @@ class Known:
     """A planned file's hash on record, trusted for a copy only while `accept` approves the source's stat."""
 
     sha256: str
-    width: int | None
-    height: int | None
+    size: ImageSize | None  # None: not on record (a row of a snapshot built before sizes were oriented)
     accept: Callable[[os.stat_result], bool]
 
 
@@ -54,9 +61,9 @@ def known_hashes(root: DataRoot, plan: SnapshotPlan) -> list[Known | None]:
     for f in plan.files:
         if f.source_sha256 is not None:
             accept = partial(_unchanged_since, f.bytes, sealed[f.source_name])
-            known.append(Known(f.source_sha256, f.width, f.height, accept))
+            known.append(Known(f.source_sha256, f.size, accept))
         elif entry := caches[f.source_name].get(f.source_path):
-            known.append(Known(entry.sha256, entry.width, entry.height, entry.describes))
+            known.append(Known(entry.sha256, entry.size, entry.describes))
         else:
             known.append(None)
     return known
@@ -89,9 +96,9 @@ def copy_planned(f: PlannedFile, known: Known | None, staging: Path) -> Copy:
         raise UserError(f"source file vanished during the build ({f.source_kind} '{f.source_name}')", f.src) from None
     entry = None
     if known is not None and copied.sha256 is None:
-        sha, width, height = known.sha256, known.width, known.height
+        sha, size = known.sha256, known.size or image_size(dest)
     else:
-        sha, (width, height) = copied.sha256, image_size(dest)
+        sha, size = copied.sha256, image_size(dest)
         if f.source_sha256 is not None and sha != f.source_sha256:
             raise UserError(
                 f"no longer matches the manifest of dataset '{f.source_name}'; "
@@ -99,14 +106,13 @@ def copy_planned(f: PlannedFile, known: Known | None, staging: Path) -> Copy:
                 f.src,
             )
         if f.source_kind == "batch" and trustworthy(copied.before, copied.after, started):
-            entry = Entry(f.source_path, sha, copied.bytes, width, height, stat_key(copied.before))
+            entry = Entry(f.source_path, sha, copied.bytes, size, stat_key(copied.before))
     row: dict[str, Any] = {
         "path": f.dest,
         "kind": "image",
         "sha256": sha,
         "bytes": copied.bytes,
-        "width": width,
-        "height": height,
+        **size._asdict(),  # width/height as training sees them (EXIF orientation applied), stored_* as in the file
         f"source_{f.source_kind}": f.source_name,
         "source_path": f.source_path,
         "source_sha256": sha,

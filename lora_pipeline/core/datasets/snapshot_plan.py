@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_pipeline.core.datasets.hashcache import ImageSize
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.paths import DataRoot
@@ -52,8 +53,7 @@ class PlannedFile:
     source_sha256: str | None  # known up front for dataset sources; a batch file's comes from the hash cache or copy
     origin: dict[str, str] | None  # origin_* of a dataset source's row; None: the batch file is the origin
     renamed_from: str | None = None
-    width: int | None = None  # known up front for dataset sources, like source_sha256
-    height: int | None = None
+    size: ImageSize | None = None  # known up front for dataset sources (rows that record stored_width/height)
 
 
 @dataclass
