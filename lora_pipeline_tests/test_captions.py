@@ -403,3 +403,66 @@ def test_caption_path_and_source_parsing() -> None:
     assert caption_path("img/10_x/a.b.png") == "img/10_x/a.b.txt"
     assert parse_caption_source("table:b1/meta/c#1.csv#12") == ("table", "b1", "meta/c#1.csv")
     assert parse_caption_source("dataset:v1/img/10_x/a.txt") == ("dataset", "v1", "img/10_x/a.txt")
+
+
+def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_reach_the_snapshot(
+    root: DataRoot, tmp_path: Path, image_bytes
+) -> None:
+    from lora_pipeline.core.datasets.regular_files import NotRegularFile
+    from lora_pipeline.core.datasets.snapshot import build_snapshot
+    from lora_pipeline.core.fileio import read_json
+    from lora_pipeline_tests.conftest import finish_version
+
+    outside = tmp_path / "outside"
+    secret_text = put(outside / "secret.txt", "hdaesth, front view, SECRET-FROM-OUTSIDE")
+    secret_image = put(outside / "secret.png", image_bytes(9))
+    secret_table = put(outside / "captions.csv", "file,caption\na.png,\"hdaesth, SECRET-FROM-OUTSIDE\"\n")
+    batch_files(root, "b1", {"a.png": image_bytes(1), "c.png": image_bytes(3), "c.txt": "hdaesth, side view"})
+    os.symlink(secret_text, root.batch("b1") / "a.txt")  # a linked sidecar
+    os.symlink(secret_image, root.batch("b1") / "b.png")  # a linked image
+    os.symlink(secret_table, root.batch("b1") / "captions.csv")  # a linked caption table
+
+    spec = spec_for()
+    build_snapshot(root, spec, "c")
+    finish_version(root, spec)
+    snap = root.dataset(spec.name)
+    report = read_json(snap / "report.json")
+    problems = {(p["code"], p["file"]): p for p in report["problems"]}
+    assert problems[("symlink_not_followed", "a.txt")]["severity"] == "warning"
+    assert problems[("symlink_not_followed", "b.png")]["severity"] == "warning"
+    missing = problems[("missing_caption", f"{FOLDER}/a.png")]
+    assert missing["severity"] == "error" and "sidecar b1/a.txt is a symbolic link; it was not read" in missing["message"]
+    assert not report["passed"]
+    manifest = read_manifest(snap)
+    assert sorted(r["path"] for r in manifest) == [f"{FOLDER}/a.png", f"{FOLDER}/c.png", f"{FOLDER}/c.txt"]
+    assert sha256_file(secret_image) not in {r["sha256"] for r in manifest}
+    for path in snap.rglob("*"):
+        if path.is_file():
+            assert b"SECRET-FROM-OUTSIDE" not in path.read_bytes(), path
+            assert path.read_bytes() != secret_image.read_bytes()
+
+    table_spec = spec_for(name="hw-v3", source="table", table="b1/captions.csv")
+    with pytest.raises(NotRegularFile) as err:
+        build_snapshot(root, table_spec, "c")
+    assert str(err.value) == f"{root.batch('b1') / 'captions.csv'}: symbolic link, not followed; nothing was read from it"
+    assert not os.path.lexists(root.dataset("hw-v3"))  # refused before anything was copied
+
+
+def test_a_huge_caption_is_a_problem_and_is_never_read_whole(root: DataRoot, image_bytes) -> None:
+    import time
+
+    from lora_pipeline.core.datasets.regular_files import CAPTION_LIMIT
+
+    batch_files(root, "b1", {"a.png": image_bytes(1), "b.png": image_bytes(2), "b.txt": "hdaesth, side view"})
+    with open(root.batch("b1") / "a.txt", "wb") as f:
+        f.write(b"hdaesth, " + b"front view, " * (120 * 1024 * 1024 // 12))  # a 120 MB "caption"
+    snap = snapshot(root, "hw-v2", {"a.png": ("batch:b1", "a.png"), "b.png": ("batch:b1", "b.png")})
+    started = time.monotonic()
+    plan = plan_captions(root, spec_for(), snap)
+    assert time.monotonic() - started < 5
+    too_large = by_code(plan, "caption_too_large")["a.txt"]
+    assert too_large["severity"] == "error" and f"larger than {CAPTION_LIMIT:,} bytes" in too_large["message"]
+    assert list(plan.captions) == [f"{FOLDER}/b.png"]
+    put(root.batch("b1") / "t.csv", f"file,caption\na.png,\"hdaesth, {'x' * CAPTION_LIMIT}\"\nb.png,hdaesth\n")
+    plan = plan_captions(root, spec_for(source="table", table="t.csv"), snap)
+    assert "caption_too_large" in {p["code"] for p in plan.problems} and list(plan.captions) == [f"{FOLDER}/b.png"]

@@ -212,6 +212,8 @@ def locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
     else:
         names = ", ".join(batches) or "none"
         raise UserError(f"captions.table '{ref}' must start with one of the spec's batches ({names})", spec_file)
+    if os.path.islink(root.batch(batch) / rel):
+        raise NotRegularFile(root.batch(batch) / rel, "symlink_not_followed")
     safe = _safe_relative(rel, root.batch(batch))
     if safe is None:
         raise UserError(f"captions.table '{ref}' must be a path inside batch '{batch}'", spec_file)
@@ -219,7 +221,7 @@ def locate_table(root: DataRoot, spec: DatasetSpec) -> tuple[str, str, Path]:
     if not os.path.lexists(path):
         raise UserError("caption table not found", path)
     if not is_regular(path):
-        raise NotRegularFile(path, "symlink_not_followed" if path.is_symlink() else "not_a_regular_file")
+        raise NotRegularFile(path, "not_a_regular_file")
     return batch, safe, path
 
 

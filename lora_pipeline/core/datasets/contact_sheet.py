@@ -203,5 +203,5 @@ def write_contact_sheet(
     )
     buffer = io.BytesIO()
     render(items, title, total).save(buffer, "PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), readonly=True)
     return ContactSheet(path=path, shown=len(items), total=total)

@@ -43,7 +43,7 @@ def write_manifest(snapshot_dir: Path, rows: Iterable[dict[str, Any]]) -> str:
     """Write manifest.jsonl sorted by path; return the Merkle root of the rows."""
     ordered = sorted(rows, key=lambda r: r["path"])
     text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered)
-    atomic_write_text(snapshot_dir / MANIFEST, text)
+    atomic_write_text(snapshot_dir / MANIFEST, text, readonly=True)
     return merkle_root(ordered)
 
 
@@ -129,7 +129,7 @@ def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None =
 
 
 def record_captions(snapshot_dir: Path, caption_rows: list[dict[str, Any]]) -> str:
-    """Add the caption rows to the manifest once and seal the snapshot; return the new manifest root.
+    """Add the caption rows to the manifest once and mark the captions complete; return the new manifest root.
 
     The images were fixed when the snapshot was copied; captions complete it. Recording the same
     captions again is a no-op; different captions for a sealed snapshot are refused, because a
@@ -148,5 +148,5 @@ def record_captions(snapshot_dir: Path, caption_rows: list[dict[str, Any]]) -> s
             )
         return root
     write_manifest(snapshot_dir, rows)
-    write_json(snapshot_dir / SNAPSHOT, {**info, "manifest_root": root, "captions_complete": True})
+    write_json(snapshot_dir / SNAPSHOT, {**info, "manifest_root": root, "captions_complete": True}, readonly=True)
     return root

@@ -77,9 +77,9 @@ def write_report(
     captions = {str(k): v for k, v in caption_plan.captions.items()}
     sheet = write_contact_sheet(snapshot_dir / CONTACT_SHEET, snapshot_dir, result, captions, max_images)
     data = report_data(result, caption_plan)
-    write_json(snapshot_dir / REPORT_JSON, data)
+    write_json(snapshot_dir / REPORT_JSON, data, readonly=True)
     markdown = render_markdown(data, sheet.shown)
-    atomic_write_text(snapshot_dir / REPORT_MD, markdown)
+    atomic_write_text(snapshot_dir / REPORT_MD, markdown, readonly=True)
     return ReportFiles(
         report_json=snapshot_dir / REPORT_JSON,
         report_md=snapshot_dir / REPORT_MD,

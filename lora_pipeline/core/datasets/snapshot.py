@@ -334,7 +334,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
                 "problems": plan.problems,
                 "captions_complete": False,
             }
-            write_json(staging / SNAPSHOT, info)
+            write_json(staging / SNAPSHOT, info, readonly=True)
             record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])
             os.rename(staging, target)
         fsync_dir(root.datasets)
