@@ -431,7 +431,8 @@ def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_rea
     assert problems[("symlink_not_followed", "a.txt")]["severity"] == "warning"
     assert problems[("symlink_not_followed", "b.png")]["severity"] == "warning"
     missing = problems[("missing_caption", f"{FOLDER}/a.png")]
-    assert missing["severity"] == "error" and "sidecar b1/a.txt is a symbolic link; it was not read" in missing["message"]
+    assert missing["severity"] == "error"
+    assert "sidecar b1/a.txt is a symbolic link; it was not read" in missing["message"]
     assert not report["passed"]
     manifest = read_manifest(snap)
     assert sorted(r["path"] for r in manifest) == [f"{FOLDER}/a.png", f"{FOLDER}/c.png", f"{FOLDER}/c.txt"]
@@ -444,7 +445,8 @@ def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_rea
     table_spec = spec_for(name="hw-v3", source="table", table="b1/captions.csv")
     with pytest.raises(NotRegularFile) as err:
         build_snapshot(root, table_spec, "c")
-    assert str(err.value) == f"{root.batch('b1') / 'captions.csv'}: symbolic link, not followed; nothing was read from it"
+    table = root.batch("b1") / "captions.csv"
+    assert str(err.value) == f"{table}: symbolic link, not followed; nothing was read from it"
     assert not os.path.lexists(root.dataset("hw-v3"))  # refused before anything was copied
 
 

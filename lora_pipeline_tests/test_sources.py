@@ -137,3 +137,31 @@ def test_intake_refuses_an_existing_batch_and_bad_input(root: DataRoot, image_by
     with pytest.raises(UserError, match="no files to copy"):
         intake(tmp_path / "empty", root, "b3")
     assert not root.batch("b2").exists() and not root.batch("b3").exists()
+
+
+def test_names_that_are_not_utf8_are_skipped_as_problems_at_scan_and_intake(
+    root: DataRoot, image_bytes, tmp_path: Path
+) -> None:
+    src = tmp_path / "handoff"
+    src.mkdir()
+    (src / "a.png").write_bytes(image_bytes(1))
+    bad_file = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes in a file name
+    bad_dir = os.fsdecode(b"d\xff")
+    (src / bad_file).write_bytes(image_bytes(2))
+    (src / bad_dir).mkdir()
+    (src / bad_dir / "b.png").write_bytes(image_bytes(3))
+
+    result = intake(src, root, "b1")
+
+    skipped = {(p["file"], p["code"]) for p in result.skipped}
+    assert {("caf\\xe9.png", "undecodable_name"), ("d\\xff/", "undecodable_name")} <= skipped
+    assert [r["path"] for r in result.rows] == ["a.png"]
+    assert root.ready_batches() == ["b1"]  # complete, with _READY: nothing to retry
+    assert sorted(p.name for p in root.batch("b1").iterdir()) == ["_READY", "a.png"]
+
+    (root.batch("b1") / bad_file).write_bytes(image_bytes(2))  # put into sources/ by hand, not by intake
+    scan = scan_batch(root, "b1")
+    assert [f.path for f in scan.files] == ["a.png"]
+    assert [(p["file"], p["code"], p["severity"]) for p in scan.problems] == [
+        ("caf\\xe9.png", "undecodable_name", "warning")
+    ]
