@@ -3,10 +3,11 @@
 When a batch's files are hashed (`sources.batch_manifest`, which the `source_batch` asset runs when
 the batch lands, or a snapshot build that had to hash them), each file's sha256, size and image
 dimensions (as training sees them after EXIF orientation, and as stored) are recorded in
-`data/.cache/batches/<batch>.jsonl` with the stat of the version that was hashed: size, mtime_ns, ctime_ns, inode and device. A reader trusts an entry only while the file's
-current stat matches all five exactly. Any write, truncation, replacement or `touch` moves ctime,
-which no user call can set, so a changed file is never given its old hash — not even when its
-size is unchanged and its mtime was forged back with utime.
+`data/.cache/batches/<batch>.jsonl` with the stat of the version that was hashed: size, mtime_ns,
+ctime_ns, inode and device. A reader trusts an entry only while the file's current stat matches all
+five exactly. Any write, truncation, replacement or `touch` moves ctime, which no user call can set,
+so a changed file is never given its old hash — not even when its size is unchanged and its mtime
+was forged back with utime.
 
 Racy entries (git's term) are never recorded: where a file had changed less than RACY_NS before it
 was hashed, a second change within the same timestamp tick could leave every stat field equal.
