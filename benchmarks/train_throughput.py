@@ -127,7 +127,8 @@ def bench(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[
     unet = build_unet(shape, device, dtype, args.rank)
     params = [p for p in unet.parameters() if p.requires_grad]
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
-    recipe = Recipe(name="bench", optimizer=args.optimizer, learning_rate=1.0 if adaptive else 1e-4)
+    recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
+                    learning_rate=1.0 if adaptive else 1e-4)
     optimizer = make_optimizer(recipe, params, device)
     lr_scheduler = make_lr_scheduler(recipe, optimizer, args.warmup + args.steps + 1)
     accelerator = make_accelerator(device, precision)

@@ -183,8 +183,8 @@ def test_build_metadata_writes_kohya_modelspec_and_provenance_keys():
     assert (meta["lora_pipeline.manifest_root"], meta["lora_pipeline.mlflow_run_id"]) == ("ab" * 32, "run42")
     assert meta["lora_pipeline.epoch"] == "3" and meta["lora_pipeline.code_commit"] == "0123abc"
     sd15 = build_metadata(
-        recipe=Recipe(name="r"), provenance=PROVENANCE, epoch=1, steps=1, max_train_steps=1, num_train_images=1,
-        num_batches_per_epoch=1, tag_frequency={}, dataset_dirs={}, training_started_at=0.0,
+        recipe=Recipe(name="r", base_model="tiny-sd"), provenance=PROVENANCE, epoch=1, steps=1, max_train_steps=1,
+        num_train_images=1, num_batches_per_epoch=1, tag_frequency={}, dataset_dirs={}, training_started_at=0.0,
     )
     assert sd15["ss_base_model_version"] == "sd_v1" and sd15["modelspec.implementation"] == "diffusers"
     assert sd15["modelspec.architecture"] == "stable-diffusion-v1/lora"

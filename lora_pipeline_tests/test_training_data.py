@@ -21,8 +21,8 @@ from lora_pipeline.core.training.data import (
 )
 from lora_pipeline.core.training.recipe import Recipe
 
-RECIPE = Recipe(name="r", resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16,
-                validation_split=0.2)
+RECIPE = Recipe(name="r", base_model="tiny-sd", resolution=64, min_bucket_reso=32, max_bucket_reso=128,
+                bucket_reso_steps=16, validation_split=0.2)
 
 
 def test_split_is_by_sha256_order_and_never_empties_training():

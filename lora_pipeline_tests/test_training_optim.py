@@ -22,7 +22,7 @@ def test_each_optimizer_takes_a_step(name):
     lr = 1.0 if name in ("DAdaptAdamW", "Prodigy") else 1e-2
     param = _param()
     before = param.detach().clone()
-    optimizer = make_optimizer(Recipe(name="r", optimizer=name, learning_rate=lr), [param], CPU)
+    optimizer = make_optimizer(Recipe(name="r", base_model="tiny-sd", optimizer=name, learning_rate=lr), [param], CPU)
     for _ in range(3):
         param.grad = torch.ones_like(param)
         optimizer.step()
@@ -38,7 +38,8 @@ def test_each_optimizer_takes_a_step(name):
 
 def _lrs(scheduler_name: str, warmup: int, total: int) -> list[float]:
     param = _param()
-    recipe = Recipe(name="r", optimizer="AdamW", learning_rate=0.1, lr_scheduler=scheduler_name, lr_warmup_steps=warmup)
+    recipe = Recipe(name="r", base_model="tiny-sd", optimizer="AdamW", learning_rate=0.1, lr_scheduler=scheduler_name,
+                    lr_warmup_steps=warmup)
     optimizer = make_optimizer(recipe, [param], CPU)
     scheduler = make_lr_scheduler(recipe, optimizer, total)
     lrs = []

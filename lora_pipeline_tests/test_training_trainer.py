@@ -24,9 +24,9 @@ from lora_pipeline.core.training.trainer import train_lora
 
 PROVENANCE = {"code_commit": "test-commit", "mlflow_run_id": "test-run"}
 STARTED_AT = 1_700_000_000.0
-TINY = {"name": "tiny", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16,
-        "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0, "mixed_precision": "no",
-        "validation_split": 0.2}
+TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
+        "bucket_reso_steps": 16, "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0,
+        "mixed_precision": "no", "validation_split": 0.2}
 
 
 def tiny_recipe(**overrides) -> Recipe:

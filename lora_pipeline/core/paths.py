@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_pipeline.core.names import is_name, require_name
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
 
@@ -18,7 +20,12 @@ def default_data_root() -> Path:
 
 @dataclass(frozen=True)
 class DataRoot:
-    """Typed accessors for the data layout; one instance per data root."""
+    """Typed accessors for the data layout; one instance per data root.
+
+    Every accessor that puts a name into a path checks it is one safe path segment (core/names.py),
+    so a batch id, version or recipe name can never select a folder outside its place. The listings
+    return valid names only; `misnamed_entries` says what they left out.
+    """
 
     root: Path
 
@@ -64,39 +71,43 @@ class DataRoot:
         return self.root / ".cache"
 
     def batch(self, batch_id: str) -> Path:
-        return self.sources / batch_id
+        return self.sources / require_name(batch_id, "batch id")
 
     def spec_file(self, version: str) -> Path:
-        return self.specs / f"{version}.yaml"
+        return self.specs / f"{require_name(version, 'dataset version')}.yaml"
 
     def recipe_file(self, recipe: str) -> Path:
-        return self.recipes / f"{recipe}.yaml"
+        return self.recipes / f"{require_name(recipe, 'recipe')}.yaml"
 
     def dataset(self, version: str) -> Path:
-        return self.datasets / version
+        return self.datasets / require_name(version, "dataset version")
 
     def loras(self, version: str, recipe: str) -> Path:
-        return self.loras_root / version / recipe
+        return self.loras_root / require_name(version, "dataset version") / require_name(recipe, "recipe")
 
     def evals(self, version: str, recipe: str) -> Path:
-        return self.evals_root / version / recipe
+        return self.evals_root / require_name(version, "dataset version") / require_name(recipe, "recipe")
+
+    def _ready_batch_folders(self) -> list[Path]:
+        if not self.sources.is_dir():
+            return []
+        return [p for p in self.sources.iterdir() if p.is_dir() and not p.is_symlink() and (p / READY_MARKER).is_file()]
+
+    def _yaml_files(self, folder: Path) -> list[Path]:
+        return list(folder.glob("*.yaml")) if folder.is_dir() else []
 
     def ready_batches(self) -> list[str]:
         """Batch ids whose folder holds the `_READY` marker, sorted."""
-        if not self.sources.is_dir():
-            return []
-        return sorted(
-            p.name
-            for p in self.sources.iterdir()
-            if p.is_dir() and not p.is_symlink() and (p / READY_MARKER).is_file()
-        )
+        return sorted(p.name for p in self._ready_batch_folders() if is_name(p.name))
 
     def spec_versions(self) -> list[str]:
-        if not self.specs.is_dir():
-            return []
-        return sorted(p.stem for p in self.specs.glob("*.yaml"))
+        return sorted(p.stem for p in self._yaml_files(self.specs) if is_name(p.stem))
 
     def recipe_names(self) -> list[str]:
-        if not self.recipes.is_dir():
-            return []
-        return sorted(p.stem for p in self.recipes.glob("*.yaml"))
+        return sorted(p.stem for p in self._yaml_files(self.recipes) if is_name(p.stem))
+
+    def misnamed_entries(self) -> list[Path]:
+        """Ready batch folders, spec and recipe files whose names are not valid names (the listings skip them)."""
+        entries = [(p, p.name) for p in self._ready_batch_folders()]
+        entries += [(p, p.stem) for p in self._yaml_files(self.specs) + self._yaml_files(self.recipes)]
+        return sorted(p for p, name in entries if not is_name(name))

@@ -4,7 +4,7 @@ matching batch lands. The old version is never touched; the new spec says which 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -12,6 +12,7 @@ import yaml
 from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.datasets.snapshot_plan import family, next_free_version, version_number
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.yamlfile import load_yaml_mapping
@@ -29,30 +30,52 @@ class AutoRebuild:
     spec_path: Path
 
 
-def latest_auto_rebuild_specs(root: DataRoot) -> list[DatasetSpec]:
-    """Per dataset family, the newest spec that asks for auto-rebuild with a glob batch source."""
+@dataclass(frozen=True)
+class AutoRebuildTick:
+    """What one look at new batches did: the specs written, and the specs that could not be read."""
+
+    written: list[AutoRebuild] = field(default_factory=list)
+    unreadable: list[UserError] = field(default_factory=list)
+
+
+def latest_auto_rebuild_specs(root: DataRoot) -> tuple[list[DatasetSpec], list[UserError]]:
+    """Per dataset family, the newest spec that asks for auto-rebuild with a glob batch source.
+
+    A spec that fails to load is returned as its error instead of stopping the others. A family
+    whose newest spec file is unreadable is left out: its last word is unknown until it is fixed.
+    """
     newest: dict[str, DatasetSpec] = {}
+    unreadable: list[UserError] = []
+    newest_unreadable: dict[str, int] = {}
     for version in root.spec_versions():
-        spec = load_spec(root.spec_file(version))
+        try:
+            spec = load_spec(root.spec_file(version))
+        except UserError as exc:
+            unreadable.append(exc)
+            name = family(version)
+            newest_unreadable[name] = max(newest_unreadable.get(name, -1), version_number(version))
+            continue
         if not (spec.auto_rebuild and _glob_sources(spec)):
             continue
         name = family(spec.name)
         if name not in newest or version_number(spec.name) > version_number(newest[name].name):
             newest[name] = spec
-    return [newest[f] for f in sorted(newest)]
+    usable = [newest[f] for f in sorted(newest) if newest_unreadable.get(f, -1) < version_number(newest[f].name)]
+    return usable, unreadable
 
 
-def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> list[AutoRebuild]:
-    """Write one new spec per (auto-rebuild family, matching new batch set); return what was written.
+def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> AutoRebuildTick:
+    """Write one new spec per (auto-rebuild family, matching new batch set); say what was written.
 
     The new spec is the newest spec of the family with a new name and an intent naming the
     trigger; its glob sources now also match the new batch. Only a built version can be
     outgrown: while the newest version is unbuilt, its own build picks the batch up, and a batch
     its snapshot already holds changes nothing. Files are created exclusively, so an existing
-    spec is never overwritten.
+    spec is never overwritten. Unreadable specs are skipped and reported, never a reason to stop.
     """
-    made = []
-    for spec in latest_auto_rebuild_specs(root):
+    specs, unreadable = latest_auto_rebuild_specs(root)
+    tick = AutoRebuildTick(unreadable=unreadable)
+    for spec in specs:
         info_path = root.dataset(spec.name) / SNAPSHOT
         if not info_path.is_file():
             continue
@@ -70,5 +93,5 @@ def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> list[Aut
         path = root.spec_file(new_version)
         with open(path, "x", encoding="utf-8") as f:
             yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)
-        made.append(AutoRebuild(spec.name, new_version, ", ".join(matching), path))
-    return made
+        tick.written.append(AutoRebuild(spec.name, new_version, ", ".join(matching), path))
+    return tick

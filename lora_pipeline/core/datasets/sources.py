@@ -23,11 +23,12 @@ from typing import Any
 from lora_pipeline.core.datasets.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
 from lora_pipeline.core.datasets.hashcache import HASH_WORKERS, fingerprint_files, record
 from lora_pipeline.core.datasets.problems import Problem, problem
-from lora_pipeline.core.datasets.spec import NAME_RE, DatasetSpec, SourceRef
+from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
+from lora_pipeline.core.names import require_name
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -123,14 +124,8 @@ def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
     return files, problems
 
 
-def _check_name(batch: str) -> None:
-    if not NAME_RE.match(batch):
-        raise UserError(f"batch id '{batch}' may only use letters, digits, '.', '_' and '-'")
-
-
 def scan_batch(root: DataRoot, batch: str) -> BatchScan:
     """List a complete batch's files and what was skipped; raises UserError if it is missing or not ready."""
-    _check_name(batch)
     top = root.batch(batch)
     if top.is_symlink():
         raise UserError("batch folder is a symbolic link; bring the handoff in with `lora-pipeline intake`", top)
@@ -178,7 +173,7 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     Its hashes are not put in the hash cache: the copies are brand new, so by the racy rule
     (see hashcache) they could not be trusted; `source_batch` registers the batch soon after.
     """
-    _check_name(batch)
+    require_name(batch, "batch id")
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise UserError("handoff folder not found (or not a folder)", src_dir)

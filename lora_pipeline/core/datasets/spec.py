@@ -1,32 +1,56 @@
-"""Dataset specs: `data/specs/<version>.yaml`, parsed and checked (DESIGN.md, "Dataset spec")."""
+"""Dataset specs: `data/specs/<version>.yaml`, parsed and checked by a typed schema.
+
+docs/fields.md lists every field; it is generated from these classes (`make docs`).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
-from lora_pipeline.core.yamlfile import load_yaml_mapping, reject_unknown
+from lora_pipeline.core.names import MAX_NAME_LENGTH
+from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, TextList, non_empty, validate
+from lora_pipeline.core.yamlfile import load_yaml_mapping
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # A batch source may be a glob over batch names ("turntable-renders-*"): it takes every ready batch
 # that matches when the version is built, and lets `auto_rebuild` make a new version when one lands.
-BATCH_PATTERN_RE = re.compile(r"^[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*$")
-TRIGGER_RE = re.compile(r"^\S+$")
+BATCH_PATTERN_RE = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*")
 CaptionFrom = Literal["sidecar", "table", "attributes"]
 
 
-@dataclass(frozen=True)
-class SourceRef:
-    """One entry of `sources:`: a batch (with optional globs) or an earlier dataset version."""
+def _check_batch_pattern(value: str) -> str:
+    if len(value) > MAX_NAME_LENGTH or not BATCH_PATTERN_RE.fullmatch(value):
+        raise ValueError(f"{value[:40]!r} is not a batch name or a glob over batch names")
+    return value
 
-    batch: str | None = None
-    dataset: str | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+
+BatchPattern = Annotated[
+    Text, AfterValidator(_check_batch_pattern), WithJsonSchema({"type": "string", "format": "batch name or glob"})
+]
+
+
+@dataclass(frozen=True, config=CONFIG)
+class SourceRef:
+    """One entry of `sources:`: exactly one of `batch` (a batch id or a glob over batch ids) or `dataset` (an
+    earlier version). A single text is accepted where a list of globs is expected."""
+
+    batch: BatchPattern | None = Field(None, description="a ready batch id, or a glob over batch ids (`curated-*`)")
+    dataset: Name | None = Field(None, description="an earlier dataset version whose images are copied again")
+    include: TextList = Field((), description="globs over paths inside the batch; only matching files are taken")
+    exclude: TextList = Field((), description="globs over paths inside the batch that are left out")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceRef:
+        if (self.batch is None) == (self.dataset is None):
+            raise ValueError("each source needs exactly one of 'batch' or 'dataset'")
+        return self
 
     @property
     def kind(self) -> str:
@@ -41,36 +65,72 @@ class SourceRef:
         return bool(self.batch) and any(c in self.batch for c in "*?[")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CONFIG)
 class CaptionSpec:
-    source: CaptionFrom = "sidecar"  # the YAML key is `from`
-    table: str | None = None  # "<batch>/<path>" or a path inside the single named batch
-    template: str | None = None
-    vocabulary: tuple[str, ...] = ()
-    banned: tuple[str, ...] = ()
-    prepend_trigger: bool = False
-    shared_caption_limit: int = 3
+    """Where captions come from and what they may say. `table` is required when `from` is table or attributes,
+    `template` when it is attributes. A single text is accepted where a list is expected."""
+
+    source: CaptionFrom = Field(
+        "sidecar", alias="from",
+        description="sidecar (`<stem>.txt` beside the image), table (CSV/JSONL with `file`, `caption`) or "
+        "attributes (CSV/JSONL columns rendered with `template`)",
+    )
+    table: Text | None = Field(
+        None, description="for table/attributes: `<batch>/<path>`, or a path inside the spec's only batch"
+    )
+    template: Text | None = Field(
+        None, description="for attributes: str.format placeholders naming columns; `{trigger}` is the trigger"
+    )
+    vocabulary: TextList = Field((), description="allowed tags; when given, every caption word must come from them")
+    banned: TextList = Field((), description="words no caption may contain (category words)")
+    prepend_trigger: Bool = Field(False, description="put the trigger first instead of failing the lint")
+    shared_caption_limit: Int = Field(
+        3, ge=1, description="a caption used by more images than this is reported (`shared_caption`)"
+    )
+
+    @model_validator(mode="after")
+    def _needs_table(self) -> CaptionSpec:
+        if self.source in ("table", "attributes") and not self.table:
+            raise ValueError(f"'table' is required when 'from' is {self.source}")
+        if self.source == "attributes" and not self.template:
+            raise ValueError("'template' is required when 'from' is attributes")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CONFIG)
 class ChecksSpec:
-    min_side: int = 512
-    max_aspect: float = 2.5
-    near_duplicates: Literal["warn", "error", "ignore"] = "warn"
-    max_pixels: int = 64_000_000
+    """Limits of the dataset checks; images outside them are errors that block training."""
+
+    min_side: Int = Field(512, ge=1, le=100_000, description="images with a shorter side are an error (px)")
+    max_aspect: Float = Field(2.5, ge=1.0, le=100.0, description="long side / short side above this is an error")
+    near_duplicates: Literal["warn", "error", "ignore"] = Field(
+        "warn", description="severity of near-duplicate images (exact duplicates are always reported)"
+    )
+    max_pixels: Int = Field(
+        64_000_000, ge=1, le=1_000_000_000, description="images with more pixels are refused (decompression bombs)"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CONFIG)
 class DatasetSpec:
-    name: str
-    trigger: str
-    repeats: int
-    sources: tuple[SourceRef, ...]
-    intent: str = ""
-    merge: bool = False
-    auto_rebuild: bool = False
-    captions: CaptionSpec = field(default_factory=CaptionSpec)
-    checks: ChecksSpec = field(default_factory=ChecksSpec)
+    """One dataset version: `name` equals the file stem."""
+
+    name: Name = Field(description="the dataset version; must equal the file stem")
+    trigger: Name = Field(
+        description="the trigger token: first token of every caption and part of the image folder "
+        "`img/<repeats>_<trigger>/`, so a name (no spaces or commas)"
+    )
+    repeats: Int = Field(ge=1, le=10_000, description="kohya repeats: how often each image is seen per epoch")
+    sources: Annotated[tuple[SourceRef, ...], AfterValidator(non_empty)] = Field(
+        description="where the images come from (a non-empty list)"
+    )
+    intent: Text = Field("", description="one line saying why this version exists")
+    merge: Bool = Field(False, description="true is required to reuse a dataset of another family")
+    auto_rebuild: Bool = Field(
+        False, description="with a glob batch source: a matching new batch yields a new version spec"
+    )
+    captions: CaptionSpec = Field(default_factory=CaptionSpec, description="caption source and rules (below)")
+    checks: ChecksSpec = Field(default_factory=ChecksSpec, description="limits of the dataset checks (below)")
 
     @property
     def class_folder(self) -> str:
@@ -88,110 +148,11 @@ class DatasetSpec:
         return sha256_json(self.resolved())
 
 
-SPEC_FIELDS = {"name", "intent", "trigger", "repeats", "sources", "merge", "auto_rebuild", "captions", "checks"}
-SOURCE_FIELDS = {"batch", "dataset", "include", "exclude"}
-CAPTION_FIELDS = {"from", "table", "template", "vocabulary", "banned", "prepend_trigger", "shared_caption_limit"}
-CHECK_FIELDS = {"min_side", "max_aspect", "near_duplicates", "max_pixels"}
-
-
-def _str_list(value: Any, what: str, path: Path) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{what} must be a list of strings", path)
-    return tuple(value)
-
-
 def parse_spec(data: dict[str, Any], path: Path) -> DatasetSpec:
-    reject_unknown(data, SPEC_FIELDS, path)
-    for required in ("name", "trigger", "repeats", "sources"):
-        if required not in data:
-            raise UserError(f"missing required field '{required}'", path)
-    name = str(data["name"])
-    if name != path.stem:
-        raise UserError(f"name '{name}' must equal the file stem '{path.stem}'", path)
-    if not NAME_RE.match(name):
-        raise UserError(f"name '{name}' may only use letters, digits, '.', '_' and '-'", path)
-    trigger = str(data["trigger"])
-    if not TRIGGER_RE.match(trigger) or "," in trigger:
-        raise UserError(f"trigger '{trigger}' must be one token without spaces or commas", path)
-    repeats = data["repeats"]
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise UserError("repeats must be a positive integer", path)
-    raw_sources = data["sources"]
-    if not isinstance(raw_sources, list) or not raw_sources:
-        raise UserError("sources must be a non-empty list", path)
-    sources = []
-    for entry in raw_sources:
-        if not isinstance(entry, dict):
-            raise UserError("each source must be a mapping with 'batch' or 'dataset'", path)
-        reject_unknown(entry, SOURCE_FIELDS, path, "in source: ")
-        if ("batch" in entry) == ("dataset" in entry):
-            raise UserError("each source needs exactly one of 'batch' or 'dataset'", path)
-        ref = SourceRef(
-            batch=str(entry["batch"]) if "batch" in entry else None,
-            dataset=str(entry["dataset"]) if "dataset" in entry else None,
-            include=_str_list(entry.get("include"), "include", path),
-            exclude=_str_list(entry.get("exclude"), "exclude", path),
-        )
-        if not (BATCH_PATTERN_RE if ref.batch else NAME_RE).match(ref.name):
-            raise UserError(f"source name '{ref.name}' is not a valid folder name", path)
-        sources.append(ref)
-    captions = _parse_captions(data.get("captions") or {}, path)
-    checks = _parse_checks(data.get("checks") or {}, path)
-    return DatasetSpec(
-        name=name,
-        intent=str(data.get("intent") or ""),
-        trigger=trigger,
-        repeats=repeats,
-        sources=tuple(sources),
-        merge=bool(data.get("merge", False)),
-        auto_rebuild=bool(data.get("auto_rebuild", False)),
-        captions=captions,
-        checks=checks,
-    )
-
-
-def _parse_captions(data: dict[str, Any], path: Path) -> CaptionSpec:
-    if not isinstance(data, dict):
-        raise UserError("captions must be a mapping", path)
-    reject_unknown(data, CAPTION_FIELDS, path, "in captions: ")
-    source = data.get("from", "sidecar")
-    if source not in ("sidecar", "table", "attributes"):
-        raise UserError(f"captions.from must be sidecar, table or attributes, not '{source}'", path)
-    if source in ("table", "attributes") and not data.get("table"):
-        raise UserError(f"captions.from: {source} needs captions.table", path)
-    if source == "attributes" and not data.get("template"):
-        raise UserError("captions.from: attributes needs captions.template", path)
-    return CaptionSpec(
-        source=source,
-        table=data.get("table"),
-        template=data.get("template"),
-        vocabulary=_str_list(data.get("vocabulary"), "captions.vocabulary", path),
-        banned=_str_list(data.get("banned"), "captions.banned", path),
-        prepend_trigger=bool(data.get("prepend_trigger", False)),
-        shared_caption_limit=int(data.get("shared_caption_limit", 3)),
-    )
-
-
-def _parse_checks(data: dict[str, Any], path: Path) -> ChecksSpec:
-    if not isinstance(data, dict):
-        raise UserError("checks must be a mapping", path)
-    reject_unknown(data, CHECK_FIELDS, path, "in checks: ")
-    near = data.get("near_duplicates", "warn")
-    if near not in ("warn", "error", "ignore"):
-        raise UserError("checks.near_duplicates must be warn, error or ignore", path)
-    try:
-        return ChecksSpec(
-            min_side=int(data.get("min_side", 512)),
-            max_aspect=float(data.get("max_aspect", 2.5)),
-            near_duplicates=near,
-            max_pixels=int(data.get("max_pixels", 64_000_000)),
-        )
-    except (TypeError, ValueError):
-        raise UserError("checks.min_side, max_aspect and max_pixels must be numbers", path) from None
+    spec = validate(DatasetSpec, data, path)
+    if spec.name != path.stem:
+        raise UserError(f"name: '{spec.name}' must equal the file stem '{path.stem}'", path)
+    return spec
 
 
 def load_spec(path: Path) -> DatasetSpec:

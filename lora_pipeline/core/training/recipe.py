@@ -1,60 +1,101 @@
-"""Training recipes: `data/recipes/<recipe>.yaml` in kohya's vocabulary (DESIGN.md, "Recipes")."""
+"""Training recipes: `data/recipes/<recipe>.yaml` in kohya's vocabulary, parsed and checked by a typed schema.
+
+docs/fields.md lists every field with its range; it is generated from this class (`make docs`).
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
-from lora_pipeline.core.yamlfile import load_yaml_mapping, reject_unknown
+from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, non_empty, validate
+from lora_pipeline.core.yamlfile import load_yaml_mapping
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-OPTIMIZERS = ("DAdaptAdamW", "AdamW", "AdamW8bit", "Prodigy")
-SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
-PRECISIONS = ("no", "fp16", "bf16")
-FAMILIES = ("sd15", "sdxl")
+MAX_RESOLUTION = 2048  # the square side: buckets hold at most MAX_RESOLUTION**2 (about 4.2 megapixels)
+MAX_BUCKET_SIDE = 4096
+MAX_SEED = 2**32 - 1
+
+Family = Literal["sd15", "sdxl"]
+OptimizerName = Literal["DAdaptAdamW", "AdamW", "AdamW8bit", "Prodigy"]
+SchedulerName = Literal["constant", "cosine", "linear", "constant_with_warmup"]
+Precision = Literal["no", "fp16", "bf16"]
+FAMILIES, OPTIMIZERS = get_args(Family), get_args(OptimizerName)
+SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
+EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CONFIG)
 class Recipe:
-    name: str
-    base_model: str = "tiny-sd"
-    model_family: Literal["sd15", "sdxl"] = "sd15"
-    resolution: int = 512
-    enable_bucket: bool = True
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    epochs: int = 20
-    save_every_n_epochs: int = 1
-    train_batch_size: int = 1
-    network_dim: int = 32
-    network_alpha: float = 16.0
-    network_train_unet_only: bool = True
-    optimizer: str = "DAdaptAdamW"
-    learning_rate: float = 1.0
-    weight_decay: float = 0.01
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    shuffle_caption: bool = True
-    keep_tokens: int = 1
-    caption_separator: str = ","
-    mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = False
-    cache_latents: bool = True
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    seed: int = 42
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    sample_seed: int = 1234
-    guidance_scale: float = 7.0
-    eval_weights: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2)
-    eval_max_epochs: int = 0  # 0 = every saved epoch; N = an even subset of N epochs
-    validation_split: float = 0.1
+    """kohya-style training settings. `name` defaults to the file stem and must equal it; `min_bucket_reso` must
+    not exceed `max_bucket_reso`."""
+
+    name: Name = Field(description="the recipe name; defaults to the file stem and must equal it")
+    base_model: Text = Field(
+        min_length=1, max_length=1000,
+        description="a local diffusers folder, a hub id already in the local cache, or `tiny-sd` / `tiny-sdxl`",
+    )
+    model_family: Family = Field("sd15", description="the base model's architecture")
+    resolution: Int = Field(
+        512, ge=64, le=MAX_RESOLUTION, multiple_of=8,
+        description="training side in px; buckets keep the area at most resolution²",
+    )
+    enable_bucket: Bool = Field(True, description="kohya aspect-ratio buckets (false: every image is square)")
+    min_bucket_reso: Int = Field(256, ge=8, le=MAX_BUCKET_SIDE, description="shortest bucket side (px)")
+    max_bucket_reso: Int = Field(1024, ge=8, le=MAX_BUCKET_SIDE, description="longest bucket side (px)")
+    bucket_reso_steps: Int = Field(
+        64, ge=8, le=1024, multiple_of=8, description="bucket sides are multiples of this (px)"
+    )
+    epochs: Int = Field(20, ge=1, le=10_000, description="passes over the dataset (with its repeats)")
+    save_every_n_epochs: Int = Field(1, ge=1, le=10_000, description="write an epoch file every N epochs")
+    train_batch_size: Int = Field(1, ge=1, le=1024, description="images per optimizer step")
+    network_dim: Int = Field(32, ge=1, le=1024, description="LoRA rank")
+    network_alpha: Float = Field(16.0, gt=0.0, le=1024.0, description="LoRA alpha (scale = alpha / dim)")
+    network_train_unet_only: Bool = Field(True, description="train the U-Net only (the only supported value: true)")
+    optimizer: OptimizerName = Field(
+        "DAdaptAdamW", description="DAdaptAdamW and Prodigy adapt the step size (use learning_rate 1.0)"
+    )
+    learning_rate: Float = Field(1.0, gt=0.0, le=10.0, description="step size (a multiplier for adaptive optimizers)")
+    weight_decay: Float = Field(0.01, ge=0.0, le=10.0, description="decoupled weight decay")
+    lr_scheduler: SchedulerName = Field(
+        "constant", description="learning-rate schedule over all steps"
+    )
+    lr_warmup_steps: Int = Field(0, ge=0, le=1_000_000, description="steps of linear warm-up")
+    shuffle_caption: Bool = Field(True, description="shuffle caption tags after the first keep_tokens")
+    keep_tokens: Int = Field(1, ge=0, le=1000, description="leading tags that are never shuffled (the trigger)")
+    caption_separator: Text = Field(",", min_length=1, max_length=10, description="what separates caption tags")
+    mixed_precision: Precision = Field(
+        "bf16", description='autocast dtype on a GPU; write "no" in quotes (a bare no is YAML for false)'
+    )
+    gradient_checkpointing: Bool = Field(False, description="recompute activations to save GPU memory")
+    cache_latents: Bool = Field(True, description="encode every image once before training")
+    min_snr_gamma: Float | None = Field(None, gt=0.0, le=1000.0, description="Min-SNR loss weighting (off when null)")
+    noise_offset: Float = Field(0.0, ge=0.0, le=1.0, description="offset noise strength")
+    seed: Int = Field(42, ge=0, le=MAX_SEED, description="seed of initialisation, shuffling and noise")
+    sample_prompts: tuple[Text, ...] = Field((), max_length=100, description="prompts of the evaluation grid")
+    sample_steps: Int = Field(20, ge=1, le=1000, description="denoising steps per evaluation image")
+    sample_seed: Int = Field(1234, ge=0, le=MAX_SEED, description="seed of evaluation images (+ prompt index)")
+    guidance_scale: Float = Field(7.0, ge=0.0, le=100.0, description="classifier-free guidance of evaluation images")
+    eval_weights: Annotated[tuple[EvalWeight, ...], AfterValidator(non_empty)] = Field(
+        (0.6, 0.8, 1.0, 1.2), max_length=32, description="LoRA weights of the evaluation grid columns (non-empty)"
+    )
+    eval_max_epochs: Int = Field(
+        0, ge=0, le=10_000, description="0: evaluate every saved epoch; N: an even subset of N epochs"
+    )
+    validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError("min_bucket_reso must not be larger than max_bucket_reso")
+        if not self.network_train_unet_only:
+            raise ValueError("only network_train_unet_only: true is supported")
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in: MLflow params and the recipe hash use this."""
@@ -65,60 +106,10 @@ class Recipe:
         return sha256_json(self.resolved())
 
 
-RECIPE_FIELDS = {f.name for f in fields(Recipe)}
-
-
-def _check(condition: bool, message: str, path: Path) -> None:
-    if not condition:
-        raise UserError(message, path)
-
-
 def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
-    reject_unknown(data, RECIPE_FIELDS, path)
-    name = str(data.get("name", path.stem))
-    _check(name == path.stem, f"name '{name}' must equal the file stem '{path.stem}'", path)
-    _check(bool(NAME_RE.match(name)), f"name '{name}' may only use letters, digits, '.', '_' and '-'", path)
-    values = dict(data, name=name)
-    for key in ("sample_prompts", "eval_weights"):
-        if key in values:
-            _check(isinstance(values[key], list), f"{key} must be a list", path)
-            values[key] = tuple(values[key])
-    defaults = Recipe(name=name)
-    for f in fields(Recipe):
-        if f.name not in values or values[f.name] is None:
-            continue
-        default = getattr(defaults, f.name)
-        value = values[f.name]
-        try:
-            if isinstance(default, bool):
-                _check(isinstance(value, bool), f"{f.name} must be true or false", path)
-            elif isinstance(default, int):
-                _check(not isinstance(value, bool), f"{f.name} must be an integer", path)
-                values[f.name] = int(value)
-                _check(values[f.name] == value, f"{f.name} must be an integer", path)
-            elif isinstance(default, float) or f.name == "min_snr_gamma":
-                _check(not isinstance(value, bool), f"{f.name} must be a number", path)
-                values[f.name] = float(value)
-            elif f.name == "eval_weights":
-                values[f.name] = tuple(float(v) for v in value)
-            elif f.name == "sample_prompts":
-                values[f.name] = tuple(str(v) for v in value)
-        except (TypeError, ValueError):
-            raise UserError(f"{f.name} has the wrong type: {value!r}", path) from None
-    recipe = Recipe(**values)
-    _check(recipe.model_family in FAMILIES, f"model_family must be one of {', '.join(FAMILIES)}", path)
-    _check(recipe.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}", path)
-    _check(recipe.lr_scheduler in SCHEDULERS, f"lr_scheduler must be one of {', '.join(SCHEDULERS)}", path)
-    _check(recipe.mixed_precision in PRECISIONS, f"mixed_precision must be one of {', '.join(PRECISIONS)}", path)
-    _check(recipe.epochs >= 1, "epochs must be at least 1", path)
-    _check(recipe.save_every_n_epochs >= 1, "save_every_n_epochs must be at least 1", path)
-    _check(recipe.train_batch_size >= 1, "train_batch_size must be at least 1", path)
-    _check(recipe.network_dim >= 1, "network_dim must be at least 1", path)
-    _check(recipe.network_alpha > 0, "network_alpha must be positive", path)
-    _check(recipe.resolution % 8 == 0 and recipe.resolution >= 8, "resolution must be a multiple of 8", path)
-    _check(recipe.keep_tokens >= 0, "keep_tokens must be 0 or more", path)
-    _check(0.0 <= recipe.validation_split < 1.0, "validation_split must be in [0, 1)", path)
-    _check(recipe.network_train_unet_only, "only network_train_unet_only: true is supported", path)
+    recipe = validate(Recipe, {"name": path.stem, **data}, path)
+    if recipe.name != path.stem:
+        raise UserError(f"name: '{recipe.name}' must equal the file stem '{path.stem}'", path)
     return recipe
 
 

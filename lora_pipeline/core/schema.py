@@ -1,0 +1,164 @@
+"""Typed config files: the strict field types specs and recipes are made of, and one-line errors.
+
+Specs and recipes are pydantic dataclasses (so `dataclasses.asdict`/`replace` keep working and the
+hashes of existing files do not change). Types are strict: `"false"` is not a bool, `true` is not
+an integer, `"2.5"` is not a number; an integer is accepted where a number is expected. NaN and
+infinity are refused. A field written as `null` (or left empty) takes its default.
+
+A pydantic `ValidationError` becomes one `UserError` line naming the file, the field path
+(`captions.template`, `sources[0].batch`) and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.names import check_name
+
+T = TypeVar("T")
+
+CONFIG = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+Bool = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Text = Annotated[str, Strict()]
+Name = Annotated[str, Strict(), AfterValidator(check_name), WithJsonSchema({"type": "string", "format": "name"})]
+
+
+def _one_or_many(value: Any) -> Any:
+    """A single string where a list of strings is expected means a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+TextList = Annotated[tuple[Text, ...], BeforeValidator(_one_or_many)]
+
+
+def non_empty(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    """For list fields that need an item (a `min_length` would also fire when every item is invalid)."""
+    if not items:
+        raise ValueError("must not be an empty list")
+    return items
+
+_MAX_ERRORS_SHOWN = 3
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
+
+
+def _without_nulls(value: Any) -> Any:
+    """Drop `key: null` entries from every mapping, so that a null field takes its default."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            key = part if _PLAIN_KEY.fullmatch(part) else repr(part[:40])
+            out += f".{key}" if out else key
+    return out
+
+
+def _shown(value: Any) -> str:
+    """The offending input in a few characters, always on one line."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        text = repr(value[:40] + ("..." if len(value) > 40 else ""))
+        return f"{text}, text"
+    if isinstance(value, bool) or value is None or isinstance(value, int | float):
+        try:
+            text = repr(value)
+        except ValueError:  # an integer too long to print
+            return "a very long number"
+        return text if len(text) <= 40 else text[:37] + "..."
+    return type(value).__name__
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    plain = {
+        "missing": "required field is missing",
+        "missing_argument": "required field is missing",
+        "extra_forbidden": "unknown field",
+        "unexpected_keyword_argument": "unknown field",
+        "bool_type": "expected true or false",
+        "int_type": "expected a whole number",
+        "float_type": "expected a number",
+        "finite_number": "expected a finite number (not NaN or infinity)",
+        "string_type": "expected text",
+        "tuple_type": "expected a list",
+        "list_type": "expected a list",
+        "dataclass_type": "expected a mapping of fields",
+        "dict_type": "expected a mapping of fields",
+        "model_type": "expected a mapping of fields",
+    }
+    if kind in plain:
+        return plain[kind]
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected')}"
+    bounds = {
+        "greater_than": ("greater than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+        "multiple_of": ("a multiple of", "multiple_of"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx.get(key)}"
+    if kind in ("too_short", "string_too_short"):
+        return "must not be empty" if ctx.get("min_length") == 1 else f"needs at least {ctx.get('min_length')} items"
+    if kind in ("too_long", "string_too_long"):
+        return f"must have at most {ctx.get('max_length')} {'characters' if kind.startswith('string') else 'items'}"
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", error["msg"]))
+    return str(error["msg"])
+
+
+def describe(exc: ValidationError, path: Path) -> UserError:
+    """One line for all of a validation's errors (the first few, then a count)."""
+    parts = []
+    errors = exc.errors(include_url=False)
+    for error in errors[:_MAX_ERRORS_SHOWN]:
+        where = _field_path(tuple(error["loc"]))
+        got = "" if error["type"] in ("missing", "missing_argument") else f" (got {_shown(error['input'])})"
+        if error["type"] in ("extra_forbidden", "unexpected_keyword_argument", "value_error", "assertion_error"):
+            got = ""
+        parts.append(f"{where + ': ' if where else ''}{_expected(error)}{got}")
+    more = len(errors) - _MAX_ERRORS_SHOWN
+    line = "; ".join(parts) + (f"; and {more} more problem{'s' if more > 1 else ''}" if more > 0 else "")
+    return UserError(" ".join(line.split()), path)
+
+
+def validate(kind: type[T], data: Mapping[str, Any], path: Path) -> T:
+    """`data` (plain YAML data) as a `kind`, or a one-line UserError naming `path`.
+
+    Fields are read by their YAML names only (`from`, not the attribute name `source`).
+    """
+    try:
+        return TypeAdapter(kind).validate_python(_without_nulls(data), by_alias=True, by_name=False)
+    except ValidationError as exc:
+        raise describe(exc, path) from None
