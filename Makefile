@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 
-.PHONY: demo test lint ui mlflow-ui clean install
+.PHONY: demo test lint ui mlflow-ui clean install docs fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 test: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+
+docs: $(STAMP)
+	$(BIN)/python -m lora_pipeline.core.fielddocs docs/fields.md
+
+# The config fuzz test for FUZZ_SECONDS (default 600) instead of make test's few hundred examples.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:xdist -p no:cacheprovider -s \
+	  lora_pipeline_tests/test_schema.py -k fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts

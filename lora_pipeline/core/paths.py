@@ -107,7 +107,10 @@ class DataRoot:
         return sorted(p.stem for p in self._yaml_files(self.recipes) if is_name(p.stem))
 
     def misnamed_entries(self) -> list[Path]:
-        """Ready batch folders, spec and recipe files whose names are not valid names (the listings skip them)."""
+        """Ready batch folders, spec and recipe files whose names are not valid names (the listings skip them).
+
+        Hidden entries (intake's staging folders, editor files) are not listed: they are never content.
+        """
         entries = [(p, p.name) for p in self._ready_batch_folders()]
         entries += [(p, p.stem) for p in self._yaml_files(self.specs) + self._yaml_files(self.recipes)]
-        return sorted(p for p, name in entries if not is_name(name))
+        return sorted(p for p, name in entries if not is_name(name) and not p.name.startswith("."))
