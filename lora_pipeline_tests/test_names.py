@@ -8,7 +8,6 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.names import MAX_NAME_LENGTH, is_name, require_name
 from lora_pipeline.core.paths import DataRoot
 
-
 VALID = ["hardware-design-aesthetic-v1", "b1", "demo_tiny.2", "0-start", "A" * MAX_NAME_LENGTH]
 
 
