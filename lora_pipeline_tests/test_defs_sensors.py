@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import dagster as dg
 import yaml
 from PIL import Image, ImageDraw
@@ -29,6 +31,33 @@ def _context(inst: dg.DagsterInstance, root) -> dg.SensorEvaluationContext:
     )
 
 
+class _Warnings(logging.Handler):
+    """The warnings a sensor writes to its log (context.log) during one evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _watched(inst: dg.DagsterInstance, root) -> tuple[dg.SensorEvaluationContext, _Warnings]:
+    context = _context(inst, root)
+    warnings = _Warnings()
+    context.log.addHandler(warnings)
+    return context, warnings
+
+
+def _break_files(root) -> None:
+    """A spec and a recipe that do not load, and a spec file whose name is not a name."""
+    root.spec_file("broken-v1").write_text(
+        "name: broken-v1\ntrigger: x\nrepeats: 1\nsources: [{batch: b}]\nmerge: 'false'\n"
+    )
+    root.recipe_file("broken").write_text("base_model: tiny-sd\nlearning_rate: -1\n")
+    (root.specs / "not a name.yaml").write_text("name: x\n")
+
+
 def _land_batch(root, batch: str, colors: list[str]) -> None:
     folder = root.batch(batch)
     folder.mkdir(parents=True)
@@ -53,6 +82,24 @@ def test_spec_sensor_registers_versions_and_recipes(sample_root):
     assert not again.run_requests  # known versions are not rebuilt every tick
 
 
+def test_spec_sensor_skips_what_does_not_load_and_registers_the_rest(sample_root):
+    inst = dagster_runs.instance()
+    _break_files(sample_root)
+    context, warnings = _watched(inst, sample_root)
+    result = spec_sensor(context)
+    good_versions = set(sample_root.spec_versions()) - {"broken-v1"}
+    assert {r.partition_key for r in result.run_requests} == good_versions
+    _apply(inst, result)
+    assert set(inst.get_dynamic_partitions("dataset_versions")) == good_versions
+    assert set(inst.get_dynamic_partitions("recipes")) == set(sample_root.recipe_names()) - {"broken"}
+    assert any("broken-v1.yaml: merge: expected true or false" in w for w in warnings.lines), warnings.lines
+    assert any("broken.yaml: learning_rate: must be greater than 0" in w for w in warnings.lines), warnings.lines
+    assert any("not a name.yaml" in w for w in warnings.lines), warnings.lines
+    # fixed, the spec is registered on the next tick
+    sample_root.spec_file("broken-v1").write_text("name: broken-v1\ntrigger: x\nrepeats: 1\nsources: [{batch: b}]\n")
+    assert [r.partition_key for r in spec_sensor(_context(inst, sample_root)).run_requests] == ["broken-v1"]
+
+
 def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     inst = dagster_runs.instance()
     spec = {
@@ -71,7 +118,10 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     v2_before = tree_state(sample_root.dataset(f"{STUDY}-v2"))
 
     _land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
-    tick = source_batch_sensor(_context(inst, sample_root))
+    _break_files(sample_root)  # one broken spec (and recipe) must not block the new batch
+    context, warnings = _watched(inst, sample_root)
+    tick = source_batch_sensor(context)
+    assert any("broken-v1.yaml: merge: expected true or false" in w for w in warnings.lines), warnings.lines
     keys = {(r.job_name, r.partition_key) for r in tick.run_requests}
     assert (None, "curated-2026-12") in keys and ("build_dataset_job", f"{STUDY}-v3") in keys
     v3_spec = yaml.safe_load(sample_root.spec_file(f"{STUDY}-v3").read_text())
