@@ -7,12 +7,15 @@ import io
 import json
 import os
 import struct
+import time
 import zlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lora_pipeline_tests.test_cli import assert_one_line_error, cli
+from lora_pipeline_tests.test_defs_datasets import tree_state
 
 VERSION = "bad-inputs-v1"
 TRIGGER = "hdaesth"
@@ -125,3 +128,79 @@ def test_every_bad_input_is_named_in_the_report(sample_root):
     copied = {p.name for p in sample_root.dataset(VERSION).rglob("*")}
     assert not ({".DS_Store", "Thumbs.db", "secret.png", "link.png", "notes.pdf"} & copied)
     assert before == {p: p.read_bytes() for p in a.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+# --- config mistakes and names at the command line: one line, exit 1, nothing written ---------------------
+# One case of each kind runs through the CLI; test_spec.py, test_recipe.py and test_yamlfile.py hold the rest
+# (prepend_trigger "no", min_side true, duplicate keys, sample_steps 0, eval_weights [], infinity, 8 megapixels).
+SPEC_V1 = "hardware-design-aesthetic-v1"
+
+
+def _edit_spec(root, old: str, new: str) -> None:
+    path = root.spec_file(SPEC_V1)
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needles"),
+    [
+        ("  from: sidecar\n", "  from: sidecar\n  shared_caption_limit: lots\n",
+         ["captions.shared_caption_limit: expected a whole number (got 'lots', text)"]),
+        ("  from: sidecar\n", "  from: table\n  table: [a.csv, b.csv]\n",
+         ["captions.table: expected text (got a list)"]),
+        ("  from: sidecar\n", "  from: attributes\n  table: a.csv\n  template: 5\n",
+         ["captions.template: expected text (got 5)"]),
+        ("merge: false", 'merge: "false"', ["merge: expected true or false (got 'false', text)"]),
+        ("trigger: hdaesth", 'trigger: "a/../../x"', ["trigger: 'a/../../x' is not a name"]),
+        ("intent: ", "lol: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\nintent: *a\nx: ", ["aliases"]),
+    ],
+)
+def test_a_wrong_spec_is_one_line_at_build(sample_root, old, new, needles):
+    _edit_spec(sample_root, old, new)
+    assert_one_line_error(cli("build", SPEC_V1, check=False), f"{SPEC_V1}.yaml: ", *needles)
+    assert not sample_root.dataset(SPEC_V1).exists()
+
+
+def test_a_50_mb_spec_is_refused_at_once(sample_root):
+    with open(sample_root.spec_file(SPEC_V1), "ab") as f:
+        f.write(b"# padding\n" * 5_000_000)
+    started = time.monotonic()
+    assert_one_line_error(cli("build", SPEC_V1, check=False), "larger than the limit of 1,000,000 bytes")
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("recipe", "needles"),
+    [
+        ("bucket_reso_steps: -64\n", ["bucket_reso_steps: must be at least 8 (got -64)"]),  # it used to hang
+        ("learning_rate: -1\n", ["learning_rate: must be greater than 0"]),
+        ("learning_rate: .nan\n", ["learning_rate: expected a finite number"]),
+    ],
+)
+def test_a_recipe_out_of_range_is_one_line_at_train(sample_root, recipe, needles):
+    sample_root.recipe_file("bad").write_text("base_model: tiny-sd\n" + recipe)
+    started = time.monotonic()
+    assert_one_line_error(cli("train", SPEC_V1, "--recipe", "bad", check=False), "bad.yaml: ", *needles)
+    assert time.monotonic() - started < 60
+    assert not sample_root.loras_root.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["build", "/any/dir/y"], ["dataset version: '/any/dir/y' is not a name", "not a path"]),
+        (["train", "../datasets/mini-v1", "--recipe", "demo-tiny"], ["'../datasets/mini-v1' is not a name"]),
+        (["train", SPEC_V1, "--recipe", "../recipes/demo-tiny"], ["recipe: '../recipes/demo-tiny' is not a name"]),
+        (["intake", "SRC", "--batch", "b1\n"], ["batch id: 'b1\\n' is not a name"]),
+        (["verify", "../datasets"], ["dataset version: '../datasets' is not a name"]),
+    ],
+)
+def test_paths_and_odd_names_on_the_command_line_are_refused(sample_root, tmp_path, args, needles):
+    (tmp_path / "handoff").mkdir()
+    (tmp_path / "handoff" / "a.png").write_bytes(_png(seed=1))
+    before = tree_state(sample_root.root)
+    args = [str(tmp_path / "handoff") if a == "SRC" else a for a in args]
+    assert_one_line_error(cli(*args, check=False), *needles)
+    assert tree_state(sample_root.root) == before
