@@ -251,6 +251,8 @@ def test_jsonl_table_in_a_named_batch(root: DataRoot) -> None:
         ("t.csv", b"file,caption\na.png,caf\xe9\n", r"t\.csv: not UTF-8"),
         ("t.jsonl", '{"file": "a.png", "caption": "x"}\n{"file": \n', r"t\.jsonl: line 2 is not valid JSON"),
         ("t.jsonl", '["a.png", "x"]\n', r"t\.jsonl: line 1 is not a JSON object"),
+        ("t.jsonl", '{"file": ' + "[" * 100_000 + "\n", r"t\.jsonl: line 1 is not JSON this reader accepts"),
+        ("t.jsonl", '{"file": ' + "9" * 5000 + "}\n", r"t\.jsonl: line 1 is not JSON this reader accepts"),
         ("t.tsv", "file\tcaption\n", r"t\.tsv: a caption table must be \.csv or \.jsonl"),
         ("../t.csv", "file,caption\n", r"hw-v2\.yaml: captions.table '../t.csv' must be a path inside batch 'b1'"),
     ],

@@ -257,6 +257,9 @@ def _parse_jsonl(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"line {lineno} is not valid JSON: {exc.msg}", path) from None
+        except (ValueError, RecursionError):  # an integer of thousands of digits, or nesting past Python's limit
+            message = f"line {lineno} is not JSON this reader accepts (a huge number or deep nesting)"
+            raise UserError(message, path) from None
         if not isinstance(record, dict):
             raise UserError(f"line {lineno} is not a JSON object", path)
         columns.update(record)
