@@ -141,27 +141,23 @@ def _settings() -> settings:
     )
 
 
-def test_fuzz_specs(tmp_path_factory):
-    folder, counter = tmp_path_factory.mktemp("fuzz-specs"), [0, 0]
+FUZZ_TARGETS = {
+    "specs": (SPEC_TEXT, SPEC_PATHS, SPEC_NAME, load_spec, DatasetSpec),
+    "recipes": (RECIPE_TEXT, RECIPE_PATHS, RECIPE_NAME, load_recipe, Recipe),
+}
+
+
+@pytest.mark.parametrize("target", sorted(FUZZ_TARGETS))
+def test_fuzz_config_files(tmp_path_factory, target):
+    text, paths, name, load, kind = FUZZ_TARGETS[target]
+    folder, counter = tmp_path_factory.mktemp(f"fuzz-{target}"), [0, 0]
 
     @_settings()
-    @given(documents(SPEC_TEXT, SPEC_PATHS))
-    def one(text: str) -> None:
-        _check_load(folder / f"{SPEC_NAME}.yaml", text, load_spec, DatasetSpec, counter)
+    @given(documents(text, paths))
+    def one(document: str) -> None:
+        _check_load(folder / f"{name}.yaml", document, load, kind, counter)
 
-    _fuzz(one, counter, "specs")
-    assert counter[0] >= EXAMPLES_PER_RUN
-
-
-def test_fuzz_recipes(tmp_path_factory):
-    folder, counter = tmp_path_factory.mktemp("fuzz-recipes"), [0, 0]
-
-    @_settings()
-    @given(documents(RECIPE_TEXT, RECIPE_PATHS))
-    def one(text: str) -> None:
-        _check_load(folder / f"{RECIPE_NAME}.yaml", text, load_recipe, Recipe, counter)
-
-    _fuzz(one, counter, "recipes")
+    _fuzz(one, counter, target)
     assert counter[0] >= EXAMPLES_PER_RUN
 
 
