@@ -11,6 +11,7 @@ A pydantic `ValidationError` becomes one `UserError` line naming the file, the f
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,6 +55,7 @@ def non_empty(items: tuple[Any, ...]) -> tuple[Any, ...]:
     if not items:
         raise ValueError("must not be an empty list")
     return items
+
 
 _MAX_ERRORS_SHOWN = 3
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,40}")
@@ -153,12 +155,17 @@ def describe(exc: ValidationError, path: Path) -> UserError:
     return UserError(" ".join(line.split()), path)
 
 
+@functools.cache
+def _adapter(kind: type[T]) -> TypeAdapter[T]:
+    return TypeAdapter(kind)
+
+
 def validate(kind: type[T], data: Mapping[str, Any], path: Path) -> T:
     """`data` (plain YAML data) as a `kind`, or a one-line UserError naming `path`.
 
     Fields are read by their YAML names only (`from`, not the attribute name `source`).
     """
     try:
-        return TypeAdapter(kind).validate_python(_without_nulls(data), by_alias=True, by_name=False)
+        return _adapter(kind).validate_python(_without_nulls(data), by_alias=True, by_name=False)
     except ValidationError as exc:
         raise describe(exc, path) from None
