@@ -159,7 +159,7 @@ def cmd_verify(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
             raise UserError("no such dataset version (not built)", root.dataset(args.version))
         versions = [args.version]
     else:
-        versions = sorted(p.parent.name for p in root.datasets.glob("*/snapshot.json"))
+        versions = root.built_versions()
     results = [verify_version(root.dataset(v)) for v in versions]
     findings = [f for r in results if r.sealed for f in r.problems()]
     unsealed = [f for r in results if not r.sealed for f in r.problems()]

@@ -53,3 +53,11 @@ def test_listings_skip_misnamed_entries_and_say_so(tmp_path):
     assert root.ready_batches() == ["good-1"]
     assert root.spec_versions() == ["ok-v1"]
     assert root.misnamed_entries() == [root.sources / "bad name", root.specs / "no good.yaml"]  # hidden: never content
+
+
+def test_built_versions_leave_out_staging_folders(tmp_path):
+    root = DataRoot(tmp_path)
+    for folder in ("v-1", ".v-2.tmp-1-ab"):
+        (root.datasets / folder).mkdir(parents=True)
+        (root.datasets / folder / "snapshot.json").write_text("{}")
+    assert root.built_versions() == ["v-1"]

@@ -106,6 +106,12 @@ class DataRoot:
     def recipe_names(self) -> list[str]:
         return sorted(p.stem for p in self._yaml_files(self.recipes) if is_name(p.stem))
 
+    def built_versions(self) -> list[str]:
+        """Versions with a `snapshot.json`, sorted; staging folders (hidden names) are not versions."""
+        if not self.datasets.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.datasets.glob("*/snapshot.json") if is_name(p.parent.name))
+
     def misnamed_entries(self) -> list[Path]:
         """Ready batch folders, spec and recipe files whose names are not valid names (the listings skip them).
 

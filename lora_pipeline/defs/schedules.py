@@ -10,7 +10,7 @@ from lora_pipeline.defs.resources import DataRootResource
 @dg.op(description="Re-hash every sealed snapshot; fail naming each flipped, missing or extra file.")
 def verify_all_snapshots(context: dg.OpExecutionContext, data_root: DataRootResource) -> None:
     root = data_root.data
-    versions = sorted(p.parent.name for p in root.datasets.glob("*/snapshot.json"))
+    versions = root.built_versions()
     findings = []
     for version in versions:
         result = verify_version(root.dataset(version))
