@@ -146,6 +146,7 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
 
     chain = trace_lora(root, Path(args.file))
     chain["_text"] = format_provenance(chain)
+    chain["_exit"] = 0 if chain["status"] == "ok" else 1
     return chain
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,22 @@ def test_missing_dataset_and_foreign_files_are_user_errors_or_findings(traced, t
     (tmp_path / "x.safetensors").write_text("not a model")
     with pytest.raises(UserError, match="not a safetensors file"):
         trace_lora(root, tmp_path / "x.safetensors")
+
+
+def test_a_flipped_tensor_byte_fails_provenance_naming_the_file(traced, monkeypatch):
+    root, save = traced
+    lora = save()
+    data = bytearray(lora.read_bytes())
+    data[-3] ^= 0x01  # the last tensor's bytes; the header (and its sshs_model_hash) is unchanged
+    lora.write_bytes(bytes(data))
+    finding = (f"LoRA file loras/{VERSION}/r1/{lora.name}: its tensors changed since it was written "
+               "(the sshs_model_hash in its header no longer matches)")
+    assert trace_lora(root, lora)["status"] == [finding]
+
+    monkeypatch.setenv("LORA_PIPELINE_DATA", str(root.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(root.root.parent / "dagster_home"))
+    exe = Path(sys.executable).with_name("lora-pipeline")
+    result = subprocess.run([str(exe), "provenance", str(lora)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [line for line in result.stdout.splitlines() if lora.name in line and "tensors changed" in line]
+    assert "Traceback" not in result.stderr

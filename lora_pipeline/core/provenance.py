@@ -20,7 +20,7 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.lora_file import read_lora_metadata, tensors_match_header
 from lora_pipeline.core.training.recipe import load_recipe
 
 KEY = "lora_pipeline."
@@ -202,6 +202,11 @@ def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
     if not version:
         raise UserError("has no lora_pipeline provenance in its header (not trained by this pipeline)", lora_path)
     chain = _Chain(root)
+    if tensors_match_header(lora_path) is False:
+        chain.findings.append(
+            f"LoRA file {chain.rel(lora_path)}: its tensors changed since it was written "
+            "(the sshs_model_hash in its header no longer matches)"
+        )
     lora = {
         "path": str(lora_path), "sha256": sha256_file(lora_path), "epoch": meta.get(f"{KEY}epoch"),
         "title": meta.get("modelspec.title"), "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},

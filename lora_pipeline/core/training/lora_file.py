@@ -150,6 +150,22 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
         raise UserError("not a safetensors file (its header cannot be read)", path) from None
 
 
+def tensors_match_header(path: Path) -> bool | None:
+    """Whether the file's tensors still give the `sshs_model_hash` in its header (None: the header has none).
+
+    The hash is recomputed as `addnet_hashes` (kohya) computes it when the file is written, so a changed
+    tensor byte anywhere in the file is caught even though the header still reads as before.
+    """
+    recorded = read_lora_metadata(path).get("sshs_model_hash")
+    if recorded is None:
+        return None
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except SafetensorError:
+        raise UserError("not a safetensors file (its tensors cannot be read)", path) from None
+    return addnet_hashes(tensors, read_lora_metadata(path))["sshs_model_hash"] == recorded
+
+
 @dataclass(frozen=True)
 class LoraProvenance:
     """Where a LoRA came from; written as `lora_pipeline.*` header keys."""
