@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
 
+import mlflow
 import pytest
+from mlflow.store.db.utils import _get_latest_schema_revision
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_training_trainer import STARTED_AT, tiny_recipe
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.training.tracking import EXPERIMENT, TrainingTracker, loss_curve_png, tracking_uri
 from lora_pipeline.core.training.trainer import train_lora
 
@@ -16,7 +24,7 @@ TAGS = {"dagster_run_id": "dagster-123", "partition_key": "train-v1|tiny", "code
 
 
 def _client(root) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri(root.mlflow))
+    return _client_at(root.mlflow)
 
 
 def test_training_run_is_recorded_in_mlflow(train_snapshot):
@@ -91,3 +99,80 @@ def test_loss_curve_png(tmp_path):
     path = loss_curve_png([1.0 / (1 + i) for i in range(120)], tmp_path / "curve.png", steps_per_epoch=30)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (800, 400)
+
+
+# A process that creates the store the way MLflow does and is SIGKILLed inside the first schema migration,
+# after its `ALTER TABLE metrics ADD COLUMN step` committed: the state a kill during the first `train` left.
+KILLED_IN_MIGRATION = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from alembic.operations import Operations
+
+    Operations.batch_alter_table = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[2] == "plain":
+        from mlflow.tracking import MlflowClient
+        MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db").search_experiments()
+    else:
+        from lora_pipeline.core.training.tracking import TrainingTracker
+        TrainingTracker(Path(sys.argv[1]))
+    """
+)
+
+
+def _killed_in_migration(mlflow_dir, how: str) -> None:
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    child = subprocess.run([sys.executable, "-c", KILLED_IN_MIGRATION, str(mlflow_dir), how], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def _record_a_run(mlflow_dir, lines: list[str]) -> str:
+    tracker = TrainingTracker(mlflow_dir, log=lines.append)
+    with tracker.run("v/r", params={"seed": 1}) as run_id:
+        tracker.log_steps([0.5], [1e-3])
+    return run_id
+
+
+def test_a_store_half_created_by_a_killed_process_is_replaced_in_one_line(tmp_path):
+    mlflow_dir = tmp_path / "mlflow"
+    _killed_in_migration(mlflow_dir, "plain")
+    plain = subprocess.run(  # the bricked state: plain MLflow fails on it (in another process: MLflow caches engines)
+        [sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
+         "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()", tracking_uri(mlflow_dir)],
+        capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1 and "duplicate column name: step" in plain.stderr
+    lines: list[str] = []
+    run_id = _record_a_run(mlflow_dir, lines)
+    assert lines == [f"{mlflow_dir / 'mlflow.db'}: MLflow store was left half-created (schema revision none, "
+                     f"MLflow {mlflow.__version__} needs {_get_latest_schema_revision()}, no runs): "
+                     "replacing it with a new one"]
+    assert _client_at(mlflow_dir).get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_kill_while_the_store_is_created_leaves_no_store_and_the_next_run_works(tmp_path):
+    mlflow_dir = tmp_path / "mlflow"
+    _killed_in_migration(mlflow_dir, "ours")
+    assert not (mlflow_dir / "mlflow.db").exists()  # only the temp file the killed creator was filling
+    assert [p.name for p in mlflow_dir.glob(".mlflow.db.*.tmp")]
+    lines: list[str] = []
+    run_id = _record_a_run(mlflow_dir, lines)
+    assert lines == [] and not list(mlflow_dir.glob(".mlflow.db.*.tmp"))
+    assert _client_at(mlflow_dir).get_run(run_id).data.metrics["loss"] == 0.5
+
+
+def test_an_unfinished_schema_with_runs_is_one_line_and_left_alone(tmp_path):
+    mlflow_dir = tmp_path / "mlflow"
+    _record_a_run(mlflow_dir, [])
+    db = mlflow_dir / "mlflow.db"
+    with sqlite3.connect(db) as conn:  # as if a migration to this MLflow's schema had stopped half-way
+        conn.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    before = db.read_bytes()
+    with pytest.raises(UserError, match=r"mlflow\.db: MLflow store has an unfinished or older schema "
+                                        r"\(schema revision 451aebb31d03, .*\) and holds 1 run\(s\)"):
+        TrainingTracker(mlflow_dir)
+    assert db.read_bytes() == before
+
+
+def _client_at(mlflow_dir) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(mlflow_dir))

@@ -19,15 +19,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker, _param_value, tracking_uri
+from lora_pipeline.core.training.tracking import TrainingTracker, _param_value, open_store
 
 PARENT_TAG = "mlflow.parentRunId"
 PER_EPOCH_METRICS = ("val_loss", "train_loss", "break_ratio")
 
 
 def training_run_client(mlflow_dir: Path) -> MlflowClient:
-    mlflow_dir.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri(mlflow_dir))
+    return MlflowClient(tracking_uri=open_store(mlflow_dir))
 
 
 def _training_run(client: MlflowClient, run_id: str) -> Run | None:

@@ -6,21 +6,33 @@ so nothing depends on (or leaks into) MLflow's process-global active run or envi
 
 A resumed training continues its MLflow run (the run id is in every LoRA header of the run) and logs only
 the steps the run does not have yet.
+
+MLflow creates its SQLite schema by running dozens of migrations, some of which commit as they go: a process
+killed half-way used to leave a store that every later run failed on ("duplicate column name: step").
+`open_store` therefore lets MLflow create the store in a temp file and renames it into place (under a lock),
+so `mlflow.db` is whole or absent; a store whose schema is not MLflow's current one is reported in one line,
+or replaced when it provably holds nothing (no runs, no experiment but MLflow's default).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sqlite3
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.data
 import pandas as pd
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.db.utils import _get_latest_schema_revision
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
@@ -29,7 +41,9 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import canonical_json
+from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.plots import line_chart
 
 EXPERIMENT = "lora-pipeline"
@@ -37,8 +51,77 @@ DB_FILE = "mlflow.db"
 ARTIFACTS = "artifacts"
 
 
+STORE_LOCK = f".{DB_FILE}.lock"
+_logger = logging.getLogger(__name__)
+
+
 def tracking_uri(mlflow_dir: Path) -> str:
     return f"sqlite:///{mlflow_dir.resolve() / DB_FILE}"
+
+
+def open_store(mlflow_dir: Path, log: Callable[[str], None] = _logger.warning) -> str:
+    """The tracking URI of `mlflow_dir/mlflow.db`, after making sure the store is whole (see the module doc)."""
+    db = mlflow_dir / DB_FILE
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    if db.is_file() and _schema_revision(db) == _get_latest_schema_revision():
+        return tracking_uri(mlflow_dir)
+    with exclusive_lock(mlflow_dir / STORE_LOCK):  # one creator; the others wait, then find it whole
+        if db.is_file():
+            revision = _schema_revision(db)
+            if revision != _get_latest_schema_revision():
+                _replace_unfinished_store(db, revision, log)
+        if not db.is_file():
+            _create_store(db)
+    return tracking_uri(mlflow_dir)
+
+
+def _schema_revision(db: Path) -> str | None:
+    """The store's alembic revision (None if it has none yet), read without MLflow touching the file."""
+    with _read_only(db) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'").fetchone():
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    return row[0] if row else None
+
+
+@contextmanager
+def _read_only(db: Path) -> Iterator[sqlite3.Connection]:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise UserError(f"cannot open the MLflow store: {exc}", db) from None
+    try:
+        yield conn
+    except sqlite3.DatabaseError as exc:
+        raise UserError(f"not a readable MLflow store: {exc}", db) from None
+    finally:
+        conn.close()
+
+
+def _replace_unfinished_store(db: Path, revision: str | None, log: Callable[[str], None]) -> None:
+    """Remove a store whose schema is not the current one if it provably holds nothing; else a UserError."""
+    with _read_only(db) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        runs = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        experiments = (conn.execute("SELECT COUNT(*) FROM experiments WHERE experiment_id != 0").fetchone()[0]
+                       if "experiments" in tables else 0)
+    found = f"schema revision {revision or 'none'}, MLflow {mlflow.__version__} needs {_get_latest_schema_revision()}"
+    if runs or experiments:
+        raise UserError(
+            f"MLflow store has an unfinished or older schema ({found}) and holds {runs} run(s): back it up, then "
+            f"run `mlflow db upgrade sqlite:///{db.resolve()}` or move it aside to start a new store", db)
+    log(f"{db}: MLflow store was left half-created ({found}, no runs): replacing it with a new one")
+    db.unlink()
+
+
+def _create_store(db: Path) -> None:
+    """Let MLflow build the schema in a temp file beside `db`, then rename it into place."""
+    for stale in db.parent.glob(f".{DB_FILE}.*.tmp"):  # from a creator killed before its rename (we hold the lock)
+        stale.unlink()
+    tmp = db.with_name(f".{DB_FILE}.{os.getpid()}.tmp")
+    store = SqlAlchemyStore(f"sqlite:///{tmp.resolve()}", str((db.parent / ARTIFACTS).resolve()))
+    store.engine.dispose()  # every connection closed: the file is complete on disk
+    os.replace(tmp, db)
 
 
 def _param_value(value: Any) -> str:
@@ -54,13 +137,14 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 class TrainingTracker:
     """MLflow bookkeeping for one training: `with tracker.run(...) as run_id:` then log steps and files."""
 
-    def __init__(self, mlflow_dir: Path, tags: Mapping[str, str] | None = None, experiment: str = EXPERIMENT):
-        """`tags`: the caller's run tags (Dagster run id, partition key, code commit, ...)."""
+    def __init__(self, mlflow_dir: Path, tags: Mapping[str, str] | None = None, experiment: str = EXPERIMENT,
+                 log: Callable[[str], None] = _logger.warning):
+        """`tags`: the caller's run tags (Dagster run id, partition key, code commit, ...); `log` hears about a
+        half-created store being replaced."""
         self.mlflow_dir = mlflow_dir
         self.tags = dict(tags or {})
         self.experiment = experiment
-        mlflow_dir.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=tracking_uri(mlflow_dir))
+        self.client = MlflowClient(tracking_uri=open_store(mlflow_dir, log))
         self.run_id: str | None = None
         self._last_step = 0
 
