@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.training.checkpoint import load_state
 from lora_pipeline.core.training.lora_file import add_unet_lora, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
@@ -201,3 +202,34 @@ def test_resume_after_sigkill_gives_the_files_of_an_uninterrupted_run(train_snap
     killed_files = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
     assert killed_files == file_bytes(clean) and len(killed_files) == 4
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_training_output_inside_sources_or_a_snapshot_is_refused(train_snapshot, tree_fingerprint):
+    root = train_snapshot(n=4, repeats=2)
+    root.batch("b1").mkdir(parents=True)
+    (root.root / "linked").symlink_to(root.dataset("train-v1"))
+    before = tree_fingerprint(root.root)
+    for out, area in [(root.dataset("train-v1") / "out", "datasets"), (root.batch("b1"), "sources"),
+                      (root.root / "linked" / "out", "datasets"),
+                      (root.loras_root / ".." / "datasets" / "train-v1" / "tiny", "datasets")]:
+        with pytest.raises(UserError) as refused:
+            train_lora(root, "train-v1", tiny_recipe(), out_dir=out, provenance=PROVENANCE, device="cpu")
+        assert str(refused.value) == f"{out}: refusing to write training output inside {area}/ (never written)"
+    assert tree_fingerprint(root.root) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a real full disk) needs root")
+def test_a_full_disk_stops_training_in_one_line_with_nothing_half_written(train_snapshot):
+    root = train_snapshot(n=4, repeats=2)
+    out = root.root / "small-disk"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)], check=True)
+    try:
+        with pytest.raises(UserError) as stopped:  # an epoch file is about 360 kB
+            train(root, tiny_recipe(epochs=1), "small-disk")
+        first = out / "train-v1-tiny-e001.safetensors"
+        assert str(stopped.value) == (f"{first}: No space left on device "
+                                      "(training stopped; a rerun resumes after the last saved epoch)")
+        assert sorted(p.name for p in out.rglob("*")) == [".lock"]  # no epoch file, no temp file
+    finally:
+        subprocess.run(["umount", str(out)], check=True)

@@ -28,8 +28,10 @@ def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o444 if readonly else 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write(): say which file it was for
+            exc.filename = str(path)
         raise
     return True
 

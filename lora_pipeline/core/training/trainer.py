@@ -13,6 +13,8 @@ base_model_source, base_model_hash) may be passed too and must then agree with w
 
 from __future__ import annotations
 
+import errno
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +26,8 @@ import torch
 from diffusers.training_utils import cast_training_params
 
 from lora_pipeline.core.codeversion import code_version
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
@@ -44,6 +48,8 @@ from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_CURVE = "loss_curve.png"
+OUTPUT_LOCK = ".lock"
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
 PROVENANCE_KEYS = {*DERIVED, "code_commit", "mlflow_run_id"}
 
@@ -101,6 +107,32 @@ class _Run:
     log: Callable[[str], None]
 
 
+def _own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Refuse an output folder inside sources/ or datasets/, and one another process is training into:
+    two runs writing one folder would mix their epoch files (the second is refused, naming the first's pid).
+
+    A full disk or a read-only or forbidden folder stops the training with one line naming the file; every
+    write is a temp file renamed into place, so nothing half-written is left under a final name.
+    """
+
+    @functools.wraps(train)
+    def locked(root: DataRoot, version: str, recipe: Recipe, *, out_dir: Path, **kwargs: Any) -> TrainResult:
+        for area in (root.sources, root.datasets):
+            if out_dir.resolve().is_relative_to(area.resolve()):
+                raise UserError(f"refusing to write training output inside {area.name}/ (never written)", out_dir)
+        try:
+            with exclusive_lock(out_dir / OUTPUT_LOCK, busy="already being trained"):
+                return train(root, version, recipe, out_dir=out_dir, **kwargs)
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            raise UserError(f"{exc.strerror} (training stopped; a rerun resumes after the last saved epoch)",
+                            exc.filename or out_dir) from None
+
+    return locked
+
+
+@_own_output
 def train_lora(
     root: DataRoot,
     version: str,
