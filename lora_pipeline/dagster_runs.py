@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import dagster as dg
@@ -71,11 +72,18 @@ def run_job(
     A step that failed on a user error re-raises it as UserError (its one line); a run whose only
     failure is a blocking asset check returns normally (the caller reads the check); any other
     failure raises RuntimeError naming the run so it can be read in the UI.
+
+    First, runs whose process was killed are marked failed so their pool slots do not block this one
+    (a line on stderr says so); this run is tagged with this process's pid for the same check later.
     """
+    from lora_pipeline.defs.run_health import fail_dead_runs, process_tags
+
+    fail_dead_runs(inst, lambda line: print(f"note: {line}", file=sys.stderr, flush=True))
     job = definitions().resolve_job_def(job_name)
     run_config = {"loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "INFO"}}}}
     result = job.execute_in_process(
-        run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False
+        run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,
+        tags=process_tags(),
     )
     if not result.success:
         for event in result.all_events:

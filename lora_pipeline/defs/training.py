@@ -8,6 +8,7 @@ from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.resources import DataRootResource
+from lora_pipeline.defs.run_health import fail_dead_runs
 
 GROUP = "training"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
@@ -28,6 +29,9 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
 )
 def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root = data_root.data
+    # A killed earlier run would still hold a `gpu` slot and stay STARTED: fail it and free the slot (a
+    # run started from the UI or a sensor reaches this point when the pool had a slot left).
+    fail_dead_runs(context.instance, context.log.warning)
     version, recipe_name = split_training_key(context)
     recipe = load_recipe(root.recipe_file(recipe_name))
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
@@ -38,7 +42,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
 
     commit = code_version()
     tracker = TrainingTracker(
-        root.mlflow,
+        root.mlflow, log=context.log.warning,
         tags={"dagster_run_id": context.run_id, "dagster_partition_key": str(context.partition_key),
               "code_commit": commit},
     )
