@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     sp = add("evaluate", cmd_evaluate, "epoch x weight grid, validation loss, recommended epoch")
     sp.add_argument("version")
     sp.add_argument("--recipe", required=True)
-    sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files")
+    sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?")

@@ -67,6 +67,9 @@ def fail_dead_runs(instance: dg.DagsterInstance, say: Callable[[str], None]) -> 
         recorded = _recorded_pid(instance, record)
         if recorded is None or _process_alive(*recorded):
             continue
+        current = instance.get_run_by_id(run.run_id)
+        if current is None or current.is_finished:  # another process got to it first
+            continue
         partition = run.tags.get("dagster/partition", "")
         line = (f"run {run.run_id} of {run.job_name}{f' ({partition})' if partition else ''} was {run.status.value} "
                 f"but its process {recorded[0]} is gone: marked it failed and freed its pool slots")
