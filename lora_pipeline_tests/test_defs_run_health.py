@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 import yaml
 
 from lora_pipeline import dagster_runs
 from lora_pipeline.defs import partitions
-from lora_pipeline.defs.run_health import PID_TAG
+from lora_pipeline.defs.run_health import PID_TAG, _process_alive
 from lora_pipeline_tests.test_cli import assert_one_line_error, cli
 
 VERSION, RECIPE = "mini-v1", "mini"
@@ -107,3 +108,13 @@ def test_training_into_a_snapshot_by_a_path_as_version_is_one_line(mini, tree_fi
     before = tree_fingerprint(root.datasets)
     assert_one_line_error(cli("train", f"../datasets/{VERSION}", "--recipe", RECIPE, check=False), VERSION)
     assert tree_fingerprint(root.datasets) == before
+
+
+def test_a_pid_counts_as_the_runs_process_only_if_that_process_is_older_than_the_record():
+    dead_pid = subprocess.Popen(["true"]).pid
+    os.waitpid(dead_pid, 0)  # reaped: the pid names no process now
+    now = time.time()
+    assert _process_alive(os.getpid(), now)
+    assert not _process_alive(dead_pid, now)
+    # the pid exists, but its process started an hour after the run recorded it: a reused number
+    assert not _process_alive(os.getpid(), psutil.Process().create_time() - 3600)
