@@ -24,7 +24,7 @@ def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
     UserError "<folder>: <busy> by pid N"; without it the call waits for the lock.
     """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
