@@ -111,8 +111,9 @@ def test_training_into_a_snapshot_by_a_path_as_version_is_one_line(mini, tree_fi
 
 
 def test_a_pid_counts_as_the_runs_process_only_if_that_process_is_older_than_the_record():
-    dead_pid = subprocess.Popen(["true"]).pid
-    os.waitpid(dead_pid, 0)  # reaped: the pid names no process now
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: its pid names no process now
+    dead_pid = ended.pid
     now = time.time()
     assert _process_alive(os.getpid(), now)
     assert not _process_alive(dead_pid, now)
