@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -289,18 +290,42 @@ def _quiet_third_party_notices() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
+def _os_error_line(exc: OSError) -> str:
+    """`<file>: <what the system said>` for an operating-system error (disk full, read-only, permission)."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    if args.json:
+        print(json.dumps({"ok": False, "error": message}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input and operating-system errors print one line and exit 1; Ctrl-C and SIGTERM
+    print one line and exit 130, after the clean-up on the way out has run (staging folders removed).
+
+    SIGTERM is handled like Ctrl-C (a KeyboardInterrupt), as Dagster itself does while a run executes, so
+    that a plain `kill` does not skip the clean-up either.
+    """
     _quiet_third_party_notices()
     args = parser().parse_args(argv)
     root = DataRoot.from_env()
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = args.fn(args, root)
     except UserError as exc:
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(exc)}))
-        else:
-            print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc), 1)
+    except OSError as exc:
+        return _fail(args, _os_error_line(exc), 1)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted (Ctrl-C or SIGTERM); run the command again to finish", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     exit_code = result.pop("_exit", 0)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2, sort_keys=True,

@@ -6,6 +6,7 @@ sensors and the UI start.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 import shutil
@@ -62,6 +63,12 @@ class RunOutcome:
         return None
 
 
+def _os_error_class(name: str) -> type[OSError] | None:
+    """The built-in OSError class a failed step raised (disk full, read-only folder...), or None."""
+    cls = getattr(builtins, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, OSError) else None
+
+
 def run_job(
     job_name: str, partition_key: str | dg.MultiPartitionKey, inst: dg.DagsterInstance, quiet: bool = False
 ) -> RunOutcome:
@@ -69,7 +76,9 @@ def run_job(
 
     The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet.
 
-    A step that failed on a user error re-raises it as UserError (its one line); a run whose only
+    A step that failed on a user error re-raises it as UserError (its one line), one that failed on an
+    operating-system error (disk full, permission) as that OSError, an interrupted one as KeyboardInterrupt
+    (the step's own clean-up has run by then: staging folders are removed); a run whose only
     failure is a blocking asset check returns normally (the caller reads the check); any other
     failure raises RuntimeError naming the run so it can be read in the UI.
 
@@ -94,6 +103,10 @@ def run_job(
                 message = error.message.strip().splitlines()[0] if error.message else error.cls_name
                 if error.cls_name == "UserError":
                     raise UserError(message.removeprefix("lora_pipeline.core.errors.UserError: "))
+                if error.cls_name == "DagsterExecutionInterruptedError":  # Ctrl-C (or SIGTERM, see cli.main)
+                    raise KeyboardInterrupt
+                if os_error := _os_error_class(error.cls_name):
+                    raise os_error(message.removeprefix(f"{error.cls_name}: "))
                 if error.cls_name == "DagsterAssetCheckFailedError":
                     continue
                 raise RuntimeError(f"run {result.run_id} of {job_name} failed: {message}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,133 @@ def test_bad_spec_and_blocking_problems(sample_root):
     codes = {(p["code"], p["severity"]) for p in report["problems"]}
     assert ("banned_word", "error") in codes and ("zero_byte", "error") in codes
     assert_one_line_error(cli("train", VERSION, "--recipe", "demo-tiny", check=False), "refusing to train")
+
+
+# --- operating-system errors and interrupts (helper fsa): one line, nothing half under a final name ----------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small or read-only filesystem needs root")
+
+
+@contextlib.contextmanager
+def _mounted(path: Path, *mounts: list[str]):
+    """Run `mount` with each argument list on `path` (a tmpfs; a bind, then its read-only remount), and unmount
+    the one filesystem they made afterwards."""
+    for args in mounts:
+        subprocess.run(["mount", *args, str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def _read_only(path: Path):
+    return _mounted(path, ["--bind", str(path)], ["-o", "remount,bind,ro"])
+
+
+def _noise_batch(root, batch: str, version: str, files: int, megabytes: float) -> None:
+    """A ready batch of `files` incompressible PNGs of about `megabytes` each, captioned, and a spec for it."""
+    import numpy as np
+    from PIL import Image
+
+    side = int((megabytes * 1e6 / 3) ** 0.5)
+    rng = np.random.default_rng(7)
+    top = root.batch(batch)
+    top.mkdir(parents=True)
+    for i in range(files):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(top / f"n{i:03d}.png",
+                                                                                    compress_level=0)
+        (top / f"n{i:03d}.txt").write_text("noisy, front view\n")
+    (top / "_READY").write_text("")
+    root.spec_file(version).write_text(
+        f"name: {version}\ntrigger: noisy\nrepeats: 1\nsources:\n  - batch: {batch}\ncaptions:\n  from: sidecar\n"
+        "checks:\n  min_side: 64\n  near_duplicates: ignore\n"
+    )
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+@needs_root
+def test_a_full_disk_during_copy_or_report_is_one_line_and_leaves_nothing_half(sample_root):
+    _noise_batch(sample_root, "noise", "noise-v1", files=3, megabytes=1.0)
+    sample_root.datasets.mkdir()
+    with _mounted(sample_root.datasets, ["-t", "tmpfs", "-o", "size=2m", "tmpfs"]):
+        assert_one_line_error(cli("build", "noise-v1", check=False), "No space left on device", "n00")
+        assert not (sample_root.dataset("noise-v1")).exists() and _hidden(sample_root.datasets) == []
+
+        # the images and captions fit; then the disk fills up and the report cannot be written
+        from lora_pipeline.core.datasets.captions import plan_captions, write_captions
+        from lora_pipeline.core.datasets.manifest import record_captions
+        from lora_pipeline.core.datasets.snapshot import build_snapshot
+        from lora_pipeline.core.datasets.spec import load_spec
+
+        spec = load_spec(sample_root.spec_file(VERSION))
+        snapshot_dir = build_snapshot(sample_root, spec, "code").dir
+        record_captions(snapshot_dir, write_captions(snapshot_dir, plan_captions(sample_root, spec, snapshot_dir)))
+        filler = sample_root.datasets / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        assert_one_line_error(cli("build", VERSION, check=False), "No space left on device", VERSION)
+        names = sorted(p.relative_to(snapshot_dir).as_posix() for p in snapshot_dir.rglob("*") if p.is_file())
+        assert not [n for n in names if n.endswith(".tmp") or n in ("report.json", "report.md", "seal.json")]
+        assert_one_line_error(cli("train", VERSION, "--recipe", "demo-tiny", check=False), "not sealed")
+        filler.unlink()
+        assert json.loads(cli("build", VERSION, "--json").stdout)["errors"] == 0
+        assert (snapshot_dir / "seal.json").is_file()
+
+
+@needs_root
+def test_a_read_only_data_root_or_sources_folder_is_one_line(sample_root, tmp_path):
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "a.txt").write_text("hdaesth, front view\n")
+    with _read_only(sample_root.root):
+        assert_one_line_error(cli("build", VERSION, check=False), "Read-only file system")
+        assert_one_line_error(cli("intake", str(handoff), "--batch", "new-batch", check=False),
+                              "Read-only file system")
+    assert not sample_root.datasets.exists() and not sample_root.batch("new-batch").exists()
+    with _read_only(sample_root.sources):  # sources are only read: a build works, an intake cannot land
+        assert json.loads(cli("build", VERSION, "--json").stdout)["errors"] == 0
+        assert_one_line_error(cli("intake", str(handoff), "--batch", "new-batch", check=False),
+                              "Read-only file system")
+    assert not sample_root.batch("new-batch").exists() and _hidden(sample_root.sources) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_during_a_build_is_one_line_and_removes_the_staging_folder(sample_root, signum):
+    _noise_batch(sample_root, "noise", "noise-v1", files=40, megabytes=3.0)
+    exe = Path(sys.executable).with_name("lora-pipeline")
+    proc = subprocess.Popen([str(exe), "build", "noise-v1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while not (sample_root.datasets.is_dir() and _hidden(sample_root.datasets)):  # copying into staging
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == ["error: interrupted (Ctrl-C or SIGTERM); run the command again to finish"]
+    assert _hidden(sample_root.datasets) == [] and not sample_root.dataset("noise-v1").exists()
+
+
+def test_names_that_are_not_utf8_are_problems_at_intake_and_build(sample_root, tmp_path):
+    handoff = tmp_path / "handoff"
+    shutil.copytree(sample_root.batch("curated-2026-10"), handoff)
+    (handoff / "_READY").unlink()
+    bad = os.fsdecode(b"caf\xe9-01.png")  # Latin-1 bytes in a file name
+    shutil.copyfile(handoff / "cur-01-sage.png", handoff / bad)
+    assert "xe9-01.png" in cli("intake", str(handoff), "--batch", "latin-1").stdout  # printed, no traceback
+    skipped = json.loads(cli("intake", str(handoff), "--batch", "latin-2", "--json").stdout)["skipped"]
+    assert [(p["file"], p["code"]) for p in skipped] == [("caf\\xe9-01.png", "undecodable_name")]
+    assert {"latin-1", "latin-2"} <= set(sample_root.ready_batches())  # complete: nothing blocks a retry
+    assert not os.path.lexists(sample_root.batch("latin-1") / bad)
+
+    shutil.copyfile(handoff / bad, sample_root.batch("curated-2026-10") / bad)  # put into sources/ by hand
+    built = cli("build", VERSION, "--json")
+    assert json.loads(built.stdout)["errors"] == 0 and not built.stderr
+    report = json.loads((sample_root.dataset(VERSION) / "report.json").read_text())
+    assert [(p["file"], p["severity"]) for p in report["problems"] if p["code"] == "undecodable_name"] == [
+        ("caf\\xe9-01.png", "warning")
+    ]

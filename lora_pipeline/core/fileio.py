@@ -30,10 +30,16 @@ def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # a failed write(): say which file it was for
-            exc.filename = str(path)
+        name_os_error(exc, path)
         raise
     return True
+
+
+def name_os_error(exc: BaseException, path: Path) -> None:
+    """Give an OSError that names no file (a failed write() on a full disk) the file it was for, so its one
+    line says where."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
 
 
 def atomic_write_text(path: Path, text: str, readonly: bool = False) -> bool:

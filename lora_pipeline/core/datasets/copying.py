@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lora_pipeline.core.datasets.regular_files import open_regular
+from lora_pipeline.core.fileio import name_os_error
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
 BUFFER = 4 << 20  # one read covers a typical training image; larger files loop
@@ -123,6 +124,16 @@ def _new_file(dst: Path) -> Iterator[int]:
     os.close(fd)
 
 
+@contextmanager
+def _naming(dst: Path) -> Iterator[None]:
+    """An OSError of the copy's reads and writes (a full disk) names the copy, so its one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        name_os_error(exc, dst)
+        raise
+
+
 def copy_file(src: Path, dst: Path) -> Copied:
     """Copy `src` to the new file `dst` (which must not exist), read-only, hashing the bytes on the way.
 
@@ -131,7 +142,7 @@ def copy_file(src: Path, dst: Path) -> Copied:
     clone's pages); should the source have changed meanwhile, the clone itself is hashed instead.
     """
     h = hashlib.sha256()
-    with open_regular(src) as fin, _new_file(dst) as dst_fd:
+    with open_regular(src) as fin, _new_file(dst) as dst_fd, _naming(dst):
         before = os.fstat(fin.fileno())
         cloned = _try_clone(fin.fileno(), dst_fd, (before.st_dev, os.fstat(dst_fd).st_dev))
         size = _pump(fin, None if cloned else dst_fd, h)
@@ -156,7 +167,7 @@ def copy_unread(src: Path, dst: Path, accept: Callable[[os.stat_result], bool]) 
         before = os.fstat(src_fd)
         if not accept(before):
             return None
-        with _new_file(dst) as dst_fd:
+        with _new_file(dst) as dst_fd, _naming(dst):
             devices = (before.st_dev, os.fstat(dst_fd).st_dev)
             method, size = "reflink", before.st_size
             if not _try_clone(src_fd, dst_fd, devices):

@@ -299,7 +299,11 @@ def _copy_all(plan: SnapshotPlan, known: list[Known | None], staging: Path) -> l
     step = -(-len(jobs) // (COPY_WORKERS * 4))
     runs = [jobs[i : i + step] for i in range(0, len(jobs), step)]
     with ThreadPoolExecutor(COPY_WORKERS) as pool:
-        done = pool.map(lambda run: [copy_planned(f, k, staging) for f, k in run], runs)
+        try:
+            done = list(pool.map(lambda run: [copy_planned(f, k, staging) for f, k in run], runs))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed copy or Ctrl-C: start no further file
+            raise
         return [copy for run in done for copy in run]
 
 

@@ -191,7 +191,11 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
         for d in sorted({Path(f.path).parent for f in files}):
             (staging / d).mkdir(parents=True, exist_ok=True)
         with background_writeback(staging), ThreadPoolExecutor(HASH_WORKERS) as pool:
-            copied = list(pool.map(lambda f: copy_file(f.abs, staging / f.path), files))
+            try:
+                copied = list(pool.map(lambda f: copy_file(f.abs, staging / f.path), files))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a failed copy or Ctrl-C: start no further file
+                raise
         rows = [{"path": f.path, "sha256": c.sha256, "bytes": c.bytes} for f, c in zip(files, copied, strict=True)]
         fingerprint = batch_fingerprint(rows)
         created_at = datetime.now(UTC).isoformat(timespec="seconds")
