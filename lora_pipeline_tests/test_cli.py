@@ -148,7 +148,7 @@ def _hidden(folder: Path) -> list[str]:
 
 
 @needs_root
-def test_a_full_disk_during_copy_or_report_is_one_line_and_leaves_nothing_half(sample_root):
+def test_a_full_disk_during_copy_or_report_is_one_line_and_leaves_nothing_half(sample_root, tmp_path):
     _noise_batch(sample_root, "noise", "noise-v1", files=3, megabytes=1.0)
     sample_root.datasets.mkdir()
     with _mounted(sample_root.datasets, ["-t", "tmpfs", "-o", "size=2m", "tmpfs"]):
@@ -176,6 +176,12 @@ def test_a_full_disk_during_copy_or_report_is_one_line_and_leaves_nothing_half(s
         filler.unlink()
         assert json.loads(cli("build", VERSION, "--json").stdout)["errors"] == 0
         assert (snapshot_dir / "seal.json").is_file()
+
+    handoff = tmp_path / "handoff"  # an intake onto a full sources/ folder
+    shutil.move(sample_root.batch("noise"), handoff)
+    with _mounted(sample_root.sources, ["-t", "tmpfs", "-o", "size=2m", "tmpfs"]):
+        assert_one_line_error(cli("intake", str(handoff), "--batch", "noise-2", check=False), "No space left")
+        assert os.listdir(sample_root.sources) == []
 
 
 @needs_root
