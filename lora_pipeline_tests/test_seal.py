@@ -43,6 +43,7 @@ def main(capsys):
     """`main(*args)`: the command line in this process (cheaper than a subprocess): (exit code, stdout, stderr)."""
 
     def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # only this command's output
         code = lora_cli.main(list(args))
         out = capsys.readouterr()
         return code, out.out, out.err
