@@ -74,6 +74,8 @@ def _limits(prop: dict[str, Any]) -> str:
 
 
 def _default(prop: dict[str, Any], required: bool) -> str:
+    if "default_text" in prop:  # filled in by the loader (the recipe name is the file stem)
+        return str(prop["default_text"])
     if required:
         return "**required**"
     if "$ref" in prop:

@@ -35,7 +35,9 @@ class Recipe:
     """kohya-style training settings. `name` defaults to the file stem and must equal it; `min_bucket_reso` must
     not exceed `max_bucket_reso`."""
 
-    name: Name = Field(description="the recipe name; defaults to the file stem and must equal it")
+    name: Name = Field(
+        description="the recipe name; must equal the file stem", json_schema_extra={"default_text": "the file stem"}
+    )
     base_model: Text = Field(
         min_length=1, max_length=1000,
         description="a local diffusers folder, a hub id already in the local cache, or `tiny-sd` / `tiny-sdxl`",
