@@ -21,7 +21,7 @@ import yaml
 
 from lora_pipeline import dagster_runs
 from lora_pipeline.defs import partitions
-from lora_pipeline.defs.run_health import PID_TAG, _process_alive
+from lora_pipeline.defs.run_health import PID_TAG, _process_alive, dead_run_sensor, fail_dead_runs
 from lora_pipeline_tests.test_cli import assert_one_line_error, cli
 
 VERSION, RECIPE = "mini-v1", "mini"
@@ -119,3 +119,30 @@ def test_a_pid_counts_as_the_runs_process_only_if_that_process_is_older_than_the
     assert not _process_alive(dead_pid, now)
     # the pid exists, but its process started an hour after the run recorded it: a reused number
     assert not _process_alive(os.getpid(), psutil.Process().create_time() - 3600)
+
+
+def _dead_started_run(inst: dg.DagsterInstance) -> str:
+    """A STARTED train_job run holding the `gpu` slot whose process (a real one, ended) is gone."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    job = dagster_runs.definitions().resolve_job_def("train_job")
+    run = inst.create_run_for_job(job, tags={PID_TAG: str(ended.pid)}, status=dg.DagsterRunStatus.STARTED)
+    inst.event_log_storage.initialize_concurrency_limit_to_default("gpu")  # as a step does (dagster.yaml: 1)
+    assert inst.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "lora_epochs").is_claimed
+    return run.run_id
+
+
+def test_the_asset_check_and_the_sensor_fail_a_dead_run_and_free_its_slot(sample_root):
+    inst = dagster_runs.instance()
+    dead = _dead_started_run(inst)
+    lines: list[str] = []
+    assert fail_dead_runs(inst, lines.append) == [dead]  # what lora_epochs calls, with its log
+    assert lines == [f"run {dead} of train_job was STARTED but its process {inst.get_run_by_id(dead).tags[PID_TAG]} "
+                     "is gone: marked it failed and freed its pool slots"]
+    assert inst.get_run_by_id(dead).status == dg.DagsterRunStatus.FAILURE
+    assert not inst.event_log_storage.get_concurrency_info("gpu").claimed_slots
+    again = _dead_started_run(inst)
+    assert dead_run_sensor(dg.build_sensor_context(instance=inst)).skip_message == \
+        "failed 1 run(s) whose process is gone"
+    assert inst.get_run_by_id(again).status == dg.DagsterRunStatus.FAILURE
+    assert dead_run_sensor(dg.build_sensor_context(instance=inst)).skip_message == "no dead runs"

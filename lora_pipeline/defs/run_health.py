@@ -4,7 +4,8 @@ A run executed in a process that was killed (`kill -9`, a crash, a closed laptop
 instance and keeps the `gpu` pool slot its step claimed, so every later training waits for it forever.
 Dagster's run monitoring (dagster.yaml) cannot see that for these runs: the CLI executes runs in its own
 process, not through a run launcher whose worker the daemon could health-check. So the CLI (before it
-starts a run) and the training asset look for unfinished runs whose process no longer exists.
+starts a run), the training asset and `dead_run_sensor` (every 30 s while the daemon of `make ui` runs, so a
+run from the UI is not left waiting for a dead run's slot) look for unfinished runs whose process is gone.
 
 A run's process is the pid in its `lora_pipeline/pid` tag (runs the CLI starts), else the pid in its first
 engine event that names one (the run worker of a run started from the UI or a sensor). A process that
@@ -79,3 +80,10 @@ def fail_dead_runs(instance: dg.DagsterInstance, say: Callable[[str], None]) -> 
         say(line)
         failed.append(run.run_id)
     return failed
+
+
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
+    """Fail unfinished runs whose process is gone and free their pool slots (a warning in the log for each)."""
+    failed = fail_dead_runs(context.instance, context.log.warning)
+    return dg.SkipReason(f"failed {len(failed)} run(s) whose process is gone" if failed else "no dead runs")
