@@ -119,9 +119,13 @@ def _create_store(db: Path) -> None:
     for stale in db.parent.glob(f".{DB_FILE}.*.tmp"):  # from a creator killed before its rename (we hold the lock)
         stale.unlink()
     tmp = db.with_name(f".{DB_FILE}.{os.getpid()}.tmp")
-    store = SqlAlchemyStore(f"sqlite:///{tmp.resolve()}", str((db.parent / ARTIFACTS).resolve()))
-    store.engine.dispose()  # every connection closed: the file is complete on disk
-    os.replace(tmp, db)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp.resolve()}", str((db.parent / ARTIFACTS).resolve()))
+        store.engine.dispose()  # every connection closed: the file is complete on disk
+        os.replace(tmp, db)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _param_value(value: Any) -> str:
