@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import dagster as dg
 import psutil
-from dagster._core.events import DagsterEventType
 
 PID_TAG = "lora_pipeline/pid"
 HOST_TAG = "lora_pipeline/host"
@@ -38,7 +37,7 @@ def _recorded_pid(instance: dg.DagsterInstance, record: dg.RunRecord) -> tuple[i
     run = record.dagster_run
     if run.tags.get(PID_TAG, "").isdigit():
         return int(run.tags[PID_TAG]), record.create_timestamp.timestamp()
-    events = instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=50).records
+    events = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=50).records
     for event in events:
         data = event.event_log_entry.dagster_event.engine_event_data
         pid = data.metadata.get("pid") if data else None
