@@ -201,21 +201,31 @@ def test_a_read_only_data_root_or_sources_folder_is_one_line(sample_root, tmp_pa
     assert not sample_root.batch("new-batch").exists() and _hidden(sample_root.sources) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_sigterm_during_a_build_is_one_line_and_removes_the_staging_folder(sample_root, signum):
-    _noise_batch(sample_root, "noise", "noise-v1", files=40, megabytes=3.0)
+@pytest.mark.parametrize(
+    ("command", "signum"), [("build", signal.SIGINT), ("build", signal.SIGTERM), ("intake", signal.SIGTERM)]
+)
+def test_ctrl_c_or_sigterm_while_copying_is_one_line_and_removes_the_staging_folder(
+    sample_root, tmp_path, command, signum
+):
+    _noise_batch(sample_root, "noise", "noise-v1", files=24, megabytes=3.0)
+    if command == "intake":
+        shutil.move(sample_root.batch("noise"), tmp_path / "handoff")
+        args = ["intake", str(tmp_path / "handoff"), "--batch", "noise-2"]
+        parent, final = sample_root.sources, "noise-2"
+    else:
+        args, parent, final = ["build", "noise-v1"], sample_root.datasets, "noise-v1"
     exe = Path(sys.executable).with_name("lora-pipeline")
-    proc = subprocess.Popen([str(exe), "build", "noise-v1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
     deadline = time.monotonic() + 120
-    while not (sample_root.datasets.is_dir() and _hidden(sample_root.datasets)):  # copying into staging
+    while not (parent.is_dir() and _hidden(parent)):  # copying into a staging folder
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert err.strip().splitlines() == ["error: interrupted (Ctrl-C or SIGTERM); run the command again to finish"]
-    assert _hidden(sample_root.datasets) == [] and not sample_root.dataset("noise-v1").exists()
+    assert _hidden(parent) == [] and not os.path.lexists(parent / final)
 
 
 def test_names_that_are_not_utf8_are_problems_at_intake_and_build(sample_root, tmp_path):

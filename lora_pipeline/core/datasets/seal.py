@@ -10,7 +10,9 @@ gate, `verify`, provenance. A folder without a seal is a build in progress or an
 building the version again completes it (the steps before the seal are idempotent).
 
 Because the seal covers the report files, an edited report.json ("passed": true) no longer matches and
-is caught by `verify` and by the gate. The seal is a record of integrity, not a signature: someone who
+is caught by `verify` and by the gate. Rebuilding a sealed version rewrites nothing while the report comes
+out the same; should a newer release render it differently, the report files are replaced and sealed
+again, and between the two the old seal does not match (the gate refuses, never accepts). The seal is a record of integrity, not a signature: someone who
 edits the files and rewrites the seal on purpose is not stopped.
 """
 
