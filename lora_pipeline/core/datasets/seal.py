@@ -12,8 +12,9 @@ building the version again completes it (the steps before the seal are idempoten
 Because the seal covers the report files, an edited report.json ("passed": true) no longer matches and
 is caught by `verify` and by the gate. Rebuilding a sealed version rewrites nothing while the report comes
 out the same; should a newer release render it differently, the report files are replaced and sealed
-again, and between the two the old seal does not match (the gate refuses, never accepts). The seal is a record of integrity, not a signature: someone who
-edits the files and rewrites the seal on purpose is not stopped.
+again, and between the two the old seal does not match (the gate refuses, never accepts). The seal is a
+record of integrity, not a signature: someone who edits the files and rewrites the seal on purpose is not
+stopped.
 """
 
 from __future__ import annotations
