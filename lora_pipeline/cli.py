@@ -14,13 +14,25 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
 
-Command = Callable[[argparse.Namespace, DataRoot], dict[str, Any]]
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command hands back: `data` is what `--json` prints, `text` what a person reads (default: one
+    `key: value` line per entry of `data`), `exit_code` the process's exit status."""
+
+    data: dict[str, Any]
+    text: str | None = None
+    exit_code: int = 0
+
+
+Command = Callable[[argparse.Namespace, DataRoot], CommandResult]
 
 
 def _register(version_or_batches: dict[str, list[str]]) -> None:
@@ -32,7 +44,7 @@ def _register(version_or_batches: dict[str, list[str]]) -> None:
         partitions.register(inst, getattr(partitions, name), keys)
 
 
-def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline import dagster_runs
     from lora_pipeline.core.datasets.sources import intake
 
@@ -40,7 +52,7 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
     _register({"source_batches": [args.batch]})
     outcome = dagster_runs.run_job("register_batch_job", args.batch, dagster_runs.instance(), args.json)
     meta = outcome.metadata("source_batch")
-    return {
+    return CommandResult({
         "batch": args.batch,
         "path": str(root.batch(args.batch)),
         "files": meta.get("files"),
@@ -48,45 +60,47 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
         "fingerprint": meta.get("fingerprint"),
         "skipped": [n for n in getattr(result, "skipped", [])],
         "dagster_run_id": outcome.run_id,
-    }
+    })
 
 
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
+    from lora_pipeline.core.datasets.problems import errors_in, warnings_in
     from lora_pipeline.core.datasets.spec import load_spec
     from lora_pipeline.core.fileio import read_json
+    from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT
     from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
 
     load_spec(root.spec_file(version))  # a bad spec fails here with its one line
     _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
     outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet)
     snapshot_dir = root.dataset(version)
-    report = read_json(snapshot_dir / "report.json")
-    errors = [p for p in report["problems"] if p["severity"] == "error"]
+    report = read_json(snapshot_dir / REPORT_JSON)
+    errors = errors_in(report["problems"])
     summary = {
         "version": version,
         "dataset": str(snapshot_dir),
-        "manifest_root": read_json(snapshot_dir / "snapshot.json")["manifest_root"],
+        "manifest_root": read_json(snapshot_dir / SNAPSHOT)["manifest_root"],
         "counts": report.get("counts", {}),
         "errors": len(errors),
-        "warnings": sum(p["severity"] == "warning" for p in report["problems"]),
-        "report": str(snapshot_dir / "report.md"),
-        "contact_sheet": str(snapshot_dir / "contact_sheet.png"),
+        "warnings": len(warnings_in(report["problems"])),
+        "report": str(snapshot_dir / REPORT_MD),
+        "contact_sheet": str(snapshot_dir / CONTACT_SHEET),
         "dagster_run_id": outcome.run_id,
     }
     if outcome.check_passed(NO_ERRORS_CHECK) is False:
         first = errors[0] if errors else {"file": "", "message": "see report.md"}
         raise UserError(
             f"{len(errors)} blocking problem(s), first: {first['file']}: {first['message']} "
-            f"(report: {snapshot_dir / 'report.md'})",
+            f"(report: {snapshot_dir / REPORT_MD})",
             root.spec_file(version),
         )
     return summary
 
 
-def cmd_build(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return build_version(root, args.version, args.json)
+def cmd_build(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    return CommandResult(build_version(root, args.version, args.json))
 
 
 def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
@@ -111,8 +125,8 @@ def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dic
     }
 
 
-def cmd_train(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return train_version(root, args.version, args.recipe, args.json)
+def cmd_train(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    return CommandResult(train_version(root, args.version, args.recipe, args.json))
 
 
 def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
@@ -138,46 +152,36 @@ def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> 
     }
 
 
-def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    return evaluate_version(root, args.version, args.recipe, args.json)
+def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    return CommandResult(evaluate_version(root, args.version, args.recipe, args.json))
 
 
-def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.provenance import format_provenance, trace_lora
 
     chain = trace_lora(root, Path(args.file))
-    chain["_text"] = format_provenance(chain)
-    chain["_exit"] = 0 if chain["status"] == "ok" else 1
-    return chain
+    return CommandResult(chain, text=format_provenance(chain), exit_code=0 if chain["status"] == "ok" else 1)
 
 
-def cmd_verify(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
-    """A version that is not sealed yet is not checked (a build may be writing it): named alone it fails,
-    among all versions it is listed under `unsealed` without failing the run."""
-    from lora_pipeline.core.datasets.seal import verify_version
+def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
+    not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
+    listed under `unsealed` without failing the run."""
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.defs.schedules import VERIFY_STEP
 
-    if args.version:
-        if not (root.dataset(args.version) / "snapshot.json").is_file():
-            raise UserError("no such dataset version (not built)", root.dataset(args.version))
-        versions = [args.version]
-    else:
-        versions = root.built_versions()
-    results = [verify_version(root.dataset(v)) for v in versions]
-    findings = [f for r in results if r.sealed for f in r.problems()]
-    unsealed = [f for r in results if not r.sealed for f in r.problems()]
-    failed = bool(findings) or (bool(args.version) and bool(unsealed))
-    return {
-        "versions": {
-            r.version: {"ok": r.ok, "sealed": r.sealed, "files_checked": r.files_checked} for r in results
-        },
-        "findings": findings,
-        "unsealed": unsealed,
-        "ok": not failed,
-        "_exit": 1 if failed else 0,
-    }
+    versions = [args.version] if args.version else []
+    outcome = dagster_runs.run_job("verify_snapshots_job", None, dagster_runs.instance(), args.json,
+                                   op_config={VERIFY_STEP: {"config": {"versions": versions}}},
+                                   reports_by_failing={VERIFY_STEP})
+    failure = outcome.failure(VERIFY_STEP)
+    summary = failure.metadata if failure else outcome.output_metadata(VERIFY_STEP)
+    data = {"versions": summary["versions"], "findings": summary["findings"], "unsealed": summary["unsealed"],
+            "ok": failure is None, "dagster_run_id": outcome.run_id}
+    return CommandResult(data, exit_code=1 if failure else 0)
 
 
-def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
+def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.provenance import trace_lora
 
     started = time.monotonic()
@@ -214,8 +218,7 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
         f"lora-pipeline provenance {chosen}",
         "  seconds     " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ])
-    return {
-        "_text": text,
+    return CommandResult({
         "datasets": {v: b["dataset"] for v, b in built.items()},
         "reports": {v: b["report"] for v, b in built.items()},
         "epoch_files": trained["epoch_files"],
@@ -227,7 +230,7 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> dict[str, Any]:
         "provenance_status": chain.get("status"),
         "provenance_images": len(chain.get("images", [])),
         "seconds": timings,
-    }
+    }, text=text)
 
 
 DEMO_VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
@@ -240,16 +243,13 @@ def _say(args: argparse.Namespace, line: str) -> None:
         print(line, flush=True)
 
 
-def _print_human(name: str, result: dict[str, Any]) -> None:
-    if "_text" in result:
-        print(result["_text"])
-        return
-    for key, value in result.items():
-        if key.startswith("_"):
-            continue
+def _key_value_lines(data: dict[str, Any]) -> str:
+    lines = []
+    for key, value in data.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, indent=2, sort_keys=True)
-        print(f"{key}: {value}")
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -267,12 +267,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", required=True)
     sp = add("build", cmd_build, "snapshot + captions + report; exit 1 if a blocking check fails")
     sp.add_argument("version")
-    sp = add("train", cmd_train, "train every epoch; refuses a dataset whose blocking checks failed")
-    sp.add_argument("version")
-    sp.add_argument("--recipe", required=True)
-    sp = add("evaluate", cmd_evaluate, "epoch x weight grid, validation loss, recommended epoch")
-    sp.add_argument("version")
-    sp.add_argument("--recipe", required=True)
+    for name, fn, help_text in (
+        ("train", cmd_train, "train every epoch; refuses a dataset whose blocking checks failed"),
+        ("evaluate", cmd_evaluate, "epoch x weight grid, validation loss, recommended epoch"),
+    ):
+        sp = add(name, fn, help_text)
+        sp.add_argument("version")
+        sp.add_argument("--recipe", required=True)
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
@@ -326,13 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "interrupted (Ctrl-C or SIGTERM); run the command again to finish", 130)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-    exit_code = result.pop("_exit", 0)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2, sort_keys=True,
-                         default=str))
+        print(json.dumps(result.data, indent=2, sort_keys=True, default=str))
     else:
-        _print_human(args.command, result)
-    return exit_code
+        print(result.text if result.text is not None else _key_value_lines(result.data))
+    return result.exit_code
 
 
 if __name__ == "__main__":

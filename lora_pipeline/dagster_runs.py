@@ -11,12 +11,15 @@ import functools
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import dagster as dg
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import REPO_ROOT
+from lora_pipeline.defs.failures import USER_ERROR
 
 
 def ensure_dagster_home() -> str:
@@ -42,19 +45,79 @@ def definitions() -> dg.Definitions:
     return defs()
 
 
+@dataclass(frozen=True)
+class StepFailure:
+    """A failed step of a run."""
+
+    step: str
+    message: str  # the failure's description, or the first line of the innermost error
+    metadata: dict[str, Any]  # a `dg.Failure`'s metadata as plain values; empty when the step crashed
+    reported: bool  # the step raised `dg.Failure` itself (a result it reports), rather than crashing
+    error_class: str = ""  # a crash's innermost exception class, e.g. "OSError"; "" for a reported failure
+
+    @property
+    def user_error(self) -> bool:
+        return bool(self.metadata.get(USER_ERROR))
+
+
+def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+
+
+def step_failures(result: dg.ExecuteInProcessResult) -> list[StepFailure]:
+    failures = []
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        data = event.step_failure_data
+        reported = data.user_failure_data
+        if reported is not None:
+            failures.append(StepFailure(str(event.step_key), reported.description or "", _plain(reported.metadata),
+                                        True))
+            continue
+        error = data.error
+        while error is not None and error.cause is not None:
+            error = error.cause
+        message = error.message.strip().splitlines()[0] if error and error.message.strip() else "failed"
+        failures.append(StepFailure(str(event.step_key), message, {}, False, error.cls_name if error else ""))
+    return failures
+
+
+def _blocked_steps(result: dg.ExecuteInProcessResult) -> set[str]:
+    """Steps that failed because a blocking asset check they evaluated did not pass."""
+    blocked = set()
+    for event in result.all_events:
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.asset_check_evaluation_data
+            if evaluation.blocking and not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+                blocked.add(str(event.step_key))
+    return blocked
+
+
 @dataclass
 class RunOutcome:
     run_id: str
     success: bool
     result: dg.ExecuteInProcessResult
+    failures: list[StepFailure] = field(default_factory=list)  # blocked steps and expected reported failures
 
     def metadata(self, asset: str) -> dict:
         """The metadata of the asset's materialization in this run, as plain values."""
         for event in self.result.get_asset_materialization_events():
             mat = event.step_materialization_data.materialization
             if mat.asset_key == dg.AssetKey(asset):
-                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+                return _plain(mat.metadata)
         return {}
+
+    def output_metadata(self, step: str) -> dict:
+        """The metadata of a step's output in this run, as plain values."""
+        for event in self.result.all_events:
+            if event.is_successful_output and event.step_key == step:
+                return _plain(event.step_output_data.metadata)
+        return {}
+
+    def failure(self, step: str) -> StepFailure | None:
+        return next((f for f in self.failures if f.step == step), None)
 
     def check_passed(self, check_name: str) -> bool | None:
         for evaluation in self.result.get_asset_check_evaluations():
@@ -70,17 +133,24 @@ def _os_error_class(name: str) -> type[OSError] | None:
 
 
 def run_job(
-    job_name: str, partition_key: str | dg.MultiPartitionKey, inst: dg.DagsterInstance, quiet: bool = False
+    job_name: str,
+    partition_key: str | dg.MultiPartitionKey | None,
+    inst: dg.DagsterInstance,
+    quiet: bool = False,
+    op_config: Mapping[str, Any] | None = None,
+    reports_by_failing: Collection[str] = (),
 ) -> RunOutcome:
-    """Execute a job for one partition in this process, recorded in the instance.
+    """Execute a job (for one partition, if it is partitioned) in this process, recorded in the instance.
 
-    The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet.
+    The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet;
+    `op_config` is the run config's `ops` section.
 
     A step that failed on a user error re-raises it as UserError (its one line), one that failed on an
     operating-system error (disk full, permission) as that OSError, an interrupted one as KeyboardInterrupt
-    (the step's own clean-up has run by then: staging folders are removed); a run whose only
-    failure is a blocking asset check returns normally (the caller reads the check); any other
-    failure raises RuntimeError naming the run so it can be read in the UI.
+    (the step's own clean-up has run by then: staging folders are removed). A run whose failures are all
+    blocking asset checks, or `dg.Failure`s of the steps in `reports_by_failing` (a step whose failure is its
+    result, as the verify op's findings), returns normally: the caller reads the check or
+    `RunOutcome.failure`. Any other failure raises RuntimeError naming the run, so it can be read in the UI.
 
     First, runs whose process was killed are marked failed so their pool slots do not block this one
     (a line on stderr says so); this run is tagged with this process's pid for the same check later.
@@ -89,27 +159,25 @@ def run_job(
 
     fail_dead_runs(inst, lambda line: print(f"note: {line}", file=sys.stderr, flush=True))
     job = definitions().resolve_job_def(job_name)
-    run_config = {"loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "INFO"}}}}
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "INFO"}}}}
+    if op_config:
+        run_config["ops"] = dict(op_config)
     result = job.execute_in_process(
         run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,
         tags=process_tags(),
     )
-    if not result.success:
-        for event in result.all_events:
-            if event.is_step_failure:
-                error = event.step_failure_data.error
-                while error.cause is not None:
-                    error = error.cause
-                message = error.message.strip().splitlines()[0] if error.message else error.cls_name
-                if error.cls_name == "UserError":
-                    raise UserError(message.removeprefix("lora_pipeline.core.errors.UserError: "))
-                if error.cls_name == "DagsterExecutionInterruptedError":  # Ctrl-C (or SIGTERM, see cli.main)
-                    raise KeyboardInterrupt
-                if os_error := _os_error_class(error.cls_name):
-                    raise os_error(message.removeprefix(f"{error.cls_name}: "))
-                if error.cls_name == "DagsterAssetCheckFailedError":
-                    continue
-                raise RuntimeError(f"run {result.run_id} of {job_name} failed: {message}")
-        if not result.get_asset_check_evaluations():
-            raise RuntimeError(f"run {result.run_id} of {job_name} failed")
-    return RunOutcome(result.run_id, result.success, result)
+    failures = step_failures(result)
+    for failure in failures:
+        if failure.user_error:
+            raise UserError(failure.message)
+        if failure.error_class == "DagsterExecutionInterruptedError":  # Ctrl-C (or SIGTERM, see cli.main)
+            raise KeyboardInterrupt
+        if os_error := _os_error_class(failure.error_class):
+            raise os_error(failure.message.removeprefix(f"{failure.error_class}: "))
+    blocked = _blocked_steps(result)
+    for failure in failures:
+        if failure.step not in blocked and not (failure.reported and failure.step in reports_by_failing):
+            raise RuntimeError(f"run {result.run_id} of {job_name} failed in {failure.step}: {failure.message}")
+    if not result.success and not failures:
+        raise RuntimeError(f"run {result.run_id} of {job_name} failed")
+    return RunOutcome(result.run_id, result.success, result, failures)

@@ -1,16 +1,29 @@
+"""Fixtures shared by the tests; plain helpers are in helpers.py.
+
+Every test process runs torch (and any other OpenMP user) on one thread: pytest-xdist runs two workers on two
+cores, and even a single process on a loaded machine can spin for minutes in an OpenMP barrier otherwise. The
+environment is set before anything imports torch, and subprocesses (the CLI, killed trainings) inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_threads] = "1"
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from lora_pipeline_tests.helpers import HandSnapshot  # noqa: E402
+
+# --- a copy of the bundled sample data in a temporary data root (end-to-end tests) -----------------------------
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-# --- end-to-end fixtures (lead): a copy of the bundled sample data in a temporary data root -----------------
-import os as _os  # noqa: E402
-import shutil as _shutil  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-import pytest as _pytest  # noqa: E402
-
-REPO_DATA = _Path(__file__).resolve().parents[1] / "data"
-
-
-@_pytest.fixture
+@pytest.fixture
 def sample_root(tmp_path, monkeypatch):
     """A data root holding copies of the committed sample sources, specs and recipes.
 
@@ -21,13 +34,13 @@ def sample_root(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     for part in ("sources", "specs", "recipes"):
-        _shutil.copytree(REPO_DATA / part, data / part)
+        shutil.copytree(REPO_DATA / part, data / part)
     models = REPO_DATA / "models"
     if models.is_dir():  # reuse generated tiny models (they are deterministic) to save time
         (data / "models").mkdir()
         for name in ("tiny-sd", "tiny-sdxl"):
             if (models / name / "model_index.json").is_file():
-                _os.symlink(models / name, data / "models" / name)
+                os.symlink(models / name, data / "models" / name)
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("LORA_PIPELINE_DATA", str(data))
@@ -35,80 +48,14 @@ def sample_root(tmp_path, monkeypatch):
     return DataRoot(data)
 
 
-# --- hand-built snapshots (helper C): validation and report tests build datasets/<version>/ by hand --------
-from dataclasses import dataclass as _dataclass  # noqa: E402
-from dataclasses import field as _field  # noqa: E402
-from typing import Any as _Any  # noqa: E402
-
-
-@_dataclass
-class HandCaptionPlan:
-    """Stands in for captions.CaptionPlan: the fields validation and the report read."""
-
-    captions: dict = _field(default_factory=dict)
-    problems: list = _field(default_factory=list)
-    tag_frequency: dict = _field(default_factory=dict)
-    lint: dict = _field(default_factory=dict)
-
-
-class HandSnapshot:
-    """A snapshot folder written file by file, with manifest.jsonl and snapshot.json like snapshot.py's."""
-
-    def __init__(self, tmp_path: _Path, version: str = "hand-v1", trigger: str = "hnd", repeats: int = 2) -> None:
-        from lora_pipeline.core.paths import DataRoot
-
-        self.root = DataRoot(tmp_path / "data")
-        self.version, self.trigger, self.repeats = version, trigger, repeats
-        self.dir = self.root.dataset(version)
-        self.folder = f"img/{repeats}_{trigger}"
-        (self.dir / self.folder).mkdir(parents=True)
-        self.rows: list[dict[str, _Any]] = []
-        self.plan = HandCaptionPlan()
-
-    def spec(self, **checks: _Any):
-        from lora_pipeline.core.datasets.spec import ChecksSpec, DatasetSpec, SourceRef
-
-        return DatasetSpec(name=self.version, trigger=self.trigger, repeats=self.repeats,
-                           sources=(SourceRef(batch="b1"),), checks=ChecksSpec(**checks))
-
-    def add(self, name: str, content: _Any, caption: str | None = None, batch: str = "b1", **save: _Any) -> str:
-        """Write an image (a PIL image, saved with `save` options, or raw bytes); return its snapshot path."""
-        from lora_pipeline.core.hashing import sha256_file
-
-        rel = f"{self.folder}/{name}"
-        path = self.dir / rel
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            content.save(path, **save)
-        digest = sha256_file(path)
-        self.rows.append({"path": rel, "kind": "image", "sha256": digest, "bytes": path.stat().st_size,
-                          "source_batch": batch, "source_path": name, "source_sha256": digest})
-        if caption is not None:
-            self.caption(rel, caption)
-        return rel
-
-    def caption(self, image_rel: str, text: str) -> None:
-        """Write the .txt beside an image and record it in the caption plan."""
-        self.plan.captions[image_rel] = text
-        (self.dir / image_rel).with_suffix(".txt").write_text(text, encoding="utf-8")
-
-    def finish(self, problems: list | None = None) -> _Path:
-        from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
-        from lora_pipeline.core.fileio import write_json
-
-        root = write_manifest(self.dir, self.rows)
-        write_json(self.dir / SNAPSHOT, {"version": self.version, "manifest_root": root, "problems": problems or []})
-        return self.dir
-
-
-@_pytest.fixture
+# --- hand-built snapshots: validation and report tests write datasets/<version>/ file by file ------------------
+@pytest.fixture
 def hand_snapshot(tmp_path) -> HandSnapshot:
     return HandSnapshot(tmp_path)
 
 
-# --- source/snapshot fixtures (helper A): tiny real images, batches and tree fingerprints ------------------
-@_pytest.fixture
+# --- tiny real images and source batches ----------------------------------------------------------------------
+@pytest.fixture
 def image_bytes():
     """`image_bytes(seed, fmt="PNG", size=(24, 16))`: a tiny real image whose pixels depend on `seed`."""
     import io
@@ -124,11 +71,11 @@ def image_bytes():
     return make
 
 
-@_pytest.fixture
+@pytest.fixture
 def make_batch():
     """`make_batch(root, batch, {relpath: bytes|str}, ready=True)`: write sources/<batch> (with _READY)."""
 
-    def make(root, batch: str, files: dict, ready: bool = True) -> _Path:
+    def make(root, batch: str, files: dict, ready: bool = True) -> Path:
         top = root.batch(batch)
         for rel, data in files.items():
             path = top / rel
@@ -142,29 +89,7 @@ def make_batch():
     return make
 
 
-@_pytest.fixture
-def tree_fingerprint():
-    """`tree_fingerprint(folder)`: {relpath: (sha256, mode, mtime_ns, inode)} of every entry, links not followed."""
-    import hashlib
-
-    def state(folder: _Path) -> dict:
-        out = {}
-        for path in sorted(folder.rglob("*")):
-            st = path.lstat()
-            rel = path.relative_to(folder).as_posix()
-            if path.is_symlink():
-                digest = "link:" + _os.readlink(path)
-            elif path.is_file():
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                digest = "dir"
-            out[rel] = (digest, st.st_mode, st.st_mtime_ns, st.st_ino)
-        return out
-
-    return state
-
-
-# --- test pictures (helper C): deterministic shapes for image, validation and report tests ---------------
+# --- test pictures: deterministic shapes for image, validation and report tests ------------------------------
 def _picture(seed: int, size: tuple[int, int] = (96, 96), colour: tuple[int, int, int] | None = None):
     """A deterministic RGB test picture of random shapes; `colour` paints every shape one colour."""
     import random
@@ -183,14 +108,14 @@ def _picture(seed: int, size: tuple[int, int] = (96, 96), colour: tuple[int, int
     return im
 
 
-@_pytest.fixture
+@pytest.fixture
 def picture():
     """`picture(seed, size=(96, 96), colour=None)`: a deterministic PIL test picture of shapes."""
     return _picture
 
 
-# --- tiny base models (helper D): generated once per test worker (about 0.2 s each) ---------------------
-@_pytest.fixture(scope="session")
+# --- tiny base models: generated once per test worker (about 0.2 s each) -------------------------------------
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """`tiny_model(name)`: the folder of the generated `tiny-sd` / `tiny-sdxl` model (shared by a worker's tests)."""
     from lora_pipeline.core.models.loading import ensure_tiny_model
@@ -199,12 +124,12 @@ def tiny_model(tmp_path_factory):
     return lambda name: ensure_tiny_model(models, name)
 
 
-# --- training snapshots (helper E): a small captioned snapshot and the tiny models under one data root ----
+# --- training snapshots: a small captioned snapshot and the tiny models under one data root -------------------
 TRAIN_TAGS = ("red body", "blue body", "matte finish", "glossy finish", "front view", "side view", "round screen")
 TRAIN_SIZES = ((96, 64), (64, 96), (80, 80), (64, 64), (112, 64), (72, 88))
 
 
-@_pytest.fixture
+@pytest.fixture
 def train_snapshot(tmp_path, tiny_model):
     """`train_snapshot(version="train-v1", n=4, repeats=2)`: a DataRoot with a complete captioned snapshot.
 
@@ -212,10 +137,10 @@ def train_snapshot(tmp_path, tiny_model):
     "trg, <3-4 tags>", manifest rows for images and captions, snapshot.json with spec.repeats; the
     data root's models/ links to the worker's generated tiny models.
     """
-    from lora_pipeline.core.datasets.manifest import SNAPSHOT, write_manifest
+    from lora_pipeline.core.datasets.manifest import write_manifest
     from lora_pipeline.core.fileio import write_json
     from lora_pipeline.core.hashing import sha256_file
-    from lora_pipeline.core.paths import DataRoot
+    from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
     root = DataRoot(tmp_path / "data")
 
@@ -223,7 +148,7 @@ def train_snapshot(tmp_path, tiny_model):
         root.models.mkdir(parents=True, exist_ok=True)
         for name in ("tiny-sd", "tiny-sdxl"):
             if not (root.models / name).exists():
-                _os.symlink(tiny_model(name), root.models / name)
+                os.symlink(tiny_model(name), root.models / name)
         folder = f"img/{repeats}_trg"
         snapshot = root.dataset(version)
         (snapshot / folder).mkdir(parents=True)
@@ -251,8 +176,8 @@ def train_snapshot(tmp_path, tiny_model):
     return make
 
 
-# --- hand-built LoRA epochs (helper F): kohya files + an MLflow training run, without training ------------
-@_pytest.fixture
+# --- hand-built LoRA epochs: kohya files and an MLflow training run, without training ------------------------
+@pytest.fixture
 def lora_epochs():
     """`lora_epochs(root, recipe, version="train-v1", epochs=3, scale=0.3, steps_per_epoch=4, losses=None)`.
 
@@ -307,27 +232,3 @@ def lora_epochs():
         return run_id
 
     return make
-
-
-# --- threads (lead): pytest-xdist runs two workers on two cores; two torch threads each would oversubscribe
-if _os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch as _torch
-
-    _torch.set_num_threads(1)
-
-
-# --- finishing a built snapshot (helper fsa): captions, report and seal, as caption_set and dataset_report do --
-def finish_version(root, spec):
-    """Complete `datasets/<spec.name>` after build_snapshot with the real steps of caption_set and
-    dataset_report (captions, manifest caption rows, report files, seal); returns the seal."""
-    from lora_pipeline.core.datasets.captions import plan_captions, write_captions
-    from lora_pipeline.core.datasets.manifest import record_captions
-    from lora_pipeline.core.datasets.report import write_report
-    from lora_pipeline.core.datasets.seal import seal_snapshot
-    from lora_pipeline.core.datasets.validation import validate_dataset
-
-    snapshot_dir = root.dataset(spec.name)
-    plan = plan_captions(root, spec, snapshot_dir)
-    record_captions(snapshot_dir, write_captions(snapshot_dir, plan))
-    write_report(snapshot_dir, validate_dataset(root, spec, snapshot_dir, plan, workers=1), plan)
-    return seal_snapshot(snapshot_dir)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_pipeline_tests.test_cli import assert_one_line_error, cli
-from lora_pipeline_tests.test_defs_datasets import tree_state
+from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
 VERSION = "bad-inputs-v1"
 TRIGGER = "hdaesth"

@@ -11,9 +11,11 @@ import pytest
 from lora_pipeline.core.datasets.captions import (
     CaptionPlan,
     caption_path,
+    load_caption_check,
     parse_caption_source,
     plan_captions,
     read_caption_text,
+    write_caption_check,
     write_captions,
 )
 from lora_pipeline.core.datasets.manifest import read_manifest, write_manifest
@@ -413,7 +415,7 @@ def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_rea
     from lora_pipeline.core.datasets.regular_files import NotRegularFile
     from lora_pipeline.core.datasets.snapshot import build_snapshot
     from lora_pipeline.core.fileio import read_json
-    from lora_pipeline_tests.conftest import finish_version
+    from lora_pipeline_tests.helpers import finish_version
 
     outside = tmp_path / "outside"
     secret_text = put(outside / "secret.txt", "hdaesth, front view, SECRET-FROM-OUTSIDE")
@@ -470,3 +472,27 @@ def test_a_huge_caption_is_a_problem_and_is_never_read_whole(root: DataRoot, ima
     put(root.batch("b1") / "t.csv", f"file,caption\na.png,\"hdaesth, {'x' * CAPTION_LIMIT}\"\nb.png,hdaesth\n")
     plan = plan_captions(root, spec_for(source="table", table="t.csv"), snap)
     assert "caption_too_large" in {p["code"] for p in plan.problems} and list(plan.captions) == [f"{FOLDER}/b.png"]
+
+
+def test_the_caption_check_is_the_plan_written_once_and_the_snapshots_caption_files(root: DataRoot) -> None:
+    batch_files(root, "b1", {"a.png": IMG, "a.txt": "hdaesth, zebra, front view", "b.png": IMG,
+                             "b.txt": "front view, hdaesth", "c.png": IMG})
+    snap = snapshot(root, "hw-v2", {"a.png": ("batch:b1", "a.png"), "b.png": ("batch:b1", "b.png"),
+                                    "c.png": ("batch:b1", "c.png")})
+    plan = plan_captions(root, spec_for(vocabulary=["front view"]), snap)
+    write_manifest(snap, read_manifest(snap) + write_captions(snap, plan))
+    write_caption_check(snap, plan)
+    # the sources change after the version was captioned: what is checked is the snapshot, not a new plan
+    (root.batch("b1") / "a.txt").write_text("hdaesth, product shot")
+    (root.batch("b1") / "c.txt").write_text("hdaesth, side view")
+
+    check = load_caption_check(snap)
+
+    assert check.captions == plan.captions == {f"{FOLDER}/a.png": "hdaesth, zebra, front view",
+                                               f"{FOLDER}/b.png": "front view, hdaesth"}
+    assert {p["code"] for p in check.problems} == {"missing_caption", "trigger_not_first", "out_of_vocabulary"}
+    assert check.problems == plan.problems and check.tag_frequency == plan.tag_frequency
+    assert check.lint == plan.lint and list(check.lint) == list(plan.lint)  # stats keep their order
+    (snap / FOLDER / "b.txt").chmod(0o644)
+    (snap / FOLDER / "b.txt").write_text("hdaesth, edited in the snapshot\n")
+    assert load_caption_check(snap).captions[f"{FOLDER}/b.png"] == "hdaesth, edited in the snapshot"

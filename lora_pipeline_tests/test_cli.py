@@ -14,27 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline_tests.test_defs_datasets import tree_state
+from lora_pipeline import dagster_runs
+from lora_pipeline.core.datasets.manifest import SEALED_FILES
+from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
 VERSION = "hardware-design-aesthetic-v1"
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the console script with the test's LORA_PIPELINE_DATA / DAGSTER_HOME."""
-    exe = Path(sys.executable).with_name("lora-pipeline")
-    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=os.environ.copy(), timeout=600)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr  # one line, never a traceback
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_intake_build_verify(sample_root, tmp_path):
@@ -53,7 +37,10 @@ def test_intake_build_verify(sample_root, tmp_path):
     assert built["errors"] == 0 and built["counts"]["images"] == 8
     assert Path(built["contact_sheet"]).is_file()
 
-    assert json.loads(cli("verify", "--json").stdout)["ok"] is True
+    verified = json.loads(cli("verify", "--json").stdout)
+    assert verified["ok"] is True and verified["versions"][VERSION]["files_checked"] == 16 + len(SEALED_FILES)
+    run = dagster_runs.instance().get_run_by_id(verified["dagster_run_id"])  # the nightly schedule's job
+    assert run.job_name == "verify_snapshots_job" and run.is_success
     image = next(Path(built["dataset"]).glob("img/*/*.png"))
     image.chmod(0o644)
     data = bytearray(image.read_bytes())
@@ -65,7 +52,9 @@ def test_intake_build_verify(sample_root, tmp_path):
     caption.unlink()
     result = cli("verify", VERSION, "--json", check=False)
     assert result.returncode == 1
-    findings = "\n".join(json.loads(result.stdout)["findings"])
+    failed = json.loads(result.stdout)
+    assert not dagster_runs.instance().get_run_by_id(failed["dagster_run_id"]).is_success
+    findings = "\n".join(failed["findings"])
     assert f"{image.name}: content changed" in findings
     assert f"{caption.name}: missing" in findings and "stray.png: extra" in findings
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
@@ -17,27 +16,10 @@ from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
+from lora_pipeline_tests.helpers import make_read_only, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
-
-
-def tree_state(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """sha256, mode and mtime of every file under a folder (symlinks not followed)."""
-    out = {}
-    for path in sorted(folder.rglob("*")):
-        st = path.lstat()
-        if stat.S_ISREG(st.st_mode):
-            out[path.relative_to(folder).as_posix()] = (
-                hashlib.sha256(path.read_bytes()).hexdigest(), st.st_mode, st.st_mtime_ns)
-    return out
-
-
-def make_read_only(folder: Path) -> None:
-    for path in [folder, *folder.rglob("*")]:
-        mode = path.lstat().st_mode
-        if not stat.S_ISLNK(mode):
-            path.chmod(mode & ~0o222)
 
 
 def test_definitions_validate(tmp_path):

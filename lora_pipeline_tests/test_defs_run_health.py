@@ -21,8 +21,8 @@ import yaml
 
 from lora_pipeline import dagster_runs
 from lora_pipeline.defs import partitions
-from lora_pipeline.defs.run_health import PID_TAG, _process_alive, dead_run_sensor, fail_dead_runs
-from lora_pipeline_tests.test_cli import assert_one_line_error
+from lora_pipeline.defs.run_health import PID_TAG, dead_run_sensor, fail_dead_runs, process_alive
+from lora_pipeline_tests.helpers import assert_one_line_error
 
 VERSION, RECIPE = "mini-v1", "mini"
 EXE = str(Path(sys.executable).with_name("lora-pipeline"))
@@ -108,10 +108,10 @@ def test_a_pid_counts_as_the_runs_process_only_if_that_process_is_older_than_the
     ended.wait()  # reaped: its pid names no process now
     dead_pid = ended.pid
     now = time.time()
-    assert _process_alive(os.getpid(), now)
-    assert not _process_alive(dead_pid, now)
+    assert process_alive(os.getpid(), now)
+    assert not process_alive(dead_pid, now)
     # the pid exists, but its process started an hour after the run recorded it: a reused number
-    assert not _process_alive(os.getpid(), psutil.Process().create_time() - 3600)
+    assert not process_alive(os.getpid(), psutil.Process().create_time() - 3600)
 
 
 def _dead_started_run(inst: dg.DagsterInstance) -> str:

@@ -13,7 +13,7 @@ from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs.resources import DataRootResource
 from lora_pipeline.defs.sensors import source_batch_sensor, spec_sensor
-from lora_pipeline_tests.test_defs_datasets import tree_state
+from lora_pipeline_tests.helpers import tree_state
 
 STUDY = "curated-study"
 

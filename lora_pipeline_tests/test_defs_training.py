@@ -12,8 +12,8 @@ from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.provenance import trace_lora
-from lora_pipeline.core.training.tracking import tracking_uri
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
 
@@ -41,7 +41,7 @@ def test_train_evaluate_and_trace_through_dagster(built):
     files = sorted(root.loras(VERSION, RECIPE).glob("*.safetensors"))
     assert [f.name for f in files] == [f"{VERSION}-{RECIPE}-e001.safetensors", f"{VERSION}-{RECIPE}-e002.safetensors"]
     assert meta["epoch_files"] == 2 and "data:image/png;base64," in meta["loss_curve"]
-    run = MlflowClient(tracking_uri(root.mlflow)).get_run(meta["mlflow_run_id"])
+    run = MlflowClient(mlflow_tracking_uri(root.mlflow)).get_run(meta["mlflow_run_id"])
     assert run.info.run_name == f"{VERSION}/{RECIPE}" and run.data.tags["dagster_run_id"] == trained.run_id
 
     evaluated = dagster_runs.run_job("evaluate_job", training_key(VERSION, RECIPE), inst, quiet=True)
@@ -64,7 +64,6 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     root, inst = built
     report = root.dataset(VERSION) / "report.json"
     data = json.loads(report.read_text())
-    data["passed"] = False
     data["problems"].append({"file": "img/x.png", "code": "truncated_image", "severity": "error", "message": "cut",
                              "scope": f"dataset:{VERSION}"})
     report.chmod(0o644)

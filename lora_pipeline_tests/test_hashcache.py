@@ -31,6 +31,7 @@ from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline_tests.helpers import tree_state
 
 
 @pytest.fixture
@@ -49,6 +50,8 @@ def test_the_racy_rule(tmp_path: Path) -> None:
     last_change = max(st.st_mtime_ns, st.st_ctime_ns)
     assert trustworthy(st, st, started_ns=last_change + RACY_NS + 1)
     assert not trustworthy(st, st, started_ns=last_change + RACY_NS)  # changed < 2 s before it was hashed
+    assert trustworthy(st, st, started_ns=last_change + 1, racy_ns=0)  # a window a test may narrow
+    assert not trustworthy(st, st, started_ns=last_change, racy_ns=0)
     f.write_bytes(b"xy")
     assert not trustworthy(st, f.stat(), started_ns=last_change + 10 * RACY_NS)  # changed while being hashed
     future = last_change + 100 * RACY_NS
@@ -75,15 +78,15 @@ def test_fingerprint_reads_hash_size_dimensions_and_stat(tmp_path: Path, image_b
 
 
 def test_batch_manifest_caches_under_the_data_root_and_never_a_racy_entry(
-    root: DataRoot, make_batch, image_bytes, tree_fingerprint
+    root: DataRoot, make_batch, image_bytes
 ) -> None:
     make_batch(root, "b1", {"a.png": image_bytes(1), "notes.txt": "hi"})
-    before = tree_fingerprint(root.sources)
+    before = tree_state(root.sources)
 
     rows = batch_manifest(scan_batch(root, "b1"))
 
     assert [r["path"] for r in rows] == ["a.png", "notes.txt"]
-    assert tree_fingerprint(root.sources) == before
+    assert tree_state(root.sources) == before
     assert cache_file(root, "b1") == root.root / ".cache" / "batches" / "b1.jsonl"
     assert cache_file(root, "b1").is_file() and load_cache(root, "b1") == {}  # both files were just written
 

@@ -34,12 +34,12 @@ def build(snap, picture, bad=True):
         buf = io.BytesIO()
         picture(31, (96, 96)).effect_spread(4).save(buf, "JPEG")
         snap.add("cut.jpg", buf.getvalue()[: len(buf.getvalue()) // 2], "hnd, cut")
-    snap.plan.tag_frequency = {snap.folder.split("/")[1]: {"hnd": 5, "shape 0": 1}}
-    snap.plan.lint = LINT
+    snap.check.tag_frequency = {snap.folder.split("/")[1]: {"hnd": 5, "shape 0": 1}}
+    snap.check.lint = LINT
     if bad:  # a problem about the whole set names no file
-        snap.plan.problems.append(problem("", "few_images", "warning", "only a few images", "spec"))
+        snap.check.problems.append(problem("", "few_images", "warning", "only a few images", "spec"))
     snap.finish()
-    return validate_dataset(snap.root, snap.spec(min_side=64), snap.dir, snap.plan)
+    return validate_dataset(snap.root, snap.spec(min_side=64), snap.dir, snap.check)
 
 
 def cell_origin(index, columns):
@@ -48,7 +48,7 @@ def cell_origin(index, columns):
 
 def test_report_json_has_the_contract_keys_and_blocks_on_errors(hand_snapshot, picture):
     result = build(hand_snapshot, picture)
-    files = write_report(hand_snapshot.dir, result, hand_snapshot.plan)
+    files = write_report(hand_snapshot.dir, result, hand_snapshot.check)
 
     assert files.report_json == hand_snapshot.dir / "report.json" and not files.passed
     report = json.loads(files.report_json.read_text())
@@ -70,7 +70,7 @@ def test_report_json_has_the_contract_keys_and_blocks_on_errors(hand_snapshot, p
 
 
 def test_report_md_is_what_a_person_reads(hand_snapshot, picture):
-    files = write_report(hand_snapshot.dir, build(hand_snapshot, picture), hand_snapshot.plan)
+    files = write_report(hand_snapshot.dir, build(hand_snapshot, picture), hand_snapshot.check)
     markdown = files.report_md.read_text()
     assert markdown == files.markdown
     assert markdown.startswith("# Dataset report: hand-v1\n\n**FAILED** (training is blocked): 2 errors, 1 warnings")
@@ -86,15 +86,15 @@ def test_report_md_is_what_a_person_reads(hand_snapshot, picture):
 
 
 def test_a_clean_dataset_passes(hand_snapshot, picture):
-    files = write_report(hand_snapshot.dir, build(hand_snapshot, picture, bad=False), hand_snapshot.plan)
+    files = write_report(hand_snapshot.dir, build(hand_snapshot, picture, bad=False), hand_snapshot.check)
     assert files.passed and json.loads(files.report_json.read_text())["passed"] is True
     assert "**PASSED**: 0 errors, 0 warnings" in files.markdown and "## Problems (0)\n\nNone." in files.markdown
 
 
 def test_contact_sheet_is_deterministic_with_outlines_and_placeholders(hand_snapshot, picture):
     result = build(hand_snapshot, picture)
-    first = write_report(hand_snapshot.dir, result, hand_snapshot.plan).contact_sheet.read_bytes()
-    second = write_report(hand_snapshot.dir, result, hand_snapshot.plan).contact_sheet.read_bytes()
+    first = write_report(hand_snapshot.dir, result, hand_snapshot.check).contact_sheet.read_bytes()
+    second = write_report(hand_snapshot.dir, result, hand_snapshot.check).contact_sheet.read_bytes()
     assert first == second
 
     sheet = Image.open(io.BytesIO(first))
@@ -111,9 +111,9 @@ def test_contact_sheet_is_deterministic_with_outlines_and_placeholders(hand_snap
 
 def test_beyond_the_limit_problem_images_are_shown_first_and_the_rest_counted(hand_snapshot, picture):
     result = build(hand_snapshot, picture)
-    files = write_report(hand_snapshot.dir, result, hand_snapshot.plan, max_images=3)
+    files = write_report(hand_snapshot.dir, result, hand_snapshot.check, max_images=3)
     assert Image.open(files.contact_sheet).size == sheet_size(3, truncated=True)
-    captions = hand_snapshot.plan.captions
+    captions = hand_snapshot.check.captions
     shown = [Path(item.path).name for item in select_items(hand_snapshot.dir, result, captions, 3)]
     assert shown == ["cut.jpg", "good0.png", "small.png"]
     assert "shows 3 of 5 images" in files.markdown

@@ -16,7 +16,7 @@ from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.gate import require_passed_report
 from lora_pipeline.core.datasets.seal import read_seal, seal_snapshot
 from lora_pipeline.core.errors import UserError
-from lora_pipeline_tests.test_cli import assert_one_line_error, cli
+from lora_pipeline_tests.helpers import assert_one_line_error, cli
 
 VERSION = "hardware-design-aesthetic-v1"
 DERIVED = "hardware-design-aesthetic-v7"  # a later version built from VERSION

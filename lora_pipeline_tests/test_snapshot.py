@@ -21,7 +21,7 @@ from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline_tests.conftest import finish_version
+from lora_pipeline_tests.helpers import finish_version, make_read_only, tree_state
 
 FOLDER = "img/10_hdaesth"
 
@@ -35,14 +35,8 @@ def spec_for(name: str, *sources: SourceRef, merge: bool = False, **fields: obje
     return DatasetSpec(name=name, trigger="hdaesth", repeats=10, sources=sources, merge=merge, **fields)
 
 
-def make_read_only(folder: Path) -> None:
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(0o555 if path.is_dir() else 0o444)
-
-
 def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouched(
-    root: DataRoot, make_batch, image_bytes, tree_fingerprint, tmp_path: Path
+    root: DataRoot, make_batch, image_bytes, tmp_path: Path
 ) -> None:
     a, b = image_bytes(1, size=(40, 30)), image_bytes(2, "JPEG", size=(20, 50))
     make_batch(
@@ -61,12 +55,12 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
     (tmp_path / "outside.png").write_bytes(image_bytes(4))
     os.symlink(tmp_path / "outside.png", root.batch("b1") / "link.png")
     make_read_only(root.sources)
-    before = tree_fingerprint(root.sources)
+    before = tree_state(root.sources)
     spec = spec_for("hw-v1", SourceRef(batch="b1", exclude=("raw/*",)), captions=CaptionSpec(table="b1/captions.csv"))
 
     result = build_snapshot(root, spec, code_version="abc123")
 
-    assert tree_fingerprint(root.sources) == before
+    assert tree_state(root.sources) == before
     snap = root.dataset("hw-v1")
     assert result.created and result.dir == snap and result.version == "hw-v1"
     rows = read_manifest(snap)
@@ -116,16 +110,16 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
     assert verify_snapshot(snap).ok
 
 
-def test_rebuild_is_a_noop_and_changes_are_refused(root: DataRoot, make_batch, image_bytes, tree_fingerprint) -> None:
+def test_rebuild_is_a_noop_and_changes_are_refused(root: DataRoot, make_batch, image_bytes) -> None:
     make_batch(root, "b1", {"a.png": image_bytes(1), "b.png": image_bytes(2)})
     spec = spec_for("hw-v1", SourceRef(batch="b1"))
     first = build_snapshot(root, spec, "c1")
-    snap_state = tree_fingerprint(first.dir)
+    snap_state = tree_state(first.dir)
 
     again = build_snapshot(root, spec, "c2")
 
     assert not again.created and again.manifest_root == first.manifest_root and again.rows == first.rows
-    assert tree_fingerprint(first.dir) == snap_state
+    assert tree_state(first.dir) == snap_state
     assert read_snapshot_info(first.dir)["code_version"] == "c1"
 
     changed = spec_for("hw-v1", SourceRef(batch="b1"), intent="now with a different intent")
@@ -139,7 +133,7 @@ def test_rebuild_is_a_noop_and_changes_are_refused(root: DataRoot, make_batch, i
     (root.batch("b1") / "a.png").write_bytes(image_bytes(9))  # a source file changed under the same spec
     with pytest.raises(UserError, match="already exists with a different spec .*source files changed"):
         build_snapshot(root, spec, "c2")
-    assert tree_fingerprint(first.dir) == snap_state
+    assert tree_state(first.dir) == snap_state
 
 
 def test_a_folder_that_is_not_a_finished_snapshot_is_never_overwritten(root: DataRoot, make_batch, image_bytes):

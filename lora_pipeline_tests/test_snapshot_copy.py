@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file, load_cache
+from lora_pipeline.core.datasets import hashcache
+from lora_pipeline.core.datasets.hashcache import cache_file, load_cache
 from lora_pipeline.core.datasets.manifest import verify_snapshot
 from lora_pipeline.core.datasets.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
@@ -19,7 +20,7 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline_tests.conftest import finish_version
+from lora_pipeline_tests.helpers import finish_version, tree_state
 
 FOLDER = "img/10_hdaesth"
 IMAGES = {"a.png": ((40, 30), "PNG"), "b.jpg": ((20, 50), "JPEG"), "views/c.png": ((33, 17), "PNG")}
@@ -53,17 +54,29 @@ def change_in_place(path: Path, forge_mtime: bool) -> None:
     assert (new.st_mtime_ns == old.st_mtime_ns) is forge_mtime
 
 
+@pytest.fixture
+def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files count as settled once hashed, however recently they changed: the tests make files and use their
+    hash-cache entries at once instead of waiting out the 2 s racy window."""
+    monkeypatch.setattr(hashcache, "RACY_NS", 0)
+
+
 @pytest.fixture(scope="module")
 def aged(tmp_path_factory: pytest.TempPathFactory) -> DataRoot:
-    """Batches last changed more than the racy window before they were registered (batch_manifest), as a
-    batch is registered after it lands: their hash-cache entries are trusted. One wait for the module;
-    each test uses its own batch. `hit` is read-only, as sources are."""
+    """Batches registered (batch_manifest) after they last changed, as a batch that landed before its
+    registration is: their hash-cache entries are trusted (registered with no racy window). Each test uses
+    its own batch. `hit` is read-only, as sources are."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hashcache, "RACY_NS", 0)
+        return _registered_batches(tmp_path_factory)
+
+
+def _registered_batches(tmp_path_factory: pytest.TempPathFactory) -> DataRoot:
     root = DataRoot(tmp_path_factory.mktemp("aged") / "data")
     for batch in ("hit", "edited", "noop"):
         write_batch(root.batch(batch))
     for path in [root.batch("hit"), *root.batch("hit").rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
-    time.sleep(RACY_NS / 1e9 + 0.2)
     for batch in ("hit", "edited", "noop"):
         batch_manifest(scan_batch(root, batch))
     return root
@@ -74,9 +87,9 @@ def root(tmp_path: Path) -> DataRoot:
     return DataRoot(tmp_path / "data")
 
 
-def test_a_warm_build_copies_unread_and_equals_a_cold_build(aged: DataRoot, tree_fingerprint) -> None:
+def test_a_warm_build_copies_unread_and_equals_a_cold_build(aged: DataRoot, no_racy_window: None) -> None:
     top = aged.batch("hit")
-    before = tree_fingerprint(top)
+    before = tree_state(top)
     cached = load_cache(aged, "hit")
     assert sorted(cached) == ["a.png", "b.jpg", "views/c.png", "views/c.txt"]
     assert all(entry.describes(os.lstat(top / rel)) for rel, entry in cached.items())
@@ -97,7 +110,7 @@ def test_a_warm_build_copies_unread_and_equals_a_cold_build(aged: DataRoot, tree
             st = (snap / row["path"]).lstat()
             assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and stat.S_IMODE(st.st_mode) == 0o444
             assert st.st_ino not in source_inodes
-    assert tree_fingerprint(top) == before  # nothing under sources/ was written, not even a cache
+    assert tree_state(top) == before  # nothing under sources/ was written, not even a cache
     assert sorted(p.relative_to(aged.cache).as_posix() for p in aged.cache.rglob("*")) == [
         "batches",
         "batches/edited.jsonl",

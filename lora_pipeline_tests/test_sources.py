@@ -12,6 +12,7 @@ from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifes
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline_tests.helpers import tree_state
 
 
 @pytest.fixture
@@ -93,15 +94,15 @@ def test_batch_manifest_hashes_every_file(root: DataRoot, make_batch, image_byte
 
 
 def test_intake_copies_skips_junk_and_marks_ready_last(
-    root: DataRoot, image_bytes, tmp_path: Path, tree_fingerprint
+    root: DataRoot, image_bytes, tmp_path: Path
 ) -> None:
     src = tmp_path / "handoff"
     messy_handoff(src, image_bytes, tmp_path / "elsewhere")
-    before = tree_fingerprint(src)
+    before = tree_state(src)
 
     result = intake(src, root, "b1")
 
-    assert tree_fingerprint(src) == before  # the handoff is only read
+    assert tree_state(src) == before  # the handoff is only read
     top = root.batch("b1")
     assert result.dir == top and result.files == 3
     content = sorted(p.relative_to(top).as_posix() for p in top.rglob("*") if p.is_file())

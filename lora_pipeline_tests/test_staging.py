@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
-from lora_pipeline_tests.test_cli import cli
+from lora_pipeline_tests.helpers import cli
 
 # Enter a staging folder, write into it, say where it is, then wait (for a signal) or die at once.
 HOLDER = """

@@ -14,11 +14,12 @@ import pytest
 from mlflow.store.db.utils import _get_latest_schema_revision
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_training_trainer import STARTED_AT, tiny_recipe
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.training.tracking import EXPERIMENT, TrainingTracker, loss_curve_png, tracking_uri
+from lora_pipeline.core.paths import mlflow_tracking_uri
+from lora_pipeline.core.training.tracking import EXPERIMENT, TrainingTracker, loss_curve_png
 from lora_pipeline.core.training.trainer import train_lora
+from lora_pipeline_tests.helpers import STARTED_AT, tiny_recipe
 
 TAGS = {"dagster_run_id": "dagster-123", "partition_key": "train-v1|tiny", "code_commit": "abc123"}
 
@@ -69,7 +70,7 @@ def test_a_failure_ends_the_run_failed_and_propagates(tmp_path):
     tracker = TrainingTracker(tmp_path / "mlflow")
     with pytest.raises(RuntimeError, match="boom"), tracker.run("v/r", params={"seed": 1}) as run_id:
         raise RuntimeError("boom")
-    assert MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlflow")).get_run(run_id).info.status == "FAILED"
+    assert MlflowClient(tracking_uri=mlflow_tracking_uri(tmp_path / "mlflow")).get_run(run_id).info.status == "FAILED"
 
 
 def test_a_resumed_run_continues_and_logs_only_new_steps(tmp_path):
@@ -78,7 +79,7 @@ def test_a_resumed_run_continues_and_logs_only_new_steps(tmp_path):
     with pytest.raises(KeyboardInterrupt), first.run("v/r", params={"seed": 1}) as run_id:
         first.log_steps([1.0, 0.9, 0.8], [0.1, 0.1, 0.1])
         raise KeyboardInterrupt
-    client = MlflowClient(tracking_uri=tracking_uri(mlflow_dir))
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri(mlflow_dir))
     assert client.get_run(run_id).info.status == "KILLED"
 
     second = TrainingTracker(mlflow_dir, tags={"dagster_run_id": "two"})
@@ -139,7 +140,7 @@ def test_a_store_half_created_by_a_killed_process_is_replaced_in_one_line(tmp_pa
     _killed_in_migration(mlflow_dir, "plain")
     plain = subprocess.run(  # the bricked state: plain MLflow fails on it (in another process: MLflow caches engines)
         [sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
-         "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()", tracking_uri(mlflow_dir)],
+         "MlflowClient(tracking_uri=sys.argv[1]).search_experiments()", mlflow_tracking_uri(mlflow_dir)],
         capture_output=True, text=True, timeout=120)
     assert plain.returncode == 1 and "duplicate column name: step" in plain.stderr
     lines: list[str] = []
@@ -175,4 +176,4 @@ def test_an_unfinished_schema_with_runs_is_one_line_and_left_alone(tmp_path):
 
 
 def _client_at(mlflow_dir) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri(mlflow_dir))
+    return MlflowClient(tracking_uri=mlflow_tracking_uri(mlflow_dir))

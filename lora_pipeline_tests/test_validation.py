@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.datasets.problems import problem
-from lora_pipeline.core.datasets.validation import blocking_errors, validate_dataset
+from lora_pipeline.core.datasets.problems import errors_in, problem
+from lora_pipeline.core.datasets.validation import validate_dataset
 from lora_pipeline.core.errors import UserError
 
 RED, BLUE = (200, 40, 40), (60, 60, 230)  # about the same brightness: same structure hash, different colour
@@ -12,7 +12,7 @@ RED, BLUE = (200, 40, 40), (60, 60, 230)  # about the same brightness: same stru
 
 def validate(snap, **checks):
     checks.setdefault("min_side", 64)
-    return validate_dataset(snap.root, snap.spec(**checks), snap.dir, snap.plan)
+    return validate_dataset(snap.root, snap.spec(**checks), snap.dir, snap.check)
 
 
 def found(result):
@@ -36,7 +36,7 @@ def test_every_check_reports_by_name_with_severity_scope_and_counts(hand_snapsho
     (snap.dir / snap.folder / "ghost.txt").write_text("hnd, nobody", encoding="utf-8")
     scan = problem("notes/.DS_Store", "junk_skipped", "warning", "junk file skipped", "batch:b1")
     missing = problem(uncaptioned, "missing_caption", "error", "no caption: no sidecar", "dataset:hand-v1")
-    snap.plan.problems.append(missing)
+    snap.check.problems.append(missing)
     snap.finish(problems=[scan])
 
     result = validate(snap)
@@ -70,7 +70,7 @@ def test_every_check_reports_by_name_with_severity_scope_and_counts(hand_snapsho
     assert counts["by_source"] == {"batch:b1": 9, "batch:b2": 1}
     assert counts["problems"] == {"error": 4, "warning": 4}
     assert not result.passed
-    blocking = {p["code"] for p in blocking_errors(result)}
+    blocking = {p["code"] for p in errors_in(result.problems)}
     assert blocking == {"missing_caption", "too_small", "aspect_ratio", "truncated_image"}
 
     assert sum(b["count"] for b in result.buckets["histogram"]) == 9
@@ -93,7 +93,7 @@ def test_a_clean_dataset_passes_with_pairs_and_buckets(hand_snapshot, picture):
         hand_snapshot.add(f"{n}.png", picture(10 + n, (160, 120)), f"hnd, picture {n}")
     hand_snapshot.finish()
     result = validate(hand_snapshot)
-    assert result.problems == [] and result.passed and blocking_errors(result) == []
+    assert result.problems == [] and result.passed and errors_in(result.problems) == []
     assert result.counts["pairs"] == 3 and result.manifest_root
     assert result.buckets["histogram"] == [{"width": 576, "height": 448, "count": 3}]
 
@@ -103,10 +103,10 @@ def test_validating_a_broken_or_foreign_snapshot_is_a_user_error(hand_snapshot, 
     hand_snapshot.finish()
     spec = hand_snapshot.spec(min_side=64)
     with pytest.raises(UserError, match="not the snapshot folder"):
-        validate_dataset(hand_snapshot.root, spec, tmp_path, hand_snapshot.plan)
+        validate_dataset(hand_snapshot.root, spec, tmp_path, hand_snapshot.check)
     (hand_snapshot.dir / rel).unlink()
     with pytest.raises(UserError, match="listed in the manifest but missing"):
-        validate_dataset(hand_snapshot.root, spec, hand_snapshot.dir, hand_snapshot.plan)
+        validate_dataset(hand_snapshot.root, spec, hand_snapshot.dir, hand_snapshot.check)
 
 
 def test_exif_rotation_decides_the_size_and_the_bucket_orientation(hand_snapshot, picture):

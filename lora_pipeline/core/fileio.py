@@ -46,8 +46,9 @@ def atomic_write_text(path: Path, text: str, readonly: bool = False) -> bool:
     return atomic_write_bytes(path, text.encode("utf-8"), readonly)
 
 
-def write_json(path: Path, value: Any, readonly: bool = False) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", readonly)
+def write_json(path: Path, value: Any, readonly: bool = False, *, sort_keys: bool = True) -> None:
+    """`value` as indented JSON, atomically; `sort_keys=False` keeps meaningful key order (most frequent first)."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n", readonly)
 
 
 def read_json(path: Path) -> Any:

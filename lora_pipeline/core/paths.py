@@ -1,4 +1,4 @@
-"""Where everything lives under the data root (see DESIGN.md, "Data root")."""
+"""Where everything lives under the data root, and the names of the files in a snapshot (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,26 @@ from lora_pipeline.core.names import is_name, require_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
+# The files of datasets/<version>/ besides its images and captions.
+MANIFEST = "manifest.jsonl"
+SNAPSHOT = "snapshot.json"
+CAPTION_CHECK = "captions.json"  # caption_set's problems, lint and tag frequencies, read by dataset_report
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CONTACT_SHEET = "contact_sheet.png"
+SEAL = "seal.json"  # written last: the version is whole (see datasets/seal.py)
+MLFLOW_DB = "mlflow.db"
 
 
 def default_data_root() -> Path:
     """`$LORA_PIPELINE_DATA` if set, else `./data` of the repository."""
     env = os.environ.get("LORA_PIPELINE_DATA")
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
+
+
+def mlflow_tracking_uri(mlflow_dir: Path) -> str:
+    """The MLflow backend store (SQLite) in `mlflow_dir`, as `make mlflow-ui` opens it."""
+    return f"sqlite:///{mlflow_dir.resolve() / MLFLOW_DB}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ class DataRoot:
         """Versions with a `snapshot.json`, sorted; staging folders (hidden names) are not versions."""
         if not self.datasets.is_dir():
             return []
-        return sorted(p.parent.name for p in self.datasets.glob("*/snapshot.json") if is_name(p.parent.name))
+        return sorted(p.parent.name for p in self.datasets.glob(f"*/{SNAPSHOT}") if is_name(p.parent.name))
 
     def misnamed_entries(self) -> list[Path]:
         """Ready batch folders, spec and recipe files whose names are not valid names (the listings skip them).

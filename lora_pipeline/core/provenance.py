@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.models.model_hash import base_model_hash
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.lora_file import read_lora_metadata, tensors_match_header
 from lora_pipeline.core.training.recipe import load_recipe
 
@@ -190,11 +190,6 @@ def _base_model_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
     )
 
 
-def mlflow_tracking_uri(root: DataRoot) -> str:
-    """The MLflow backend store under the data root (SQLite), as the Makefile's `mlflow-ui` opens it."""
-    return f"sqlite:///{root.mlflow / 'mlflow.db'}"
-
-
 def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
     """The provenance chain of one LoRA file, each link checked; `status` is "ok" or a list of findings."""
     meta = read_lora_metadata(lora_path)
@@ -217,7 +212,7 @@ def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
     return {
         "lora": lora, "recipe": recipe, "dataset": dataset, "images": images, "base_model": base,
         "code_commit": meta.get(f"{KEY}code_commit"),
-        "mlflow": {"run_id": meta.get(f"{KEY}mlflow_run_id"), "tracking_uri": mlflow_tracking_uri(root)},
+        "mlflow": {"run_id": meta.get(f"{KEY}mlflow_run_id"), "tracking_uri": mlflow_tracking_uri(root.mlflow)},
         "status": chain.findings or "ok",
     }
 

@@ -2,19 +2,22 @@
 
 
 import collections
+from pathlib import Path
 
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.datasets.captions import plan_captions, write_captions
+from lora_pipeline.core.datasets.captions import load_caption_check, plan_captions, write_caption_check, write_captions
 from lora_pipeline.core.datasets.manifest import record_captions
-from lora_pipeline.core.datasets.problems import has_errors
+from lora_pipeline.core.datasets.problems import errors_in, warnings_in
 from lora_pipeline.core.datasets.report import write_report
 from lora_pipeline.core.datasets.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifest, scan_batch
-from lora_pipeline.core.datasets.spec import load_spec
+from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.datasets.validation import validate_dataset
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import dataset_versions, source_batches
 from lora_pipeline.defs.resources import DataRootResource
@@ -24,12 +27,22 @@ NO_ERRORS_CHECK = "no_blocking_problems"
 NO_WARNINGS_CHECK = "no_warnings"
 
 
+def _version_inputs(
+    context: dg.AssetExecutionContext, data_root: DataRootResource
+) -> tuple[DataRoot, DatasetSpec, Path]:
+    """The data root, the spec and the snapshot folder of the partition's dataset version."""
+    root = data_root.data
+    spec = load_spec(root.spec_file(context.partition_key))
+    return root, spec, root.dataset(spec.name)
+
+
 @dg.asset(
     partitions_def=source_batches,
     group_name=GROUP,
     kinds={"filesystem"},
     description="A complete source handoff under sources/<batch> (marked _READY). Only read, never written.",
 )
+@fails_on_user_error
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     scan = scan_batch(data_root.data, context.partition_key)
     rows = batch_manifest(scan)
@@ -57,9 +70,9 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
     description="datasets/<version>/: copy-only, immutable snapshot of the images named by specs/<version>.yaml.",
 )
+@fails_on_user_error
 def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
-    root = data_root.data
-    spec = load_spec(root.spec_file(context.partition_key))
+    root, spec, _ = _version_inputs(context, data_root)
     result = build_snapshot(root, spec, code_version())
     verb = "built" if result.created else "unchanged (rebuild is a no-op)"
     context.log.info(f"dataset {spec.name} {verb}: {len(result.rows)} images, image root {result.image_root}")
@@ -88,14 +101,15 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     group_name=GROUP,
     kinds={"text"},
     deps=[dataset_snapshot],
-    description="The .txt caption beside every image (trigger token first) and the caption rows of the manifest.",
+    description="The .txt caption beside every image (trigger token first), the caption rows of the manifest and "
+    "captions.json (the caption problems and lint the report includes).",
 )
+@fails_on_user_error
 def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
-    root = data_root.data
-    spec = load_spec(root.spec_file(context.partition_key))
-    snapshot_dir = root.dataset(spec.name)
+    root, spec, snapshot_dir = _version_inputs(context, data_root)
     plan = plan_captions(root, spec, snapshot_dir)
     caption_rows = write_captions(snapshot_dir, plan)
+    write_caption_check(snapshot_dir, plan)
     manifest_root = record_captions(snapshot_dir, caption_rows)
     context.log.info(f"{len(caption_rows)} captions written; manifest root {manifest_root}")
     preview = [{"image": image, "caption": text, "source": plan.caption_sources.get(image, "")}
@@ -126,20 +140,19 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
         dg.AssetCheckSpec(NO_WARNINGS_CHECK, asset="dataset_report", blocking=False,
                           description="Warnings in report.json, for a human to look at."),
     ],
-    description="Validation before GPU time: report.json/report.md/contact_sheet.png in the snapshot, then "
-    "seal.json (the version is whole; readers, verify and the training gate require it).",
+    description="Validation before GPU time of the snapshot's images and caption files: report.json/report.md/"
+    "contact_sheet.png in the snapshot, then seal.json (the version is whole; readers, verify and the training "
+    "gate require it).",
 )
+@fails_on_user_error
 def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
-    root = data_root.data
-    spec = load_spec(root.spec_file(context.partition_key))
-    snapshot_dir = root.dataset(spec.name)
-    plan = plan_captions(root, spec, snapshot_dir)
-    result = validate_dataset(root, spec, snapshot_dir, plan)
-    files = write_report(snapshot_dir, result, plan)
+    root, spec, snapshot_dir = _version_inputs(context, data_root)
+    captions = load_caption_check(snapshot_dir)  # the .txt files training reads, and caption_set's findings
+    result = validate_dataset(root, spec, snapshot_dir, captions)
+    files = write_report(snapshot_dir, result, captions)
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
     problems = list(result.problems)
-    errors = [p for p in problems if p["severity"] == "error"]
-    warnings = [p for p in problems if p["severity"] == "warning"]
+    errors, warnings = errors_in(problems), warnings_in(problems)
     context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings")
     columns = ["severity", "code", "file", "scope", "message"]
     return dg.MaterializeResult(
@@ -156,7 +169,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
         check_results=[
             dg.AssetCheckResult(
                 check_name=NO_ERRORS_CHECK,
-                passed=not has_errors(problems),
+                passed=not errors,
                 severity=dg.AssetCheckSeverity.ERROR,
                 metadata={"errors": len(errors), "problems": table(errors, columns)},
             ),

@@ -10,6 +10,13 @@ import sys
 import dagster as dg
 
 
+def _not_a_failure_event(record: logging.LogRecord) -> bool:
+    """Drop the engine's step and run failure lines: the CLI reports a failed run itself, in one line
+    (dagster_runs), and the run's event log in the instance keeps them with their errors."""
+    event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
+    return event is None or not event.is_failure
+
+
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         meta = getattr(record, "dagster_meta", None) or {}
@@ -26,6 +33,7 @@ def plain_console(init_context: dg.InitLoggerContext) -> logging.Logger:
     logger = logging.Logger("lora_pipeline", level=init_context.logger_config["log_level"])
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_PlainFormatter())
+    handler.addFilter(_not_a_failure_event)
     logger.addHandler(handler)
     return logger
 

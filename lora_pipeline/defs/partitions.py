@@ -1,4 +1,4 @@
-"""Partitions (DESIGN.md, "Assets and partitions"). All dynamic: sensors and the CLI register keys."""
+"""Partitions (docs/contract.md, "Assets, checks and partitions"). All dynamic: sensors and the CLI register keys."""
 
 import warnings
 

@@ -46,7 +46,7 @@ def _recorded_pid(instance: dg.DagsterInstance, record: dg.RunRecord) -> tuple[i
     return None
 
 
-def _process_alive(pid: int, existed_at: float) -> bool:
+def process_alive(pid: int, existed_at: float) -> bool:
     try:
         process = psutil.Process(pid)
         return process.create_time() <= existed_at + CLOCK_SLACK_S and process.status() != psutil.STATUS_ZOMBIE
@@ -65,7 +65,7 @@ def fail_dead_runs(instance: dg.DagsterInstance, say: Callable[[str], None]) -> 
         if run.tags.get(HOST_TAG, socket.gethostname()) != socket.gethostname():
             continue  # a process on another machine cannot be checked from here
         recorded = _recorded_pid(instance, record)
-        if recorded is None or _process_alive(*recorded):
+        if recorded is None or process_alive(*recorded):
             continue
         current = instance.get_run_by_id(run.run_id)
         if current is None or current.is_finished:  # another process got to it first

@@ -4,7 +4,9 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.gate import require_passed_report
-from lora_pipeline.core.training.recipe import load_recipe
+from lora_pipeline.core.paths import DataRoot, mlflow_tracking_uri
+from lora_pipeline.core.training.recipe import Recipe, load_recipe
+from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.resources import DataRootResource
@@ -12,6 +14,15 @@ from lora_pipeline.defs.run_health import fail_dead_runs
 
 GROUP = "training"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+
+
+def _training_inputs(
+    context: dg.AssetExecutionContext, data_root: DataRootResource
+) -> tuple[DataRoot, str, Recipe]:
+    """The data root, dataset version and recipe of the partition `<version>|<recipe>`."""
+    root = data_root.data
+    version, recipe_name = split_training_key(context)
+    return root, version, load_recipe(root.recipe_file(recipe_name))
 
 
 def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
@@ -27,17 +38,16 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     description="loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors: one kohya-format LoRA per "
     "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
 )
+@fails_on_user_error
 def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
-    root = data_root.data
     # A killed earlier run would still hold a `gpu` slot and stay STARTED: fail it and free the slot (a
     # run started from the UI or a sensor reaches this point when the pool had a slot left).
     fail_dead_runs(context.instance, context.log.warning)
-    version, recipe_name = split_training_key(context)
-    recipe = load_recipe(root.recipe_file(recipe_name))
+    root, version, recipe = _training_inputs(context, data_root)
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
     require_passed_report(root, version)
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
-    from lora_pipeline.core.training.tracking import TrainingTracker, tracking_uri
+    from lora_pipeline.core.training.tracking import TrainingTracker
     from lora_pipeline.core.training.trainer import train_lora
 
     commit = code_version()
@@ -47,7 +57,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
               "code_commit": commit},
     )
     result = train_lora(
-        root, version, recipe, out_dir=root.loras(version, recipe_name), provenance={"code_commit": commit},
+        root, version, recipe, out_dir=root.loras(version, recipe.name), provenance={"code_commit": commit},
         tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
@@ -65,7 +75,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "device": result.device,
             "mixed_precision": result.mixed_precision,
             "mlflow_run_id": result.mlflow_run_id,
-            "mlflow_tracking_uri": tracking_uri(root.mlflow),
+            "mlflow_tracking_uri": mlflow_tracking_uri(root.mlflow),
             "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
             "code_commit": commit,
         },
@@ -81,10 +91,9 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     description="evals/<version>/<recipe>/: epoch x LoRA-weight grids (one per prompt), validation loss and the "
     "recommended sweet-spot epoch with its reasons.",
 )
+@fails_on_user_error
 def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
-    root = data_root.data
-    version, recipe_name = split_training_key(context)
-    recipe = load_recipe(root.recipe_file(recipe_name))
+    root, version, recipe = _training_inputs(context, data_root)
     from lora_pipeline.core.evaluation.evaluate import evaluate_lora  # heavy import, as in lora_epochs
 
     result = evaluate_lora(root, version, recipe, log=context.log.info)

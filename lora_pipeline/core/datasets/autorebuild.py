@@ -9,12 +9,11 @@ from pathlib import Path
 
 import yaml
 
-from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.datasets.snapshot_plan import family, next_free_version, version_number
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
 

@@ -1,17 +1,9 @@
 """Linting a caption set: trigger placement, empty and shared captions, vocabulary and banned words.
 
-Normalisation (`normalise_caption`, which decides what lands in the snapshot's .txt):
-
-- Line breaks of any style (LF, CRLF, CR) split the text into lines; blank lines are dropped and the
-  remaining lines are joined with the separator. kohya reads only the first line of a caption file,
-  so a multi-line caption would silently lose everything after line one; joining keeps all the content
-  and `was_multiline` tells the caller to warn (`multiline_caption`).
-- Each tag (the text between separators) is stripped and its runs of whitespace collapsed to one space;
-  empty tags are dropped; tags are joined with "<separator> ": "a ,b,,  c" -> "a, b, c".
-
-Tags compare with the trigger case-insensitively (CLIP's tokenizer lowercases anyway). Words, for the
-vocabulary and banned-word rules, are runs of letters/digits that may be joined by '-' or "'"
-("three-quarter" is one word) and compare case-insensitively.
+The captions linted are already normalised (tags.normalise_caption: one line, tags split on the separator)
+and compare with the trigger case-insensitively. Words, for the vocabulary and banned-word rules, are runs
+of letters/digits that may be joined by '-' or "'" ("three-quarter" is one word) and compare
+case-insensitively.
 """
 
 from __future__ import annotations

@@ -46,17 +46,16 @@ from lora_pipeline.core.datasets.regular_files import (
     read_regular,
 )
 from lora_pipeline.core.datasets.seal import read_seal
-from lora_pipeline.core.datasets.sources import expand_sources, walk_files
+from lora_pipeline.core.datasets.sources import IMAGE_EXTENSIONS, expand_sources, walk_files
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.datasets.tags import normalise_caption, place_trigger
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.fileio import atomic_write_bytes, read_json, write_json
 from lora_pipeline.core.hashing import sha256_bytes
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import CAPTION_CHECK, DataRoot
 
 CAPTION_SUFFIX = ".txt"
 _NOT_READ = {"symlink_not_followed": "symbolic link", "not_a_regular_file": "special file (not a regular file)"}
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass
@@ -106,6 +105,11 @@ def read_caption_text(path: Path) -> str:
         return _decode(data)
     except UnicodeDecodeError as exc:
         raise UserError(_not_utf8(data, exc), path) from None
+
+
+def snapshot_caption(path: Path) -> str:
+    """The caption a snapshot's .txt holds, as training reads it: one line without the newline."""
+    return read_caption_text(path).strip()
 
 
 @dataclass
@@ -171,7 +175,7 @@ def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector
         if not folder.is_dir():
             continue
         files = [PurePosixPath(f.path) for f in walk_files(folder, f"batch:{batch}")[0]]
-        image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+        image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
         for path in files:
             rel = path.as_posix()
             if path.suffix == CAPTION_SUFFIX and rel not in claimed[batch] and path.with_suffix("") not in image_stems:
@@ -457,3 +461,32 @@ def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]
     for target, data in new:
         atomic_write_bytes(target, data, readonly=True)
     return rows
+
+
+@dataclass
+class CaptionCheck:
+    """A written caption set as dataset_report validates it: the captions as the snapshot's .txt files hold
+    them (what training reads), and what caption_set found while planning them (captions.json)."""
+
+    captions: dict[str, str]  # snapshot image path -> caption text
+    problems: list[Problem]
+    lint: dict[str, Any]
+    tag_frequency: dict[str, dict[str, int]]
+
+
+def write_caption_check(snapshot_dir: Path, plan: CaptionPlan) -> None:
+    """Record the plan's problems, lint stats and tag frequencies in the snapshot (captions.json), so the
+    report reads them instead of planning the captions again."""
+    found = {"problems": plan.problems, "lint": plan.lint, "tag_frequency": plan.tag_frequency}
+    write_json(snapshot_dir / CAPTION_CHECK, found, sort_keys=False)
+
+
+def load_caption_check(snapshot_dir: Path) -> CaptionCheck:
+    """captions.json and the text of every caption file the manifest lists."""
+    path = snapshot_dir / CAPTION_CHECK
+    if not path.is_file():
+        raise UserError("no caption check in the snapshot: materialize caption_set first", path)
+    found = read_json(path)
+    rows = [row for row in read_manifest(snapshot_dir) if row.get("kind") == "caption"]
+    captions = {row["image"]: snapshot_caption(snapshot_dir / row["path"]) for row in rows}
+    return CaptionCheck(captions, found["problems"], found["lint"], found["tag_frequency"])

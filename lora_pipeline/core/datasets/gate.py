@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_pipeline.core.datasets.manifest import REPORT_JSON, SNAPSHOT
+from lora_pipeline.core.datasets.problems import errors_in
 from lora_pipeline.core.datasets.seal import changed_sealed_files, require_sealed
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import REPORT_JSON, SNAPSHOT, DataRoot
 
 
 def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
     if report.get("manifest_root") != snapshot.get("manifest_root"):
         raise UserError("validation report is stale (it describes another manifest): rebuild the report",
                         report_path)
-    errors = [p for p in report.get("problems", []) if p.get("severity") == "error"]
+    errors = errors_in(report.get("problems", []))
     if errors or not report.get("passed", False):
         first = errors[0] if errors else {"file": "", "code": "failed"}
         raise UserError(

@@ -37,7 +37,9 @@ from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_stream
 from lora_pipeline.core.paths import DataRoot
 
-RACY_NS = 2_000_000_000  # git's 2 s window (FAT and some network filesystems keep 2-second timestamps)
+# git's 2 s window (FAT and some network filesystems keep 2-second timestamps). Read at each call, not bound at
+# import: a test that makes files and registers them at once sets it to 0 rather than waiting the window out.
+RACY_NS = 2_000_000_000
 HASH_WORKERS = min(4, os.cpu_count() or 1)
 STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
@@ -96,11 +98,13 @@ class Entry:
         return cls(row["path"], row["sha256"], int(row["bytes"]), ImageSize(*(row[k] for k in ImageSize._fields)), stat)
 
 
-def trustworthy(before: os.stat_result, after: os.stat_result, started_ns: int) -> bool:
-    """Whether a hash read between stats `before` and `after`, starting at `started_ns`, may be cached:
-    the file did not change while it was read, and its last change is more than RACY_NS older."""
+def trustworthy(before: os.stat_result, after: os.stat_result, started_ns: int, racy_ns: int | None = None) -> bool:
+    """Whether a hash read between stats `before` and `after`, starting at `started_ns`, may be cached: the
+    file did not change while it was read, and its last change is more than the racy window (`racy_ns`,
+    default RACY_NS) older."""
+    window = RACY_NS if racy_ns is None else racy_ns
     last_change = max(before.st_mtime_ns, before.st_ctime_ns)
-    return stat_key(before) == stat_key(after) and last_change < started_ns - RACY_NS
+    return stat_key(before) == stat_key(after) and last_change < started_ns - window
 
 
 def fingerprint(path: Path, rel: str, image: bool) -> tuple[Entry, bool]:

@@ -67,11 +67,6 @@ class ImageInfo:
     problems: tuple[ImageProblem, ...] = ()
 
     @property
-    def exif_rotated(self) -> bool:
-        """True when the EXIF orientation tag makes training rotate or mirror the stored pixels."""
-        return self.exif_orientation != 1
-
-    @property
     def decoded(self) -> bool:
         return not any(p.code in UNDECODABLE for p in self.problems)
 

@@ -27,15 +27,10 @@ from typing import Any
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json
 from lora_pipeline.core.hashing import merkle_root, sha256_file
+from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, MANIFEST, REPORT_JSON, REPORT_MD, SEAL, SNAPSHOT
 
-MANIFEST = "manifest.jsonl"
-SNAPSHOT = "snapshot.json"
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-CONTACT_SHEET = "contact_sheet.png"
-SEAL = "seal.json"  # written last: the version is whole (see seal.py)
 # Files the pipeline writes into a snapshot besides the manifest's own rows; the seal records their sha256.
-SEALED_FILES = (MANIFEST, SNAPSHOT, REPORT_JSON, REPORT_MD, CONTACT_SHEET)
+SEALED_FILES = (MANIFEST, SNAPSHOT, CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET)
 NON_CONTENT = {*SEALED_FILES, SEAL}
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypedDict
 
 Severity = Literal["error", "warning"]
 
@@ -19,5 +20,11 @@ def problem(file: str, code: str, severity: Severity, message: str, scope: str) 
     return Problem(file=file, code=code, severity=severity, message=message, scope=scope)
 
 
-def has_errors(problems: list[Problem]) -> bool:
-    return any(p["severity"] == "error" for p in problems)
+def errors_in(problems: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """The problems that block training (rows of a report.json as well as Problem dicts), in order."""
+    return [p for p in problems if p.get("severity") == "error"]
+
+
+def warnings_in(problems: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """The problems for a person to look at, which do not block training."""
+    return [p for p in problems if p.get("severity") == "warning"]

@@ -9,9 +9,9 @@ from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from lora_pipeline.core.datasets.contact_sheet import MAX_IMAGES, write_contact_sheet
-from lora_pipeline.core.datasets.manifest import CONTACT_SHEET, REPORT_JSON, REPORT_MD
 from lora_pipeline.core.datasets.validation import CaptionPlanLike, ValidationResult
 from lora_pipeline.core.fileio import atomic_write_text, write_json
+from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD
 
 MD_PROBLEM_ROWS = 100
 MD_TOP_TAGS = 25

@@ -1,10 +1,10 @@
 """The seal: a dataset version is whole only once its `seal.json` exists.
 
 A version is made in three Dagster steps: dataset_snapshot renames the copied images, the manifest and
-snapshot.json into place (atomically), caption_set adds the captions and their manifest rows,
+snapshot.json into place (atomically), caption_set adds the captions, their manifest rows and captions.json,
 dataset_report adds report.json, report.md and contact_sheet.png. A crash between the steps leaves a
 folder under the final name that is not whole. The last step writes `seal.json` (atomically, read-only):
-the sha256 of manifest.jsonl, snapshot.json and the three report files, and the manifest root. Every
+the sha256 of manifest.jsonl, snapshot.json, captions.json and the three report files, and the manifest root. Every
 reader of a version requires the seal (`require_sealed`): another version built from it, the training
 gate, `verify`, provenance. A folder without a seal is a build in progress or an interrupted one;
 building the version again completes it (the steps before the seal are idempotent).
@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.datasets.manifest import (
-    SEAL,
     SEALED_FILES,
-    SNAPSHOT,
     VerifyResult,
     read_manifest,
     read_snapshot_info,
@@ -36,6 +35,7 @@ from lora_pipeline.core.datasets.manifest import (
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.paths import SEAL, SNAPSHOT, DataRoot
 
 
 def read_seal(snapshot_dir: Path) -> dict[str, Any] | None:
@@ -125,3 +125,11 @@ def verify_version(snapshot_dir: Path) -> VerifyResult:
     if seal.get("manifest_root") != result.manifest_root:
         result.root_mismatch = True
     return result
+
+
+def verify_versions(root: DataRoot, versions: Sequence[str] = ()) -> list[VerifyResult]:
+    """`verify_version` of each named dataset version, or of every built one when none is named."""
+    for version in versions:
+        if not (root.dataset(version) / SNAPSHOT).is_file():
+            raise UserError("no such dataset version (not built)", root.dataset(version))
+    return [verify_version(root.dataset(version)) for version in versions or root.built_versions()]

@@ -1,4 +1,4 @@
-"""Dataset snapshots: copy-only, immutable, atomic dataset versions (DESIGN.md, "Dataset snapshot layout").
+"""Dataset snapshots: copy-only, immutable, atomic dataset versions (docs/contract.md, "Dataset snapshot layout").
 
 `plan_snapshot` decides which source files go where without touching anything; `build_snapshot`
 copies them into a hidden staging folder beside `datasets/<version>` and renames it into place
@@ -39,7 +39,7 @@ from typing import Any
 from lora_pipeline.core.datasets.captions import locate_table
 from lora_pipeline.core.datasets.copying import fsync_dir
 from lora_pipeline.core.datasets.hashcache import ImageSize
-from lora_pipeline.core.datasets.manifest import SNAPSHOT, read_manifest, read_snapshot_info, write_manifest
+from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info, write_manifest
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.seal import read_seal
 from lora_pipeline.core.datasets.snapshot_copy import (
@@ -57,7 +57,7 @@ from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import merkle_root
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
 ORIGIN_KEYS = ("origin_batch", "origin_path", "origin_sha256")

@@ -29,10 +29,9 @@ from lora_pipeline.core.datasets.hashcache import (
     record,
     trustworthy,
 )
-from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 
 @dataclass(frozen=True)

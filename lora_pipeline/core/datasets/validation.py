@@ -1,10 +1,10 @@
-"""Validate a dataset snapshot before any GPU time is spent (DESIGN.md principle 5).
+"""Validate a dataset snapshot before any GPU time is spent (docs/contract.md, principle 5).
 
 `validate_dataset` gathers, in one `problems` list: the snapshot's scan problems (snapshot.json),
 the caption plan's problems, and its own checks on the copied images: readability (see images.py),
 dimensions against the spec's `checks`, exact duplicates (manifest sha256), near duplicates
 (perceptual hash), caption files without an image. It also counts pairs per source and predicts the
-kohya aspect-ratio buckets. Errors block training (`blocking_errors`); warnings are for a person.
+kohya aspect-ratio buckets. Errors block training (`problems.errors_in`); warnings are for a person.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
 from lora_pipeline.core.datasets.images import ImageInfo, inspect_images
 from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
-from lora_pipeline.core.datasets.problems import Problem, Severity, problem
+from lora_pipeline.core.datasets.problems import Problem, Severity, errors_in, problem
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 NEAR_DUPLICATE_DISTANCE = 6  # max Hamming distance of two 64-bit dHashes
 # Two images with the same structure but different colours (a red and a blue body from the same view)
@@ -56,12 +56,7 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
-        return not blocking_errors(self)
-
-
-def blocking_errors(result: ValidationResult) -> list[Problem]:
-    """The problems that must stop training."""
-    return [p for p in result.problems if p["severity"] == "error"]
+        return not errors_in(self.problems)
 
 
 def source_label(row: Mapping[str, Any]) -> str:
@@ -100,7 +95,7 @@ def validate_dataset(
     version = info.get("version", snapshot_dir.name)
     if version != spec.name:
         raise UserError(
-            f"snapshot is version '{version}' but the spec is '{spec.name}'", snapshot_dir / "snapshot.json"
+            f"snapshot is version '{version}' but the spec is '{spec.name}'", snapshot_dir / SNAPSHOT
         )
     scope = f"dataset:{version}"
     rows = read_manifest(snapshot_dir)

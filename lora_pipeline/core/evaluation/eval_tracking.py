@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker, _param_value, open_store
+from lora_pipeline.core.training.tracking import TrainingTracker, open_store, param_value
 
 PARENT_TAG = "mlflow.parentRunId"
 PER_EPOCH_METRICS = ("val_loss", "train_loss", "break_ratio")
@@ -48,7 +48,7 @@ def _params(recipe: Recipe, report: Mapping[str, Any]) -> list[Param]:
         "validation_held_out": report["validation"]["held_out"],
         "validation_images": len(report["validation"]["images"]),
     }
-    return [Param(k, _param_value(v)) for k, v in sorted(values.items())]
+    return [Param(k, param_value(v)) for k, v in sorted(values.items())]
 
 
 def _metrics(rows: Sequence[Mapping[str, Any]]) -> list[Metric]:

@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 
 from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
-from lora_pipeline.core.datasets.captions import caption_path, read_caption_text
+from lora_pipeline.core.datasets.captions import caption_path, snapshot_caption
 from lora_pipeline.core.datasets.images import load_rgb
-from lora_pipeline.core.datasets.manifest import MANIFEST, SNAPSHOT, read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.tags import split_tags
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
+from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
 
@@ -132,10 +133,10 @@ def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, di
         raise UserError(f"no caption for {image_rel} in the manifest; materialize caption_set first",
                         snapshot_dir / MANIFEST)
     path = snapshot_dir / rel
-    text = read_caption_text(path)
+    text = snapshot_caption(path)
     if sha256_bytes(path.read_bytes()) != row["sha256"]:
         raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
-    return text.strip()
+    return text
 
 
 def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: Recipe,

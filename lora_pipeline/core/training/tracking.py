@@ -44,27 +44,23 @@ from mlflow.utils.validation import (
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import canonical_json
 from lora_pipeline.core.locks import exclusive_lock
+from lora_pipeline.core.paths import MLFLOW_DB, mlflow_tracking_uri
 from lora_pipeline.core.plots import line_chart
 
 EXPERIMENT = "lora-pipeline"
-DB_FILE = "mlflow.db"
 ARTIFACTS = "artifacts"
 
 
-STORE_LOCK = f".{DB_FILE}.lock"
+STORE_LOCK = f".{MLFLOW_DB}.lock"
 _logger = logging.getLogger(__name__)
-
-
-def tracking_uri(mlflow_dir: Path) -> str:
-    return f"sqlite:///{mlflow_dir.resolve() / DB_FILE}"
 
 
 def open_store(mlflow_dir: Path, log: Callable[[str], None] = _logger.warning) -> str:
     """The tracking URI of `mlflow_dir/mlflow.db`, after making sure the store is whole (see the module doc)."""
-    db = mlflow_dir / DB_FILE
+    db = mlflow_dir / MLFLOW_DB
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     if db.is_file() and _schema_revision(db) == _get_latest_schema_revision():
-        return tracking_uri(mlflow_dir)
+        return mlflow_tracking_uri(mlflow_dir)
     with exclusive_lock(mlflow_dir / STORE_LOCK):  # one creator; the others wait, then find it whole
         if db.is_file():
             revision = _schema_revision(db)
@@ -72,7 +68,7 @@ def open_store(mlflow_dir: Path, log: Callable[[str], None] = _logger.warning) -
                 _replace_unfinished_store(db, revision, log)
         if not db.is_file():
             _create_store(db)
-    return tracking_uri(mlflow_dir)
+    return mlflow_tracking_uri(mlflow_dir)
 
 
 def _schema_revision(db: Path) -> str | None:
@@ -116,9 +112,9 @@ def _replace_unfinished_store(db: Path, revision: str | None, log: Callable[[str
 
 def _create_store(db: Path) -> None:
     """Let MLflow build the schema in a temp file beside `db`, then rename it into place."""
-    for stale in db.parent.glob(f".{DB_FILE}.*.tmp"):  # from a creator killed before its rename (we hold the lock)
+    for stale in db.parent.glob(f".{MLFLOW_DB}.*.tmp"):  # from a creator killed before its rename (we hold the lock)
         stale.unlink()
-    tmp = db.with_name(f".{DB_FILE}.{os.getpid()}.tmp")
+    tmp = db.with_name(f".{MLFLOW_DB}.{os.getpid()}.tmp")
     try:
         store = SqlAlchemyStore(f"sqlite:///{tmp.resolve()}", str((db.parent / ARTIFACTS).resolve()))
         store.engine.dispose()  # every connection closed: the file is complete on disk
@@ -128,7 +124,8 @@ def _create_store(db: Path) -> None:
         raise
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A run parameter as MLflow stores it: text (lists as canonical JSON), cut to MLflow's length limit."""
     text = value if isinstance(value, str) else canonical_json(value) if isinstance(value, list | tuple) else str(value)
     return text[:MAX_PARAM_VAL_LENGTH]
 
@@ -195,7 +192,7 @@ class TrainingTracker:
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
             self._last_step = 0
-            entries = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+            entries = [Param(k, param_value(v)) for k, v in sorted(params.items())]
             for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=list(chunk))
         try:

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
-from test_training_trainer import tiny_recipe, train
 
 from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, apply_snr_weight, compute_loss
+from lora_pipeline_tests.helpers import tiny_recipe, train
 
 
 class ZeroUNet(torch.nn.Module):
@@ -67,11 +68,21 @@ def test_sdxl_conditioning_reaches_the_unet():
     assert unet.seen[1]["text_embeds"] is embeds and unet.seen[1]["time_ids"] is ids
 
 
-def test_recipe_switches_train_and_checkpointing_changes_nothing(train_snapshot):
+def test_recipe_switches_train_and_checkpointing_is_on_and_changes_nothing(train_snapshot, monkeypatch):
     root = train_snapshot(n=3, repeats=2)
     recipe = tiny_recipe(epochs=1, optimizer="AdamW", learning_rate=1e-2, validation_split=0.0)
+    checkpointed_blocks = []  # every U-Net block that ran under torch's activation checkpointing
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        checkpointed_blocks.append(type(getattr(function, "__self__", function)).__name__)  # a block's bound forward
+        return real_checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     plain, _ = train(root, recipe, "plain")
+    assert checkpointed_blocks == []
     checkpointed, _ = train(root, replace(recipe, gradient_checkpointing=True), "checkpointed")
+    assert len(checkpointed_blocks) >= checkpointed.total_steps and "ResnetBlock2D" in checkpointed_blocks
     torch.testing.assert_close(load_file(checkpointed.epochs[0]["file"]), load_file(plain.epochs[0]["file"]))
 
     switched = replace(recipe, cache_latents=False, shuffle_caption=False, min_snr_gamma=5.0, noise_offset=0.05,

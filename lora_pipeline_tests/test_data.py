@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from lora_pipeline.core.datasets.buckets import bucket_resolutions
-from lora_pipeline.core.datasets.manifest import SNAPSHOT
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json, write_json
+from lora_pipeline.core.paths import SNAPSHOT
 from lora_pipeline.core.training.data import (
     epoch_batches,
     fit_to_bucket,

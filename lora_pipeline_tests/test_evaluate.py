@@ -15,9 +15,10 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation import evaluate_lora
 from lora_pipeline.core.evaluation.grid import column_labels, plan_grid
 from lora_pipeline.core.evaluation.recommend import fmt
+from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.training import train_lora
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker, tracking_uri
+from lora_pipeline.core.training.tracking import TrainingTracker
 
 PROMPTS = ("trg, red body, matte finish", "trg, blue body, glossy finish")
 TINY = {"name": "tiny", "base_model": "tiny-sd", "model_family": "sd15", "resolution": 64, "min_bucket_reso": 32,
@@ -91,7 +92,7 @@ def test_grids_losses_recommendation_and_mlflow_on_tiny_sd(train_snapshot, lora_
     assert result.val_loss_plot == out / "val_loss.png" and result.val_loss_plot.read_bytes()[:4] == b"\x89PNG"
     assert lines[-1].startswith(f"recommended epoch {epoch}") and result.seconds > 0
 
-    client = MlflowClient(tracking_uri(root.mlflow))
+    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     run = client.get_run(result.mlflow_run_id)
     assert run.info.run_name == "train-v1/tiny/eval" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == training_run
@@ -139,7 +140,7 @@ def test_tiny_sdxl(train_snapshot, lora_epochs):
     assert len(grid) == 2 and all(len(r) == 4 for r in grid)
     assert all((r[c] != r[0]).any() for r in grid for c in (1, 2, 3))
     assert result.recommendation["recommended_epoch"] in (1, 2)
-    client = MlflowClient(tracking_uri(root.mlflow))
+    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     assert len(client.get_metric_history(result.mlflow_run_id, "val_loss")) == 2
 
 
@@ -167,5 +168,5 @@ def test_evaluates_what_train_lora_wrote(train_snapshot):
                  for i in range(0, trained.total_steps, trained.steps_per_epoch)]
     assert [r["train_loss"] for r in result.loss_rows] == pytest.approx(per_epoch, abs=1e-6)
     assert result.recommendation["validation"]["images"] == trained.validation_images
-    client = MlflowClient(tracking_uri(root.mlflow))
+    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     assert client.get_run(result.mlflow_run_id).data.tags["mlflow.parentRunId"] == trained.mlflow_run_id

@@ -22,24 +22,7 @@ from lora_pipeline.core.training.checkpoint import load_state
 from lora_pipeline.core.training.lora_file import add_unet_lora, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.trainer import train_lora
-
-PROVENANCE = {"code_commit": "test-commit", "mlflow_run_id": "test-run"}
-STARTED_AT = 1_700_000_000.0
-TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
-        "bucket_reso_steps": 16, "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0,
-        "mixed_precision": "no", "validation_split": 0.2}
-
-
-def tiny_recipe(**overrides) -> Recipe:
-    return Recipe(**{**TINY, **overrides})
-
-
-def train(root, recipe: Recipe, out: str, **kwargs):
-    lines: list[str] = []
-    kwargs.setdefault("log", lines.append)
-    result = train_lora(root, "train-v1", recipe, out_dir=root.root / out, provenance=PROVENANCE,
-                        started_at=STARTED_AT, device="cpu", **kwargs)
-    return result, lines
+from lora_pipeline_tests.helpers import PROVENANCE, STARTED_AT, TINY, tiny_recipe, train, tree_state
 
 
 def file_bytes(result) -> dict[str, bytes]:
@@ -204,18 +187,18 @@ def test_resume_after_sigkill_gives_the_files_of_an_uninterrupted_run(train_snap
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_training_output_inside_sources_or_a_snapshot_is_refused(train_snapshot, tree_fingerprint):
+def test_training_output_inside_sources_or_a_snapshot_is_refused(train_snapshot):
     root = train_snapshot(n=4, repeats=2)
     root.batch("b1").mkdir(parents=True)
     (root.root / "linked").symlink_to(root.dataset("train-v1"))
-    before = tree_fingerprint(root.root)
+    before = tree_state(root.root)
     for out, area in [(root.dataset("train-v1") / "out", "datasets"), (root.batch("b1"), "sources"),
                       (root.root / "linked" / "out", "datasets"),
                       (root.loras_root / ".." / "datasets" / "train-v1" / "tiny", "datasets")]:
         with pytest.raises(UserError) as refused:
             train_lora(root, "train-v1", tiny_recipe(), out_dir=out, provenance=PROVENANCE, device="cpu")
         assert str(refused.value) == f"{out}: refusing to write training output inside {area}/ (never written)"
-    assert tree_fingerprint(root.root) == before
+    assert tree_state(root.root) == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a real full disk) needs root")

@@ -1,0 +1,162 @@
+"""Helpers shared by several test modules (fixtures are in conftest.py). Import as `lora_pipeline_tests.helpers`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.datasets.captions import CaptionCheck
+from lora_pipeline.core.training.recipe import Recipe
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def tree_state(folder: Path) -> dict[str, tuple[str, int, int, int]]:
+    """{relpath: (sha256 | "link:<target>" | "dir", mode, mtime_ns, inode)} of every entry under a folder,
+    links not followed: equal before and after means not a byte, mode, time or inode changed."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            digest = "link:" + os.readlink(path)
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest = "dir"
+        out[path.relative_to(folder).as_posix()] = (digest, st.st_mode, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def make_read_only(folder: Path) -> None:
+    """Take the write bits off a folder and everything under it (links left alone), as a careful user would."""
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.lstat().st_mode & ~0o222)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the console script as a user does, with the test's LORA_PIPELINE_DATA / DAGSTER_HOME."""
+    exe = Path(sys.executable).with_name("lora-pipeline")
+    result = subprocess.run([str(exe), *args], capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one line, never a traceback
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --- hand-built snapshots: validation and report tests write datasets/<version>/ file by file ------------------
+
+
+class HandSnapshot:
+    """A snapshot folder written file by file, with manifest.jsonl and snapshot.json like snapshot.py's."""
+
+    def __init__(self, tmp_path: Path, version: str = "hand-v1", trigger: str = "hnd", repeats: int = 2) -> None:
+        from lora_pipeline.core.paths import DataRoot
+
+        self.root = DataRoot(tmp_path / "data")
+        self.version, self.trigger, self.repeats = version, trigger, repeats
+        self.dir = self.root.dataset(version)
+        self.folder = f"img/{repeats}_{trigger}"
+        (self.dir / self.folder).mkdir(parents=True)
+        self.rows: list[dict[str, Any]] = []
+        self.check = CaptionCheck(captions={}, problems=[], lint={}, tag_frequency={})
+
+    def spec(self, **checks: Any):
+        from lora_pipeline.core.datasets.spec import ChecksSpec, DatasetSpec, SourceRef
+
+        return DatasetSpec(name=self.version, trigger=self.trigger, repeats=self.repeats,
+                           sources=(SourceRef(batch="b1"),), checks=ChecksSpec(**checks))
+
+    def add(self, name: str, content: Any, caption: str | None = None, batch: str = "b1", **save: Any) -> str:
+        """Write an image (a PIL image, saved with `save` options, or raw bytes); return its snapshot path."""
+        from lora_pipeline.core.hashing import sha256_file
+
+        rel = f"{self.folder}/{name}"
+        path = self.dir / rel
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            content.save(path, **save)
+        digest = sha256_file(path)
+        self.rows.append({"path": rel, "kind": "image", "sha256": digest, "bytes": path.stat().st_size,
+                          "source_batch": batch, "source_path": name, "source_sha256": digest})
+        if caption is not None:
+            self.caption(rel, caption)
+        return rel
+
+    def caption(self, image_rel: str, text: str) -> None:
+        """Write the .txt beside an image and record it in the caption check."""
+        self.check.captions[image_rel] = text
+        (self.dir / image_rel).with_suffix(".txt").write_text(text, encoding="utf-8")
+
+    def finish(self, problems: list | None = None) -> Path:
+        from lora_pipeline.core.datasets.manifest import write_manifest
+        from lora_pipeline.core.fileio import write_json
+        from lora_pipeline.core.paths import SNAPSHOT
+
+        root = write_manifest(self.dir, self.rows)
+        write_json(self.dir / SNAPSHOT, {"version": self.version, "manifest_root": root, "problems": problems or []})
+        return self.dir
+
+
+def finish_version(root, spec):
+    """Complete `datasets/<spec.name>` after build_snapshot with the real steps of caption_set and
+    dataset_report (captions, manifest caption rows, captions.json, report files, seal); returns the seal."""
+    from lora_pipeline.core.datasets.captions import (
+        load_caption_check,
+        plan_captions,
+        write_caption_check,
+        write_captions,
+    )
+    from lora_pipeline.core.datasets.manifest import record_captions
+    from lora_pipeline.core.datasets.report import write_report
+    from lora_pipeline.core.datasets.seal import seal_snapshot
+    from lora_pipeline.core.datasets.validation import validate_dataset
+
+    snapshot_dir = root.dataset(spec.name)
+    plan = plan_captions(root, spec, snapshot_dir)
+    rows = write_captions(snapshot_dir, plan)
+    write_caption_check(snapshot_dir, plan)
+    record_captions(snapshot_dir, rows)
+    check = load_caption_check(snapshot_dir)
+    write_report(snapshot_dir, validate_dataset(root, spec, snapshot_dir, check, workers=1), check)
+    return seal_snapshot(snapshot_dir)
+
+
+# --- training on the tiny models --------------------------------------------------------------------------------
+
+PROVENANCE = {"code_commit": "test-commit", "mlflow_run_id": "test-run"}
+STARTED_AT = 1_700_000_000.0
+TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
+        "bucket_reso_steps": 16, "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0,
+        "mixed_precision": "no", "validation_split": 0.2}
+
+
+def tiny_recipe(**overrides: Any) -> Recipe:
+    return Recipe(**{**TINY, **overrides})
+
+
+def train(root, recipe: Recipe, out: str, **kwargs: Any):
+    """train_lora on the conftest `train_snapshot` version on the CPU: (result, progress lines)."""
+    from lora_pipeline.core.training.trainer import train_lora
+
+    lines: list[str] = []
+    kwargs.setdefault("log", lines.append)
+    result = train_lora(root, "train-v1", recipe, out_dir=root.root / out, provenance=PROVENANCE,
+                        started_at=STARTED_AT, device="cpu", **kwargs)
+    return result, lines
