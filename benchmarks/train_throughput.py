@@ -1,7 +1,16 @@
 """LoRA training throughput and model-FLOP utilisation, measured through the trainer's own `training_step`.
 
     .venv/bin/python benchmarks/train_throughput.py [--model sd15|sdxl|both] [--steps 20] [--warmup 5]
-        [--batch N] [--rank 32] [--compile] [--gradient-checkpointing] [--peak-tflops 989] [--json] [--smoke]
+        [--batch N] [--rank 32] [--variants reference,plain,fast] [--gradient-checkpointing]
+        [--peak-tflops 989] [--json] [--smoke]
+
+Three variants, each timed in the same run so every figure has its ratio to the reference beside it:
+- reference: a diffusers-example-style step (train_text_to_image_lora[_sdxl].py): VAE encode of the pixels,
+  the text encoder(s) and the U-Net every step, frozen weights fp16 (the SDXL VAE fp32, as that script keeps
+  it), fp16 autocast with a gradient scaler, torch AdamW, clip 1.0, and the loss read back every step
+  (`train_loss += avg_loss.item()`);
+- plain: the trainer's `training_step` on cached inputs, eager;
+- fast: the same with the trainer's fast path (fastpath.compile_blocks: the repeated U-Net blocks compiled).
 
 Shapes (random weights built from the configs, nothing downloaded):
 - sd15: SD 1.5's U-Net (320/640/1280/1280, cross-attention 768), 512 px = 64x64 latents, batch 8;
@@ -14,7 +23,8 @@ cached inputs (random latents and text embeddings of the right shapes), so the n
 FLOPs per step are counted by torch.utils.flop_counter.FlopCounterMode over one whole eager step (forward,
 backward, optimizer) without gradient checkpointing: model FLOPs, so recomputation is not credited. MFU =
 achieved FLOP/s / the dense bf16 peak given by --peak-tflops (default 989: H100 SXM; H200 is the same).
-Timed steps run after the warm-up (which also absorbs torch.compile), between torch.cuda.synchronize calls.
+Timed steps run after the warm-up (which also absorbs compilation, reported as warmup_s), between
+torch.cuda.synchronize calls.
 --smoke runs tiny shapes for 2 steps on whatever device there is (CPU included), for tests.
 """
 
@@ -26,16 +36,21 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, make_accelerator, training_step
+from lora_pipeline.core.models import fullsize
+from lora_pipeline.core.training.fastpath import compile_blocks
+from lora_pipeline.core.training.loop import MAX_GRAD_NORM, NoiseSettings, StepBatch, make_accelerator, training_step
 from lora_pipeline.core.training.lora_file import add_unet_lora
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
@@ -60,20 +75,8 @@ class Shape:
         return self.pixels // 8
 
 
-SD15 = Shape("sd15", dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-), pixels=512, batch=8, text_dim=768)
-SDXL = Shape("sdxl", dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-), pixels=1024, batch=4, text_dim=2048, pooled_dim=1280)
+SD15 = Shape("sd15", fullsize.UNET_CONFIGS["sd15"], pixels=512, batch=8, text_dim=768)
+SDXL = Shape("sdxl", fullsize.UNET_CONFIGS["sdxl"], pixels=1024, batch=4, text_dim=2048, pooled_dim=1280)
 SMOKE = {
     "sd15": Shape("sd15", dict(
         sample_size=8, layers_per_block=1, block_out_channels=(32, 32), norm_num_groups=8,
@@ -120,10 +123,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _frozen_parts(shape: Shape, smoke: bool, device: torch.device) -> tuple[AutoencoderKL, list[CLIPTextModel]]:
+    """The VAE and text encoder(s) of the shape: the real configurations, or tiny ones for --smoke."""
+    if not smoke:
+        parts = ["l"] if shape.pooled_dim is None else ["l", "g"]
+        return fullsize.vae(shape.name, device), [fullsize.text_encoder(p, device) for p in parts]
+    with torch.device(device):
+        vae = AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, latent_channels=4)
+        widths = [shape.text_dim] if shape.pooled_dim is None else [shape.text_dim // 2, shape.text_dim // 2]
+        encoders = [
+            (CLIPTextModelWithProjection if i else CLIPTextModel)(CLIPTextConfig(
+                hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2, num_attention_heads=4,
+                projection_dim=shape.pooled_dim or w, vocab_size=1000))
+            for i, w in enumerate(widths)
+        ]
+    return vae, encoders
+
+
+def reference_step(shape: Shape, args: argparse.Namespace, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """A diffusers-example-style step (see the module docstring) with the same U-Net, LoRA and batch."""
+    precision = "fp16" if device.type == "cuda" else "no"
+    dtype = DTYPES[precision]
+    batch = args.batch or shape.batch
+    unet = build_unet(shape, device, dtype, args.rank)
+    vae, encoders = _frozen_parts(shape, args.smoke, device)
+    vae.requires_grad_(False)
+    if shape.pooled_dim is None:  # the SDXL script keeps its VAE in float32
+        vae.to(dtype)
+    for encoder in encoders:
+        encoder.requires_grad_(False).to(dtype)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    accelerator = make_accelerator(device, precision)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    gen = torch.Generator(device).manual_seed(0)
+    pixels = torch.rand(batch, 3, shape.pixels, shape.pixels, generator=gen, device=device) * 2 - 1
+    input_ids = torch.randint(0, encoders[0].config.vocab_size, (batch, 77), generator=gen, device=device)
+    sizes = [shape.pixels, shape.pixels, 0, 0, shape.pixels, shape.pixels]
+    losses: list[float] = []
+
+    def step(index: int) -> torch.Tensor:
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (batch,), device=device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        added = None
+        if shape.pooled_dim is None:
+            hidden = encoders[0](input_ids, return_dict=False)[0]
+        else:
+            outs = [e(input_ids, output_hidden_states=True) for e in encoders]
+            hidden = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+            time_ids = torch.tensor([sizes] * batch, device=device, dtype=dtype)  # built per batch, as the script
+            added = {"text_embeds": outs[-1][0], "time_ids": time_ids}
+        with accelerator.autocast():
+            pred = model(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
+            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+        losses.append(loss.detach().item())  # the script's per-step loss logging
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.detach()
+
+    return step
+
+
+def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, fast: bool
+                 ) -> tuple[Callable[[int], torch.Tensor], Callable[[], None]]:
+    """The trainer's `training_step` on cached inputs, and the function that switches the fast path on."""
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
-    batch_size = args.batch or shape.batch
     unet = build_unet(shape, device, dtype, args.rank)
     params = [p for p in unet.parameters() if p.requires_grad]
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
@@ -134,22 +205,45 @@ def bench(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[
     accelerator = make_accelerator(device, precision)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    batch = _batch(shape, batch_size, device, dtype)
+    batch = _batch(shape, args.batch or shape.batch, device, dtype)
 
     def step(index: int) -> torch.Tensor:
         return training_step(model, scheduler, batch, torch_generator(0, Stream.NOISE, index), NoiseSettings(),
                              accelerator=accelerator, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params)
 
-    with FlopCounterMode(display=False) as counter:
-        step(0)
-    flops = counter.get_total_flops()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if args.compile:
-        model.compile()
+    def prepare() -> None:
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if fast:
+            compile_blocks(unet, backend=args.compile_backend)
+
+    return step, prepare
+
+
+def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.device
+          ) -> tuple[dict[str, Any], Callable[[int], torch.Tensor]]:
+    batch_size = args.batch or shape.batch
+    flops = None
+    if variant == "reference":
+        step = reference_step(shape, args, device)
+        precision = "fp16" if device.type == "cuda" else "no"
+    else:
+        step, prepare = trainer_step(shape, args, device, fast=variant == "fast")
+        precision = args.precision if device.type == "cuda" else "no"
+        with FlopCounterMode(display=False) as counter:
+            step(0)
+        flops = counter.get_total_flops()
+        prepare()
+    _sync(device)
+    started = time.perf_counter()
     for index in range(args.warmup):
         step(1 + index)
-    _sync(device)
+        _sync(device)
+        print(f"[{shape.name} {variant}] warm-up step {index + 1}: {time.perf_counter() - started:.1f} s",
+              file=sys.stderr, flush=True)
+    warmup_s = time.perf_counter() - started
+    if variant == "fast" and device.type == "cuda":
+        print(torch._dynamo.utils.compile_times(), file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
@@ -157,38 +251,76 @@ def bench(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[
         loss = step(1 + args.warmup + index)
     _sync(device)
     seconds = time.perf_counter() - started
-    tflops = flops * args.steps / seconds / 1e12
+    tflops = flops * args.steps / seconds / 1e12 if flops else None
     return {
-        "model": shape.name, "pixels": shape.pixels, "latent": shape.latent, "batch": batch_size, "rank": args.rank,
-        "precision": precision, "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing,
-        "optimizer": args.optimizer, "lora_params": sum(p.numel() for p in params), "steps": args.steps,
+        "model": shape.name, "variant": variant, "pixels": shape.pixels, "latent": shape.latent, "batch": batch_size,
+        "rank": args.rank, "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "optimizer": "AdamW" if variant == "reference" else args.optimizer, "steps": args.steps,
         "images_per_second": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
-        "flops_per_step": flops, "tflops_per_second": tflops, "mfu": tflops / args.peak_tflops,
+        "warmup_s": warmup_s, "flops_per_step": flops, "tflops_per_second": tflops,
+        "mfu": tflops / args.peak_tflops if tflops else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "final_loss": float(loss),
-    }
+    }, step
+
+
+def _release(device: torch.device) -> None:
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("sd15", "sdxl", "both"), default="both")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (torch.compile happens here)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: 8 for sd15, 4 for sdxl)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="DAdaptAdamW")
     parser.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16", help="on CUDA; CPU runs fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--variants", default="reference,plain,fast",
+                        help="comma-separated, from reference, plain, fast (see above)")
+    parser.add_argument("--compile-backend", default="inductor", help="for the fast variant (tests: aot_eager)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="plain and fast variants")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N steps of the last variant and print its top kernels")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
                         help="dense peak of the GPU at --precision, for MFU (default: H100 SXM bf16)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, 1 warm-up (tests, CPU)")
     args = parser.parse_args(argv)
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     if args.smoke:
         args.steps, args.warmup, args.rank = 2, 1, 4
     return args
+
+
+def profile(step: Callable[[int], torch.Tensor], steps: int, device: torch.device) -> dict[str, Any]:
+    """Kernel launches and device time per step, and the top kernels by device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for index in range(steps):
+            step(10_000 + index)
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.self_device_time_total for e in kernels)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    return {
+        "kernel_launches_per_step": launches / steps, "device_ms_per_step": device_us / 1000 / steps,
+        "table": events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                              row_limit=15, max_name_column_width=70),
+    }
+
+
+VARIANTS = ("reference", "plain", "fast")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,32 +340,51 @@ def main(argv: list[str] | None = None) -> int:
         "peak_source": "default: H100 SXM dense bf16" if default_peak else "--peak-tflops",
     }
     results = []
+    profiles = {}
     for shape in shapes:
-        try:
-            with contextlib.redirect_stdout(sys.stderr):  # library chatter ("Using decoupled weight decay")
-                results.append(bench(shape, args, device))
-        except torch.cuda.OutOfMemoryError:
-            error = "out of GPU memory: try --gradient-checkpointing or a smaller --batch"
-            results.append({"model": shape.name, "error": error})
-            torch.cuda.empty_cache()
+        for variant in args.variants:
+            try:
+                with contextlib.redirect_stdout(sys.stderr):  # library chatter ("Using decoupled weight decay")
+                    result, step = bench(shape, variant, args, device)
+                    if args.profile and variant == args.variants[-1]:
+                        profiles[shape.name] = profile(step, args.profile, device)
+                results.append(result)
+                print(json.dumps(result), file=sys.stderr, flush=True)  # progress, in case a later variant stalls
+                del step
+            except torch.cuda.OutOfMemoryError:
+                error = "out of GPU memory: try --gradient-checkpointing or a smaller --batch"
+                results.append({"model": shape.name, "variant": variant, "error": error})
+            _release(device)
+    reference = {r["model"]: r["images_per_second"] for r in results if r.get("variant") == "reference"
+                 and "error" not in r}
+    for r in results:
+        if "error" not in r and r["model"] in reference:
+            r["vs_reference"] = r["images_per_second"] / reference[r["model"]]
     if args.json:
-        print(json.dumps({**header, "results": results}, indent=2))
-    else:
-        print(f"{header['device']} | torch {header['torch']} | {header['date']}\n$ {header['command']}")
-        print(f"MFU against {args.peak_tflops:g} TFLOP/s ({header['peak_source']})")
-        for r in results:
-            if "error" in r:
-                print(f"{r['model']}: {r['error']}")
-                continue
-            memory = f" | peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
-            print(
-                f"{r['model']}: {r['pixels']} px (latents {r['latent']}x{r['latent']}), batch {r['batch']}, "
-                f"rank {r['rank']}, {r['precision']}, compile {'on' if r['compile'] else 'off'}, gradient "
-                f"checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, {r['optimizer']}\n"
-                f"  {r['images_per_second']:.2f} images/s | {r['step_ms']:.1f} ms/step | "
-                f"{r['flops_per_step'] / 1e12:.4g} TFLOP/step | {r['tflops_per_second']:.4g} TFLOP/s | "
-                f"MFU {100 * r['mfu']:.3g}%{memory}"
-            )
+        print(json.dumps({**header, "results": results,
+                          "profiles": {k: {n: v for n, v in p.items() if n != "table"} for k, p in profiles.items()}},
+                         indent=2))
+        return 1 if any("error" in r for r in results) else 0
+    print(f"{header['device']} | torch {header['torch']} | {header['date']}\n$ {header['command']}")
+    print(f"MFU against {args.peak_tflops:g} TFLOP/s ({header['peak_source']})")
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']} {r['variant']}: {r['error']}")
+            continue
+        memory = f" | peak memory {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+        ratio = f" ({r['vs_reference']:.2f}x reference)" if "vs_reference" in r else ""
+        flops = (f" | {r['flops_per_step'] / 1e12:.4g} TFLOP/step | {r['tflops_per_second']:.4g} TFLOP/s | "
+                 f"MFU {100 * r['mfu']:.3g}%" if r["flops_per_step"] else "")
+        print(
+            f"{r['model']} {r['variant']}: {r['pixels']} px (latents {r['latent']}x{r['latent']}), batch {r['batch']}, "
+            f"rank {r['rank']}, {r['precision']}, gradient checkpointing "
+            f"{'on' if r['gradient_checkpointing'] else 'off'}, {r['optimizer']}\n"
+            f"  {r['images_per_second']:.2f} images/s{ratio} | {r['step_ms']:.1f} ms/step | warm-up "
+            f"{r['warmup_s']:.1f} s{flops}{memory}"
+        )
+    for name, p in profiles.items():
+        print(f"profile {name} {args.variants[-1]}: {p['kernel_launches_per_step']:.0f} kernel launches/step, "
+              f"{p['device_ms_per_step']:.1f} ms device time/step\n{p['table']}")
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -121,6 +121,9 @@ def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dic
         "epoch_files": files,
         "mlflow_run_id": meta.get("mlflow_run_id"),
         "mlflow_tracking_uri": meta.get("mlflow_tracking_uri"),
+        "images_trained": meta.get("images_trained"),
+        "fast_path": meta.get("fast_path"),
+        "timings": {k.removeprefix("seconds_"): v for k, v in meta.items() if k.startswith("seconds_")},
         "dagster_run_id": outcome.run_id,
     }
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lora_pipeline.core.training.optim import current_lr, make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.optim import effective_lrs, make_lr_scheduler, make_optimizer, step_lr
 from lora_pipeline.core.training.recipe import OPTIMIZERS, SCHEDULERS, Recipe
 
 CPU = torch.device("cpu")
@@ -23,11 +23,16 @@ def test_each_optimizer_takes_a_step(name):
     param = _param()
     before = param.detach().clone()
     optimizer = make_optimizer(Recipe(name="r", base_model="tiny-sd", optimizer=name, learning_rate=lr), [param], CPU)
+    factors = []
     for _ in range(3):
         param.grad = torch.ones_like(param)
         optimizer.step()
+        factors.append(step_lr(optimizer))
     assert not torch.equal(param.detach(), before)
-    assert current_lr(optimizer) > 0
+    lrs = effective_lrs(factors)
+    assert all(lr > 0 for lr in lrs)
+    if name == "DAdaptAdamW":  # d is a device tensor copied per step: each step keeps its own value
+        assert lrs[0] < lrs[-1] == lr * float(optimizer.param_groups[0]["d"])
     state = optimizer.state[param]
     if name == "AdamW8bit":
         assert state["state1"].dtype == torch.uint8 and state["state2"].dtype == torch.uint8

@@ -21,8 +21,8 @@ from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
 
 __all__ = [
-    "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "load_base_model",
-    "resolve_base_model", "sdxl_add_time_ids",
+    "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "host_to_device",
+    "load_base_model", "resolve_base_model", "sdxl_add_time_ids",
 ]
 
 
@@ -112,6 +112,18 @@ def load_base_model(
     )
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to `device` without making the host wait for the GPU.
+
+    A plain `.to("cuda")` from pageable memory blocks until the copy (so every kernel queued before it) is
+    done, which keeps the host from running ahead of a launch-bound training step; from pinned memory the
+    copy is queued like a kernel. Elsewhere it is an ordinary `.to(device)`.
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -128,10 +140,10 @@ def encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, t
     """
     if base.family == "sd15":
         encoder = base.text_encoders[0]
-        return encoder(_token_ids(base.tokenizers[0], prompts).to(encoder.device))[0], None
+        return encoder(host_to_device(_token_ids(base.tokenizers[0], prompts), encoder.device))[0], None
     hidden, pooled = [], None
     for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
-        out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+        out = encoder(host_to_device(_token_ids(tokenizer, prompts), encoder.device), output_hidden_states=True)
         if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
             pooled = out[0]
         hidden.append(out.hidden_states[-2])

@@ -46,7 +46,7 @@ GENERATOR_VERSION = 1
 STAMP = "lora_pipeline_tiny.json"
 
 # SD 1.5 / SDXL's own noise schedule (scaled_linear 0.00085..0.012 over 1000 steps).
-_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+NOISE_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
 @contextmanager
@@ -87,7 +87,7 @@ def _sd15(out: Path) -> None:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=False,
         )
-    scheduler = PNDMScheduler(**_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    scheduler = PNDMScheduler(**NOISE_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
         vae=_vae(3, 0.18215), text_encoder=_text_encoder(1, "quick_gelu", False), tokenizer=build_tokenizer(),
         unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -110,7 +110,7 @@ def _sdxl(out: Path) -> None:
             projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
         )
     scheduler = EulerDiscreteScheduler(
-        **_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+        **NOISE_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
         prediction_type="epsilon",
     )
     pipe = StableDiffusionXLPipeline(

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_pipeline.core.models.loading import BaseModel, encode_prompts, sdxl_add_time_ids
+from lora_pipeline.core.models.loading import BaseModel, encode_prompts, host_to_device, sdxl_add_time_ids
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.timing import StageTimes
 
 
 @torch.no_grad()
@@ -54,14 +55,17 @@ class TextConditioning:
 class TextSource:
     """Text conditioning for captions; a per-caption cache when the same caption text recurs (no shuffling)."""
 
-    def __init__(self, base: BaseModel, dtype: torch.dtype, device: torch.device, cache_captions: Sequence[str] = ()):
+    def __init__(self, base: BaseModel, dtype: torch.dtype, device: torch.device, cache_captions: Sequence[str] = (),
+                 times: StageTimes | None = None):
         self.base, self.dtype, self.device = base, dtype, device
+        self.times = times or StageTimes(device)
         self.cache: dict[str, TextConditioning] = {}
         for caption in dict.fromkeys(cache_captions):
             self.cache[caption] = self._encode([caption])
 
     def _encode(self, captions: list[str]) -> TextConditioning:
-        hidden, pooled = encode_prompts(self.base, captions)
+        with self.times.stage("text_encoding"):
+            hidden, pooled = encode_prompts(self.base, captions)
         return TextConditioning(
             hidden.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
         )
@@ -78,8 +82,8 @@ def time_ids(images: Sequence[TrainImage], dtype: torch.dtype, device: torch.dev
     """SDXL micro-conditioning per image: original (h, w), crop (top, left), target = bucket (h, w)."""
     rows = [
         sdxl_add_time_ids(
-            (image.size[1], image.size[0]), image.crop_top_left, (image.bucket[1], image.bucket[0]), 1, dtype, device
+            (image.size[1], image.size[0]), image.crop_top_left, (image.bucket[1], image.bucket[0]), 1, dtype, "cpu"
         )
         for image in images
     ]
-    return torch.cat(rows)
+    return host_to_device(torch.cat(rows), device)

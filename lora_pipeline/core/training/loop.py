@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,11 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch.optim.lr_scheduler import LRScheduler
 
+from lora_pipeline.core.models.loading import host_to_device
 from lora_pipeline.core.training.caption_shuffle import step_captions
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
-from lora_pipeline.core.training.optim import current_lr
+from lora_pipeline.core.training.optim import effective_lrs, step_lr
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 
 MAX_GRAD_NORM = 1.0  # kohya's --max_grad_norm default
@@ -72,7 +73,8 @@ def compute_loss(
     if settings.noise_offset:
         noise = noise + settings.noise_offset * torch.randn((b, c, 1, 1), generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    noise, timesteps = noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+    noise = host_to_device(noise, latents.device).to(latents.dtype)
+    timesteps = host_to_device(timesteps, latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
@@ -129,6 +131,8 @@ class StepContext:
     shuffle_caption: bool
     sdxl: bool
     dtype: torch.dtype  # of the text conditioning and time ids
+    fast_path: bool = False  # the U-Net's blocks are compiled (fastpath.py)
+    shapes_seen: set[tuple[int, ...]] = field(default_factory=set)
 
 
 @dataclass
@@ -137,14 +141,28 @@ class EpochStats:
     lrs: list[float]
     images: int
     seconds: float
+    # Wall time of the steps that met a new batch shape (compiling for it, when the fast path is on), and
+    # the end of the run's first step (perf_counter), both measured with a device sync around those steps only.
+    warmup_seconds: float = 0.0
+    first_step_done: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step: int) -> EpochStats:
-    """Train one epoch; global steps are numbered from `first_step` (1-based). Losses sync once, at the end."""
+    """Train one epoch; global steps are numbered from `first_step` (1-based).
+
+    Losses and learning rates stay on the device until the epoch ends (one sync), so the host queues steps
+    ahead of the GPU; only the first step at a new batch shape is synchronised, to time its warm-up.
+    """
     losses: list[torch.Tensor] = []
-    lrs: list[float] = []
+    lrs: list[tuple[float, torch.Tensor | float]] = []
     images = 0
     device = ctx.accelerator.device
+    warmup, first_done = 0.0, None
     started = time.perf_counter()
     for offset, indices in enumerate(batches):
         step = first_step + offset
@@ -160,6 +178,11 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             text_embeds=text.pooled,
             time_ids=time_ids(picked, ctx.dtype, device) if ctx.sdxl else None,
         )
+        shape = tuple(batch.latents.shape)
+        new_shape = shape not in ctx.shapes_seen
+        if new_shape:
+            _sync(device)
+            step_started = time.perf_counter()
         losses.append(
             training_step(
                 ctx.unet, ctx.scheduler, batch, torch_generator(ctx.seed, Stream.NOISE, step), ctx.settings,
@@ -167,7 +190,14 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
                 params=ctx.params,
             )
         )
-        lrs.append(current_lr(ctx.optimizer))
+        lrs.append(step_lr(ctx.optimizer))
+        if new_shape:
+            _sync(device)
+            ctx.shapes_seen.add(shape)
+            warmup += time.perf_counter() - step_started
+        if first_done is None:
+            first_done = time.perf_counter()
         images += len(indices)
     values = torch.stack(losses).float().cpu().tolist() if losses else []
-    return EpochStats(losses=values, lrs=lrs, images=images, seconds=time.perf_counter() - started)
+    return EpochStats(losses=values, lrs=effective_lrs(lrs), images=images, seconds=time.perf_counter() - started,
+                      warmup_seconds=warmup, first_step_done=first_done)

@@ -41,7 +41,16 @@ def make_lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_st
     )
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The learning rate of the step just taken; for DAdapt/Prodigy the adapted d * lr, as kohya logs it."""
+def step_lr(optimizer: torch.optim.Optimizer) -> tuple[float, torch.Tensor | float]:
+    """The factors of the step just taken's learning rate, read without a host sync: (lr, d), where d is the
+    adapted step size of DAdapt/Prodigy (a copy of DAdaptAdamW's device tensor) and 1.0 otherwise."""
     group = optimizer.param_groups[0]
-    return float(group["lr"]) * float(group.get("d", 1.0))
+    d = group.get("d", 1.0)
+    return float(group["lr"]), d.detach().clone() if isinstance(d, torch.Tensor) else float(d)
+
+
+def effective_lrs(factors: list[tuple[float, torch.Tensor | float]]) -> list[float]:
+    """d * lr per step, as kohya logs it, fetching all device values in one transfer."""
+    on_device = [d for _, d in factors if isinstance(d, torch.Tensor)]
+    fetched = iter(torch.stack(on_device).cpu().tolist() if on_device else [])
+    return [lr * (next(fetched) if isinstance(d, torch.Tensor) else d) for lr, d in factors]

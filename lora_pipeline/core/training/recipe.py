@@ -90,6 +90,9 @@ class Recipe:
         0, ge=0, le=10_000, description="0: evaluate every saved epoch; N: an even subset of N epochs"
     )
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
+    fast_path: Bool = Field(
+        False, description="compile the U-Net's repeated blocks on a GPU (first run pays minutes of compilation)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

@@ -241,6 +241,11 @@ class TrainingTracker:
             self.client.log_batch(run_id, metrics=list(chunk))
         self._last_step = max(self._last_step, len(losses))
 
+    def log_values(self, values: Mapping[str, float]) -> None:
+        """One-off run metrics (step 0), such as the stage timings."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self._active(), metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+
     def log_files(self, paths: Sequence[Path], artifact_path: str | None = None, overwrite: bool = False) -> None:
         """Copy files into the run's artifacts; unless `overwrite`, those already there (a resumed run) are skipped."""
         run_id = self._active()

@@ -33,6 +33,7 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
+from lora_pipeline.core.training.fastpath import compile_blocks, use_compile_cache
 from lora_pipeline.core.training.loop import NoiseSettings, StepContext, make_accelerator, run_epoch
 from lora_pipeline.core.training.lora_file import (
     LoraProvenance,
@@ -44,6 +45,7 @@ from lora_pipeline.core.training.lora_file import (
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, derive_seed
+from lora_pipeline.core.training.timing import StageTimes
 from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,6 +65,7 @@ class TrainResult:
     loss_history: list[float]  # per global step, step 1 first
     lr_history: list[float]  # effective learning rate per step (d * lr for DAdaptAdamW / Prodigy)
     images_per_second: float  # over the steps this call trained (0.0 when it only found a finished run)
+    images_trained: int  # by this call
     resumed_from_epoch: int  # 0 for a fresh start
     steps_per_epoch: int
     total_steps: int
@@ -71,6 +74,11 @@ class TrainResult:
     device: str
     mixed_precision: str  # what ran: the recipe's on CUDA, "no" on CPU
     validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
+    fast_path: bool  # the U-Net's blocks ran compiled (fastpath.py)
+    # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
+    # encoding inside them), compile_warmup (the steps that met a new batch shape, part of training_steps),
+    # saving; and time_to_first_step, from the call's start to the end of its first training step.
+    timings: dict[str, float]
 
 
 def _provenance(given: Mapping[str, str], derived: dict[str, str], run_id: str) -> LoraProvenance:
@@ -105,6 +113,8 @@ class _Run:
     device: torch.device
     precision: str
     log: Callable[[str], None]
+    times: StageTimes
+    called_at: float  # perf_counter at train_lora's start
 
 
 def _own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
@@ -150,10 +160,14 @@ def train_lora(
     `started_at` (unix time, default now) goes into every header as kohya's ss_training_started_at; a
     resumed run keeps the one of the run it continues.
     """
+    called_at = time.perf_counter()
     data = load_training_data(root.dataset(version), recipe)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
+    times = StageTimes(target)
+    loading = time.perf_counter()
     base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision])
+    times.add("load", time.perf_counter() - loading)
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
         "recipe_sha256": recipe.sha256, "base_model_source": base.source,
@@ -163,7 +177,7 @@ def train_lora(
     state = resume_point(out_dir, version, recipe.name, key, log)
     run = _Run(root, version, recipe, out_dir, data, base, derived, key, state,
                state.started_at if state else started_at if started_at is not None else time.time(),
-               target, precision, log)
+               target, precision, log, times, called_at)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
     tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
@@ -201,15 +215,22 @@ def _build_context(run: _Run) -> StepContext:
     if recipe.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
+    moving = time.perf_counter()
     unet.to(device)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
     base.vae.to(device)
     for encoder in base.text_encoders:
         encoder.to(device)
+    run.times.add("load", time.perf_counter() - moving)
+    fast_path = recipe.fast_path
+    if fast_path:
+        use_compile_cache(run.root.cache / "torch_compile")
+        compile_blocks(unet)
     images = run.data.train
-    latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device)
-    text = TextSource(base, dtype, device, () if recipe.shuffle_caption else [i.caption for i in images])
+    with run.times.stage("latent_caching"):
+        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device)
+    text = TextSource(base, dtype, device, () if recipe.shuffle_caption else [i.caption for i in images], run.times)
     if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
         if recipe.cache_latents:
             base.vae.to("cpu")
@@ -230,7 +251,7 @@ def _build_context(run: _Run) -> StepContext:
         lr_scheduler=lr_scheduler, params=params, images=images, latents=latents, text=text,
         settings=NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma), seed=recipe.seed,
         separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
-        sdxl=recipe.model_family == "sdxl", dtype=dtype,
+        sdxl=recipe.model_family == "sdxl", dtype=dtype, fast_path=fast_path,
     )
 
 
@@ -259,7 +280,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     saved = list(state.saved) if state else []
     if state:
         run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{recipe.epochs} (step {global_step})")
-    trained_images, seconds = 0, 0.0
+    trained_images, seconds, warmup, first_step_done = 0, 0.0, 0.0, None
     for epoch in range(start + 1, recipe.epochs + 1):
         batches = epoch_batches(run.data.train, run.data.repeats, recipe.train_batch_size, recipe.seed, epoch)
         stats = run_epoch(ctx, epoch, batches, global_step + 1)
@@ -268,7 +289,10 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         lrs += stats.lrs
         trained_images += stats.images
         seconds += stats.seconds
+        warmup += stats.warmup_seconds
+        first_step_done = first_step_done or stats.first_step_done
         mean_loss = statistics.fmean(stats.losses)
+        saving = time.perf_counter()
         if epoch % recipe.save_every_n_epochs == 0 or epoch == recipe.epochs:
             path, sha = _save_epoch(run, ctx, provenance, epoch, global_step, total, per_epoch)
             saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
@@ -284,21 +308,40 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         if tracker is not None:
             tracker.log_steps(losses, lrs)
             tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
+        run.times.add("saving", time.perf_counter() - saving)
         run.log(
             f"epoch {epoch}/{recipe.epochs}: {len(batches)} steps, mean loss {mean_loss:.4f}, "
             f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
         )
+    timings = _timings(run, seconds, warmup, first_step_done)
     curve = loss_curve_png(losses, run.out_dir / LOSS_CURVE, steps_per_epoch=per_epoch,
                            title=f"{run.version}/{recipe.name} training loss")
     if tracker is not None:
         tracker.log_steps(losses, lrs)
         tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
         tracker.log_files([curve], overwrite=True)
+        tracker.log_values({f"seconds_{name}": value for name, value in timings.items()})
     return TrainResult(
         version=run.version, recipe=recipe.name, out_dir=run.out_dir,
         epochs=[{**rec, "file": str(run.out_dir / rec["file"])} for rec in saved],
         loss_history=losses, lr_history=lrs, images_per_second=trained_images / seconds if seconds else 0.0,
+        images_trained=trained_images,
         resumed_from_epoch=start, steps_per_epoch=per_epoch, total_steps=total,
         mlflow_run_id=provenance.mlflow_run_id, loss_curve=curve, device=str(run.device),
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
+        fast_path=ctx.fast_path, timings=timings,
     )
+
+
+def _timings(run: _Run, step_seconds: float, warmup: float, first_step_done: float | None) -> dict[str, float]:
+    """TrainResult.timings: the stage split of this call (see there)."""
+    stages = run.times.seconds()
+    text = stages.get("text_encoding", 0.0)
+    timings = {
+        "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
+        "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "compile_warmup": warmup,
+        "saving": stages.get("saving", 0.0),
+    }
+    if first_step_done is not None:
+        timings["time_to_first_step"] = first_step_done - run.called_at
+    return timings

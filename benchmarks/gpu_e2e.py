@@ -1,0 +1,304 @@
+"""The GPU end-to-end drill: full-size random SD 1.5 and SDXL models through the real Dagster assets and MLflow.
+
+    python3 benchmarks/gpu_e2e.py [--models sd15,sdxl] [--images 200] [--sd15-epochs 20] [--sdxl-epochs 2]
+        [--root DIR] [--json PATH] [--smoke]
+
+In one process, offline: writes SD 1.5- and SDXL-shaped full-size base models with random weights as diffusers
+folders (core/models/fullsize.py; loaded by the trainer through loading.py like any local checkpoint),
+generates `--images` images of real sizes in mixed aspect ratios with trigger-first captions, takes them in
+(`intake`), builds a dataset version through the `build_dataset_job` (spec, snapshot, captions, report),
+materializes `lora_epochs` and `evaluation_grid` for one recipe per model through Dagster with MLflow on
+SQLite, then checks the outputs: every epoch file converts through diffusers' kohya loader, the MLflow run
+finished with one loss per step and every epoch file as an artifact, the provenance chain is ok. Then a
+second process trains the first model again for one epoch under another recipe name, to show what the
+persistent compile cache leaves of the warm-up. It prints the wall-time split per model (load, latent
+caching, text encoding, training steps, compile warm-up, saving, evaluation), images/s of the whole training
+asset and of its steps, and peak GPU memory.
+
+--smoke runs the same chain on CPU with the tiny models (test-sized: a dozen small images, 2 epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from lora_pipeline.core.paths import DataRoot
+
+TRIGGER = "hdaesth"
+BATCH = "drill-renders"
+VERSION = "drill-v1"
+PROMPT = f"{TRIGGER}, three-quarter view, coral red body, glossy finish, dome lid, lit round screen, two buttons"
+TAGS = {
+    "view": ["front view", "side view", "three-quarter view", "top view"],
+    "body": [f"{c} body" for c in ("sage green", "coral red", "slate blue", "cream white", "charcoal gray",
+                                    "mustard yellow", "dusty pink", "teal")],
+    "finish": ["matte finish", "glossy finish"],
+    "lid": ["dome lid", "flat lid", "transparent reservoir"],
+    "screen": ["lit round screen", "dark round screen", "lit wide screen", "dark wide screen"],
+    "buttons": ["two buttons", "three buttons"],
+}
+# (width, height): SDXL's training sizes and their SD 1.5 halves, so buckets differ per image.
+FULL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+              (768, 768), (640, 896)]
+FAST_PATH = {"on": True, "off": False}
+SMOKE_SIZES = [(64, 64), (96, 64), (64, 96), (80, 64)]
+
+
+def generate_images(out: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0) -> None:
+    """`count` distinct images (a colour field, shapes, noise) with sidecar captions, in a handoff folder."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        width, height = sizes[index % len(sizes)]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        colours = rng.uniform(0, 255, (3, 3))
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height + 1) / 2
+        image = colours[0] + (colours[1] - colours[0]) * ramp[..., None]
+        for _ in range(4):  # a few ellipses at random places
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            ry, rx = rng.uniform(0.05, 0.3) * height, rng.uniform(0.05, 0.3) * width
+            mask = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
+            image[mask] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 6, image.shape)
+        name = f"render-{index:04d}"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out / f"{name}.jpg", quality=90)
+        tags = [str(rng.choice(options)) for options in TAGS.values()]
+        (out / f"{name}.txt").write_text(", ".join([TRIGGER, *tags]) + "\n", encoding="utf-8")
+    (out / "_READY").write_text("", encoding="utf-8")
+
+
+def write_spec(root: DataRoot, min_side: int) -> None:
+    spec = {
+        "name": VERSION, "intent": "GPU drill: generated renders of real sizes in mixed aspect ratios",
+        "trigger": TRIGGER, "repeats": 1, "sources": [{"batch": BATCH}], "merge": False,
+        "captions": {"from": "sidecar", "vocabulary": [t for options in TAGS.values() for t in options],
+                     "banned": ["appliance"]},
+        "checks": {"min_side": min_side, "max_aspect": 2.5, "near_duplicates": "warn"},
+    }
+    root.spec_file(VERSION).write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+
+
+def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool) -> dict[str, Any]:
+    """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs)."""
+    resolution = {"sd15": 512, "sdxl": 1024}[family] if not smoke else 64
+    return {
+        "name": name, "base_model": base_model, "model_family": family, "resolution": resolution,
+        "enable_bucket": True, "min_bucket_reso": resolution // 2, "max_bucket_reso": resolution * 2,
+        "bucket_reso_steps": 64 if not smoke else 16, "epochs": epochs,
+        "save_every_n_epochs": max(1, epochs // 4), "train_batch_size": {"sd15": 8, "sdxl": 4}[family],
+        "network_dim": 32 if not smoke else 4, "network_alpha": 16 if not smoke else 2,
+        "optimizer": "DAdaptAdamW", "learning_rate": 1.0, "lr_scheduler": "constant", "shuffle_caption": True,
+        "keep_tokens": 1, "mixed_precision": "bf16", "cache_latents": True, "seed": 42,
+        "sample_prompts": [PROMPT], "sample_steps": 8 if not smoke else 2, "eval_weights": [1.0],
+        "eval_max_epochs": 2, "validation_split": 0.1, "fast_path": fast_path,
+    }
+
+
+def _peak_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[str, Any]) -> dict[str, Any]:
+    """Epoch files convert through diffusers' kohya loader; the MLflow run is complete; provenance is ok."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from mlflow.tracking import MlflowClient
+
+    from lora_pipeline.core.provenance import trace_lora
+    from lora_pipeline.core.training.tracking import tracking_uri
+
+    loader = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    files = [Path(f) for f in trained["epoch_files"]]
+    converted = []
+    for path in files:
+        state, _ = loader.lora_state_dict(str(path))
+        if not state or not all(torch.isfinite(t).all() for t in state.values()):
+            raise RuntimeError(f"{path}: diffusers' kohya loader gave no or non-finite weights")
+        converted.append(len(state))
+    client = MlflowClient(tracking_uri(root.mlflow))
+    run = client.get_run(trained["mlflow_run_id"])
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "epochs")}
+    chain = trace_lora(root, files[-1])
+    checks = {
+        "epoch_files": len(files), "diffusers_tensors_per_file": converted[-1],
+        "mlflow_status": run.info.status, "mlflow_loss_points": len(losses),
+        "mlflow_epoch_artifacts": sorted(artifacts) == sorted(p.name for p in files),
+        "provenance": chain["status"], "provenance_images": len(chain.get("images", [])),
+    }
+    if run.info.status != "FINISHED" or not checks["mlflow_epoch_artifacts"] or chain["status"] != "ok":
+        raise RuntimeError(f"{family}: output checks failed: {checks}")
+    return checks
+
+
+def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool
+                ) -> dict[str, Any]:
+    from lora_pipeline.cli import evaluate_version, train_version
+
+    name = f"drill-{family}"
+    root.recipe_file(name).write_text(yaml.safe_dump(recipe(name, family, base_model, epochs, smoke, fast_path)),
+                                      encoding="utf-8")
+    started = time.perf_counter()
+    trained = train_version(root, VERSION, name, quiet=True)
+    train_seconds = time.perf_counter() - started
+    train_peak = _peak_gib()
+    started = time.perf_counter()
+    evaluate_version(root, VERSION, name, quiet=True)
+    eval_seconds = time.perf_counter() - started
+    timings = trained["timings"]
+    images = trained["images_trained"]
+    steady = timings["training_steps"] - timings["compile_warmup"]
+    return {
+        "family": family, "recipe": name, "epochs": epochs, "images_trained": images,
+        "fast_path": trained["fast_path"], "timings": timings, "train_asset_seconds": train_seconds,
+        "evaluation_seconds": eval_seconds,
+        "images_per_second_whole_asset": images / train_seconds,
+        "images_per_second_steps": images / timings["training_steps"],
+        "images_per_second_steps_after_warmup": images / steady if steady > 0 else None,
+        "peak_gpu_gib_training": train_peak, "peak_gpu_gib_evaluation": _peak_gib(),
+        "checks": check_outputs(root, family, name, trained),
+    }
+
+
+def retrain(root: DataRoot, family: str) -> dict[str, Any]:
+    """Train the drill recipe again for one epoch under a new name (new outputs, same model and buckets)."""
+    from lora_pipeline.cli import train_version
+
+    source = yaml.safe_load(root.recipe_file(f"drill-{family}").read_text(encoding="utf-8"))
+    name = f"drill-{family}-again"
+    root.recipe_file(name).write_text(yaml.safe_dump({**source, "name": name, "epochs": 1}), encoding="utf-8")
+    trained = train_version(root, VERSION, name, quiet=True)
+    return {"family": family, "recipe": name, "timings": trained["timings"]}
+
+
+def _environment(root: Path) -> None:
+    os.environ["LORA_PIPELINE_DATA"] = str(root)
+    os.environ["DAGSTER_HOME"] = str(root / ".dagster_home")
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
+                       ("MLFLOW_ENABLE_TELEMETRY", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(key, value)
+
+
+def run_drill(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from lora_pipeline.cli import build_version, cmd_intake
+    from lora_pipeline.core.models.fullsize import write_fullsize_model
+
+    root = DataRoot(Path(args.root))
+    for folder in (root.specs, root.recipes, root.models):
+        folder.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                              "torch": torch.__version__, "stages": {}, "models": []}
+    stages = report["stages"]
+    started = time.perf_counter()
+    bases = {}
+    for family in args.models:
+        if args.smoke:
+            bases[family] = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl"}[family]
+        else:
+            bases[family] = f"random-{family}"
+            write_fullsize_model(family, root.models / bases[family], "cuda", seed=len(bases))
+            torch.cuda.empty_cache()
+    stages["generate_models"] = time.perf_counter() - started
+    started = time.perf_counter()
+    handoff = Path(args.root) / "handoff"
+    generate_images(handoff, args.images, SMOKE_SIZES if args.smoke else FULL_SIZES)
+    stages["generate_images"] = time.perf_counter() - started
+    started = time.perf_counter()
+    cmd_intake(argparse.Namespace(src_dir=str(handoff), batch=BATCH, json=True), root)
+    write_spec(root, 32 if args.smoke else 512)
+    built = build_version(root, VERSION, quiet=True)
+    stages["intake_and_build"] = time.perf_counter() - started
+    report["dataset"] = {"version": VERSION, "images": built["counts"], "errors": built["errors"],
+                         "warnings": built["warnings"]}
+    if built["errors"]:
+        raise RuntimeError(f"the drill's dataset has blocking problems: {built}")
+    epochs = {"sd15": args.sd15_epochs, "sdxl": args.sdxl_epochs}
+    for family in args.models:
+        _peak_gib()
+        report["models"].append(drill_model(root, family, bases[family], epochs[family], args.smoke,
+                                              FAST_PATH[args.fast_path]))
+        print(json.dumps(report["models"][-1]), flush=True)
+    if args.models and not args.no_second_run:
+        started = time.perf_counter()
+        again = subprocess.run([sys.executable, __file__, "--retrain", args.models[0], "--root", str(args.root)],
+                               capture_output=True, text=True, check=True)
+        report["second_run"] = {**json.loads(again.stdout.strip().splitlines()[-1]),
+                                "process_seconds": time.perf_counter() - started}
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\ndrill on {report['device']} | torch {report['torch']} | dataset {report['dataset']}")
+    print("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stages"].items()))
+    for m in report["models"]:
+        t = m["timings"]
+        print(f"{m['family']}: {m['epochs']} epochs, {m['images_trained']} images, fast path "
+              f"{'on' if m['fast_path'] else 'off'}\n  split: load {t['load']:.1f} s | latent caching "
+              f"{t['latent_caching']:.1f} s | text encoding {t['text_encoding']:.1f} s | training steps "
+              f"{t['training_steps']:.1f} s (compile warm-up {t['compile_warmup']:.1f} s of it) | saving "
+              f"{t['saving']:.1f} s | evaluation {m['evaluation_seconds']:.1f} s | lora_epochs asset "
+              f"{m['train_asset_seconds']:.1f} s\n  images/s: whole asset {m['images_per_second_whole_asset']:.2f}"
+              f" | steps {m['images_per_second_steps']:.2f} | steps after warm-up "
+              f"{m['images_per_second_steps_after_warmup'] or 0:.2f} | time to first step "
+              f"{t.get('time_to_first_step', 0):.1f} s | peak GPU memory training "
+              f"{m['peak_gpu_gib_training'] or 0:.1f} GiB, evaluation {m['peak_gpu_gib_evaluation'] or 0:.1f} GiB"
+              f"\n  checks: {m['checks']}")
+    if "second_run" in report:
+        s = report["second_run"]
+        print(f"second run of {s['family']} (new process, 1 epoch): time to first step "
+              f"{s['timings'].get('time_to_first_step', 0):.1f} s, compile warm-up {s['timings']['compile_warmup']:.1f}"
+              f" s, whole process {s['process_seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--sd15-epochs", type=int, default=20)
+    parser.add_argument("--sdxl-epochs", type=int, default=2)
+    parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="off", help="the recipes' fast_path")
+    parser.add_argument("--root", default=None, help="data root to create (default: a new temporary folder)")
+    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, 12 images, 2 epochs")
+    parser.add_argument("--no-second-run", action="store_true", help="skip the one-epoch retraining process")
+    parser.add_argument("--retrain", default=None, help=argparse.SUPPRESS)  # the second-run child process
+    args = parser.parse_args(argv)
+    args.root = args.root or tempfile.mkdtemp(prefix="gpu-e2e-")
+    _environment(Path(args.root))
+    if args.retrain:
+        print(json.dumps(retrain(DataRoot(Path(args.root)), args.retrain)))
+        return 0
+    args.models = [m for m in args.models.split(",") if m]
+    if args.smoke:
+        args.images, args.sd15_epochs, args.sdxl_epochs = 12, 2, 2
+    report = run_drill(args)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Full-size SD 1.5- and SDXL-shaped base models with random weights, for GPU drills and benchmarks.
+
+The configurations are the real ones (SD 1.5: U-Net 320/640/1280/1280 with cross-attention 768, CLIP ViT-L/14
+text encoder; SDXL base: U-Net 320/640/1280 with transformer depth 1/2/10 and text_time embeddings, CLIP ViT-L/14
+plus OpenCLIP ViT-bigG/14 with projection; both with the 4-channel, factor-8 SD VAE), so parameter counts,
+FLOPs, memory and kernel shapes are those of a real checkpoint; only the weights are random and the tokenizer
+is the project's small offline one (tokenizer.py). `write_fullsize_model` saves a diffusers folder that
+`loading.load_base_model` reads exactly as it reads a downloaded checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from lora_pipeline.core.models.tiny import NOISE_BETAS
+from lora_pipeline.core.models.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer, vocab_and_merges
+
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    ),
+    "sdxl": dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+}
+RESOLUTIONS = {"sd15": 512, "sdxl": 1024}
+_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+)
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+# CLIP ViT-L/14 (SD 1.5's encoder and SDXL's first) and OpenCLIP ViT-bigG/14 (SDXL's second, with projection).
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               hidden_act="quick_gelu", projection_dim=768)
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               hidden_act="gelu", projection_dim=1280)
+
+
+def text_encoder(family_part: str, device: torch.device | str = "cpu") -> CLIPTextModel:
+    """"l" (CLIPTextModel, ViT-L/14) or "g" (CLIPTextModelWithProjection, bigG/14), random weights."""
+    vocab, _ = vocab_and_merges()
+    config = CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+        pad_token_id=vocab[EOS], **(_CLIP_L if family_part == "l" else _CLIP_G),
+    )
+    with torch.device(device):
+        model = (CLIPTextModel if family_part == "l" else CLIPTextModelWithProjection)(config)
+    return model.eval()
+
+
+def unet(family: str, device: torch.device | str = "cpu") -> UNet2DConditionModel:
+    with torch.device(device):
+        return UNet2DConditionModel(**UNET_CONFIGS[family]).eval()
+
+
+def vae(family: str, device: torch.device | str = "cpu") -> AutoencoderKL:
+    with torch.device(device):
+        return AutoencoderKL(
+            **_VAE, sample_size=RESOLUTIONS[family], scaling_factor=VAE_SCALING[family],
+            force_upcast=family == "sdxl",
+        ).eval()
+
+
+def write_fullsize_model(family: str, out: Path, device: torch.device | str = "cpu", seed: int = 0,
+                         dtype: torch.dtype = torch.float16) -> Path:
+    """Write a random-weight full-size `family` ("sd15" | "sdxl") diffusers folder to `out` (weights in `dtype`,
+    as checkpoints are distributed; the VAE stays float32). Initialising on a GPU takes seconds, on a CPU minutes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = dict(unet=unet(family, device).to(dtype), vae=vae(family, device), tokenizer=build_tokenizer(),
+                     text_encoder=text_encoder("l", device).to(dtype))
+        if family == "sd15":
+            pipe = StableDiffusionPipeline(
+                **parts, scheduler=PNDMScheduler(**NOISE_BETAS, set_alpha_to_one=False, skip_prk_steps=True,
+                                                 steps_offset=1),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        else:
+            pipe = StableDiffusionXLPipeline(
+                **parts, text_encoder_2=text_encoder("g", device).to(dtype),
+                tokenizer_2=build_tokenizer(pad_token="!"),
+                scheduler=EulerDiscreteScheduler(**NOISE_BETAS, steps_offset=1, timestep_spacing="leading",
+                                                 prediction_type="epsilon"),
+                force_zeros_for_empty_prompt=True, add_watermarker=False,
+            )
+    pipe.save_pretrained(out)
+    return out
