@@ -18,24 +18,30 @@ def _benchmark():
     return module
 
 
-def test_smoke_run_reports_throughput_and_mfu_for_both_models(capsys):
+def test_smoke_run_reports_throughput_mfu_and_the_ratio_to_the_reference_step(capsys):
     benchmark = _benchmark()
-    assert benchmark.main(["--smoke", "--model", "both", "--json", "--device", "cpu"]) == 0
+    argv = ["--smoke", "--model", "both", "--variants", "reference,plain", "--json", "--device", "cpu"]
+    assert benchmark.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["peak_tflops"] == 989 and report["torch"] and report["command"].endswith("--device cpu")
-    by_model = {r["model"]: r for r in report["results"]}
-    assert set(by_model) == {"sd15", "sdxl"}
-    for result in by_model.values():
+    by_run = {(r["model"], r["variant"]): r for r in report["results"]}
+    assert set(by_run) == {(m, v) for m in ("sd15", "sdxl") for v in ("reference", "plain")}
+    for (_, variant), result in by_run.items():
         assert result["steps"] == 2 and result["batch"] == 2 and result["rank"] == 4
         assert result["images_per_second"] > 0 and result["step_ms"] > 0
-        assert result["flops_per_step"] > 1e7  # counted by FlopCounterMode, forward and backward
-        assert 0 < result["mfu"] < 1 and result["lora_params"] > 0
+        assert result["vs_reference"] > 0
+        if variant == "plain":
+            assert result["flops_per_step"] > 1e7  # counted by FlopCounterMode, forward and backward
+            assert 0 < result["mfu"] < 1
+    assert by_run[("sd15", "reference")]["vs_reference"] == 1.0
 
 
-def test_text_report_names_the_peak_and_gradient_checkpointing(capsys):
+def test_text_report_of_the_fast_variant_names_the_peak_checkpointing_and_the_profile(capsys):
     benchmark = _benchmark()
-    args = ["--smoke", "--model", "sd15", "--gradient-checkpointing", "--peak-tflops", "100", "--device", "cpu"]
+    args = ["--smoke", "--model", "sd15", "--variants", "fast", "--compile-backend", "aot_eager",
+            "--gradient-checkpointing", "--peak-tflops", "100", "--profile", "1", "--device", "cpu"]
     assert benchmark.main(args) == 0
     out = capsys.readouterr().out
     assert "MFU against 100 TFLOP/s (--peak-tflops)" in out
-    assert "gradient checkpointing on" in out and "images/s" in out and "MFU" in out
+    assert "sd15 fast:" in out and "gradient checkpointing on" in out and "images/s" in out and "MFU" in out
+    assert "profile sd15 fast" in out and "Self CPU" in out
