@@ -94,8 +94,8 @@ def test_trainer_fast_path_switch_and_stage_timings(train_snapshot, monkeypatch)
                                rtol=1e-3, atol=1e-5)
     for result in (plain, fast):
         timings = result.timings
-        assert {"load", "latent_caching", "text_encoding", "training_steps", "compile_warmup", "saving",
+        assert {"load", "latent_caching", "text_encoding", "training_steps", "shape_warmup", "saving",
                 "time_to_first_step"} <= set(timings)
         assert all(value >= 0 for value in timings.values())
-        assert 0 < timings["compile_warmup"] <= timings["training_steps"] + timings["text_encoding"]
+        assert 0 < timings["shape_warmup"] <= timings["training_steps"] + timings["text_encoding"]
         assert result.images_trained == 3  # 3 images, 1 epoch, no repeats

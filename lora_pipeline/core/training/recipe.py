@@ -108,7 +108,12 @@ class Recipe:
 
     @property
     def sha256(self) -> str:
-        return sha256_json(self.resolved())
+        """The hash of `resolved()`; `fast_path` (added later) counts only when on, so recipes without it, and
+        the LoRA files trained from them, keep their hash."""
+        values = self.resolved()
+        if not values["fast_path"]:
+            del values["fast_path"]
+        return sha256_json(values)
 
 
 def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:

@@ -76,8 +76,9 @@ class TrainResult:
     validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
     fast_path: bool  # the U-Net's blocks ran compiled (fastpath.py)
     # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
-    # encoding inside them), compile_warmup (the steps that met a new batch shape, part of training_steps),
-    # saving; and time_to_first_step, from the call's start to the end of its first training step.
+    # encoding inside them), shape_warmup (the first step at each new batch shape, part of training_steps; with
+    # the fast path, its compilation), saving; and time_to_first_step, from the call's start to the end of its
+    # first training step.
     timings: dict[str, float]
 
 
@@ -339,7 +340,7 @@ def _timings(run: _Run, step_seconds: float, warmup: float, first_step_done: flo
     text = stages.get("text_encoding", 0.0)
     timings = {
         "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
-        "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "compile_warmup": warmup,
+        "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
         "saving": stages.get("saving", 0.0),
     }
     if first_step_done is not None:
