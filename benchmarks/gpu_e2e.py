@@ -12,8 +12,8 @@ SQLite, then checks the outputs: every epoch file converts through diffusers' ko
 finished with one loss per step and every epoch file as an artifact, the provenance chain is ok. Then a
 second process trains the first model again for one epoch under another recipe name, to show what the
 persistent compile cache leaves of the warm-up. It prints the wall-time split per model (load, latent
-caching, text encoding, training steps, first steps per bucket shape, saving, evaluation), images/s of the whole training
-asset and of its steps, and peak GPU memory.
+caching, text encoding, training steps, first steps per bucket shape, saving, evaluation), images/s of the
+whole training asset and of its steps, and peak GPU memory.
 
 --smoke runs the same chain on CPU with the tiny models (test-sized: a dozen small images, 2 epochs).
 """
@@ -257,7 +257,7 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{m['family']}: {m['epochs']} epochs, {m['images_trained']} images, fast path "
               f"{'on' if m['fast_path'] else 'off'}\n  split: load {t['load']:.1f} s | latent caching "
               f"{t['latent_caching']:.1f} s | text encoding {t['text_encoding']:.1f} s | training steps "
-              f"{t['training_steps']:.1f} s (first step per shape {t["shape_warmup"]:.1f} s of it) | saving "
+              f"{t['training_steps']:.1f} s (first step per shape {t['shape_warmup']:.1f} s of it) | saving "
               f"{t['saving']:.1f} s | evaluation {m['evaluation_seconds']:.1f} s | lora_epochs asset "
               f"{m['train_asset_seconds']:.1f} s\n  images/s: whole asset {m['images_per_second_whole_asset']:.2f}"
               f" | steps {m['images_per_second_steps']:.2f} | steps after warm-up "
@@ -268,8 +268,8 @@ def print_report(report: dict[str, Any]) -> None:
     if "second_run" in report:
         s = report["second_run"]
         print(f"second run of {s['family']} (new process, 1 epoch): time to first step "
-              f"{s['timings'].get('time_to_first_step', 0):.1f} s, first steps per shape {s["timings"]["shape_warmup"]:.1f}"
-              f" s, whole process {s['process_seconds']:.1f} s")
+              f"{s['timings'].get('time_to_first_step', 0):.1f} s, first steps per shape "
+              f"{s['timings']['shape_warmup']:.1f} s, whole process {s['process_seconds']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
