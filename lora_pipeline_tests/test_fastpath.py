@@ -12,7 +12,6 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.resnet import ResnetBlock2D
 from safetensors.torch import load_file
-from test_training_trainer import tiny_recipe, train
 
 from lora_pipeline.core.models.loading import host_to_device
 from lora_pipeline.core.training import fastpath, trainer
@@ -20,6 +19,7 @@ from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, make_acce
 from lora_pipeline.core.training.lora_file import add_unet_lora
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline_tests.helpers import tiny_recipe, train
 
 CPU = torch.device("cpu")
 TINY_UNET = dict(sample_size=8, layers_per_block=1, block_out_channels=(32, 32), norm_num_groups=8,
