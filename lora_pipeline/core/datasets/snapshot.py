@@ -22,14 +22,11 @@ anything else is refused with the name of a free version to use instead.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -57,6 +54,7 @@ from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import merkle_root
+from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
@@ -242,18 +240,6 @@ def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tupl
     return sources, merkle_root(overall)
 
 
-@contextmanager
-def _version_lock(root: DataRoot, version: str) -> Iterator[None]:
-    """Serialize builds of one version (across processes); released by the kernel if we are killed."""
-    root.datasets.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root.datasets / f".{version}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _immutable_error(root: DataRoot, version: str, what: str) -> UserError:
     return UserError(
         f"dataset version '{version}' already exists with a different spec (or changed sources); versions are "
@@ -312,7 +298,8 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
     started = time.perf_counter()
     version = spec.name
     target = root.dataset(version)
-    with _version_lock(root, version):
+    # Serialize builds of one version across processes; the kernel releases the lock if we are killed.
+    with exclusive_lock(root.datasets / f".{version}.lock"):
         if os.path.lexists(target):
             return _existing(root, spec, target, started)
         plan = plan_snapshot(root, spec)
