@@ -72,6 +72,8 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "images_per_second": float(result.images_per_second),
             "images_trained": result.images_trained,
             "fast_path": result.fast_path,
+            **{f"latent_cache_{name}": value for name, value in result.latent_cache.items()},
+            "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in result.warnings) or "none"),
             **{f"seconds_{name}": round(value, 2) for name, value in result.timings.items()},
             "resumed_from_epoch": result.resumed_from_epoch,
             "total_steps": result.total_steps,

@@ -14,7 +14,7 @@ from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 UNET_WEIGHTS = "diffusion_pytorch_model"
 
 
-def _model_folder(source: str) -> Path:
+def _model_folder(source: str, component: str = "unet") -> Path:
     """A diffusers folder, or a hub id's snapshot in the local cache (never downloaded here)."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -25,13 +25,13 @@ def _model_folder(source: str) -> Path:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["unet/*"], local_files_only=True))
+        return Path(snapshot_download(source, allow_patterns=[f"{component}/*"], local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError):
         raise UserError(f"base model '{source}' is not a local folder nor in the Hugging Face cache") from None
 
 
 def _unet_weight_files(unet_dir: Path) -> list[Path]:
-    """The files diffusers loads the U-Net from: single or sharded, safetensors preferred over .bin."""
+    """The files diffusers loads a component (U-Net, VAE) from: single or sharded, safetensors before .bin."""
     for ext in ("safetensors", "bin"):
         single = unet_dir / f"{UNET_WEIGHTS}.{ext}"
         if single.is_file():
@@ -40,7 +40,7 @@ def _unet_weight_files(unet_dir: Path) -> list[Path]:
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             return [unet_dir / s for s in shards]
-    raise UserError("no U-Net weights found", unet_dir)
+    raise UserError(f"no {'U-Net' if unet_dir.name == 'unet' else unet_dir.name.upper()} weights found", unet_dir)
 
 
 def base_model_hash(source: str) -> str:
@@ -49,7 +49,12 @@ def base_model_hash(source: str) -> str:
     One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
     "name  sha256" lines of the shards, in name order. Stable for a given model folder.
     """
-    files = _unet_weight_files(_model_folder(source) / "unet")
+    return weights_hash(source, "unet")
+
+
+def weights_hash(source: str, component: str) -> str:
+    """`base_model_hash`'s rule for any weights folder of the model (`unet`, `vae`)."""
+    files = _unet_weight_files(_model_folder(source, component) / component)
     if len(files) == 1:
         return sha256_file(files[0])
     lines = "".join(f"{f.name}  {sha256_file(f)}\n" for f in files)

@@ -35,6 +35,7 @@ from lora_pipeline.core.datasets.tags import split_tags
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
 from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
+from lora_pipeline.core.training.augment import View
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
 
@@ -53,12 +54,14 @@ class TrainImage:
     resized: tuple[int, int]  # the size the image is scaled to before the center crop
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
-    def pixels(self) -> torch.Tensor:
-        """(3, h, w) float32 in [-1, 1] at the bucket's size."""
+    def pixels(self, view: View | None = None) -> torch.Tensor:
+        """(3, h, w) float32 in [-1, 1] at the bucket's size: the center crop, or the crop and flip of `view`."""
         image = load_rgb(self.path).resize(self.resized, Image.Resampling.LANCZOS)
-        top, left = self.crop_top_left
+        top, left = view.crop_top_left if view else self.crop_top_left
         width, height = self.bucket
         image = image.crop((left, top, left + width, top + height))
+        if view and view.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

@@ -1,6 +1,7 @@
 """The frozen parts of the model: VAE latents and text conditioning, cached where the recipe allows.
 
-Latents are cached once per image when `cache_latents` is on (kohya's default for LoRA); text embeddings
+Latents are cached once per image when `cache_latents` is on (kohya's default for LoRA), twice (as it is and
+mirrored) with `flip_aug`, and kept on disk across runs with `cache_latents_to_disk` (latent_cache.py); text embeddings
 are cached per caption only when captions are not shuffled, since a shuffled caption is new at every step
 and is encoded then, without gradients.
 """
@@ -11,39 +12,79 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from lora_pipeline.core.models.loading import BaseModel, encode_prompts, host_to_device, sdxl_add_time_ids
+from lora_pipeline.core.training.augment import View
 from lora_pipeline.core.training.data import TrainImage
+from lora_pipeline.core.training.latent_cache import CacheStats, LatentDiskCache, entry_key
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.timing import StageTimes
 
 
 @torch.no_grad()
+def encode_posterior(base: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's parameters (b, 2 * 4, h/8, w/8: mean and log-variance) in float32."""
+    vae = base.vae
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+
+
+def sample_latents(base: BaseModel, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents drawn from a posterior, as kohya caches them (`latent_dist.sample()`)."""
+    return DiagonalGaussianDistribution(posterior).sample(generator=generator).float() * base.latents_scaling_factor
+
+
 def encode_latents(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Scaled VAE latents (b, 4, h/8, w/8) in float32, sampled from the posterior as kohya caches them."""
-    vae = base.vae
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.sample(generator=generator).float() * base.latents_scaling_factor
+    return sample_latents(base, encode_posterior(base, pixels), generator)
 
 
 class LatentSource:
-    """Latents of training images: cached once, or encoded per step (seeded by the step) without a cache."""
+    """Latents of training images: cached once (per orientation with flip_aug; on disk with `disk`), or encoded
+    per step (seeded by the step) without a cache. `stats` counts VAE encodes and disk-cache hits and misses."""
 
-    def __init__(self, base: BaseModel, images: Sequence[TrainImage], seed: int, cache: bool, device: torch.device):
+    def __init__(self, base: BaseModel, images: Sequence[TrainImage], seed: int, cache: bool, device: torch.device,
+                 flip_aug: bool = False, disk: LatentDiskCache | None = None):
         self.base, self.images, self.seed, self.device = base, images, seed, device
-        self.cache: list[torch.Tensor] | None = None
+        self.disk = disk
+        self.stats = disk.stats if disk else CacheStats()
+        self.cache: dict[tuple[int, bool], torch.Tensor] | None = None
         if cache:
-            self.cache = [
-                encode_latents(base, image.pixels()[None], torch_generator(seed, Stream.LATENTS, index))[0].to(device)
-                for index, image in enumerate(images)
-            ]
+            self.cache = {
+                (index, flip): self._cached(index, flip)
+                for index in range(len(images)) for flip in ((False, True) if flip_aug else (False,))
+            }
 
-    def batch(self, indices: Sequence[int], global_step: int) -> torch.Tensor:
+    def _posterior(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.stats.vae_encodes += 1
+        return encode_posterior(self.base, pixels)
+
+    def _cached(self, index: int, flip: bool) -> torch.Tensor:
+        image = self.images[index]
+        view = View(flip, image.crop_top_left)
+        posterior = None
+        if self.disk is not None:
+            key = entry_key(image.sha256, self.disk.vae_hash, image.bucket, image.resized, image.crop_top_left, flip)
+            factor = self.base.vae_scale_factor
+            shape = (2 * self.base.vae.config.latent_channels, image.bucket[1] // factor, image.bucket[0] // factor)
+            posterior = self.disk.get(key, shape)
+            if posterior is not None:
+                posterior = posterior[None]
+            else:
+                posterior = self._posterior(image.pixels(view)[None])
+                self.disk.put(key, posterior[0])
+        else:
+            posterior = self._posterior(image.pixels(view)[None])
+        # The unflipped draw keeps the stream of runs before flip_aug existed, so their files do not change.
+        generator = torch_generator(self.seed, Stream.LATENTS, index, *((1,) if flip else ()))
+        return sample_latents(self.base, posterior.to(self.base.vae.device), generator)[0].to(self.device)
+
+    def batch(self, indices: Sequence[int], global_step: int, views: Sequence[View] | None = None) -> torch.Tensor:
         if self.cache is not None:
-            return torch.stack([self.cache[i] for i in indices])
-        pixels = torch.stack([self.images[i].pixels() for i in indices])
+            return torch.stack([self.cache[(i, bool(views and views[n].flip))] for n, i in enumerate(indices)])
+        pixels = torch.stack([self.images[i].pixels(views[n] if views else None) for n, i in enumerate(indices)])
         generator = torch_generator(self.seed, Stream.LATENTS, 1 << 32, global_step)
-        return encode_latents(self.base, pixels, generator).to(self.device)
+        return sample_latents(self.base, self._posterior(pixels), generator).to(self.device)
 
 
 @dataclass
@@ -78,12 +119,15 @@ class TextSource:
         return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
 
 
-def time_ids(images: Sequence[TrainImage], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """SDXL micro-conditioning per image: original (h, w), crop (top, left), target = bucket (h, w)."""
+def time_ids(images: Sequence[TrainImage], dtype: torch.dtype, device: torch.device,
+             views: Sequence[View] | None = None) -> torch.Tensor:
+    """SDXL micro-conditioning per image: original (h, w), crop (top, left) (of its view, when given), target =
+    bucket (h, w)."""
     rows = [
         sdxl_add_time_ids(
-            (image.size[1], image.size[0]), image.crop_top_left, (image.bucket[1], image.bucket[0]), 1, dtype, "cpu"
+            (image.size[1], image.size[0]), views[n].crop_top_left if views else image.crop_top_left,
+            (image.bucket[1], image.bucket[0]), 1, dtype, "cpu",
         )
-        for image in images
+        for n, image in enumerate(images)
     ]
     return host_to_device(torch.cat(rows), device)

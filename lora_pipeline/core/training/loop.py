@@ -20,7 +20,8 @@ from diffusers.training_utils import compute_snr
 from torch.optim.lr_scheduler import LRScheduler
 
 from lora_pipeline.core.models.loading import host_to_device
-from lora_pipeline.core.training.caption_shuffle import step_captions
+from lora_pipeline.core.training.augment import step_views
+from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.optim import effective_lrs, step_lr
@@ -132,6 +133,9 @@ class StepContext:
     sdxl: bool
     dtype: torch.dtype  # of the text conditioning and time ids
     fast_path: bool = False  # the U-Net's blocks are compiled (fastpath.py)
+    caption_dropout: CaptionDropout = CaptionDropout()
+    flip_aug: bool = False
+    random_crop: bool = False
     shapes_seen: set[tuple[int, ...]] = field(default_factory=set)
 
 
@@ -169,14 +173,15 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
         picked = [ctx.images[i] for i in indices]
         captions = step_captions(
             [image.caption for image in picked], ctx.separator, ctx.keep_tokens, ctx.shuffle_caption, ctx.seed,
-            epoch, step,
+            epoch, step, ctx.caption_dropout,
         )
         text = ctx.text.batch(captions)
+        views = step_views(picked, ctx.flip_aug, ctx.random_crop, ctx.seed, step)
         batch = StepBatch(
-            latents=ctx.latents.batch(indices, step),
+            latents=ctx.latents.batch(indices, step, views),
             encoder_hidden_states=text.hidden,
             text_embeds=text.pooled,
-            time_ids=time_ids(picked, ctx.dtype, device) if ctx.sdxl else None,
+            time_ids=time_ids(picked, ctx.dtype, device, views) if ctx.sdxl else None,
         )
         shape = tuple(batch.latents.shape)
         new_shape = shape not in ctx.shapes_seen

@@ -93,6 +93,23 @@ class Recipe:
     fast_path: Bool = Field(
         False, description="compile the U-Net's repeated blocks on a GPU (first run pays minutes of compilation)"
     )
+    # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
+    caption_dropout_rate: Float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that a caption is replaced by the empty caption at a step"
+    )
+    caption_dropout_every_n_epochs: Int = Field(
+        0, ge=0, le=10_000, description="every Nth epoch trains on empty captions (0: never)"
+    )
+    caption_tag_dropout_rate: Float = Field(
+        0.0, ge=0.0, le=1.0, description="chance that each tag after the first keep_tokens is left out at a step"
+    )
+    flip_aug: Bool = Field(False, description="mirror each image left-right with chance 1/2 at each step")
+    random_crop: Bool = Field(
+        False, description="crop at a random place instead of the center (needs cache_latents: false, as in kohya)"
+    )
+    cache_latents_to_disk: Bool = Field(
+        False, description="keep cached latents under the data root's .cache/latents/, shared by runs and recipes"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -100,6 +117,13 @@ class Recipe:
             raise ValueError("min_bucket_reso must not be larger than max_bucket_reso")
         if not self.network_train_unet_only:
             raise ValueError("only network_train_unet_only: true is supported")
+        if self.random_crop and self.cache_latents:
+            raise ValueError(
+                "random_crop needs cache_latents: false (a crop that changes at every step cannot be cached; "
+                "kohya refuses it too)"
+            )
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise ValueError("cache_latents_to_disk needs cache_latents: true")
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -108,12 +132,25 @@ class Recipe:
 
     @property
     def sha256(self) -> str:
-        """The hash of `resolved()`; `fast_path` (added later) counts only when on, so recipes without it, and
-        the LoRA files trained from them, keep their hash."""
+        """The hash of `resolved()`; fields added later (LATER_FIELDS) count only when they differ from their
+        default, so recipes without them, and the LoRA files trained from them, keep their hash."""
         values = self.resolved()
-        if not values["fast_path"]:
-            del values["fast_path"]
+        for name, default in LATER_FIELDS.items():
+            if values[name] == default:
+                del values[name]
         return sha256_json(values)
+
+
+# Fields added after recipes were first hashed, with the default under which they are left out of the hash.
+LATER_FIELDS: dict[str, Any] = {
+    "fast_path": False,
+    "caption_dropout_rate": 0.0,
+    "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0,
+    "flip_aug": False,
+    "random_crop": False,
+    "cache_latents_to_disk": False,
+}
 
 
 def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:

@@ -23,6 +23,7 @@ class Stream(IntEnum):
     CAPTIONS = 3  # caption tag shuffles of one step
     LATENTS = 4  # VAE posterior samples
     INIT = 5  # LoRA down-projection initialisation
+    AUGMENT = 6  # flips and random crops of one step
 
 
 def derive_seed(seed: int, stream: Stream, *parts: int) -> int:

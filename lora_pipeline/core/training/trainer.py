@@ -18,7 +18,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,15 @@ from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
+from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.augment import flip_warning
+from lora_pipeline.core.training.caption_shuffle import CaptionDropout
 from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
 from lora_pipeline.core.training.fastpath import compile_blocks, use_compile_cache
+from lora_pipeline.core.training.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.loop import NoiseSettings, StepContext, make_accelerator, run_epoch
 from lora_pipeline.core.training.lora_file import (
     LoraProvenance,
@@ -50,6 +54,7 @@ from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_CURVE = "loss_curve.png"
+LATENT_CACHE = "latents"  # under the data root's .cache/ (latent_cache.py)
 OUTPUT_LOCK = ".lock"
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
@@ -80,6 +85,9 @@ class TrainResult:
     # the fast path, its compilation), saving; and time_to_first_step, from the call's start to the end of its
     # first training step.
     timings: dict[str, float]
+    # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
+    latent_cache: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. flip_aug over captions that mention text
 
 
 def _provenance(given: Mapping[str, str], derived: dict[str, str], run_id: str) -> LoraProvenance:
@@ -229,13 +237,20 @@ def _build_context(run: _Run) -> StepContext:
         use_compile_cache(run.root.cache / "torch_compile")
         compile_blocks(unet)
     images = run.data.train
+    dropout = CaptionDropout(recipe.caption_dropout_rate, recipe.caption_dropout_every_n_epochs,
+                             recipe.caption_tag_dropout_rate)
+    disk = None
+    if recipe.cache_latents_to_disk:
+        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
     with run.times.stage("latent_caching"):
-        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device)
-    text = TextSource(base, dtype, device, () if recipe.shuffle_caption else [i.caption for i in images], run.times)
+        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, recipe.flip_aug, disk)
+    fixed_captions = not recipe.shuffle_caption and not dropout.tag_rate  # whole captions (or "") recur
+    cached = [i.caption for i in images] + ([""] if dropout.on else []) if fixed_captions else ()
+    text = TextSource(base, dtype, device, cached, run.times)
     if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
         if recipe.cache_latents:
             base.vae.to("cpu")
-        if not recipe.shuffle_caption:
+        if fixed_captions:
             for encoder in base.text_encoders:
                 encoder.to("cpu")
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -252,7 +267,8 @@ def _build_context(run: _Run) -> StepContext:
         lr_scheduler=lr_scheduler, params=params, images=images, latents=latents, text=text,
         settings=NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma), seed=recipe.seed,
         separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
-        sdxl=recipe.model_family == "sdxl", dtype=dtype, fast_path=fast_path,
+        sdxl=recipe.model_family == "sdxl", dtype=dtype, fast_path=fast_path, caption_dropout=dropout,
+        flip_aug=recipe.flip_aug, random_crop=recipe.random_crop,
     )
 
 
@@ -273,6 +289,9 @@ def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: 
 def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
     recipe, state = run.recipe, run.state
     ctx = _build_context(run)
+    warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if recipe.flip_aug else None] if w]
+    for line in warnings:
+        run.log(f"warning: {line}")
     per_epoch = steps_per_epoch(run.data.train, run.data.repeats, recipe.train_batch_size)
     total = per_epoch * recipe.epochs
     start = state.epoch if state else 0
@@ -322,6 +341,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
         tracker.log_files([curve], overwrite=True)
         tracker.log_values({f"seconds_{name}": value for name, value in timings.items()})
+        tracker.log_values({f"latent_cache_{name}": value for name, value in ctx.latents.stats.as_dict().items()})
     return TrainResult(
         version=run.version, recipe=recipe.name, out_dir=run.out_dir,
         epochs=[{**rec, "file": str(run.out_dir / rec["file"])} for rec in saved],
@@ -330,7 +350,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         resumed_from_epoch=start, steps_per_epoch=per_epoch, total_steps=total,
         mlflow_run_id=provenance.mlflow_run_id, loss_curve=curve, device=str(run.device),
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
-        fast_path=ctx.fast_path, timings=timings,
+        fast_path=ctx.fast_path, timings=timings, latent_cache=ctx.latents.stats.as_dict(), warnings=warnings,
     )
 
 
