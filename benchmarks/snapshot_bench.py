@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file
-from lora_pipeline.core.datasets.images import inspect_images
+from lora_pipeline.core.datasets.inspection import inspect_images
 from lora_pipeline.core.datasets.snapshot import SnapshotResult, build_snapshot
 from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
@@ -83,6 +83,28 @@ def ensure_batch(root: DataRoot, count: int) -> Path:
     # after it landed, so wait that long before registering it.
     time.sleep(RACY_NS / 1e9 + 0.1)
     return top
+
+
+CAPTIONED = "bench-captioned"
+
+
+def ensure_captioned_batch(root: DataRoot, count: int) -> str:
+    """The batch again with a sidecar caption per image (the JPEGs hard-linked: sources are only read), for
+    the whole `lora-pipeline build`; registered (hashed) like a batch that has landed."""
+    images = sorted(ensure_batch(root, count).glob("*.jpg"))
+    top = root.batch(CAPTIONED)
+    stamp = f"{count} {SIZE} q{QUALITY} captioned\n"
+    if (top / READY_MARKER).is_file() and (top / READY_MARKER).read_text() == stamp:
+        return CAPTIONED
+    shutil.rmtree(top, ignore_errors=True)
+    top.mkdir(parents=True)
+    for i, image in enumerate(images):
+        os.link(image, top / image.name)
+        (top / image.name).with_suffix(".txt").write_text(f"bench, gradient study {i}, seed {i % 97}\n")
+    (top / READY_MARKER).write_text(stamp)
+    time.sleep(RACY_NS / 1e9 + 0.1)
+    batch_manifest(scan_batch(root, CAPTIONED))
+    return CAPTIONED
 
 
 Contender = tuple[Callable[[], None], Callable[[], object]]  # (prepare, timed work)
@@ -149,7 +171,7 @@ def time_validation(paths: list[Path], workers: int = 2) -> str:
     elapsed = time.perf_counter() - started
     megapixels = sum(SIZE[0] * SIZE[1] for _ in infos) / 1e6
     return (
-        f"validation (core.images.inspect_images, full decode + hashes, {workers} workers, 1 run): "
+        f"validation (core.datasets.inspection.inspect_images, full decode + hashes, {workers} workers, 1 run): "
         f"{elapsed:.2f} s = {len(infos) / elapsed:.0f} images/s, {megapixels / elapsed:.0f} MP/s"
     )
 

@@ -66,15 +66,20 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
+    from lora_pipeline.core.datasets.inspection import discard_early
     from lora_pipeline.core.datasets.problems import errors_in, warnings_in
     from lora_pipeline.core.datasets.spec import load_spec
     from lora_pipeline.core.fileio import read_json
     from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT
-    from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
+    from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
 
     load_spec(root.spec_file(version))  # a bad spec fails here with its one line
     _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
-    outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet)
+    try:  # the run executes here, in this process: its images are decoded while its captions are written
+        outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet,
+                                       tags={EARLY_INSPECTION_TAG: "1"})
+    finally:
+        discard_early()  # a run that failed before its validation leaves no decode running
     snapshot_dir = root.dataset(version)
     report = read_json(snapshot_dir / REPORT_JSON)
     errors = errors_in(report["problems"])

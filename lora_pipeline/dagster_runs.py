@@ -139,11 +139,12 @@ def run_job(
     quiet: bool = False,
     op_config: Mapping[str, Any] | None = None,
     reports_by_failing: Collection[str] = (),
+    tags: Mapping[str, str] | None = None,
 ) -> RunOutcome:
     """Execute a job (for one partition, if it is partitioned) in this process, recorded in the instance.
 
     The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet;
-    `op_config` is the run config's `ops` section.
+    `op_config` is the run config's `ops` section, `tags` extra run tags.
 
     A step that failed on a user error re-raises it as UserError (its one line), one that failed on an
     operating-system error (disk full, permission) as that OSError, an interrupted one as KeyboardInterrupt
@@ -164,7 +165,7 @@ def run_job(
         run_config["ops"] = dict(op_config)
     result = job.execute_in_process(
         run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,
-        tags=process_tags(),
+        tags={**process_tags(), **(tags or {})},
     )
     failures = step_failures(result)
     for failure in failures:

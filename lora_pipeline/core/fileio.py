@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,24 @@ def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
         name_os_error(exc, path)
         raise
     return True
+
+
+def atomic_write_all(files: Sequence[tuple[Path, bytes]], readonly: bool = False, threads: int = 8) -> None:
+    """`atomic_write_bytes` of many small files, on `threads` threads: each file is still fsynced before its
+    rename, but the waits for the disk overlap (one after another they cost ~3 ms each here, 1,000 captions
+    ~3 s; on 8 threads ~0.2 s). The first error stops the files not yet started and is raised."""
+    if len(files) < 2 or threads <= 1:
+        for path, data in files:
+            atomic_write_bytes(path, data, readonly)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(atomic_write_bytes, path, data, readonly) for path, data in files]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def name_os_error(exc: BaseException, path: Path) -> None:

@@ -8,6 +8,8 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.captions import load_caption_check, plan_captions, write_caption_check, write_captions
+from lora_pipeline.core.datasets.contact_sheet import MAX_IMAGES
+from lora_pipeline.core.datasets.inspection import start_early
 from lora_pipeline.core.datasets.manifest import record_captions
 from lora_pipeline.core.datasets.problems import errors_in, warnings_in
 from lora_pipeline.core.datasets.report import write_report
@@ -18,13 +20,16 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.datasets.validation import validate_dataset
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.defs.failures import fails_on_user_error
-from lora_pipeline.defs.metadata import image_markdown, table
+from lora_pipeline.defs.metadata import image_markdown, problems_metadata, table
 from lora_pipeline.defs.partitions import dataset_versions, source_batches
 from lora_pipeline.defs.resources import DataRootResource
 
 GROUP = "datasets"
 NO_ERRORS_CHECK = "no_blocking_problems"
 NO_WARNINGS_CHECK = "no_warnings"
+# A run tagged so executes all its steps in one process (the command line's): dataset_snapshot then starts the
+# decode of the copied images, and dataset_report's validation takes the results (core/datasets/inspection.py).
+EARLY_INSPECTION_TAG = "lora_pipeline/early_inspection"
 
 
 def _version_inputs(
@@ -74,6 +79,8 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
 def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root, spec, _ = _version_inputs(context, data_root)
     result = build_snapshot(root, spec, code_version())
+    if context.run.tags.get(EARLY_INSPECTION_TAG) == "1":
+        start_early([result.dir / r["path"] for r in result.rows], spec.checks.max_pixels, MAX_IMAGES)
     verb = "built" if result.created else "unchanged (rebuild is a no-op)"
     context.log.info(f"dataset {spec.name} {verb}: {len(result.rows)} images, image root {result.image_root}")
     per_source = collections.Counter(r.get("source_batch") or r.get("source_dataset") for r in result.rows)
@@ -148,8 +155,8 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
 def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root, spec, snapshot_dir = _version_inputs(context, data_root)
     captions = load_caption_check(snapshot_dir)  # the .txt files training reads, and caption_set's findings
-    result = validate_dataset(root, spec, snapshot_dir, captions)
-    files = write_report(snapshot_dir, result, captions)
+    result = validate_dataset(root, spec, snapshot_dir, captions, thumbnails=MAX_IMAGES)
+    files = write_report(snapshot_dir, result, captions, MAX_IMAGES)
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
     problems = list(result.problems)
     errors, warnings = errors_in(problems), warnings_in(problems)
@@ -158,8 +165,8 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.md(files.markdown),
-            "contact_sheet": image_markdown(files.contact_sheet, "contact sheet"),
-            "problems": table(problems, columns),
+            "contact_sheet": image_markdown(files.contact_sheet, "contact sheet", photo=True),
+            **problems_metadata(problems, columns, files.report_json),
             "errors": len(errors),
             "warnings": len(warnings),
             "counts": dg.MetadataValue.json(result.counts),
@@ -171,13 +178,13 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
                 check_name=NO_ERRORS_CHECK,
                 passed=not errors,
                 severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"errors": len(errors), "problems": table(errors, columns)},
+                metadata={"errors": len(errors), **problems_metadata(errors, columns, files.report_json)},
             ),
             dg.AssetCheckResult(
                 check_name=NO_WARNINGS_CHECK,
                 passed=not warnings,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"warnings": len(warnings), "problems": table(warnings, columns)},
+                metadata={"warnings": len(warnings), **problems_metadata(warnings, columns, files.report_json)},
             ),
         ],
     )

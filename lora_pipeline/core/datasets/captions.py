@@ -50,7 +50,7 @@ from lora_pipeline.core.datasets.sources import IMAGE_EXTENSIONS, expand_sources
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.datasets.tags import normalise_caption, place_trigger
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import atomic_write_bytes, read_json, write_json
+from lora_pipeline.core.fileio import atomic_write_all, read_json, write_json
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import CAPTION_CHECK, DataRoot
 
@@ -458,8 +458,7 @@ def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]
         )
     if new and read_seal(snapshot_dir) is not None:
         raise UserError("has no caption in this sealed version; versions are immutable, make a new one", new[0][0])
-    for target, data in new:
-        atomic_write_bytes(target, data, readonly=True)
+    atomic_write_all(new, readonly=True)
     return rows
 
 

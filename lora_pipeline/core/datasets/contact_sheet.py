@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageDraw, ImageFont
 
-from lora_pipeline.core.datasets.images import thumbnail
+from lora_pipeline.core.datasets.images import THUMBNAIL, thumbnail
 from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.validation import ValidationResult, source_label
 from lora_pipeline.core.fileio import atomic_write_bytes
 
-CELL = 160  # thumbnail box, px
+CELL = THUMBNAIL  # thumbnail box, px
 PAD = 8
 COLUMNS = 8
 MIN_COLUMNS = 4  # keeps the header legible for tiny datasets
@@ -35,6 +36,8 @@ ROW_H = PAD + CELL + PAD + (NAME_LINES + CAPTION_LINES + CODE_LINES) * LINE + PA
 HEADER_H = 2 * TITLE_LINE + 2 * PAD
 FOOTER_H = TITLE_LINE + 2 * PAD
 MAX_IMAGES = 200
+PNG_LEVEL = 1
+DECODE_THREADS = 2
 COLOURS = {"error": (214, 39, 40), "warning": (245, 140, 0)}
 TEXT, MUTED, BOX = (20, 20, 20), (120, 120, 120), (236, 236, 236)
 
@@ -46,6 +49,7 @@ class SheetItem:
     caption: str
     problems: tuple[Problem, ...]
     size: tuple[int, int] | None = None  # as training sees it (after EXIF orientation)
+    thumbnail: Image.Image | None = None  # from the validation decode; else `file` is decoded again
 
 
 @dataclass(frozen=True)
@@ -87,21 +91,29 @@ def problems_by_image(snapshot_dir: Path, result: ValidationResult) -> dict[str,
 def select_items(
     snapshot_dir: Path, result: ValidationResult, captions: Mapping[str, str], max_images: int
 ) -> list[SheetItem]:
-    """Up to `max_images` items in path order; images with problems are chosen first."""
+    """Up to `max_images` items in path order; images with problems are chosen first. Their thumbnails come
+    from the validation decode; the few it did not keep (images flagged only by a later check) are decoded
+    again here, on threads (Pillow decodes without holding the GIL)."""
     attached = problems_by_image(snapshot_dir, result)
     paths = sorted(result.infos)
     chosen = set(([p for p in paths if p in attached] + [p for p in paths if p not in attached])[:max_images])
-    return [
+    items = [
         SheetItem(
             path=p,
             file=snapshot_dir / p if result.infos[p].decoded else None,
             caption=captions.get(p, ""),
             problems=tuple(attached.get(p, ())),
             size=(info.width, info.height) if (info := result.infos[p]).width and info.height else None,
+            thumbnail=result.thumbnails.get(p) if info.decoded else None,
         )
         for p in paths
         if p in chosen
     ]
+    missing = [i for i, item in enumerate(items) if item.file is not None and item.thumbnail is None]
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        for i, thumb in zip(missing, pool.map(lambda i: thumbnail(items[i].file), missing), strict=True):
+            items[i] = replace(items[i], thumbnail=thumb)
+    return items
 
 
 def wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
@@ -170,7 +182,7 @@ def _draw_cell(
         label = "cannot decode"
         draw.text((bx + (CELL - font.getlength(label)) / 2, by + CELL / 2 - LINE), label, fill=TEXT, font=font)
     else:
-        thumb = thumbnail(item.file, CELL)
+        thumb = item.thumbnail if item.thumbnail is not None else thumbnail(item.file)
         sheet.paste(thumb, (bx + (CELL - thumb.width) // 2, by + (CELL - thumb.height) // 2))
     ty = by + CELL + PAD
     dims = f" {item.size[0]}x{item.size[1]}" if item.size else ""
@@ -202,6 +214,7 @@ def write_contact_sheet(
         "Outline: red = error, orange = warning"
     )
     buffer = io.BytesIO()
-    render(items, title, total).save(buffer, "PNG")
+    # zlib level 1: a photo sheet compresses about as well as at the default level 6 (~15% larger), 3-4x faster
+    render(items, title, total).save(buffer, "PNG", compress_level=PNG_LEVEL)
     atomic_write_bytes(path, buffer.getvalue(), readonly=True)
     return ContactSheet(path=path, shown=len(items), total=total)

@@ -2,22 +2,25 @@
 
 `inspect_image` opens one file strictly (no truncated-image tolerance, a pixel limit checked on the
 header before anything is decoded), decodes it fully and reports every problem as (code, severity,
-message). `load_rgb` is the one conversion training uses, so what validation checks is what the model
+message). That one decode feeds the perceptual hash, the colour signature and, when asked, the contact-sheet
+thumbnail (`thumbnail` makes the same one from a file). JPEGs are decoded at full size, not with Pillow's
+DCT-scaled `draft`: a scaled decode would be ~30% cheaper but moves hash bits (up to 4 of 64 on 1,000 test
+photos), and with them the near-duplicate findings near the threshold (benchmarks/RESULTS.md).
+
+`load_rgb` is the one conversion training uses (full size), so what validation checks is what the model
 sees: EXIF orientation applied, then 8-bit RGB (alpha composited on white, 16-bit scaled, CMYK and
 palette converted). The snapshot keeps the original bytes; conversions only ever happen in memory.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import struct
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -34,9 +37,8 @@ BIT_DEPTH = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;
 FORMAT_ALIASES = {"MPO": "JPEG"}
 # Multi-frame formats whose extra frames are a real animation (MPO's second frame is a phone preview).
 ANIMATED_FORMATS = frozenset({"GIF", "PNG", "WEBP"})
-# Below this many files a process pool costs more to start than it saves.
-POOL_THRESHOLD = 32
 HASH_SIZE = 8  # dHash of 8x8 = 64 bits
+THUMBNAIL = 160  # contact-sheet cell, px
 COLOUR_GRID = 4  # colour signature: mean RGB of a 4x4 grid, 48 bytes
 
 
@@ -184,29 +186,42 @@ def _extension_note(path: Path, fmt: str | None) -> str | None:
     return None
 
 
+Inspected = tuple[ImageInfo, Image.Image | None]  # the thumbnail when asked for and the file decodes
+# Which files get a thumbnail from their inspection: none, those with a problem of their own, all.
+Thumbnails = Literal["none", "flagged", "all"]
+
+
 def inspect_image(path: Path, max_pixels: int) -> ImageInfo:
-    """Check one file in the order: empty, identifiable, pixel limit (header only), full decode, conversion."""
+    """Check one file in the order: empty, identifiable, pixel limit (header only), decode, conversion."""
+    return inspect_with_thumbnail(path, max_pixels, "none")[0]
+
+
+def inspect_with_thumbnail(path: Path, max_pixels: int, want: Thumbnails) -> Inspected:
+    """`inspect_image`, and the contact-sheet thumbnail from the same decode as `want` says (inspection.py
+    runs it for many files in worker processes)."""
     size = path.stat().st_size
     base = {"path": str(path), "bytes": size}
     if size == 0:
-        return ImageInfo(**base, problems=(ImageProblem("zero_byte", "error", "file is empty (0 bytes)"),))
+        return ImageInfo(**base, problems=(ImageProblem("zero_byte", "error", "file is empty (0 bytes)"),)), None
     with path.open("rb") as fh, _strict_pillow():  # file-system errors raise here, not as image problems
         try:
             im = Image.open(fh)
         except UnidentifiedImageError:
             msg = "not a readable image: Pillow cannot identify the file format"
-            return ImageInfo(**base, problems=(ImageProblem("not_an_image", "error", msg),))
+            return ImageInfo(**base, problems=(ImageProblem("not_an_image", "error", msg),)), None
         except Image.DecompressionBombError as exc:
             msg = f"refused before decoding: {exc}"
-            return ImageInfo(**base, problems=(ImageProblem("decompression_bomb", "error", msg),))
+            return ImageInfo(**base, problems=(ImageProblem("decompression_bomb", "error", msg),)), None
         except DECODE_ERRORS as exc:
             msg = f"the image header is cut short or damaged ({exc})"
-            return ImageInfo(**base, problems=(ImageProblem("truncated_image", "error", msg),))
+            return ImageInfo(**base, problems=(ImageProblem("truncated_image", "error", msg),)), None
         with im:
-            return _inspect_open(path, im, base, max_pixels)
+            return _inspect_open(path, im, base, max_pixels, want)
 
 
-def _inspect_open(path: Path, im: Image.Image, base: dict[str, str | int], max_pixels: int) -> ImageInfo:
+def _inspect_open(
+    path: Path, im: Image.Image, base: dict[str, str | int], max_pixels: int, want: Thumbnails
+) -> Inspected:
     raw_w, raw_h = im.size
     header = {
         **base,
@@ -224,13 +239,13 @@ def _inspect_open(path: Path, im: Image.Image, base: dict[str, str | int], max_p
     if raw_w * raw_h > max_pixels:
         msg = f"header claims {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels, above checks.max_pixels {max_pixels:,}"
         problems.append(ImageProblem("decompression_bomb", "error", f"refused before decoding: {msg}"))
-        return ImageInfo(**header, problems=tuple(problems))
+        return ImageInfo(**header, problems=tuple(problems)), None
     try:
         frames = getattr(im, "n_frames", 1)  # GIF counts frames by reading them all: part of the decode
         im.load()
     except DECODE_ERRORS as exc:
         problems.append(ImageProblem("truncated_image", "error", f"pixel data cannot be fully decoded ({exc})"))
-        return ImageInfo(**header, problems=tuple(problems))
+        return ImageInfo(**header, problems=tuple(problems)), None
     try:
         orientation = _orientation(im)
         upright = ImageOps.exif_transpose(im) if orientation != 1 else im
@@ -239,12 +254,13 @@ def _inspect_open(path: Path, im: Image.Image, base: dict[str, str | int], max_p
     except DECODE_ERRORS as exc:
         msg = f"decodes but cannot be converted to RGB for training ({exc})"
         problems.append(ImageProblem("conversion_failed", "error", msg))
-        return ImageInfo(**header, problems=tuple(problems))
+        return ImageInfo(**header, problems=tuple(problems)), None
     if note := colour_note(im):
         problems.append(ImageProblem("colour_mode", "warning", note))
     if frames > 1 and im.format in ANIMATED_FORMATS:
         msg = f"animated {im.format} with {frames} frames; training uses only the first frame"
         problems.append(ImageProblem("animated", "warning", msg))
+    thumb = _shrink(rgb) if want == "all" or (want == "flagged" and problems) else None
     return ImageInfo(
         **{**header, "width": upright.width, "height": upright.height},
         has_alpha=has_alpha(im),
@@ -253,43 +269,23 @@ def _inspect_open(path: Path, im: Image.Image, base: dict[str, str | int], max_p
         dhash=dhash,
         colour_signature=colour,
         problems=tuple(problems),
-    )
+    ), thumb
 
 
-def _open_rgb(path: Path, draft: int | None) -> Image.Image:
-    with Image.open(path) as im:
-        if draft:
-            im.draft("RGB", (draft, draft))  # JPEG only: decode at a reduced scale of at least draft px
-        im.load()
-        return to_rgb(ImageOps.exif_transpose(im))
+def _shrink(rgb: Image.Image) -> Image.Image:
+    """The contact-sheet thumbnail of an upright RGB picture (fits a THUMBNAIL box; never enlarged)."""
+    thumb = rgb.copy()
+    thumb.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    return thumb
 
 
 def load_rgb(path: Path) -> Image.Image:
     """The image as training sees it: EXIF orientation applied, 8-bit RGB. Raises on damaged files."""
-    return _open_rgb(path, None)
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
-def thumbnail(path: Path, size: int) -> Image.Image:
-    """`load_rgb` shrunk to fit a size x size box, for display only."""
-    rgb = _open_rgb(path, size)
-    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return rgb
-
-
-def _inspect_star(args: tuple[Path, int]) -> ImageInfo:
-    return inspect_image(*args)
-
-
-def inspect_images(paths: list[Path], max_pixels: int, workers: int = 2) -> list[ImageInfo]:
-    """`inspect_image` for many files, in `workers` processes, results in the order of `paths`.
-
-    Workers come from the forkserver start method: they fork from a clean single-threaded server
-    process, because forking the caller itself (a Dagster run has threads) can deadlock.
-    """
-    jobs = [(Path(p), max_pixels) for p in paths]
-    if workers <= 1 or len(jobs) < POOL_THRESHOLD:
-        return [_inspect_star(job) for job in jobs]
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_inspect_star, jobs, chunksize=chunk))
+def thumbnail(path: Path) -> Image.Image:
+    """The contact-sheet thumbnail of a file: the same pixels as `inspect_with_thumbnail` gives."""
+    return _shrink(load_rgb(path))

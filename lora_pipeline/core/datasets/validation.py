@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-import numpy as np
+from PIL import Image
 
 from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
-from lora_pipeline.core.datasets.images import ImageInfo, inspect_images
+from lora_pipeline.core.datasets.images import ImageInfo
+from lora_pipeline.core.datasets.inspection import inspect_batch, take_early
 from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.near_duplicates import near_duplicate_pairs
 from lora_pipeline.core.datasets.problems import Problem, Severity, errors_in, problem
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.errors import UserError
@@ -53,6 +55,8 @@ class ValidationResult:
     infos: dict[str, ImageInfo] = field(default_factory=dict)  # by snapshot-relative image path
     exact_duplicates: list[tuple[str, str]] = field(default_factory=list)  # (copy, first seen)
     near_duplicates: list[tuple[str, str, int]] = field(default_factory=list)  # (copy, first seen, distance)
+    # contact-sheet thumbnails made by the validation decode, by path (a bounded few: see inspection.py)
+    thumbnails: dict[str, Image.Image] = field(default_factory=dict, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -83,11 +87,14 @@ def validate_dataset(
     max_bucket_reso: int = 1024,
     bucket_reso_steps: int = 64,
     workers: int = 2,
+    thumbnails: int = 0,
 ) -> ValidationResult:
     """Run every dataset check on the snapshot `root.dataset(spec.name)`, whose images are written.
 
     `snapshot_dir` must be that folder: validating some other copy would report on files that
-    training never reads.
+    training never reads. `thumbnails`: the cells of the contact sheet to come, whose thumbnails the one
+    decode of each image should keep (inspection.py). An inspection of these files started early
+    (`inspection.start_early`, by the command line's build) is taken over.
     """
     if snapshot_dir.resolve() != root.dataset(spec.name).resolve():
         raise UserError(f"not the snapshot folder of '{spec.name}' ({root.dataset(spec.name)})", snapshot_dir)
@@ -105,8 +112,11 @@ def validate_dataset(
             raise UserError(
                 "listed in the manifest but missing; run `lora-pipeline verify`", snapshot_dir / row["path"]
             )
-    inspected = inspect_images([snapshot_dir / r["path"] for r in images], spec.checks.max_pixels, workers)
-    infos = {r["path"]: i for r, i in zip(images, inspected, strict=True)}
+    paths = [snapshot_dir / r["path"] for r in images]
+    found = take_early(paths, spec.checks.max_pixels, thumbnails)
+    if found is None:
+        found = inspect_batch(paths, spec.checks.max_pixels, workers, thumbnails)
+    infos = {r["path"]: i for r, i in zip(images, found.infos, strict=True)}
 
     problems: list[Problem] = [*info.get("problems", []), *caption_plan.problems]
     for path, image in infos.items():
@@ -147,6 +157,7 @@ def validate_dataset(
         infos=infos,
         exact_duplicates=exact,
         near_duplicates=near,
+        thumbnails={images[i]["path"]: thumb for i, thumb in found.thumbnails.items()},
     )
 
 
@@ -237,21 +248,14 @@ def _near_duplicates(images: list[dict[str, Any]], infos: dict[str, ImageInfo]) 
     (by path) is the one kept, so it is never flagged.
     """
     hashed = [r for r in images if infos[r["path"]].dhash is not None]
-    if len(hashed) < 2:
-        return []
-    hashes = np.array([infos[r["path"]].dhash for r in hashed], dtype=np.uint64)
-    colours = np.array([list(infos[r["path"]].colour_signature or b"") for r in hashed], dtype=np.int16)
-    shas = np.array([r["sha256"] for r in hashed])
-    out = []
-    for j in range(1, len(hashed)):
-        distance = np.bitwise_count(hashes[:j] ^ hashes[j])
-        colour_gap = np.abs(colours[:j] - colours[j]).max(axis=1)
-        match = (distance <= NEAR_DUPLICATE_DISTANCE) & (colour_gap <= NEAR_DUPLICATE_COLOUR) & (shas[:j] != shas[j])
-        if match.any():
-            candidates = np.flatnonzero(match)
-            best = candidates[np.argmin(distance[candidates])]
-            out.append((hashed[j]["path"], hashed[best]["path"], int(distance[best])))
-    return out
+    pairs = near_duplicate_pairs(
+        [infos[r["path"]].dhash or 0 for r in hashed],
+        [infos[r["path"]].colour_signature or b"" for r in hashed],
+        [r["sha256"] for r in hashed],
+        NEAR_DUPLICATE_DISTANCE,
+        NEAR_DUPLICATE_COLOUR,
+    )
+    return [(hashed[j]["path"], hashed[i]["path"], distance) for j, i, distance in pairs]
 
 
 def _orphan_captions(snapshot_dir: Path, rows: list[dict[str, Any]], images: list[dict[str, Any]]) -> list[str]:
