@@ -15,7 +15,8 @@ from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs import partitions
-from lora_pipeline.defs.datasets import NO_ERRORS_CHECK
+from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
+from lora_pipeline.defs.metadata import problems_metadata
 from lora_pipeline_tests.helpers import make_read_only, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +76,19 @@ def test_rebuild_is_a_noop_and_changed_spec_is_refused(sample_root):
     partitions.register(inst, partitions.dataset_versions, [version])
     dagster_runs.run_job("build_dataset_job", version, inst)
     before = tree_state(sample_root.dataset(version))
-    dagster_runs.run_job("build_dataset_job", version, inst)
+    # again, as the command line runs it: the images decoded while the captions are checked, the same report
+    dagster_runs.run_job("build_dataset_job", version, inst, tags={EARLY_INSPECTION_TAG: "1"})
     assert tree_state(sample_root.dataset(version)) == before  # not a byte, mode or mtime changed
     spec = sample_root.spec_file(version)
     spec.write_text(spec.read_text().replace("repeats: 10", "repeats: 12"))
     with pytest.raises(UserError, match="name a new version"):
         dagster_runs.run_job("build_dataset_job", version, inst)
+
+
+def test_problem_tables_in_the_metadata_are_bounded_but_the_counts_cover_every_problem(tmp_path):
+    problems = [{"severity": "warning", "code": "near_duplicate", "file": f"img/{n:04d}.jpg"} for n in range(250)]
+    problems.append({"severity": "error", "code": "too_small", "file": "img/x.jpg"})
+    meta = problems_metadata(problems, ["severity", "code", "file"], tmp_path / "report.json", limit=100)
+    assert len(meta["problems"].value.records) == 100
+    assert meta["problems_by_code"].value == {"error: too_small": 1, "warning: near_duplicate": 250}
+    assert meta["problems_shown"] == f"100 of 251 (all of them in {tmp_path / 'report.json'})"
