@@ -37,8 +37,9 @@ import numpy as np
 import psutil
 from PIL import Image
 
-BENCH_DIR = Path(__file__).resolve().parent
-CLI = Path(sys.executable).with_name("lora-pipeline")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from snapshot_bench import CLI, build_env, ensure_captioned_batch, fresh_version, write_spec  # noqa: E402
+
 # (label, module, function): each is timed where the caller looks it up. Nested stages are subtracted from
 # their parent's own line, so the lines add up to the whole command.
 STAGES: list[tuple[str, str, str, str | None]] = [
@@ -117,32 +118,7 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def write_spec(root: Path, version: str, batch: str, include: str | None = None) -> None:
-    lines = [f"name: {version}", "trigger: bench", "repeats: 1", "sources:", f"  - batch: {batch}"]
-    if include:
-        lines.append(f"    include: ['{include}']")
-    lines += ["captions:", "  from: sidecar"]
-    (root / "specs").mkdir(parents=True, exist_ok=True)
-    (root / "specs" / f"{version}.yaml").write_text("\n".join(lines) + "\n")
-
-
-def build_env(workdir: Path) -> dict[str, str]:
-    home = workdir / "dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "LORA_PIPELINE_DATA": str(workdir / "data"), "DAGSTER_HOME": str(home)}
-
-
-def fresh_version(root: Path, prefix: str) -> str:
-    n = 1
-    while (root / "specs" / f"{prefix}-{n}.yaml").exists():
-        n += 1
-    return f"{prefix}-{n}"
-
-
 def split(args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(BENCH_DIR))
-    from snapshot_bench import ensure_captioned_batch
-
     from lora_pipeline.core.paths import DataRoot
 
     root = DataRoot(args.workdir.resolve() / "data")
