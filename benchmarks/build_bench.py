@@ -1,6 +1,6 @@
 """The whole `lora-pipeline build` of a fresh version: where its time goes, and how it grows with the batch.
 
-    .venv/bin/python benchmarks/build_bench.py split  [--workdir DIR] [--count 1000] [--runs 3]
+    .venv/bin/python benchmarks/build_bench.py split  [--workdir DIR] [--count 1000] [--runs 3] [--before SRC]
     .venv/bin/python benchmarks/build_bench.py growth [--workdir DIR] [--sizes 1000,5000,20000] [--size 640x512]
 
 `split` builds fresh versions of snapshot_bench.py's batch of ~1 MP JPEGs (with a sidecar caption each) in a
@@ -119,25 +119,39 @@ def load() -> str:
 
 
 def split(args: argparse.Namespace) -> None:
+    """The median split of `--runs` builds; with `--before SRC` (a checkout of the code before), each run
+    builds once with that code (PYTHONPATH=SRC) and once with this, interleaved, and both are printed."""
     from lora_pipeline.core.paths import DataRoot
 
     root = DataRoot(args.workdir.resolve() / "data")
     batch = ensure_captioned_batch(root, args.count)
-    runs = []
+    variants = {"before": str(args.before), "after": None} if args.before else {"this code": None}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    loads = []
     for _ in range(args.runs):
-        version = fresh_version(root.root, "split")
-        write_spec(root.root, version, batch)
-        before = load()
-        child = subprocess.run([sys.executable, __file__, "_child", version], env=build_env(args.workdir),
-                               check=True, capture_output=True, text=True)
-        runs.append((json.loads(child.stdout.strip().splitlines()[-1]), before, load()))
-    print(f"whole build split, {args.count} images ({batch}), median of {args.runs} runs; "
-          f"load average (1/5/15 min) before/after each run: " + "; ".join(f"{b} / {a}" for _, b, a in runs))
-    total = statistics.median(r["whole command"] for r, _, _ in runs)
-    for label in runs[0][0]:
-        seconds = statistics.median(r.get(label, 0.0) for r, _, _ in runs)
-        print(f"  {label:<52} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
-    print(f"  = {args.count / total:.0f} images/s for the whole command (median)")
+        for name, pythonpath in variants.items():
+            version = fresh_version(root.root, "split")
+            write_spec(root.root, version, batch)
+            env = build_env(args.workdir)
+            if pythonpath:
+                env["PYTHONPATH"] = pythonpath
+            before = load()
+            child = subprocess.run([sys.executable, __file__, "_child", version], env=env,
+                                   check=True, capture_output=True, text=True)
+            runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            loads.append(f"{name} {before} / {load()}")
+    print(f"whole build split, {args.count} images ({batch}), median of {args.runs} runs each")
+    print("load average (1/5/15 min) before / after each run: " + "; ".join(loads))
+    labels = list(dict.fromkeys(label for results in runs.values() for label in results[0]))
+    totals = {name: statistics.median(r["whole command"] for r in results) for name, results in runs.items()}
+    print(f"  {'stage':<52}" + "".join(f"{name:>18}" for name in runs))
+    for label in labels:
+        cells = []
+        for name, results in runs.items():
+            seconds = statistics.median(r.get(label, 0.0) for r in results)
+            cells.append(f"{seconds:8.2f} s {100 * seconds / totals[name]:5.1f}%")
+        print(f"  {label:<52}" + "".join(f"{c:>18}" for c in cells))
+    print(f"  {'images/s for the whole command':<52}" + "".join(f"{args.count / t:>18.0f}" for t in totals.values()))
 
 
 def make_small_jpeg(job: tuple[Path, int, tuple[int, int]]) -> None:
@@ -249,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--size", default="640x512")
+    parser.add_argument("--before", type=Path, help="split: also time this checkout of the code (PYTHONPATH)")
     args = parser.parse_args(argv)
     split(args) if args.mode == "split" else growth(args)
 

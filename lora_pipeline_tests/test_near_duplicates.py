@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_pipeline.core.datasets.near_duplicates import HASH_BITS, bands, near_duplicate_pairs
+from lora_pipeline.core.datasets.near_duplicates import HASH_BITS, bands, flips, near_duplicate_pairs
 from lora_pipeline.core.datasets.validation import NEAR_DUPLICATE_COLOUR, NEAR_DUPLICATE_DISTANCE
 
 
@@ -65,8 +65,19 @@ def test_ties_go_to_the_earliest_image_and_identical_bytes_are_skipped():
     assert near_duplicate_pairs(hashes, colours, digests, 6, 24) == [(1, 0, 2), (2, 0, 1), (3, 2, 0), (4, 2, 1)]
 
 
-@pytest.mark.parametrize("distance", [0, 1, 6, 20, 63])
-def test_bands_cover_every_bit_once(distance):
-    layout = bands(distance)
+@pytest.mark.parametrize("count", [1, 4, 7, 64])
+def test_bands_cover_every_bit_once(count):
+    layout = bands(count)
     covered = [shift + k for shift, mask in layout for k in range(mask.bit_length())]
-    assert len(layout) == distance + 1 and sorted(covered) == list(range(HASH_BITS))
+    assert len(layout) == count and sorted(covered) == list(range(HASH_BITS))
+
+
+def test_flips_are_every_mask_within_the_radius():
+    assert flips(4, 1) == [0, 1, 2, 4, 8] and len(flips(16, 2)) == 1 + 16 + 120
+
+
+@pytest.mark.parametrize("distance", [0, 3, 9])
+def test_other_thresholds_equal_the_all_pairs_search_too(distance):
+    hashes, colours, digests = planted(600, distance)
+    args = (hashes, colours, digests, distance, NEAR_DUPLICATE_COLOUR)
+    assert near_duplicate_pairs(*args) == all_pairs(*args)
