@@ -52,7 +52,7 @@ TAGS = {
 # (width, height): SDXL's training sizes and their SD 1.5 halves, so buckets differ per image.
 FULL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
               (768, 768), (640, 896)]
-FAST_PATH = {"on": True, "off": False}
+FAST_PATH = {"on": True, "off": False, "auto": None}
 SMOKE_SIZES = [(64, 64), (96, 64), (64, 96), (80, 64)]
 
 
@@ -91,7 +91,8 @@ def write_spec(root: DataRoot, min_side: int) -> None:
     root.spec_file(VERSION).write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
 
-def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool) -> dict[str, Any]:
+def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
+           ) -> dict[str, Any]:
     """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs)."""
     resolution = {"sd15": 512, "sdxl": 1024}[family] if not smoke else 64
     return {
@@ -123,8 +124,8 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from mlflow.tracking import MlflowClient
 
+    from lora_pipeline.core.paths import mlflow_tracking_uri
     from lora_pipeline.core.provenance import trace_lora
-    from lora_pipeline.core.training.tracking import tracking_uri
 
     loader = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     files = [Path(f) for f in trained["epoch_files"]]
@@ -134,7 +135,7 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
         if not state or not all(torch.isfinite(t).all() for t in state.values()):
             raise RuntimeError(f"{path}: diffusers' kohya loader gave no or non-finite weights")
         converted.append(len(state))
-    client = MlflowClient(tracking_uri(root.mlflow))
+    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     run = client.get_run(trained["mlflow_run_id"])
     losses = client.get_metric_history(run.info.run_id, "loss")
     artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "epochs")}
@@ -150,7 +151,7 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
     return checks
 
 
-def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool
+def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
                 ) -> dict[str, Any]:
     from lora_pipeline.cli import evaluate_version, train_version
 
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--sd15-epochs", type=int, default=20)
     parser.add_argument("--sdxl-epochs", type=int, default=2)
-    parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="off", help="the recipes' fast_path")
+    parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="auto",
+                        help="the recipes' fast_path (auto: the recipe default, on on a GPU)")
     parser.add_argument("--root", default=None, help="data root to create (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, 12 images, 2 epochs")

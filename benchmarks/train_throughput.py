@@ -9,8 +9,11 @@ Three variants, each timed in the same run so every figure has its ratio to the 
   the text encoder(s) and the U-Net every step, frozen weights fp16 (the SDXL VAE fp32, as that script keeps
   it), fp16 autocast with a gradient scaler, torch AdamW, clip 1.0, and the loss read back every step
   (`train_loss += avg_loss.item()`);
-- plain: the trainer's `training_step` on cached inputs, eager;
-- fast: the same with the trainer's fast path (fastpath.compile_blocks: the repeated U-Net blocks compiled).
+- plain: the trainer's step on cached inputs, eager (what run_epoch calls: draw_noise, loop.update, the schedule);
+- fast: the same through the trainer's fast path (fastpath.GraphedSteps: every step after the first two of a shape
+  replayed as one CUDA graph);
+- fast-compiled: fast with the U-Net compiled by torch.compile first (inductor), captured the same way; an
+  experiment, not a trainer option.
 
 Shapes (random weights built from the configs, nothing downloaded):
 - sd15: SD 1.5's U-Net (320/640/1280/1280, cross-attention 768), 512 px = 64x64 latents, batch 8;
@@ -32,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import shlex
 import sys
 import time
@@ -45,12 +50,23 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
+from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_pipeline.core.models import fullsize
-from lora_pipeline.core.training.fastpath import compile_blocks
-from lora_pipeline.core.training.loop import MAX_GRAD_NORM, NoiseSettings, StepBatch, make_accelerator, training_step
+from lora_pipeline.core.training import loop
+from lora_pipeline.core.training.fastpath import GraphedSteps
+from lora_pipeline.core.training.loop import (
+    MAX_GRAD_NORM,
+    NoiseSettings,
+    StepBatch,
+    StepNoise,
+    StepParts,
+    draw_noise,
+    make_accelerator,
+    update,
+)
 from lora_pipeline.core.training.lora_file import add_unet_lora
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
@@ -190,9 +206,10 @@ def reference_step(shape: Shape, args: argparse.Namespace, device: torch.device)
     return step
 
 
-def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, fast: bool
-                 ) -> tuple[Callable[[int], torch.Tensor], Callable[[], None]]:
-    """The trainer's `training_step` on cached inputs, and the function that switches the fast path on."""
+def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, variant: str
+                 ) -> tuple[Callable[[int], torch.Tensor], Callable[[], None], list[torch.nn.Parameter]]:
+    """The trainer's step on cached inputs (run_epoch's calls: draw_noise, the update, the schedule), and the
+    function that switches the variant's fast path on after the FLOP-counting eager step."""
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     unet = build_unet(shape, device, dtype, args.rank)
@@ -206,18 +223,59 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, f
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
     batch = _batch(shape, args.batch or shape.batch, device, dtype)
+    parts = StepParts(model, scheduler, NoiseSettings(), accelerator, optimizer, params)
+    updates: list[Callable[[StepBatch, StepNoise], torch.Tensor]] = [functools.partial(update, parts)]
 
     def step(index: int) -> torch.Tensor:
-        return training_step(model, scheduler, batch, torch_generator(0, Stream.NOISE, index), NoiseSettings(),
-                             accelerator=accelerator, optimizer=optimizer, lr_scheduler=lr_scheduler, params=params)
+        drawn = draw_noise(batch.latents, scheduler, torch_generator(0, Stream.NOISE, index), parts.settings)
+        loss = updates[-1](batch, drawn)
+        lr_scheduler.step()
+        return loss
 
     def prepare() -> None:
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if fast:
-            compile_blocks(unet, backend=args.compile_backend)
+        if variant == "fast-compiled":
+            unet.compile(backend=args.compile_backend)
+        if variant in ("fast", "fast-compiled"):
+            updates.append(GraphedSteps(parts, device))
 
-    return step, prepare
+    return step, prepare, params
+
+
+def _first_non_finite(losses: torch.Tensor) -> int | None:
+    return next((i + 1 for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
+
+
+def compare(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """--compare N: N steps eager, N eager again (the GPU's own run-to-run spread) and N through the fast path,
+    from the same weights, noise and batch."""
+    runs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, variant in [("plain", "plain"), *args.compare_runs]:
+        torch.manual_seed(0)  # the same random U-Net and LoRA initialisation for all
+        step, prepare, params = trainer_step(shape, args, device, variant)
+        prepare()
+        losses = torch.stack([step(1 + index) for index in range(args.compare)]).float().cpu()
+        print(f"[{shape.name} {name}] losses every 20 steps: {losses[::20].tolist()}", file=sys.stderr)
+        runs[name] = (losses, torch.cat([p.detach().float().reshape(-1) for p in params]).cpu())
+        del step, prepare, params
+        _release(device)
+    plain, plain_lora = runs["plain"]
+
+    def differences(other: str) -> dict[str, Any]:
+        losses, lora = runs[other]
+        return {"max_abs_loss_difference": float((plain - losses).abs().max()),
+                "mean_abs_loss_difference": float((plain - losses).abs().mean()),
+                "identical_losses": bool(torch.equal(plain, losses)),
+                "lora_rel_l2_difference": float((plain_lora - lora).norm() / plain_lora.norm())}
+
+    return {
+        "model": shape.name, "steps": args.compare, "batch": args.batch or shape.batch,
+        "attention": "cuDNN allowed" if args.cudnn_attention else "flash / efficient / math (the trainer's)",
+        "mean_loss": {name: float(losses.mean()) for name, (losses, _) in runs.items()},
+        "first_non_finite_step": {name: _first_non_finite(losses) for name, (losses, _) in runs.items()},
+        **{f"plain_vs_{name}": differences(name) for name, _ in args.compare_runs},
+    }
 
 
 def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.device
@@ -228,13 +286,15 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
         step = reference_step(shape, args, device)
         precision = "fp16" if device.type == "cuda" else "no"
     else:
-        step, prepare = trainer_step(shape, args, device, fast=variant == "fast")
+        step, prepare, _ = trainer_step(shape, args, device, variant)
         precision = args.precision if device.type == "cuda" else "no"
         with FlopCounterMode(display=False) as counter:
             step(0)
         flops = counter.get_total_flops()
         prepare()
     _sync(device)
+    if device.type == "cuda":  # the peak includes the warm-up: the fast path's graphs are made there
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for index in range(args.warmup):
         step(1 + index)
@@ -242,10 +302,8 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
         print(f"[{shape.name} {variant}] warm-up step {index + 1}: {time.perf_counter() - started:.1f} s",
               file=sys.stderr, flush=True)
     warmup_s = time.perf_counter() - started
-    if variant == "fast" and device.type == "cuda":
+    if variant == "fast-compiled" and device.type == "cuda":
         print(torch._dynamo.utils.compile_times(), file=sys.stderr, flush=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for index in range(args.steps):
         loss = step(1 + args.warmup + index)
@@ -280,18 +338,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="DAdaptAdamW")
     parser.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16", help="on CUDA; CPU runs fp32")
     parser.add_argument("--variants", default="reference,plain,fast",
-                        help="comma-separated, from reference, plain, fast (see above)")
-    parser.add_argument("--compile-backend", default="inductor", help="for the fast variant (tests: aot_eager)")
+                        help="comma-separated, from reference, plain, fast, fast-compiled (see above)")
+    parser.add_argument("--compile-backend", default="inductor", help="for fast-compiled (tests: aot_eager)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="plain and fast variants")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N steps of the last variant and print its top kernels")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
                         help="dense peak of the GPU at --precision, for MFU (default: H100 SXM bf16)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--compare", type=int, default=0, metavar="N",
+                        help="instead of timing: N steps with the fast path off and on, and how their losses differ")
+    parser.add_argument("--compare-runs", default="plain_again:plain,fast:fast",
+                        help="--compare: the runs beside the first plain one, as name:variant pairs")
+    parser.add_argument("--cudnn-attention", action="store_true",
+                        help="let the trainer's step use cuDNN attention too (loop.TRAINING_ATTENTION leaves it out)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, 1 warm-up (tests, CPU)")
     args = parser.parse_args(argv)
     args.variants = args.variants.split(",")
+    args.compare_runs = [tuple(pair.split(":")) for pair in args.compare_runs.split(",")]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
@@ -320,11 +385,13 @@ def profile(step: Callable[[int], torch.Tensor], steps: int, device: torch.devic
     }
 
 
-VARIANTS = ("reference", "plain", "fast")
+VARIANTS = ("reference", "plain", "fast", "fast-compiled")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cudnn_attention:
+        loop.TRAINING_ATTENTION.append(SDPBackend.CUDNN_ATTENTION)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = ("sd15", "sdxl") if args.model == "both" else (args.model,)
     shapes = [SMOKE[n] if args.smoke else {"sd15": SD15, "sdxl": SDXL}[n] for n in names]
@@ -339,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(command), "peak_tflops": args.peak_tflops,
         "peak_source": "default: H100 SXM dense bf16" if default_peak else "--peak-tflops",
     }
+    if args.compare:
+        with contextlib.redirect_stdout(sys.stderr):
+            compared = [compare(shape, args, device) for shape in shapes]
+        print(json.dumps({**header, "compare": compared}, indent=2))
+        return 0
     results = []
     profiles = {}
     for shape in shapes:

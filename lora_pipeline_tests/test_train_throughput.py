@@ -38,7 +38,7 @@ def test_smoke_run_reports_throughput_mfu_and_the_ratio_to_the_reference_step(ca
 
 def test_text_report_of_the_fast_variant_names_the_peak_checkpointing_and_the_profile(capsys):
     benchmark = _benchmark()
-    args = ["--smoke", "--model", "sd15", "--variants", "fast", "--compile-backend", "aot_eager",
+    args = ["--smoke", "--model", "sd15", "--variants", "fast",
             "--gradient-checkpointing", "--peak-tflops", "100", "--profile", "1", "--device", "cpu"]
     assert benchmark.main(args) == 0
     out = capsys.readouterr().out

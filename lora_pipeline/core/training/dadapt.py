@@ -36,6 +36,7 @@ class DAdaptAdamW(torch.optim.Optimizer):
         device = group["params"][0].device
         group["d"] = torch.tensor(d0, dtype=torch.float32, device=device)
         group["numerator_weighted"] = torch.zeros((), dtype=torch.float32, device=device)
+        group["k"] = torch.zeros((), dtype=torch.int64, device=device)  # steps taken, counted on the device
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # noqa: C901 - one algorithm, kept in the reference's order
@@ -75,16 +76,15 @@ class DAdaptAdamW(torch.optim.Optimizer):
         torch._foreach_add_(s, scaled)
         sk_l1 = torch.stack(torch._foreach_norm(s, 1)).sum()
 
-        # The reference returns early when every gradient is zero (sk_l1 == 0): no d update, no step.
+        # The reference returns early when every gradient is zero (sk_l1 == 0): no d update, no step; and it
+        # adapts d only while lr > 0 (lr may be a device tensor: the fast path's captured step reads it so).
         progressed = sk_l1 > 0
         numerator_weighted = sqrt_beta2 * group["numerator_weighted"] + (1 - sqrt_beta2) * numerator_acum
-        if lr > 0.0:
-            d_hat = numerator_weighted / ((1 - sqrt_beta2) * torch.where(progressed, sk_l1, 1.0))
-            d_new = torch.maximum(d, torch.minimum(d_hat, d * group["growth_rate"]))
-        else:
-            d_new = d
-        group["numerator_weighted"] = torch.where(progressed, numerator_weighted, group["numerator_weighted"])
-        group["d"] = torch.where(progressed, d_new, d)
+        d_hat = numerator_weighted / ((1 - sqrt_beta2) * torch.where(progressed, sk_l1, 1.0))
+        d_new = torch.maximum(d, torch.minimum(d_hat, d * group["growth_rate"]))
+        # Updated in place, so a captured step's replay reads the value the previous step wrote.
+        group["numerator_weighted"].copy_(torch.where(progressed, numerator_weighted, group["numerator_weighted"]))
+        d.copy_(torch.where(progressed & (lr > 0.0), d_new, d))
 
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_add_(denom, eps)
@@ -93,7 +93,10 @@ class DAdaptAdamW(torch.optim.Optimizer):
             torch._foreach_add_(step, torch._foreach_mul(params, decay * dlr))
         torch._foreach_mul_(step, progressed.to(params[0].dtype))
         torch._foreach_sub_(params, step)
-        group["k"] += 1
+        if isinstance(group["k"], torch.Tensor):
+            group["k"].add_(1)
+        else:  # a resume state written before k moved to the device
+            group["k"] += 1
         return loss
 
 

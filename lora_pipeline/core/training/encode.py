@@ -8,8 +8,12 @@ and is encoded then, without gradients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -20,6 +24,25 @@ from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.latent_cache import CacheStats, LatentDiskCache, entry_key
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.timing import StageTimes
+
+T = TypeVar("T")
+
+
+DECODE_THREADS = 8
+DECODE_AHEAD = 32  # images decoded ahead of the encoder at most: bounded memory for any dataset size
+
+
+def prefetched(load: Callable[[T], torch.Tensor], items: Sequence[T]) -> Iterator[torch.Tensor]:
+    """`load(item)` for each item in order, computed by a few threads ahead of the consumer: decoding and
+    resizing a photo (Pillow releases the GIL) takes longer than encoding it on a GPU, so one thread starves it."""
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+        pending: deque[Future[torch.Tensor]] = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= DECODE_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @torch.no_grad()
@@ -50,18 +73,24 @@ class LatentSource:
         self.stats = disk.stats if disk else CacheStats()
         self.cache: dict[tuple[int, bool], torch.Tensor] | None = None
         if cache:
-            self.cache = {
-                (index, flip): self._cached(index, flip)
-                for index in range(len(images)) for flip in ((False, True) if flip_aug else (False,))
-            }
+            keys = [(index, flip) for index in range(len(images)) for flip in ((False, True) if flip_aug else (False,))]
+            # Without a disk cache every image is decoded: a few threads decode ahead of the VAE (`prefetched`).
+            decoded = prefetched(self._pixels, keys) if disk is None else (None for _ in keys)
+            self.cache = {key: self._cached(*key, pixels) for key, pixels in zip(keys, decoded, strict=True)}
 
     def _posterior(self, pixels: torch.Tensor) -> torch.Tensor:
         self.stats.vae_encodes += 1
         return encode_posterior(self.base, pixels)
 
-    def _cached(self, index: int, flip: bool) -> torch.Tensor:
+    def _pixels(self, key: tuple[int, bool]) -> torch.Tensor:
+        index, flip = key
         image = self.images[index]
-        view = View(flip, image.crop_top_left)
+        return image.pixels(View(flip, image.crop_top_left))
+
+    def _cached(self, index: int, flip: bool, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.images[index]
+        if pixels is None:
+            pixels = self._pixels((index, flip)) if self.disk is None else None
         posterior = None
         if self.disk is not None:
             key = entry_key(image.sha256, self.disk.vae_hash, image.bucket, image.resized, image.crop_top_left, flip)
@@ -71,10 +100,10 @@ class LatentSource:
             if posterior is not None:
                 posterior = posterior[None]
             else:
-                posterior = self._posterior(image.pixels(view)[None])
+                posterior = self._posterior(self._pixels((index, flip))[None])
                 self.disk.put(key, posterior[0])
         else:
-            posterior = self._posterior(image.pixels(view)[None])
+            posterior = self._posterior(pixels[None])
         # The unflipped draw keeps the stream of runs before flip_aug existed, so their files do not change.
         generator = torch_generator(self.seed, Stream.LATENTS, index, *((1,) if flip else ()))
         return sample_latents(self.base, posterior.to(self.base.vae.device), generator)[0].to(self.device)

@@ -1,51 +1,149 @@
-"""The trainer's fast path: regional `torch.compile` of the U-Net's repeated blocks, with a persistent cache.
+"""The trainer's fast path: the whole step (forward, backward, clip, optimizer) replayed as one CUDA graph per
+batch shape.
 
-A LoRA step on an SD U-Net is launch-bound: about 11,000 small kernels (LoRA matmuls, autocast casts,
-fp32 GroupNorm round trips) whose launch cost the host pays one by one. Compiling the repeated blocks
-(every `BasicTransformerBlock` and `ResnetBlock2D`, with their LoRA layers) lets inductor fuse the
-elementwise work around the matmuls, in forward and backward, into far fewer kernels. Compiling the blocks
-rather than the whole U-Net compiles each distinct block shape once (one graph serves every instance of a
-width) and takes a minute or two instead of many; new bucket shapes make dynamo mark the spatial sizes
-dynamic after the first recompile, so a bucketed dataset does not recompile per bucket.
+A LoRA step on an SD U-Net is launch-bound: about 11,000 small kernels (LoRA matmuls, autocast casts, fp32
+GroupNorm round trips), each launched by the host one by one, so at batch 8 the GPU waits on Python (measured
+on an H200: 8.8% MFU). A CUDA graph records the step's kernels once and replays them with one launch, which
+takes the host out of the step. This is PyTorch's "whole-network capture"
+(https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture), applied per batch shape because a
+graph replays fixed shapes and a bucketed dataset has a few:
 
-The compiled artifacts (inductor's FX graph and AOTAutograd caches, Triton kernels) go to
-`<data root>/cache/torch_compile`, so the second run of the same model and bucket shapes loads them instead
-of compiling. `module.compile()` compiles in place: parameter names, state dicts and the saved LoRA files
-are exactly those of the eager model.
+- the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
+  cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
+  and every later one replays, after its inputs are copied into the graph's static buffers;
+- the random inputs (noise, timesteps) are still drawn on the host from the step's own generator and copied in,
+  and the learning rate is a device tensor filled before each replay: a replayed step runs the eager step's
+  kernels on the same values;
+- all graphs share one memory pool (they never run at once, and each step's loss is copied out right after
+  its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
+- the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
+  AdamW8bit read values back to the host or keep host state, and gradient checkpointing recomputes under an RNG
+  state a capture cannot save, so those runs take the eager step (`Recipe.fast_path_blocker` says why).
 
-Status (measured on an H200, see benchmarks/RESULTS.md): the first SD 1.5 step did not finish compiling within
-140 s, because dynamo builds about 31 distinct block graphs for SD 1.5 (instances of one width do not all share
-a graph) and inductor compiles each for forward and backward. So the recipe option `fast_path` is off by
-default: it is worth turning on for long runs, and for repeated runs of one model and bucket set (the cache).
+Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
+eager steps' time (the eager one and the capture). On a CPU the same code runs with the graph replaced by
+calling the recorded step again (`CapturedStep`), so the static buffers, the copies and the per-shape bookkeeping
+are exercised by the CPU tests, and the result is byte-identical to the eager step there. (The learning rate stays
+a float on a CPU: torch's CPU AdamW takes a different, per-tensor code path for a tensor learning rate.)
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.resnet import ResnetBlock2D
 
-COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)
-# More distinct block shapes than dynamo's default of 8 recompiles per code object: SDXL has 2 transformer
-# widths and ~8 resnet variants, each compiled once static and once with dynamic spatial sizes.
-RECOMPILE_LIMIT = 64
+from lora_pipeline.core.training.loop import StepBatch, StepNoise, StepParts, update
 
 
-def use_compile_cache(cache_dir: Path) -> Path:
-    """Point inductor (and Triton) at `cache_dir` for this process; both read these variables when they compile."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
-    return cache_dir
+@dataclass
+class _Inputs:
+    """A step's tensors, as one flat record (the static buffers of a graph have the same layout)."""
+
+    latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None
+    time_ids: torch.Tensor | None
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: StepBatch, drawn: StepNoise) -> _Inputs:
+        return cls(batch.latents, batch.encoder_hidden_states, batch.text_embeds, batch.time_ids, drawn.noise,
+                   drawn.timesteps)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def key(self) -> tuple:
+        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in self.tensors())
+
+    def copy_from(self, other: _Inputs) -> None:
+        for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
+            if mine is not None:
+                mine.copy_(theirs, non_blocking=True)
+
+    def batch(self) -> tuple[StepBatch, StepNoise]:
+        return (StepBatch(self.latents, self.encoder_hidden_states, self.text_embeds, self.time_ids),
+                StepNoise(self.noise, self.timesteps))
 
 
-def compile_blocks(unet: torch.nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
-    """Compile every repeated block of `unet` in place; returns how many modules were compiled."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    blocks = [module for module in unet.modules() if isinstance(module, COMPILED_BLOCKS)]
-    for block in blocks:
-        block.compile(backend=backend, mode=mode)
-    return len(blocks)
+class CapturedStep:
+    """One recorded step: on CUDA a graph replayed with one launch, on a CPU the recorded call made again."""
+
+    def __init__(self, run: Callable[[], torch.Tensor], device: torch.device, pool: object | None):
+        self._run = run
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if device.type == "cuda":
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.loss = run()
+        else:
+            self.loss = run()  # executes the step: the call that recording stands for on a GPU
+            self._ran = True
+
+    def replay(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self._ran:
+            self._ran = False  # the recording call already took this step
+        else:
+            self.loss = self._run()
+        return self.loss.clone()
+
+
+class GraphedSteps:
+    """`update` for every step of a run, replayed from one captured graph per input shape (module docstring)."""
+
+    def __init__(self, parts: StepParts, device: torch.device):
+        self.parts, self.device = parts, device
+        self.eager_done: set[tuple] = set()
+        self.captured: dict[tuple, tuple[_Inputs, CapturedStep]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        group = parts.optimizer.param_groups[0]
+        self.lr = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+    def __call__(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+        inputs = _Inputs.of(batch, drawn)
+        key = inputs.key()
+        if key in self.captured:
+            static, step = self.captured[key]
+            static.copy_from(inputs)
+            self.lr.fill_(float(self.parts.optimizer.param_groups[0]["lr"]))
+            return step.replay()
+        if key not in self.eager_done:
+            self.eager_done.add(key)
+            return self._eager(batch, drawn)
+        static = _Inputs(*[None if t is None else t.clone() for t in inputs.tensors()])
+        step = self._capture(static)
+        self.captured[key] = (static, step)
+        return step.replay()
+
+    def _eager(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return update(self.parts, batch, drawn)
+        side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as PyTorch's capture recipe does
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            loss = update(self.parts, batch, drawn)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return loss
+
+    def _capture(self, static: _Inputs) -> CapturedStep:
+        """Record `update` on the static buffers; in a CUDA graph the optimizer reads its learning rate from
+        `self.lr`, which is filled before each replay (a float would be frozen into the graph)."""
+        group = self.parts.optimizer.param_groups[0]
+
+        def step() -> torch.Tensor:
+            if self.device.type != "cuda":  # no graph: the float the schedule wrote is read at every call
+                return update(self.parts, *static.batch())
+            host_lr = group["lr"]
+            group["lr"] = self.lr
+            try:
+                return update(self.parts, *static.batch())
+            finally:
+                group["lr"] = host_lr
+
+        self.lr.fill_(float(group["lr"]))
+        return CapturedStep(step, self.device, self.pool)

@@ -8,15 +8,17 @@ min-SNR-gamma weighting (`apply_snr_weight`), gradient-norm clipping at kohya's 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import AutocastKwargs
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.lr_scheduler import LRScheduler
 
 from lora_pipeline.core.models.loading import host_to_device
@@ -28,13 +30,19 @@ from lora_pipeline.core.training.optim import effective_lrs, step_lr
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 
 MAX_GRAD_NORM = 1.0  # kohya's --max_grad_norm default
+# Attention kernels the step may use: not cuDNN's, whose backward returns NaN for some shapes on Hopper GPUs
+# (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160); flash attention is as fast at the U-Net's shapes.
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def make_accelerator(device: torch.device, precision: str) -> Accelerator:
     """An Accelerator for one device: `precision` ("no" | "fp16" | "bf16") autocasts the prepared U-Net."""
     # accelerate keeps one process-wide state; a new run may use another precision than the previous one.
     AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    # No autocast weight cache: PyTorch requires it off when a step is captured as a CUDA graph (fastpath.py),
+    # and each LoRA weight is cast once per forward anyway.
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+                       kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
 
 
 @dataclass
@@ -60,22 +68,31 @@ def apply_snr_weight(
     return loss * (clipped / (snr + 1 if v_prediction else snr)).to(loss.device)
 
 
-def compute_loss(
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    batch: StepBatch,
-    generator: torch.Generator,
-    settings: NoiseSettings,
-) -> torch.Tensor:
-    """The denoising loss of one batch; all randomness drawn from `generator` (CPU) then moved."""
-    latents = batch.latents
+@dataclass
+class StepNoise:
+    """The random inputs of one step, on the latents' device: noise (latents' dtype) and timesteps."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def draw_noise(
+    latents: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, settings: NoiseSettings
+) -> StepNoise:
+    """Noise and timesteps drawn from `generator` (CPU, so a run is reproducible on any device), then moved."""
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator)
     if settings.noise_offset:
         noise = noise + settings.noise_offset * torch.randn((b, c, 1, 1), generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    noise = host_to_device(noise, latents.device).to(latents.dtype)
-    timesteps = host_to_device(timesteps, latents.device)
+    return StepNoise(host_to_device(noise, latents.device).to(latents.dtype), host_to_device(timesteps, latents.device))
+
+
+def denoising_loss(
+    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: StepBatch, drawn: StepNoise, settings: NoiseSettings
+) -> torch.Tensor:
+    """The loss of one batch from its drawn noise: device work only (no host sync), so it can be graph-captured."""
+    latents, noise, timesteps = batch.latents, drawn.noise, drawn.timesteps
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
@@ -87,6 +104,41 @@ def compute_loss(
     if settings.min_snr_gamma:
         loss = apply_snr_weight(loss, timesteps, scheduler, settings.min_snr_gamma, v_prediction)
     return loss.mean()
+
+
+def compute_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: StepBatch,
+    generator: torch.Generator,
+    settings: NoiseSettings,
+) -> torch.Tensor:
+    """The denoising loss of one batch; all randomness drawn from `generator` (CPU) then moved."""
+    return denoising_loss(unet, scheduler, batch, draw_noise(batch.latents, scheduler, generator, settings), settings)
+
+
+@dataclass
+class StepParts:
+    """What a step updates besides the batch: the (prepared) U-Net, its noise schedule and the optimizer."""
+
+    unet: torch.nn.Module
+    scheduler: DDPMScheduler
+    settings: NoiseSettings
+    accelerator: Accelerator
+    optimizer: torch.optim.Optimizer
+    params: Sequence[torch.nn.Parameter]
+
+
+def update(parts: StepParts, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+    """Forward, backward, clip and optimizer step; the learning-rate schedule is the caller's. Device work only:
+    the fast path captures exactly this as a CUDA graph (fastpath.py)."""
+    with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
+        loss = denoising_loss(parts.unet, parts.scheduler, batch, drawn, parts.settings)
+    parts.accelerator.backward(loss)
+    parts.accelerator.clip_grad_norm_(parts.params, MAX_GRAD_NORM)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def training_step(
@@ -102,41 +154,34 @@ def training_step(
     params: Sequence[torch.nn.Parameter],
 ) -> torch.Tensor:
     """Forward, backward, clip, optimizer and schedule step; returns the detached loss (no device sync)."""
-    with accelerator.autocast():
-        loss = compute_loss(unet, scheduler, batch, generator, settings)
-    accelerator.backward(loss)
-    accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-    optimizer.step()
+    parts = StepParts(unet, scheduler, settings, accelerator, optimizer, params)
+    loss = update(parts, batch, draw_noise(batch.latents, scheduler, generator, settings))
     lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 @dataclass
 class StepContext:
     """Everything an epoch needs besides its number; built once per run by the trainer."""
 
-    unet: torch.nn.Module
-    scheduler: DDPMScheduler
-    accelerator: Accelerator
-    optimizer: torch.optim.Optimizer
+    parts: StepParts
+    # `update` of the parts: eager, or the fast path's replayed graphs (fastpath.GraphedSteps)
+    update: Callable[[StepBatch, StepNoise], torch.Tensor]
     lr_scheduler: LRScheduler
-    params: list[torch.nn.Parameter]
     images: Sequence[TrainImage]
     latents: LatentSource
     text: TextSource
-    settings: NoiseSettings
     seed: int
     separator: str
     keep_tokens: int
     shuffle_caption: bool
     sdxl: bool
     dtype: torch.dtype  # of the text conditioning and time ids
-    fast_path: bool = False  # the U-Net's blocks are compiled (fastpath.py)
     caption_dropout: CaptionDropout = CaptionDropout()
     flip_aug: bool = False
     random_crop: bool = False
-    shapes_seen: set[tuple[int, ...]] = field(default_factory=set)
+    warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
+    shapes_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,7 +190,7 @@ class EpochStats:
     lrs: list[float]
     images: int
     seconds: float
-    # Wall time of the steps that met a new batch shape (compiling for it, when the fast path is on), and
+    # Wall time of the warm-up steps at each new batch shape (with the fast path: the eager step and the capture), and
     # the end of the run's first step (perf_counter), both measured with a device sync around those steps only.
     warmup_seconds: float = 0.0
     first_step_done: float | None = None
@@ -160,12 +205,13 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
     """Train one epoch; global steps are numbered from `first_step` (1-based).
 
     Losses and learning rates stay on the device until the epoch ends (one sync), so the host queues steps
-    ahead of the GPU; only the first step at a new batch shape is synchronised, to time its warm-up.
+    ahead of the GPU; only the warm-up steps at a new batch shape are synchronised, to time them.
     """
     losses: list[torch.Tensor] = []
     lrs: list[tuple[float, torch.Tensor | float]] = []
     images = 0
-    device = ctx.accelerator.device
+    parts = ctx.parts
+    device = parts.accelerator.device
     warmup, first_done = 0.0, None
     started = time.perf_counter()
     for offset, indices in enumerate(batches):
@@ -183,22 +229,20 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             text_embeds=text.pooled,
             time_ids=time_ids(picked, ctx.dtype, device, views) if ctx.sdxl else None,
         )
+        generator = torch_generator(ctx.seed, Stream.NOISE, step)
+        drawn = draw_noise(batch.latents, parts.scheduler, generator, parts.settings)
         shape = tuple(batch.latents.shape)
-        new_shape = shape not in ctx.shapes_seen
-        if new_shape:
+        seen = ctx.shapes_seen.get(shape, 0)
+        warming = seen < ctx.warmup_steps_per_shape
+        if warming:
             _sync(device)
             step_started = time.perf_counter()
-        losses.append(
-            training_step(
-                ctx.unet, ctx.scheduler, batch, torch_generator(ctx.seed, Stream.NOISE, step), ctx.settings,
-                accelerator=ctx.accelerator, optimizer=ctx.optimizer, lr_scheduler=ctx.lr_scheduler,
-                params=ctx.params,
-            )
-        )
-        lrs.append(step_lr(ctx.optimizer))
-        if new_shape:
+        losses.append(ctx.update(batch, drawn))
+        ctx.lr_scheduler.step()
+        lrs.append(step_lr(parts.optimizer))
+        ctx.shapes_seen[shape] = seen + 1
+        if warming:
             _sync(device)
-            ctx.shapes_seen.add(shape)
             warmup += time.perf_counter() - step_started
         if first_done is None:
             first_done = time.perf_counter()

@@ -30,7 +30,9 @@ def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], device:
         return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay, min_8bit_size=0)
     if recipe.optimizer == "AdamW":
         # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=device.type == "cuda")
+        # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
+        cuda = device.type == "cuda"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=cuda, capturable=cuda)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")  # parse_recipe only lets known names through
 
 

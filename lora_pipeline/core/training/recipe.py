@@ -27,6 +27,7 @@ SchedulerName = Literal["constant", "cosine", "linear", "constant_with_warmup"]
 Precision = Literal["no", "fp16", "bf16"]
 FAMILIES, OPTIMIZERS = get_args(Family), get_args(OptimizerName)
 SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
+GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 
 
@@ -90,8 +91,9 @@ class Recipe:
         0, ge=0, le=10_000, description="0: evaluate every saved epoch; N: an even subset of N epochs"
     )
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
-    fast_path: Bool = Field(
-        False, description="compile the U-Net's repeated blocks on a GPU (first run pays minutes of compilation)"
+    fast_path: Bool | None = Field(
+        None, description="replay each training step as a CUDA graph, one per batch shape (null: on a GPU when the "
+        "optimizer and settings allow it; true on a CPU runs the same code without graphs)",
     )
     # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
     caption_dropout_rate: Float = Field(
@@ -124,7 +126,18 @@ class Recipe:
             )
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ValueError("cache_latents_to_disk needs cache_latents: true")
+        if self.fast_path and self.fast_path_blocker():
+            raise ValueError(f"fast_path: true is impossible here: {self.fast_path_blocker()}")
         return self
+
+    def fast_path_blocker(self) -> str | None:
+        """None when the fast path's captured step can run this recipe; otherwise why the step stays eager."""
+        if self.optimizer not in GRAPH_SAFE_OPTIMIZERS:
+            return (f"{self.optimizer} reads values back to the host inside its step (the captured step needs "
+                    f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
+        if self.gradient_checkpointing:
+            return "gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture"
+        return None
 
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in: MLflow params and the recipe hash use this."""

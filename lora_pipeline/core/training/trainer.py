@@ -36,9 +36,9 @@ from lora_pipeline.core.training.caption_shuffle import CaptionDropout
 from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
-from lora_pipeline.core.training.fastpath import compile_blocks, use_compile_cache
+from lora_pipeline.core.training.fastpath import GraphedSteps
 from lora_pipeline.core.training.latent_cache import LatentDiskCache
-from lora_pipeline.core.training.loop import NoiseSettings, StepContext, make_accelerator, run_epoch
+from lora_pipeline.core.training.loop import NoiseSettings, StepContext, StepParts, make_accelerator, run_epoch, update
 from lora_pipeline.core.training.lora_file import (
     LoraProvenance,
     add_unet_lora,
@@ -79,11 +79,11 @@ class TrainResult:
     device: str
     mixed_precision: str  # what ran: the recipe's on CUDA, "no" on CPU
     validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
-    fast_path: bool  # the U-Net's blocks ran compiled (fastpath.py)
+    fast_path: bool  # steps were replayed as CUDA graphs (fastpath.py; on a CPU the same code without graphs)
     # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
-    # encoding inside them), shape_warmup (the first step at each new batch shape, part of training_steps; with
-    # the fast path, its compilation), saving; and time_to_first_step, from the call's start to the end of its
-    # first training step.
+    # encoding inside them), shape_warmup (the warm-up steps at each new batch shape, part of training_steps;
+    # with the fast path, the eager step and the capture), saving; and time_to_first_step, from the call's
+    # start to the end of its first training step.
     timings: dict[str, float]
     # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
     latent_cache: dict[str, int] = field(default_factory=dict)
@@ -232,10 +232,6 @@ def _build_context(run: _Run) -> StepContext:
     for encoder in base.text_encoders:
         encoder.to(device)
     run.times.add("load", time.perf_counter() - moving)
-    fast_path = recipe.fast_path
-    if fast_path:
-        use_compile_cache(run.root.cache / "torch_compile")
-        compile_blocks(unet)
     images = run.data.train
     dropout = CaptionDropout(recipe.caption_dropout_rate, recipe.caption_dropout_every_n_epochs,
                              recipe.caption_tag_dropout_rate)
@@ -262,20 +258,34 @@ def _build_context(run: _Run) -> StepContext:
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
+    parts = StepParts(unet, base.noise_scheduler, NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma),
+                      accelerator, optimizer, params)
+    fast_path = _use_fast_path(recipe, device, run.log)
     return StepContext(
-        unet=unet, scheduler=base.noise_scheduler, accelerator=accelerator, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, params=params, images=images, latents=latents, text=text,
-        settings=NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma), seed=recipe.seed,
+        parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
+        lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
         separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
-        sdxl=recipe.model_family == "sdxl", dtype=dtype, fast_path=fast_path, caption_dropout=dropout,
-        flip_aug=recipe.flip_aug, random_crop=recipe.random_crop,
+        sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=recipe.flip_aug,
+        random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
     )
+
+
+def _use_fast_path(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> bool:
+    """The recipe's `fast_path`, or by default: on on CUDA when the recipe allows it (saying so when not)."""
+    if recipe.fast_path is not None:
+        return recipe.fast_path  # true was refused at parsing where it cannot work
+    if device.type != "cuda":
+        return False
+    blocker = recipe.fast_path_blocker()
+    if blocker:
+        log(f"fast path off: {blocker}")
+    return blocker is None
 
 
 def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
                 total: int, per_epoch: int) -> tuple[Path, str]:
     recipe = run.recipe
-    unet = ctx.accelerator.unwrap_model(ctx.unet)
+    unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
         recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=total,
         num_train_images=run.data.num_train_images, num_batches_per_epoch=per_epoch,
@@ -317,13 +327,13 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
             path, sha = _save_epoch(run, ctx, provenance, epoch, global_step, total, per_epoch)
             saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
                           "sha256": sha})
-            unet = ctx.accelerator.unwrap_model(ctx.unet)
+            unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
             save_state(run.out_dir, ResumeState(
                 key=run.key,
                 epoch=epoch, global_step=global_step, started_at=run.started_at, provenance=asdict(provenance),
                 saved=saved, losses=losses, lrs=lrs,
                 lora={n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad},
-                optimizer=ctx.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
+                optimizer=ctx.parts.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
             ))
         if tracker is not None:
             tracker.log_steps(losses, lrs)
@@ -350,7 +360,8 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         resumed_from_epoch=start, steps_per_epoch=per_epoch, total_steps=total,
         mlflow_run_id=provenance.mlflow_run_id, loss_curve=curve, device=str(run.device),
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
-        fast_path=ctx.fast_path, timings=timings, latent_cache=ctx.latents.stats.as_dict(), warnings=warnings,
+        fast_path=isinstance(ctx.update, GraphedSteps), timings=timings, latent_cache=ctx.latents.stats.as_dict(),
+        warnings=warnings,
     )
 
 
