@@ -91,9 +91,9 @@ class Recipe:
         0, ge=0, le=10_000, description="0: evaluate every saved epoch; N: an even subset of N epochs"
     )
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
-    fast_path: Bool | None = Field(
-        None, description="replay each training step as a CUDA graph, one per batch shape (null: on a GPU when the "
-        "optimizer and settings allow it; true on a CPU runs the same code without graphs)",
+    fast_path: Bool = Field(
+        False, description="replay each training step as a CUDA graph, one per batch shape (DAdaptAdamW or AdamW, "
+        "no gradient checkpointing; on a CPU the same code without graphs)",
     )
     # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
     caption_dropout_rate: Float = Field(

@@ -260,7 +260,7 @@ def _build_context(run: _Run) -> StepContext:
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma),
                       accelerator, optimizer, params)
-    fast_path = _use_fast_path(recipe, device, run.log)
+    fast_path = recipe.fast_path  # where it cannot work, parsing the recipe refused it
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
@@ -268,18 +268,6 @@ def _build_context(run: _Run) -> StepContext:
         sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=recipe.flip_aug,
         random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
     )
-
-
-def _use_fast_path(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> bool:
-    """The recipe's `fast_path`, or by default: on on CUDA when the recipe allows it (saying so when not)."""
-    if recipe.fast_path is not None:
-        return recipe.fast_path  # true was refused at parsing where it cannot work
-    if device.type != "cuda":
-        return False
-    blocker = recipe.fast_path_blocker()
-    if blocker:
-        log(f"fast path off: {blocker}")
-    return blocker is None
 
 
 def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
