@@ -23,14 +23,17 @@ graph replays fixed shapes and a bucketed dataset has a few:
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
 
-Status (H200, benchmarks/RESULTS.md): 1.6-2.0x the eager step at SD 1.5 batch 8 and 1.8-2.1x at SDXL batch 4,
-nothing at SD 1.5 batch 32 (there the GPU, not the host, is the limit). It stays an opt-in recipe option
-(`fast_path: true`), not the CUDA default, because in two of three 200-step runs on a fixed batch it reached a
-non-finite loss near step 190, which four eager runs never did; the cause is not found yet (the autocast weight
-cache, which PyTorch asks to be off under capture, was turned off after those runs and is not yet measured). On a CPU the same code runs with the graph replaced by
-calling the recorded step again (`CapturedStep`), so the static buffers, the copies and the per-shape bookkeeping
-are exercised by the CPU tests, and the result is byte-identical to the eager step there. (The learning rate stays
-a float on a CPU: torch's CPU AdamW takes a different, per-tensor code path for a tensor learning rate.)
+Status (H200, benchmarks/RESULTS.md): 1.6-2.0x the diffusers-example-style reference step at SD 1.5 batch 8 and
+2.1-2.6x at SDXL batch 4, nothing at SD 1.5 batch 32 (there the GPU, not the host, is the limit). It is an opt-in,
+experimental recipe option (`fast_path: true`), not the CUDA default: over 200 steps on a fixed batch its losses
+drift from the eager step's by more than two eager runs differ from each other, and two of three runs reached a
+non-finite loss near step 190, which four eager runs never did. The cause is not found yet (the autocast weight
+cache, which PyTorch asks to be off under capture, was turned off after those runs and is not yet measured).
+
+On a CPU the same code runs with the graph replaced by calling the recorded step again (`CapturedStep`), so the
+static buffers, the copies and the per-shape bookkeeping are exercised by the CPU tests, and the result is
+byte-identical to the eager step there. (The learning rate stays a float on a CPU: torch's CPU AdamW takes a
+different, per-tensor code path for a tensor learning rate.)
 """
 
 from __future__ import annotations

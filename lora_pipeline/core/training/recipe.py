@@ -92,8 +92,8 @@ class Recipe:
     )
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
     fast_path: Bool = Field(
-        False, description="replay each training step as a CUDA graph, one per batch shape (DAdaptAdamW or AdamW, "
-        "no gradient checkpointing; on a CPU the same code without graphs)",
+        False, description="experimental: replay each training step as a CUDA graph, one per batch shape (DAdaptAdamW "
+        "or AdamW, no gradient checkpointing; on GPUs its losses drift from the eager step, see benchmarks/RESULTS.md)",
     )
     # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
     caption_dropout_rate: Float = Field(
