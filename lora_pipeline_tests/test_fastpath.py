@@ -75,7 +75,9 @@ def test_fast_path_is_refused_where_a_step_cannot_be_captured(tmp_path, override
     assert tiny_recipe(**override).fast_path_blocker()
 
 
-def test_the_recipe_hash_does_not_depend_on_how_steps_are_launched():
+def test_the_recipe_hash_counts_the_fast_path_only_when_on():
+    # On a GPU the captured step's losses drift from the eager step's (benchmarks/RESULTS.md), so a run may not
+    # resume with it switched; recipes without it keep the hash they had before it existed.
     recipe = tiny_recipe()
-    assert recipe.fast_path is False
-    assert replace(recipe, fast_path=True).sha256 == replace(recipe, fast_path=False).sha256 == recipe.sha256
+    assert recipe.fast_path is False and replace(recipe, fast_path=False).sha256 == recipe.sha256
+    assert replace(recipe, fast_path=True).sha256 != recipe.sha256
