@@ -241,7 +241,8 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     }, text=text)
 
 
-DEMO_VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
+DEMO_VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",
+                 "hardware-masked-reg-v1"]
 DEMO_TRAIN_VERSION = "hardware-design-aesthetic-v2"
 DEMO_RECIPE = "demo-tiny"
 

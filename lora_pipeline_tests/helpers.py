@@ -151,12 +151,12 @@ def tiny_recipe(**overrides: Any) -> Recipe:
     return Recipe(**{**TINY, **overrides})
 
 
-def train(root, recipe: Recipe, out: str, **kwargs: Any):
-    """train_lora on the conftest `train_snapshot` version on the CPU: (result, progress lines)."""
+def train(root, recipe: Recipe, out: str, version: str = "train-v1", **kwargs: Any):
+    """train_lora on the conftest `train_snapshot` version (or `version`) on the CPU: (result, progress lines)."""
     from lora_pipeline.core.training.trainer import train_lora
 
     lines: list[str] = []
     kwargs.setdefault("log", lines.append)
-    result = train_lora(root, "train-v1", recipe, out_dir=root.root / out, provenance=PROVENANCE,
+    result = train_lora(root, version, recipe, out_dir=root.root / out, provenance=PROVENANCE,
                         started_at=STARTED_AT, device="cpu", **kwargs)
     return result, lines

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +21,8 @@ from lora_pipeline.defs.metadata import problems_metadata
 from lora_pipeline_tests.helpers import make_read_only, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
-VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
+VERSIONS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",
+            "hardware-masked-reg-v1"]
 
 
 def test_definitions_validate(tmp_path):
@@ -66,6 +68,11 @@ def test_build_every_sample_version_with_read_only_sources(sample_root):
     v2_rows = [r for r in read_manifest(sample_root.dataset(VERSIONS[1])) if r["kind"] == "image"]
     assert v1 <= {r["sha256"] for r in v2_rows}
     assert {r.get("source_dataset") for r in v2_rows} >= {VERSIONS[0]}
+    # the masked close-ups carry their masks; the class images sit in kohya's reg/<repeats>_<class>/
+    kinds = Counter(r["kind"] for r in read_manifest(sample_root.dataset(VERSIONS[3])))
+    assert kinds == {"image": 11, "caption": 11, "mask": 3, "reg_image": 3, "reg_caption": 3}
+    counts = read_json(sample_root.dataset(VERSIONS[3]) / "report.json")["counts"]
+    assert (counts["masked_images"], counts["regularisation_by_folder"]) == (3, {"reg/1_appliance": 3})
 
 
 def test_rebuild_is_a_noop_and_changed_spec_is_refused(sample_root):

@@ -20,8 +20,10 @@ from lora_pipeline.core.training.recipe import load_recipe
 
 SCRIPT = REPO_ROOT / "scripts" / "make_sample_data.py"
 DATA = DataRoot(REPO_ROOT / "data")
-BATCHES = ["curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-2026-11"]
-SPECS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1"]
+BATCHES = ["curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-2026-11", "masked-closeups-2026-12",
+           "class-images-2026-12"]
+SPECS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",
+         "hardware-masked-reg-v1"]
 RECIPES = ["demo-tiny", "demo-tiny-sdxl", "style-sd15", "style-sdxl"]
 IMAGE_SUFFIXES = {".png", ".jpg"}
 
@@ -41,7 +43,7 @@ def tree(root: Path, decode_images: bool = False) -> dict[str, str]:
 
 
 def images(batch: str) -> list[Path]:
-    return sorted(p for p in DATA.batch(batch).iterdir() if p.suffix in IMAGE_SUFFIXES)
+    return sorted(p for p in DATA.batch(batch).iterdir() if p.suffix in IMAGE_SUFFIXES and ".mask" not in p.name)
 
 
 def spec(name: str) -> DatasetSpec:
@@ -56,7 +58,7 @@ def attribute_rows() -> list[dict[str, str]]:
 def all_captions() -> dict[str, str]:
     """Image file name -> caption, as each batch's spec would caption it (sidecar or attributes template)."""
     captions = {}
-    for batch in ("curated-2026-10", "promoted-candidates-2026-11"):
+    for batch in ("curated-2026-10", "promoted-candidates-2026-11", "masked-closeups-2026-12"):
         for image in images(batch):
             captions[image.name] = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
     v2 = spec("hardware-design-aesthetic-v2")
@@ -114,7 +116,8 @@ def test_batches_are_ready_small_and_big_enough() -> None:
     total = sum(p.stat().st_size for p in DATA.sources.rglob("*") if p.is_file())
     assert total <= 6 * 1024 * 1024, f"data/sources holds {total} bytes"
     counts = {batch: len(images(batch)) for batch in BATCHES}
-    assert counts == {"curated-2026-10": 8, "turntable-renders-2026-11": 12, "promoted-candidates-2026-11": 6}
+    assert counts == {"curated-2026-10": 8, "turntable-renders-2026-11": 12, "promoted-candidates-2026-11": 6,
+                      "masked-closeups-2026-12": 3, "class-images-2026-12": 3}
     checks = spec("hardware-design-aesthetic-v1").checks
     for batch in BATCHES:
         for image in images(batch):
@@ -127,10 +130,13 @@ def test_batches_are_ready_small_and_big_enough() -> None:
 
 
 def test_every_image_has_exactly_one_caption_source() -> None:
-    for batch in ("curated-2026-10", "promoted-candidates-2026-11"):
+    for batch in ("curated-2026-10", "promoted-candidates-2026-11", "masked-closeups-2026-12"):
         stems = {p.stem for p in images(batch)}
         sidecars = {p.stem for p in DATA.batch(batch).glob("*.txt")}
         assert stems == sidecars, batch
+    masks = {p.name.removesuffix(".mask.png") for p in DATA.batch("masked-closeups-2026-12").glob("*.mask.png")}
+    assert masks == {p.stem for p in images("masked-closeups-2026-12")}
+    assert not list(DATA.batch("class-images-2026-12").glob("*.txt"))  # class images take their class_tokens
     rows = attribute_rows()
     assert list(rows[0]) == ["file", "view", "color", "finish", "top", "screen", "buttons", "background"]
     assert sorted(r["file"] for r in rows) == [p.name for p in images("turntable-renders-2026-11")]
@@ -162,7 +168,10 @@ def test_no_two_images_are_near_duplicates() -> None:
 
 def test_specs_load_and_reference_what_exists() -> None:
     assert set(SPECS) <= set(DATA.spec_versions())
-    v1, v2, merged = (spec(n) for n in SPECS)
+    v1, v2, merged, masked = (spec(n) for n in SPECS)
+    assert [(s.name, s.masks, s.role, s.class_tokens) for s in masked.sources] == [
+        ("curated-2026-10", "none", "training", None), ("masked-closeups-2026-12", "file", "training", None),
+        ("class-images-2026-12", "none", "regularisation", "appliance")]
     assert [(s.kind, s.name) for s in v1.sources] == [("batch", "curated-2026-10")]
     assert [(s.kind, s.name, s.include) for s in v2.sources] == [
         ("dataset", v1.name, ()), ("batch", "turntable-renders-2026-11", ("*.png",))]
@@ -172,7 +181,7 @@ def test_specs_load_and_reference_what_exists() -> None:
     assert (v1.captions.source, v2.captions.source, merged.captions.source) == ("sidecar", "attributes", "sidecar")
     fields = set(re.findall(r"{(\w+)}", v2.captions.template))
     assert fields - {"trigger"} <= set(attribute_rows()[0])
-    for s in (v1, v2, merged):
+    for s in (v1, v2, merged, masked):
         assert s.trigger == "hdaesth" and s.repeats == 10
         assert set(s.captions.banned) == {"appliance", "product", "coffee machine"}
         assert (s.checks.min_side, s.checks.max_aspect, s.checks.near_duplicates) == (512, 2.5, "warn")

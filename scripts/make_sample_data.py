@@ -10,6 +10,11 @@ separate handoffs that are never edited, and every dataset version copies from t
                                   -> hardware-design-aesthetic-v2 (v1 plus these, captions built from attributes)
     promoted-candidates-2026-11/  6 generated candidates (JPEG) promoted after review, with sidecars
                                   -> hardware-promoted-merge-v1 (a deliberate merge)
+    masked-closeups-2026-12/      3 close-ups, each with sidecar and `<stem>.mask.png` (white on
+                                  the object: the loss counts only the object)
+    class-images-2026-12/         3 plain class images (regularisation), no captions
+                                  -> hardware-masked-reg-v1 (v1's batch, the close-ups with masks: file, and the
+                                  class images with role: regularisation)
 
 What it draws: a rounded body (an elliptic cylinder with rounded shoulders, a seam around it and a grip on
 one side) on a plain studio background with a soft floor shadow. On its top deck sit a screen (round or wide,
@@ -276,10 +281,24 @@ def backdrop(cam: Camera, shot: Shot, light: Vec) -> Arr:
     return image * (F32(1) - soft - contact)[..., None]
 
 
+def key_light(cam: Camera, shot: Shot) -> Vec:
+    return _unit(*(0.45 * shot.key * cam.right[k] + 0.8 * cam.up[k] - 0.5 * cam.d[k] for k in range(3)))
+
+
+def object_mask(shot: Shot, image: Image.Image) -> Image.Image:
+    """The loss mask of a rendered shot: white where the object is (the picture differs from its bare
+    backdrop, floor shadow included in the backdrop), black elsewhere."""
+    cam = Camera.for_shot(shot)
+    bare = np.clip(backdrop(cam, shot, key_light(cam, shot)) * F32(255) + F32(0.5), 0, 255).astype(np.uint8)
+    background = np.asarray(Image.fromarray(bare, "RGB").reduce(SS), dtype=np.int16)
+    diff = np.abs(np.asarray(image, dtype=np.int16) - background).max(axis=2)
+    return Image.fromarray(np.where(diff > 8, 255, 0).astype(np.uint8), "L")
+
+
 def render(shot: Shot) -> Image.Image:
     cam = Camera.for_shot(shot)
     d = cam.d
-    light = _unit(*(0.45 * shot.key * cam.right[k] + 0.8 * cam.up[k] - 0.5 * d[k] for k in range(3)))
+    light = key_light(cam, shot)
     half_vec = _unit(*(light[k] - d[k] for k in range(3)))
     image = backdrop(cam, shot, light)
     solids = parts(shot.top)
@@ -425,11 +444,29 @@ PROMOTED = [
     Shot("cand-0194.jpg", "front view", "slate blue", "matte", "flat lid", "lit round screen", 2,
          "mist green", (576, 576), zoom=1.25, shift=-0.2, key=1),
 ]
+MASKED = [  # close-ups, each with a loss mask of the object (masks: file)
+    Shot("close-01-teal.png", "three-quarter view", "teal", "glossy", "flat lid", "lit wide screen", 3,
+         "blush", (512, 512), zoom=1.6, shift=0.3, key=1),
+    Shot("close-02-mustard.png", "top view", "mustard yellow", "matte", "transparent reservoir", "dark round screen",
+         2, "mist green", (512, 512), zoom=1.45, shift=-0.3, mirror=True),
+    Shot("close-03-charcoal.png", "side view", "charcoal gray", "matte", "dome lid", "lit wide screen", 3,
+         "pale blue", (512, 512), zoom=1.7, shift=0.4, key=1),
+]
+REGULARISATION = [  # class images (role: regularisation): the plain class, captioned by its class_tokens
+    Shot("class-01.png", "front view", "cream white", "matte", "flat lid", "dark round screen", 2,
+         "studio gray", (512, 512), zoom=0.7, shift=0.5),
+    Shot("class-02.png", "top view", "charcoal gray", "matte", "flat lid", "dark wide screen", 2,
+         "studio gray", (512, 512), zoom=0.9, shift=-0.5, key=1),
+    Shot("class-03.png", "side view", "slate blue", "matte", "dome lid", "dark round screen", 2,
+         "studio gray", (512, 512), zoom=0.7, shift=0.5, key=-1),
+]
 ATTRIBUTE_COLUMNS = ["file", "view", "color", "finish", "top", "screen", "buttons", "background"]
-BATCHES: dict[str, tuple[list[Shot], str]] = {  # batch -> (shots, how captions travel)
+BATCHES: dict[str, tuple[list[Shot], str]] = {  # batch -> (shots, what travels with the images)
     "curated-2026-10": (CURATED, "sidecar"),
     "turntable-renders-2026-11": (TURNTABLE, "attributes"),
     "promoted-candidates-2026-11": (PROMOTED, "sidecar"),
+    "masked-closeups-2026-12": (MASKED, "sidecar+masks"),
+    "class-images-2026-12": (REGULARISATION, "none"),
 }
 
 
@@ -457,9 +494,12 @@ def write_batch(sources: Path, batch: str, shots: list[Shot], captions: str) -> 
     shutil.rmtree(staging, ignore_errors=True)  # our own leftover from an interrupted run
     staging.mkdir(parents=True)
     for shot in shots:
-        (staging / shot.file).write_bytes(encode(render(shot), Path(shot.file).suffix))
-        if captions == "sidecar":
+        image = render(shot)
+        (staging / shot.file).write_bytes(encode(image, Path(shot.file).suffix))
+        if captions.startswith("sidecar"):
             (staging / shot.file).with_suffix(".txt").write_text(shot.caption + "\n", encoding="utf-8")
+        if captions.endswith("+masks"):
+            (staging / shot.file).with_suffix(".mask.png").write_bytes(encode(object_mask(shot, image), ".png"))
     if captions == "attributes":
         (staging / "attributes.csv").write_text(attributes_csv(shots), encoding="utf-8")
     if final.exists():  # --force: unmark the old batch first, so nothing reads it as ready while it goes

@@ -1,7 +1,8 @@
 """contact_sheet.png: every image as training sees it, with its file name, caption and problems.
 
 A person scans it for the visual/caption fit that no check can judge. Problem images are outlined
-(red = error, orange = warning) with their problem codes; undecodable files get a placeholder cell.
+(red = error, orange = warning) with their problem codes; a loss mask's edge is drawn in light blue;
+undecodable files get a placeholder cell.
 Beyond `max_images`, images with problems are shown first and the rest is counted as "+N more".
 The output depends only on the inputs (no timestamps), so the same snapshot gives the same bytes.
 """
@@ -14,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from lora_pipeline.core.datasets.images import THUMBNAIL, thumbnail
 from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.datasets.masks import ALPHA, load_mask
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.validation import ValidationResult, source_label
 from lora_pipeline.core.fileio import atomic_write_bytes
@@ -39,6 +41,7 @@ MAX_IMAGES = 200
 PNG_LEVEL = 1
 DECODE_THREADS = 2
 COLOURS = {"error": (214, 39, 40), "warning": (245, 140, 0)}
+MASK_COLOUR = (0, 190, 255)  # the outline of an image's loss mask
 TEXT, MUTED, BOX = (20, 20, 20), (120, 120, 120), (236, 236, 236)
 
 
@@ -50,6 +53,8 @@ class SheetItem:
     problems: tuple[Problem, ...]
     size: tuple[int, int] | None = None  # as training sees it (after EXIF orientation)
     thumbnail: Image.Image | None = None  # from the validation decode; else `file` is decoded again
+    mask: Path | None = None  # the loss mask's file (the image itself for an alpha mask)
+    mask_alpha: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ def select_items(
             problems=tuple(attached.get(p, ())),
             size=(info.width, info.height) if (info := result.infos[p]).width and info.height else None,
             thumbnail=result.thumbnails.get(p) if info.decoded else None,
+            mask=snapshot_dir / (p if result.masks[p] == ALPHA else result.masks[p]) if p in result.masks else None,
+            mask_alpha=result.masks.get(p) == ALPHA,
         )
         for p in paths
         if p in chosen
@@ -183,7 +190,11 @@ def _draw_cell(
         draw.text((bx + (CELL - font.getlength(label)) / 2, by + CELL / 2 - LINE), label, fill=TEXT, font=font)
     else:
         thumb = item.thumbnail if item.thumbnail is not None else thumbnail(item.file)
-        sheet.paste(thumb, (bx + (CELL - thumb.width) // 2, by + (CELL - thumb.height) // 2))
+        at = (bx + (CELL - thumb.width) // 2, by + (CELL - thumb.height) // 2)
+        sheet.paste(thumb, at)
+        outline = _mask_outline(item, thumb.size)
+        if outline is not None:
+            sheet.paste(Image.new("RGB", thumb.size, MASK_COLOUR), at, outline)
     ty = by + CELL + PAD
     dims = f" {item.size[0]}x{item.size[1]}" if item.size else ""
     draw.text((bx + CELL - font.getlength(dims), ty), dims, fill=MUTED, font=font)
@@ -202,6 +213,19 @@ def _draw_cell(
         draw.text((bx, ty + n * LINE), line, fill=colour, font=font)
 
 
+def _mask_outline(item: SheetItem, size: tuple[int, int]) -> Image.Image | None:
+    """Where the loss mask's edge (grey level 128) runs on a thumbnail of `size`, 2 px wide; None without a
+    usable mask (validation reports why)."""
+    if item.mask is None:
+        return None
+    try:
+        grey = load_mask(item.mask, item.mask_alpha)
+    except (OSError, ValueError):
+        return None
+    binary = grey.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= 128 else 0)
+    return binary.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.MaxFilter(3))
+
+
 def write_contact_sheet(
     path: Path, snapshot_dir: Path, result: ValidationResult, captions: Mapping[str, str], max_images: int = MAX_IMAGES
 ) -> ContactSheet:
@@ -211,7 +235,7 @@ def write_contact_sheet(
     errors, warnings = result.counts["problems"]["error"], result.counts["problems"]["warning"]
     title = (
         f"{result.version}: {total} images, {errors} errors, {warnings} warnings; showing {len(items)}. "
-        "Outline: red = error, orange = warning"
+        "Outline: red = error, orange = warning" + ("; light blue line: loss mask edge" if result.masks else "")
     )
     buffer = io.BytesIO()
     # zlib level 1: a photo sheet compresses about as well as at the default level 6 (~15% larger), 3-4x faster

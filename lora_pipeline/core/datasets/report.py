@@ -139,6 +139,7 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
     ]
     rows = [[k.replace("_", " "), v] for k, v in counts.items() if isinstance(v, int)]
     rows += [[f"from {source}", n] for source, n in counts["by_source"].items()]
+    rows += [[f"regularisation in {folder}", n] for folder, n in counts.get("regularisation_by_folder", {}).items()]
     out += [*_table(["", "count"], rows, "lr"), ""]
 
     problems = data["problems"]
@@ -182,7 +183,8 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
         "## Contact sheet",
         "",
         f"`{CONTACT_SHEET}` in the snapshot folder shows {shown} of {counts['images']} images as training sees "
-        "them, with file names and captions; problem images are outlined (red = error, orange = warning).",
+        "them, with file names and captions; problem images are outlined (red = error, orange = warning), and a "
+        "loss mask's edge is drawn in light blue.",
         "",
     ]
     return "\n".join(out)

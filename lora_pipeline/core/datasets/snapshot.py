@@ -37,6 +37,7 @@ from lora_pipeline.core.datasets.captions import locate_table
 from lora_pipeline.core.datasets.copying import fsync_dir
 from lora_pipeline.core.datasets.hashcache import ImageSize
 from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info, write_manifest
+from lora_pipeline.core.datasets.masks import ALPHA, is_mask
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.seal import read_seal
 from lora_pipeline.core.datasets.snapshot_copy import (
@@ -46,6 +47,13 @@ from lora_pipeline.core.datasets.snapshot_copy import (
     current_hashes,
     known_hashes,
     record_hashes,
+)
+from lora_pipeline.core.datasets.snapshot_extras import (
+    add_extras,
+    current_mask_hashes,
+    mask_fingerprint_rows,
+    pair_masks,
+    with_mask,
 )
 from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
 from lora_pipeline.core.datasets.sources import expand_sources, is_image, scan_batch
@@ -58,6 +66,7 @@ from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
+IMAGE_KINDS = ("image", "reg_image")
 ORIGIN_KEYS = ("origin_batch", "origin_path", "origin_sha256")
 
 
@@ -114,12 +123,16 @@ def _batch_files(root: DataRoot, spec: DatasetSpec, ref: SourceRef) -> tuple[lis
     scan = scan_batch(root, ref.name)
     problems = list(scan.problems)
     table = _table_in_batch(spec.captions.table, ref.name)
+    scope = f"batch:{ref.name}"
+    masks, mask_problems = pair_masks(scan.files, ref.masks == "file", scope)
+    problems += mask_problems
+    reg = ref.role == "regularisation"
     files = []
     for f in scan.files:
-        if not _selected(f.path, ref):
+        if is_mask(f.path) or not _selected(f.path, ref):
             continue
         if is_image(f.path):
-            files.append(
+            planned, missing = with_mask(
                 PlannedFile(
                     dest="",
                     src=f.abs,
@@ -129,8 +142,13 @@ def _batch_files(root: DataRoot, spec: DatasetSpec, ref: SourceRef) -> tuple[lis
                     source_path=f.path,
                     source_sha256=None,
                     origin=None,
-                )
+                    folder=ref.reg_folder if reg else f"img/{spec.class_folder}",
+                    class_tokens=ref.class_tokens if reg else None,
+                ),
+                ref.masks, masks, scope,
             )
+            files.append(planned)
+            problems += missing
         elif not (f.path.lower().endswith(".txt") or f.path == table):
             ext = posixpath.splitext(f.path)[1] or "no extension"
             problems.append(
@@ -154,7 +172,9 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
             f"complete it first (lora-pipeline build {ref.name})",
             spec_path,
         )
-    rows = sorted((r for r in read_manifest(snap) if r["kind"] == "image"), key=lambda r: r["path"])
+    manifest = read_manifest(snap)
+    masks = {r["path"]: r for r in manifest if r["kind"] == "mask"}
+    rows = sorted((r for r in manifest if r["kind"] == "image"), key=lambda r: r["path"])
     return [
         PlannedFile(
             dest="",
@@ -166,6 +186,10 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
             source_sha256=r["sha256"],
             origin={k: r[k] for k in ORIGIN_KEYS},
             size=ImageSize(*(r[k] for k in ImageSize._fields)) if "stored_width" in r else None,
+            mask="none" if "mask" not in r else ALPHA if r["mask"] == ALPHA else "file",
+            mask_src=snap / r["mask"] if r.get("mask") in masks else None,
+            mask_source_path=r["mask"] if r.get("mask") in masks else None,
+            mask_sha256=masks[r["mask"]]["sha256"] if r.get("mask") in masks else None,
         )
         for r in rows
         if _selected(r["path"], ref)
@@ -175,17 +199,17 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
 def _assign_names(files: list[PlannedFile], spec: DatasetSpec) -> tuple[list[PlannedFile], list[Problem]]:
     """Flatten into the class folder with unique stems (case-insensitive, so `a.png`/`A.jpg` cannot share
     `a.txt`); on a collision the file later in spec order becomes `<stem>__<source>[-N].<ext>`."""
-    folder = f"img/{spec.class_folder}"
-    taken: set[str] = set()
+    taken: set[str] = set()  # "<folder>/<lower-case stem>"
     named, problems = [], []
     for f in files:
+        folder = f.folder or f"img/{spec.class_folder}"
         base = posixpath.basename(f.source_path)
         stem, ext = posixpath.splitext(base)
         name, renamed = base, None
-        if stem.lower() in taken:
+        if f"{folder}/{stem.lower()}" in taken:
             stem = f"{stem}__{f.source_name}"
             name, n = stem + ext, 2
-            while posixpath.splitext(name)[0].lower() in taken:
+            while f"{folder}/{posixpath.splitext(name)[0].lower()}" in taken:
                 name, n = f"{stem}-{n}{ext}", n + 1
             renamed = base
             problems.append(
@@ -198,8 +222,8 @@ def _assign_names(files: list[PlannedFile], spec: DatasetSpec) -> tuple[list[Pla
                     f"dataset:{spec.name}",
                 )
             )
-        taken.add(posixpath.splitext(name)[0].lower())
-        named.append(replace(f, dest=f"{folder}/{name}", renamed_from=renamed))
+        taken.add(f"{folder}/{posixpath.splitext(name)[0].lower()}")
+        named.append(replace(f, dest=f"{folder}/{name}", folder=folder, renamed_from=renamed))
     return named, problems
 
 
@@ -230,12 +254,14 @@ def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
 
 
 def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tuple[list[dict[str, str]], str]:
-    """Per-source Merkle roots and one root over every planned file's identity (source/path) and bytes."""
+    """Per-source Merkle roots and one root over every planned file's identity (source/path) and bytes, and
+    over the planned masks (a changed mask is a changed source)."""
     per_source: dict[tuple[str, str], list[dict[str, Any]]] = {(r.kind, r.name): [] for r in plan.sources}
     overall = []
     for f, sha, size in zip(plan.files, shas, sizes, strict=True):
         per_source[(f.source_kind, f.source_name)].append({"path": f.source_path, "sha256": sha, "bytes": size})
         overall.append({"path": f"{f.source_kind}:{f.source_name}/{f.source_path}", "sha256": sha, "bytes": size})
+    overall += mask_fingerprint_rows(plan.files, current_mask_hashes(plan.files))
     sources = [{"kind": k, "name": n, "fingerprint": merkle_root(rows)} for (k, n), rows in per_source.items()]
     return sources, merkle_root(overall)
 
@@ -269,7 +295,7 @@ def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -
         dir=target,
         manifest_root=info["manifest_root"],
         image_root=info["image_root"],
-        rows=[r for r in read_manifest(target) if r["kind"] == "image"],
+        rows=[r for r in read_manifest(target) if r["kind"] in IMAGE_KINDS],
         created=False,
         problems=info["problems"],
         copy_methods={},
@@ -305,12 +331,14 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         plan = plan_snapshot(root, spec)
         remove_abandoned(root.datasets)
         with staging_folder(root.datasets, version) as staging:
-            (staging / "img" / spec.class_folder).mkdir(parents=True)
+            for folder in sorted({"img/" + spec.class_folder, *(f.folder for f in plan.files)}):
+                (staging / folder).mkdir(parents=True, exist_ok=True)
             done = _copy_all(plan, known_hashes(root, plan), staging)
             rows = [row for row, _, _ in done]
             methods = Counter(copied.method for _, copied, _ in done)
-            image_root = write_manifest(staging, rows)
             sources, fingerprint = _fingerprints(plan, [r["sha256"] for r in rows], [r["bytes"] for r in rows])
+            extra = add_extras(plan.files, rows, staging)
+            image_root = write_manifest(staging, rows + extra)
             info = {
                 "version": version,
                 "spec": spec.resolved(),
@@ -334,7 +362,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         dir=target,
         manifest_root=image_root,
         image_root=image_root,
-        rows=sorted(rows, key=lambda r: r["path"]),
+        rows=sorted(rows, key=lambda r: r["path"]),  # images and regularisation images
         created=True,
         problems=plan.problems,
         copy_methods=dict(methods),

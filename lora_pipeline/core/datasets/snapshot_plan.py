@@ -54,6 +54,16 @@ class PlannedFile:
     origin: dict[str, str] | None  # origin_* of a dataset source's row; None: the batch file is the origin
     renamed_from: str | None = None
     size: ImageSize | None = None  # known up front for dataset sources (rows that record stored_width/height)
+    folder: str = ""  # the snapshot folder it goes to: img/<repeats>_<trigger>, or reg/<repeats>_<class>
+    class_tokens: str | None = None  # a regularisation image's class: its caption
+    mask: str = "none"  # "none", "alpha", or "file": `mask_src` is copied beside the image
+    mask_src: Path | None = None
+    mask_source_path: str | None = None  # relative to the batch folder or to the earlier snapshot
+    mask_sha256: str | None = None  # known for dataset sources
+
+    @property
+    def is_reg(self) -> bool:
+        return self.class_tokens is not None
 
 
 @dataclass

@@ -23,6 +23,11 @@ from lora_pipeline.core.yamlfile import load_yaml_mapping
 # that matches when the version is built, and lets `auto_rebuild` make a new version when one lands.
 BATCH_PATTERN_RE = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*")
 CaptionFrom = Literal["sidecar", "table", "attributes"]
+MaskMode = Literal["none", "file", "alpha"]
+Role = Literal["training", "regularisation"]
+# Source fields added later, left out of the resolved spec (and its hash) while they hold these defaults, so
+# specs written before them keep their hash and their built versions stay valid.
+LATER_SOURCE_FIELDS: dict[str, Any] = {"masks": "none", "role": "training", "class_tokens": None, "repeats": None}
 
 
 def _check_batch_pattern(value: str) -> str:
@@ -45,12 +50,39 @@ class SourceRef:
     dataset: Name | None = Field(None, description="an earlier dataset version whose images are copied again")
     include: TextList = Field((), description="globs over paths inside the batch; only matching files are taken")
     exclude: TextList = Field((), description="globs over paths inside the batch that are left out")
+    masks: MaskMode = Field(
+        "none", description="loss masks of a batch's images: `file` (`<stem>.mask.png` beside each image), "
+        "`alpha` (the image's alpha channel) or none",
+    )
+    role: Role = Field(
+        "training", description="`regularisation`: kohya class images, copied to `reg/<repeats>_<class_tokens>/`"
+    )
+    class_tokens: Name | None = Field(
+        None, description="for regularisation: the class (folder name and the caption of every class image)"
+    )
+    repeats: Int | None = Field(
+        None, ge=1, le=10_000, description="for regularisation: kohya repeats of the class images (default 1)"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceRef:
         if (self.batch is None) == (self.dataset is None):
             raise ValueError("each source needs exactly one of 'batch' or 'dataset'")
+        if self.role == "regularisation":
+            if not self.batch or not self.class_tokens:
+                raise ValueError("a regularisation source needs 'batch' and 'class_tokens'")
+            if self.masks != "none":
+                raise ValueError("regularisation images take no masks")
+        elif self.class_tokens is not None or self.repeats is not None:
+            raise ValueError("'class_tokens' and 'repeats' belong to a source with role: regularisation")
+        if self.dataset and self.masks != "none":
+            raise ValueError("'masks' is for batch sources (a dataset source brings its own masks)")
         return self
+
+    @property
+    def reg_folder(self) -> str:
+        """kohya's `reg/<repeats>_<class>` folder of a regularisation source."""
+        return f"reg/{self.repeats or 1}_{self.class_tokens}"
 
     @property
     def kind(self) -> str:
@@ -141,6 +173,8 @@ class DatasetSpec:
         """The spec as plain data with every default filled in (what snapshot.json stores)."""
         data = asdict(self)
         data["captions"]["from"] = data["captions"].pop("source")
+        data["sources"] = [{k: v for k, v in ref.items() if LATER_SOURCE_FIELDS.get(k, ...) != v}
+                           for ref in data["sources"]]
         return data
 
     @property

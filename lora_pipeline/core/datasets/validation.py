@@ -3,8 +3,9 @@
 `validate_dataset` gathers, in one `problems` list: the snapshot's scan problems (snapshot.json),
 the caption plan's problems, and its own checks on the copied images: readability (see images.py),
 dimensions against the spec's `checks`, exact duplicates (manifest sha256), near duplicates
-(perceptual hash), caption files without an image. It also counts pairs per source and predicts the
-kohya aspect-ratio buckets. Errors block training (`problems.errors_in`); warnings are for a person.
+(perceptual hash), caption files without an image, loss masks (masks.py), and decodes and sizes of the
+regularisation images. It also counts pairs per source and predicts the kohya aspect-ratio buckets.
+Errors block training (`problems.errors_in`); warnings are for a person.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from PIL import Image
 
 from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
 from lora_pipeline.core.datasets.images import ImageInfo
-from lora_pipeline.core.datasets.inspection import inspect_batch, take_early
+from lora_pipeline.core.datasets.inspection import inspect_batch, inspect_images, take_early
 from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.masks import ALPHA, mask_problems
 from lora_pipeline.core.datasets.near_duplicates import near_duplicate_pairs
 from lora_pipeline.core.datasets.problems import Problem, Severity, errors_in, problem
 from lora_pipeline.core.datasets.spec import DatasetSpec
@@ -57,6 +59,7 @@ class ValidationResult:
     near_duplicates: list[tuple[str, str, int]] = field(default_factory=list)  # (copy, first seen, distance)
     # contact-sheet thumbnails made by the validation decode, by path (a bounded few: see inspection.py)
     thumbnails: dict[str, Image.Image] = field(default_factory=dict, repr=False)
+    masks: dict[str, str] = field(default_factory=dict)  # image path -> its mask's path, or "alpha"
 
     @property
     def passed(self) -> bool:
@@ -107,7 +110,8 @@ def validate_dataset(
     scope = f"dataset:{version}"
     rows = read_manifest(snapshot_dir)
     images = sorted((r for r in rows if r.get("kind") == "image"), key=lambda r: r["path"])
-    for row in images:
+    regs = sorted((r for r in rows if r.get("kind") == "reg_image"), key=lambda r: r["path"])
+    for row in images + regs:
         if not (snapshot_dir / row["path"]).is_file():
             raise UserError(
                 "listed in the manifest but missing; run `lora-pipeline verify`", snapshot_dir / row["path"]
@@ -117,11 +121,20 @@ def validate_dataset(
     if found is None:
         found = inspect_batch(paths, spec.checks.max_pixels, workers, thumbnails)
     infos = {r["path"]: i for r, i in zip(images, found.infos, strict=True)}
+    reg_paths = [snapshot_dir / r["path"] for r in regs]
+    regs_found = inspect_images(reg_paths, spec.checks.max_pixels, workers) if regs else []
+    all_infos = {**infos, **{r["path"]: i for r, i in zip(regs, regs_found, strict=True)}}
 
     problems: list[Problem] = [*info.get("problems", []), *caption_plan.problems]
-    for path, image in infos.items():
+    for path, image in all_infos.items():
         problems += [problem(path, p.code, p.severity, p.message, scope) for p in image.problems]
         problems += _dimension_problems(path, image, spec, scope)
+    masks = {r["path"]: r["mask"] for r in images if r.get("mask")}
+    for path, mask in masks.items():
+        size = (infos[path].width, infos[path].height) if infos[path].decoded and infos[path].width else None
+        found = mask_problems(snapshot_dir / path, None if mask == ALPHA else snapshot_dir / mask, mask == ALPHA,
+                              size)
+        problems += [problem(path, code, "error", message, scope) for code, message in found]
     exact, near, duplicate_problems = _duplicates(images, infos, spec, scope)
     orphans = _orphan_captions(snapshot_dir, rows, images)
     problems += duplicate_problems + [
@@ -141,7 +154,10 @@ def validate_dataset(
         "orphan_captions": len(orphans),
         "decodable_images": sum(1 for i in infos.values() if i.decoded),
         "samples_per_epoch": len(paired) * spec.repeats,
+        "masked_images": len(masks),
+        "regularisation_images": len(regs),
         "by_source": dict(sorted(Counter(source_label(r) for r in images).items())),
+        "regularisation_by_folder": dict(sorted(Counter(r["path"].rsplit("/", 1)[0] for r in regs).items())),
         "problems": {"error": severities["error"], "warning": severities["warning"]},
         "problems_by_code": dict(sorted(Counter(p["code"] for p in problems).items())),
     }
@@ -158,6 +174,7 @@ def validate_dataset(
         exact_duplicates=exact,
         near_duplicates=near,
         thumbnails={images[i]["path"]: thumb for i, thumb in found.thumbnails.items()},
+        masks=masks,
     )
 
 

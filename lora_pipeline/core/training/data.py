@@ -31,6 +31,7 @@ from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucke
 from lora_pipeline.core.datasets.captions import caption_path, snapshot_caption
 from lora_pipeline.core.datasets.images import load_rgb
 from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.masks import ALPHA, load_mask
 from lora_pipeline.core.datasets.tags import split_tags
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
@@ -53,15 +54,31 @@ class TrainImage:
     bucket: tuple[int, int]
     resized: tuple[int, int]  # the size the image is scaled to before the center crop
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    mask: Path | None = None  # the loss mask's file (the image itself for an alpha mask); None: no mask
+    mask_alpha: bool = False
+    is_reg: bool = False  # a regularisation (class) image
 
-    def pixels(self, view: View | None = None) -> torch.Tensor:
-        """(3, h, w) float32 in [-1, 1] at the bucket's size: the center crop, or the crop and flip of `view`."""
-        image = load_rgb(self.path).resize(self.resized, Image.Resampling.LANCZOS)
+    def _view(self, image: Image.Image, view: View | None, resample: Image.Resampling) -> Image.Image:
+        image = image.resize(self.resized, resample)
         top, left = view.crop_top_left if view else self.crop_top_left
         width, height = self.bucket
         image = image.crop((left, top, left + width, top + height))
         if view and view.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def mask_pixels(self, view: View | None = None) -> torch.Tensor:
+        """(1, h, w) float32 in [0, 1] at the bucket's size, cropped and flipped like the image; ones when the
+        image has no mask (kohya's alpha_mask default)."""
+        width, height = self.bucket
+        if self.mask is None:
+            return torch.ones(1, height, width)
+        grey = self._view(load_mask(self.mask, self.mask_alpha), view, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+
+    def pixels(self, view: View | None = None) -> torch.Tensor:
+        """(3, h, w) float32 in [-1, 1] at the bucket's size: the center crop, or the crop and flip of `view`."""
+        image = self._view(load_rgb(self.path), view, Image.Resampling.LANCZOS)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -76,11 +93,37 @@ class TrainingData:
     train: tuple[TrainImage, ...]
     validation: tuple[TrainImage, ...]
     image_rows: tuple[dict[str, Any], ...]  # the manifest's image rows, for the MLflow dataset input
+    reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out
+    reg_repeats: tuple[int, ...] = ()  # each one's repeats once mixed in (kohya's fill; 0: not used)
 
     @property
     def num_train_images(self) -> int:
         """Counted with repeats, as kohya's ss_num_train_images."""
         return len(self.train) * self.repeats
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularisation images with their folder's repeats, as kohya's ss_num_reg_images."""
+        return sum(folder_repeats(image.folder) for image in self.reg)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(image.mask is not None for image in self.train)
+
+    @property
+    def images(self) -> tuple[TrainImage, ...]:
+        """What an epoch draws from: the training images, then the regularisation images."""
+        return self.train + self.reg
+
+    @property
+    def image_repeats(self) -> list[int]:
+        """Repeats per image of `images`."""
+        return [self.repeats] * len(self.train) + list(self.reg_repeats)
+
+    def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_reg_dataset_dirs."""
+        counts = Counter(image.folder for image in self.reg)
+        return {folder: {"n_repeats": folder_repeats(folder), "img_count": n} for folder, n in sorted(counts.items())}
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's ss_dataset_dirs over the training images."""
@@ -105,6 +148,28 @@ def fit_to_bucket(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple
     scale = bucket_h / height if width / height > bucket_w / bucket_h else bucket_w / width
     resized = (max(bucket_w, int(width * scale + 0.5)), max(bucket_h, int(height * scale + 0.5)))
     return resized, ((resized[1] - bucket_h) // 2, (resized[0] - bucket_w) // 2)
+
+
+def folder_repeats(folder: str) -> int:
+    """The repeats of a kohya folder name `<repeats>_<name>`."""
+    head = folder.split("_", 1)[0]
+    return int(head) if head.isdigit() else 1
+
+
+def mix_reg_repeats(reg_repeats: Sequence[int], num_train_images: int) -> list[int]:
+    """kohya's DreamBoothDataset: regularisation images are registered with their repeats until they are as
+    many as the training images (with repeats), then their repeats grow by one, in order, until they match; with
+    more regularisation samples than training samples the later ones are not used (0)."""
+    out = [0] * len(reg_repeats)
+    n, first = 0, True
+    while reg_repeats and n < num_train_images:
+        for i, repeats in enumerate(reg_repeats):
+            out[i] = repeats if first else out[i] + 1
+            n += repeats if first else 1
+            if n >= num_train_images:
+                break
+        first = False
+    return out
 
 
 def validation_count(n_images: int, validation_split: float) -> int:
@@ -143,9 +208,14 @@ def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, di
 
 
 def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: Recipe,
-                 resos: list[tuple[int, int]] | None) -> TrainImage:
+                 resos: list[tuple[int, int]] | None, mask_rows: dict[str, dict[str, Any]]) -> TrainImage:
     path = snapshot_dir / row["path"]
     _checked_bytes(path, row)
+    mask = row.get("mask")
+    if mask and mask != ALPHA:
+        if mask not in mask_rows:
+            raise UserError(f"the mask {mask} of {row['path']} is not in the manifest", snapshot_dir / MANIFEST)
+        _checked_bytes(snapshot_dir / mask, mask_rows[mask])
     try:
         size = load_rgb(path).size
     except (OSError, ValueError) as exc:
@@ -155,7 +225,8 @@ def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: 
     return TrainImage(
         rel=row["path"], path=path, sha256=row["sha256"], caption=caption,
         folder=PurePosixPath(row["path"]).parent.name, size=size, bucket=bucket, resized=resized,
-        crop_top_left=crop,
+        crop_top_left=crop, mask=None if not mask else path if mask == ALPHA else snapshot_dir / mask,
+        mask_alpha=mask == ALPHA, is_reg=row.get("kind") == "reg_image",
     )
 
 
@@ -175,7 +246,9 @@ def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
     image_rows = [r for r in rows if r.get("kind", "image") == "image"]
     if not image_rows:
         raise UserError("the snapshot has no images", snapshot_dir / MANIFEST)
-    caption_rows = {r["image"]: r for r in rows if r.get("kind") == "caption"}
+    caption_rows = {r["image"]: r for r in rows if r.get("kind") in ("caption", "reg_caption")}
+    mask_rows = {r["path"]: r for r in rows if r.get("kind") == "mask"}
+    reg_rows = sorted((r for r in rows if r.get("kind") == "reg_image"), key=lambda r: r["path"])
     train_rows, val_rows = split_train_validation(image_rows, recipe.validation_split)
     resos = (
         bucket_resolutions(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
@@ -184,31 +257,43 @@ def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
 
     def images(selected: list[dict[str, Any]]) -> tuple[TrainImage, ...]:
         return tuple(
-            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row["path"], caption_rows), recipe, resos)
+            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row["path"], caption_rows), recipe, resos,
+                         mask_rows)
             for row in selected
         )
 
+    train = images(train_rows)
+    reg = images(reg_rows)
     return TrainingData(
         version=str(info.get("version", snapshot_dir.name)), snapshot_dir=snapshot_dir,
         manifest_root=info["manifest_root"], spec_sha256=str(info.get("spec_sha256", "")), repeats=repeats,
-        train=images(train_rows), validation=images(val_rows),
-        image_rows=tuple(sorted(image_rows, key=lambda r: r["path"])),
+        train=train, validation=images(val_rows),
+        image_rows=tuple(sorted(image_rows, key=lambda r: r["path"])), reg=reg,
+        reg_repeats=tuple(mix_reg_repeats([folder_repeats(i.folder) for i in reg], len(train) * repeats)),
     )
 
 
-def steps_per_epoch(images: Sequence[TrainImage], repeats: int, batch_size: int) -> int:
-    counts = Counter(image.bucket for image in images)
-    return sum(math.ceil(n * repeats / batch_size) for n in counts.values())
+def _repeats_of(images: Sequence[TrainImage], repeats: int | Sequence[int]) -> Sequence[int]:
+    return [repeats] * len(images) if isinstance(repeats, int) else repeats
+
+
+def steps_per_epoch(images: Sequence[TrainImage], repeats: int | Sequence[int], batch_size: int) -> int:
+    """`repeats`: one number for every image, or one per image (regularisation images mixed in)."""
+    counts: Counter[tuple[int, int]] = Counter()
+    for image, n in zip(images, _repeats_of(images, repeats), strict=True):
+        counts[image.bucket] += n
+    return sum(math.ceil(n / batch_size) for n in counts.values() if n)
 
 
 def epoch_batches(
-    images: Sequence[TrainImage], repeats: int, batch_size: int, seed: int, epoch: int
+    images: Sequence[TrainImage], repeats: int | Sequence[int], batch_size: int, seed: int, epoch: int
 ) -> list[list[int]]:
-    """Indices into `images`, one list per batch, every batch inside one bucket; order from (seed, epoch)."""
+    """Indices into `images`, one list per batch, every batch inside one bucket; order from (seed, epoch).
+    Regularisation images share the buckets and batches of the training images, as in kohya."""
     rng = numpy_rng(seed, Stream.ORDER, epoch)
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, image in enumerate(images):
-        by_bucket[image.bucket].extend([index] * repeats)
+    for index, (image, n) in enumerate(zip(images, _repeats_of(images, repeats), strict=True)):
+        by_bucket[image.bucket].extend([index] * n)
     batches: list[list[int]] = []
     for bucket in sorted(by_bucket):
         items = [by_bucket[bucket][j] for j in rng.permutation(len(by_bucket[bucket]))]

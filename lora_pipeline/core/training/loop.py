@@ -2,6 +2,7 @@
 
 The step follows kohya's train_network: DDPM noise on the latents at uniform timesteps, kohya's noise
 offset (`noise += offset * randn(b, c, 1, 1)`), MSE against epsilon (or v for v-prediction models),
+the loss mask (`apply_masked_loss`) and per-image weights (`prior_loss_weight` on class images),
 min-SNR-gamma weighting (`apply_snr_weight`), gradient-norm clipping at kohya's default 1.0.
 """
 
@@ -51,6 +52,8 @@ class StepBatch:
     encoder_hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None  # SDXL pooled text embeddings
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
+    mask: torch.Tensor | None = None  # (b, 1, H, W) loss masks in [0, 1] at pixel resolution (masked_loss)
+    loss_weights: torch.Tensor | None = None  # (b,) per-image weights (prior_loss_weight on class images)
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,12 @@ def denoising_loss(
     if batch.text_embeds is not None:
         added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
     pred = unet(noisy, timesteps, batch.encoder_hidden_states, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if batch.mask is not None:  # kohya's apply_masked_loss: the mask area-averaged to the latent size
+        loss = loss * F.interpolate(batch.mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
+    loss = loss.mean(dim=[1, 2, 3])
+    if batch.loss_weights is not None:
+        loss = loss * batch.loss_weights.to(loss.device)
     if settings.min_snr_gamma:
         loss = apply_snr_weight(loss, timesteps, scheduler, settings.min_snr_gamma, v_prediction)
     return loss.mean()
@@ -181,6 +189,8 @@ class StepContext:
     flip_aug: bool = False
     random_crop: bool = False
     warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
+    masked_loss: bool = False
+    prior_loss_weight: float | None = None  # None: no regularisation images in the run
     shapes_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
@@ -228,6 +238,10 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             encoder_hidden_states=text.hidden,
             text_embeds=text.pooled,
             time_ids=time_ids(picked, ctx.dtype, device, views) if ctx.sdxl else None,
+            mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked, views, strict=True)])
+            if ctx.masked_loss else None,
+            loss_weights=None if ctx.prior_loss_weight is None else torch.tensor(
+                [ctx.prior_loss_weight if image.is_reg else 1.0 for image in picked]),
         )
         generator = torch_generator(ctx.seed, Stream.NOISE, step)
         drawn = draw_noise(batch.latents, parts.scheduler, generator, parts.settings)

@@ -202,6 +202,8 @@ def build_metadata(
     dataset_dirs: dict[str, dict[str, int]],
     training_started_at: float,
     prediction_type: str = "epsilon",
+    num_reg_images: int = 0,
+    reg_dataset_dirs: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, str]:
     """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
 
@@ -219,7 +221,7 @@ def build_metadata(
         "ss_learning_rate": recipe.learning_rate,
         "ss_unet_lr": recipe.learning_rate,
         "ss_num_train_images": num_train_images,
-        "ss_num_reg_images": 0,
+        "ss_num_reg_images": num_reg_images,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": recipe.epochs,
         "ss_epoch": epoch,
@@ -256,8 +258,10 @@ def build_metadata(
         "ss_caption_tag_dropout_rate": recipe.caption_tag_dropout_rate,
         "ss_flip_aug": _flag(recipe.flip_aug),
         "ss_random_crop": _flag(recipe.random_crop),
+        "ss_masked_loss": _flag(recipe.masked_loss),
+        "ss_prior_loss_weight": recipe.prior_loss_weight,
         "ss_dataset_dirs": json.dumps(dataset_dirs, sort_keys=True),
-        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
     }
     modelspec = {

@@ -112,6 +112,12 @@ class Recipe:
     cache_latents_to_disk: Bool = Field(
         False, description="keep cached latents under the data root's .cache/latents/, shared by runs and recipes"
     )
+    masked_loss: Bool = Field(
+        False, description="weight the loss by each image's mask (a spec source's `masks`), at latent resolution"
+    )
+    prior_loss_weight: Float = Field(
+        1.0, ge=0.0, le=100.0, description="loss weight of regularisation (class) images"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -126,6 +132,8 @@ class Recipe:
             )
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ValueError("cache_latents_to_disk needs cache_latents: true")
+        if self.fast_path and self.masked_loss:
+            raise ValueError("fast_path does not carry loss masks yet; set masked_loss: false or fast_path: false")
         if self.fast_path and self.fast_path_blocker():
             raise ValueError(f"fast_path: true is impossible here: {self.fast_path_blocker()}")
         return self
@@ -163,6 +171,8 @@ LATER_FIELDS: dict[str, Any] = {
     "flip_aug": False,
     "random_crop": False,
     "cache_latents_to_disk": False,
+    "masked_loss": False,
+    "prior_loss_weight": 1.0,
 }
 
 

@@ -171,6 +171,14 @@ def train_lora(
     """
     called_at = time.perf_counter()
     data = load_training_data(root.dataset(version), recipe)
+    if recipe.masked_loss and not data.has_masks:
+        raise UserError(f"masked_loss: true but dataset '{version}' has no masks (a spec source's masks: file "
+                        "or alpha)", root.recipe_file(recipe.name))
+    if recipe.fast_path and data.reg:
+        raise UserError(f"fast_path does not carry per-image loss weights yet, and dataset '{version}' has "
+                        "regularisation images; set fast_path: false", root.recipe_file(recipe.name))
+    if data.has_masks and not recipe.masked_loss:
+        log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
     times = StageTimes(target)
@@ -232,7 +240,7 @@ def _build_context(run: _Run) -> StepContext:
     for encoder in base.text_encoders:
         encoder.to(device)
     run.times.add("load", time.perf_counter() - moving)
-    images = run.data.train
+    images = run.data.images
     dropout = CaptionDropout(recipe.caption_dropout_rate, recipe.caption_dropout_every_n_epochs,
                              recipe.caption_tag_dropout_rate)
     disk = None
@@ -251,7 +259,7 @@ def _build_context(run: _Run) -> StepContext:
                 encoder.to("cpu")
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, params, device)
-    total = steps_per_epoch(images, run.data.repeats, recipe.train_batch_size) * recipe.epochs
+    total = steps_per_epoch(images, run.data.image_repeats, recipe.train_batch_size) * recipe.epochs
     lr_scheduler = make_lr_scheduler(recipe, optimizer, total)
     accelerator = make_accelerator(device, run.precision)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
@@ -267,6 +275,7 @@ def _build_context(run: _Run) -> StepContext:
         separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
         sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=recipe.flip_aug,
         random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
+        masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
     )
 
 
@@ -277,6 +286,7 @@ def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: 
     metadata = build_metadata(
         recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=total,
         num_train_images=run.data.num_train_images, num_batches_per_epoch=per_epoch,
+        num_reg_images=run.data.num_reg_images, reg_dataset_dirs=run.data.reg_dataset_dirs(),
         tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
         training_started_at=run.started_at, prediction_type=run.base.noise_scheduler.config.prediction_type,
     )
@@ -290,7 +300,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if recipe.flip_aug else None] if w]
     for line in warnings:
         run.log(f"warning: {line}")
-    per_epoch = steps_per_epoch(run.data.train, run.data.repeats, recipe.train_batch_size)
+    per_epoch = steps_per_epoch(run.data.images, run.data.image_repeats, recipe.train_batch_size)
     total = per_epoch * recipe.epochs
     start = state.epoch if state else 0
     global_step = state.global_step if state else 0
@@ -300,7 +310,8 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{recipe.epochs} (step {global_step})")
     trained_images, seconds, warmup, first_step_done = 0, 0.0, 0.0, None
     for epoch in range(start + 1, recipe.epochs + 1):
-        batches = epoch_batches(run.data.train, run.data.repeats, recipe.train_batch_size, recipe.seed, epoch)
+        batches = epoch_batches(run.data.images, run.data.image_repeats, recipe.train_batch_size, recipe.seed,
+                                epoch)
         stats = run_epoch(ctx, epoch, batches, global_step + 1)
         global_step += len(batches)
         losses += stats.losses
