@@ -132,9 +132,9 @@ def validate_dataset(
     masks = {r["path"]: r["mask"] for r in images if r.get("mask")}
     for path, mask in masks.items():
         size = (infos[path].width, infos[path].height) if infos[path].decoded and infos[path].width else None
-        found = mask_problems(snapshot_dir / path, None if mask == ALPHA else snapshot_dir / mask, mask == ALPHA,
-                              size)
-        problems += [problem(path, code, "error", message, scope) for code, message in found]
+        unusable = mask_problems(snapshot_dir / path, None if mask == ALPHA else snapshot_dir / mask,
+                                 mask == ALPHA, size)
+        problems += [problem(path, code, "error", message, scope) for code, message in unusable]
     exact, near, duplicate_problems = _duplicates(images, infos, spec, scope)
     orphans = _orphan_captions(snapshot_dir, rows, images)
     problems += duplicate_problems + [
