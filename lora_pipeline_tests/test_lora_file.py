@@ -120,8 +120,11 @@ def test_sgm_names_invert_diffusers_own_mapping(tiny_model):
     # SDXL's real layout: down_blocks.2.attentions.1 is input block 8, up_blocks.0.attentions.2 output block 2
     assert sgm_module_name("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
     assert sgm_module_name("up_blocks.0.attentions.2.proj_in", 2) == "output_blocks.2.1.proj_in"
-    with pytest.raises(ValueError, match="only attention blocks carry LoRA"):
-        sgm_module_name("down_blocks.0.resnets.0.conv1", 2)
+    assert sgm_module_name("down_blocks.0.resnets.1.conv1", 2) == "input_blocks.2.0.in_layers.2"
+    assert sgm_module_name("mid_block.resnets.1.time_emb_proj", 2) == "middle_block.2.emb_layers.1"
+    assert sgm_module_name("down_blocks.1.downsamplers.0.conv", 2) == "input_blocks.6.0.op"
+    with pytest.raises(ValueError, match="that diffusers and ComfyUI map back"):
+        sgm_module_name("up_blocks.2.upsamplers.0.conv", 2)  # a level without attention: no sgm slot 2
 
 
 def test_kohya_state_dict_refuses_an_alpha_other_than_the_adapters(tiny_model):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lora_pipeline.core.evaluation.recommend import weight_label
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.training.network import for_diffusers
 from lora_pipeline.core.training.recipe import Recipe
 
 MIN_CELL = 128  # tiny samples are enlarged (nearest neighbour) to at least this, so labels stay legible
@@ -97,10 +99,15 @@ def quiet_diffusers() -> Iterator[None]:
 
 @contextmanager
 def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str]:
-    """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards."""
+    """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards.
+
+    Text-encoder keys go through network.for_diffusers (diffusers 0.42 misses kohya's `text_model` level in
+    transformers 5's CLIP models)."""
     name = f"e{epoch}"
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
+    tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
     with quiet_diffusers():
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.load_lora_weights(tensors, adapter_name=name)
     try:
         yield name
     finally:

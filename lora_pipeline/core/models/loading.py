@@ -130,14 +130,20 @@ def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.no_grad()
-def encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_prompts(
+    base: BaseModel, prompts: list[str], *, grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text conditioning exactly as the inference pipelines compute it (no clip skip), so training matches.
 
     SD 1.5: the text encoder's last hidden state, and None. SDXL: the penultimate hidden states of both
     encoders concatenated on the feature axis, and the pooled `text_embeds` of the second encoder.
-    Text encoders are frozen (network_train_unet_only), hence no gradients.
+    Without gradients unless `grad` (text encoders that carry a LoRA being trained).
     """
+    with torch.set_grad_enabled(grad):
+        return _encode_prompts(base, prompts)
+
+
+def _encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     if base.family == "sd15":
         encoder = base.text_encoders[0]
         return encoder(host_to_device(_token_ids(base.tokenizers[0], prompts), encoder.device))[0], None

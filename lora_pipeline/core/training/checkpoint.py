@@ -7,8 +7,8 @@ key (recipe sha256, manifest root, base model hash) that must match for a run to
 kept: every random draw comes from generators seeded by (seed, epoch/step) (see seeds.py).
 
 On start, epoch files that the state does not vouch for (beyond its epoch, or all of them when there is
-no matching state) are removed, as are temp files of interrupted writes: they may come from a run with
-other settings or from a kill between the file and the state write.
+no matching state) are removed, and step files beyond its step, as are temp files of interrupted writes:
+they may come from a run with other settings or from a kill between the file and the state write.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ FORMAT = 1
 
 def epoch_file_name(version: str, recipe: str, epoch: int) -> str:
     return f"{version}-{recipe}-e{epoch:03d}.safetensors"
+
+
+def step_file_name(version: str, recipe: str, step: int) -> str:
+    """kohya's save_every_n_steps name: `<output>-step<8 digits>`."""
+    return f"{version}-{recipe}-step{step:08d}.safetensors"
 
 
 @dataclass
@@ -91,11 +96,15 @@ def resume_point(
         state_path(out_dir).unlink(missing_ok=True)
     keep = {rec["file"] for rec in state.saved} if state else set()
     pattern = re.compile(re.escape(f"{version}-{recipe}-e") + r"\d{3,}\.safetensors")
+    steps = re.compile(re.escape(f"{version}-{recipe}-step") + r"(\d{8,})\.safetensors")
+    last_step = state.global_step if state else 0
     for folder in (out_dir, out_dir / RESUME_DIR):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
+            step = steps.fullmatch(path.name) if folder == out_dir else None
             stale_epoch = folder == out_dir and pattern.fullmatch(path.name) and path.name not in keep
+            stale_epoch = stale_epoch or (step is not None and int(step[1]) > last_step)
             interrupted = path.name.startswith(".") and path.name.endswith(".tmp")
             if path.is_file() and (stale_epoch or interrupted):
                 log(f"removing {path.name} (not from a resumable run)")

@@ -3,7 +3,8 @@
 Latents are cached once per image when `cache_latents` is on (kohya's default for LoRA), twice (as it is and
 mirrored) with `flip_aug`, and kept on disk across runs with `cache_latents_to_disk` (latent_cache.py); text embeddings
 are cached per caption only when captions are not shuffled, since a shuffled caption is new at every step
-and is encoded then, without gradients.
+and is encoded then, without gradients. When the text encoders carry a LoRA being trained nothing is cached
+and every step encodes its captions with gradients.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class TextSource:
     """Text conditioning for captions; a per-caption cache when the same caption text recurs (no shuffling)."""
 
     def __init__(self, base: BaseModel, dtype: torch.dtype, device: torch.device, cache_captions: Sequence[str] = (),
-                 times: StageTimes | None = None):
-        self.base, self.dtype, self.device = base, dtype, device
+                 times: StageTimes | None = None, train: bool = False):
+        self.base, self.dtype, self.device, self.train = base, dtype, device, train
         self.times = times or StageTimes(device)
         self.cache: dict[str, TextConditioning] = {}
         for caption in dict.fromkeys(cache_captions):
@@ -135,7 +136,7 @@ class TextSource:
 
     def _encode(self, captions: list[str]) -> TextConditioning:
         with self.times.stage("text_encoding"):
-            hidden, pooled = encode_prompts(self.base, captions)
+            hidden, pooled = encode_prompts(self.base, captions, grad=self.train)
         return TextConditioning(
             hidden.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
         )

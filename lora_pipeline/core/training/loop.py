@@ -1,9 +1,12 @@
 """One training step (shared with benchmarks/train_throughput.py) and one epoch of steps.
 
-The step follows kohya's train_network: DDPM noise on the latents at uniform timesteps, kohya's noise
-offset (`noise += offset * randn(b, c, 1, 1)`), MSE against epsilon (or v for v-prediction models),
-the loss mask (`apply_masked_loss`) and per-image weights (`prior_loss_weight` on class images),
-min-SNR-gamma weighting (`apply_snr_weight`), gradient-norm clipping at kohya's default 1.0.
+The step follows kohya's train_network: DDPM noise on the latents at uniform timesteps with kohya's noise
+options (noise.py: offset, multi-resolution and input-perturbation noise), MSE against epsilon (or v for
+v-prediction), the loss mask (`apply_masked_loss`) and per-image weights (`prior_loss_weight` on
+class images), min-SNR-gamma weighting (`apply_snr_weight`) or the debiased estimation loss, gradient-norm
+clipping at kohya's default 1.0. With gradient accumulation a step is several micro-batches of one bucket whose
+noise is drawn as for one batch of all their images, each loss weighted by its share of those images: the
+step equals one batch of train_batch_size x gradient_accumulation_steps images (up to float summation order).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from lora_pipeline.core.training.augment import step_views
 from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
+from lora_pipeline.core.training.noise import NoiseSettings, debiased_weight
+from lora_pipeline.core.training.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.optim import effective_lrs, step_lr
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 
@@ -56,12 +61,6 @@ class StepBatch:
     loss_weights: torch.Tensor | None = None  # (b,) per-image weights (prior_loss_weight on class images)
 
 
-@dataclass(frozen=True)
-class NoiseSettings:
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-
-
 def apply_snr_weight(
     loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float, v_prediction: bool
 ) -> torch.Tensor:
@@ -73,22 +72,29 @@ def apply_snr_weight(
 
 @dataclass
 class StepNoise:
-    """The random inputs of one step, on the latents' device: noise (latents' dtype) and timesteps."""
+    """The random inputs of one step, on the latents' device: noise (latents' dtype) and timesteps;
+    `perturbation` (ip_noise_gamma) is added to the noise of the noised latents only, the target keeps `noise`."""
 
     noise: torch.Tensor
     timesteps: torch.Tensor
+    perturbation: torch.Tensor | None = None
+
+    def part(self, start: int, size: int) -> StepNoise:
+        """The noise of images [start, start + size) (a micro-batch of an accumulated step)."""
+        end = start + size
+        extra = None if self.perturbation is None else self.perturbation[start:end]
+        return StepNoise(self.noise[start:end], self.timesteps[start:end], extra)
 
 
 def draw_noise(
     latents: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, settings: NoiseSettings
 ) -> StepNoise:
-    """Noise and timesteps drawn from `generator` (CPU, so a run is reproducible on any device), then moved."""
-    b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator)
-    if settings.noise_offset:
-        noise = noise + settings.noise_offset * torch.randn((b, c, 1, 1), generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
-    return StepNoise(host_to_device(noise, latents.device).to(latents.dtype), host_to_device(timesteps, latents.device))
+    """Noise and timesteps drawn from `generator` (CPU, so a run is reproducible on any device; noise.draw_noise),
+    then moved."""
+    host = draw_host_noise(latents.shape, scheduler.config.num_train_timesteps, generator, settings)
+    device, dtype = latents.device, latents.dtype
+    extra = None if host.perturbation is None else host_to_device(host.perturbation, device).to(dtype)
+    return StepNoise(host_to_device(host.noise, device).to(dtype), host_to_device(host.timesteps, device), extra)
 
 
 def denoising_loss(
@@ -96,7 +102,8 @@ def denoising_loss(
 ) -> torch.Tensor:
     """The loss of one batch from its drawn noise: device work only (no host sync), so it can be graph-captured."""
     latents, noise, timesteps = batch.latents, drawn.noise, drawn.timesteps
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noised = noise if drawn.perturbation is None else noise + drawn.perturbation
+    noisy = scheduler.add_noise(latents, noised, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     added = None
@@ -111,6 +118,8 @@ def denoising_loss(
         loss = loss * batch.loss_weights.to(loss.device)
     if settings.min_snr_gamma:
         loss = apply_snr_weight(loss, timesteps, scheduler, settings.min_snr_gamma, v_prediction)
+    if settings.debiased_estimation_loss:
+        loss = debiased_weight(loss, timesteps, scheduler)
     return loss.mean()
 
 
@@ -137,16 +146,34 @@ class StepParts:
     params: Sequence[torch.nn.Parameter]
 
 
-def update(parts: StepParts, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
     """Forward, backward, clip and optimizer step; the learning-rate schedule is the caller's. Device work only:
-    the fast path captures exactly this as a CUDA graph (fastpath.py)."""
-    with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
-        loss = denoising_loss(parts.unet, parts.scheduler, batch, drawn, parts.settings)
-    parts.accelerator.backward(loss)
+    the fast path captures exactly this as a CUDA graph (fastpath.py). `batch` may be the micro-batches of an
+    accumulated step, `drawn` then the noise of all their images (see the module docstring)."""
+    if isinstance(batch, StepBatch):
+        with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
+            loss = denoising_loss(parts.unet, parts.scheduler, batch, drawn, parts.settings)
+        parts.accelerator.backward(loss)
+    else:
+        loss = _accumulate(parts, batch, drawn)
     parts.accelerator.clip_grad_norm_(parts.params, MAX_GRAD_NORM)
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def _accumulate(parts: StepParts, micro: Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
+    """Backward of each micro-batch, each loss weighted by its share of the step's images; the step's loss."""
+    sizes = [m.latents.shape[0] for m in micro]
+    total, start, losses = sum(sizes), 0, []
+    for part, size in zip(micro, sizes, strict=True):
+        with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
+            loss = denoising_loss(parts.unet, parts.scheduler, part, drawn.part(start, size), parts.settings)
+            loss = loss * (size / total)
+        parts.accelerator.backward(loss)
+        losses.append(loss.detach())
+        start += size
+    return torch.stack(losses).sum()
 
 
 def training_step(
@@ -174,7 +201,7 @@ class StepContext:
 
     parts: StepParts
     # `update` of the parts: eager, or the fast path's replayed graphs (fastpath.GraphedSteps)
-    update: Callable[[StepBatch, StepNoise], torch.Tensor]
+    update: Callable[[StepBatch | Sequence[StepBatch], StepNoise], torch.Tensor]
     lr_scheduler: LRScheduler
     images: Sequence[TrainImage]
     latents: LatentSource
@@ -191,6 +218,7 @@ class StepContext:
     warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
     masked_loss: bool = False
     prior_loss_weight: float | None = None  # None: no regularisation images in the run
+    micro_batch: int = 0  # gradient accumulation: micro-batches of this many images per step (0: none)
     shapes_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
@@ -231,21 +259,29 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             [image.caption for image in picked], ctx.separator, ctx.keep_tokens, ctx.shuffle_caption, ctx.seed,
             epoch, step, ctx.caption_dropout,
         )
-        text = ctx.text.batch(captions)
         views = step_views(picked, ctx.flip_aug, ctx.random_crop, ctx.seed, step)
-        batch = StepBatch(
-            latents=ctx.latents.batch(indices, step, views),
-            encoder_hidden_states=text.hidden,
-            text_embeds=text.pooled,
-            time_ids=time_ids(picked, ctx.dtype, device, views) if ctx.sdxl else None,
-            mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked, views, strict=True)])
-            if ctx.masked_loss else None,
-            loss_weights=None if ctx.prior_loss_weight is None else torch.tensor(
-                [ctx.prior_loss_weight if image.is_reg else 1.0 for image in picked]),
-        )
+        cuts = [(0, len(indices))]
+        if ctx.micro_batch:
+            cuts = [(k, min(len(indices), k + ctx.micro_batch)) for k in range(0, len(indices), ctx.micro_batch)]
+        micro = []
+        for start, end in cuts:
+            text = ctx.text.batch(captions[start:end])
+            micro.append(StepBatch(
+                latents=ctx.latents.batch(indices[start:end], step, views[start:end]),
+                encoder_hidden_states=text.hidden,
+                text_embeds=text.pooled,
+                time_ids=time_ids(picked[start:end], ctx.dtype, device, views[start:end]) if ctx.sdxl else None,
+                mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked[start:end], views[start:end],
+                                                                                  strict=True)])
+                if ctx.masked_loss else None,
+                loss_weights=None if ctx.prior_loss_weight is None else torch.tensor(
+                    [ctx.prior_loss_weight if image.is_reg else 1.0 for image in picked[start:end]]),
+            ))
+        batch = micro if ctx.micro_batch else micro[0]
         generator = torch_generator(ctx.seed, Stream.NOISE, step)
-        drawn = draw_noise(batch.latents, parts.scheduler, generator, parts.settings)
-        shape = tuple(batch.latents.shape)
+        everything = torch.cat([m.latents for m in micro]) if ctx.micro_batch else micro[0].latents
+        drawn = draw_noise(everything, parts.scheduler, generator, parts.settings)
+        shape = tuple(micro[0].latents.shape)
         seen = ctx.shapes_seen.get(shape, 0)
         warming = seen < ctx.warmup_steps_per_shape
         if warming:

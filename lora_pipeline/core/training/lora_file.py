@@ -1,10 +1,11 @@
 """LoRA files in kohya's format, so diffusers' `load_lora_weights`, A1111 and ComfyUI all load them.
 
-Keys are `lora_unet_<module path, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}`, where
-`alpha` holds the recipe's real network_alpha (the loaders scale by alpha / rank, as training did). SD 1.x
-LoRAs use the diffusers module paths (kohya trains SD 1.x on a diffusers-layout U-Net); SDXL LoRAs use the
-original sgm names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_…`) that kohya's SDXL U-Net
-has and A1111/ComfyUI expect. The header carries kohya's `ss_*` keys, `modelspec.*` and our
+Keys are `lora_unet_<module path, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}` (and
+`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py), where `alpha`
+holds the recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
+diffusers module paths (kohya trains SD 1.x on a diffusers-layout U-Net); SDXL LoRAs use the original sgm
+names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_…`) that kohya's SDXL U-Net has and
+A1111/ComfyUI expect. The header carries kohya's `ss_*` keys, `modelspec.*` and our
 `lora_pipeline.*` provenance keys, all as strings.
 """
 
@@ -12,11 +13,8 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import torch
@@ -25,78 +23,19 @@ from safetensors import SafetensorError, safe_open
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import canonical_json, sha256_bytes
+from lora_pipeline.core.training.network import (  # noqa: F401 (re-exported: the file format's names)
+    KOHYA_UNET_TARGET_MODULES,
+    add_unet_lora,
+    kohya_state_dict,
+    network_args,
+    sgm_module_name,
+)
 from lora_pipeline.core.training.recipe import Recipe
 
-# kohya's default U-Net targets: every Linear / 1x1 Conv2d inside the transformer blocks (Transformer2DModel).
-KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-PREFIX = "lora_unet_"
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 # kohya's modelspec: SDXL LoRAs are in sgm (Stability's) naming, SD 1.x LoRAs in diffusers naming.
 IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
-
-_DOWN = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
-_UP = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
-_MID = re.compile(r"mid_block\.attentions\.0\.(.+)")
-
-
-def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "default") -> None:
-    """Wrap kohya's target modules in a peft LoRA: down kaiming-uniform, up zero (as kohya), scale alpha/rank."""
-    from peft import LoraConfig  # imported here: peft takes seconds to import, provenance never needs it
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=KOHYA_UNET_TARGET_MODULES, init_lora_weights=True)
-    unet.add_adapter(config, adapter_name=adapter_name)
-    # peft casts each LoRA input to the (float32) LoRA weight dtype: under bf16 autocast that is a full copy of
-    # every activation, cast straight back by autocast for the matmul (30% of H100 time in a profile). The
-    # matmul sees the same bf16 operands without it; in float32 training it was a no-op anyway.
-    for module in unet.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False
-
-
-def sgm_module_name(diffusers_name: str, layers_per_block: int) -> str:
-    """The SDXL sgm path of a module inside a diffusers U-Net's attention blocks.
-
-    sgm numbers the U-Net's sub-blocks flat: input_blocks[0] is conv_in, then each down level contributes
-    `layers_per_block` (resnet, attention) pairs and one downsampler; output_blocks hold `layers_per_block
-    + 1` (resnet, attention[, upsampler]) entries per up level; middle_block is (resnet, attention, resnet).
-    The attention is always sub-module 1. This is the inverse of diffusers' `_maybe_map_sgm_blocks_to_diffusers`.
-    """
-    per_level = layers_per_block + 1
-    if m := _DOWN.fullmatch(diffusers_name):
-        return f"input_blocks.{1 + int(m[1]) * per_level + int(m[2])}.1.{m[3]}"
-    if m := _UP.fullmatch(diffusers_name):
-        return f"output_blocks.{int(m[1]) * per_level + int(m[2])}.1.{m[3]}"
-    if m := _MID.fullmatch(diffusers_name):
-        return f"middle_block.1.{m[1]}"
-    raise ValueError(f"no sgm name for U-Net module '{diffusers_name}' (only attention blocks carry LoRA)")
-
-
-def kohya_state_dict(
-    unet: Any, family: str, network_alpha: float, adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the adapter's weights under kohya key names, plus each module's alpha."""
-    from peft.tuners.lora import LoraLayer
-
-    layers_per_block = unet.config.layers_per_block
-    if family == "sdxl" and not isinstance(layers_per_block, int):
-        raise ValueError("sgm naming needs one layers_per_block for every level")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-            continue
-        if not math.isclose(module.lora_alpha[adapter_name], network_alpha):
-            raise ValueError(f"{name}: adapter alpha {module.lora_alpha[adapter_name]} is not {network_alpha}")
-        plain_scale = module.lora_alpha[adapter_name] / module.r[adapter_name]
-        if module.use_dora.get(adapter_name) or not math.isclose(module.scaling[adapter_name], plain_scale):
-            raise ValueError(f"{name}: only plain LoRA (scale alpha/rank, no DoRA/rsLoRA) has a kohya form")
-        path = sgm_module_name(name, layers_per_block) if family == "sdxl" else name
-        key = PREFIX + path.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = module.lora_A[adapter_name].weight.detach().cpu().clone()
-        tensors[f"{key}.lora_up.weight"] = module.lora_B[adapter_name].weight.detach().cpu().clone()
-        tensors[f"{key}.alpha"] = torch.tensor(float(network_alpha), dtype=torch.float32)
-    if not tensors:
-        raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
-    return tensors
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -189,6 +128,12 @@ def _flag(value: bool) -> str:
     return str(bool(value))  # kohya writes Python's True / False
 
 
+def _optimizer(recipe: Recipe) -> str:
+    """kohya's ss_optimizer: the optimizer and its arguments."""
+    extra = f"relative_step={recipe.adafactor_relative_step}," if recipe.optimizer == "Adafactor" else ""
+    return f"{recipe.optimizer}({extra}weight_decay={recipe.weight_decay})"
+
+
 def build_metadata(
     *,
     recipe: Recipe,
@@ -220,6 +165,8 @@ def build_metadata(
         "ss_output_name": output_name,
         "ss_learning_rate": recipe.learning_rate,
         "ss_unet_lr": recipe.learning_rate,
+        "ss_text_encoder_lr": None if recipe.network_train_unet_only else (recipe.text_encoder_lr or
+                                                                            recipe.learning_rate),
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
@@ -228,10 +175,10 @@ def build_metadata(
         "ss_steps": steps,
         "ss_max_train_steps": max_train_steps,
         "ss_gradient_checkpointing": _flag(recipe.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": 1,
+        "ss_gradient_accumulation_steps": recipe.gradient_accumulation_steps,
         "ss_lr_warmup_steps": recipe.lr_warmup_steps,
-        "ss_lr_scheduler": recipe.lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_lr_scheduler": recipe.kohya_lr_scheduler,
+        "ss_network_module": "lycoris.kohya" if recipe.use_dora else "networks.lora",
         "ss_network_dim": recipe.network_dim,
         "ss_network_alpha": float(recipe.network_alpha),
         "ss_network_train_unet_only": _flag(recipe.network_train_unet_only),
@@ -243,10 +190,15 @@ def build_metadata(
         "ss_cache_latents": _flag(recipe.cache_latents),
         "ss_seed": recipe.seed,
         "ss_noise_offset": recipe.noise_offset,
+        "ss_multires_noise_iterations": recipe.multires_noise_iterations,
+        "ss_multires_noise_discount": recipe.multires_noise_discount,
+        "ss_ip_noise_gamma": recipe.ip_noise_gamma,
+        "ss_zero_terminal_snr": _flag(recipe.zero_terminal_snr),
+        "ss_debiased_estimation": _flag(recipe.debiased_estimation_loss),
         "ss_min_snr_gamma": recipe.min_snr_gamma,
-        "ss_optimizer": f"{recipe.optimizer}(weight_decay={recipe.weight_decay})",
+        "ss_optimizer": _optimizer(recipe),
         "ss_batch_size_per_device": recipe.train_batch_size,
-        "ss_total_batch_size": recipe.train_batch_size,
+        "ss_total_batch_size": recipe.effective_batch_size,
         "ss_resolution": (reso, reso),
         "ss_enable_bucket": _flag(recipe.enable_bucket),
         "ss_min_bucket_reso": recipe.min_bucket_reso,
@@ -264,6 +216,8 @@ def build_metadata(
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
     }
+    if network_args(recipe):
+        ss["ss_network_args"] = json.dumps(network_args(recipe))
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURE[family],

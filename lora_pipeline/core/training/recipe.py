@@ -22,13 +22,16 @@ MAX_BUCKET_SIDE = 4096
 MAX_SEED = 2**32 - 1
 
 Family = Literal["sd15", "sdxl"]
-OptimizerName = Literal["DAdaptAdamW", "AdamW", "AdamW8bit", "Prodigy"]
-SchedulerName = Literal["constant", "cosine", "linear", "constant_with_warmup"]
+OptimizerName = Literal["DAdaptAdamW", "AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor", "AdamWScheduleFree"]
+SchedulerName = Literal[
+    "constant", "cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+]
 Precision = Literal["no", "fp16", "bf16"]
 FAMILIES, OPTIMIZERS = get_args(Family), get_args(OptimizerName)
 SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
 GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
+ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -59,16 +62,49 @@ class Recipe:
     train_batch_size: Int = Field(1, ge=1, le=1024, description="images per optimizer step")
     network_dim: Int = Field(32, ge=1, le=1024, description="LoRA rank")
     network_alpha: Float = Field(16.0, gt=0.0, le=1024.0, description="LoRA alpha (scale = alpha / dim)")
-    network_train_unet_only: Bool = Field(True, description="train the U-Net only (the only supported value: true)")
+    conv_dim: Int | None = Field(
+        None, ge=1, le=1024,
+        description="LoCon: also train the ResNet/down/up-sampler 3x3 convolutions at this rank (kohya's "
+        "network_args conv_dim; null: off)",
+    )
+    conv_alpha: Float | None = Field(
+        None, gt=0.0, le=1024.0,
+        description="alpha of the conv LoRA (kohya's conv_alpha; null: 1.0 when conv_dim is set)",
+    )
+    use_dora: Bool = Field(
+        False, description="DoRA (weight-decomposed LoRA, peft); written with LyCORIS' dora_scale tensors"
+    )
+    network_train_unet_only: Bool = Field(
+        True, description="false: also train LoRA on the text encoder(s) (kohya lora_te_ / lora_te1_, lora_te2_)"
+    )
+    text_encoder_lr: Float | None = Field(
+        None, gt=0.0, le=10.0, description="step size of the text-encoder LoRA (null: learning_rate)"
+    )
     optimizer: OptimizerName = Field(
         "DAdaptAdamW", description="DAdaptAdamW and Prodigy adapt the step size (use learning_rate 1.0)"
     )
     learning_rate: Float = Field(1.0, gt=0.0, le=10.0, description="step size (a multiplier for adaptive optimizers)")
     weight_decay: Float = Field(0.01, ge=0.0, le=10.0, description="decoupled weight decay")
+    adafactor_relative_step: Bool = Field(
+        True, description="Adafactor sets its own step size (kohya's default relative_step=True; learning_rate is "
+        "its initial_lr)"
+    )
     lr_scheduler: SchedulerName = Field(
         "constant", description="learning-rate schedule over all steps"
     )
     lr_warmup_steps: Int = Field(0, ge=0, le=1_000_000, description="steps of linear warm-up")
+    lr_scheduler_num_cycles: Int = Field(1, ge=1, le=1000, description="hard restarts of cosine_with_restarts")
+    lr_scheduler_power: Float = Field(1.0, gt=0.0, le=100.0, description="power of the polynomial schedule")
+    max_train_steps: Int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="stop after this many optimizer steps (saving that step), or after `epochs` if that comes first",
+    )
+    save_every_n_steps: Int | None = Field(
+        None, ge=1, le=10_000_000, description="also write a -sNNNNNN step file every N optimizer steps"
+    )
+    gradient_accumulation_steps: Int = Field(
+        1, ge=1, le=1024, description="batches per optimizer step (effective batch = train_batch_size x this)"
+    )
     shuffle_caption: Bool = Field(True, description="shuffle caption tags after the first keep_tokens")
     keep_tokens: Int = Field(1, ge=0, le=1000, description="leading tags that are never shuffled (the trigger)")
     caption_separator: Text = Field(",", min_length=1, max_length=10, description="what separates caption tags")
@@ -79,8 +115,26 @@ class Recipe:
     cache_latents: Bool = Field(True, description="encode every image once before training")
     min_snr_gamma: Float | None = Field(None, gt=0.0, le=1000.0, description="Min-SNR loss weighting (off when null)")
     noise_offset: Float = Field(0.0, ge=0.0, le=1.0, description="offset noise strength")
+    multires_noise_iterations: Int | None = Field(
+        None, ge=1, le=100, description="multi-resolution (pyramid) noise levels (null: off)"
+    )
+    multires_noise_discount: Float = Field(0.3, gt=0.0, le=1.0, description="weight decay per pyramid level")
+    ip_noise_gamma: Float | None = Field(
+        None, gt=0.0, le=1.0, description="input perturbation noise strength (null: off)"
+    )
+    zero_terminal_snr: Bool = Field(
+        False, description="rescale the noise schedule to zero SNR at the last timestep (needs v_parameterization)"
+    )
+    debiased_estimation_loss: Bool = Field(False, description="weight the loss by 1/sqrt(SNR)")
+    v_parameterization: Bool = Field(
+        False, description="train v-prediction (false: the base model's own prediction type)"
+    )
     seed: Int = Field(42, ge=0, le=MAX_SEED, description="seed of initialisation, shuffling and noise")
     sample_prompts: tuple[Text, ...] = Field((), max_length=100, description="prompts of the evaluation grid")
+    sample_every_n_epochs: Int | None = Field(
+        None, ge=1, le=10_000,
+        description="render sample_prompts with the current LoRA at weight 1.0 every N epochs (null: off)",
+    )
     sample_steps: Int = Field(20, ge=1, le=1000, description="denoising steps per evaluation image")
     sample_seed: Int = Field(1234, ge=0, le=MAX_SEED, description="seed of evaluation images (+ prompt index)")
     guidance_scale: Float = Field(7.0, ge=0.0, le=100.0, description="classifier-free guidance of evaluation images")
@@ -123,8 +177,6 @@ class Recipe:
     def _consistent(self) -> Recipe:
         if self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError("min_bucket_reso must not be larger than max_bucket_reso")
-        if not self.network_train_unet_only:
-            raise ValueError("only network_train_unet_only: true is supported")
         if self.random_crop and self.cache_latents:
             raise ValueError(
                 "random_crop needs cache_latents: false (a crop that changes at every step cannot be cached; "
@@ -134,6 +186,8 @@ class Recipe:
             raise ValueError("cache_latents_to_disk needs cache_latents: true")
         if self.fast_path and self.masked_loss:
             raise ValueError("fast_path does not carry loss masks yet; set masked_loss: false or fast_path: false")
+        for problem in self._conflicts():
+            raise ValueError(problem)
         if self.fast_path and self.fast_path_blocker():
             raise ValueError(f"fast_path: true is impossible here: {self.fast_path_blocker()}")
         return self
@@ -145,7 +199,52 @@ class Recipe:
                     f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
         if self.gradient_checkpointing:
             return "gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture"
+        if not self.network_train_unet_only:  # issue 12's options the captured step does not carry
+            return "the text encoders train outside the captured U-Net step (network_train_unet_only: false)"
+        if self.gradient_accumulation_steps > 1:
+            return "gradient accumulation runs several micro-batches per step (the graph captures one)"
+        if self.ip_noise_gamma:
+            return "ip_noise_gamma adds a perturbation input the captured step has no buffer for"
         return None
+
+    def _conflicts(self) -> list[str]:
+        found = []
+        if self.conv_alpha is not None and self.conv_dim is None:
+            found.append("conv_alpha needs conv_dim")
+        if self.text_encoder_lr is not None and self.network_train_unet_only:
+            found.append("text_encoder_lr needs network_train_unet_only: false")
+        if self.text_encoder_lr is not None and self.optimizer in ADAPTIVE:
+            found.append(f"{self.optimizer} adapts one step size for every LoRA weight; leave text_encoder_lr unset")
+        needs_constant = self.optimizer == "AdamWScheduleFree" or (
+            self.optimizer == "Adafactor" and self.adafactor_relative_step)
+        if needs_constant and self.lr_scheduler != "constant":
+            found.append(f"{self.optimizer} sets its own schedule (kohya's "
+                         f"{'adafactor' if self.optimizer == 'Adafactor' else 'schedule-free'} mode); "
+                         "use lr_scheduler: constant")
+        if self.optimizer == "Adafactor" and self.adafactor_relative_step and self.lr_warmup_steps:
+            found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
+        if self.zero_terminal_snr and not self.v_parameterization:
+            found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
+        if self.sample_every_n_epochs is not None and not self.sample_prompts:
+            found.append("sample_every_n_epochs needs sample_prompts")
+        return found
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Images per optimizer step (kohya's ss_total_batch_size on one device)."""
+        return self.train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def kohya_lr_scheduler(self) -> str:
+        """kohya's ss_lr_scheduler: relative-step Adafactor replaces the schedule with `adafactor:<lr>`."""
+        if self.optimizer == "Adafactor" and self.adafactor_relative_step:
+            return f"adafactor:{self.learning_rate}"
+        return self.lr_scheduler
+
+    @property
+    def conv_alpha_value(self) -> float:
+        """kohya's conv_alpha default: 1.0 when conv_dim is set without it."""
+        return 1.0 if self.conv_alpha is None else self.conv_alpha
 
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in: MLflow params and the recipe hash use this."""
@@ -173,6 +272,12 @@ LATER_FIELDS: dict[str, Any] = {
     "cache_latents_to_disk": False,
     "masked_loss": False,
     "prior_loss_weight": 1.0,
+    # issue 12: network, schedule, noise and sampling options
+    "conv_dim": None, "conv_alpha": None, "use_dora": False, "text_encoder_lr": None, "max_train_steps": None,
+    "save_every_n_steps": None, "gradient_accumulation_steps": 1, "lr_scheduler_num_cycles": 1,
+    "lr_scheduler_power": 1.0, "adafactor_relative_step": True, "multires_noise_iterations": None,
+    "multires_noise_discount": 0.3, "ip_noise_gamma": None, "zero_terminal_snr": False,
+    "debiased_estimation_loss": False, "v_parameterization": False, "sample_every_n_epochs": None,
 }
 
 

@@ -246,6 +246,13 @@ class TrainingTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self._active(), metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """An image under `key` at `step` (MLflow's image slider), e.g. the sample strip of an epoch."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self._active(), image.convert("RGB"), key=key, step=step)
+
     def log_files(self, paths: Sequence[Path], artifact_path: str | None = None, overwrite: bool = False) -> None:
         """Copy files into the run's artifacts; unless `overwrite`, those already there (a resumed run) are skipped."""
         run_id = self._active()

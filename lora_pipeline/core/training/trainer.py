@@ -1,10 +1,14 @@
-"""`train_lora`: a U-Net LoRA on a dataset snapshot, one kohya-format file per saved epoch, resumable.
+"""`train_lora`: a LoRA on a dataset snapshot, one kohya-format file per saved epoch, resumable.
 
-The base model's VAE and text encoders are frozen; only kohya's U-Net attention modules carry LoRA
-(`lora_file.add_unet_lora`). On CUDA the run uses the recipe's mixed precision through accelerate (frozen
-weights in that dtype, LoRA weights float32), channels-last, SDPA attention (diffusers' default) and,
-when the recipe asks, gradient checkpointing. On CPU it runs in float32 with deterministic algorithms, so
-the same inputs give byte-identical files; see seeds.py and checkpoint.py for reproducibility and resume.
+The base model's VAE is frozen; kohya's U-Net modules carry LoRA (network.py: attention, with `conv_dim` also
+the ResNet and sampler convolutions; DoRA with `use_dora`) and, with `network_train_unet_only: false`, the text
+encoders too (their outputs are then not cached). A run stops after `epochs` or at `max_train_steps`, whichever
+comes first, and saves there; `save_every_n_steps` also writes step files (`-stepNNNNNNNN`), and
+`sample_every_n_epochs` renders sample strips (samples.py). On CUDA the run uses the recipe's mixed precision
+through accelerate (frozen weights in that dtype, LoRA weights float32), channels-last, SDPA attention
+(diffusers' default) and, when the recipe asks, gradient checkpointing. On CPU it runs in float32 with
+deterministic algorithms, so the same inputs give byte-identical files; see seeds.py and checkpoint.py for
+reproducibility and resume.
 
 `provenance` may name `code_commit` (default: this checkout's) and `mlflow_run_id` (without a tracker);
 the keys the trainer derives itself (dataset_version, manifest_root, spec_sha256, recipe_sha256,
@@ -23,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.training_utils import cast_training_params
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
@@ -33,22 +36,24 @@ from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.augment import flip_warning
 from lora_pipeline.core.training.caption_shuffle import CaptionDropout
-from lora_pipeline.core.training.checkpoint import ResumeState, epoch_file_name, resume_point, save_state
+from lora_pipeline.core.training.checkpoint import (
+    ResumeState,
+    epoch_file_name,
+    resume_point,
+    save_state,
+    step_file_name,
+)
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
 from lora_pipeline.core.training.fastpath import GraphedSteps
 from lora_pipeline.core.training.latent_cache import LatentDiskCache
-from lora_pipeline.core.training.loop import NoiseSettings, StepContext, StepParts, make_accelerator, run_epoch, update
-from lora_pipeline.core.training.lora_file import (
-    LoraProvenance,
-    add_unet_lora,
-    build_metadata,
-    kohya_state_dict,
-    save_lora,
-)
-from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.loop import EpochStats, StepContext, StepParts, make_accelerator, run_epoch, update
+from lora_pipeline.core.training.lora_file import LoraProvenance, build_metadata, save_lora
+from lora_pipeline.core.training.network import add_network, kohya_state_dict, param_groups, trainable
+from lora_pipeline.core.training.noise import NoiseSettings, training_scheduler
+from lora_pipeline.core.training.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.seeds import Stream, derive_seed
+from lora_pipeline.core.training.samples import SampleRenderer, strip_path
 from lora_pipeline.core.training.timing import StageTimes
 from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
@@ -80,6 +85,8 @@ class TrainResult:
     mixed_precision: str  # what ran: the recipe's on CUDA, "no" on CPU
     validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
     fast_path: bool  # steps were replayed as CUDA graphs (fastpath.py; on a CPU the same code without graphs)
+    step_files: list[str]  # absolute paths of the save_every_n_steps files of this run, oldest first
+    sample_strip: Path | None  # the latest sample strip (sample_every_n_epochs), None without samples
     # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
     # encoding inside them), shape_warmup (the warm-up steps at each new batch shape, part of training_steps;
     # with the fast path, the eager step and the capture), saving; and time_to_first_step, from the call's
@@ -124,6 +131,20 @@ class _Run:
     log: Callable[[str], None]
     times: StageTimes
     called_at: float  # perf_counter at train_lora's start
+
+    @property
+    def per_epoch(self) -> int:
+        """Optimizer steps per epoch (batches of train_batch_size x gradient_accumulation_steps)."""
+        return steps_per_epoch(self.data.images, self.data.image_repeats, self.recipe.effective_batch_size)
+
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole run: `epochs`, cut at max_train_steps."""
+        return min(self.per_epoch * self.recipe.epochs, self.recipe.max_train_steps or self.per_epoch * 10**7)
+
+    @property
+    def last_epoch(self) -> int:
+        return -(-self.total // self.per_epoch)
 
 
 def _own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
@@ -200,7 +221,8 @@ def train_lora(
     tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
             "recipe_sha256": recipe.sha256}
     resume_id = state.provenance.get("mlflow_run_id") if state else None
-    with tracker.run(f"{version}/{recipe.name}", params=recipe.resolved(), tags=tags, resume_run_id=resume_id) as rid:
+    params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size}
+    with tracker.run(f"{version}/{recipe.name}", params=params, tags=tags, resume_run_id=resume_id) as rid:
         rows = [{**row, "split": "validation" if row["path"] in {i.rel for i in data.validation} else "train"}
                 for row in data.image_rows]
         tracker.log_dataset(rows, name=version, digest=data.manifest_root, source=str(data.snapshot_dir))
@@ -220,15 +242,9 @@ def _build_context(run: _Run) -> StepContext:
     recipe, base, device = run.recipe, run.base, run.device
     dtype = DTYPES[run.precision]
     unet = base.unet
-    with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
-        torch.manual_seed(derive_seed(recipe.seed, Stream.INIT))
-        add_unet_lora(unet, recipe.network_dim, recipe.network_alpha)
-    cast_training_params(unet, dtype=torch.float32)
-    if run.state is not None:
-        named = dict(unet.named_parameters())
-        with torch.no_grad():
-            for name, tensor in run.state.lora.items():
-                named[name].copy_(tensor)
+    add_network(run.base, recipe, run.state.lora if run.state else None)
+    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)
+    train_text = not recipe.network_train_unet_only
     if recipe.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
@@ -248,26 +264,28 @@ def _build_context(run: _Run) -> StepContext:
         disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
     with run.times.stage("latent_caching"):
         latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, recipe.flip_aug, disk)
-    fixed_captions = not recipe.shuffle_caption and not dropout.tag_rate  # whole captions (or "") recur
+    if train_text:
+        run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "
+                "(network_train_unet_only: false)")
+    # whole captions (or "") recur, and the text encoders are frozen
+    fixed_captions = not recipe.shuffle_caption and not dropout.tag_rate and not train_text
     cached = [i.caption for i in images] + ([""] if dropout.on else []) if fixed_captions else ()
-    text = TextSource(base, dtype, device, cached, run.times)
+    text = TextSource(base, dtype, device, cached, run.times, train=train_text)
     if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
         if recipe.cache_latents:
             base.vae.to("cpu")
         if fixed_captions:
             for encoder in base.text_encoders:
                 encoder.to("cpu")
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, params, device)
-    total = steps_per_epoch(images, run.data.image_repeats, recipe.train_batch_size) * recipe.epochs
-    lr_scheduler = make_lr_scheduler(recipe, optimizer, total)
+    params = list(trainable(base).values())
+    optimizer = make_optimizer(recipe, param_groups(recipe, base), device)
+    lr_scheduler = make_lr_scheduler(recipe, optimizer, run.total)
     accelerator = make_accelerator(device, run.precision)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
-    parts = StepParts(unet, base.noise_scheduler, NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma),
-                      accelerator, optimizer, params)
+    parts = StepParts(unet, base.noise_scheduler, NoiseSettings.of(recipe), accelerator, optimizer, params)
     fast_path = recipe.fast_path  # where it cannot work, parsing the recipe refused it
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
@@ -276,22 +294,67 @@ def _build_context(run: _Run) -> StepContext:
         sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=recipe.flip_aug,
         random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
+        micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
     )
 
 
-def _save_epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
-                total: int, per_epoch: int) -> tuple[Path, str]:
+def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
+               path: Path) -> str:
+    """Write the LoRA as it stands (for a schedule-free optimizer: its averaged weights) to `path`."""
     recipe = run.recipe
     unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
-        recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=total,
-        num_train_images=run.data.num_train_images, num_batches_per_epoch=per_epoch,
+        recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=run.total,
+        num_train_images=run.data.num_train_images,
+        num_batches_per_epoch=steps_per_epoch(run.data.images, run.data.image_repeats, recipe.train_batch_size),
         num_reg_images=run.data.num_reg_images, reg_dataset_dirs=run.data.reg_dataset_dirs(),
         tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
         training_started_at=run.started_at, prediction_type=run.base.noise_scheduler.config.prediction_type,
     )
-    path = run.out_dir / epoch_file_name(run.version, recipe.name, epoch)
-    return path, save_lora(path, kohya_state_dict(unet, recipe.model_family, recipe.network_alpha), metadata)
+    encoders = None if recipe.network_train_unet_only else run.base.text_encoders
+    with averaged_weights(ctx.parts.optimizer):
+        tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
+    return save_lora(path, tensors, metadata)
+
+
+def _merge(stats: list[EpochStats]) -> EpochStats:
+    return EpochStats(
+        losses=[x for s in stats for x in s.losses], lrs=[x for s in stats for x in s.lrs],
+        images=sum(s.images for s in stats), seconds=sum(s.seconds for s in stats),
+        warmup_seconds=sum(s.warmup_seconds for s in stats),
+        first_step_done=next((s.first_step_done for s in stats if s.first_step_done is not None), None),
+    )
+
+
+def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
+           step_files: list[str]) -> tuple[EpochStats, int]:
+    """Train one epoch (cut at the run's last step), writing step files on the way; (stats, its steps)."""
+    recipe = run.recipe
+    batches = epoch_batches(run.data.images, run.data.image_repeats, recipe.effective_batch_size, recipe.seed,
+                            epoch)
+    batches = batches[:run.total - global_step]
+    every = recipe.save_every_n_steps or len(batches) + global_step + 1
+    stats, done = [], 0
+    while done < len(batches):
+        chunk = batches[done:done + every - (global_step + done) % every]
+        stats.append(run_epoch(ctx, epoch, chunk, global_step + done + 1))
+        done += len(chunk)
+        if recipe.save_every_n_steps and (global_step + done) % every == 0:
+            path = run.out_dir / step_file_name(run.version, recipe.name, global_step + done)
+            _save_lora(run, ctx, provenance, epoch, global_step + done, path)
+            step_files.append(str(path))
+    return _merge(stats), len(batches)
+
+
+def _sample(run: _Run, ctx: StepContext, renderer: SampleRenderer, epoch: int,
+            tracker: TrainingTracker | None) -> None:
+    every = run.recipe.sample_every_n_epochs
+    if not every or (epoch % every and epoch != run.last_epoch):
+        return
+    with averaged_weights(ctx.parts.optimizer), run.times.stage("sampling"):
+        path = renderer.render(strip_path(run.out_dir, run.version, run.recipe.name, epoch))
+    if tracker is not None:
+        tracker.log_image(path, "samples", epoch)
 
 
 def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
@@ -300,20 +363,18 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if recipe.flip_aug else None] if w]
     for line in warnings:
         run.log(f"warning: {line}")
-    per_epoch = steps_per_epoch(run.data.images, run.data.image_repeats, recipe.train_batch_size)
-    total = per_epoch * recipe.epochs
+    renderer = SampleRenderer(run.base, recipe, run.device, DTYPES[run.precision])
+    per_epoch, total = run.per_epoch, run.total
     start = state.epoch if state else 0
     global_step = state.global_step if state else 0
     losses, lrs = (list(state.losses), list(state.lrs)) if state else ([], [])
     saved = list(state.saved) if state else []
     if state:
-        run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{recipe.epochs} (step {global_step})")
-    trained_images, seconds, warmup, first_step_done = 0, 0.0, 0.0, None
-    for epoch in range(start + 1, recipe.epochs + 1):
-        batches = epoch_batches(run.data.images, run.data.image_repeats, recipe.train_batch_size, recipe.seed,
-                                epoch)
-        stats = run_epoch(ctx, epoch, batches, global_step + 1)
-        global_step += len(batches)
+        run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
+    trained_images, seconds, warmup, first_step_done, step_files = 0, 0.0, 0.0, None, []
+    for epoch in range(start + 1, run.last_epoch + 1):
+        stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files)
+        global_step += steps
         losses += stats.losses
         lrs += stats.lrs
         trained_images += stats.images
@@ -322,24 +383,25 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         first_step_done = first_step_done or stats.first_step_done
         mean_loss = statistics.fmean(stats.losses)
         saving = time.perf_counter()
-        if epoch % recipe.save_every_n_epochs == 0 or epoch == recipe.epochs:
-            path, sha = _save_epoch(run, ctx, provenance, epoch, global_step, total, per_epoch)
+        if epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch:
+            path = run.out_dir / epoch_file_name(run.version, recipe.name, epoch)
+            sha = _save_lora(run, ctx, provenance, epoch, global_step, path)
             saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
                           "sha256": sha})
-            unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
             save_state(run.out_dir, ResumeState(
                 key=run.key,
                 epoch=epoch, global_step=global_step, started_at=run.started_at, provenance=asdict(provenance),
                 saved=saved, losses=losses, lrs=lrs,
-                lora={n: p.detach().cpu().clone() for n, p in unet.named_parameters() if p.requires_grad},
+                lora={n: p.detach().cpu().clone() for n, p in trainable(run.base).items()},
                 optimizer=ctx.parts.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
             ))
+        _sample(run, ctx, renderer, epoch, tracker)
         if tracker is not None:
             tracker.log_steps(losses, lrs)
             tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
         run.times.add("saving", time.perf_counter() - saving)
         run.log(
-            f"epoch {epoch}/{recipe.epochs}: {len(batches)} steps, mean loss {mean_loss:.4f}, "
+            f"epoch {epoch}/{run.last_epoch}: {steps} steps, mean loss {mean_loss:.4f}, "
             f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
         )
     timings = _timings(run, seconds, warmup, first_step_done)
@@ -361,7 +423,13 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
         fast_path=isinstance(ctx.update, GraphedSteps), timings=timings, latent_cache=ctx.latents.stats.as_dict(),
         warnings=warnings,
+        step_files=step_files, sample_strip=_latest_strip(run),
     )
+
+
+def _latest_strip(run: _Run) -> Path | None:
+    strips = [strip_path(run.out_dir, run.version, run.recipe.name, e) for e in range(run.last_epoch, 0, -1)]
+    return next((path for path in strips if path.is_file()), None)
 
 
 def _timings(run: _Run, step_seconds: float, warmup: float, first_step_done: float | None) -> dict[str, float]:
@@ -371,7 +439,7 @@ def _timings(run: _Run, step_seconds: float, warmup: float, first_step_done: flo
     timings = {
         "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
         "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
-        "saving": stages.get("saving", 0.0),
+        "saving": stages.get("saving", 0.0), "sampling": stages.get("sampling", 0.0),
     }
     if first_step_done is not None:
         timings["time_to_first_step"] = first_step_done - run.called_at
