@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 
-.PHONY: demo test lint ui mlflow-ui clean install docs fuzz
+.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/lora-pipeline demo
+
+# LoCon with samples while training (data/recipes/demo-tiny-locon.yaml) on the demo's dataset version.
+demo-locon: demo
+	$(BIN)/lora-pipeline train hardware-design-aesthetic-v2 --recipe demo-tiny-locon
 
 test: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts

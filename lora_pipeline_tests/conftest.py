@@ -129,6 +129,41 @@ TRAIN_TAGS = ("red body", "blue body", "matte finish", "glossy finish", "front v
 TRAIN_SIZES = ((96, 64), (64, 96), (80, 80), (64, 64), (112, 64), (72, 88))
 
 
+def _train_snapshot(root, tiny_model, version: str = "train-v1", n: int = 4, repeats: int = 2):
+    from lora_pipeline.core.datasets.manifest import write_manifest
+    from lora_pipeline.core.fileio import write_json
+    from lora_pipeline.core.hashing import sha256_file
+    from lora_pipeline.core.paths import SNAPSHOT
+
+    root.models.mkdir(parents=True, exist_ok=True)
+    for name in ("tiny-sd", "tiny-sdxl"):
+        if not (root.models / name).exists():
+            os.symlink(tiny_model(name), root.models / name)
+    folder = f"img/{repeats}_trg"
+    snapshot = root.dataset(version)
+    (snapshot / folder).mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        size = TRAIN_SIZES[i % len(TRAIN_SIZES)]
+        rel = f"{folder}/im{i}.png"
+        _picture(100 + i, size).save(snapshot / rel)
+        digest = sha256_file(snapshot / rel)
+        rows.append({"path": rel, "kind": "image", "sha256": digest, "bytes": (snapshot / rel).stat().st_size,
+                     "width": size[0], "height": size[1], "source_batch": "b1", "source_path": f"im{i}.png",
+                     "source_sha256": digest})
+        tags = [TRAIN_TAGS[(i + k) % len(TRAIN_TAGS)] for k in range(3 + i % 2)]
+        cap = f"{folder}/im{i}.txt"
+        (snapshot / cap).write_text(", ".join(["trg", *tags]) + "\n", encoding="utf-8")
+        rows.append({"path": cap, "kind": "caption", "sha256": sha256_file(snapshot / cap),
+                     "bytes": (snapshot / cap).stat().st_size, "image": rel,
+                     "caption_source": f"sidecar:b1/im{i}.txt"})
+    manifest_root = write_manifest(snapshot, rows)
+    spec = {"name": version, "trigger": "trg", "repeats": repeats}
+    write_json(snapshot / SNAPSHOT, {"version": version, "spec": spec, "spec_sha256": "f" * 64,
+                                     "manifest_root": manifest_root, "captions_complete": True})
+    return root
+
+
 @pytest.fixture
 def train_snapshot(tmp_path, tiny_model):
     """`train_snapshot(version="train-v1", n=4, repeats=2)`: a DataRoot with a complete captioned snapshot.
@@ -137,43 +172,19 @@ def train_snapshot(tmp_path, tiny_model):
     "trg, <3-4 tags>", manifest rows for images and captions, snapshot.json with spec.repeats; the
     data root's models/ links to the worker's generated tiny models.
     """
-    from lora_pipeline.core.datasets.manifest import write_manifest
-    from lora_pipeline.core.fileio import write_json
-    from lora_pipeline.core.hashing import sha256_file
-    from lora_pipeline.core.paths import SNAPSHOT, DataRoot
+    from lora_pipeline.core.paths import DataRoot
 
     root = DataRoot(tmp_path / "data")
+    return lambda version="train-v1", n=4, repeats=2: _train_snapshot(root, tiny_model, version, n, repeats)
 
-    def make(version: str = "train-v1", n: int = 4, repeats: int = 2) -> DataRoot:
-        root.models.mkdir(parents=True, exist_ok=True)
-        for name in ("tiny-sd", "tiny-sdxl"):
-            if not (root.models / name).exists():
-                os.symlink(tiny_model(name), root.models / name)
-        folder = f"img/{repeats}_trg"
-        snapshot = root.dataset(version)
-        (snapshot / folder).mkdir(parents=True)
-        rows = []
-        for i in range(n):
-            size = TRAIN_SIZES[i % len(TRAIN_SIZES)]
-            rel = f"{folder}/im{i}.png"
-            _picture(100 + i, size).save(snapshot / rel)
-            digest = sha256_file(snapshot / rel)
-            rows.append({"path": rel, "kind": "image", "sha256": digest, "bytes": (snapshot / rel).stat().st_size,
-                         "width": size[0], "height": size[1], "source_batch": "b1", "source_path": f"im{i}.png",
-                         "source_sha256": digest})
-            tags = [TRAIN_TAGS[(i + k) % len(TRAIN_TAGS)] for k in range(3 + i % 2)]
-            cap = f"{folder}/im{i}.txt"
-            (snapshot / cap).write_text(", ".join(["trg", *tags]) + "\n", encoding="utf-8")
-            rows.append({"path": cap, "kind": "caption", "sha256": sha256_file(snapshot / cap),
-                         "bytes": (snapshot / cap).stat().st_size, "image": rel,
-                         "caption_source": f"sidecar:b1/im{i}.txt"})
-        manifest_root = write_manifest(snapshot, rows)
-        spec = {"name": version, "trigger": "trg", "repeats": repeats}
-        write_json(snapshot / SNAPSHOT, {"version": version, "spec": spec, "spec_sha256": "f" * 64,
-                                         "manifest_root": manifest_root, "captions_complete": True})
-        return root
 
-    return make
+@pytest.fixture(scope="module")
+def module_snapshot(tmp_path_factory, tiny_model):
+    """`train_snapshot` shared by a test module's tests (their training runs write to separate folders)."""
+    from lora_pipeline.core.paths import DataRoot
+
+    root = DataRoot(tmp_path_factory.mktemp("module") / "data")
+    return lambda version="train-v1", n=4, repeats=2: _train_snapshot(root, tiny_model, version, n, repeats)
 
 
 # --- hand-built LoRA epochs: kohya files and an MLflow training run, without training ------------------------

@@ -24,7 +24,7 @@ BATCHES = ["curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-
            "class-images-2026-12"]
 SPECS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",
          "hardware-masked-reg-v1"]
-RECIPES = ["demo-tiny", "demo-tiny-sdxl", "style-sd15", "style-sdxl"]
+RECIPES = ["demo-tiny", "demo-tiny-sdxl", "demo-tiny-locon", "style-sd15", "style-sdxl"]
 IMAGE_SUFFIXES = {".png", ".jpg"}
 
 
@@ -202,7 +202,9 @@ def test_recipes_load_and_prompt_in_the_caption_schema() -> None:
     tiny, tiny_xl = recipes["demo-tiny"], recipes["demo-tiny-sdxl"]
     assert (tiny.base_model, tiny.model_family, tiny_xl.base_model, tiny_xl.model_family) == (
         "tiny-sd", "sd15", "tiny-sdxl", "sdxl")
-    for recipe in (tiny, tiny_xl):  # CPU-sized
+    locon = recipes["demo-tiny-locon"]
+    assert (locon.conv_dim, locon.sample_every_n_epochs) == (4, 1)  # LoCon, samples while training
+    for recipe in (tiny, tiny_xl, locon):  # CPU-sized
         assert (recipe.resolution, recipe.epochs, recipe.network_dim, recipe.sample_steps) == (64, 4, 4, 4)
         assert recipe.mixed_precision == "no" and recipe.validation_split == 0.2
     assert (recipes["style-sd15"].resolution, recipes["style-sdxl"].resolution) == (512, 1024)

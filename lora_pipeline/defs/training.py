@@ -61,6 +61,9 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
         tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
+    samples = {}
+    if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
+        samples["latest_samples"] = image_markdown(result.sample_strip, f"samples: {result.sample_strip.stem}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(last["sha256"]),
         metadata={
@@ -68,6 +71,9 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "epochs": table(result.epochs, ["epoch", "file", "steps", "mean_loss", "sha256"]),
             "epoch_files": len(result.epochs),
             "loss_curve": image_markdown(result.loss_curve, "training loss"),
+            **samples,
+            "effective_batch_size": recipe.effective_batch_size,
+            "step_files": len(result.step_files),
             "final_mean_loss": float(last["mean_loss"]),
             "images_per_second": float(result.images_per_second),
             "images_trained": result.images_trained,
