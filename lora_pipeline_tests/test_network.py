@@ -28,6 +28,9 @@ from lora_pipeline.core.training.tracking import TrainingTracker
 from lora_pipeline.core.training.trainer import train_lora
 from lora_pipeline_tests.helpers import tiny_recipe, train
 
+# make test runs `-n 2 --dist loadgroup`: one worker runs this module, so its shared training runs happen once
+pytestmark = pytest.mark.xdist_group("network")
+
 SQUARE = {"enable_bucket": False, "validation_split": 0.2}
 LOCON = tiny_recipe(
     **SQUARE, conv_dim=4, conv_alpha=2.0, network_train_unet_only=False, text_encoder_lr=5e-4,
@@ -36,9 +39,10 @@ LOCON = tiny_recipe(
 )
 DORA = tiny_recipe(
     **SQUARE, base_model="tiny-sdxl", model_family="sdxl", use_dora=True, network_train_unet_only=False,
-    optimizer="Adafactor", learning_rate=1e-3, epochs=1, train_batch_size=1, gradient_accumulation_steps=2,
+    optimizer="Adafactor", learning_rate=1e-3, epochs=2, train_batch_size=1, gradient_accumulation_steps=2,
     multires_noise_iterations=3, multires_noise_discount=0.3, ip_noise_gamma=0.1, noise_offset=0.05,
     v_parameterization=True, zero_terminal_snr=True, debiased_estimation_loss=True, sample_prompts=("trg",),
+    sample_every_n_epochs=2, sample_steps=2,
 )
 
 
@@ -209,6 +213,46 @@ def test_dora_adafactor_accumulation_and_noise_options_on_sdxl(root, dora):
 
     run = tracker.client.get_run(result.mlflow_run_id)
     assert run.data.params["effective_batch_size"] == "2" and run.data.params["use_dora"] == "True"
+    images = [a.path for a in tracker.client.list_artifacts(result.mlflow_run_id, "images")]
+    assert images and all("samples" in name for name in images)  # the epoch-2 strip, as an MLflow image
+    assert result.sample_strip is not None and result.sample_strip.name == "train-v1-tiny-e002.png"
+
+
+def test_dora_run_resumes_to_the_same_tensors(root, dora):
+    clean = dora[0]
+
+    def crash(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Crash(line)
+
+    with pytest.raises(Crash):
+        train(root, DORA, "dora-resumed", log=crash)
+    resumed, _ = train(root, DORA, "dora-resumed")
+    assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
+    for mine, theirs in zip(resumed.epochs, clean.epochs, strict=True):
+        a, b = load_file(mine["file"]), load_file(theirs["file"])  # headers differ: the MLflow run id
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxl_text_encoder_lora_loads_in_diffusers(root):
+    recipe = tiny_recipe(**SQUARE, base_model="tiny-sdxl", model_family="sdxl", network_train_unet_only=False,
+                         optimizer="AdamW", learning_rate=1e-2, epochs=1)
+    result, _ = train(root, recipe, "sdxl-te")
+    tensors = load_file(result.epochs[-1]["file"])
+    assert {k.split("_encoder_layers")[0] for k in tensors if k.startswith("lora_te")} == {
+        "lora_te1_text_model", "lora_te2_text_model"}
+    trained = _trained_model(root, recipe, result.out_dir)
+    pipe = _pipeline(root, recipe)
+    ids = pipe.tokenizer(["trg, red body"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder_2(ids)[0]
+        pipe.load_lora_weights(for_diffusers(tensors, [pipe.text_encoder, pipe.text_encoder_2]), adapter_name="x")
+        for index, encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2)):
+            torch.testing.assert_close(encoder(ids)[0], trained.text_encoders[index](ids)[0], rtol=1e-4, atol=1e-5)
+        assert (pipe.text_encoder_2(ids)[0] - before).abs().max() > 1e-4
+        unet = pipe.unet(**_unet_inputs(pipe.unet, True)).sample
+        torch.testing.assert_close(unet, trained.unet(**_unet_inputs(trained.unet, True)).sample, rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_accumulating_4_x_batch_1_matches_batch_4(root):

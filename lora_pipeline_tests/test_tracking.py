@@ -43,7 +43,7 @@ def test_training_run_is_recorded_in_mlflow(train_snapshot):
     assert run.info.run_name == "train-v1/tiny" and run.info.status == "FINISHED"
     assert run.data.params["network_dim"] == "4" and run.data.params["optimizer"] == "DAdaptAdamW"
     assert run.data.params["eval_weights"] == "[0.6,0.8,1.0,1.2]"
-    assert set(run.data.params) == set(recipe.resolved())
+    assert set(run.data.params) == {*recipe.resolved(), "effective_batch_size"}  # train_batch_size x accumulation
     manifest_root = json.loads((root.dataset("train-v1") / "snapshot.json").read_text())["manifest_root"]
     assert {**TAGS, "manifest_root": manifest_root}.items() <= run.data.tags.items()
 
