@@ -39,6 +39,7 @@ from lora_pipeline.core.models.loading import BaseModel, load_base_model
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.data import load_training_data
 from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.noise import training_scheduler
 from lora_pipeline.core.training.recipe import Recipe
 
 VAL_LOSS_PNG = "val_loss.png"
@@ -147,12 +148,14 @@ def evaluate_lora(
     dtype = sampling_dtype(recipe, target)
     data = load_training_data(root.dataset(version), recipe)
     base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
+    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)  # v-prediction / zero terminal SNR
     validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")
     log(f"evaluating {len(epochs)} of {len(files)} epochs x {len(recipe.eval_weights) + 1} weights x "
         f"{len(recipe.sample_prompts)} prompts on {target}")
-    baseline, images, val = _sample_epochs(load_pipeline(base, dtype), base, validation, recipe, files, epochs,
+    pipe = load_pipeline(base, dtype, v_prediction=recipe.v_parameterization)
+    baseline, images, val = _sample_epochs(pipe, base, validation, recipe, files, epochs,
                                            dtype, log)
     client = training_run_client(root.mlflow)
     train, train_note = training_losses(client, run_id, {e: headers[e] for e in epochs})

@@ -45,11 +45,12 @@ def sampling_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.mixed_precision, torch.float32)
 
 
-def load_pipeline(base: BaseModel, dtype: torch.dtype) -> DiffusionPipeline:
+def load_pipeline(base: BaseModel, dtype: torch.dtype, v_prediction: bool = False) -> DiffusionPipeline:
     """The stock text-to-image pipeline around the already loaded base model (its modules are shared, not copied).
 
-    Only the sampling scheduler is read from the model folder; the safety checker is off, progress bars too.
-    The VAE decodes in the sampling dtype (SDXL's pipeline upcasts an fp16 VAE itself where needed).
+    Only the sampling scheduler is read from the model folder (set to v-prediction for a recipe with
+    `v_parameterization`); the safety checker is off, progress bars too. The VAE decodes in the sampling dtype
+    (SDXL's pipeline upcasts an fp16 VAE itself where needed).
     """
     if base.vae.dtype != dtype:
         with quiet_diffusers():
@@ -60,6 +61,8 @@ def load_pipeline(base: BaseModel, dtype: torch.dtype) -> DiffusionPipeline:
     if base.family == "sd15":
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = PIPELINES[base.family].from_pretrained(base.source, local_files_only=True, **parts)
+    if v_prediction:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,7 +1,8 @@
 """Validation and training loss per epoch, and the loss-curve PNG.
 
-Validation loss is the training objective (training.loop.compute_loss: same noise offset and min-SNR
-weighting) on the images the training split held out (training.data: same split, same images every time).
+Validation loss is the training objective (training.loop.compute_loss: the recipe's noise options and loss
+weighting, its prediction type) on the images the training split held out (training.data: same split, same
+images every time).
 Every epoch sees identical inputs: each image's latents are cached once, and its noise and timesteps come
 from a generator seeded by (sample_seed, image index), so differences between epochs are the LoRA's alone.
 When the split holds nothing out (validation_split 0, or a single image), the training images stand in and
@@ -73,7 +74,7 @@ def prepare_validation(
         ))
     return ValidationSet(
         held_out=bool(data.validation), images=[image.rel for image in images], batches=batches,
-        settings=NoiseSettings(recipe.noise_offset, recipe.min_snr_gamma), seed=recipe.sample_seed,
+        settings=NoiseSettings.of(recipe), seed=recipe.sample_seed,
     )
 
 

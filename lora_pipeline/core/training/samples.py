@@ -57,10 +57,8 @@ class SampleRenderer:
 
     def _pipeline(self) -> DiffusionPipeline:
         if self._pipe is None:
-            pipe = load_pipeline(self.base, self.base.vae.dtype)  # the VAE keeps the dtype training gave it
-            if self.recipe.v_parameterization:  # sample the way the LoRA was trained
-                pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
-            self._pipe = pipe
+            # the VAE keeps the dtype training gave it; v-prediction as the LoRA was trained
+            self._pipe = load_pipeline(self.base, self.base.vae.dtype, v_prediction=self.recipe.v_parameterization)
         return self._pipe
 
     def render(self, path: Path) -> Path:
