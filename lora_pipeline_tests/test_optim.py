@@ -66,7 +66,10 @@ def test_lr_follows_the_schedule(name):
         expected = [0.1 * min(1.0, s / warmup) for s in range(total)]
     elif name == "linear":
         expected = [0.1 * (s / warmup if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
-    else:
+    elif name == "polynomial":  # diffusers' default end lr 1e-7, power 1 (lr_scheduler_power)
+        expected = [0.1 * s / warmup if s < warmup else (0.1 - 1e-7) * (total - s) / (total - warmup) + 1e-7
+                    for s in range(total)]
+    else:  # cosine; cosine_with_restarts with its default single cycle
         expected = [
             0.1 * (s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
             for s in range(total)

@@ -95,8 +95,13 @@ def averaged_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 def step_lr(optimizer: torch.optim.Optimizer) -> tuple[float, torch.Tensor | float]:
     """The factors of the step just taken's learning rate, read without a host sync: (lr, d), where d is the
-    adapted step size of DAdapt/Prodigy (a copy of DAdaptAdamW's device tensor) and 1.0 otherwise."""
+    adapted step size of DAdapt/Prodigy (a copy of DAdaptAdamW's device tensor) and 1.0 otherwise; relative-step
+    Adafactor's own step size is (1.0, the size it took), computed as Adafactor computes it."""
     group = optimizer.param_groups[0]
+    if group.get("relative_step"):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        size = inner._get_lr(group, inner.state[group["params"][0]])
+        return 1.0, size.detach().clone() if isinstance(size, torch.Tensor) else float(size)
     d = group.get("d", 1.0)
     return float(group["lr"]), d.detach().clone() if isinstance(d, torch.Tensor) else float(d)
 
