@@ -233,6 +233,16 @@ class EpochStats:
     warmup_seconds: float = 0.0
     first_step_done: float | None = None
 
+    @classmethod
+    def merged(cls, parts: Sequence[EpochStats]) -> EpochStats:
+        """One epoch's stats from those of its consecutive chunks (save_every_n_steps cuts an epoch)."""
+        return cls(
+            losses=[x for p in parts for x in p.losses], lrs=[x for p in parts for x in p.lrs],
+            images=sum(p.images for p in parts), seconds=sum(p.seconds for p in parts),
+            warmup_seconds=sum(p.warmup_seconds for p in parts),
+            first_step_done=next((p.first_step_done for p in parts if p.first_step_done is not None), None),
+        )
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

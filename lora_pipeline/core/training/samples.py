@@ -31,6 +31,12 @@ def strip_path(out_dir: Path, version: str, recipe: str, epoch: int) -> Path:
     return out_dir / SAMPLES_DIR / f"{version}-{recipe}-e{epoch:03d}.png"
 
 
+def latest_strip(out_dir: Path, version: str, recipe: str, last_epoch: int) -> Path | None:
+    """The newest strip written so far (by this run or the run it resumed), None without any."""
+    strips = [strip_path(out_dir, version, recipe, epoch) for epoch in range(last_epoch, 0, -1)]
+    return next((path for path in strips if path.is_file()), None)
+
+
 def strip_image(images: np.ndarray) -> Image.Image:
     """uint8 [prompt, H, W, 3] side by side."""
     return Image.fromarray(np.concatenate(list(images), axis=1))

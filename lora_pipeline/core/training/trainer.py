@@ -53,7 +53,7 @@ from lora_pipeline.core.training.network import add_network, kohya_state_dict, p
 from lora_pipeline.core.training.noise import NoiseSettings, training_scheduler
 from lora_pipeline.core.training.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.samples import SampleRenderer, strip_path
+from lora_pipeline.core.training.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.timing import StageTimes
 from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 
@@ -317,15 +317,6 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
     return save_lora(path, tensors, metadata)
 
 
-def _merge(stats: list[EpochStats]) -> EpochStats:
-    return EpochStats(
-        losses=[x for s in stats for x in s.losses], lrs=[x for s in stats for x in s.lrs],
-        images=sum(s.images for s in stats), seconds=sum(s.seconds for s in stats),
-        warmup_seconds=sum(s.warmup_seconds for s in stats),
-        first_step_done=next((s.first_step_done for s in stats if s.first_step_done is not None), None),
-    )
-
-
 def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
            step_files: list[str]) -> tuple[EpochStats, int]:
     """Train one epoch (cut at the run's last step), writing step files on the way; (stats, its steps)."""
@@ -343,7 +334,7 @@ def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, 
             path = run.out_dir / step_file_name(run.version, recipe.name, global_step + done)
             _save_lora(run, ctx, provenance, epoch, global_step + done, path)
             step_files.append(str(path))
-    return _merge(stats), len(batches)
+    return EpochStats.merged(stats), len(batches)
 
 
 def _sample(run: _Run, ctx: StepContext, renderer: SampleRenderer, epoch: int,
@@ -423,13 +414,8 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
         fast_path=isinstance(ctx.update, GraphedSteps), timings=timings, latent_cache=ctx.latents.stats.as_dict(),
         warnings=warnings,
-        step_files=step_files, sample_strip=_latest_strip(run),
+        step_files=step_files, sample_strip=latest_strip(run.out_dir, run.version, recipe.name, run.last_epoch),
     )
-
-
-def _latest_strip(run: _Run) -> Path | None:
-    strips = [strip_path(run.out_dir, run.version, run.recipe.name, e) for e in range(run.last_epoch, 0, -1)]
-    return next((path for path in strips if path.is_file()), None)
 
 
 def _timings(run: _Run, step_seconds: float, warmup: float, first_step_done: float | None) -> dict[str, float]:
