@@ -160,7 +160,7 @@ def test_resume_reproduces_the_run_and_every_new_option_changes_the_recipe_hash(
     assert resumed.loss_history == clean.loss_history and resumed.lr_history == clean.lr_history
 
     # a resume state only continues the same recipe: each new option, changed, gives another hash
-    changes = {"fast_path": True, "conv_dim": 8, "conv_alpha": 4.0, "use_dora": False, "text_encoder_lr": 1e-3,
+    changes = {"conv_dim": 8, "conv_alpha": 4.0, "use_dora": False, "text_encoder_lr": 1e-3,
                "max_train_steps": 5, "save_every_n_steps": 3, "gradient_accumulation_steps": 2,
                "lr_scheduler_num_cycles": 2, "lr_scheduler_power": 2.0, "adafactor_relative_step": False,
                "multires_noise_iterations": 6, "multires_noise_discount": 0.4, "ip_noise_gamma": 0.05,
