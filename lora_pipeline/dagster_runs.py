@@ -64,9 +64,9 @@ def _plain(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in metadata.items()}
 
 
-def step_failures(result: dg.ExecuteInProcessResult) -> list[StepFailure]:
+def step_failures(events: list[dg.DagsterEvent]) -> list[StepFailure]:
     failures = []
-    for event in result.all_events:
+    for event in events:
         if not event.is_step_failure:
             continue
         data = event.step_failure_data
@@ -83,10 +83,10 @@ def step_failures(result: dg.ExecuteInProcessResult) -> list[StepFailure]:
     return failures
 
 
-def _blocked_steps(result: dg.ExecuteInProcessResult) -> set[str]:
+def _blocked_steps(events: list[dg.DagsterEvent]) -> set[str]:
     """Steps that failed because a blocking asset check they evaluated did not pass."""
     blocked = set()
-    for event in result.all_events:
+    for event in events:
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.asset_check_evaluation_data
             if evaluation.blocking and not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
@@ -98,20 +98,21 @@ def _blocked_steps(result: dg.ExecuteInProcessResult) -> set[str]:
 class RunOutcome:
     run_id: str
     success: bool
-    result: dg.ExecuteInProcessResult
+    events: list[dg.DagsterEvent]  # the run's Dagster events, in order
     failures: list[StepFailure] = field(default_factory=list)  # blocked steps and expected reported failures
 
     def metadata(self, asset: str) -> dict:
         """The metadata of the asset's materialization in this run, as plain values."""
-        for event in self.result.get_asset_materialization_events():
-            mat = event.step_materialization_data.materialization
-            if mat.asset_key == dg.AssetKey(asset):
-                return _plain(mat.metadata)
+        for event in self.events:
+            if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+                mat = event.step_materialization_data.materialization
+                if mat.asset_key == dg.AssetKey(asset):
+                    return _plain(mat.metadata)
         return {}
 
     def output_metadata(self, step: str) -> dict:
         """The metadata of a step's output in this run, as plain values."""
-        for event in self.result.all_events:
+        for event in self.events:
             if event.is_successful_output and event.step_key == step:
                 return _plain(event.step_output_data.metadata)
         return {}
@@ -120,9 +121,11 @@ class RunOutcome:
         return next((f for f in self.failures if f.step == step), None)
 
     def check_passed(self, check_name: str) -> bool | None:
-        for evaluation in self.result.get_asset_check_evaluations():
-            if evaluation.check_name == check_name:
-                return evaluation.passed
+        for event in self.events:
+            if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+                evaluation = event.asset_check_evaluation_data
+                if evaluation.check_name == check_name:
+                    return evaluation.passed
         return None
 
 
@@ -141,7 +144,8 @@ def run_job(
     reports_by_failing: Collection[str] = (),
     tags: Mapping[str, str] | None = None,
 ) -> RunOutcome:
-    """Execute a job (for one partition, if it is partitioned) in this process, recorded in the instance.
+    """Execute a job (for one partition, if it is partitioned) in this process, recorded in the instance; in the
+    cluster profile (`submits_runs`), submit it to the instance's run queue and wait for it instead.
 
     The assets' progress lines go to stdout (the `console` logger in defs/loggers.py) unless quiet;
     `op_config` is the run config's `ops` section, `tags` extra run tags.
@@ -159,15 +163,20 @@ def run_job(
     from lora_pipeline.defs.run_health import fail_dead_runs, process_tags
 
     fail_dead_runs(inst, lambda line: print(f"note: {line}", file=sys.stderr, flush=True))
-    job = definitions().resolve_job_def(job_name)
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "ERROR" if quiet else "INFO"}}}}
     if op_config:
         run_config["ops"] = dict(op_config)
-    result = job.execute_in_process(
-        run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,
-        tags={**process_tags(), **(tags or {})},
-    )
-    failures = step_failures(result)
+    if submits_runs(inst):
+        from lora_pipeline.submitted_runs import submit_and_wait
+
+        run_id, success, events = submit_and_wait(inst, job_name, partition_key, run_config, tags)
+    else:
+        result = definitions().resolve_job_def(job_name).execute_in_process(
+            run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,
+            tags={**process_tags(), **(tags or {})},
+        )
+        run_id, success, events = result.run_id, result.success, result.all_events
+    failures = step_failures(events)
     for failure in failures:
         if failure.user_error:
             raise UserError(failure.message)
@@ -175,10 +184,19 @@ def run_job(
             raise KeyboardInterrupt
         if os_error := _os_error_class(failure.error_class):
             raise os_error(failure.message.removeprefix(f"{failure.error_class}: "))
-    blocked = _blocked_steps(result)
+    blocked = _blocked_steps(events)
     for failure in failures:
         if failure.step not in blocked and not (failure.reported and failure.step in reports_by_failing):
-            raise RuntimeError(f"run {result.run_id} of {job_name} failed in {failure.step}: {failure.message}")
-    if not result.success and not failures:
-        raise RuntimeError(f"run {result.run_id} of {job_name} failed")
-    return RunOutcome(result.run_id, result.success, result, failures)
+            raise RuntimeError(f"run {run_id} of {job_name} failed in {failure.step}: {failure.message}")
+    if not success and not failures:
+        raise RuntimeError(f"run {run_id} of {job_name} failed")
+    return RunOutcome(run_id, success, events, failures)
+
+
+def submits_runs(inst: dg.DagsterInstance) -> bool:
+    """Whether runs go through the instance's run queue (the cluster profile's QueuedRunCoordinator and an
+    executor other than the default): then they are submitted and waited for, instead of run in this process."""
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    return isinstance(inst.run_coordinator, QueuedRunCoordinator) and os.environ.get(
+        "LORA_PIPELINE_EXECUTOR", "default") != "default"

@@ -27,9 +27,17 @@ def default_data_root() -> Path:
     return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
 
 
+MLFLOW_URI_ENV = "LORA_PIPELINE_MLFLOW_URI"  # a tracking server (the cluster profile); unset: the SQLite store
+
+
+def external_mlflow_uri() -> str | None:
+    """The tracking URI of `$LORA_PIPELINE_MLFLOW_URI` (an MLflow server, e.g. on Postgres), or None."""
+    return os.environ.get(MLFLOW_URI_ENV) or None
+
+
 def mlflow_tracking_uri(mlflow_dir: Path) -> str:
-    """The MLflow backend store (SQLite) in `mlflow_dir`, as `make mlflow-ui` opens it."""
-    return f"sqlite:///{mlflow_dir.resolve() / MLFLOW_DB}"
+    """`$LORA_PIPELINE_MLFLOW_URI` when set, else the SQLite store in `mlflow_dir` (as `make mlflow-ui` opens it)."""
+    return external_mlflow_uri() or f"sqlite:///{mlflow_dir.resolve() / MLFLOW_DB}"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, problems_metadata, table
 from lora_pipeline.defs.partitions import dataset_versions, source_batches
+from lora_pipeline.defs.placement import CPU, op_tags
 from lora_pipeline.defs.resources import DataRootResource
 
 GROUP = "datasets"
@@ -45,6 +46,7 @@ def _version_inputs(
     partitions_def=source_batches,
     group_name=GROUP,
     kinds={"filesystem"},
+    op_tags=op_tags(CPU),
     description="A complete source handoff under sources/<batch> (marked _READY). Only read, never written.",
 )
 @fails_on_user_error
@@ -72,6 +74,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     partitions_def=dataset_versions,
     group_name=GROUP,
     kinds={"filesystem"},
+    op_tags=op_tags(CPU),
     deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
     description="datasets/<version>/: copy-only, immutable snapshot of the images named by specs/<version>.yaml.",
 )
@@ -107,6 +110,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     partitions_def=dataset_versions,
     group_name=GROUP,
     kinds={"text"},
+    op_tags=op_tags(CPU),
     deps=[dataset_snapshot],
     description="The .txt caption beside every image (trigger token first), the caption rows of the manifest and "
     "captions.json (the caption problems and lint the report includes).",
@@ -140,6 +144,7 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     partitions_def=dataset_versions,
     group_name=GROUP,
     kinds={"markdown"},
+    op_tags=op_tags(CPU),
     deps=[caption_set],
     check_specs=[
         dg.AssetCheckSpec(NO_ERRORS_CHECK, asset="dataset_report", blocking=True,

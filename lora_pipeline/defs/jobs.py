@@ -4,6 +4,9 @@ import dagster as dg
 
 from lora_pipeline.defs.partitions import dataset_versions, source_batches, training_runs
 
+# Runs that use the accelerator: the cluster profile's run queue starts one at a time (deploy/cluster/dagster.yaml).
+GPU_RUN = {"lora-pipeline/worker": "gpu"}
+
 register_batch_job = dg.define_asset_job(
     "register_batch_job",
     selection=dg.AssetSelection.assets("source_batch"),
@@ -21,10 +24,12 @@ train_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("lora_epochs"),
     partitions_def=training_runs,
     description="Train every epoch of a LoRA for one dataset version x recipe.",
+    tags=GPU_RUN,
 )
 evaluate_job = dg.define_asset_job(
     "evaluate_job",
     selection=dg.AssetSelection.assets("evaluation_grid"),
     partitions_def=training_runs,
     description="Epoch x weight grids, validation loss and the recommended epoch.",
+    tags=GPU_RUN,
 )

@@ -9,6 +9,7 @@ from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
+from lora_pipeline.defs.placement import GPU, op_tags
 from lora_pipeline.defs.resources import DataRootResource
 from lora_pipeline.defs.run_health import fail_dead_runs
 
@@ -33,6 +34,7 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     partitions_def=training_runs,
     group_name=GROUP,
     kinds={"pytorch", "mlflow"},
+    op_tags=op_tags(GPU),
     pool="gpu",
     deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
     description="loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors: one kohya-format LoRA per "
@@ -97,6 +99,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     partitions_def=training_runs,
     group_name=GROUP,
     kinds={"pytorch", "mlflow"},
+    op_tags=op_tags(GPU),
     pool="gpu",
     deps=[lora_epochs],
     description="evals/<version>/<recipe>/: epoch x LoRA-weight grids (one per prompt), validation loss and the "

@@ -1,4 +1,6 @@
-"""MLflow tracking of LoRA training runs: SQLite store and artifacts under `<data>/mlflow/`.
+"""MLflow tracking of LoRA training runs: SQLite store and artifacts under `<data>/mlflow/`, or the tracking
+server of `$LORA_PIPELINE_MLFLOW_URI` (the cluster profile: a server on Postgres whose artifact root is a
+shared folder; the store and artifact location are then the server's).
 
 One run per training, named `<version>/<recipe>`, in the experiment "lora-pipeline" whose artifact location
 is `<data>/mlflow/artifacts`. Everything goes through an `MlflowClient` bound to an explicit tracking URI,
@@ -44,7 +46,7 @@ from mlflow.utils.validation import (
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import canonical_json
 from lora_pipeline.core.locks import exclusive_lock
-from lora_pipeline.core.paths import MLFLOW_DB, mlflow_tracking_uri
+from lora_pipeline.core.paths import MLFLOW_DB, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.plots import line_chart
 
 EXPERIMENT = "lora-pipeline"
@@ -56,7 +58,10 @@ _logger = logging.getLogger(__name__)
 
 
 def open_store(mlflow_dir: Path, log: Callable[[str], None] = _logger.warning) -> str:
-    """The tracking URI of `mlflow_dir/mlflow.db`, after making sure the store is whole (see the module doc)."""
+    """The tracking URI of `mlflow_dir/mlflow.db`, after making sure the store is whole (see the module doc);
+    `$LORA_PIPELINE_MLFLOW_URI` instead when it is set (a server keeps its own store whole)."""
+    if external := external_mlflow_uri():
+        return external
     db = mlflow_dir / MLFLOW_DB
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     if db.is_file() and _schema_revision(db) == _get_latest_schema_revision():
@@ -153,7 +158,8 @@ class TrainingTracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        location = str((self.mlflow_dir / ARTIFACTS).resolve())
+        # A tracking server puts the experiment under its own artifact root (a shared folder in the cluster profile).
+        location = None if external_mlflow_uri() else str((self.mlflow_dir / ARTIFACTS).resolve())
         try:
             return self.client.create_experiment(self.experiment, artifact_location=location)
         except MlflowException:  # created concurrently by another process

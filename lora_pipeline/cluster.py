@@ -1,0 +1,231 @@
+"""The cluster profile (deploy/cluster/) started on one machine: Dagster's webserver and daemon on a Postgres
+instance, one Celery worker per queue, an MLflow server on Postgres. `make cluster-demo` runs the demo chain
+through them (`python -m lora_pipeline.cluster demo`); the tests start the same processes.
+
+Every process is started in its own session and stopped by its process group id (SIGTERM, then SIGKILL after
+a grace period), so nothing else on the machine is touched. The commands are the ones a multi-machine
+deployment runs on each machine (README, "Running on several machines").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.paths import MLFLOW_URI_ENV, REPO_ROOT
+from lora_pipeline.defs.executor import BACKEND_ENV, BROKER_ENV, EXECUTOR_ENV
+from lora_pipeline.defs.placement import CPU, GPU, QUEUE_PREFIX_ENV
+
+PROFILE = REPO_ROOT / "deploy" / "cluster"
+PG_URL_ENV = "LORA_PIPELINE_DAGSTER_PG_URL"
+BIN = Path(sys.executable).parent
+STOP_GRACE_S = 10.0
+
+
+def libpq_url(url: str) -> str:
+    """`url` without a SQLAlchemy driver suffix (postgresql+psycopg2:// -> postgresql://), as libpq reads it."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme.split('+')[0]}{sep}{rest}"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """`url` for SQLAlchemy with the psycopg2 driver: dagster-postgres needs it (SQLAlchemy 2.1 would pick
+    psycopg 3 for a bare postgresql://, whose server-side parameters break dagster-postgres's NOTIFY)."""
+    return "postgresql+psycopg2://" + libpq_url(url).partition("://")[2]
+
+
+def postgres_problem(url: str) -> str | None:
+    """None when the Postgres database at `url` answers; else one line saying why not."""
+    import psycopg2
+
+    try:
+        psycopg2.connect(libpq_url(url), connect_timeout=3).close()
+    except psycopg2.OperationalError as exc:
+        parts = urlsplit(url)
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return f"Postgres at {parts.hostname}:{parts.port or 5432}{parts.path} is unreachable: {reason}"
+    return None
+
+
+def require_postgres(url: str) -> None:
+    if problem := postgres_problem(url):
+        raise UserError(problem)
+
+
+def _admin(server_url: str, statement: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{libpq_url(server_url)}/postgres", connect_timeout=3)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database `name` (a plain identifier) on the server; return its SQLAlchemy URL."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"not a plain database name: {name!r}")
+    _admin(server_url, f'CREATE DATABASE "{name}"')
+    return sqlalchemy_url(f"{server_url}/{name}")
+
+
+def drop_database(server_url: str, name: str) -> None:
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"not a plain database name: {name!r}")
+    _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Cluster:
+    """The processes of the profile on this machine, for one Dagster home, data root and pair of databases."""
+
+    home: Path  # DAGSTER_HOME: deploy/cluster/dagster.yaml is copied here
+    data: Path  # the shared data root
+    dagster_db: str  # Postgres URLs
+    mlflow_db: str
+    mlflow_port: int = 5000
+    web_port: int | None = 3000  # None: no webserver
+    queue_prefix: str = ""
+    gpu_workers: int = 1  # processes of the gpu queue's worker (the run queue and pool still allow one at a time)
+    broker: str = "pyamqp://guest:guest@127.0.0.1:5672//"
+    backend: str = "redis://127.0.0.1:6379/0"
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _saved_env: dict[str, str] | None = None
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "process-logs"  # not logs/, which Dagster clears
+
+    def env(self) -> dict[str, str]:
+        """The environment every process of the deployment shares (deploy/cluster/env.sh)."""
+        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DAGSTER_HOME": str(self.home), "LORA_PIPELINE_DATA": str(self.data),
+                PG_URL_ENV: self.dagster_db, EXECUTOR_ENV: "celery", BROKER_ENV: self.broker,
+                BACKEND_ENV: self.backend, QUEUE_PREFIX_ENV: self.queue_prefix, MLFLOW_URI_ENV: self.mlflow_uri}
+
+    def commands(self) -> dict[str, list[str]]:
+        """Name -> command line of each process, as run on the machines of a deployment."""
+        worker = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
+                  "-y", str(PROFILE / "celery.yaml")]
+        commands = {
+            "daemon": [str(BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
+            f"worker-{CPU}": [*worker, "-q", self.queue_prefix + CPU, "-n", f"{self.queue_prefix}{CPU}@%h",
+                              "--", "--concurrency=1"],
+            f"worker-{GPU}": [*worker, "-q", self.queue_prefix + GPU, "-n", f"{self.queue_prefix}{GPU}@%h",
+                              "--", f"--concurrency={self.gpu_workers}"],
+            "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                       "--backend-store-uri", self.mlflow_db,
+                       "--default-artifact-root", str(self.data / "mlflow" / "artifacts"),
+                       "--no-serve-artifacts", "--workers", "1"],
+        }
+        if self.web_port is not None:
+            commands["webserver"] = [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.web_port),
+                                     "-w", str(REPO_ROOT / "workspace.yaml")]
+        return commands
+
+    def start(self) -> None:
+        """Start every process (the instance's database must exist); `stop` ends them. This process takes the
+        deployment's environment too (restored by `stop`), so its CLI calls submit runs to the cluster."""
+        import dagster as dg
+
+        require_postgres(self.dagster_db)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        shutil.copyfile(PROFILE / "dagster.yaml", self.home / "dagster.yaml")
+        env = self.env()
+        self._saved_env = dict(os.environ)
+        os.environ.update(env)
+        with dg.DagsterInstance.from_config(str(self.home)):
+            pass  # creates the schema once, before several processes would race to create it
+        for name, argv in self.commands().items():
+            with open(self.logs / f"{name}.log", "ab") as log:
+                self.processes[name] = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
+                                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Until the servers answer, each worker says it is ready and the daemon's run queue beats."""
+        deadline = time.monotonic() + timeout_s
+        checks: dict[str, Callable[[], bool]] = {
+            "mlflow": lambda: _answers(f"{self.mlflow_uri}/health"),
+            f"worker-{CPU}": lambda: b" ready." in (self.logs / f"worker-{CPU}.log").read_bytes(),
+            f"worker-{GPU}": lambda: b" ready." in (self.logs / f"worker-{GPU}.log").read_bytes(),
+            "daemon": self._daemon_beats,
+        }
+        if self.web_port is not None:
+            checks["webserver"] = lambda: _answers(f"http://127.0.0.1:{self.web_port}/server_info")
+        while checks:
+            for name in list(checks):
+                process = self.processes[name]
+                if process.poll() is not None:
+                    tail = (self.logs / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise RuntimeError(f"{name} exited with {process.returncode}: " + " | ".join(tail))
+                if checks[name]():
+                    del checks[name]
+            if checks and time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s:.0f} s: {', '.join(checks)} (logs in {self.logs})")
+            time.sleep(0.5)
+
+    def _daemon_beats(self) -> bool:
+        import dagster as dg
+
+        with dg.DagsterInstance.from_config(str(self.home)) as inst:
+            return "QUEUED_RUN_COORDINATOR" in inst.get_daemon_heartbeats()
+
+    def stop(self) -> None:
+        """SIGTERM each process group this object started, SIGKILL what is left after the grace period."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.1, deadline - time.monotonic()))
+            _signal_group(process, signal.SIGKILL)  # children left behind (Celery's pool, gRPC code servers)
+            process.wait()
+        self.processes.clear()
+        if self._saved_env is not None:
+            os.environ.clear()
+            os.environ.update(self._saved_env)
+            self._saved_env = None
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)  # the group this process leads (start_new_session)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -1,0 +1,49 @@
+"""The executor of every job: in-process by default; Celery or Kubernetes steps in the cluster profiles.
+
+`LORA_PIPELINE_EXECUTOR` picks it when the code location loads (every process of a deployment must agree):
+- unset or "default": Dagster's default executor (the embedded profile, `make demo`);
+- "celery": `dagster-celery`'s executor; steps go to the queues of placement.py; the broker and result
+  backend come from `LORA_PIPELINE_CELERY_BROKER` and `LORA_PIPELINE_CELERY_BACKEND` (deploy/cluster/);
+- "k8s": `dagster-k8s`'s `k8s_job_executor`, one pod per step; its settings are deploy/k8s/executor.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+EXECUTOR_ENV = "LORA_PIPELINE_EXECUTOR"
+BROKER_ENV = "LORA_PIPELINE_CELERY_BROKER"
+BACKEND_ENV = "LORA_PIPELINE_CELERY_BACKEND"
+K8S_EXECUTOR_FILE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "executor.yaml"
+
+
+def k8s_executor_config(path: Path = K8S_EXECUTOR_FILE) -> dict:
+    """The `execution.config` section of deploy/k8s/executor.yaml: the k8s_job_executor's settings."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))["execution"]["config"]
+
+
+def selected_executor() -> dg.ExecutorDefinition | None:
+    """The executor `LORA_PIPELINE_EXECUTOR` names, or None for Dagster's default."""
+    kind = os.environ.get(EXECUTOR_ENV, "default")
+    if kind == "default":
+        return None
+    if kind == "celery":
+        from dagster_celery import celery_executor
+
+        # Read from the environment when a run starts, in the run worker (dagster's StringSource).
+        return celery_executor.configured({"broker": {"env": BROKER_ENV}, "backend": {"env": BACKEND_ENV}})
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor.configured(k8s_executor_config())
+    raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected default, celery or k8s")
+
+
+@dg.definitions
+def executor() -> dg.Definitions:
+    chosen = selected_executor()
+    return dg.Definitions(executor=chosen) if chosen is not None else dg.Definitions()
