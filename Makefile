@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 
-.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz
+.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz cluster-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 # LoCon with samples while training (data/recipes/demo-tiny-locon.yaml) on the demo's dataset version.
 demo-locon: demo
 	$(BIN)/lora-pipeline train hardware-design-aesthetic-v2 --recipe demo-tiny-locon
+
+# The cluster profile on this machine (README, "Running on several machines"): Dagster webserver and daemon on
+# Postgres, one Celery worker per queue, MLflow on Postgres; the demo chain through them. HOLD=1 keeps them up
+# until Enter. Needs the local Postgres, RabbitMQ and Redis.
+cluster-demo: $(STAMP)
+	$(BIN)/python -m lora_pipeline.cluster demo $(if $(HOLD),--hold)
 
 test: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
@@ -55,4 +61,4 @@ mlflow-ui: $(STAMP)
 	  --default-artifact-root $(CURDIR)/data/mlflow/artifacts
 
 clean:
-	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp $(DAGSTER_HOME)
+	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp $(DAGSTER_HOME) .cluster_demo

@@ -116,7 +116,8 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """The environment every process of the deployment shares (deploy/cluster/env.sh)."""
-        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DAGSTER_HOME": str(self.home), "LORA_PIPELINE_DATA": str(self.data),
+        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "DAGSTER_HOME": str(self.home), "LORA_PIPELINE_DATA": str(self.data),
                 PG_URL_ENV: self.dagster_db, EXECUTOR_ENV: "celery", BROKER_ENV: self.broker,
                 BACKEND_ENV: self.backend, QUEUE_PREFIX_ENV: self.queue_prefix, MLFLOW_URI_ENV: self.mlflow_uri}
 
@@ -229,3 +230,76 @@ def _answers(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+DEMO_DIR = REPO_ROOT / ".cluster_demo"  # git-ignored: the demo's Dagster home, data root and process logs
+SERVER_ENV = "LORA_PIPELINE_PG"  # the Postgres server (no database), as in deploy/cluster/env.sh
+
+
+def _fresh_data_root(data: Path) -> None:
+    """A data root holding copies of the repository's sample sources, specs and recipes (and its base models)."""
+    shutil.rmtree(data, ignore_errors=True)
+    for part in ("sources", "specs", "recipes"):
+        shutil.copytree(REPO_ROOT / "data" / part, data / part)
+    models = REPO_ROOT / "data" / "models"
+    if models.is_dir():
+        shutil.copytree(models, data / "models", symlinks=True)
+
+
+def demo(hold: bool = False) -> int:
+    """`make cluster-demo`: the demo chain through the cluster profile on this machine; see the module doc."""
+    from lora_pipeline import cli, submitted_runs
+
+    started = time.monotonic()
+    server = libpq_url(os.environ.get(SERVER_ENV, "postgresql://postgres@127.0.0.1:5432"))
+    require_postgres(f"{server}/postgres")
+    for name in ("lora_demo_dagster", "lora_demo_mlflow"):
+        drop_database(server, name)
+    cluster = Cluster(home=DEMO_DIR / "dagster_home", data=DEMO_DIR / "data",
+                      dagster_db=create_database(server, "lora_demo_dagster"),
+                      mlflow_db=create_database(server, "lora_demo_mlflow"),
+                      mlflow_port=int(os.environ.get("CLUSTER_MLFLOW_PORT", "5050")),
+                      web_port=int(os.environ.get("CLUSTER_WEB_PORT", "3030")))
+    _fresh_data_root(cluster.data)
+    shutil.rmtree(cluster.home, ignore_errors=True)
+    print("starting:", flush=True)
+    for name, argv in cluster.commands().items():
+        print(f"  {name:10s} {' '.join(argv)}", flush=True)
+    with cluster:
+        import dagster as dg
+
+        ready = time.monotonic() - started
+        with dg.DagsterInstance.get() as inst:
+            submitted_runs.stop_automation(inst)
+        print(f"all processes ready after {ready:.0f} s; running `lora-pipeline demo` through them", flush=True)
+        code = cli.main(["demo"])
+        print("\n".join([
+            "",
+            f"cluster-demo: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.monotonic() - started:.0f} s",
+            f"  Dagster UI  http://127.0.0.1:{cluster.web_port} (instance on Postgres: {cluster.dagster_db})",
+            f"  MLflow UI   {cluster.mlflow_uri} (store on Postgres: {cluster.mlflow_db}; "
+            f"artifacts in {cluster.data / 'mlflow' / 'artifacts'})",
+            f"  data root   {cluster.data}",
+            f"  logs        {cluster.logs}/ (one per process; the Celery workers log each step they ran)",
+        ]), flush=True)
+        if hold:
+            with contextlib.suppress(KeyboardInterrupt, EOFError):
+                input("press Enter (or Ctrl-C) to stop the cluster ")
+    print("stopped every process the demo started", flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "demo":
+        print("usage: python -m lora_pipeline.cluster demo [--hold]", file=sys.stderr)
+        return 2
+    try:
+        return demo(hold="--hold" in args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
