@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     root = DataRoot.from_env()
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if args.fn is not cmd_provenance:  # every other command records a run: the instance must answer first
+            from lora_pipeline.postgres import require_instance_database
+
+            require_instance_database()
         result = args.fn(args, root)
     except UserError as exc:
         return _fail(args, str(exc), 1)

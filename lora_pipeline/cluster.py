@@ -20,73 +20,16 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import MLFLOW_URI_ENV, REPO_ROOT
 from lora_pipeline.defs.executor import BACKEND_ENV, BROKER_ENV, EXECUTOR_ENV
 from lora_pipeline.defs.placement import CPU, GPU, QUEUE_PREFIX_ENV
+from lora_pipeline.postgres import PG_URL_ENV, create_database, drop_database, libpq_url, require_postgres
 
 PROFILE = REPO_ROOT / "deploy" / "cluster"
-PG_URL_ENV = "LORA_PIPELINE_DAGSTER_PG_URL"
 BIN = Path(sys.executable).parent
 STOP_GRACE_S = 10.0
-
-
-def libpq_url(url: str) -> str:
-    """`url` without a SQLAlchemy driver suffix (postgresql+psycopg2:// -> postgresql://), as libpq reads it."""
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme.split('+')[0]}{sep}{rest}"
-
-
-def sqlalchemy_url(url: str) -> str:
-    """`url` for SQLAlchemy with the psycopg2 driver: dagster-postgres needs it (SQLAlchemy 2.1 would pick
-    psycopg 3 for a bare postgresql://, whose server-side parameters break dagster-postgres's NOTIFY)."""
-    return "postgresql+psycopg2://" + libpq_url(url).partition("://")[2]
-
-
-def postgres_problem(url: str) -> str | None:
-    """None when the Postgres database at `url` answers; else one line saying why not."""
-    import psycopg2
-
-    try:
-        psycopg2.connect(libpq_url(url), connect_timeout=3).close()
-    except psycopg2.OperationalError as exc:
-        parts = urlsplit(url)
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        return f"Postgres at {parts.hostname}:{parts.port or 5432}{parts.path} is unreachable: {reason}"
-    return None
-
-
-def require_postgres(url: str) -> None:
-    if problem := postgres_problem(url):
-        raise UserError(problem)
-
-
-def _admin(server_url: str, statement: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(f"{libpq_url(server_url)}/postgres", connect_timeout=3)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
-
-
-def create_database(server_url: str, name: str) -> str:
-    """Create database `name` (a plain identifier) on the server; return its SQLAlchemy URL."""
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"not a plain database name: {name!r}")
-    _admin(server_url, f'CREATE DATABASE "{name}"')
-    return sqlalchemy_url(f"{server_url}/{name}")
-
-
-def drop_database(server_url: str, name: str) -> None:
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"not a plain database name: {name!r}")
-    _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -101,6 +44,7 @@ class Cluster:
     web_port: int | None = 3000  # None: no webserver
     queue_prefix: str = ""
     gpu_workers: int = 1  # processes of the gpu queue's worker (the run queue and pool still allow one at a time)
+    automation: bool = True  # False: sensors and schedules are stopped before the daemon starts (demo, tests)
     broker: str = "pyamqp://guest:guest@127.0.0.1:5672//"
     backend: str = "redis://127.0.0.1:6379/0"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -126,19 +70,19 @@ class Cluster:
         worker = [str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
                   "-y", str(PROFILE / "celery.yaml")]
         commands = {
-            "daemon": [str(BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")],
-            f"worker-{CPU}": [*worker, "-q", self.queue_prefix + CPU, "-n", f"{self.queue_prefix}{CPU}@%h",
-                              "--", "--concurrency=1"],
-            f"worker-{GPU}": [*worker, "-q", self.queue_prefix + GPU, "-n", f"{self.queue_prefix}{GPU}@%h",
-                              "--", f"--concurrency={self.gpu_workers}"],
-            "mlflow": [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-                       "--backend-store-uri", self.mlflow_db,
-                       "--default-artifact-root", str(self.data / "mlflow" / "artifacts"),
-                       "--no-serve-artifacts", "--workers", "1"],
+            "daemon": checked([str(BIN / "dagster-daemon"), "run", "-w", str(REPO_ROOT / "workspace.yaml")]),
+            f"worker-{CPU}": checked([*worker, "-q", self.queue_prefix + CPU, "-n", f"{self.queue_prefix}{CPU}@%h",
+                                      "--", "--concurrency=1"]),
+            f"worker-{GPU}": checked([*worker, "-q", self.queue_prefix + GPU, "-n", f"{self.queue_prefix}{GPU}@%h",
+                                      "--", f"--concurrency={self.gpu_workers}"]),
+            "mlflow": checked([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                               "--backend-store-uri", self.mlflow_db,
+                               "--default-artifact-root", str(self.data / "mlflow" / "artifacts"),
+                               "--no-serve-artifacts", "--workers", "1"], self.mlflow_db),
         }
         if self.web_port is not None:
-            commands["webserver"] = [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.web_port),
-                                     "-w", str(REPO_ROOT / "workspace.yaml")]
+            commands["webserver"] = checked([str(BIN / "dagster-webserver"), "-h", "127.0.0.1",
+                                             "-p", str(self.web_port), "-w", str(REPO_ROOT / "workspace.yaml")])
         return commands
 
     def start(self) -> None:
@@ -153,8 +97,11 @@ class Cluster:
         env = self.env()
         self._saved_env = dict(os.environ)
         os.environ.update(env)
-        with dg.DagsterInstance.from_config(str(self.home)):
-            pass  # creates the schema once, before several processes would race to create it
+        with dg.DagsterInstance.from_config(str(self.home)) as inst:  # creates the schema once, before several
+            if not self.automation:  # processes would race to create it
+                from lora_pipeline.submitted_runs import stop_automation
+
+                stop_automation(inst)  # before the daemon's first tick
         for name, argv in self.commands().items():
             with open(self.logs / f"{name}.log", "ab") as log:
                 self.processes[name] = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log,
@@ -248,7 +195,7 @@ def _fresh_data_root(data: Path) -> None:
 
 def demo(hold: bool = False) -> int:
     """`make cluster-demo`: the demo chain through the cluster profile on this machine; see the module doc."""
-    from lora_pipeline import cli, submitted_runs
+    from lora_pipeline import cli
 
     started = time.monotonic()
     server = libpq_url(os.environ.get(SERVER_ENV, "postgresql://postgres@127.0.0.1:5432"))
@@ -259,18 +206,14 @@ def demo(hold: bool = False) -> int:
                       dagster_db=create_database(server, "lora_demo_dagster"),
                       mlflow_db=create_database(server, "lora_demo_mlflow"),
                       mlflow_port=int(os.environ.get("CLUSTER_MLFLOW_PORT", "5050")),
-                      web_port=int(os.environ.get("CLUSTER_WEB_PORT", "3030")))
+                      web_port=int(os.environ.get("CLUSTER_WEB_PORT", "3030")), automation=False)
     _fresh_data_root(cluster.data)
     shutil.rmtree(cluster.home, ignore_errors=True)
     print("starting:", flush=True)
     for name, argv in cluster.commands().items():
         print(f"  {name:10s} {' '.join(argv)}", flush=True)
     with cluster:
-        import dagster as dg
-
         ready = time.monotonic() - started
-        with dg.DagsterInstance.get() as inst:
-            submitted_runs.stop_automation(inst)
         print(f"all processes ready after {ready:.0f} s; running `lora-pipeline demo` through them", flush=True)
         code = cli.main(["demo"])
         print("\n".join([
@@ -289,16 +232,35 @@ def demo(hold: bool = False) -> int:
     return code
 
 
+def checked(argv: list[str], database: str | None = None) -> list[str]:
+    """`argv` behind the Postgres check of `exec_checked`: the database (default the instance's) must answer."""
+    return [sys.executable, "-m", __name__, "exec", *(["--postgres", database] if database else []), "--", *argv]
+
+
+def exec_checked(args: list[str]) -> int:
+    """`exec [--postgres URL] -- COMMAND...`: one line and exit 1 when the database (default
+    $LORA_PIPELINE_DAGSTER_PG_URL) does not answer, else become COMMAND (the daemon, webserver, a worker)."""
+    database = args[args.index("--postgres") + 1] if "--postgres" in args else os.environ.get(PG_URL_ENV)
+    command = args[args.index("--") + 1:]
+    if database:
+        require_postgres(database)
+    os.execvp(command[0], command)
+    return 1  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "demo":
-        print("usage: python -m lora_pipeline.cluster demo [--hold]", file=sys.stderr)
-        return 2
     try:
-        return demo(hold="--hold" in args)
+        if args[:1] == ["demo"]:
+            return demo(hold="--hold" in args)
+        if args[:1] == ["exec"] and "--" in args:
+            return exec_checked(args[1:])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print("usage: python -m lora_pipeline.cluster demo [--hold] | exec [--postgres URL] -- COMMAND...",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

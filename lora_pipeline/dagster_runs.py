@@ -34,7 +34,11 @@ def ensure_dagster_home() -> str:
 
 
 def instance() -> dg.DagsterInstance:
+    """The instance of $DAGSTER_HOME; in the cluster profile its Postgres database must answer (one line if not)."""
+    from lora_pipeline.postgres import require_instance_database
+
     ensure_dagster_home()
+    require_instance_database()
     return dg.DagsterInstance.get()
 
 
@@ -189,8 +193,24 @@ def run_job(
         if failure.step not in blocked and not (failure.reported and failure.step in reports_by_failing):
             raise RuntimeError(f"run {run_id} of {job_name} failed in {failure.step}: {failure.message}")
     if not success and not failures:
-        raise RuntimeError(f"run {run_id} of {job_name} failed")
+        reason = run_failure_reason(events)
+        raise RuntimeError(f"run {run_id} of {job_name} failed{f': {reason}' if reason else ''}")
     return RunOutcome(run_id, success, events, failures)
+
+
+def run_failure_reason(events: list[dg.DagsterEvent]) -> str:
+    """The last error the run itself (not a step) reported, on one line: e.g. a Celery worker lost while it ran a
+    step ("... [dataset_snapshot]: ...WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL) ...")."""
+    found = ""
+    for event in events:
+        error = None
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE:
+            error = event.job_failure_data.error
+        elif event.event_type == dg.DagsterEventType.ENGINE_EVENT and event.engine_event_data is not None:
+            error = event.engine_event_data.error
+        if error is not None and error.message.strip():
+            found = " ".join(line.strip() for line in error.message.strip().splitlines() if line.strip())
+    return found
 
 
 def submits_runs(inst: dg.DagsterInstance) -> bool:

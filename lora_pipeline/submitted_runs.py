@@ -90,8 +90,8 @@ def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str 
 
 def stop_automation(inst: dg.DagsterInstance) -> list[str]:
     """Stop every sensor and schedule of the code location in the instance (they start RUNNING by default);
-    return their names. `make cluster-demo` and the tests run the chain themselves: a sensor building the same
-    versions at the same time would be refused by the snapshot lock and only add noise."""
+    return their names. `make cluster-demo` and the tests run the chain themselves, so they stop them before the
+    daemon starts: the spec sensor would otherwise build every spec at once, racing the chain's own builds."""
     repo = next(iter(_code_location(inst).get_repositories().values()))
     stopped = []
     for sensor in repo.get_sensors():
