@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,6 @@ class Cluster:
     broker: str = "pyamqp://guest:guest@127.0.0.1:5672//"
     backend: str = "redis://127.0.0.1:6379/0"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _saved_env: dict[str, str] | None = None
 
     @property
     def mlflow_uri(self) -> str:
@@ -86,8 +85,8 @@ class Cluster:
         return commands
 
     def start(self) -> None:
-        """Start every process (the instance's database must exist); `stop` ends them. This process takes the
-        deployment's environment too (restored by `stop`), so its CLI calls submit runs to the cluster."""
+        """Start every process (the instance's database must exist); `stop` ends them. A caller that runs CLI
+        commands against the cluster applies `env()` to its own environment (the demo does)."""
         import dagster as dg
 
         require_postgres(self.dagster_db)
@@ -95,10 +94,8 @@ class Cluster:
         self.logs.mkdir(exist_ok=True)
         shutil.copyfile(PROFILE / "dagster.yaml", self.home / "dagster.yaml")
         env = self.env()
-        self._saved_env = dict(os.environ)
-        os.environ.update(env)
-        with dg.DagsterInstance.from_config(str(self.home)) as inst:  # creates the schema once, before several
-            if not self.automation:  # processes would race to create it
+        with environment(env), dg.DagsterInstance.from_config(str(self.home)) as inst:  # creates the schema
+            if not self.automation:  # once, before several processes would race to create it
                 from lora_pipeline.submitted_runs import stop_automation
 
                 stop_automation(inst)  # before the daemon's first tick
@@ -133,7 +130,7 @@ class Cluster:
     def _daemon_beats(self) -> bool:
         import dagster as dg
 
-        with dg.DagsterInstance.from_config(str(self.home)) as inst:
+        with environment(self.env()), dg.DagsterInstance.from_config(str(self.home)) as inst:
             return "QUEUED_RUN_COORDINATOR" in inst.get_daemon_heartbeats()
 
     def stop(self) -> None:
@@ -148,10 +145,6 @@ class Cluster:
             _signal_group(process, signal.SIGKILL)  # children left behind (Celery's pool, gRPC code servers)
             process.wait()
         self.processes.clear()
-        if self._saved_env is not None:
-            os.environ.clear()
-            os.environ.update(self._saved_env)
-            self._saved_env = None
 
     def __enter__(self) -> Cluster:
         try:
@@ -164,6 +157,19 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """This process's environment set to `values` inside the block, restored after it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
@@ -212,7 +218,7 @@ def demo(hold: bool = False) -> int:
     print("starting:", flush=True)
     for name, argv in cluster.commands().items():
         print(f"  {name:10s} {' '.join(argv)}", flush=True)
-    with cluster:
+    with cluster, environment(cluster.env()):  # the CLI below submits its runs to the cluster
         ready = time.monotonic() - started
         print(f"all processes ready after {ready:.0f} s; running `lora-pipeline demo` through them", flush=True)
         code = cli.main(["demo"])

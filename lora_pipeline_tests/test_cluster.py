@@ -25,13 +25,11 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from lora_pipeline import cli, submitted_runs
-from lora_pipeline.cluster import Cluster
+from lora_pipeline.cluster import Cluster, environment
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.dagster_runs import run_failure_reason
 from lora_pipeline.defs import partitions
 from lora_pipeline.postgres import create_database, drop_database
-
-pytestmark = pytest.mark.xdist_group("cluster")  # one test worker runs the module: one cluster, started once
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -68,8 +66,10 @@ def _data_root(path: Path, tiny_model) -> DataRoot:
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster(tmp_path_factory, tiny_model):
+    """The cluster of the one test below (one test, so that xdist cannot split it over two test processes and
+    start the cluster twice); its processes are stopped and its databases dropped even when a check fails."""
     name = f"lp_test_{uuid.uuid4().hex[:10]}"
     base = tmp_path_factory.mktemp("cluster")
     root = _data_root(base / "data", tiny_model)
@@ -112,12 +112,20 @@ def _step_times(inst: dg.DagsterInstance, run_id: str, step: str) -> tuple[float
     return start, end
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def cluster_env(cluster, monkeypatch):
+    """This process's environment is the cluster's for the test: CLI calls submit runs to it."""
+    for key, value in cluster[0].env().items():
+        monkeypatch.setenv(key, value)
+    return cluster
+
+
+@pytest.fixture
 def chain(cluster):
     """Build through the cluster and two trainings submitted at once: what the tests read."""
     running, root = cluster
-    built = cli.build_version(root, VERSION, quiet=True)
-    with dg.DagsterInstance.get() as inst:
+    with environment(running.env()), dg.DagsterInstance.get() as inst:
+        built = cli.build_version(root, VERSION, quiet=True)
         partitions.register(inst, partitions.dataset_versions, [VERSION])
         partitions.register(inst, partitions.recipes, list(RECIPES))
         run_ids = [submitted_runs.submit(inst, "train_job", partitions.training_key(VERSION, r), RUN_CONFIG)
@@ -143,9 +151,8 @@ def _tensors_and_header(path: Path) -> tuple[dict[str, bytes], dict[str, str]]:
         return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
 
 
-def test_the_chain_through_celery_and_postgres_matches_the_in_process_run(cluster, chain, tmp_path, monkeypatch,
-                                                                          tiny_model) -> None:
-    running, root = cluster
+def check_the_chain_matches_the_in_process_run(cluster_env, chain, tmp_path, monkeypatch, tiny_model) -> None:
+    running, root = cluster_env
     with dg.DagsterInstance.get() as inst:
         workers = {}
         for run_id in (chain["built"]["dagster_run_id"], *chain["train_runs"]):
@@ -176,8 +183,8 @@ def test_the_chain_through_celery_and_postgres_matches_the_in_process_run(cluste
         assert ha["lora_pipeline.manifest_root"] == chain["built"]["manifest_root"]
 
 
-def test_mlflow_runs_are_in_the_postgres_store(cluster, chain) -> None:
-    running, root = cluster
+def check_mlflow_runs_are_in_the_postgres_store(cluster_env, chain) -> None:
+    running, root = cluster_env
     client = MlflowClient(tracking_uri=running.mlflow_db)  # the Postgres store itself, not the server
     experiment = client.get_experiment_by_name("lora-pipeline")
     runs = client.search_runs([experiment.experiment_id])
@@ -189,7 +196,7 @@ def test_mlflow_runs_are_in_the_postgres_store(cluster, chain) -> None:
     assert len(artifacts) == 2 and Path(experiment.artifact_location).is_relative_to(root.root / "mlflow")
 
 
-def test_two_trainings_launched_at_once_never_train_at_the_same_time(chain) -> None:
+def check_two_trainings_launched_at_once_never_trained_at_the_same_time(chain) -> None:
     (start_a, end_a), (start_b, end_b) = sorted(chain["times"])
     assert end_a <= start_b, f"trainings overlapped: {chain['times']}"
 
@@ -202,8 +209,8 @@ def _pool_worker(running: Cluster) -> psutil.Process:
     return deepest[0]
 
 
-def test_a_worker_killed_during_a_snapshot_copy_fails_the_step_and_a_rerun_completes(cluster) -> None:
-    running, root = cluster
+def check_a_worker_killed_during_a_snapshot_copy_fails_the_step_and_a_rerun_completes(cluster_env) -> None:
+    running, root = cluster_env
     victim = _pool_worker(running)
     with dg.DagsterInstance.get() as inst:
         partitions.register(inst, partitions.source_batches, root.ready_batches())
@@ -224,3 +231,11 @@ def test_a_worker_killed_during_a_snapshot_copy_fails_the_step_and_a_rerun_compl
                      and e.step_key == "dataset_snapshot"]
     assert snapshot_done and (root.dataset(BIG) / "manifest.jsonl").is_file()
     assert not list(root.datasets.glob(f".{BIG}.tmp-*"))
+
+
+def test_the_cluster_profile_on_real_services(cluster_env, chain, tmp_path, monkeypatch, tiny_model) -> None:
+    """Each check names what it shows; they share one cluster and one chain."""
+    check_two_trainings_launched_at_once_never_trained_at_the_same_time(chain)
+    check_mlflow_runs_are_in_the_postgres_store(cluster_env, chain)
+    check_a_worker_killed_during_a_snapshot_copy_fails_the_step_and_a_rerun_completes(cluster_env)
+    check_the_chain_matches_the_in_process_run(cluster_env, chain, tmp_path, monkeypatch, tiny_model)

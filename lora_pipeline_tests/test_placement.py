@@ -47,10 +47,10 @@ def step_job(tags: dict[str, str], step: str):
 
 def test_assets_are_routed_to_the_cpu_and_gpu_queues(op_tags) -> None:
     assert set(op_tags) >= GPU_ASSETS | CPU_ASSETS
-    # One queue per kind, after the deployment's prefix (empty by default; a test's cluster sets one)
-    (gpu,) = {op_tags[a][QUEUE_TAG] for a in GPU_ASSETS}
-    (cpu,) = {op_tags[a][QUEUE_TAG] for a in CPU_ASSETS}
-    assert gpu.endswith("gpu") and cpu.endswith("cpu") and gpu.removesuffix("gpu") == cpu.removesuffix("cpu")
+    # Queue `cpu` or `gpu` after the deployment's prefix, read from the environment when the module defining the
+    # asset is imported (empty by default; the cluster tests set one, and may import a module of this process)
+    assert all(op_tags[a][QUEUE_TAG].endswith("gpu") for a in GPU_ASSETS)
+    assert all(op_tags[a][QUEUE_TAG].endswith("cpu") for a in CPU_ASSETS)
 
 
 @pytest.mark.parametrize("asset", sorted(GPU_ASSETS | CPU_ASSETS))
