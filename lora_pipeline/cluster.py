@@ -239,8 +239,10 @@ def demo(hold: bool = False) -> int:
 
 
 def checked(argv: list[str], database: str | None = None) -> list[str]:
-    """`argv` behind the Postgres check of `exec_checked`: the database (default the instance's) must answer."""
-    return [sys.executable, "-m", __name__, "exec", *(["--postgres", database] if database else []), "--", *argv]
+    """`argv` behind the Postgres check of `exec_checked` (module named in full: under `python -m` this one is
+    __main__): the database (default the instance's) must answer."""
+    check = ["--postgres", database] if database else []
+    return [sys.executable, "-m", "lora_pipeline.cluster", "exec", *check, "--", *argv]
 
 
 def exec_checked(args: list[str]) -> int:
