@@ -224,6 +224,10 @@ def growth(args: argparse.Namespace) -> None:
     workdir = args.workdir.resolve()
     batch = ensure_growth_batch(workdir, sizes[-1], (w, h))
     env = build_env(workdir)
+    # the first command on a new Dagster instance creates its storage: not part of any build's cost
+    warm_up = "from lora_pipeline.dagster_runs import instance; i = instance(); i.get_runs(limit=1); " \
+              "i.get_dynamic_partitions('dataset_versions')"
+    subprocess.run([sys.executable, "-c", warm_up], env=env, check=True)
     print(f"growth: fresh `lora-pipeline build` over the first N of {sizes[-1]} JPEGs {w}x{h} q90 with sidecars")
     print(f"{'images':>8} {'seconds':>8} {'images/s':>9} {'ms/image':>9} {'peak RSS tree':>14} "
           f"{'largest process':>16}  load average before / after")
