@@ -271,15 +271,16 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    contenders: dict[str, Contender] = {
+    contenders: dict[str, Contender] = {}
+    if captioned:  # first in each round: the validation below reads the last round's cold snapshot
+        contenders["cp_captioned"] = (clean, lambda: subprocess.run(["cp", "-r", str(captioned), str(cp_dest)],
+                                                                     check=True))
+        contenders["build"] = (clean_build, whole_build)
+    contenders |= {
         "cp": (clean, lambda: subprocess.run(["cp", "-r", str(batch), str(cp_dest)], check=True)),
         "warm": (clean, snapshot("warm")),
         "cold": (clean_cold, snapshot("cold")),
     }
-    if captioned:
-        contenders["cp_captioned"] = (clean, lambda: subprocess.run(["cp", "-r", str(captioned), str(cp_dest)],
-                                                                     check=True))
-        contenders["build"] = (clean_build, whole_build)
     load_before = os.getloadavg()
     times = run_times(args.runs, contenders)
     load_after = os.getloadavg()
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'met' if rate >= BUILD_TARGET else 'NOT met'} ({rate:.0f} images/s, best of {args.runs})")
     assert warm.image_root == cold.image_root, "warm and cold snapshots differ"
     if not args.skip_validation:
-        written = [warm.dir / r["path"] for r in warm.rows]
+        written = [cold.dir / r["path"] for r in cold.rows]
         read_all(written)
         print(time_validation(written))
     clean()
