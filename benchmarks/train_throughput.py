@@ -38,6 +38,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -68,6 +69,7 @@ from lora_pipeline.core.training.loop import (
     update,
 )
 from lora_pipeline.core.training.lora_file import add_unet_lora
+from lora_pipeline.core.training.norms import norms_in_dtype
 from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
 from lora_pipeline.core.training.seeds import Stream, torch_generator
@@ -213,6 +215,8 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     unet = build_unet(shape, device, dtype, args.rank)
+    if precision != "no" and not args.autocast_norms:
+        norms_in_dtype(unet, dtype)  # as the trainer does
     params = [p for p in unet.parameters() if p.requires_grad]
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
@@ -264,14 +268,18 @@ def compare(shape: Shape, args: argparse.Namespace, device: torch.device) -> dic
 
     def differences(other: str) -> dict[str, Any]:
         losses, lora = runs[other]
-        return {"max_abs_loss_difference": float((plain - losses).abs().max()),
+        differing = (plain != losses).nonzero()
+        return {"first_differing_step": int(differing[0]) + 1 if len(differing) else None,
+                "first_10_max_abs_difference": float((plain[:10] - losses[:10]).abs().max()),
+                "max_abs_loss_difference": float((plain - losses).abs().max()),
                 "mean_abs_loss_difference": float((plain - losses).abs().mean()),
                 "identical_losses": bool(torch.equal(plain, losses)),
                 "lora_rel_l2_difference": float((plain_lora - lora).norm() / plain_lora.norm())}
 
     return {
         "model": shape.name, "steps": args.compare, "batch": args.batch or shape.batch,
-        "attention": "cuDNN allowed" if args.cudnn_attention else "flash / efficient / math (the trainer's)",
+        "attention": ("math only, deterministic kernels" if args.deterministic else
+                      "cuDNN allowed" if args.cudnn_attention else "flash / efficient / math (the trainer's)"),
         "mean_loss": {name: float(losses.mean()) for name, (losses, _) in runs.items()},
         "first_non_finite_step": {name: _first_non_finite(losses) for name, (losses, _) in runs.items()},
         **{f"plain_vs_{name}": differences(name) for name, _ in args.compare_runs},
@@ -352,6 +360,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--compare: the runs beside the first plain one, as name:variant pairs")
     parser.add_argument("--cudnn-attention", action="store_true",
                         help="let the trainer's step use cuDNN attention too (loop.TRAINING_ATTENTION leaves it out)")
+    parser.add_argument("--autocast-norms", action="store_true",
+                        help="plain and fast variants: leave GroupNorm/LayerNorm to autocast's float32 (norms.py)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="--compare: deterministic kernels (math attention, cuDNN and cuBLAS deterministic), so "
+                             "two eager runs agree bit for bit and any fast-path difference is the capture's own")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, 1 warm-up (tests, CPU)")
     args = parser.parse_args(argv)
@@ -381,7 +394,7 @@ def profile(step: Callable[[int], torch.Tensor], steps: int, device: torch.devic
     return {
         "kernel_launches_per_step": launches / steps, "device_ms_per_step": device_us / 1000 / steps,
         "table": events.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
-                              row_limit=15, max_name_column_width=70),
+                              row_limit=25, max_name_column_width=70),
     }
 
 
@@ -392,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cudnn_attention:
         loop.TRAINING_ATTENTION.append(SDPBackend.CUDNN_ATTENTION)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+        loop.TRAINING_ATTENTION[:] = [SDPBackend.MATH]
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = ("sd15", "sdxl") if args.model == "both" else (args.model,)
     shapes = [SMOKE[n] if args.smoke else {"sd15": SD15, "sdxl": SDXL}[n] for n in names]

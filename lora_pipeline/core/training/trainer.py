@@ -51,6 +51,7 @@ from lora_pipeline.core.training.loop import EpochStats, StepContext, StepParts,
 from lora_pipeline.core.training.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.network import add_network, kohya_state_dict, param_groups, trainable
 from lora_pipeline.core.training.noise import NoiseSettings, training_scheduler
+from lora_pipeline.core.training.norms import norms_in_dtype
 from lora_pipeline.core.training.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.samples import SampleRenderer, latest_strip, strip_path
@@ -252,6 +253,8 @@ def _build_context(run: _Run) -> StepContext:
     unet.to(device)
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
+    if run.precision != "no":
+        norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
     base.vae.to(device)
     for encoder in base.text_encoders:
         encoder.to(device)
