@@ -18,7 +18,7 @@ REPO_RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
 SAMPLE_RECIPE_SHA256 = {
     "demo-tiny": "f62a7840ea6be970b69a42b43157a31531db986772466ee73041b0d29e7f01bc",
     "demo-tiny-sdxl": "07eaf114279524e1bb8e479c412c998fd467670cec3b2edc608625125b353840",
-    "demo-tiny-locon": "c5a17bbfd13a4128457ef0f258ae5c1c1fec9972cfd75e0cdba257ddcd18f61e",  # issue 12
+    "demo-tiny-locon": "a5a7f8dfba6b20762b38d0dcb324233716e1dd3270be33b9e0b9ff9071728f65",  # issue 12
     "style-sd15": "4aac68de741c4ab82958757a61cd89f0b54f4939b4d1c853d88e81dcf6bfdd56",
     "style-sdxl": "b2a38493ce3d14188feae7fcdff833f1f2297d6968e1fe053a1ddb7d279e73f0",
 }
