@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 
-.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz cluster-demo
+.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz cluster-demo browser screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,21 @@ demo-locon: demo
 cluster-demo: $(STAMP)
 	$(BIN)/python -m lora_pipeline.cluster demo $(if $(HOLD),--hold)
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium through Playwright (tests/test_ui_browser.py).
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium for the browser test (apt-get)"; \
+	  (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null)) && \
+	  test -x $(CHROMIUM); \
+	else \
+	  echo "error: the browser test needs $(CHROMIUM): install Debian's package as root (apt-get install chromium)" >&2; \
+	  exit 1; \
+	fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 

@@ -17,15 +17,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from lora_pipeline_tests.helpers import HandSnapshot  # noqa: E402
+from lora_pipeline_tests.helpers import HandSnapshot, committed_data  # noqa: E402
+
 
 # --- a copy of the bundled sample data in a temporary data root (end-to-end tests) -----------------------------
-REPO_DATA = Path(__file__).resolve().parents[1] / "data"
-
-
 @pytest.fixture
-def sample_root(tmp_path, monkeypatch):
-    """A data root holding copies of the committed sample sources, specs and recipes.
+def sample_root(tmp_path, monkeypatch, tiny_model):
+    """A data root holding copies of the committed sample sources, specs and recipes (from git, never the
+    user's `data/`), and links to the worker's generated tiny models.
 
     LORA_PIPELINE_DATA points at it and DAGSTER_HOME at a fresh instance folder, so CLI and
     Dagster runs in the test touch nothing outside tmp_path.
@@ -34,13 +33,10 @@ def sample_root(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     for part in ("sources", "specs", "recipes"):
-        shutil.copytree(REPO_DATA / part, data / part)
-    models = REPO_DATA / "models"
-    if models.is_dir():  # reuse generated tiny models (they are deterministic) to save time
-        (data / "models").mkdir()
-        for name in ("tiny-sd", "tiny-sdxl"):
-            if (models / name / "model_index.json").is_file():
-                os.symlink(models / name, data / "models" / name)
+        shutil.copytree(committed_data() / part, data / part)
+    (data / "models").mkdir()
+    for name in ("tiny-sd", "tiny-sdxl"):
+        os.symlink(tiny_model(name), data / "models" / name)
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("LORA_PIPELINE_DATA", str(data))

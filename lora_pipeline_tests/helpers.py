@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.datasets.captions import CaptionCheck
 from lora_pipeline.core.training.recipe import Recipe
+
+# --- the committed sample data ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def committed_data() -> Path:
+    """The data folder as git has it (sources, specs, recipes from the index), in a temp folder of this process.
+
+    Never the working folder's `data/`: a user's own batches, specs that the sensors wrote and edited samples
+    there must not change what the tests see.
+    """
+    from lora_pipeline.core.paths import REPO_ROOT
+
+    dest = Path(tempfile.mkdtemp(prefix="committed-data-"))
+    atexit.register(shutil.rmtree, dest, True)
+    files = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "-z", "--", "data"],
+                           capture_output=True, check=True).stdout
+    subprocess.run(["git", "-C", str(REPO_ROOT), "checkout-index", f"--prefix={dest}/", "--stdin", "-z"],
+                   input=files, capture_output=True, check=True)
+    return dest / "data"
+
 
 # --- files ------------------------------------------------------------------------------------------------------
 

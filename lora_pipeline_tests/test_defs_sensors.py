@@ -1,4 +1,5 @@
-"""Sensors evaluated with build_sensor_context against a real temporary Dagster instance."""
+"""Sensors evaluated as the daemon evaluates them: through the code location's definitions (so Dagster's own
+checks of the run requests' jobs and partitions run) against a real temporary Dagster instance."""
 
 from __future__ import annotations
 
@@ -12,22 +13,38 @@ from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs.resources import DataRootResource
-from lora_pipeline.defs.sensors import source_batch_sensor, spec_sensor
 from lora_pipeline_tests.helpers import tree_state
 
 STUDY = "curated-study"
 
 
-def _apply(inst: dg.DagsterInstance, result: dg.SensorResult) -> None:
+def _tick(name: str, context: dg.SensorEvaluationContext):
+    """One evaluation of the named sensor of the definitions, with the daemon's checks of its run requests
+    (their jobs must be the sensor's, their partition keys known or added by the same tick)."""
+    return dagster_runs.definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
+
+
+def source_batch_sensor(context: dg.SensorEvaluationContext):
+    return _tick("source_batch_sensor", context)
+
+
+def spec_sensor(context: dg.SensorEvaluationContext):
+    return _tick("spec_sensor", context)
+
+
+def _apply(inst: dg.DagsterInstance, result) -> None:
     """Do what the daemon does with a tick's partition requests."""
     for request in result.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
 
 def _context(inst: dg.DagsterInstance, root) -> dg.SensorEvaluationContext:
-    return dg.build_sensor_context(
-        instance=inst, resources={"data_root": DataRootResource(path=str(root.root))},
-        definitions=dagster_runs.definitions(),
+    """A context as the daemon's code server builds one: from an instance ref, with the repository (so a run
+    request for a partition the same tick adds is resolved against the tick's partition requests)."""
+    return dg.SensorEvaluationContext(
+        instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=None,
+        repository_name="__repository__", repository_def=dagster_runs.definitions().get_repository_def(),
+        resources={"data_root": DataRootResource(path=str(root.root))},
     )
 
 
@@ -123,12 +140,12 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     tick = source_batch_sensor(context)
     assert any("broken-v1.yaml: merge: expected true or false" in w for w in warnings.lines), warnings.lines
     keys = {(r.job_name, r.partition_key) for r in tick.run_requests}
-    assert (None, "curated-2026-12") in keys and ("build_dataset_job", f"{STUDY}-v3") in keys
+    assert ("register_batch_job", "curated-2026-12") in keys and ("build_dataset_job", f"{STUDY}-v3") in keys
     v3_spec = yaml.safe_load(sample_root.spec_file(f"{STUDY}-v3").read_text())
     assert v3_spec["name"] == f"{STUDY}-v3" and "curated-2026-12" in v3_spec["intent"]
     _apply(inst, tick)
     for request in tick.run_requests:
-        dagster_runs.run_job(request.job_name or "register_batch_job", request.partition_key, inst)
+        dagster_runs.run_job(request.job_name, request.partition_key, inst)
 
     assert tree_state(sample_root.dataset(f"{STUDY}-v2")) == v2_before  # the old version is never touched
     v3_sources = {r.get("source_batch") for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}

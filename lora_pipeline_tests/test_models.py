@@ -24,8 +24,9 @@ from lora_pipeline.core.models.loading import (
 )
 from lora_pipeline.core.models.tiny import STAMP, generate_tiny_model
 from lora_pipeline.core.models.tokenizer import WORDS, build_tokenizer
+from lora_pipeline_tests.helpers import committed_data
 
-REPO_SPECS = Path(__file__).resolve().parents[1] / "data" / "specs"
+REPO_SPECS = committed_data() / "specs"
 PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import yaml
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
+from lora_pipeline_tests.helpers import committed_data
 
-REPO_RECIPES = Path(__file__).resolve().parents[1] / "data" / "recipes"
+REPO_RECIPES = committed_data() / "recipes"
 # recipe_sha256 of the committed samples as the hand-written parser computed them (LoRA files and MLflow
 # runs made before the typed schema record these; provenance must still match them).
 SAMPLE_RECIPE_SHA256 = {

@@ -17,9 +17,10 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import READY_MARKER, REPO_ROOT, DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
+from lora_pipeline_tests.helpers import committed_data
 
 SCRIPT = REPO_ROOT / "scripts" / "make_sample_data.py"
-DATA = DataRoot(REPO_ROOT / "data")
+DATA = DataRoot(committed_data())
 BATCHES = ["curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-2026-11", "masked-closeups-2026-12",
            "class-images-2026-12"]
 SPECS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",

@@ -26,8 +26,9 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.schema import describe, validate
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
+from lora_pipeline_tests.helpers import committed_data
 
-REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+REPO_DATA = committed_data()
 SPEC_TEXT = (REPO_DATA / "specs" / "hardware-design-aesthetic-v2.yaml").read_text()
 RECIPE_TEXT = (REPO_DATA / "recipes" / "style-sdxl.yaml").read_text()
 SPEC_NAME, RECIPE_NAME = "hardware-design-aesthetic-v2", "style-sdxl"

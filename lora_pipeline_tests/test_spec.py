@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef, load_spec
 from lora_pipeline.core.errors import UserError
+from lora_pipeline_tests.helpers import committed_data
 
-REPO_SPECS = Path(__file__).resolve().parents[1] / "data" / "specs"
+REPO_SPECS = committed_data() / "specs"
 # spec_sha256 of the committed samples as the hand-written parser computed them: datasets built
 # before the typed schema record these, and must not be refused as changed.
 SAMPLE_SPEC_SHA256 = {
     "hardware-design-aesthetic-v1": "01c950cc6084583be0703c2663237428140762be249df2e21dffdb97151a4953",
     "hardware-design-aesthetic-v2": "0493027355374d5834c0f7547de5c7f11261a2d71b3f3db7380713babfa4acbf",
     "hardware-promoted-merge-v1": "7e6c2c8f641c7346fbc15863aaa1054a6417d0143317a5a73156f01cc5c0a6c4",
+    "hardware-curated-v1": "6ec77cccbed2123586bfdc1ec20d244515ea86c51cbed59b24fc67bb066fc15b",  # auto_rebuild sample
 }
 BASE = {"name": "s-v1", "trigger": "hdaesth", "repeats": 2, "sources": [{"batch": "b1"}]}
 

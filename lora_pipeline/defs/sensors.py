@@ -24,7 +24,8 @@ def _warn_misnamed(context: dg.SensorEvaluationContext, root: DataRoot) -> None:
         context.log.warning(f"skipped {path!s}: its name is not a valid name (see core/names.py)")
 
 
-@dg.sensor(job=register_batch_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(jobs=[register_batch_job, build_dataset_job], minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING)
 def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     """A new `sources/<batch>/_READY` registers and fingerprints the batch.
 
@@ -42,7 +43,9 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
     for r in tick.written:
         context.log.info(f"batch {r.batch} landed: wrote {r.spec_path.name} (new version of {r.from_version})")
     new_versions = unknown_keys(context.instance, dataset_versions, [r.new_version for r in tick.written])
-    run_requests = [dg.RunRequest(run_key=f"batch:{b}", partition_key=b) for b in new_batches]
+    run_requests = [
+        dg.RunRequest(run_key=f"batch:{b}", partition_key=b, job_name=register_batch_job.name) for b in new_batches
+    ]
     run_requests += [
         dg.RunRequest(run_key=f"dataset:{v}", partition_key=v, job_name=build_dataset_job.name) for v in new_versions
     ]

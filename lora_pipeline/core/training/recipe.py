@@ -5,13 +5,16 @@ docs/fields.md lists every field with its range; it is generated from this class
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass
 
+from lora_pipeline.core.datasets.snapshot_plan import family
+from lora_pipeline.core.datasets.spec import BATCH_PATTERN_RE
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, non_empty, validate
@@ -32,6 +35,17 @@ SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
 GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
+
+
+def _check_family_pattern(value: str) -> str:
+    if len(value) > 100 or not BATCH_PATTERN_RE.fullmatch(value):
+        raise ValueError(f"{value[:40]!r} is not a dataset family name or a glob over family names")
+    return value
+
+
+FamilyPattern = Annotated[
+    Text, AfterValidator(_check_family_pattern), WithJsonSchema({"type": "string", "format": "family name or glob"})
+]
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -172,6 +186,10 @@ class Recipe:
     prior_loss_weight: Float = Field(
         1.0, ge=0.0, le=100.0, description="loss weight of regularisation (class) images"
     )
+    train_on: tuple[FamilyPattern, ...] = Field(
+        (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
+        "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -253,12 +271,19 @@ class Recipe:
     @property
     def sha256(self) -> str:
         """The hash of `resolved()`; fields added later (LATER_FIELDS) count only when they differ from their
-        default, so recipes without them, and the LoRA files trained from them, keep their hash."""
+        default, so recipes without them, and the LoRA files trained from them, keep their hash. `train_on` says
+        when to train, not how: it never counts."""
         values = self.resolved()
         for name, default in LATER_FIELDS.items():
             if values[name] == default:
                 del values[name]
+        del values["train_on"]
         return sha256_json(values)
+
+    def trains_on(self, version: str) -> bool:
+        """Whether `train_on` names the dataset version's family (by name or glob)."""
+        name = family(version)
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.train_on)
 
 
 # Fields added after recipes were first hashed, with the default under which they are left out of the hash.
