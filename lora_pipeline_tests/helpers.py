@@ -37,6 +37,48 @@ def committed_data() -> Path:
     return dest / "data"
 
 
+def land_batch(root, batch: str, colors: list[str]) -> None:
+    """A new curated-style batch under sources/<batch>: one 640x576 image and sidecar per colour, _READY last."""
+    from PIL import Image, ImageDraw
+
+    folder = root.batch(batch)
+    folder.mkdir(parents=True)
+    for i, color in enumerate(colors):
+        im = Image.new("RGB", (640, 576), "white")
+        draw = ImageDraw.Draw(im)
+        draw.ellipse((80 + 40 * i, 60, 560, 520 - 30 * i), fill=color)
+        draw.rectangle((250, 200 + 20 * i, 400, 330), fill="black")
+        im.save(folder / f"late-{i}.png")
+        (folder / f"late-{i}.txt").write_text(f"hdaesth, front view, {color} body, matte finish\n")
+    (folder / "_READY").write_text("")
+
+
+# --- sensors, evaluated as the daemon does -------------------------------------------------------------------
+
+
+def sensor_context(inst, root):
+    """A context as the daemon's code server builds one: from an instance ref, with the repository (so a run
+    request for a partition the same tick adds is resolved against the tick's partition requests)."""
+    import dagster as dg
+
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.defs.resources import DataRootResource
+
+    return dg.SensorEvaluationContext(
+        instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=None,
+        repository_name="__repository__", repository_def=dagster_runs.definitions().get_repository_def(),
+        resources={"data_root": DataRootResource(path=str(root.root))},
+    )
+
+
+def sensor_tick(name: str, context):
+    """One evaluation of the named sensor of the definitions, with the daemon's checks of its run requests
+    (their jobs must be the sensor's, their partition keys known or added by the same tick)."""
+    from lora_pipeline import dagster_runs
+
+    return dagster_runs.definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
+
+
 # --- files ------------------------------------------------------------------------------------------------------
 
 

@@ -7,45 +7,27 @@ import logging
 
 import dagster as dg
 import yaml
-from PIL import Image, ImageDraw
 
 from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
-from lora_pipeline.defs.resources import DataRootResource
-from lora_pipeline_tests.helpers import tree_state
+from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick, tree_state
 
 STUDY = "curated-study"
 
 
-def _tick(name: str, context: dg.SensorEvaluationContext):
-    """One evaluation of the named sensor of the definitions, with the daemon's checks of its run requests
-    (their jobs must be the sensor's, their partition keys known or added by the same tick)."""
-    return dagster_runs.definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
-
-
 def source_batch_sensor(context: dg.SensorEvaluationContext):
-    return _tick("source_batch_sensor", context)
+    return sensor_tick("source_batch_sensor", context)
 
 
 def spec_sensor(context: dg.SensorEvaluationContext):
-    return _tick("spec_sensor", context)
+    return sensor_tick("spec_sensor", context)
 
 
 def _apply(inst: dg.DagsterInstance, result) -> None:
     """Do what the daemon does with a tick's partition requests."""
     for request in result.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-
-
-def _context(inst: dg.DagsterInstance, root) -> dg.SensorEvaluationContext:
-    """A context as the daemon's code server builds one: from an instance ref, with the repository (so a run
-    request for a partition the same tick adds is resolved against the tick's partition requests)."""
-    return dg.SensorEvaluationContext(
-        instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=None,
-        repository_name="__repository__", repository_def=dagster_runs.definitions().get_repository_def(),
-        resources={"data_root": DataRootResource(path=str(root.root))},
-    )
 
 
 class _Warnings(logging.Handler):
@@ -60,7 +42,7 @@ class _Warnings(logging.Handler):
 
 
 def _watched(inst: dg.DagsterInstance, root) -> tuple[dg.SensorEvaluationContext, _Warnings]:
-    context = _context(inst, root)
+    context = sensor_context(inst, root)
     warnings = _Warnings()
     context.log.addHandler(warnings)
     return context, warnings
@@ -75,27 +57,14 @@ def _break_files(root) -> None:
     (root.specs / "not a name.yaml").write_text("name: x\n")
 
 
-def _land_batch(root, batch: str, colors: list[str]) -> None:
-    folder = root.batch(batch)
-    folder.mkdir(parents=True)
-    for i, color in enumerate(colors):
-        im = Image.new("RGB", (640, 576), "white")
-        draw = ImageDraw.Draw(im)
-        draw.ellipse((80 + 40 * i, 60, 560, 520 - 30 * i), fill=color)
-        draw.rectangle((250, 200 + 20 * i, 400, 330), fill="black")
-        im.save(folder / f"late-{i}.png")
-        (folder / f"late-{i}.txt").write_text(f"hdaesth, front view, {color} body, matte finish\n")
-    (folder / "_READY").write_text("")
-
-
 def test_spec_sensor_registers_versions_and_recipes(sample_root):
     inst = dagster_runs.instance()
-    result = spec_sensor(_context(inst, sample_root))
+    result = spec_sensor(sensor_context(inst, sample_root))
     versions = {r.partition_key for r in result.run_requests}
     assert versions == set(sample_root.spec_versions())
     _apply(inst, result)
     assert set(inst.get_dynamic_partitions("recipes")) == set(sample_root.recipe_names())
-    again = spec_sensor(_context(inst, sample_root))
+    again = spec_sensor(sensor_context(inst, sample_root))
     assert not again.run_requests  # known versions are not rebuilt every tick
 
 
@@ -114,7 +83,7 @@ def test_spec_sensor_skips_what_does_not_load_and_registers_the_rest(sample_root
     assert any("not a name.yaml" in w for w in warnings.lines), warnings.lines
     # fixed, the spec is registered on the next tick
     sample_root.spec_file("broken-v1").write_text("name: broken-v1\ntrigger: x\nrepeats: 1\nsources: [{batch: b}]\n")
-    assert [r.partition_key for r in spec_sensor(_context(inst, sample_root)).run_requests] == ["broken-v1"]
+    assert [r.partition_key for r in spec_sensor(sensor_context(inst, sample_root)).run_requests] == ["broken-v1"]
 
 
 def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
@@ -126,7 +95,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     }
     sample_root.spec_file(f"{STUDY}-v2").write_text(yaml.safe_dump(spec, sort_keys=False))
     # first tick: every committed batch is new; nothing to auto-rebuild while v2 is unbuilt
-    first = source_batch_sensor(_context(inst, sample_root))
+    first = source_batch_sensor(sensor_context(inst, sample_root))
     assert {r.partition_key for r in first.run_requests} == set(sample_root.ready_batches())
     assert not (sample_root.specs / f"{STUDY}-v3.yaml").exists()
     _apply(inst, first)
@@ -134,7 +103,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     dagster_runs.run_job("build_dataset_job", f"{STUDY}-v2", inst)
     v2_before = tree_state(sample_root.dataset(f"{STUDY}-v2"))
 
-    _land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
+    land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
     _break_files(sample_root)  # one broken spec (and recipe) must not block the new batch
     context, warnings = _watched(inst, sample_root)
     tick = source_batch_sensor(context)
@@ -152,5 +121,5 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     assert "curated-2026-12" in v3_sources
     assert read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["captions_complete"]
     # the next tick sees nothing new and writes no v4
-    assert not source_batch_sensor(_context(inst, sample_root)).run_requests
+    assert not source_batch_sensor(sensor_context(inst, sample_root)).run_requests
     assert not (sample_root.specs / f"{STUDY}-v4.yaml").exists()

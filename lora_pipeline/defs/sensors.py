@@ -87,6 +87,7 @@ def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new spec or recipe that loads"))
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"dataset:{v}", partition_key=v) for v in new_versions],
+        run_requests=[dg.RunRequest(run_key=f"dataset:{v}", partition_key=v, job_name=build_dataset_job.name)
+                      for v in new_versions],
         dynamic_partitions_requests=requests,
     )

@@ -6,6 +6,7 @@ from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.gate import require_passed_report
 from lora_pipeline.core.paths import DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
+from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
@@ -37,6 +38,7 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     op_tags=op_tags(GPU),
     pool="gpu",
     deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
+    automation_condition=train_on_condition,
     description="loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors: one kohya-format LoRA per "
     "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
 )
@@ -102,6 +104,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     op_tags=op_tags(GPU),
     pool="gpu",
     deps=[lora_epochs],
+    automation_condition=evaluate_on_condition,
     description="evals/<version>/<recipe>/: epoch x LoRA-weight grids (one per prompt), validation loss and the "
     "recommended sweet-spot epoch with its reasons.",
 )

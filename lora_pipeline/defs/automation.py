@@ -1,0 +1,125 @@
+"""Training follows the data: Dagster's declarative automation trains and evaluates new dataset versions.
+
+A recipe's `train_on` names dataset families (names or globs). When a new version of such a family has been
+built and its blocking checks passed, `lora_epochs` is requested for that version x recipe, and once it has
+materialized, `evaluation_grid`. `training_automation_sensor` (on by default, evaluated in the code server
+because two conditions here read the data root) evaluates the conditions; pool `gpu` (limit 1, dagster.yaml)
+keeps one training at a time. A version whose blocking checks failed is never requested: the condition
+"dataset_report's blocking checks passed" is false for it in the asset's Automation tab, and the failed check
+on `dataset_report` says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import dagster as dg
+
+from lora_pipeline.core.datasets.gate import require_passed_report
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.recipe import load_recipe
+
+SEPARATOR = "|"  # multi-partition keys are "<dataset_version>|<recipe>" (partitions.py)
+
+
+def _matching(context: dg.AutomationContext, keep) -> dg.AutomationResult:
+    """The candidate partitions `<version>|<recipe>` for which `keep(root, version, recipe)` is true."""
+    root = DataRoot.from_env()
+    kept = set()
+    for key in context.candidate_subset.expensively_compute_partition_keys():
+        version, _, recipe = str(key).partition(SEPARATOR)
+        if keep(root, version, recipe):
+            kept.add(key)
+    return dg.AutomationResult(context, context.candidate_subset.compute_intersection_with_partition_keys(kept))
+
+
+def _recipe_trains_on(root: DataRoot, version: str, recipe: str) -> bool:
+    try:
+        return load_recipe(root.recipe_file(recipe)).trains_on(version)
+    except UserError:  # a recipe that does not load trains nothing (spec_sensor warns about it)
+        return False
+
+
+def _passed_gate(root: DataRoot, version: str, _recipe: str) -> bool:
+    try:
+        require_passed_report(root, version)
+    except (UserError, OSError):
+        return False
+    return True
+
+
+class RecipeTrainsOnFamily(dg.AutomationCondition):
+    """True for `<version>|<recipe>` when the recipe's `train_on` names the version's family."""
+
+    @property
+    def name(self) -> str:
+        return "recipe_trains_on_family"
+
+    @property
+    def description(self) -> str:
+        return "the recipe's train_on names the dataset version's family"
+
+    @property
+    def requires_cursor(self) -> bool:
+        return False
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        return _matching(context, _recipe_trains_on)
+
+
+class BlockingChecksPassed(dg.AutomationCondition):
+    """True for `<version>|<recipe>` when the version is sealed and its report has no blocking problem: the
+    same gate `lora_epochs` applies before it trains (core/datasets/gate.py)."""
+
+    @property
+    def name(self) -> str:
+        return "dataset_report_blocking_checks_passed"
+
+    @property
+    def description(self) -> str:
+        return "dataset_report's blocking checks passed (sealed version, report without errors)"
+
+    @property
+    def requires_cursor(self) -> bool:
+        return False
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        return _matching(context, _passed_gate)
+
+
+_ready = (
+    ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+)
+
+# Train a version x recipe once: when it is missing and newly so (a new version or recipe) or its dataset
+# report was just materialized, the recipe trains on the family, and the blocking checks passed. The custom
+# conditions come last, so they only look at the few partitions the built-in ones let through.
+train_on_condition = (
+    dg.AutomationCondition.missing()
+    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & _ready
+    & RecipeTrainsOnFamily()
+    & BlockingChecksPassed()
+).with_label("train_on: a new version of a family the recipe trains on, blocking checks passed")
+
+# Evaluate what the automation trained, when its epochs (re)materialize.
+evaluate_on_condition = (
+    (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & _ready
+    & RecipeTrainsOnFamily()
+).with_label("train_on: evaluate new epochs of a recipe that trains on the family")
+
+with warnings.catch_warnings():  # use_user_code_server is a beta parameter, used knowingly (custom conditions)
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    training_automation_sensor = dg.AutomationConditionSensorDefinition(
+        "training_automation_sensor",
+        target=dg.AssetSelection.assets("lora_epochs", "evaluation_grid"),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        use_user_code_server=True,
+        emit_backfills=False,
+        description="Declarative automation of lora_epochs and evaluation_grid for the recipes' train_on families.",
+    )
