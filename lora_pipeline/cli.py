@@ -1,4 +1,4 @@
-"""`lora-pipeline`: the command line. Every run goes through the Dagster instance so the UI sees it.
+"""lora-pipeline: the command line. Every run goes through the Dagster instance so the UI sees it.
 
 A user error prints one line (`error: <file>: <problem>`) and exits 1; `--json` prints a
 machine-readable result instead of the human summary.
@@ -35,6 +35,22 @@ class CommandResult:
 Command = Callable[[argparse.Namespace, DataRoot], CommandResult]
 
 
+def _require_file(path: Path, what: str, name: str, choices: list[str]) -> None:
+    """A one-line UserError when the spec or recipe file of `name` is missing, naming the closest names."""
+    from lora_pipeline.core.names import closest_names
+
+    if not path.is_file():
+        raise UserError(f"{what} '{name}' not found{closest_names(name, choices)}", path)
+
+
+def _require_spec(root: DataRoot, version: str) -> None:
+    _require_file(root.spec_file(version), "dataset version", version, root.spec_versions())
+
+
+def _require_recipe(root: DataRoot, recipe: str) -> None:
+    _require_file(root.recipe_file(recipe), "recipe", recipe, root.recipe_names())
+
+
 def _register(version_or_batches: dict[str, list[str]]) -> None:
     from lora_pipeline import dagster_runs
     from lora_pipeline.defs import partitions
@@ -63,6 +79,23 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     })
 
 
+def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
+    """Materialize `source_batch` for each ready batch the spec takes that has no materialization yet, as
+    `source_batch_sensor` does under `make ui`: the UI then shows the dataset's upstream, not "Missing"."""
+    import fnmatch
+
+    import dagster as dg
+
+    from lora_pipeline import dagster_runs
+
+    inst = dagster_runs.instance()
+    done = inst.get_materialized_partitions(dg.AssetKey("source_batch"))
+    patterns = [s.batch for s in spec.sources if s.batch]
+    for batch in root.ready_batches():
+        if batch not in done and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
+            dagster_runs.run_job("register_batch_job", batch, inst, quiet)
+
+
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
@@ -73,8 +106,10 @@ def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT
     from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
 
-    load_spec(root.spec_file(version))  # a bad spec fails here with its one line
+    _require_spec(root, version)
+    spec = load_spec(root.spec_file(version))  # a bad spec fails here with its one line
     _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
+    _fingerprint_batches(root, spec, quiet)
     try:  # the run executes here, in this process: its images are decoded while its captions are written
         outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet,
                                        tags={EARLY_INSPECTION_TAG: "1"})
@@ -114,6 +149,7 @@ def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dic
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
 
+    _require_recipe(root, recipe)
     load_recipe(root.recipe_file(recipe))
     require_passed_report(root, version)
     _register({"dataset_versions": [version], "recipes": [recipe]})
@@ -143,6 +179,7 @@ def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> 
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
 
+    _require_recipe(root, recipe)
     load_recipe(root.recipe_file(recipe))
     if not any(root.loras(version, recipe).glob("*.safetensors")):
         raise UserError(f"no trained epochs: run `lora-pipeline train {version} --recipe {recipe}` first",
@@ -186,7 +223,10 @@ def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     summary = failure.metadata if failure else outcome.output_metadata(VERIFY_STEP)
     data = {"versions": summary["versions"], "findings": summary["findings"], "unsealed": summary["unsealed"],
             "ok": failure is None, "dagster_run_id": outcome.run_id}
-    return CommandResult(data, exit_code=1 if failure else 0)
+    text = None
+    if not summary["versions"]:  # "ok" would claim a check that did not happen
+        text = f"nothing to verify: no dataset version is built under {root.datasets}"
+    return CommandResult(data, text=text, exit_code=1 if failure else 0)
 
 
 def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
@@ -257,12 +297,18 @@ def _key_value_lines(data: dict[str, Any]) -> str:
     for key, value in data.items():
         if isinstance(value, (dict, list)):
             value = json.dumps(value, indent=2, sort_keys=True)
+        elif isinstance(value, bool) or value is None:  # true/false/null, as in the nested JSON
+            value = json.dumps(value)
         lines.append(f"{key}: {value}")
     return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-pipeline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="lora-pipeline",
+        description="Copy-only dataset versions, LoRA training and evaluation, run through the Dagster instance "
+        "(make ui shows every run).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
@@ -272,21 +318,21 @@ def parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("intake", cmd_intake, "copy an external handoff into sources/ID (copy-only) and mark it _READY")
-    sp.add_argument("src_dir")
-    sp.add_argument("--batch", required=True)
+    sp.add_argument("src_dir", help="the folder of the handoff (only read)")
+    sp.add_argument("--batch", required=True, help="the new batch id (a name): sources/ID")
     sp = add("build", cmd_build, "snapshot + captions + report; exit 1 if a blocking check fails")
-    sp.add_argument("version")
+    sp.add_argument("version", help="the dataset version: specs/VERSION.yaml")
     for name, fn, help_text in (
         ("train", cmd_train, "train every epoch; refuses a dataset whose blocking checks failed"),
         ("evaluate", cmd_evaluate, "epoch x weight grid, validation loss, recommended epoch"),
     ):
         sp = add(name, fn, help_text)
-        sp.add_argument("version")
-        sp.add_argument("--recipe", required=True)
+        sp.add_argument("version", help="a built dataset version")
+        sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
-    sp.add_argument("file")
+    sp.add_argument("file", help="a LoRA .safetensors file")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
-    sp.add_argument("version", nargs="?")
+    sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
     return p
 

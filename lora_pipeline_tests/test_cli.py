@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from lora_pipeline import dagster_runs
@@ -36,6 +37,9 @@ def test_intake_build_verify(sample_root, tmp_path):
     built = json.loads(cli("build", VERSION, "--json").stdout)
     assert built["errors"] == 0 and built["counts"]["images"] == 8
     assert Path(built["contact_sheet"]).is_file()
+    # the batch the spec takes is fingerprinted (source_batch materialized), as the sensor does under `make ui`
+    materialized = dagster_runs.instance().get_materialized_partitions(dg.AssetKey("source_batch"))
+    assert materialized == {"curated-2026-10", "curated-2026-12"}
 
     verified = json.loads(cli("verify", "--json").stdout)
     assert verified["ok"] is True and verified["versions"][VERSION]["files_checked"] == 16 + len(SEALED_FILES)
@@ -62,15 +66,28 @@ def test_intake_build_verify(sample_root, tmp_path):
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["build", "no-such-version"], ["no-such-version.yaml", "not found"]),
+        (["build", "hardware-design-aesthetc-v1"],  # a typo: the closest existing versions are named
+         ["hardware-design-aesthetc-v1.yaml", "not found", "closest: hardware-design-aesthetic-v1"]),
         (["intake", "/no/such/dir", "--batch", "x-1"], ["/no/such/dir"]),
         (["verify", "never-built"], ["never-built", "not built"]),
+        (["evaluate", VERSION, "--recipe", "demo-tny"], ["demo-tny.yaml", "closest: demo-tiny"]),
         (["train", VERSION, "--recipe", "demo-tiny"], [VERSION, "build"]),
         (["provenance", "/no/such.safetensors"], ["/no/such.safetensors"]),
     ],
 )
 def test_user_errors_are_one_line_exit_1(sample_root, args, needles):
     assert_one_line_error(cli(*args, check=False), *needles)
+
+
+def test_verify_on_an_empty_data_root_says_it_checked_nothing_and_text_output_uses_json_literals(
+    sample_root, capsys
+):
+    from lora_pipeline import cli as cli_module
+
+    assert cli_module.main(["verify"]) == 0
+    expected = f"nothing to verify: no dataset version is built under {sample_root.datasets}"
+    assert capsys.readouterr().out.strip() == expected
+    assert cli_module._key_value_lines({"ok": True, "x": None, "n": 2}) == "ok: true\nx: null\nn: 2"
 
 
 def test_bad_spec_and_blocking_problems(sample_root):

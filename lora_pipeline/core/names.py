@@ -10,7 +10,9 @@ a space or a line break), and is at most `MAX_NAME_LENGTH` characters. The patte
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 from lora_pipeline.core.errors import UserError
 
@@ -56,3 +58,9 @@ def require_name(value: str, what: str) -> str:
         hint = " (give the name, not a path)" if "/" in value or "\\" in value else ""
         raise UserError(f"{what}: {problem}{hint}")
     return value
+
+
+def closest_names(name: str, choices: Iterable[str]) -> str:
+    """`; closest: a, b` naming up to three of `choices` that look like `name` (a typo's likely meaning), or ""."""
+    close = difflib.get_close_matches(name, sorted(set(choices)), n=3, cutoff=0.6)
+    return f"; closest: {', '.join(close)}" if close else ""

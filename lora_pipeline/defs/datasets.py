@@ -47,7 +47,7 @@ def _version_inputs(
     group_name=GROUP,
     kinds={"filesystem"},
     op_tags=op_tags(CPU),
-    description="A complete source handoff under sources/<batch> (marked _READY). Only read, never written.",
+    description="A complete source handoff under `sources/<batch>/` (marked `_READY`). Only read, never written.",
 )
 @fails_on_user_error
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
@@ -76,7 +76,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     kinds={"filesystem"},
     op_tags=op_tags(CPU),
     deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
-    description="datasets/<version>/: copy-only, immutable snapshot of the images named by specs/<version>.yaml.",
+    description="`datasets/<version>/`: copy-only, immutable snapshot of the images named by `specs/<version>.yaml`.",
 )
 @fails_on_user_error
 def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:

@@ -39,7 +39,7 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     pool="gpu",
     deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
     automation_condition=train_on_condition,
-    description="loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors: one kohya-format LoRA per "
+    description="`loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors`: one kohya-format LoRA per "
     "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
 )
 @fails_on_user_error
@@ -105,7 +105,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     pool="gpu",
     deps=[lora_epochs],
     automation_condition=evaluate_on_condition,
-    description="evals/<version>/<recipe>/: epoch x LoRA-weight grids (one per prompt), validation loss and the "
+    description="`evals/<version>/<recipe>/`: epoch x LoRA-weight grids (one per prompt), validation loss and the "
     "recommended sweet-spot epoch with its reasons.",
 )
 @fails_on_user_error

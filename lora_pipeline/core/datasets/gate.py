@@ -15,6 +15,7 @@ from lora_pipeline.core.datasets.problems import errors_in
 from lora_pipeline.core.datasets.seal import changed_sealed_files, require_sealed
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
+from lora_pipeline.core.names import closest_names
 from lora_pipeline.core.paths import REPORT_JSON, SNAPSHOT, DataRoot
 
 
@@ -22,6 +23,9 @@ def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
     """The report of a sealed version whose blocking checks passed; UserError (one line) otherwise."""
     snapshot_dir = root.dataset(version)
     if not (snapshot_dir / SNAPSHOT).is_file():
+        if not root.spec_file(version).is_file():
+            choices = root.spec_versions() + root.built_versions()
+            raise UserError(f"no dataset version '{version}'{closest_names(version, choices)}", root.spec_file(version))
         raise UserError(f"dataset version '{version}' is not built: run `lora-pipeline build {version}` first",
                         root.spec_file(version))
     seal = require_sealed(snapshot_dir)

@@ -35,6 +35,7 @@ from lora_pipeline.core.datasets.manifest import (
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.names import closest_names
 from lora_pipeline.core.paths import SEAL, SNAPSHOT, DataRoot
 
 
@@ -131,5 +132,6 @@ def verify_versions(root: DataRoot, versions: Sequence[str] = ()) -> list[Verify
     """`verify_version` of each named dataset version, or of every built one when none is named."""
     for version in versions:
         if not (root.dataset(version) / SNAPSHOT).is_file():
-            raise UserError("no such dataset version (not built)", root.dataset(version))
+            hint = closest_names(version, root.built_versions())
+            raise UserError(f"no such dataset version (not built){hint}", root.dataset(version))
     return [verify_version(root.dataset(version)) for version in versions or root.built_versions()]
