@@ -13,8 +13,8 @@ export MLFLOW_ENABLE_TELEMETRY := false
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,cluster]'
+	$(BIN)/python -m pip install --quiet --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --quiet -e '.[dev,cluster]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -66,13 +66,17 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
 
+# Run from $(DAGSTER_HOME), where the instance's dagster.yaml is (dg dev warns about one in any other folder).
 ui: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	cd $(DAGSTER_HOME) && $(CURDIR)/$(BIN)/dg dev -h 127.0.0.1 -p 3000 -w $(CURDIR)/workspace.yaml
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(CURDIR)/data/mlflow/mlflow.db \
 	  --default-artifact-root $(CURDIR)/data/mlflow/artifacts
 
+# Also the specs the auto-rebuild sensor wrote (specs/ files git does not track); never data/sources.
 clean:
 	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp $(DAGSTER_HOME) .cluster_demo
+	git ls-files --others --exclude-standard -z -- data/specs | xargs -0 -r grep -lZE '^intent: .?auto-rebuild of ' -- | \
+	  xargs -0 -r rm -f --

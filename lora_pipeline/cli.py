@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import signal
 import sys
 import time
@@ -20,6 +18,7 @@ from typing import Any
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.runtime import prepare_runtime
 
 
 @dataclass(frozen=True)
@@ -337,15 +336,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _quiet_third_party_notices() -> None:
-    """Keep the terminal to our own lines: transformers says torchvision is absent (on purpose: it breaks
-    the CPU torch), bitsandbytes that an optional kernel package is absent, mlflow that it made its tables."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shard loading bars of a 5 MB tiny model
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-
-
 def _os_error_line(exc: OSError) -> str:
     """`<file>: <what the system said>` for an operating-system error (disk full, read-only, permission)."""
     if exc.filename is not None and exc.strerror:
@@ -368,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     SIGTERM is handled like Ctrl-C (a KeyboardInterrupt), as Dagster itself does while a run executes, so
     that a plain `kill` does not skip the clean-up either.
     """
-    _quiet_third_party_notices()
+    prepare_runtime()
     args = parser().parse_args(argv)
     root = DataRoot.from_env()
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -4,6 +4,10 @@ from pathlib import Path
 
 import dagster as dg
 
+from lora_pipeline.core.runtime import prepare_runtime
+
+prepare_runtime()  # before any asset imports torch: run workers and the code server load this module first
+
 
 @dg.definitions
 def defs() -> dg.Definitions:

@@ -14,11 +14,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
+
+diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." of a tiny model: our own lines say more
 
 __all__ = [
     "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "host_to_device",

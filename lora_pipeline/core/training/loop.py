@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from lora_pipeline.core.models.loading import host_to_device
 from lora_pipeline.core.training.augment import step_views
 from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
+from lora_pipeline.core.training.cpu import Progress
 from lora_pipeline.core.training.data import TrainImage
 from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.noise import NoiseSettings, debiased_weight
@@ -215,6 +216,7 @@ class StepContext:
     caption_dropout: CaptionDropout = CaptionDropout()
     flip_aug: bool = False
     random_crop: bool = False
+    progress: Progress | None = None  # in-epoch progress lines (cpu.py)
     warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
     masked_loss: bool = False
     prior_loss_weight: float | None = None  # None: no regularisation images in the run
@@ -307,6 +309,8 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
         if first_done is None:
             first_done = time.perf_counter()
         images += len(indices)
+        if ctx.progress is not None:
+            ctx.progress.step(step)
     values = torch.stack(losses).float().cpu().tolist() if losses else []
     return EpochStats(losses=values, lrs=effective_lrs(lrs), images=images, seconds=time.perf_counter() - started,
                       warmup_seconds=warmup, first_step_done=first_done)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +44,7 @@ from lora_pipeline.core.training.checkpoint import (
     save_state,
     step_file_name,
 )
+from lora_pipeline.core.training.cpu import Progress, training_threads
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
 from lora_pipeline.core.training.fastpath import GraphedSteps
@@ -233,9 +235,15 @@ def train_lora(
 def _train(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(run.device.type == "cpu" or deterministic)
+    threads = torch.get_num_threads()
+    wanted = training_threads() if run.device.type == "cpu" else None
+    if wanted is not None:
+        torch.set_num_threads(wanted)
+        run.log(f"CPU training on {wanted} thread(s) (1-minute load {os.getloadavg()[0]:.1f})")
     try:
         return _train_steps(run, provenance, tracker)
     finally:
+        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
@@ -329,6 +337,8 @@ def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, 
     batches = batches[:run.total - global_step]
     every = recipe.save_every_n_steps or len(batches) + global_step + 1
     stats, done = [], 0
+    if ctx.progress is not None:  # once per epoch: step files cut it into several run_epoch calls
+        ctx.progress.begin_epoch(epoch, len(batches), global_step + 1)
     while done < len(batches):
         chunk = batches[done:done + every - (global_step + done) % every]
         stats.append(run_epoch(ctx, epoch, chunk, global_step + done + 1))
@@ -359,6 +369,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         run.log(f"warning: {line}")
     renderer = SampleRenderer(run.base, recipe, run.device, DTYPES[run.precision])
     per_epoch, total = run.per_epoch, run.total
+    ctx.progress = Progress(run.log, run.last_epoch, total, recipe.effective_batch_size)
     start = state.epoch if state else 0
     global_step = state.global_step if state else 0
     losses, lrs = (list(state.losses), list(state.lrs)) if state else ([], [])
