@@ -43,6 +43,19 @@ def test_train_evaluate_and_trace_through_dagster(built):
     assert meta["epoch_files"] == 2 and "data:image/png;base64," in meta["loss_curve"]
     run = MlflowClient(mlflow_tracking_uri(root.mlflow)).get_run(meta["mlflow_run_id"])
     assert run.info.run_name == f"{VERSION}/{RECIPE}" and run.data.tags["dagster_run_id"] == trained.run_id
+    # the partition page answers the provenance question: batches with counts, files, hashes, commit, MLflow run
+    manifest = root.dataset(VERSION) / "manifest.jsonl"
+    assert meta["provenance"].startswith("ok") and meta["manifest"] == str(manifest)
+    assert [r.data for r in meta["source_batches"].records] == [
+        {"source": "batch:curated-2026-10", "images": 8, "captions": 8, "changed_or_missing": 0,
+         "manifest": str(manifest)}]
+    assert {r.data["source_path"] for r in meta["source_files"].records} == {
+        r["source_path"] for r in read_manifest(root.dataset(VERSION)) if r["kind"] == "image"}
+    header = trace_lora(root, files[-1])
+    assert meta["recipe_sha256"] == header["recipe"]["sha256"]
+    assert meta["base_model_hash"] == header["base_model"]["hash"]
+    assert meta["manifest_root"] == header["dataset"]["snapshot_manifest_root"] and meta["code_commit"]
+    assert meta["mlflow_run"].endswith(f"/runs/{meta['mlflow_run_id']}")
 
     evaluated = dagster_runs.run_job("evaluate_job", training_key(VERSION, RECIPE), inst, quiet=True)
     emeta = evaluated.metadata("evaluation_grid")
@@ -50,6 +63,7 @@ def test_train_evaluate_and_trace_through_dagster(built):
     assert "data:image/png;base64," in emeta["grid_0"]  # the grid itself renders in the UI
     rec = json.loads((root.evals(VERSION, RECIPE) / "recommendation.json").read_text())
     assert rec["recommended_epoch"] in (1, 2) and emeta["recommended_epoch"] == rec["recommended_epoch"]
+    assert emeta["recommended_file"] == str(files[rec["recommended_epoch"] - 1])  # links back to the epoch file
 
     chain = trace_lora(root, files[-1])
     assert chain["status"] == "ok"

@@ -58,3 +58,38 @@ def _cell(value: Any) -> int | float | str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     return "" if value is None else str(value)
+
+
+def provenance_metadata(chain: dict[str, Any], manifest: Path) -> dict[str, Any]:
+    """The provenance chain of a LoRA file (core/provenance.py `trace_lora`) as metadata a partition page shows:
+    the source batches with their counts, every image's source file, and the hashes that tie them together."""
+    per_source: dict[str, dict[str, Any]] = {}
+    files = []
+    for image in chain["images"]:
+        origin = image.get("origin") or image["source"]  # an image reused from a version: the batch it came from
+        key = f"{origin['kind']}:{origin['name']}"
+        row = per_source.setdefault(key, {"source": key, "images": 0, "captions": 0, "changed_or_missing": 0})
+        row["images"] += 1
+        row["captions"] += "caption" in image
+        row["changed_or_missing"] += origin["status"] != "unchanged"
+        files.append({"image": image["path"], "source": key, "source_path": origin["path"],
+                      "caption_from": (image.get("caption") or {}).get("from", ""), "status": origin["status"],
+                      "sha256": image["sha256"]})
+    for row in per_source.values():
+        row["manifest"] = str(manifest)
+    dataset, recipe, base = chain["dataset"], chain["recipe"], chain["base_model"]
+    status = chain["status"]
+    return {
+        "provenance": dg.MetadataValue.md(
+            "ok: every link of the chain checked" if status == "ok" else "\n".join(f"- {f}" for f in status)
+        ),
+        "source_batches": table(list(per_source.values()),
+                                ["source", "images", "captions", "changed_or_missing", "manifest"]),
+        "source_files": table(files, ["image", "source", "source_path", "caption_from", "status", "sha256"]),
+        "manifest": dg.MetadataValue.path(str(manifest)),
+        "manifest_root": dataset.get("snapshot_manifest_root") or dataset.get("header_manifest_root", ""),
+        "spec_sha256": dataset.get("spec_sha256") or "",
+        "recipe_sha256": recipe.get("sha256", ""),
+        "base_model": f"{base.get('name')} ({base.get('source')})",
+        "base_model_hash": base.get("hash", ""),
+    }

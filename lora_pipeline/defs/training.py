@@ -4,11 +4,11 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.gate import require_passed_report
-from lora_pipeline.core.paths import DataRoot, mlflow_tracking_uri
+from lora_pipeline.core.paths import MANIFEST, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
-from lora_pipeline.defs.metadata import image_markdown, table
+from lora_pipeline.defs.metadata import image_markdown, provenance_metadata, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.placement import GPU, op_tags
 from lora_pipeline.defs.resources import DataRootResource
@@ -68,6 +68,9 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     samples = {}
     if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
         samples["latest_samples"] = image_markdown(result.sample_strip, f"samples: {result.sample_strip.stem}")
+    from lora_pipeline.core.provenance import trace_lora
+
+    chain = trace_lora(root, result.out_dir / last["file"])  # checks every link, as `lora-pipeline provenance`
     return dg.MaterializeResult(
         data_version=dg.DataVersion(last["sha256"]),
         metadata={
@@ -93,6 +96,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "mlflow_tracking_uri": mlflow_tracking_uri(root.mlflow),
             "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
             "code_commit": commit,
+            **provenance_metadata(chain, root.dataset(version) / MANIFEST),
         },
     )
 
@@ -112,11 +116,16 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
 def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root, version, recipe = _training_inputs(context, data_root)
     from lora_pipeline.core.evaluation.evaluate import evaluate_lora  # heavy import, as in lora_epochs
+    from lora_pipeline.core.training.checkpoint import epoch_file_name
 
     result = evaluate_lora(root, version, recipe, log=context.log.info)
+    recommended = result.recommendation["recommended_epoch"]
+    chosen = root.loras(version, recipe.name) / epoch_file_name(version, recipe.name, recommended)
     metadata: dict = {
         "path": dg.MetadataValue.path(str(result.out_dir)),
-        "recommended_epoch": result.recommendation["recommended_epoch"],
+        "recommended_epoch": recommended,
+        "recommended_file": dg.MetadataValue.path(str(chosen)),
+        "provenance_command": dg.MetadataValue.text(f"lora-pipeline provenance {chosen}"),
         "recommendation": dg.MetadataValue.md(result.summary_markdown),
         "loss_table": table(result.loss_rows, ["epoch", "train_loss", "val_loss"]),
         "val_loss": image_markdown(result.val_loss_plot, "validation and training loss"),
