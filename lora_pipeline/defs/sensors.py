@@ -12,7 +12,7 @@ import dagster as dg
 from lora_pipeline.core.datasets.autorebuild import write_auto_rebuild_specs
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.paths import SEAL, DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.jobs import build_dataset_job, register_batch_job
 from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches, unknown_keys
@@ -70,6 +70,16 @@ def _loadable(
     return good
 
 
+def _sources_sealed(context: dg.SensorEvaluationContext, root: DataRoot, version: str) -> bool:
+    """Whether every earlier version the spec takes is built and sealed; a version that is not waits for a later
+    tick (at start-up every sample spec is new, and v2 must not be built before the v1 it copies)."""
+    waiting = [s.name for s in load_spec(root.spec_file(version)).sources
+               if s.dataset and not (root.dataset(s.name) / SEAL).is_file()]
+    if waiting:
+        context.log.info(f"{version} waits for {', '.join(waiting)} to be built and sealed")
+    return not waiting
+
+
 @dg.sensor(job=build_dataset_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     """A new `specs/<version>.yaml` that loads registers the version and builds it; new recipes are registered."""
@@ -77,6 +87,7 @@ def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource
     _warn_misnamed(context, root)
     new_versions = _loadable(context, unknown_keys(context.instance, dataset_versions, root.spec_versions()),
                              lambda v: load_spec(root.spec_file(v)), "spec")
+    new_versions = [v for v in new_versions if _sources_sealed(context, root, v)]
     new_recipes = _loadable(context, unknown_keys(context.instance, recipes, root.recipe_names()),
                             lambda r: load_recipe(root.recipe_file(r)), "recipe")
     requests = []
