@@ -54,6 +54,10 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
+# The README's UI walkthrough: the browser test's screenshots, written to docs/ui/.
+screenshots: $(STAMP) $(CHROMIUM)
+	UI_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest -p no:xdist -q lora_pipeline_tests/test_ui_browser.py
+
 docs: $(STAMP)
 	$(BIN)/python -m lora_pipeline.core.fielddocs docs/fields.md
 
