@@ -246,11 +246,18 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     page.screenshot(path=shots / "4-contact-sheet.png")
     page.keyboard.press("Escape")
 
+    # the demo partition's epochs answer the provenance question on their page
+    _open(page, f"{url}/assets/lora_epochs?partition={V2}|{RECIPE}")
+    page.locator("tr", has_text="source_batches").get_by_text("batch:turntable-renders-2026-11").wait_for()
+    body = page.inner_text("body")
+    assert "batch:curated-2026-10" in body and "base_model_hash" in body and "mlflow_run" in body
+    page.screenshot(path=shots / "5-lora-epochs-provenance.png")
+
     # the demo partition's evaluation grid renders, and its page names the recommended epoch file
     _open(page, f"{url}/assets/evaluation_grid?partition={V2}|{RECIPE}")
     body = page.inner_text("body")
     assert "evals/<version>/<recipe>/" in body and f"{V2}-{RECIPE}-e001.safetensors" in body
-    page.screenshot(path=shots / "5-evaluation-grid-page.png")
+    page.screenshot(path=shots / "6-evaluation-grid-page.png")
     assert _rendered(page, _markdown_image(page, "grid_0", "prompt 0")) > 0
-    page.screenshot(path=shots / "6-evaluation-grid.png")
+    page.screenshot(path=shots / "7-evaluation-grid.png")
     page.keyboard.press("Escape")
