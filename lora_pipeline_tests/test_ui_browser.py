@@ -248,7 +248,9 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
 
     # the demo partition's epochs answer the provenance question on their page
     _open(page, f"{url}/assets/lora_epochs?partition={V2}|{RECIPE}")
-    page.locator("tr", has_text="source_batches").get_by_text("batch:turntable-renders-2026-11").wait_for()
+    batches = page.locator("tr", has_text="source_batches")
+    batches.get_by_text("batch:turntable-renders-2026-11").wait_for()
+    page.locator("tr", has_text="provenance").first.scroll_into_view_if_needed()
     body = page.inner_text("body")
     assert "batch:curated-2026-10" in body and "base_model_hash" in body and "mlflow_run" in body
     page.screenshot(path=shots / "5-lora-epochs-provenance.png")

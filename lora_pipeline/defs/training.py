@@ -75,6 +75,9 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
         data_version=dg.DataVersion(last["sha256"]),
         metadata={
             "path": dg.MetadataValue.path(str(result.out_dir)),
+            **provenance_metadata(chain, root.dataset(version) / MANIFEST),  # first: where it all came from
+            "code_commit": commit,
+            "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
             "epochs": table(result.epochs, ["epoch", "file", "steps", "mean_loss", "sha256"]),
             "epoch_files": len(result.epochs),
             "loss_curve": image_markdown(result.loss_curve, "training loss"),
@@ -94,9 +97,6 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "mixed_precision": result.mixed_precision,
             "mlflow_run_id": result.mlflow_run_id,
             "mlflow_tracking_uri": mlflow_tracking_uri(root.mlflow),
-            "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
-            "code_commit": commit,
-            **provenance_metadata(chain, root.dataset(version) / MANIFEST),
         },
     )
 
