@@ -25,7 +25,8 @@ def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
     if not (snapshot_dir / SNAPSHOT).is_file():
         if not root.spec_file(version).is_file():
             choices = root.spec_versions() + root.built_versions()
-            raise UserError(f"no dataset version '{version}'{closest_names(version, choices)}", root.spec_file(version))
+            raise UserError(f"dataset version '{version}' is not built and has no spec"
+                            f"{closest_names(version, choices)}", root.spec_file(version))
         raise UserError(f"dataset version '{version}' is not built: run `lora-pipeline build {version}` first",
                         root.spec_file(version))
     seal = require_sealed(snapshot_dir)
