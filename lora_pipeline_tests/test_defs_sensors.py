@@ -14,7 +14,8 @@ from lora_pipeline.core.fileio import read_json
 from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick, tree_state
 
 STUDY = "curated-study"
-FROM_BATCHES = ["hardware-curated-v1", "hardware-design-aesthetic-v1"]  # the sample specs without dataset sources
+# the sample specs without dataset sources
+FROM_BATCHES = ["hardware-curated-v1", "hardware-design-aesthetic-v1", "hardware-masked-reg-v1"]
 
 
 def source_batch_sensor(context: dg.SensorEvaluationContext):
