@@ -36,7 +36,7 @@ demo-locon: demo
 cluster-demo: $(STAMP)
 	$(BIN)/python -m lora_pipeline.cluster demo $(if $(HOLD),--hold)
 
-# The browser test drives Debian's Chromium through Playwright (tests/test_ui_browser.py).
+# The browser test drives Debian's Chromium through Playwright (lora_pipeline_tests/test_ui_browser.py).
 CHROMIUM := /usr/bin/chromium
 browser: $(CHROMIUM)
 $(CHROMIUM):

@@ -30,9 +30,10 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.dagster_runs import run_failure_reason
 from lora_pipeline.defs import partitions
 from lora_pipeline.postgres import create_database, drop_database
+from lora_pipeline_tests.helpers import committed_data
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
-REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+REPO_DATA = committed_data()  # the samples as git has them, never the working folder's data/
 VERSION, RECIPES, BIG = "tiny-v1", ("r1", "r2"), "big-v1"
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 # Header keys that name the run itself: its MLflow run and start time (and the file hash, which covers them).

@@ -73,3 +73,15 @@ def test_each_step_pod_has_the_image_the_data_root_and_a_gpu_only_for_training(o
     else:
         assert "nvidia.com/gpu" not in requests and "nvidia.com/gpu" not in limits
         assert requests["cpu"] and not pod.tolerations
+
+
+@pytest.mark.parametrize(("kind", "executor"), [("default", "in_process"), ("celery", "celery"), ("k8s", "k8s")])
+def test_the_executor_variable_picks_the_one_executor_of_every_job(monkeypatch, kind, executor) -> None:
+    """In-process by default (a UI or sensor run imports torch once, not once per step); the code location
+    loads with each choice (a second executor anywhere in the definitions would refuse to load)."""
+    from lora_pipeline.definitions import defs
+
+    monkeypatch.setenv("LORA_PIPELINE_EXECUTOR", kind)
+    loaded = defs()
+    for job_name in ("register_batch_job", "build_dataset_job", "train_job", "evaluate_job"):
+        assert loaded.resolve_job_def(job_name).executor_def.name == executor

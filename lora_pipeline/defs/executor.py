@@ -1,7 +1,9 @@
 """The executor of every job: in-process by default; Celery or Kubernetes steps in the cluster profiles.
 
 `LORA_PIPELINE_EXECUTOR` picks it when the code location loads (every process of a deployment must agree):
-- unset or "default": Dagster's default executor (the embedded profile, `make demo`);
+- unset or "default": Dagster's in-process executor (the embedded profile, `make demo`, `make ui`): every step
+  in the run's own process, one Python start per run (a run started by the UI or a sensor would otherwise
+  import torch again in each step's process);
 - "celery": `dagster-celery`'s executor; steps go to the queues of placement.py; the broker and result
   backend come from `LORA_PIPELINE_CELERY_BROKER` and `LORA_PIPELINE_CELERY_BACKEND` (deploy/cluster/);
 - "k8s": `dagster-k8s`'s `k8s_job_executor`, one pod per step; its settings are deploy/k8s/executor.yaml.
@@ -26,11 +28,11 @@ def k8s_executor_config(path: Path = K8S_EXECUTOR_FILE) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))["execution"]["config"]
 
 
-def selected_executor() -> dg.ExecutorDefinition | None:
-    """The executor `LORA_PIPELINE_EXECUTOR` names, or None for Dagster's default."""
+def selected_executor() -> dg.ExecutorDefinition:
+    """The executor `LORA_PIPELINE_EXECUTOR` names."""
     kind = os.environ.get(EXECUTOR_ENV, "default")
     if kind == "default":
-        return None
+        return dg.in_process_executor
     if kind == "celery":
         from dagster_celery import celery_executor
 
@@ -45,5 +47,4 @@ def selected_executor() -> dg.ExecutorDefinition | None:
 
 @dg.definitions
 def executor() -> dg.Definitions:
-    chosen = selected_executor()
-    return dg.Definitions(executor=chosen) if chosen is not None else dg.Definitions()
+    return dg.Definitions(executor=selected_executor())

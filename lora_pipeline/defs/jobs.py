@@ -33,4 +33,3 @@ evaluate_job = dg.define_asset_job(
     description="Epoch x weight grids, validation loss and the recommended epoch.",
     tags=GPU_RUN,
 )
-
