@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
 from lora_pipeline_tests.helpers import cli
 
@@ -16,6 +18,8 @@ from lora_pipeline_tests.helpers import cli
 HOLDER = """
 import os, signal, sys
 from pathlib import Path
+
+import pytest
 from lora_pipeline.core.datasets.staging import staging_folder
 with staging_folder(Path(sys.argv[1]), sys.argv[2]) as staging:
     (staging / "half.png").write_bytes(b"x" * 1000)
@@ -55,6 +59,24 @@ def test_a_failed_body_removes_its_staging_folder(tmp_path: Path) -> None:
             (staging / "a.png").write_bytes(b"x")
             raise KeyboardInterrupt
     except KeyboardInterrupt:
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_right_after_the_folder_appears_removes_it(tmp_path: Path, monkeypatch) -> None:
+    """The CLI's interrupt test signals as soon as the staging folder appears, so the KeyboardInterrupt can land
+    before the body starts: here, while the new folder's lock is taken."""
+    from lora_pipeline.core.datasets import staging
+
+    real = staging._open_dir
+
+    def interrupted(path: Path) -> int:
+        if path != tmp_path:  # the parent's lock is taken; the new folder's is not
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(staging, "_open_dir", interrupted)
+    with pytest.raises(KeyboardInterrupt), staging_folder(tmp_path, "b1"):
         pass
     assert list(tmp_path.iterdir()) == []
 

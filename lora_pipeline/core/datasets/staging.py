@@ -43,18 +43,20 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
     The body renames it to its final name when it is complete; the lock is held until the body ends.
     """
     parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent):
-        path = parent / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        path.mkdir()
-        fd = _open_dir(path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
+    path = parent / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = -1
+    try:  # from mkdir on: a Ctrl-C that lands right after it (as the CLI's interrupt test sends it) removes it too
+        with _locked(parent):
+            path.mkdir()
+            fd = _open_dir(path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def remove_abandoned(parent: Path) -> list[str]:
