@@ -54,9 +54,10 @@ test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
-# The README's UI walkthrough: the browser test's screenshots, written to docs/ui/.
+# The README's UI walkthrough: the browser test's screenshots, written to docs/ui/ (its data root is then
+# ~/lora-pipeline-ui-demo, removed afterwards, so the pictures show a path like a user's).
 screenshots: $(STAMP) $(CHROMIUM)
-	UI_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest -p no:xdist -q lora_pipeline_tests/test_ui_browser.py
+	UI_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest -q -p no:cacheprovider lora_pipeline_tests/test_ui_browser.py
 
 docs: $(STAMP)
 	$(BIN)/python -m lora_pipeline.core.fielddocs docs/fields.md

@@ -13,11 +13,25 @@ for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_threads] = "1"
 
 import shutil  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import pytest  # noqa: E402
 
-from lora_pipeline_tests.helpers import HandSnapshot, committed_data  # noqa: E402
+from lora_pipeline_tests.helpers import (  # noqa: E402
+    DEMO_EPOCHS,
+    DEMO_RECIPE,
+    DEMO_V1,
+    DEMO_V2,
+    HandSnapshot,
+    committed_data,
+)
+
+if TYPE_CHECKING:
+    from lora_pipeline.core.paths import DataRoot
+    from lora_pipeline.dagster_runs import RunOutcome
 
 
 # --- a copy of the bundled sample data in a temporary data root (end-to-end tests) -----------------------------
@@ -239,3 +253,85 @@ def lora_epochs():
         return run_id
 
     return make
+
+
+# --- the demo partition, built, trained and evaluated once per worker (tests marked DEMO_GROUP, helpers.py) ----
+@dataclass(frozen=True)
+class DemoRoot:
+    root: DataRoot
+    home: Path  # its DAGSTER_HOME
+
+    def env(self) -> dict[str, str]:
+        return {"LORA_PIPELINE_DATA": str(self.root.root), "DAGSTER_HOME": str(self.home)}
+
+
+@dataclass(frozen=True)
+class TrainedDemo(DemoRoot):
+    trained: RunOutcome  # train_job of DEMO_V2 x DEMO_RECIPE
+    evaluated: RunOutcome  # its evaluate_job
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory, tiny_model) -> Iterator[DemoRoot]:
+    """A data root with the committed sources, the demo's two specs at 1 repeat (v2 copies v1: a two-step
+    provenance chain) and the demo recipe cut to DEMO_EPOCHS epochs, 1 sample step and 1 weight (its two prompts
+    kept: two grids); a Dagster instance with every partition registered (so the sensors of a `dg dev` over it
+    find nothing new).
+
+    Under $UI_SCREENSHOTS (`make screenshots`) it lies in ~/lora-pipeline-ui-demo (removed afterwards), so the
+    README's screenshots show a path like a user's instead of pytest's temporary folder."""
+    import yaml
+
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.core.paths import REPO_ROOT, DataRoot
+    from lora_pipeline.defs import partitions
+
+    if os.environ.get("UI_SCREENSHOTS"):
+        base = Path.home() / "lora-pipeline-ui-demo"
+        base.mkdir()  # an existing folder is not ours to remove: fail instead
+    else:
+        base = tmp_path_factory.mktemp("demo")
+    try:
+        demo = DemoRoot(DataRoot(base / "data"), base / "dagster_home")
+        shutil.copytree(committed_data() / "sources", demo.root.sources)
+        for part, name in (("specs", DEMO_V1), ("specs", DEMO_V2), ("recipes", DEMO_RECIPE)):
+            doc = yaml.safe_load((committed_data() / part / f"{name}.yaml").read_text())
+            if part == "specs":
+                doc.update(repeats=1)
+            else:
+                doc.update(epochs=DEMO_EPOCHS, sample_steps=1, eval_weights=[1.0])
+            (demo.root.root / part).mkdir(exist_ok=True)
+            (demo.root.root / part / f"{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        demo.root.models.mkdir()
+        os.symlink(tiny_model("tiny-sd"), demo.root.models / "tiny-sd")
+        demo.home.mkdir()
+        shutil.copy(REPO_ROOT / "dagster.yaml", demo.home / "dagster.yaml")
+        with pytest.MonkeyPatch.context() as env:
+            for key, value in demo.env().items():
+                env.setenv(key, value)
+            inst = dagster_runs.instance()
+            partitions.register(inst, partitions.source_batches, demo.root.ready_batches())
+            partitions.register(inst, partitions.dataset_versions, [DEMO_V1, DEMO_V2])
+            partitions.register(inst, partitions.recipes, [DEMO_RECIPE])
+        yield demo
+    finally:
+        if os.environ.get("UI_SCREENSHOTS"):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_demo(demo_root) -> TrainedDemo:
+    """`demo_root` with both versions built, DEMO_V2 x DEMO_RECIPE trained and evaluated, all through Dagster."""
+    from lora_pipeline import dagster_runs
+    from lora_pipeline.defs.partitions import training_key
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in demo_root.env().items():
+            env.setenv(key, value)
+        inst = dagster_runs.instance()
+        for version in (DEMO_V1, DEMO_V2):
+            dagster_runs.run_job("build_dataset_job", version, inst, quiet=True)
+        key = training_key(DEMO_V2, DEMO_RECIPE)
+        trained = dagster_runs.run_job("train_job", key, inst, quiet=True)
+        evaluated = dagster_runs.run_job("evaluate_job", key, inst, quiet=True)
+    return TrainedDemo(demo_root.root, demo_root.home, trained, evaluated)

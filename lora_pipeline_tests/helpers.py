@@ -37,6 +37,13 @@ def committed_data() -> Path:
     return dest / "data"
 
 
+# The demo partition that conftest's `trained_demo` builds, trains and evaluates once per worker; the tests that
+# take it are marked `pytest.mark.xdist_group(DEMO_GROUP)`, so make test's `--dist loadgroup` runs them on one.
+DEMO_GROUP = "trained_demo"
+DEMO_V1, DEMO_V2, DEMO_RECIPE = "hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "demo-tiny"
+DEMO_EPOCHS = 2
+
+
 def land_batch(root, batch: str, colors: list[str]) -> None:
     """A new curated-style batch under sources/<batch>: one 640x576 image and sidecar per colour, _READY last."""
     from PIL import Image, ImageDraw

@@ -1,11 +1,12 @@
 """The Dagster UI in a real browser: `dg dev` on a free loopback port over a temporary instance and data root,
 driven by Playwright through Debian's Chromium (/usr/bin/chromium; `make test` installs it when missing).
 
-One server serves every check (starting it is the expensive part). Before it starts, the demo partition is
-built, trained and evaluated through the same instance (in this process, as the CLI does, with a one-epoch
-variant of the demo recipe so the test stays short). The data root holds only the specs and recipe it needs,
-so the sensors (on by default) find nothing to do while the browser works. Screenshots go to
-$UI_SCREENSHOTS (`make screenshots` points it at docs/ui/) or the test's temporary folder.
+One server serves every check (starting it is the expensive part). It runs over conftest's `demo_root`: the
+demo partition is built, trained and evaluated there through the same instance while the server starts (or was,
+by test_defs_training on the same worker: the tests share the `trained_demo` group). The data root holds only
+the specs and recipe it needs and every partition is registered, so the sensors (on by default) find nothing to
+do while the browser works. Screenshots go to $UI_SCREENSHOTS (`make screenshots` points it at docs/ui/) or the
+test's temporary folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,20 +26,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.paths import REPO_ROOT
-from lora_pipeline.defs import partitions
-from lora_pipeline.defs.partitions import training_key
-from lora_pipeline_tests.helpers import committed_data
+from lora_pipeline_tests.helpers import DEMO_GROUP, DEMO_RECIPE, DEMO_V1, DEMO_V2
 
 CHROMIUM = Path("/usr/bin/chromium")
-V1, V2, RECIPE = "hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "demo-tiny"
 ASSETS = ["source_batch", "dataset_snapshot", "caption_set", "dataset_report", "lora_epochs", "evaluation_grid"]
 START_TIMEOUT_S = 180  # a loaded 2-core machine: the code server imports Dagster and the definitions
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium: `make test` installs it")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium: `make test` installs it"),
+    pytest.mark.xdist_group(DEMO_GROUP),
+]
 
 
 def _free_port() -> int:
@@ -80,85 +78,45 @@ def _wait_until_loaded(url: str, server: subprocess.Popen, log: Path) -> None:
 
 
 def _stop(server: subprocess.Popen) -> None:
-    """Ctrl-C to `dg dev` (it stops its webserver, daemon and code servers), then SIGKILL to whatever of its
-    process tree is left (run workers included), so nothing outlives the test."""
+    """SIGKILL to `dg dev`'s whole process tree (webserver, daemon, code servers, run workers): the instance,
+    data root and temporary folder (the code servers' sockets) are the test's own, so nothing needs a graceful
+    stop (Ctrl-C took 7 s) and nothing outlives the test."""
     try:
         tree = [server.pid, *(c.pid for c in psutil.Process(server.pid).children(recursive=True))]
     except psutil.NoSuchProcess:
         tree = [server.pid]
-    if server.poll() is None:
-        server.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=20)
     for pid in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     server.wait(timeout=10)
 
 
-def _prepare(data: Path, home: Path, tiny_model) -> None:
-    """The committed samples (two specs, the demo recipe cut to one epoch) and the instance in `home` with the
-    partitions registered."""
-    for part in ("sources", "specs", "recipes"):
-        (data / part).mkdir(parents=True)
-    for batch in (committed_data() / "sources").iterdir():
-        shutil.copytree(batch, data / "sources" / batch.name)
-    for version in (V1, V2):
-        shutil.copy(committed_data() / "specs" / f"{version}.yaml", data / "specs")
-    recipe = yaml.safe_load((committed_data() / "recipes" / f"{RECIPE}.yaml").read_text())
-    recipe.update(epochs=1, sample_steps=1, sample_prompts=recipe["sample_prompts"][:1], eval_weights=[1.0])
-    (data / "recipes" / f"{RECIPE}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (data / "models").mkdir()
-    os.symlink(tiny_model("tiny-sd"), data / "models" / "tiny-sd")
-    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    inst = dagster_runs.instance()  # partitions known before the server's sensors look: they find nothing new
-    partitions.register(inst, partitions.source_batches, sorted(p.name for p in (data / "sources").iterdir()))
-    partitions.register(inst, partitions.dataset_versions, [V1, V2])
-    partitions.register(inst, partitions.recipes, [RECIPE])
-
-
-def _build_and_train() -> None:
-    """While the server starts: the two versions built, the demo partition trained and evaluated."""
-    inst = dagster_runs.instance()
-    for version in (V1, V2):
-        dagster_runs.run_job("build_dataset_job", version, inst, quiet=True)
-    dagster_runs.run_job("train_job", training_key(V2, RECIPE), inst, quiet=True)
-    dagster_runs.run_job("evaluate_job", training_key(V2, RECIPE), inst, quiet=True)
-
-
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, tiny_model) -> Iterator[tuple[str, Path]]:
-    """(URL of a running `dg dev`, screenshot folder); the server and its children are stopped afterwards."""
+def ui(request, demo_root, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """(URL of a running `dg dev` over the trained demo, screenshot folder); its processes are stopped afterwards."""
     tmp = tmp_path_factory.mktemp("ui")
-    data, home = tmp / "data", tmp / "dagster_home"
-    home.mkdir()
-    saved = {k: os.environ.get(k) for k in ("LORA_PIPELINE_DATA", "DAGSTER_HOME")}
-    os.environ.update(LORA_PIPELINE_DATA=str(data), DAGSTER_HOME=str(home))
-    server = None
-    try:
-        _prepare(data, home, tiny_model)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in demo_root.env().items():
+            env.setenv(key, value)  # the server's, and the test's DagsterInstance.get()
         port = _free_port()
         log = tmp / "dg-dev.log"
         dg = Path(sys.executable).with_name("dg")
         with open(log, "wb") as out:
             server = subprocess.Popen(
                 [str(dg), "dev", "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO_ROOT / "workspace.yaml")],
-                cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy(),
+                cwd=demo_root.home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "TMPDIR": str(tmp)},  # its code servers' sockets: in the test's folder
             )
-        url = f"http://127.0.0.1:{port}"
-        _build_and_train()
-        _wait_until_loaded(url, server, log)
-        shots = Path(os.environ.get("UI_SCREENSHOTS") or tmp / "screenshots")
-        shots.mkdir(parents=True, exist_ok=True)
-        yield url, shots
-    finally:
-        if server is not None:
+        try:
+            request.getfixturevalue("trained_demo")  # while the server starts, unless already trained
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_loaded(url, server, log)
+            _graphql(url, "mutation { setNuxSeen }")  # no "Join the Dagster community" dialog over the pages
+            shots = Path(os.environ.get("UI_SCREENSHOTS") or tmp / "screenshots")
+            shots.mkdir(parents=True, exist_ok=True)
+            yield url, shots
+        finally:
             _stop(server)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # --- the browser ----------------------------------------------------------------------------------------------
@@ -180,11 +138,6 @@ def page(ui):
 
 def _open(page, url: str) -> None:
     page.goto(url)
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    skip = page.get_by_role("button", name="Skip")  # the community dialog, on a new instance's first visits
-    with contextlib.suppress(PlaywrightTimeout):  # not shown: nothing to dismiss
-        skip.click(timeout=3_000)
 
 
 def _rendered(page, img) -> int:
@@ -202,7 +155,7 @@ def _markdown_image(page, key: str, alt: str):
     return page.get_by_role("dialog").locator(f"img[alt^='{alt}']")
 
 
-def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(ui, page):
+def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(ui, page, trained_demo):
     import dagster as dg
 
     url, shots = ui
@@ -218,12 +171,11 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     # dataset_report: the Materialize dialog, one partition picked, launched; the run succeeds
     launched_after = datetime.datetime.now(datetime.UTC)
     _open(page, f"{url}/assets/dataset_report")
-    assert "`datasets/<version>/`" not in page.inner_text("body")  # descriptions render as text, not HTML
     page.get_by_role("button", name="Materialize…").click()
     dialog = page.get_by_role("dialog")
     dialog.get_by_text("Select a partition or create one").click()
-    page.keyboard.type(V1)
-    page.get_by_text(V1, exact=True).filter(visible=True).last.click()
+    page.keyboard.type(DEMO_V1)
+    page.get_by_text(DEMO_V1, exact=True).filter(visible=True).last.click()
     page.keyboard.press("Escape")
     page.screenshot(path=shots / "2-materialize-dialog.png")
     dialog.get_by_role("button", name="Launch 1 run").click()
@@ -231,7 +183,7 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     inst = dg.DagsterInstance.get()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        runs = inst.get_runs(dg.RunsFilter(created_after=launched_after, tags={"dagster/partition": V1}))
+        runs = inst.get_runs(dg.RunsFilter(created_after=launched_after, tags={"dagster/partition": DEMO_V1}))
         if runs and runs[0].is_finished:
             break
         time.sleep(1)
@@ -241,13 +193,13 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     page.screenshot(path=shots / "3-run-succeeded.png")
 
     # the report's contact sheet renders
-    _open(page, f"{url}/assets/dataset_report?partition={V1}")
+    _open(page, f"{url}/assets/dataset_report?partition={DEMO_V1}")
     assert _rendered(page, _markdown_image(page, "contact_sheet", "contact sheet")) > 0
     page.screenshot(path=shots / "4-contact-sheet.png")
     page.keyboard.press("Escape")
 
     # the demo partition's epochs answer the provenance question on their page
-    _open(page, f"{url}/assets/lora_epochs?partition={V2}|{RECIPE}")
+    _open(page, f"{url}/assets/lora_epochs?partition={DEMO_V2}|{DEMO_RECIPE}")
     batches = page.locator("tr", has_text="source_batches")
     batches.get_by_text("batch:turntable-renders-2026-11").wait_for()
     page.locator("tr", has_text="provenance").first.scroll_into_view_if_needed()
@@ -256,9 +208,12 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     page.screenshot(path=shots / "5-lora-epochs-provenance.png")
 
     # the demo partition's evaluation grid renders, and its page names the recommended epoch file
-    _open(page, f"{url}/assets/evaluation_grid?partition={V2}|{RECIPE}")
+    _open(page, f"{url}/assets/evaluation_grid?partition={DEMO_V2}|{DEMO_RECIPE}")
+    recommended = Path(trained_demo.evaluated.metadata("evaluation_grid")["recommended_file"]).name
+    page.locator("tr", has_text="recommended_file").get_by_text(recommended, exact=False).wait_for()
     body = page.inner_text("body")
-    assert "evals/<version>/<recipe>/" in body and f"{V2}-{RECIPE}-e001.safetensors" in body
+    # the description as markdown: <version> and <recipe> kept (not read as HTML), the code span's backticks gone
+    assert "evals/<version>/<recipe>/" in body and "`evals/" not in body
     page.screenshot(path=shots / "6-evaluation-grid-page.png")
     assert _rendered(page, _markdown_image(page, "grid_0", "prompt 0")) > 0
     page.screenshot(path=shots / "7-evaluation-grid.png")
