@@ -16,6 +16,7 @@ from lora_pipeline.core.provenance import trace_lora
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
 from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2
+from lora_pipeline.defs.resources import PROCESSES_ENV, TrainingLauncherResource
 
 VERSION, RECIPE = "hardware-design-aesthetic-v1", "demo-tiny"
 
@@ -47,6 +48,7 @@ def test_train_evaluate_and_trace_through_dagster(trained_demo):
     files = sorted(root.loras(version, recipe).glob("*.safetensors"))
     assert [f.name for f in files] == [f"{version}-{recipe}-e{e:03d}.safetensors" for e in range(1, DEMO_EPOCHS + 1)]
     assert meta["epoch_files"] == DEMO_EPOCHS and "data:image/png;base64," in meta["loss_curve"]
+    assert meta["training_processes"] == 1  # the launcher resource's default: in the step's own process
     run = MlflowClient(mlflow_tracking_uri(root.mlflow)).get_run(meta["mlflow_run_id"])
     assert run.info.run_name == f"{version}/{recipe}" and run.data.tags["dagster_run_id"] == trained.run_id
     # the partition page answers the provenance question: batches with counts, files, hashes, commit, MLflow run
@@ -92,3 +94,14 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     with pytest.raises(UserError, match="refusing to train"):
         dagster_runs.run_job("train_job", training_key(VERSION, RECIPE), inst, quiet=True)
     assert not list(root.loras(VERSION, RECIPE).glob("*.safetensors"))
+
+
+def test_the_launcher_takes_its_process_count_from_config_then_environment(monkeypatch):
+    monkeypatch.delenv(PROCESSES_ENV, raising=False)
+    assert TrainingLauncherResource().processes == 1
+    monkeypatch.setenv(PROCESSES_ENV, "2")
+    assert TrainingLauncherResource().processes == 2
+    assert TrainingLauncherResource(num_processes=3).processes == 3  # the run's config wins
+    monkeypatch.setenv(PROCESSES_ENV, "two")
+    with pytest.raises(UserError, match=PROCESSES_ENV):
+        _ = TrainingLauncherResource().processes

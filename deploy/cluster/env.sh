@@ -7,6 +7,8 @@ export LORA_PIPELINE_MLFLOW_URI="${LORA_PIPELINE_MLFLOW_URI:-http://127.0.0.1:50
 export LORA_PIPELINE_CELERY_BROKER="${LORA_PIPELINE_CELERY_BROKER:-pyamqp://guest:guest@127.0.0.1:5672//}"
 export LORA_PIPELINE_CELERY_BACKEND="${LORA_PIPELINE_CELERY_BACKEND:-redis://127.0.0.1:6379/0}"
 export LORA_PIPELINE_EXECUTOR=celery
+# Processes (GPUs) one training runs in on a GPU box: DDP through `accelerate launch` when more than 1.
+export LORA_PIPELINE_TRAIN_PROCESSES="${LORA_PIPELINE_TRAIN_PROCESSES:-1}"
 # The one shared data root (NFS or similar) that every machine mounts at the same path; nothing is copied
 # between workers. MLflow's artifacts live in it too.
 export LORA_PIPELINE_DATA="${LORA_PIPELINE_DATA:-$PWD/data}"

@@ -11,7 +11,7 @@ from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, provenance_metadata, table
 from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
 from lora_pipeline.defs.placement import GPU, op_tags
-from lora_pipeline.defs.resources import DataRootResource
+from lora_pipeline.defs.resources import DataRootResource, TrainingLauncherResource
 from lora_pipeline.defs.run_health import fail_dead_runs
 
 GROUP = "training"
@@ -43,7 +43,8 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
 )
 @fails_on_user_error
-def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
+def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
+                launcher: TrainingLauncherResource) -> dg.MaterializeResult:
     # A killed earlier run would still hold a `gpu` slot and stay STARTED: fail it and free the slot (a
     # run started from the UI or a sensor reaches this point when the pool had a slot left).
     fail_dead_runs(context.instance, context.log.warning)
@@ -51,8 +52,8 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
     require_passed_report(root, version)
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
+    from lora_pipeline.core.training.distributed import train_distributed
     from lora_pipeline.core.training.tracking import TrainingTracker
-    from lora_pipeline.core.training.trainer import train_lora
 
     commit = code_version()
     tracker = TrainingTracker(
@@ -60,9 +61,10 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
         tags={"dagster_run_id": context.run_id, "dagster_partition_key": str(context.partition_key),
               "code_commit": commit},
     )
-    result = train_lora(
+    processes = launcher.processes
+    result = train_distributed(
         root, version, recipe, out_dir=root.loras(version, recipe.name), provenance={"code_commit": commit},
-        tracker=tracker, log=context.log.info,
+        num_processes=processes, tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
     samples = {}
@@ -94,6 +96,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "resumed_from_epoch": result.resumed_from_epoch,
             "total_steps": result.total_steps,
             "device": result.device,
+            "training_processes": processes,
             "mixed_precision": result.mixed_precision,
             "mlflow_run_id": result.mlflow_run_id,
             "mlflow_tracking_uri": mlflow_tracking_uri(root.mlflow),

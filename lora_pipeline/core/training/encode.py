@@ -109,12 +109,19 @@ class LatentSource:
         generator = torch_generator(self.seed, Stream.LATENTS, index, *((1,) if flip else ()))
         return sample_latents(self.base, posterior.to(self.base.vae.device), generator)[0].to(self.device)
 
-    def batch(self, indices: Sequence[int], global_step: int, views: Sequence[View] | None = None) -> torch.Tensor:
+    def batch(self, indices: Sequence[int], global_step: int, views: Sequence[View] | None = None,
+              rows: slice = slice(None)) -> torch.Tensor:
+        """The latents of `rows` (default all) of the batch `indices`. Without a cache they are drawn for the whole
+        batch, so a row gets the same latents whichever process of a DDP run encodes it (loop.Shard)."""
+        wanted = range(len(indices))[rows]
         if self.cache is not None:
-            return torch.stack([self.cache[(i, bool(views and views[n].flip))] for n, i in enumerate(indices)])
-        pixels = torch.stack([self.images[i].pixels(views[n] if views else None) for n, i in enumerate(indices)])
+            return torch.stack([self.cache[(indices[n], bool(views and views[n].flip))] for n in wanted])
+        pixels = torch.stack([self.images[indices[n]].pixels(views[n] if views else None) for n in wanted])
+        posterior = self._posterior(pixels)
+        whole = posterior.new_zeros((len(indices), *posterior.shape[1:]))
+        whole[rows] = posterior
         generator = torch_generator(self.seed, Stream.LATENTS, 1 << 32, global_step)
-        return sample_latents(self.base, self._posterior(pixels), generator).to(self.device)
+        return sample_latents(self.base, whole, generator)[rows].to(self.device)
 
 
 @dataclass

@@ -7,10 +7,16 @@ class images), min-SNR-gamma weighting (`apply_snr_weight`) or the debiased esti
 clipping at kohya's default 1.0. With gradient accumulation a step is several micro-batches of one bucket whose
 noise is drawn as for one batch of all their images, each loss weighted by its share of those images: the
 step equals one batch of train_batch_size x gradient_accumulation_steps images (up to float summation order).
+
+In several processes (DDP, distributed.py) every process prepares each step as one process would (same images,
+captions, views, noise and timesteps) and trains on its contiguous share of the step's images (`Shard`), its
+micro-batches cut where one process cuts them. Each image's loss is weighted so that DDP's average of the
+processes' gradients is the gradient of the whole step's loss, and the processes' losses are summed into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.lr_scheduler import LRScheduler
 
 from lora_pipeline.core.models.loading import host_to_device
-from lora_pipeline.core.training.augment import step_views
+from lora_pipeline.core.training.augment import View, step_views
 from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
 from lora_pipeline.core.training.cpu import Progress
 from lora_pipeline.core.training.data import TrainImage
@@ -88,11 +94,13 @@ class StepNoise:
 
 
 def draw_noise(
-    latents: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, settings: NoiseSettings
+    latents: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, settings: NoiseSettings,
+    images: int | None = None,
 ) -> StepNoise:
     """Noise and timesteps drawn from `generator` (CPU, so a run is reproducible on any device; noise.draw_noise),
-    then moved."""
-    host = draw_host_noise(latents.shape, scheduler.config.num_train_timesteps, generator, settings)
+    then moved: for `images` images of the latents' shape (default: as many as `latents` has)."""
+    shape = (latents.shape[0] if images is None else images, *latents.shape[1:])
+    host = draw_host_noise(shape, scheduler.config.num_train_timesteps, generator, settings)
     device, dtype = latents.device, latents.dtype
     extra = None if host.perturbation is None else host_to_device(host.perturbation, device).to(dtype)
     return StepNoise(host_to_device(host.noise, device).to(dtype), host_to_device(host.timesteps, device), extra)
@@ -164,14 +172,18 @@ def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: Step
 
 
 def _accumulate(parts: StepParts, micro: Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
-    """Backward of each micro-batch, each loss weighted by its share of the step's images; the step's loss."""
+    """Backward of each micro-batch, each loss weighted by its share of the step's images; the step's loss.
+    Under DDP only the last backward all-reduces the gradients (processes may hold different numbers of
+    micro-batches, and each must join the same all-reduces)."""
     sizes = [m.latents.shape[0] for m in micro]
     total, start, losses = sum(sizes), 0, []
-    for part, size in zip(micro, sizes, strict=True):
-        with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
-            loss = denoising_loss(parts.unet, parts.scheduler, part, drawn.part(start, size), parts.settings)
-            loss = loss * (size / total)
-        parts.accelerator.backward(loss)
+    for n, (part, size) in enumerate(zip(micro, sizes, strict=True)):
+        last = n == len(micro) - 1
+        with contextlib.nullcontext() if last else parts.accelerator.no_sync(parts.unet):
+            with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
+                loss = denoising_loss(parts.unet, parts.scheduler, part, drawn.part(start, size), parts.settings)
+                loss = loss * (size / total)
+            parts.accelerator.backward(loss)
         losses.append(loss.detach())
         start += size
     return torch.stack(losses).sum()
@@ -194,6 +206,33 @@ def training_step(
     loss = update(parts, batch, draw_noise(batch.latents, scheduler, generator, settings))
     lr_scheduler.step()
     return loss
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of every step when training runs in `world` processes (DDP)."""
+
+    rank: int
+    world: int
+
+    def rows(self, size: int) -> tuple[int, int, float]:
+        """(start, end, weight): this process's contiguous rows of a step of `size` images (shares differ by at most
+        one) and the weight of their losses, world x share / size, so that DDP's average of the processes'
+        gradients is the gradient of the step's mean loss. A process left without rows (a step smaller than the
+        world) takes row 0 at weight 0: every process must join each gradient all-reduce."""
+        start, end = self.rank * size // self.world, (self.rank + 1) * size // self.world
+        if start == end:
+            return 0, 1, 0.0
+        return start, end, self.world * (end - start) / size
+
+
+def require_agreement(accelerator: Accelerator, **values: int) -> None:
+    """Raise unless every process of the run has the same `values` (where to start, how many steps): a process
+    that disagreed would wait forever for gradient all-reduces the others never start."""
+    mine = torch.tensor([list(values.values())], device=accelerator.device)
+    every = accelerator.gather(mine)
+    if not bool((every == mine).all()):
+        raise RuntimeError(f"the training processes disagree on {', '.join(values)}: {every.tolist()}")
 
 
 @dataclass
@@ -221,6 +260,7 @@ class StepContext:
     masked_loss: bool = False
     prior_loss_weight: float | None = None  # None: no regularisation images in the run
     micro_batch: int = 0  # gradient accumulation: micro-batches of this many images per step (0: none)
+    shard: Shard | None = None  # this process's rows of each step when training runs in several processes
     shapes_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
@@ -251,6 +291,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _step_batch(ctx: StepContext, step: int, indices: list[int], captions: list[str], views: list[View],
+                cut: tuple[int, int], rows: tuple[int, int], weight: float) -> StepBatch:
+    """Images [a, b) = `rows` of a step (its `indices`, `captions` and `views`), part of its micro-batch
+    [start, stop) = `cut` (whose latents are drawn as one batch without a cache), each image's loss weighted by
+    `weight` (Shard.rows) and its prior_loss_weight."""
+    (start, stop), (a, b) = cut, rows
+    picked = [ctx.images[i] for i in indices[a:b]]
+    text = ctx.text.batch(captions[a:b])
+    weights = None
+    if ctx.prior_loss_weight is not None or ctx.shard is not None:
+        prior = ctx.prior_loss_weight
+        weights = torch.tensor([weight * (prior if prior is not None and image.is_reg else 1.0) for image in picked])
+    return StepBatch(
+        latents=ctx.latents.batch(indices[start:stop], step, views[start:stop], slice(a - start, b - start)),
+        encoder_hidden_states=text.hidden,
+        text_embeds=text.pooled,
+        time_ids=time_ids(picked, ctx.dtype, ctx.parts.accelerator.device, views[a:b]) if ctx.sdxl else None,
+        mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked, views[a:b], strict=True)])
+        if ctx.masked_loss else None,
+        loss_weights=weights,
+    )
+
+
 def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step: int) -> EpochStats:
     """Train one epoch; global steps are numbered from `first_step` (1-based).
 
@@ -272,27 +335,20 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             epoch, step, ctx.caption_dropout,
         )
         views = step_views(picked, ctx.flip_aug, ctx.random_crop, ctx.seed, step)
-        cuts = [(0, len(indices))]
+        size = len(indices)
+        first, end, weight = ctx.shard.rows(size) if ctx.shard else (0, size, 1.0)
+        cuts = [(0, size)]
         if ctx.micro_batch:
-            cuts = [(k, min(len(indices), k + ctx.micro_batch)) for k in range(0, len(indices), ctx.micro_batch)]
-        micro = []
-        for start, end in cuts:
-            text = ctx.text.batch(captions[start:end])
-            micro.append(StepBatch(
-                latents=ctx.latents.batch(indices[start:end], step, views[start:end]),
-                encoder_hidden_states=text.hidden,
-                text_embeds=text.pooled,
-                time_ids=time_ids(picked[start:end], ctx.dtype, device, views[start:end]) if ctx.sdxl else None,
-                mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked[start:end], views[start:end],
-                                                                                  strict=True)])
-                if ctx.masked_loss else None,
-                loss_weights=None if ctx.prior_loss_weight is None else torch.tensor(
-                    [ctx.prior_loss_weight if image.is_reg else 1.0 for image in picked[start:end]]),
-            ))
+            cuts = [(k, min(size, k + ctx.micro_batch)) for k in range(0, size, ctx.micro_batch)]
+        micro = [  # this process's part of each micro-batch
+            _step_batch(ctx, step, indices, captions, views, (start, stop), (max(start, first), min(stop, end)),
+                        weight)
+            for start, stop in cuts if max(start, first) < min(stop, end)
+        ]
         batch = micro if ctx.micro_batch else micro[0]
         generator = torch_generator(ctx.seed, Stream.NOISE, step)
-        everything = torch.cat([m.latents for m in micro]) if ctx.micro_batch else micro[0].latents
-        drawn = draw_noise(everything, parts.scheduler, generator, parts.settings)
+        drawn = draw_noise(micro[0].latents, parts.scheduler, generator, parts.settings, size)
+        drawn = drawn.part(first, end - first)  # drawn for the whole step: an image gets the same draws in any process
         shape = tuple(micro[0].latents.shape)
         seen = ctx.shapes_seen.get(shape, 0)
         warming = seen < ctx.warmup_steps_per_shape
@@ -308,9 +364,12 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             warmup += time.perf_counter() - step_started
         if first_done is None:
             first_done = time.perf_counter()
-        images += len(indices)
+        images += size
         if ctx.progress is not None:
             ctx.progress.step(step)
-    values = torch.stack(losses).float().cpu().tolist() if losses else []
+    stacked = torch.stack(losses).float() if losses else None
+    if stacked is not None and ctx.shard is not None:  # each process's weighted share: summed, the step's loss
+        stacked = parts.accelerator.reduce(stacked, reduction="sum") / ctx.shard.world
+    values = stacked.cpu().tolist() if stacked is not None else []
     return EpochStats(losses=values, lrs=effective_lrs(lrs), images=images, seconds=time.perf_counter() - started,
                       warmup_seconds=warmup, first_step_done=first_done)

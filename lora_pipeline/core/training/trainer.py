@@ -8,7 +8,8 @@ comes first, and saves there; `save_every_n_steps` also writes step files (`-ste
 through accelerate (frozen weights in that dtype, LoRA weights float32), channels-last, SDPA attention
 (diffusers' default) and, when the recipe asks, gradient checkpointing. On CPU it runs in float32 with
 deterministic algorithms, so the same inputs give byte-identical files; see seeds.py and checkpoint.py for
-reproducibility and resume.
+reproducibility and resume. Launched in several processes (distributed.py) every process trains its share
+of each batch (loop.Shard) and only the first one writes files, samples and the MLflow run.
 
 `provenance` may name `code_commit` (default: this checkout's) and `mlflow_run_id` (without a tracker);
 the keys the trainer derives itself (dataset_version, manifest_root, spec_sha256, recipe_sha256,
@@ -17,21 +18,19 @@ base_model_source, base_model_hash) may be passed too and must then agree with w
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
@@ -49,12 +48,22 @@ from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_t
 from lora_pipeline.core.training.encode import LatentSource, TextSource
 from lora_pipeline.core.training.fastpath import GraphedSteps
 from lora_pipeline.core.training.latent_cache import LatentDiskCache
-from lora_pipeline.core.training.loop import EpochStats, StepContext, StepParts, make_accelerator, run_epoch, update
+from lora_pipeline.core.training.loop import (
+    EpochStats,
+    Shard,
+    StepContext,
+    StepParts,
+    make_accelerator,
+    require_agreement,
+    run_epoch,
+    update,
+)
 from lora_pipeline.core.training.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.network import add_network, kohya_state_dict, param_groups, trainable
 from lora_pipeline.core.training.noise import NoiseSettings, training_scheduler
 from lora_pipeline.core.training.norms import norms_in_dtype
 from lora_pipeline.core.training.optim import averaged_weights, make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.output import TrainResult, own_output
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.timing import StageTimes
@@ -63,41 +72,8 @@ from lora_pipeline.core.training.tracking import TrainingTracker, loss_curve_png
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_CURVE = "loss_curve.png"
 LATENT_CACHE = "latents"  # under the data root's .cache/ (latent_cache.py)
-OUTPUT_LOCK = ".lock"
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
 PROVENANCE_KEYS = {*DERIVED, "code_commit", "mlflow_run_id"}
-
-
-@dataclass
-class TrainResult:
-    version: str
-    recipe: str
-    out_dir: Path
-    epochs: list[dict[str, Any]]  # {epoch, file (absolute path), steps, mean_loss, sha256} per saved epoch
-    loss_history: list[float]  # per global step, step 1 first
-    lr_history: list[float]  # effective learning rate per step (d * lr for DAdaptAdamW / Prodigy)
-    images_per_second: float  # over the steps this call trained (0.0 when it only found a finished run)
-    images_trained: int  # by this call
-    resumed_from_epoch: int  # 0 for a fresh start
-    steps_per_epoch: int
-    total_steps: int
-    mlflow_run_id: str
-    loss_curve: Path
-    device: str
-    mixed_precision: str  # what ran: the recipe's on CUDA, "no" on CPU
-    validation_images: list[str]  # snapshot paths held out of training (recipe.validation_split)
-    fast_path: bool  # steps were replayed as CUDA graphs (fastpath.py; on a CPU the same code without graphs)
-    step_files: list[str]  # absolute paths of the save_every_n_steps files of this run, oldest first
-    sample_strip: Path | None  # the latest sample strip (sample_every_n_epochs), None without samples
-    # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
-    # encoding inside them), shape_warmup (the warm-up steps at each new batch shape, part of training_steps;
-    # with the fast path, the eager step and the capture), saving; and time_to_first_step, from the call's
-    # start to the end of its first training step.
-    timings: dict[str, float]
-    # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
-    latent_cache: dict[str, int] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # e.g. flip_aug over captions that mention text
 
 
 def _provenance(given: Mapping[str, str], derived: dict[str, str], run_id: str) -> LoraProvenance:
@@ -150,32 +126,7 @@ class _Run:
         return -(-self.total // self.per_epoch)
 
 
-def _own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
-    """Refuse an output folder inside sources/ or datasets/, and one another process is training into:
-    two runs writing one folder would mix their epoch files (the second is refused, naming the first's pid).
-
-    A full disk or a read-only or forbidden folder stops the training with one line naming the file; every
-    write is a temp file renamed into place, so nothing half-written is left under a final name.
-    """
-
-    @functools.wraps(train)
-    def locked(root: DataRoot, version: str, recipe: Recipe, *, out_dir: Path, **kwargs: Any) -> TrainResult:
-        for area in (root.sources, root.datasets):
-            if out_dir.resolve().is_relative_to(area.resolve()):
-                raise UserError(f"refusing to write training output inside {area.name}/ (never written)", out_dir)
-        try:
-            with exclusive_lock(out_dir / OUTPUT_LOCK, busy="already being trained"):
-                return train(root, version, recipe, out_dir=out_dir, **kwargs)
-        except OSError as exc:
-            if exc.errno not in ENVIRONMENT_ERRNOS:
-                raise
-            raise UserError(f"{exc.strerror} (training stopped; a rerun resumes after the last saved epoch)",
-                            exc.filename or out_dir) from None
-
-    return locked
-
-
-@_own_output
+@own_output
 def train_lora(
     root: DataRoot,
     version: str,
@@ -215,7 +166,8 @@ def train_lora(
         "base_model_hash": base_model_hash(base.source),
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
-    state = resume_point(out_dir, version, recipe.name, key, log)
+    with PartialState().main_process_first():  # in several processes the first one removes stale files
+        state = resume_point(out_dir, version, recipe.name, key, log)
     run = _Run(root, version, recipe, out_dir, data, base, derived, key, state,
                state.started_at if state else started_at if started_at is not None else time.time(),
                target, precision, log, times, called_at)
@@ -306,6 +258,7 @@ def _build_context(run: _Run) -> StepContext:
         random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
+        shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
     )
 
 
@@ -328,6 +281,11 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
     return save_lora(path, tensors, metadata)
 
 
+def _writes(ctx: StepContext) -> bool:
+    """Whether this process writes the run's files: the only one, or the first of several (DDP)."""
+    return ctx.parts.accelerator.is_main_process
+
+
 def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
            step_files: list[str]) -> tuple[EpochStats, int]:
     """Train one epoch (cut at the run's last step), writing step files on the way; (stats, its steps)."""
@@ -343,7 +301,7 @@ def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, 
         chunk = batches[done:done + every - (global_step + done) % every]
         stats.append(run_epoch(ctx, epoch, chunk, global_step + done + 1))
         done += len(chunk)
-        if recipe.save_every_n_steps and (global_step + done) % every == 0:
+        if recipe.save_every_n_steps and (global_step + done) % every == 0 and _writes(ctx):
             path = run.out_dir / step_file_name(run.version, recipe.name, global_step + done)
             _save_lora(run, ctx, provenance, epoch, global_step + done, path)
             step_files.append(str(path))
@@ -353,7 +311,7 @@ def _epoch(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: int, 
 def _sample(run: _Run, ctx: StepContext, renderer: SampleRenderer, epoch: int,
             tracker: TrainingTracker | None) -> None:
     every = run.recipe.sample_every_n_epochs
-    if not every or (epoch % every and epoch != run.last_epoch):
+    if not every or (epoch % every and epoch != run.last_epoch) or not _writes(ctx):
         return
     with averaged_weights(ctx.parts.optimizer), run.times.stage("sampling"):
         path = renderer.render(strip_path(run.out_dir, run.version, run.recipe.name, epoch))
@@ -376,6 +334,8 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     saved = list(state.saved) if state else []
     if state:
         run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
+    if ctx.shard:
+        require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
     trained_images, seconds, warmup, first_step_done, step_files = 0, 0.0, 0.0, None, []
     for epoch in range(start + 1, run.last_epoch + 1):
         stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files)
@@ -388,7 +348,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         first_step_done = first_step_done or stats.first_step_done
         mean_loss = statistics.fmean(stats.losses)
         saving = time.perf_counter()
-        if epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch:
+        if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and _writes(ctx):
             path = run.out_dir / epoch_file_name(run.version, recipe.name, epoch)
             sha = _save_lora(run, ctx, provenance, epoch, global_step, path)
             saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
@@ -410,8 +370,9 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
             f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
         )
     timings = _timings(run, seconds, warmup, first_step_done)
-    curve = loss_curve_png(losses, run.out_dir / LOSS_CURVE, steps_per_epoch=per_epoch,
-                           title=f"{run.version}/{recipe.name} training loss")
+    curve = run.out_dir / LOSS_CURVE
+    if _writes(ctx):
+        loss_curve_png(losses, curve, steps_per_epoch=per_epoch, title=f"{run.version}/{recipe.name} training loss")
     if tracker is not None:
         tracker.log_steps(losses, lrs)
         tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
