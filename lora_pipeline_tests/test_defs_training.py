@@ -15,8 +15,8 @@ from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.provenance import trace_lora
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
-from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2
 from lora_pipeline.defs.resources import PROCESSES_ENV, TrainingLauncherResource
+from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2
 
 VERSION, RECIPE = "hardware-design-aesthetic-v1", "demo-tiny"
 
