@@ -49,8 +49,22 @@ def _passed_gate(root: DataRoot, version: str, _recipe: str) -> bool:
     return True
 
 
-class RecipeTrainsOnFamily(dg.AutomationCondition):
+class _PartitionPredicate(dg.AutomationCondition):
+    """A condition true for the candidate `<version>|<recipe>` partitions that `keep` accepts; subclasses name
+    it, say what it checks (both shown in the asset's Automation tab) and set `keep`."""
+
+    @property
+    def requires_cursor(self) -> bool:
+        return False
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        return _matching(context, type(self).keep)
+
+
+class RecipeTrainsOnFamily(_PartitionPredicate):
     """True for `<version>|<recipe>` when the recipe's `train_on` names the version's family."""
+
+    keep = staticmethod(_recipe_trains_on)
 
     @property
     def name(self) -> str:
@@ -60,17 +74,12 @@ class RecipeTrainsOnFamily(dg.AutomationCondition):
     def description(self) -> str:
         return "the recipe's train_on names the dataset version's family"
 
-    @property
-    def requires_cursor(self) -> bool:
-        return False
 
-    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
-        return _matching(context, _recipe_trains_on)
-
-
-class BlockingChecksPassed(dg.AutomationCondition):
+class BlockingChecksPassed(_PartitionPredicate):
     """True for `<version>|<recipe>` when the version is sealed and its report has no blocking problem: the
     same gate `lora_epochs` applies before it trains (core/datasets/gate.py)."""
+
+    keep = staticmethod(_passed_gate)
 
     @property
     def name(self) -> str:
@@ -79,13 +88,6 @@ class BlockingChecksPassed(dg.AutomationCondition):
     @property
     def description(self) -> str:
         return "dataset_report's blocking checks passed (sealed version, report without errors)"
-
-    @property
-    def requires_cursor(self) -> bool:
-        return False
-
-    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
-        return _matching(context, _passed_gate)
 
 
 _ready = (
