@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -110,6 +111,16 @@ def make_read_only(folder: Path) -> None:
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             path.chmod(path.lstat().st_mode & ~0o222)
+
+
+# --- services the tests start ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- the command line -------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.dagster_runs import run_failure_reason
 from lora_pipeline.defs import partitions
 from lora_pipeline.postgres import create_database, drop_database
-from lora_pipeline_tests.helpers import committed_data
+from lora_pipeline_tests.helpers import committed_data, free_port
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 REPO_DATA = committed_data()  # the samples as git has them, never the working folder's data/
@@ -82,20 +82,12 @@ def cluster(tmp_path_factory, tiny_model):
             urls.append(create_database(SERVER, db))
             created.append(db)
         with Cluster(home=base / "home", data=root.root, dagster_db=urls[0], mlflow_db=urls[1],
-                     mlflow_port=_free_port(), web_port=None, queue_prefix=f"{name}-", gpu_workers=2,
+                     mlflow_port=free_port(), web_port=None, queue_prefix=f"{name}-", gpu_workers=2,
                      automation=False) as running:
             yield running, root
     finally:
         for db in created:
             drop_database(SERVER, db)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _step_times(inst: dg.DagsterInstance, run_id: str, step: str) -> tuple[float, float]:

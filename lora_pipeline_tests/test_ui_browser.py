@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import psutil
 import pytest
 
 from lora_pipeline.core.paths import REPO_ROOT
-from lora_pipeline_tests.helpers import DEMO_GROUP, DEMO_RECIPE, DEMO_V1, DEMO_V2
+from lora_pipeline_tests.helpers import DEMO_GROUP, DEMO_RECIPE, DEMO_V1, DEMO_V2, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 ASSETS = ["source_batch", "dataset_snapshot", "caption_set", "dataset_report", "lora_epochs", "evaluation_grid"]
@@ -38,12 +37,6 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.is_file(), reason="needs Debian's chromium: `make test` installs it"),
     pytest.mark.xdist_group(DEMO_GROUP),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -98,7 +91,7 @@ def ui(request, demo_root, tmp_path_factory) -> Iterator[tuple[str, Path]]:
     with pytest.MonkeyPatch.context() as env:
         for key, value in demo_root.env().items():
             env.setenv(key, value)  # the server's, and the test's DagsterInstance.get()
-        port = _free_port()
+        port = free_port()
         log = tmp / "dg-dev.log"
         dg = Path(sys.executable).with_name("dg")
         with open(log, "wb") as out:
