@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.paths import SNAPSHOT
 from lora_pipeline.core.training import encode, loop
 from lora_pipeline.core.training.augment import flip_warning, step_views
 from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
@@ -22,6 +23,12 @@ CAPTION = "trg, red body, matte finish, front view, round screen"
 def test_caption_dropout_one_empties_every_caption_and_flips_and_crops_vary_yet_it_trains(train_snapshot,
                                                                                           monkeypatch):
     root = train_snapshot(n=3, repeats=2)
+    # flip_aug comes from the dataset spec here (kohya's dataset config), not the recipe: the run flips all the same
+    info_path = root.dataset("train-v1") / SNAPSHOT
+    info = json.loads(info_path.read_text())
+    info["spec"]["flip_aug"] = True
+    info_path.chmod(0o644)
+    info_path.write_text(json.dumps(info))
     seen_captions: list[str] = []
     seen_views: list = []
     real_batch, real_views = encode.TextSource.batch, loop.step_views
@@ -37,7 +44,7 @@ def test_caption_dropout_one_empties_every_caption_and_flips_and_crops_vary_yet_
 
     monkeypatch.setattr(encode.TextSource, "batch", record_captions)
     monkeypatch.setattr(loop, "step_views", record_views)
-    recipe = tiny_recipe(epochs=2, validation_split=0.0, caption_dropout_rate=1.0, flip_aug=True, random_crop=True,
+    recipe = tiny_recipe(epochs=2, validation_split=0.0, caption_dropout_rate=1.0, random_crop=True,
                          cache_latents=False)
     result, _ = train(root, recipe, "out")
     assert len(seen_captions) == 2 * 6 and set(seen_captions) == {""}

@@ -9,12 +9,13 @@ from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.datasets.tags import join_tags, normalise_caption, place_trigger, split_tags
 
 
-def make_spec(**captions: object) -> DatasetSpec:
+def make_spec(flip_aug: bool = False, **captions: object) -> DatasetSpec:
     return DatasetSpec(
         name="hw-v2",
         trigger="hdaesth",
         repeats=10,
         sources=(SourceRef(batch="b1"),),
+        flip_aug=flip_aug,
         captions=CaptionSpec(**captions),
     )
 
@@ -140,3 +141,19 @@ def test_tag_frequency_in_kohya_shape() -> None:
         make_spec(),
     )
     assert frequency == {"10_hdaesth": {"hdaesth": 3, "matte": 3, "front view": 2}}
+
+
+def test_flip_aug_in_the_spec_warns_about_captions_that_mention_writing() -> None:
+    captions = {"a.png": "hdaesth, black logo on the lid", "b.png": "hdaesth, matte finish",
+                "c.png": "hdaesth, printed LETTERING, side view"}
+    problems, lint, _ = lint_captions(captions, make_spec(flip_aug=True))
+    warned = codes(problems, "flip_mirrors_text")
+    assert sorted(warned) == ["a.png", "c.png"] and "'logo'" in warned["a.png"] and "'LETTERING'" in warned["c.png"]
+    assert all(p["severity"] == "warning" for p in problems if p["code"] == "flip_mirrors_text")
+    assert lint["flip_mirrors_text"] == 2
+    # without flip_aug the same captions are fine, and the lint stats (captions.json) are as before the field
+    problems, lint, _ = lint_captions(captions, make_spec())
+    assert not codes(problems, "flip_mirrors_text") and "flip_mirrors_text" not in lint
+    # a spec without flip_aug keeps the hash it had before the field existed; setting it changes the hash
+    assert "flip_aug" not in make_spec().resolved() and make_spec(flip_aug=True).resolved()["flip_aug"] is True
+    assert make_spec().sha256 != make_spec(flip_aug=True).sha256

@@ -20,6 +20,11 @@ from lora_pipeline.core.datasets.tags import is_trigger, split_tags
 
 _WORD = re.compile(r"\w+(?:[-']\w+)*")
 
+# Caption words that say an image shows writing, which flip_aug would mirror.
+TEXT_WORDS = re.compile(r"\b(text|texts|logo|logos|lettering|letters?|words?|writing|written|label|labels|"
+                        r"signage|sign|typography|font|wordmark|brand name|inscription|numbers?|digits?)\b",
+                        re.IGNORECASE)
+
 
 def words(text: str) -> list[str]:
     """Lower-cased words of a text, in order (see the module docstring)."""
@@ -43,7 +48,9 @@ def lint_captions(
     (error); each banned word or phrase found is a `banned_word` error; with a vocabulary, one
     `out_of_vocabulary` warning per caption lists its unknown words (the trigger tag and plain numbers
     are exempt); a caption used by more than `shared_caption_limit` images is a `shared_caption`
-    warning on each. In the stats, `oov_terms` and `banned_hits` count captions, not occurrences.
+    warning on each. With the spec's `flip_aug`, a caption that mentions writing (TEXT_WORDS) is a
+    `flip_mirrors_text` warning, since a flip mirrors it. In the stats, `oov_terms` and `banned_hits` count
+    captions, not occurrences.
     """
     rules = spec.captions
     scope = f"dataset:{spec.name}"
@@ -56,6 +63,7 @@ def lint_captions(
     tag_counts: list[int] = []
     by_text: dict[str, list[str]] = defaultdict(list)
     empty = 0
+    mirrored = 0
 
     for path, caption in sorted(captions.items()):
         tags = split_tags(caption)
@@ -84,6 +92,12 @@ def lint_captions(
                 banned_hits[word] += 1
                 message = f"the caption uses the banned word '{word}'"
                 problems.append(problem(path, "banned_word", "error", message, scope))
+        mention = TEXT_WORDS.search(caption) if spec.flip_aug else None
+        if mention:
+            mirrored += 1
+            message = (f"the caption mentions '{mention.group(0)}' and the spec's flip_aug mirrors images "
+                       "left-right, so writing would be learned mirrored")
+            problems.append(problem(path, "flip_mirrors_text", "warning", message, scope))
         if vocabulary:
             unknown = [w for tag in content for w in words(tag) if w not in vocabulary and not w.isdigit()]
             terms = list(dict.fromkeys(unknown))
@@ -121,5 +135,7 @@ def lint_captions(
             "mean": round(statistics.fmean(tag_counts), 2) if tag_counts else 0.0,
         },
     }
+    if spec.flip_aug:  # only then: captions.json of a spec without flip_aug stays as it was
+        lint["flip_mirrors_text"] = mirrored
     tag_frequency = {spec.class_folder: dict(sorted(frequency.items(), key=lambda item: (-item[1], item[0])))}
     return problems, lint, tag_frequency

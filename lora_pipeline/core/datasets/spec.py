@@ -28,6 +28,7 @@ Role = Literal["training", "regularisation"]
 # Source fields added later, left out of the resolved spec (and its hash) while they hold these defaults, so
 # specs written before them keep their hash and their built versions stay valid.
 LATER_SOURCE_FIELDS: dict[str, Any] = {"masks": "none", "role": "training", "class_tokens": None, "repeats": None}
+LATER_SPEC_FIELDS: dict[str, Any] = {"flip_aug": False}  # the same for the spec's own fields
 
 
 def _check_batch_pattern(value: str) -> str:
@@ -161,6 +162,10 @@ class DatasetSpec:
     auto_rebuild: Bool = Field(
         False, description="with a glob batch source: a matching new batch yields a new version spec"
     )
+    flip_aug: Bool = Field(
+        False, description="kohya's dataset-config flip_aug: every run on this version mirrors images left-right "
+        "(chance 1/2 per step); the report warns about captions that mention text or logos"
+    )
     captions: CaptionSpec = Field(default_factory=CaptionSpec, description="caption source and rules (below)")
     checks: ChecksSpec = Field(default_factory=ChecksSpec, description="limits of the dataset checks (below)")
 
@@ -175,7 +180,7 @@ class DatasetSpec:
         data["captions"]["from"] = data["captions"].pop("source")
         data["sources"] = [{k: v for k, v in ref.items() if LATER_SOURCE_FIELDS.get(k, ...) != v}
                            for ref in data["sources"]]
-        return data
+        return {k: v for k, v in data.items() if LATER_SPEC_FIELDS.get(k, ...) != v}
 
     @property
     def sha256(self) -> str:

@@ -2,7 +2,11 @@
 
 `flip_aug` mirrors an image left-right with chance 1/2; `random_crop` takes the bucket-sized crop of the
 resized image at a random place instead of the center (kohya: only where the resized image is larger than
-the bucket). A flip mirrors text and logos too: the trainer warns when captions mention them (`flip_warning`).
+the bucket). A flip mirrors text and logos too: the trainer warns when captions mention them (`flip_warning`),
+and so does the dataset report when the spec sets `flip_aug` (caption_lint.py).
+
+`flip_aug` can be set in the recipe (kohya's `--flip_aug`) or in the dataset spec (kohya's dataset config, where
+it is a subset option); a run flips when either says so.
 
 Latents: kohya refuses `cache_latents` with `random_crop` (recipe.py does the same); with `flip_aug` and
 `cache_latents` it caches each image twice, as it is and mirrored, and picks one per step (encode.py).
@@ -10,17 +14,12 @@ Latents: kohya refuses `cache_latents` with `random_crop` (recipe.py does the sa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from lora_pipeline.core.datasets.caption_lint import TEXT_WORDS
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
-
-# Caption words that say an image shows writing, which a flip would mirror.
-TEXT_WORDS = re.compile(r"\b(text|texts|logo|logos|lettering|letters?|words?|writing|written|label|labels|"
-                        r"signage|sign|typography|font|wordmark|brand name|inscription|numbers?|digits?)\b",
-                        re.IGNORECASE)
 
 
 @dataclass(frozen=True)

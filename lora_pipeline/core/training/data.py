@@ -95,6 +95,7 @@ class TrainingData:
     image_rows: tuple[dict[str, Any], ...]  # the manifest's image rows, for the MLflow dataset input
     reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out
     reg_repeats: tuple[int, ...] = ()  # each one's repeats once mixed in (kohya's fill; 0: not used)
+    flip_aug: bool = False  # the spec's flip_aug (kohya's dataset config): a run flips if it or the recipe says so
 
     @property
     def num_train_images(self) -> int:
@@ -270,6 +271,7 @@ def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
         train=train, validation=images(val_rows),
         image_rows=tuple(sorted(image_rows, key=lambda r: r["path"])), reg=reg,
         reg_repeats=tuple(mix_reg_repeats([folder_repeats(i.folder) for i in reg], len(train) * repeats)),
+        flip_aug=info.get("spec", {}).get("flip_aug") is True,
     )
 
 

@@ -149,12 +149,14 @@ def build_metadata(
     prediction_type: str = "epsilon",
     num_reg_images: int = 0,
     reg_dataset_dirs: dict[str, dict[str, int]] | None = None,
+    flip_aug: bool | None = None,
 ) -> dict[str, str]:
     """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
 
     `num_train_images` counts repeats (as kohya does); `tag_frequency` is {image dir: {tag: count}} and
     `dataset_dirs` {image dir: {"n_repeats": r, "img_count": n}}, the image dir being e.g. "10_hdaesth".
     `training_started_at` is a unix timestamp, `steps` the optimizer steps done when this epoch was saved.
+    `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
     """
     family = recipe.model_family
     output_name = f"{provenance.dataset_version}-{recipe.name}"
@@ -208,7 +210,7 @@ def build_metadata(
         "ss_caption_dropout_rate": recipe.caption_dropout_rate,
         "ss_caption_dropout_every_n_epochs": recipe.caption_dropout_every_n_epochs,
         "ss_caption_tag_dropout_rate": recipe.caption_tag_dropout_rate,
-        "ss_flip_aug": _flag(recipe.flip_aug),
+        "ss_flip_aug": _flag(recipe.flip_aug if flip_aug is None else flip_aug),
         "ss_random_crop": _flag(recipe.random_crop),
         "ss_masked_loss": _flag(recipe.masked_loss),
         "ss_prior_loss_weight": recipe.prior_loss_weight,

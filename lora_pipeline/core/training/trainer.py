@@ -112,6 +112,11 @@ class _Run:
     called_at: float  # perf_counter at train_lora's start
 
     @property
+    def flip_aug(self) -> bool:
+        """Whether images are mirrored: the recipe's flip_aug or the dataset spec's (kohya's two places)."""
+        return self.recipe.flip_aug or self.data.flip_aug
+
+    @property
     def per_epoch(self) -> int:
         """Optimizer steps per epoch (batches of train_batch_size x gradient_accumulation_steps)."""
         return steps_per_epoch(self.data.images, self.data.image_repeats, self.recipe.effective_batch_size)
@@ -176,7 +181,8 @@ def train_lora(
     tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
             "recipe_sha256": recipe.sha256}
     resume_id = state.provenance.get("mlflow_run_id") if state else None
-    params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size}
+    params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size,
+              **({"flip_aug": True} if run.flip_aug else {})}  # the spec's flip_aug counts too
     with tracker.run(f"{version}/{recipe.name}", params=params, tags=tags, resume_run_id=resume_id) as rid:
         rows = [{**row, "split": "validation" if row["path"] in {i.rel for i in data.validation} else "train"}
                 for row in data.image_rows]
@@ -226,7 +232,7 @@ def _build_context(run: _Run) -> StepContext:
     if recipe.cache_latents_to_disk:
         disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
     with run.times.stage("latent_caching"):
-        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, recipe.flip_aug, disk)
+        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk)
     if train_text:
         run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "
                 "(network_train_unet_only: false)")
@@ -254,7 +260,7 @@ def _build_context(run: _Run) -> StepContext:
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
         separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
-        sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=recipe.flip_aug,
+        sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=run.flip_aug,
         random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
@@ -274,6 +280,7 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
         num_reg_images=run.data.num_reg_images, reg_dataset_dirs=run.data.reg_dataset_dirs(),
         tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
         training_started_at=run.started_at, prediction_type=run.base.noise_scheduler.config.prediction_type,
+        flip_aug=run.flip_aug,
     )
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):
@@ -322,7 +329,7 @@ def _sample(run: _Run, ctx: StepContext, renderer: SampleRenderer, epoch: int,
 def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
     recipe, state = run.recipe, run.state
     ctx = _build_context(run)
-    warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if recipe.flip_aug else None] if w]
+    warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if run.flip_aug else None] if w]
     for line in warnings:
         run.log(f"warning: {line}")
     renderer = SampleRenderer(run.base, recipe, run.device, DTYPES[run.precision])
