@@ -52,7 +52,7 @@ TAGS = {
 # (width, height): SDXL's training sizes and their SD 1.5 halves, so buckets differ per image.
 FULL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
               (768, 768), (640, 896)]
-FAST_PATH = {"on": True, "off": False}
+FAST_PATH = {"auto": None, "on": True, "off": False}  # auto: the recipe leaves it unset
 SMOKE_SIZES = [(64, 64), (96, 64), (64, 96), (80, 64)]
 
 
@@ -91,7 +91,7 @@ def write_spec(root: DataRoot, min_side: int) -> None:
     root.spec_file(VERSION).write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
 
-def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool
+def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
            ) -> dict[str, Any]:
     """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs)."""
     resolution = {"sd15": 512, "sdxl": 1024}[family] if not smoke else 64
@@ -104,7 +104,7 @@ def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fa
         "optimizer": "DAdaptAdamW", "learning_rate": 1.0, "lr_scheduler": "constant", "shuffle_caption": True,
         "keep_tokens": 1, "mixed_precision": "bf16", "cache_latents": True, "seed": 42,
         "sample_prompts": [PROMPT], "sample_steps": 8 if not smoke else 2, "eval_weights": [1.0],
-        "eval_max_epochs": 2, "validation_split": 0.1, "fast_path": fast_path,
+        "eval_max_epochs": 2, "validation_split": 0.1, **({} if fast_path is None else {"fast_path": fast_path}),
     }
 
 
@@ -151,7 +151,7 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
     return checks
 
 
-def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool
+def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
                 ) -> dict[str, Any]:
     from lora_pipeline.cli import evaluate_version, train_version
 
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--sd15-epochs", type=int, default=20)
     parser.add_argument("--sdxl-epochs", type=int, default=2)
-    parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="on", help="the recipes' fast_path")
+    parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="auto",
+                        help="the recipes' fast_path (auto: unset, so on where it can be)")
     parser.add_argument("--root", default=None, help="data root to create (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, 12 images, 2 epochs")

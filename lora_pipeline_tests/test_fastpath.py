@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import host_to_device
+from lora_pipeline.core.training.fastpath import fast_path_choice
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
@@ -75,9 +76,30 @@ def test_fast_path_is_refused_where_a_step_cannot_be_captured(tmp_path, override
     assert tiny_recipe(**override).fast_path_blocker()
 
 
-def test_the_recipe_hash_counts_the_fast_path_only_when_on():
-    # On a GPU the captured step's losses drift from the eager step's (benchmarks/RESULTS.md), so a run may not
-    # resume with it switched; recipes without it keep the hash they had before it existed.
+def test_the_recipe_hash_counts_the_fast_path_only_when_required():
+    # Unset (on wherever it can be) and false train the same tensors (bit for bit on an H200 with deterministic
+    # kernels, benchmarks/RESULTS.md) and hash as recipes did before the field existed; true, which refuses recipes
+    # it cannot run, counts as it always did.
     recipe = tiny_recipe()
-    assert recipe.fast_path is False and replace(recipe, fast_path=False).sha256 == recipe.sha256
+    assert recipe.fast_path is None and replace(recipe, fast_path=False).sha256 == recipe.sha256
     assert replace(recipe, fast_path=True).sha256 != recipe.sha256
+
+
+def test_unset_fast_path_is_on_for_one_cuda_gpu_wherever_the_step_can_be_captured():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    recipe = tiny_recipe()
+    assert fast_path_choice(recipe, cuda, reg_images=False, processes=1)[0] is True
+    eager = {
+        "a CUDA GPU": fast_path_choice(recipe, cpu, reg_images=False, processes=1),
+        "Prodigy": fast_path_choice(tiny_recipe(optimizer="Prodigy"), cuda, reg_images=False, processes=1),
+        "checkpointing": fast_path_choice(tiny_recipe(gradient_checkpointing=True), cuda, reg_images=False,
+                                          processes=1),
+        "masked_loss": fast_path_choice(tiny_recipe(masked_loss=True), cuda, reg_images=False, processes=1),
+        "regularisation": fast_path_choice(recipe, cuda, reg_images=True, processes=1),
+        "2 processes": fast_path_choice(recipe, cuda, reg_images=False, processes=2),
+    }
+    for reason, (on, why) in eager.items():
+        assert not on and why.startswith("fast_path unset: the eager step, since") and reason in why
+    assert fast_path_choice(replace(recipe, fast_path=False), cuda, reg_images=False, processes=1) == (
+        False, "fast_path: false (the recipe)")
+    assert fast_path_choice(replace(recipe, fast_path=True), cpu, reg_images=False, processes=1)[0] is True

@@ -23,12 +23,13 @@ graph replays fixed shapes and a bucketed dataset has a few:
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
 
-Status (H200, benchmarks/RESULTS.md): 1.6-2.0x the diffusers-example-style reference step at SD 1.5 batch 8 and
-2.1-2.6x at SDXL batch 4, nothing at SD 1.5 batch 32 (there the GPU, not the host, is the limit). It is an opt-in,
-experimental recipe option (`fast_path: true`), not the CUDA default: over 200 steps on a fixed batch its losses
-drift from the eager step's by more than two eager runs differ from each other, and two of three runs reached a
-non-finite loss near step 190, which four eager runs never did. The cause is not found yet (the autocast weight
-cache, which PyTorch asks to be off under capture, was turned off after those runs and is not yet measured).
+Status (H200, benchmarks/RESULTS.md, 2026-12-03): 1.87x the diffusers-example-style reference step at SD 1.5
+batch 8 and 2.82x at SDXL batch 4. With deterministic kernels the captured step's losses equal the eager step's
+bit for bit over 40 steps, so the capture computes exactly the eager step; with the default (non-deterministic
+flash-attention backward) two eager runs drift apart as much as eager and fast do, and over 200 steps at
+DAdaptAdamW lr 1.0 on one fixed batch an eager run went non-finite too. So the fast path is on by default where
+it can be (`fast_path_choice`): unset in a recipe, a run on one CUDA GPU takes it unless the recipe or the data
+needs the eager step.
 
 On a CPU the same code runs with the graph replaced by calling the recorded step again (`CapturedStep`), so the
 static buffers, the copies and the per-shape bookkeeping are exercised by the CPU tests, and the result is
@@ -40,10 +41,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from lora_pipeline.core.training.loop import StepBatch, StepNoise, StepParts, update
+
+if TYPE_CHECKING:
+    from lora_pipeline.core.training.recipe import Recipe
+
+
+def fast_path_choice(recipe: Recipe, device: torch.device, *, reg_images: bool, processes: int) -> tuple[bool, str]:
+    """Whether a run replays its steps as CUDA graphs, and a log line saying why.
+
+    `fast_path: true` and `false` are the recipe's word (where true cannot work, the recipe parser, the trainer
+    and the DDP launcher refuse it before this). Unset, it is on wherever it can be: one CUDA device, a recipe
+    without a `fast_path_blocker`, no loss masks and no regularisation images (per-image loss weights).
+    """
+    if recipe.fast_path is not None:
+        return recipe.fast_path, f"fast_path: {str(recipe.fast_path).lower()} (the recipe)"
+    reason = (
+        "the device is not a CUDA GPU" if device.type != "cuda"
+        else recipe.fast_path_blocker()
+        or ("masked_loss weights the loss per image" if recipe.masked_loss else None)
+        or ("the dataset has regularisation images (per-image loss weights)" if reg_images else None)
+        or (f"{processes} processes train together (DDP)" if processes > 1 else None)
+    )
+    if reason:
+        return False, f"fast_path unset: the eager step, since {reason}"
+    return True, "fast_path unset: on (each step replayed as a CUDA graph)"
 
 
 @dataclass

@@ -159,9 +159,10 @@ class Recipe:
         0, ge=0, le=10_000, description="0: evaluate every saved epoch; N: an even subset of N epochs"
     )
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
-    fast_path: Bool = Field(
-        False, description="experimental: replay each training step as a CUDA graph, one per batch shape (DAdaptAdamW "
-        "or AdamW, no gradient checkpointing; on GPUs its losses drift from the eager step, see benchmarks/RESULTS.md)",
+    fast_path: Bool | None = Field(
+        None, description="replay each training step as a CUDA graph, one per batch shape. Unset: on when training on "
+        "one CUDA GPU and the recipe allows it (DAdaptAdamW or AdamW, no gradient checkpointing, no masks or "
+        "regularisation images), else the eager step (the log says why); true: required; false: never",
     )
     # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
     caption_dropout_rate: Float = Field(
@@ -274,6 +275,8 @@ class Recipe:
         default, so recipes without them, and the LoRA files trained from them, keep their hash. `train_on` says
         when to train, not how: it never counts."""
         values = self.resolved()
+        if values["fast_path"] is False:  # unset and false train the same tensors, and hashed alike before
+            values["fast_path"] = None
         for name, default in LATER_FIELDS.items():
             if values[name] == default:
                 del values[name]
@@ -288,7 +291,7 @@ class Recipe:
 
 # Fields added after recipes were first hashed, with the default under which they are left out of the hash.
 LATER_FIELDS: dict[str, Any] = {
-    "fast_path": False,
+    "fast_path": None,
     "caption_dropout_rate": 0.0,
     "caption_dropout_every_n_epochs": 0,
     "caption_tag_dropout_rate": 0.0,

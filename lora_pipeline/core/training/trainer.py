@@ -46,7 +46,7 @@ from lora_pipeline.core.training.checkpoint import (
 from lora_pipeline.core.training.cpu import Progress, training_threads
 from lora_pipeline.core.training.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.encode import LatentSource, TextSource
-from lora_pipeline.core.training.fastpath import GraphedSteps
+from lora_pipeline.core.training.fastpath import GraphedSteps, fast_path_choice
 from lora_pipeline.core.training.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.loop import (
     EpochStats,
@@ -255,7 +255,9 @@ def _build_context(run: _Run) -> StepContext:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, NoiseSettings.of(recipe), accelerator, optimizer, params)
-    fast_path = recipe.fast_path  # where it cannot work, parsing the recipe refused it
+    fast_path, why = fast_path_choice(recipe, device, reg_images=bool(run.data.reg),
+                                      processes=accelerator.num_processes)
+    run.log(why)
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
