@@ -257,7 +257,8 @@ def _build_context(run: _Run) -> StepContext:
     parts = StepParts(unet, base.noise_scheduler, NoiseSettings.of(recipe), accelerator, optimizer, params)
     fast_path, why = fast_path_choice(recipe, device, reg_images=bool(run.data.reg),
                                       processes=accelerator.num_processes)
-    run.log(why)
+    if device.type == "cuda":  # on a CPU there is nothing to choose
+        run.log(why)
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
