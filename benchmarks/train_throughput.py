@@ -110,7 +110,8 @@ SMOKE = {
 }
 
 
-def build_unet(shape: Shape, device: torch.device, dtype: torch.dtype, rank: int) -> UNet2DConditionModel:
+def build_unet(shape: Shape, device: torch.device, dtype: torch.dtype, rank: int, channels_last: bool = True
+               ) -> UNet2DConditionModel:
     """A randomly initialised U-Net of the shape with a kohya-module LoRA, set up as the trainer does."""
     with torch.device(device):
         unet = UNet2DConditionModel(**shape.unet)
@@ -120,7 +121,7 @@ def build_unet(shape: Shape, device: torch.device, dtype: torch.dtype, rank: int
     add_unet_lora(unet, rank, rank / 2)
     cast_training_params(unet, dtype=torch.float32)
     unet.train()
-    if device.type == "cuda":
+    if device.type == "cuda" and channels_last:
         unet.to(memory_format=torch.channels_last)
     return unet
 
@@ -164,7 +165,7 @@ def reference_step(shape: Shape, args: argparse.Namespace, device: torch.device)
     precision = "fp16" if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     batch = args.batch or shape.batch
-    unet = build_unet(shape, device, dtype, args.rank)
+    unet = build_unet(shape, device, dtype, args.rank, not args.contiguous)
     vae, encoders = _frozen_parts(shape, args.smoke, device)
     vae.requires_grad_(False)
     if shape.pooled_dim is None:  # the SDXL script keeps its VAE in float32
@@ -214,7 +215,7 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     function that switches the variant's fast path on after the FLOP-counting eager step."""
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
-    unet = build_unet(shape, device, dtype, args.rank)
+    unet = build_unet(shape, device, dtype, args.rank, not args.contiguous)
     if precision != "no" and not args.autocast_norms:
         norms_in_dtype(unet, dtype)  # as the trainer does
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -360,6 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--compare: the runs beside the first plain one, as name:variant pairs")
     parser.add_argument("--cudnn-attention", action="store_true",
                         help="let the trainer's step use cuDNN attention too (loop.TRAINING_ATTENTION leaves it out)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="every variant: keep the U-Net's weights in the default memory format, not channels-last")
     parser.add_argument("--autocast-norms", action="store_true",
                         help="plain and fast variants: leave GroupNorm/LayerNorm to autocast's float32 (norms.py)")
     parser.add_argument("--deterministic", action="store_true",
