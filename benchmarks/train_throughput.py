@@ -20,8 +20,10 @@ Shapes (random weights built from the configs, nothing downloaded):
 - sdxl: SDXL base's U-Net (320/640/1280, transformer depth 1/2/10, cross-attention 2048, text_time
   embeddings), 1024 px = 128x128 latents, batch 4.
 Both train a rank-32 LoRA on kohya's module set with the frozen weights in bf16, LoRA weights in float32,
-bf16 autocast through accelerate, channels-last, SDPA attention, DAdaptAdamW (as the recipes), and
-cached inputs (random latents and text embeddings of the right shapes), so the numbers are the U-Net's.
+bf16 autocast through accelerate, SDPA attention, DAdaptAdamW (as the recipes), and cached inputs (random
+latents and text embeddings of the right shapes), so the numbers are the U-Net's. Every variant keeps the
+U-Net's weights in the default memory format, as the diffusers example and (since 2026-12-03) the trainer do;
+`--channels-last` makes them channels-last in every variant (measured slower for the trainer's step).
 
 FLOPs per step are counted by torch.utils.flop_counter.FlopCounterMode over one whole eager step (forward,
 backward, optimizer) without gradient checkpointing: model FLOPs, so recomputation is not credited. MFU =
@@ -110,7 +112,7 @@ SMOKE = {
 }
 
 
-def build_unet(shape: Shape, device: torch.device, dtype: torch.dtype, rank: int, channels_last: bool = True
+def build_unet(shape: Shape, device: torch.device, dtype: torch.dtype, rank: int, channels_last: bool = False
                ) -> UNet2DConditionModel:
     """A randomly initialised U-Net of the shape with a kohya-module LoRA, set up as the trainer does."""
     with torch.device(device):
@@ -165,7 +167,7 @@ def reference_step(shape: Shape, args: argparse.Namespace, device: torch.device)
     precision = "fp16" if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     batch = args.batch or shape.batch
-    unet = build_unet(shape, device, dtype, args.rank, not args.contiguous)
+    unet = build_unet(shape, device, dtype, args.rank, args.channels_last)
     vae, encoders = _frozen_parts(shape, args.smoke, device)
     vae.requires_grad_(False)
     if shape.pooled_dim is None:  # the SDXL script keeps its VAE in float32
@@ -215,7 +217,7 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     function that switches the variant's fast path on after the FLOP-counting eager step."""
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
-    unet = build_unet(shape, device, dtype, args.rank, not args.contiguous)
+    unet = build_unet(shape, device, dtype, args.rank, args.channels_last)
     if precision != "no" and not args.autocast_norms:
         norms_in_dtype(unet, dtype)  # as the trainer does
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -361,8 +363,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--compare: the runs beside the first plain one, as name:variant pairs")
     parser.add_argument("--cudnn-attention", action="store_true",
                         help="let the trainer's step use cuDNN attention too (loop.TRAINING_ATTENTION leaves it out)")
-    parser.add_argument("--contiguous", action="store_true",
-                        help="every variant: keep the U-Net's weights in the default memory format, not channels-last")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="every variant: the U-Net's weights channels-last (the trainer's until 2026-12-03)")
     parser.add_argument("--autocast-norms", action="store_true",
                         help="plain and fast variants: leave GroupNorm/LayerNorm to autocast's float32 (norms.py)")
     parser.add_argument("--deterministic", action="store_true",

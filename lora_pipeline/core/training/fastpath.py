@@ -23,8 +23,8 @@ graph replays fixed shapes and a bucketed dataset has a few:
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
 
-Status (H200, benchmarks/RESULTS.md, 2026-12-03): 1.87x the diffusers-example-style reference step at SD 1.5
-batch 8 and 2.82x at SDXL batch 4. With deterministic kernels the captured step's losses equal the eager step's
+Status (H200, benchmarks/RESULTS.md, 2026-12-03): 2.46x the diffusers-example-style reference step at SD 1.5
+batch 8 and 3.16x at SDXL batch 4. With deterministic kernels the captured step's losses equal the eager step's
 bit for bit over 40 steps, so the capture computes exactly the eager step; with the default (non-deterministic
 flash-attention backward) two eager runs drift apart as much as eager and fast do, and over 200 steps at
 DAdaptAdamW lr 1.0 on one fixed batch an eager run went non-finite too. So the fast path is on by default where

@@ -5,7 +5,7 @@ the ResNet and sampler convolutions; DoRA with `use_dora`) and, with `network_tr
 encoders too (their outputs are then not cached). A run stops after `epochs` or at `max_train_steps`, whichever
 comes first, and saves there; `save_every_n_steps` also writes step files (`-stepNNNNNNNN`), and
 `sample_every_n_epochs` renders sample strips (samples.py). On CUDA the run uses the recipe's mixed precision
-through accelerate (frozen weights in that dtype, LoRA weights float32), channels-last, SDPA attention
+through accelerate (frozen weights in that dtype, LoRA weights float32), SDPA attention
 (diffusers' default) and, when the recipe asks, gradient checkpointing. On CPU it runs in float32 with
 deterministic algorithms, so the same inputs give byte-identical files; see seeds.py and checkpoint.py for
 reproducibility and resume. Launched in several processes (distributed.py) every process trains its share
@@ -216,9 +216,7 @@ def _build_context(run: _Run) -> StepContext:
         unet.enable_gradient_checkpointing()
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
     moving = time.perf_counter()
-    unet.to(device)
-    if device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+    unet.to(device)  # default memory format: channels-last weights were 5-6% slower (benchmarks/RESULTS.md)
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
     base.vae.to(device)
