@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
+from lora_pipeline.core.datasets.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline_tests.helpers import cli
 
 # Enter a staging folder, write into it, say where it is, then wait (for a signal) or die at once.
@@ -91,3 +93,48 @@ def test_the_next_intake_removes_what_a_killed_intake_left(sample_root, tmp_path
     out = json.loads(cli("intake", str(handoff), "--batch", "next-batch", "--json").stdout)
     assert out["files"] == 1 and not staging.exists()
     assert not [p for p in os.listdir(sample_root.sources) if p.startswith(".")]
+
+
+def _recording_job(events: list[str], fail_at: int | None = None):
+    def job(i: int) -> int:
+        events.append(f"start {i}")
+        if i == fail_at:
+            raise OSError(28, "No space left on device")
+        time.sleep(0.05)
+        events.append(f"end {i}")
+        return i
+    return job
+
+
+def test_map_in_threads_returns_only_once_no_job_runs_and_starts_none_after_a_failure():
+    assert map_in_threads(lambda i: i * i, range(7), 2) == [0, 1, 4, 9, 16, 25, 36]
+    events: list[str] = []
+    with pytest.raises(OSError):
+        map_in_threads(_recording_job(events, fail_at=2), range(40), 2)
+    at_return = list(events)
+    started = {e.split()[1] for e in at_return if e.startswith("start")} - {"2"}
+    assert started == {e.split()[1] for e in at_return if e.startswith("end")}  # every other job had ended
+    time.sleep(0.3)
+    assert events == at_return and len(started) < 39  # and none started afterwards
+
+
+def test_an_interrupt_while_the_pool_starts_a_thread_still_waits_for_that_threads_job(monkeypatch):
+    # The interrupt lands in Thread.start after the worker began: the pool never registers that thread, so
+    # ThreadPoolExecutor.shutdown(wait=True) does not join it, and it would copy on into a removed staging folder.
+    real_start, starts = threading.Thread.start, []
+
+    def start_then_interrupt(thread: threading.Thread) -> None:
+        real_start(thread)
+        starts.append(thread)
+        if len(starts) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    events: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        map_in_threads(_recording_job(events), range(8), 2)
+    at_return = list(events)
+    assert len(starts) == 2
+    assert sum(e.startswith("start") for e in at_return) == sum(e.startswith("end") for e in at_return)
+    time.sleep(0.3)
+    assert events == at_return  # it took no further job

@@ -26,7 +26,6 @@ import os
 import posixpath
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -58,7 +57,7 @@ from lora_pipeline.core.datasets.snapshot_extras import (
 from lora_pipeline.core.datasets.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
 from lora_pipeline.core.datasets.sources import expand_sources, is_image, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
-from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
+from lora_pipeline.core.datasets.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import merkle_root
@@ -310,13 +309,8 @@ def _copy_all(plan: SnapshotPlan, known: list[Known | None], staging: Path) -> l
     jobs = list(zip(plan.files, known, strict=True))
     step = -(-len(jobs) // (COPY_WORKERS * 4))
     runs = [jobs[i : i + step] for i in range(0, len(jobs), step)]
-    with ThreadPoolExecutor(COPY_WORKERS) as pool:
-        try:
-            done = list(pool.map(lambda run: [copy_planned(f, k, staging) for f, k in run], runs))
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # a failed copy or Ctrl-C: start no further file
-            raise
-        return [copy for run in done for copy in run]
+    done = map_in_threads(lambda run: [copy_planned(f, k, staging) for f, k in run], runs, COPY_WORKERS)
+    return [copy for run in done for copy in run]
 
 
 def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> SnapshotResult:

@@ -14,7 +14,6 @@ import json
 import os
 import stat
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ from lora_pipeline.core.datasets.copying import background_writeback, copy_file,
 from lora_pipeline.core.datasets.hashcache import HASH_WORKERS, fingerprint_files, record
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
-from lora_pipeline.core.datasets.staging import remove_abandoned, staging_folder
+from lora_pipeline.core.datasets.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
@@ -190,12 +189,8 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     with staging_folder(root.sources, batch) as staging:
         for d in sorted({Path(f.path).parent for f in files}):
             (staging / d).mkdir(parents=True, exist_ok=True)
-        with background_writeback(staging), ThreadPoolExecutor(HASH_WORKERS) as pool:
-            try:
-                copied = list(pool.map(lambda f: copy_file(f.abs, staging / f.path), files))
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # a failed copy or Ctrl-C: start no further file
-                raise
+        with background_writeback(staging):
+            copied = map_in_threads(lambda f: copy_file(f.abs, staging / f.path), files, HASH_WORKERS)
         rows = [{"path": f.path, "sha256": c.sha256, "bytes": c.bytes} for f, c in zip(files, copied, strict=True)]
         fingerprint = batch_fingerprint(rows)
         created_at = datetime.now(UTC).isoformat(timespec="seconds")

@@ -15,11 +15,16 @@ import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 STAGING_GLOB = ".*.tmp-*"
+Job = TypeVar("Job")
+Result = TypeVar("Result")
 
 
 def _open_dir(path: Path) -> int:
@@ -57,6 +62,41 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def map_in_threads(fn: Callable[[Job], Result], jobs: Iterable[Job], workers: int) -> list[Result]:
+    """`fn` of every job, in order, on `workers` threads, for work that writes into a staging folder: when
+    anything raises (Ctrl-C included), no further job starts and this returns only once every job under way
+    has ended, so nothing writes into the folder after `staging_folder` has removed it.
+
+    `ThreadPoolExecutor.shutdown(wait=True)` alone does not promise that: an interrupt that lands while the
+    pool is starting a worker thread leaves that thread running but unregistered, and shutdown does not join it.
+    """
+    gate = threading.Condition()
+    state = {"open": True, "active": 0}
+
+    def guarded(job: Job) -> Result:
+        with gate:
+            if not state["open"]:
+                raise CancelledError
+            state["active"] += 1
+        try:
+            return fn(job)
+        finally:
+            with gate:
+                state["active"] -= 1
+                gate.notify_all()
+
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return list(pool.map(guarded, jobs))
+    except BaseException:
+        with gate:
+            state["open"] = False
+            gate.wait_for(lambda: state["active"] == 0)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def remove_abandoned(parent: Path) -> list[str]:
