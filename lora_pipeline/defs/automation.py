@@ -50,12 +50,23 @@ def _passed_gate(root: DataRoot, version: str, _recipe: str) -> bool:
 
 
 class _PartitionPredicate(dg.AutomationCondition):
-    """A condition true for the candidate `<version>|<recipe>` partitions that `keep` accepts; subclasses name
-    it, say what it checks (both shown in the asset's Automation tab) and set `keep`."""
+    """A condition true for the candidate `<version>|<recipe>` partitions that `keep` accepts; subclasses set
+    `keep`, `label` and `explanation` (the name and the description shown in the asset's Automation tab)."""
+
+    label: str
+    explanation: str
 
     @property
     def requires_cursor(self) -> bool:
         return False
+
+    @property
+    def name(self) -> str:
+        return type(self).label
+
+    @property
+    def description(self) -> str:
+        return type(self).explanation
 
     def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
         return _matching(context, type(self).keep)
@@ -65,14 +76,8 @@ class RecipeTrainsOnFamily(_PartitionPredicate):
     """True for `<version>|<recipe>` when the recipe's `train_on` names the version's family."""
 
     keep = staticmethod(_recipe_trains_on)
-
-    @property
-    def name(self) -> str:
-        return "recipe_trains_on_family"
-
-    @property
-    def description(self) -> str:
-        return "the recipe's train_on names the dataset version's family"
+    label = "recipe_trains_on_family"
+    explanation = "the recipe's train_on names the dataset version's family"
 
 
 class BlockingChecksPassed(_PartitionPredicate):
@@ -80,14 +85,8 @@ class BlockingChecksPassed(_PartitionPredicate):
     same gate `lora_epochs` applies before it trains (core/datasets/gate.py)."""
 
     keep = staticmethod(_passed_gate)
-
-    @property
-    def name(self) -> str:
-        return "dataset_report_blocking_checks_passed"
-
-    @property
-    def description(self) -> str:
-        return "dataset_report's blocking checks passed (sealed version, report without errors)"
+    label = "dataset_report_blocking_checks_passed"
+    explanation = "dataset_report's blocking checks passed (sealed version, report without errors)"
 
 
 _ready = (
