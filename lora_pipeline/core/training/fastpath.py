@@ -56,14 +56,13 @@ def fast_path_choice(recipe: Recipe, device: torch.device, *, reg_images: bool, 
 
     `fast_path: true` and `false` are the recipe's word (where true cannot work, the recipe parser, the trainer
     and the DDP launcher refuse it before this). Unset, it is on wherever it can be: one CUDA device, a recipe
-    without a `fast_path_blocker`, no loss masks and no regularisation images (per-image loss weights).
+    without a `fast_path_blocker` (loss masks among them) and no regularisation images (per-image loss weights).
     """
     if recipe.fast_path is not None:
         return recipe.fast_path, f"fast_path: {str(recipe.fast_path).lower()} (the recipe)"
     reason = (
         "the device is not a CUDA GPU" if device.type != "cuda"
         else recipe.fast_path_blocker()
-        or ("masked_loss weights the loss per image" if recipe.masked_loss else None)
         or ("the dataset has regularisation images (per-image loss weights)" if reg_images else None)
         or (f"{processes} processes train together (DDP)" if processes > 1 else None)
     )

@@ -203,8 +203,6 @@ class Recipe:
             )
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ValueError("cache_latents_to_disk needs cache_latents: true")
-        if self.fast_path and self.masked_loss:
-            raise ValueError("fast_path does not carry loss masks yet; set masked_loss: false or fast_path: false")
         for problem in self._conflicts():
             raise ValueError(problem)
         if self.fast_path and self.fast_path_blocker():
@@ -224,6 +222,8 @@ class Recipe:
             return "gradient accumulation runs several micro-batches per step (the graph captures one)"
         if self.ip_noise_gamma:
             return "ip_noise_gamma adds a perturbation input the captured step has no buffer for"
+        if self.masked_loss:
+            return "masked_loss weights the loss per image, which the captured step does not carry yet"
         return None
 
     def _conflicts(self) -> list[str]:

@@ -330,7 +330,8 @@ def _sample(run: _Run, ctx: StepContext, renderer: SampleRenderer, epoch: int,
 def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
     recipe, state = run.recipe, run.state
     ctx = _build_context(run)
-    warnings = [w for w in [flip_warning([i.caption for i in run.data.train]) if run.flip_aug else None] if w]
+    flip = flip_warning([i.caption for i in run.data.train]) if run.flip_aug else None
+    warnings = [flip] if flip else []
     for line in warnings:
         run.log(f"warning: {line}")
     renderer = SampleRenderer(run.base, recipe, run.device, DTYPES[run.precision])
