@@ -60,7 +60,7 @@ screenshots: $(STAMP) $(CHROMIUM)
 	UI_SCREENSHOTS=$(CURDIR)/docs/ui $(BIN)/python -m pytest -q -p no:cacheprovider lora_pipeline_tests/test_ui_browser.py
 
 docs: $(STAMP)
-	$(BIN)/python -m lora_pipeline.core.fielddocs docs/fields.md
+	$(BIN)/python scripts/fielddocs.py docs/fields.md
 
 # The config fuzz test for FUZZ_SECONDS (default 600) instead of make test's few hundred examples.
 FUZZ_SECONDS ?= 600

@@ -51,16 +51,16 @@ STAGES: list[tuple[str, str, str, str | None]] = [
     ("captions: captions.json, manifest rows", "lora_pipeline.defs.datasets", "write_caption_check", "run_job"),
     ("captions: captions.json, manifest rows", "lora_pipeline.defs.datasets", "record_captions", "run_job"),
     ("report: load captions", "lora_pipeline.defs.datasets", "load_caption_check", "run_job"),
-    ("validation: decode, hashes (process pool)", "lora_pipeline.core.datasets.validation", "inspect_images",
+    ("validation: decode, hashes (process pool)", "lora_pipeline.core.datasets.checks.validation", "inspect_images",
      "validate_dataset"),
-    ("validation: decode, hashes (process pool)", "lora_pipeline.core.datasets.validation", "inspect_batch",
+    ("validation: decode, hashes (process pool)", "lora_pipeline.core.datasets.checks.validation", "inspect_batch",
      "validate_dataset"),
-    ("validation: waiting for the early decode", "lora_pipeline.core.datasets.validation", "take_early",
+    ("validation: waiting for the early decode", "lora_pipeline.core.datasets.checks.validation", "take_early",
      "validate_dataset"),
     ("snapshot: starting the early decode", "lora_pipeline.defs.datasets", "start_early", "run_job"),
-    ("validation: near duplicates", "lora_pipeline.core.datasets.validation", "_duplicates", "validate_dataset"),
+    ("validation: near duplicates", "lora_pipeline.core.datasets.checks.validation", "_duplicates", "validate_dataset"),
     ("validation: the rest", "lora_pipeline.defs.datasets", "validate_dataset", "run_job"),
-    ("contact sheet", "lora_pipeline.core.datasets.report", "write_contact_sheet", "write_report"),
+    ("contact sheet", "lora_pipeline.core.datasets.checks.report", "write_contact_sheet", "write_report"),
     ("report.json, report.md", "lora_pipeline.defs.datasets", "write_report", "run_job"),
     ("seal", "lora_pipeline.defs.datasets", "seal_snapshot", "run_job"),
     ("metadata: contact sheet preview", "lora_pipeline.defs.datasets", "image_markdown", "run_job"),
@@ -170,8 +170,8 @@ def make_small_jpeg(job: tuple[Path, int, tuple[int, int]]) -> None:
 
 
 def ensure_growth_batch(workdir: Path, count: int, size: tuple[int, int]) -> str:
-    from lora_pipeline.core.datasets.hashcache import RACY_NS
-    from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+    from lora_pipeline.core.datasets.sources.batches import batch_manifest, scan_batch
+    from lora_pipeline.core.datasets.sources.hashcache import RACY_NS
     from lora_pipeline.core.paths import READY_MARKER, DataRoot
 
     root, batch = DataRoot(workdir / "data"), f"growth-{size[0]}x{size[1]}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
-from lora_pipeline.core.datasets.inspection import inspect_images
+from lora_pipeline.core.datasets.checks.inspection import inspect_images
 
 
 def make_images(folder: Path, count: int) -> list[Path]:

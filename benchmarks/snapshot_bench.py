@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_pipeline.core.datasets.hashcache import RACY_NS, cache_file
-from lora_pipeline.core.datasets.snapshot import SnapshotResult, build_snapshot
-from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.snapshot.snapshot import SnapshotResult, build_snapshot
+from lora_pipeline.core.datasets.sources.batches import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.sources.hashcache import RACY_NS, cache_file
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.paths import READY_MARKER, DataRoot
 
@@ -200,7 +200,7 @@ def cpu_model() -> str:
 
 
 def time_validation(paths: list[Path], workers: int = 2) -> str:
-    from lora_pipeline.core.datasets.inspection import inspect_images  # here: build_bench --before runs old code
+    from lora_pipeline.core.datasets.checks.inspection import inspect_images  # here: build_bench --before runs old code
 
     started = time.perf_counter()
     infos = inspect_images(paths, max_pixels=64_000_000, workers=workers)

@@ -58,9 +58,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lora_pipeline.core.models import fullsize
-from lora_pipeline.core.training import loop
-from lora_pipeline.core.training.fastpath import GraphedSteps
-from lora_pipeline.core.training.loop import (
+from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
+from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
+from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step import loop
+from lora_pipeline.core.training.step.fastpath import GraphedSteps
+from lora_pipeline.core.training.step.loop import (
     MAX_GRAD_NORM,
     NoiseSettings,
     StepBatch,
@@ -70,11 +73,8 @@ from lora_pipeline.core.training.loop import (
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.lora_file import add_unet_lora
-from lora_pipeline.core.training.norms import norms_in_dtype
-from lora_pipeline.core.training.optim import make_lr_scheduler, make_optimizer
-from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
-from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,3 +1,5 @@
 """lora-pipeline: copy-only dataset versions, LoRA training and evaluation as Dagster assets."""
 
-__version__ = "0.1.0"
+from lora_pipeline.core.codeversion import __version__
+
+__all__ = ["__version__"]

@@ -61,7 +61,7 @@ def _register(version_or_batches: dict[str, list[str]]) -> None:
 
 def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.datasets.sources import intake
+    from lora_pipeline.core.datasets.sources.batches import intake
 
     result = intake(Path(args.src_dir), root, args.batch)
     _register({"source_batches": [args.batch]})
@@ -98,7 +98,7 @@ def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.datasets.inspection import discard_early
+    from lora_pipeline.core.datasets.checks.inspection import discard_early
     from lora_pipeline.core.datasets.problems import errors_in, warnings_in
     from lora_pipeline.core.datasets.spec import load_spec
     from lora_pipeline.core.fileio import read_json
@@ -144,7 +144,7 @@ def cmd_build(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
     from lora_pipeline import dagster_runs
-    from lora_pipeline.core.datasets.gate import require_passed_report
+    from lora_pipeline.core.datasets.checks.gate import require_passed_report
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
 

@@ -140,7 +140,7 @@ TRAIN_SIZES = ((96, 64), (64, 96), (80, 80), (64, 64), (112, 64), (72, 88))
 
 
 def _train_snapshot(root, tiny_model, version: str = "train-v1", n: int = 4, repeats: int = 2):
-    from lora_pipeline.core.datasets.manifest import write_manifest
+    from lora_pipeline.core.datasets.snapshot.manifest import write_manifest
     from lora_pipeline.core.fileio import write_json
     from lora_pipeline.core.hashing import sha256_file
     from lora_pipeline.core.paths import SNAPSHOT
@@ -212,15 +212,15 @@ def lora_epochs():
     from diffusers import UNet2DConditionModel
 
     from lora_pipeline.core.models.loading import resolve_base_model
-    from lora_pipeline.core.training.checkpoint import epoch_file_name
-    from lora_pipeline.core.training.lora_file import (
+    from lora_pipeline.core.training.kohya.lora_file import (
         LoraProvenance,
         add_unet_lora,
         build_metadata,
         kohya_state_dict,
         save_lora,
     )
-    from lora_pipeline.core.training.tracking import TrainingTracker
+    from lora_pipeline.core.training.run.checkpoint import epoch_file_name
+    from lora_pipeline.core.training.run.tracking import TrainingTracker
 
     def make(root, recipe, version: str = "train-v1", epochs: int = 3, scale: float = 0.3,
              steps_per_epoch: int = 4, losses: list | None = None) -> str:

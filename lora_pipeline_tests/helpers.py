@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.captions import CaptionCheck
+from lora_pipeline.core.datasets.captions.captions import CaptionCheck
 from lora_pipeline.core.training.recipe import Recipe
 
 # --- the committed sample data ----------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class HandSnapshot:
         (self.dir / image_rel).with_suffix(".txt").write_text(text, encoding="utf-8")
 
     def finish(self, problems: list | None = None) -> Path:
-        from lora_pipeline.core.datasets.manifest import write_manifest
+        from lora_pipeline.core.datasets.snapshot.manifest import write_manifest
         from lora_pipeline.core.fileio import write_json
         from lora_pipeline.core.paths import SNAPSHOT
 
@@ -202,16 +202,16 @@ class HandSnapshot:
 def finish_version(root, spec):
     """Complete `datasets/<spec.name>` after build_snapshot with the real steps of caption_set and
     dataset_report (captions, manifest caption rows, captions.json, report files, seal); returns the seal."""
-    from lora_pipeline.core.datasets.captions import (
+    from lora_pipeline.core.datasets.captions.captions import (
         load_caption_check,
         plan_captions,
         write_caption_check,
         write_captions,
     )
-    from lora_pipeline.core.datasets.manifest import record_captions
-    from lora_pipeline.core.datasets.report import write_report
-    from lora_pipeline.core.datasets.seal import seal_snapshot
-    from lora_pipeline.core.datasets.validation import validate_dataset
+    from lora_pipeline.core.datasets.checks.report import write_report
+    from lora_pipeline.core.datasets.checks.validation import validate_dataset
+    from lora_pipeline.core.datasets.snapshot.manifest import record_captions
+    from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 
     snapshot_dir = root.dataset(spec.name)
     plan = plan_captions(root, spec, snapshot_dir)
@@ -238,7 +238,7 @@ def tiny_recipe(**overrides: Any) -> Recipe:
 
 def train(root, recipe: Recipe, out: str, version: str = "train-v1", **kwargs: Any):
     """train_lora on the conftest `train_snapshot` version (or `version`) on the CPU: (result, progress lines)."""
-    from lora_pipeline.core.training.trainer import train_lora
+    from lora_pipeline.core.training.run.trainer import train_lora
 
     lines: list[str] = []
     kwargs.setdefault("log", lines.append)

@@ -10,11 +10,12 @@ import torch
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SNAPSHOT
-from lora_pipeline.core.training import encode, loop
-from lora_pipeline.core.training.augment import flip_warning, step_views
-from lora_pipeline.core.training.caption_shuffle import CaptionDropout, step_captions
-from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.inputs import encode
+from lora_pipeline.core.training.inputs.augment import flip_warning, step_views
+from lora_pipeline.core.training.inputs.caption_shuffle import CaptionDropout, step_captions
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import parse_recipe
+from lora_pipeline.core.training.step import loop
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
 CAPTION = "trg, red body, matte finish, front view, round screen"
@@ -79,8 +80,8 @@ def test_dropout_every_n_epochs_tag_dropout_and_keep_tokens():
 
 
 def test_views_flip_and_crop_the_pixels_and_the_recipe_rules(train_snapshot):
-    from lora_pipeline.core.training.augment import View
-    from lora_pipeline.core.training.data import load_training_data
+    from lora_pipeline.core.training.inputs.augment import View
+    from lora_pipeline.core.training.inputs.data import load_training_data
 
     root = train_snapshot(n=1, repeats=1)
     (image,) = load_training_data(root.dataset("train-v1"), tiny_recipe(validation_split=0.0)).train

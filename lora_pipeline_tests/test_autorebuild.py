@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from lora_pipeline.core.datasets.autorebuild import latest_auto_rebuild_specs, write_auto_rebuild_specs
+from lora_pipeline.core.datasets.snapshot.autorebuild import latest_auto_rebuild_specs, write_auto_rebuild_specs
 from lora_pipeline.core.paths import DataRoot
 
 

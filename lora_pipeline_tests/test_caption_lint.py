@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_pipeline.core.datasets.caption_lint import lint_captions, phrase_pattern
+from lora_pipeline.core.datasets.captions.caption_lint import lint_captions, phrase_pattern
+from lora_pipeline.core.datasets.captions.tags import join_tags, normalise_caption, place_trigger, split_tags
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
-from lora_pipeline.core.datasets.tags import join_tags, normalise_caption, place_trigger, split_tags
 
 
 def make_spec(flip_aug: bool = False, **captions: object) -> DatasetSpec:

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from lora_pipeline.core.training.caption_shuffle import shuffle_caption, step_captions
+from lora_pipeline.core.training.inputs.caption_shuffle import shuffle_caption, step_captions
 
 CAPTION = "trg, red body, matte finish, front view, round screen"
 

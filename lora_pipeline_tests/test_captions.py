@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.captions import (
+from lora_pipeline.core.datasets.captions.captions import (
     CaptionPlan,
     caption_path,
     load_caption_check,
@@ -18,7 +18,7 @@ from lora_pipeline.core.datasets.captions import (
     write_caption_check,
     write_captions,
 )
-from lora_pipeline.core.datasets.manifest import read_manifest, write_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, write_manifest
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
@@ -412,8 +412,8 @@ def test_caption_path_and_source_parsing() -> None:
 def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_reach_the_snapshot(
     root: DataRoot, tmp_path: Path, image_bytes
 ) -> None:
-    from lora_pipeline.core.datasets.regular_files import NotRegularFile
-    from lora_pipeline.core.datasets.snapshot import build_snapshot
+    from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
+    from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile
     from lora_pipeline.core.fileio import read_json
     from lora_pipeline_tests.helpers import finish_version
 
@@ -457,7 +457,7 @@ def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_rea
 def test_a_huge_caption_is_a_problem_and_is_never_read_whole(root: DataRoot, image_bytes) -> None:
     import time
 
-    from lora_pipeline.core.datasets.regular_files import CAPTION_LIMIT
+    from lora_pipeline.core.datasets.sources.regular_files import CAPTION_LIMIT
 
     batch_files(root, "b1", {"a.png": image_bytes(1), "b.png": image_bytes(2), "b.txt": "hdaesth, side view"})
     with open(root.batch("b1") / "a.txt", "wb") as f:

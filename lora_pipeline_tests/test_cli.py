@@ -16,7 +16,7 @@ import dagster as dg
 import pytest
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.datasets.manifest import SEALED_FILES
+from lora_pipeline.core.datasets.snapshot.manifest import SEALED_FILES
 from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
 VERSION = "hardware-design-aesthetic-v1"
@@ -162,9 +162,9 @@ def test_a_full_disk_during_copy_or_report_is_one_line_and_leaves_nothing_half(s
         assert not (sample_root.dataset("noise-v1")).exists() and _hidden(sample_root.datasets) == []
 
         # the images and captions fit; then the disk fills up and the report cannot be written
-        from lora_pipeline.core.datasets.captions import plan_captions, write_captions
-        from lora_pipeline.core.datasets.manifest import record_captions
-        from lora_pipeline.core.datasets.snapshot import build_snapshot
+        from lora_pipeline.core.datasets.captions.captions import plan_captions, write_captions
+        from lora_pipeline.core.datasets.snapshot.manifest import record_captions
+        from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
         from lora_pipeline.core.datasets.spec import load_spec
 
         spec = load_spec(sample_root.spec_file(VERSION))

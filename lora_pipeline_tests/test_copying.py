@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.copying import BUFFER, copy_file, copy_unread, fsync_dir, stat_key, sync_filesystem
-from lora_pipeline.core.datasets.regular_files import NotRegularFile
+from lora_pipeline.core.datasets.sources.copying import (
+    BUFFER,
+    copy_file,
+    copy_unread,
+    fsync_dir,
+    stat_key,
+    sync_filesystem,
+)
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile
 
 
 def assert_independent_read_only_copy(src: Path, dst: Path, data: bytes) -> None:

@@ -12,7 +12,7 @@ from lora_pipeline.core.datasets.buckets import bucket_resolutions
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json, write_json
 from lora_pipeline.core.paths import SNAPSHOT
-from lora_pipeline.core.training.data import (
+from lora_pipeline.core.training.inputs.data import (
     epoch_batches,
     fit_to_bucket,
     load_training_data,

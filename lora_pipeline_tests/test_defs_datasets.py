@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, verify_snapshot
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK

@@ -9,7 +9,7 @@ import dagster as dg
 import yaml
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick, tree_state
 

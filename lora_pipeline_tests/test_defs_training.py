@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.datasets.manifest import read_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.paths import mlflow_tracking_uri

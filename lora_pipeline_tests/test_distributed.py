@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.training.distributed import refusal, train_distributed
-from lora_pipeline.core.training.loop import Shard
-from lora_pipeline.core.training.tracking import TrainingTracker
+from lora_pipeline.core.training.run.distributed import refusal, train_distributed
+from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.step.loop import Shard
 from lora_pipeline_tests.helpers import PROVENANCE, STARTED_AT, tiny_recipe
 
 # Tolerance, per LoRA weight: |two processes - one process| <= MAX_DIFF everywhere and <= TYPICAL_DIFF for 99% of

@@ -16,9 +16,9 @@ from lora_pipeline.core.evaluation import evaluate_lora
 from lora_pipeline.core.evaluation.grid import column_labels, plan_grid
 from lora_pipeline.core.evaluation.recommend import fmt
 from lora_pipeline.core.paths import mlflow_tracking_uri
-from lora_pipeline.core.training import train_lora
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker
+from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.run.trainer import train_lora
 
 PROMPTS = ("trg, red body, matte finish", "trg, blue body, glossy finish")
 TINY = {"name": "tiny", "base_model": "tiny-sd", "model_family": "sd15", "resolution": 64, "min_bucket_reso": 32,

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import host_to_device
-from lora_pipeline.core.training.fastpath import fast_path_choice
 from lora_pipeline.core.training.recipe import parse_recipe
+from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
 CPU = torch.device("cpu")

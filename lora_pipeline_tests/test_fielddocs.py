@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from lora_pipeline.core.datasets.spec import CaptionSpec, ChecksSpec, DatasetSpec, SourceRef
-from lora_pipeline.core.fielddocs import FIELDS_DOC, render_field_reference
+from scripts.fielddocs import FIELDS_DOC, render_field_reference
 from lora_pipeline.core.training.recipe import Recipe
 
 

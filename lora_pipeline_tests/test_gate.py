@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lora_pipeline.core.datasets.gate import require_passed_report
-from lora_pipeline.core.datasets.manifest import write_manifest
+from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.datasets.problems import problem
-from lora_pipeline.core.datasets.seal import seal_snapshot
+from lora_pipeline.core.datasets.snapshot.manifest import write_manifest
+from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json
 from lora_pipeline.core.hashing import sha256_file

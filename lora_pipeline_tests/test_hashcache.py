@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageOps
 
-from lora_pipeline.core.datasets.copying import stat_key
-from lora_pipeline.core.datasets.hashcache import (
+from lora_pipeline.core.datasets.sources.batches import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.sources.copying import stat_key
+from lora_pipeline.core.datasets.sources.hashcache import (
     RACY_NS,
     UNKNOWN_SIZE,
     Entry,
@@ -27,7 +28,6 @@ from lora_pipeline.core.datasets.hashcache import (
     record,
     trustworthy,
 )
-from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import DataRoot

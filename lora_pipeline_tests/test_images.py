@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from lora_pipeline.core.datasets.checks.inspection import POOL_THRESHOLD, inspect_images
 from lora_pipeline.core.datasets.images import inspect_image, load_rgb
-from lora_pipeline.core.datasets.inspection import POOL_THRESHOLD, inspect_images
 
 MAX = 10_000_000
 

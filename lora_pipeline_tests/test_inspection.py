@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from lora_pipeline.core.datasets import inspection
+from lora_pipeline.core.datasets.checks import inspection
+from lora_pipeline.core.datasets.checks.inspection import POOL_THRESHOLD, inspect_batch, start_early, take_early
 from lora_pipeline.core.datasets.images import thumbnail
-from lora_pipeline.core.datasets.inspection import POOL_THRESHOLD, inspect_batch, start_early, take_early
 
 MAX = 10_000_000
 

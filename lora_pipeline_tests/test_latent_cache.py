@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_pipeline.core.models.model_hash import weights_hash
-from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline_tests.helpers import tiny_recipe, train
 
 

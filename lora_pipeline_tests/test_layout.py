@@ -78,7 +78,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_import_graph_has_no_cycle():
     edges = graph()
-    assert len(edges) > 60 and "lora_pipeline.core.paths" in edges["lora_pipeline.core.datasets.gate"]
+    assert len(edges) > 60 and "lora_pipeline.core.paths" in edges["lora_pipeline.core.datasets.checks.gate"]
     assert cycle_in(edges) == []
 
 

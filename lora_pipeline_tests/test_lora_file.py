@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
-from lora_pipeline.core.training.lora_file import (
+from lora_pipeline.core.training.kohya.lora_file import (
     LoraProvenance,
     add_unet_lora,
     build_metadata,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot, write_manifest
-from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, verify_snapshot, write_manifest
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_pipeline.core.datasets.contact_sheet import MASK_COLOUR
-from lora_pipeline.core.datasets.manifest import read_manifest, verify_snapshot
-from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.checks.contact_sheet import MASK_COLOUR
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, verify_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import ChecksSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.data import epoch_batches, load_training_data, mix_reg_repeats
-from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, compute_loss
-from lora_pipeline.core.training.lora_file import read_lora_metadata
+from lora_pipeline.core.training.inputs.data import epoch_batches, load_training_data, mix_reg_repeats
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
+from lora_pipeline.core.training.step.loop import NoiseSettings, StepBatch, compute_loss
 from lora_pipeline_tests.helpers import finish_version, tiny_recipe, train
 
 

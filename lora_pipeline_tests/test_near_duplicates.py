@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_pipeline.core.datasets.near_duplicates import HASH_BITS, bands, flips, near_duplicate_pairs
-from lora_pipeline.core.datasets.validation import NEAR_DUPLICATE_COLOUR, NEAR_DUPLICATE_DISTANCE
+from lora_pipeline.core.datasets.checks.near_duplicates import HASH_BITS, bands, flips, near_duplicate_pairs
+from lora_pipeline.core.datasets.checks.validation import NEAR_DUPLICATE_COLOUR, NEAR_DUPLICATE_DISTANCE
 
 
 def all_pairs(hashes, colours, digests, max_distance, max_colour_gap):

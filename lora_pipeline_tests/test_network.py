@@ -19,13 +19,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import load_base_model
-from lora_pipeline.core.training.checkpoint import load_state
-from lora_pipeline.core.training.lora_file import read_lora_metadata
-from lora_pipeline.core.training.network import add_network, for_diffusers
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
+from lora_pipeline.core.training.kohya.network import add_network
 from lora_pipeline.core.training.recipe import LATER_FIELDS, Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker
-from lora_pipeline.core.training.trainer import train_lora
+from lora_pipeline.core.training.run.checkpoint import load_state
+from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline_tests.helpers import tiny_recipe, train
 
 # make test runs `-n 2 --dist loadgroup`: one worker runs this module, so its shared training runs happen once

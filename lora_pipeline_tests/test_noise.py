@@ -7,14 +7,14 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from lora_pipeline.core.training.noise import (
+from lora_pipeline.core.training.step.noise import (
     NoiseSettings,
     debiased_weight,
     draw_noise,
     training_scheduler,
     zero_terminal_snr_betas,
 )
-from lora_pipeline.core.training.optim import averaged_weights, make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.step.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline_tests.helpers import tiny_recipe
 
 SHAPE = (2, 4, 16, 16)

@@ -1,7 +1,7 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-from lora_pipeline.core.training.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import norms_in_dtype
 
 
 def _unet(dtype: torch.dtype) -> UNet2DConditionModel:

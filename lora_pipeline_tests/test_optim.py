@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lora_pipeline.core.training.optim import effective_lrs, make_lr_scheduler, make_optimizer, step_lr
 from lora_pipeline.core.training.recipe import OPTIMIZERS, SCHEDULERS, Recipe
+from lora_pipeline.core.training.step.optim import effective_lrs, make_lr_scheduler, make_optimizer, step_lr
 
 CPU = torch.device("cpu")
 
@@ -81,7 +81,7 @@ def test_foreach_dadapt_matches_the_reference_dadaptation():
     """Our sync-free DAdaptAdamW takes the same steps as dadaptation.DAdaptAdam(decouple=True)."""
     import dadaptation
 
-    from lora_pipeline.core.training.dadapt import DAdaptAdamW
+    from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(4, 8), (8, 4), (16,), (3, 3, 1, 1)]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_pipeline.core.datasets.manifest import SEALED_FILES, write_manifest
-from lora_pipeline.core.datasets.seal import seal_snapshot
+from lora_pipeline.core.datasets.snapshot.manifest import SEALED_FILES, write_manifest
+from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
@@ -20,7 +20,7 @@ from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.models.loading import base_model_hash
 from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT, DataRoot
 from lora_pipeline.core.provenance import format_provenance, trace_lora
-from lora_pipeline.core.training.lora_file import LoraProvenance, build_metadata, save_lora
+from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.recipe import load_recipe
 
 VERSION, FOLDER = "hand-v1", "img/2_hnd"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.regular_files import (
+from lora_pipeline.core.datasets.sources.regular_files import (
     FileTooLarge,
     NotRegularFile,
     is_regular,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.datasets.contact_sheet import (
+from lora_pipeline.core.datasets.checks.contact_sheet import (
     BOX,
     CELL,
     COL_W,
@@ -17,10 +17,10 @@ from lora_pipeline.core.datasets.contact_sheet import (
     select_items,
     sheet_size,
 )
-from lora_pipeline.core.datasets.manifest import read_snapshot_info
+from lora_pipeline.core.datasets.checks.report import to_plain, write_report
+from lora_pipeline.core.datasets.checks.validation import validate_dataset
 from lora_pipeline.core.datasets.problems import problem
-from lora_pipeline.core.datasets.report import to_plain, write_report
-from lora_pipeline.core.datasets.validation import validate_dataset
+from lora_pipeline.core.datasets.snapshot.manifest import read_snapshot_info
 
 LINT = {"captions": 3, "oov_terms": {"glossy": 2}, "banned_hits": {}, "shared_captions": []}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.datasets.caption_lint import lint_captions
+from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import READY_MARKER, REPO_ROOT, DataRoot

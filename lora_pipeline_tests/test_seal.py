@@ -13,8 +13,8 @@ import pytest
 
 from lora_pipeline import cli as lora_cli
 from lora_pipeline import dagster_runs
-from lora_pipeline.core.datasets.gate import require_passed_report
-from lora_pipeline.core.datasets.seal import read_seal, seal_snapshot
+from lora_pipeline.core.datasets.checks.gate import require_passed_report
+from lora_pipeline.core.datasets.snapshot.seal import read_seal, seal_snapshot
 from lora_pipeline.core.errors import UserError
 from lora_pipeline_tests.helpers import assert_one_line_error, cli
 
@@ -25,8 +25,8 @@ DERIVED = "hardware-design-aesthetic-v7"  # a later version built from VERSION
 # `kill -9` of `lora-pipeline build` leaves at that moment (the rename of the images is the first step).
 KILLED_BUILD = """
 import os, signal, sys
-from lora_pipeline.core.datasets.captions import plan_captions, write_captions
-from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.captions.captions import plan_captions, write_captions
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.paths import DataRoot
 root = DataRoot.from_env()

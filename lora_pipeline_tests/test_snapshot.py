@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info, verify_snapshot
-from lora_pipeline.core.datasets.snapshot import build_snapshot, plan_snapshot
-from lora_pipeline.core.datasets.snapshot_plan import family, next_free_version
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot, plan_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot_plan import family, next_free_version
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import merkle_root, sha256_bytes
@@ -239,7 +239,7 @@ KILL_SCRIPT = """
 import sys
 from pathlib import Path
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.datasets.snapshot import build_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 spec = DatasetSpec(name="big-v1", trigger="t", repeats=1, sources=(SourceRef(batch="big"),))
 build_snapshot(DataRoot(Path(sys.argv[1])), spec, "c")
@@ -289,9 +289,9 @@ def test_a_tampered_source_dataset_is_refused(root: DataRoot, make_batch, image_
 def test_manifest_sizes_are_the_sizes_training_sees_after_exif_orientation(root: DataRoot, make_batch) -> None:
     from PIL import Image
 
-    from lora_pipeline.core.datasets.hashcache import RACY_NS
     from lora_pipeline.core.datasets.images import load_rgb
-    from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+    from lora_pipeline.core.datasets.sources.batches import batch_manifest, scan_batch
+    from lora_pipeline.core.datasets.sources.hashcache import RACY_NS
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 80x60, shown turned by 90 degrees

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lora_pipeline.core.datasets import hashcache
-from lora_pipeline.core.datasets.hashcache import cache_file, load_cache
-from lora_pipeline.core.datasets.manifest import verify_snapshot
-from lora_pipeline.core.datasets.snapshot import build_snapshot
-from lora_pipeline.core.datasets.sources import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.snapshot.manifest import verify_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources import hashcache
+from lora_pipeline.core.datasets.sources.batches import batch_manifest, scan_batch
+from lora_pipeline.core.datasets.sources.hashcache import cache_file, load_cache
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file

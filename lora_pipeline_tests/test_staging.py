@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.staging import map_in_threads, remove_abandoned, staging_folder
+from lora_pipeline.core.datasets.sources.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline_tests.helpers import cli
 
 # Enter a staging folder, write into it, say where it is, then wait (for a signal) or die at once.
@@ -22,7 +22,7 @@ import os, signal, sys
 from pathlib import Path
 
 import pytest
-from lora_pipeline.core.datasets.staging import staging_folder
+from lora_pipeline.core.datasets.sources.staging import staging_folder
 with staging_folder(Path(sys.argv[1]), sys.argv[2]) as staging:
     (staging / "half.png").write_bytes(b"x" * 1000)
     print(staging, flush=True)
@@ -68,7 +68,7 @@ def test_a_failed_body_removes_its_staging_folder(tmp_path: Path) -> None:
 def test_an_interrupt_right_after_the_folder_appears_removes_it(tmp_path: Path, monkeypatch) -> None:
     """The CLI's interrupt test signals as soon as the staging folder appears, so the KeyboardInterrupt can land
     before the body starts: here, while the new folder's lock is taken."""
-    from lora_pipeline.core.datasets import staging
+    from lora_pipeline.core.datasets.sources import staging
 
     real = staging._open_dir
 

@@ -17,8 +17,8 @@ from PIL import Image
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import mlflow_tracking_uri
-from lora_pipeline.core.training.tracking import EXPERIMENT, TrainingTracker, loss_curve_png
-from lora_pipeline.core.training.trainer import train_lora
+from lora_pipeline.core.training.run.tracking import EXPERIMENT, TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline_tests.helpers import STARTED_AT, tiny_recipe
 
 TAGS = {"dagster_run_id": "dagster-123", "partition_key": "train-v1|tiny", "code_commit": "abc123"}
@@ -115,7 +115,7 @@ KILLED_IN_MIGRATION = textwrap.dedent(
         from mlflow.tracking import MlflowClient
         MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db").search_experiments()
     else:
-        from lora_pipeline.core.training.tracking import TrainingTracker
+        from lora_pipeline.core.training.run.tracking import TrainingTracker
         TrainingTracker(Path(sys.argv[1]))
     """
 )

@@ -18,10 +18,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.training.checkpoint import load_state
-from lora_pipeline.core.training.lora_file import add_unet_lora, read_lora_metadata
+from lora_pipeline.core.training.kohya.lora_file import add_unet_lora, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.trainer import train_lora
+from lora_pipeline.core.training.run.checkpoint import load_state
+from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline_tests.helpers import PROVENANCE, STARTED_AT, TINY, tiny_recipe, train, tree_state
 
 
@@ -148,7 +148,7 @@ CHILD = textwrap.dedent(
     import torch
     from lora_pipeline.core.paths import DataRoot
     from lora_pipeline.core.training.recipe import Recipe
-    from lora_pipeline.core.training.trainer import train_lora
+    from lora_pipeline.core.training.run.trainer import train_lora
 
     root, out, recipe, provenance, started, threads = sys.argv[1:7]
     torch.set_num_threads(int(threads))  # CPU float sums may depend on the thread count; match the parent's

@@ -3,8 +3,8 @@ import io
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.datasets.checks.validation import validate_dataset
 from lora_pipeline.core.datasets.problems import errors_in, problem
-from lora_pipeline.core.datasets.validation import validate_dataset
 from lora_pipeline.core.errors import UserError
 
 RED, BLUE = (200, 40, 40), (60, 60, 230)  # about the same brightness: same structure hash, different colour

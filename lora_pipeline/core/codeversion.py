@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import subprocess
 
-from lora_pipeline import __version__
 from lora_pipeline.core.paths import REPO_ROOT
+
+__version__ = "0.1.0"  # the package's version (lora_pipeline/__init__.py takes it from here)
 
 
 @functools.cache

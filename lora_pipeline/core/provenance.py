@@ -13,14 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.manifest import read_manifest, read_snapshot_info
-from lora_pipeline.core.datasets.seal import verify_version
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
-from lora_pipeline.core.training.lora_file import read_lora_metadata, tensors_match_header
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata, tensors_match_header
 from lora_pipeline.core.training.recipe import load_recipe
 
 KEY = "lora_pipeline."

@@ -9,7 +9,7 @@ import os
 
 def prepare_runtime() -> None:
     """OpenMP threads sleep instead of spinning while they wait (a busy machine then slows CPU training in
-    proportion, core/training/cpu.py), and third-party notices and progress bars stay off the terminal:
+    proportion, core/training/progress.py), and third-party notices and progress bars stay off the terminal:
     transformers' note that torchvision is absent (on purpose: it breaks the CPU torch), per-shard loading and
     saving bars of a 5 MB tiny model, bitsandbytes' optional kernel package, mlflow's table creation. A value
     the user set is kept."""

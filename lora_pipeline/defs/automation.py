@@ -15,7 +15,7 @@ import warnings
 
 import dagster as dg
 
-from lora_pipeline.core.datasets.gate import require_passed_report
+from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
@@ -82,7 +82,7 @@ class RecipeTrainsOnFamily(_PartitionPredicate):
 
 class BlockingChecksPassed(_PartitionPredicate):
     """True for `<version>|<recipe>` when the version is sealed and its report has no blocking problem: the
-    same gate `lora_epochs` applies before it trains (core/datasets/gate.py)."""
+    same gate `lora_epochs` applies before it trains (core/datasets/checks/gate.py)."""
 
     keep = staticmethod(_passed_gate)
     label = "dataset_report_blocking_checks_passed"

@@ -7,17 +7,22 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.datasets.captions import load_caption_check, plan_captions, write_caption_check, write_captions
-from lora_pipeline.core.datasets.contact_sheet import MAX_IMAGES
-from lora_pipeline.core.datasets.inspection import start_early
-from lora_pipeline.core.datasets.manifest import record_captions
+from lora_pipeline.core.datasets.captions.captions import (
+    load_caption_check,
+    plan_captions,
+    write_caption_check,
+    write_captions,
+)
+from lora_pipeline.core.datasets.checks.contact_sheet import MAX_IMAGES
+from lora_pipeline.core.datasets.checks.inspection import start_early
+from lora_pipeline.core.datasets.checks.report import write_report
+from lora_pipeline.core.datasets.checks.validation import validate_dataset
 from lora_pipeline.core.datasets.problems import errors_in, warnings_in
-from lora_pipeline.core.datasets.report import write_report
-from lora_pipeline.core.datasets.seal import seal_snapshot
-from lora_pipeline.core.datasets.snapshot import build_snapshot
-from lora_pipeline.core.datasets.sources import batch_fingerprint, batch_manifest, scan_batch
+from lora_pipeline.core.datasets.snapshot.manifest import record_captions
+from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
+from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
-from lora_pipeline.core.datasets.validation import validate_dataset
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, problems_metadata, table
@@ -29,7 +34,7 @@ GROUP = "datasets"
 NO_ERRORS_CHECK = "no_blocking_problems"
 NO_WARNINGS_CHECK = "no_warnings"
 # A run tagged so executes all its steps in one process (the command line's): dataset_snapshot then starts the
-# decode of the copied images, and dataset_report's validation takes the results (core/datasets/inspection.py).
+# decode of the copied images, and dataset_report's validation takes the results (core/datasets/checks/inspection.py).
 EARLY_INSPECTION_TAG = "lora_pipeline/early_inspection"
 
 

@@ -23,7 +23,7 @@ class DataRootResource(dg.ConfigurableResource):
 
 class TrainingLauncherResource(dg.ConfigurableResource):
     """How `lora_epochs` launches a training: `num_processes` 1 trains in the step's process; N > 1 runs it
-    data-parallel (DDP) in N processes through `accelerate launch`, one per GPU (core/training/distributed.py).
+    data-parallel (DDP) in N processes through `accelerate launch`, one per GPU (core/training/run/distributed.py).
     Default: `$LORA_PIPELINE_TRAIN_PROCESSES` or 1; set it per run in the launchpad (resources.launcher.config)."""
 
     num_processes: int = 0  # 0: the environment variable's value, else 1

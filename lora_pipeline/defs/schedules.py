@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from lora_pipeline.core.datasets.seal import verify_versions
+from lora_pipeline.core.datasets.snapshot.seal import verify_versions
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.resources import DataRootResource
 

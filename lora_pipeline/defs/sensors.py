@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from lora_pipeline.core.datasets.autorebuild import write_auto_rebuild_specs
+from lora_pipeline.core.datasets.snapshot.autorebuild import write_auto_rebuild_specs
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SEAL, DataRoot

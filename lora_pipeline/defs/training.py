@@ -3,7 +3,7 @@
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
-from lora_pipeline.core.datasets.gate import require_passed_report
+from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.paths import MANIFEST, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
@@ -52,8 +52,8 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
     require_passed_report(root, version)
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
-    from lora_pipeline.core.training.distributed import train_distributed
-    from lora_pipeline.core.training.tracking import TrainingTracker
+    from lora_pipeline.core.training.run.distributed import train_distributed
+    from lora_pipeline.core.training.run.tracking import TrainingTracker
 
     commit = code_version()
     tracker = TrainingTracker(
@@ -119,7 +119,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
 def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root, version, recipe = _training_inputs(context, data_root)
     from lora_pipeline.core.evaluation.evaluate import evaluate_lora  # heavy import, as in lora_epochs
-    from lora_pipeline.core.training.checkpoint import epoch_file_name
+    from lora_pipeline.core.training.run.checkpoint import epoch_file_name
 
     result = evaluate_lora(root, version, recipe, log=context.log.info)
     recommended = result.recommendation["recommended_epoch"]

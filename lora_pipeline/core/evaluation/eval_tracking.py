@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.tracking import TrainingTracker, open_store, param_value
+from lora_pipeline.core.training.run.tracking import TrainingTracker, open_store, param_value
 
 PARENT_TAG = "mlflow.parentRunId"
 PER_EPOCH_METRICS = ("val_loss", "train_loss", "break_ratio")

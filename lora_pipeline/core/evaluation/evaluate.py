@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation.eval_tracking import log_evaluation, training_run_client
-from lora_pipeline.core.evaluation.grid import load_pipeline, loaded_lora, sample, sampling_dtype, write_grids
+from lora_pipeline.core.evaluation.grid import write_grids
 from lora_pipeline.core.evaluation.recommend import image_signals, recommend, round6
 from lora_pipeline.core.evaluation.summary import render_markdown
 from lora_pipeline.core.evaluation.val_loss import (
@@ -36,11 +36,12 @@ from lora_pipeline.core.evaluation.val_loss import (
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.models.loading import BaseModel, load_base_model
+from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.data import load_training_data
-from lora_pipeline.core.training.lora_file import read_lora_metadata
-from lora_pipeline.core.training.noise import training_scheduler
+from lora_pipeline.core.training.inputs.data import load_training_data
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.step.noise import training_scheduler
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"
@@ -115,12 +116,12 @@ def _sample_epochs(
     epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None],
 ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, float]]:
     """Base images, then per epoch (its file loaded once) the images at every weight and the validation loss."""
-    baseline = sample(pipe, recipe)
+    baseline = sample(pipe, recipe.sampling)
     images: dict[int, np.ndarray] = {}
     val: dict[int, float] = {}
     for epoch in epochs:
         with loaded_lora(pipe, files[epoch], epoch) as adapter:
-            images[epoch] = np.stack([sample(pipe, recipe, adapter, w) for w in recipe.eval_weights])
+            images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w) for w in recipe.eval_weights])
             pipe.set_adapters([adapter], adapter_weights=[1.0])
             val[epoch] = validation_loss(pipe.unet, base, validation, dtype)
         log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
@@ -145,7 +146,7 @@ def evaluate_lora(
     run_id = _check_headers(headers, files, recipe)
     epochs = select_epochs(list(files), recipe.eval_max_epochs)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = sampling_dtype(recipe, target)
+    dtype = sampling_dtype(recipe.mixed_precision, target)
     data = load_training_data(root.dataset(version), recipe)
     base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
     base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)  # v-prediction / zero terminal SNR

@@ -1,33 +1,18 @@
-"""Sample images for the X/Y grid (epochs × LoRA weights) and the labelled grid PNGs.
-
-Images come from the stock diffusers pipeline with each epoch's kohya file loaded through
-`load_lora_weights` and weighted with `set_adapters` — exactly how a user loads the LoRA — so the grid
-shows what users will get. Every cell of one prompt starts from the same noise (a generator seeded from
-`sample_seed + prompt index`), so only the epoch and the weight differ between cells.
-"""
+"""The labelled X/Y grid PNGs (epochs × LoRA weights) of the images core/models/sampling.py renders."""
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import textwrap
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
-import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 
 from lora_pipeline.core.evaluation.recommend import weight_label
-from lora_pipeline.core.fileio import atomic_write_bytes
-from lora_pipeline.core.models.loading import BaseModel
-from lora_pipeline.core.training.network import for_diffusers
+from lora_pipeline.core.models.sampling import save_png
 from lora_pipeline.core.training.recipe import Recipe
 
 MIN_CELL = 128  # tiny samples are enlarged (nearest neighbour) to at least this, so labels stay legible
@@ -35,104 +20,6 @@ BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 HIGHLIGHT = (220, 40, 40)
 HIGHLIGHT_NOTE = "recommended"
-PIPELINES: dict[str, type[DiffusionPipeline]] = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
-
-
-def sampling_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
-    """float32 on CPU; on an accelerator the recipe's mixed precision (fp16 / bf16), as training used."""
-    if device.type == "cpu":
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.mixed_precision, torch.float32)
-
-
-def load_pipeline(base: BaseModel, dtype: torch.dtype, v_prediction: bool = False) -> DiffusionPipeline:
-    """The stock text-to-image pipeline around the already loaded base model (its modules are shared, not copied).
-
-    Only the sampling scheduler is read from the model folder (set to v-prediction for a recipe with
-    `v_parameterization`); the safety checker is off, progress bars too. The VAE decodes in the sampling dtype
-    (SDXL's pipeline upcasts an fp16 VAE itself where needed).
-    """
-    if base.vae.dtype != dtype:
-        with quiet_diffusers():
-            base.vae.to(dtype=dtype)
-    parts: dict[str, object] = {"unet": base.unet, "vae": base.vae}
-    for suffix, tokenizer, encoder in zip(("", "_2"), base.tokenizers, base.text_encoders, strict=False):
-        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, encoder
-    if base.family == "sd15":
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = PIPELINES[base.family].from_pretrained(base.source, local_files_only=True, **parts)
-    if v_prediction:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@contextmanager
-def deterministic(device: torch.device) -> Iterator[None]:
-    """Deterministic kernels on CPU, where that makes outputs byte-identical run to run; restored afterwards.
-
-    On an accelerator the seeds are fixed all the same, but kernels keep their fast (not bitwise
-    reproducible) choices: deterministic CUDA needs settings beyond this process's say (CUBLAS_WORKSPACE_CONFIG).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-@contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """Hide diffusers' warnings that are expected here and would bury the run's own log lines.
-
-    "No LoRA keys for the text encoder" (our LoRAs are U-Net only) and "cast with to()" (the SDXL pipeline
-    itself moves an fp16 VAE to float32 and back on every call).
-    """
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-
-
-@contextmanager
-def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str]:
-    """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards.
-
-    Text-encoder keys go through network.for_diffusers (diffusers 0.42 misses kohya's `text_model` level in
-    transformers 5's CLIP models)."""
-    name = f"e{epoch}"
-    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
-    tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
-    with quiet_diffusers():
-        pipe.load_lora_weights(tensors, adapter_name=name)
-    try:
-        yield name
-    finally:
-        pipe.delete_adapters([name])
-
-
-@torch.no_grad()
-def sample(pipe: DiffusionPipeline, recipe: Recipe, adapter: str | None = None, weight: float = 0.0) -> np.ndarray:
-    """One image per sample prompt (one batched call) as uint8 [prompt, H, W, 3].
-
-    `adapter` None samples the base model alone (the weight-0 column); otherwise the adapter is set to `weight`.
-    """
-    if adapter is not None:
-        pipe.set_adapters([adapter], adapter_weights=[weight])
-    prompts = list(recipe.sample_prompts)
-    generators = [torch.Generator("cpu").manual_seed(recipe.sample_seed + i) for i in range(len(prompts))]
-    with deterministic(pipe.device), quiet_diffusers():
-        images = pipe(
-            prompts, height=recipe.resolution, width=recipe.resolution, num_inference_steps=recipe.sample_steps,
-            guidance_scale=recipe.guidance_scale, generator=generators, output_type="np",
-        ).images
-    return np.clip(np.rint(np.asarray(images, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def column_labels(weights: Sequence[float]) -> list[str]:
@@ -243,13 +130,6 @@ def compose_grid(
                 cell = cell.resize((g.cell_w, g.cell_h), Image.Resampling.NEAREST)
             image.paste(cell, g.cell_box(r, c)[:2])
     return image
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """PNG bytes depend on the pixels only (no timestamps or text chunks); written atomically."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_grids(

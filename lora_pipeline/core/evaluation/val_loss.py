@@ -24,14 +24,14 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from lora_pipeline.core.evaluation.grid import deterministic
 from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.models.sampling import deterministic
 from lora_pipeline.core.plots import line_chart
-from lora_pipeline.core.training.data import TrainingData
-from lora_pipeline.core.training.encode import LatentSource, TextSource, time_ids
-from lora_pipeline.core.training.loop import NoiseSettings, StepBatch, compute_loss
+from lora_pipeline.core.training.inputs.data import TrainingData
+from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.loop import NoiseSettings, StepBatch, compute_loss
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image
 VALIDATION_STREAM = 1 << 40  # keeps validation draws apart from any training step's

@@ -1,20 +1,4 @@
-"""LoRA training on dataset snapshots (kohya-compatible files); `train_lora` is the entry point.
-
-`train_lora` / `TrainResult` load on first use, so importing the step code (`training.loop`) does not pull
-in the trainer's MLflow and matplotlib dependencies: the throughput benchmark runs on machines that have
-only the training stack.
-"""
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["TrainResult", "train_lora"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from lora_pipeline.core.training import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+"""LoRA training on dataset snapshots (kohya-compatible files), by job: `inputs/` (what a step reads: rows,
+captions, latents), `step/` (one training step and its parts), `kohya/` (the network and its files in kohya's
+format), `run/` (a whole run: `run/trainer.py`'s `train_lora` is the entry point); the recipe and what all of
+them share (seeds, timing, progress) at this level."""

@@ -8,17 +8,20 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass
 
-from lora_pipeline.core.datasets.snapshot_plan import family
+from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 from lora_pipeline.core.datasets.spec import BATCH_PATTERN_RE
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, non_empty, validate
 from lora_pipeline.core.yamlfile import load_yaml_mapping
+
+if TYPE_CHECKING:  # sampling imports diffusers; reading a recipe must not
+    from lora_pipeline.core.models.sampling import SamplingSettings
 
 MAX_RESOLUTION = 2048  # the square side: buckets hold at most MAX_RESOLUTION**2 (about 4.2 megapixels)
 MAX_BUCKET_SIDE = 4096
@@ -259,6 +262,14 @@ class Recipe:
         if self.optimizer == "Adafactor" and self.adafactor_relative_step:
             return f"adafactor:{self.learning_rate}"
         return self.lr_scheduler
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """What the evaluation grid and the samples while training render from (core/models/sampling.py)."""
+        from lora_pipeline.core.models.sampling import SamplingSettings
+
+        return SamplingSettings(self.sample_prompts, self.sample_seed, self.resolution, self.sample_steps,
+                                self.guidance_scale)
 
     @property
     def conv_alpha_value(self) -> float:

@@ -1,0 +1,456 @@
+"""Caption sets: where each snapshot image's caption comes from, and writing it beside the image.
+
+Sources (the spec's `captions.from`) for images copied from a source batch:
+
+- `sidecar`: `<stem>.txt` in the same folder of the batch as the image.
+- `table`: a CSV or JSONL file (by extension) inside a batch with columns `file` and `caption`.
+- `attributes`: a CSV or JSONL file with `file` plus attribute columns, rendered with `captions.template`
+  (str.format placeholders naming columns; `{trigger}` is the spec's trigger).
+
+`captions.table` is "<batch>/<path>", or just "<path>" when the spec names exactly one batch. A table's
+`file` is the image's path relative to the batch root, '/'-separated (the manifest's `source_path`); a row
+is "#n" in a caption source, the n-th record counting from 1 (a CSV header is not a record). Images
+reused from an earlier dataset version always take that version's .txt beside the image.
+
+Every caption is read as UTF-8 (an optional BOM is dropped), normalised (see caption_lint: a multi-line
+caption is joined into one line with the separator, because kohya reads only the first line, and warned
+about) and linted. Problems with single files are collected so one report lists them all; a table or
+spec that cannot be used at all raises UserError.
+
+A sidecar or table row is an `orphan_caption` when the image it names does not exist in the batch. An
+image that exists but is not in the snapshot was left out on purpose (include/exclude globs), so its
+caption is not an orphan.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import string
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
+from lora_pipeline.core.datasets.captions.tags import normalise_caption, place_trigger
+from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
+from lora_pipeline.core.datasets.snapshot.seal import read_seal
+from lora_pipeline.core.datasets.sources.batches import (
+    IMAGE_EXTENSIONS,
+    locate_table,
+    safe_relative,
+    spec_batches,
+    walk_files,
+)
+from lora_pipeline.core.datasets.sources.regular_files import (
+    CAPTION_LIMIT,
+    TABLE_LIMIT,
+    FileTooLarge,
+    NotRegularFile,
+    is_regular,
+    read_regular,
+)
+from lora_pipeline.core.datasets.spec import DatasetSpec
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_all, read_json, write_json
+from lora_pipeline.core.hashing import sha256_bytes
+from lora_pipeline.core.paths import CAPTION_CHECK, DataRoot
+
+CAPTION_SUFFIX = ".txt"
+_NOT_READ = {"symlink_not_followed": "symbolic link", "not_a_regular_file": "special file (not a regular file)"}
+
+
+@dataclass
+class CaptionPlan:
+    """Everything caption_set needs, computed without writing anything."""
+
+    captions: dict[str, str] = field(default_factory=dict)  # snapshot image path -> final caption text
+    # image path -> "sidecar:<batch>/<path>", "table:<batch>/<table>#<n>", "attributes:<batch>/<table>#<n>"
+    # or "dataset:<version>/<path of .txt>"
+    caption_sources: dict[str, str] = field(default_factory=dict)
+    caption_source_sha256: dict[str, str] = field(default_factory=dict)  # sha256 of that sidecar/table file
+    problems: list[Problem] = field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya ss_tag_frequency
+    lint: dict[str, Any] = field(default_factory=dict)  # caption_lint stats plus `multiline`
+
+
+def caption_path(image_path: str) -> str:
+    """The caption file that pairs with a snapshot image (kohya: same folder, same stem, .txt)."""
+    return PurePosixPath(image_path).with_suffix(CAPTION_SUFFIX).as_posix()
+
+
+def parse_caption_source(source: str) -> tuple[str, str, str]:
+    """("sidecar" | "table" | "attributes" | "dataset", batch or version, path of the file) of a source."""
+    kind, _, rest = source.partition(":")
+    name, _, path = rest.partition("/")
+    if kind in ("table", "attributes"):
+        path = path.rpartition("#")[0]
+    return kind, name, path
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8-sig")
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
+
+
+def read_caption_text(path: Path) -> str:
+    """A caption file's text: UTF-8 with an optional BOM, a regular file of at most CAPTION_LIMIT bytes,
+    else UserError naming the file."""
+    try:
+        data = read_regular(path, CAPTION_LIMIT)
+    except FileNotFoundError:
+        raise UserError("caption file not found", path) from None
+    try:
+        return _decode(data)
+    except UnicodeDecodeError as exc:
+        raise UserError(_not_utf8(data, exc), path) from None
+
+
+def snapshot_caption(path: Path) -> str:
+    """The caption a snapshot's .txt holds, as training reads it: one line without the newline."""
+    return read_caption_text(path).strip()
+
+
+@dataclass
+class _Found:
+    text: str  # as read, before normalisation
+    source: str
+    sha256: str
+
+
+@dataclass
+class _Collector:
+    """Captions found so far and the problems met on the way."""
+
+    spec: DatasetSpec
+    found: dict[str, _Found] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def read_file(self, image: str, path: Path, file: str, scope: str, source: str, label: str) -> None:
+        """Read the caption of `image` from `path` (`file` within `scope`, `label` in messages); what stops it
+        is a problem."""
+        try:
+            data = read_regular(path, CAPTION_LIMIT)
+        except FileNotFoundError:
+            self.missing(image, f"{label} not found")
+            return
+        except NotRegularFile as exc:
+            self.missing(image, f"{label} is a {_NOT_READ[exc.code]}; it was not read")
+            return
+        except FileTooLarge:
+            message = f"caption file larger than {CAPTION_LIMIT:,} bytes; it was not read"
+            self.problems.append(problem(file, "caption_too_large", "error", message, scope))
+            return
+        try:
+            self.found[image] = _Found(_decode(data), source, sha256_bytes(data))
+        except UnicodeDecodeError as exc:
+            self.problems.append(problem(file, "caption_not_utf8", "error", _not_utf8(data, exc), scope))
+
+    def missing(self, image: str, why: str) -> None:
+        self.problems.append(problem(image, "missing_caption", "error", f"no caption: {why}", self.scope))
+
+    def orphan(self, file: str, batch: str, why: str) -> None:
+        self.problems.append(problem(file, "orphan_caption", "warning", why, f"batch:{batch}"))
+
+    @property
+    def scope(self) -> str:
+        return f"dataset:{self.spec.name}"
+
+
+def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    claimed: dict[str, set[str]] = defaultdict(set)
+    for row in images:
+        batch = row["source_batch"]
+        rel = caption_path(row["source_path"])
+        claimed[batch].add(rel)
+        path, source = root.batch(batch) / rel, f"sidecar:{batch}/{rel}"
+        out.read_file(row["path"], path, rel, f"batch:{batch}", source, f"sidecar {batch}/{rel}")
+    for batch in spec_batches(root, out.spec):
+        folder = root.batch(batch)
+        if not folder.is_dir():
+            continue
+        files = [PurePosixPath(f.path) for f in walk_files(folder, f"batch:{batch}")[0]]
+        image_stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
+        for path in files:
+            rel = path.as_posix()
+            if path.suffix == CAPTION_SUFFIX and rel not in claimed[batch] and path.with_suffix("") not in image_stems:
+                out.orphan(rel, batch, "caption file with no image of the same name beside it")
+
+
+@dataclass
+class _Table:
+    batch: str
+    rel: str  # path inside the batch
+    path: Path
+    sha256: str
+    columns: set[str]
+    rows: list[dict[str, str]]  # record n is rows[n - 1]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _parse_csv(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        if reader.fieldnames is None:
+            raise UserError("caption table is empty", path)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+        for n, row in enumerate(reader, 1):
+            if None in row:
+                raise UserError(f"row {n} has more fields than the header (quote captions that contain commas)", path)
+            rows.append({key: _cell(value) for key, value in row.items()})
+    except csv.Error as exc:
+        raise UserError(f"not valid CSV at line {reader.line_num}: {exc}", path) from None
+    return set(reader.fieldnames), rows
+
+
+def _parse_jsonl(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
+    columns: set[str] = set()
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"line {lineno} is not valid JSON: {exc.msg}", path) from None
+        except (ValueError, RecursionError):  # an integer of thousands of digits, or nesting past Python's limit
+            message = f"line {lineno} is not JSON this reader accepts (a huge number or deep nesting)"
+            raise UserError(message, path) from None
+        if not isinstance(record, dict):
+            raise UserError(f"line {lineno} is not a JSON object", path)
+        columns.update(record)
+        rows.append({key: _cell(value) for key, value in record.items()})
+    return columns, rows
+
+
+def _read_table(batch: str, rel: str, path: Path) -> _Table:
+    parsers = {".csv": _parse_csv, ".jsonl": _parse_jsonl}
+    parser = parsers.get(path.suffix.lower())
+    if parser is None:
+        raise UserError("a caption table must be .csv or .jsonl", path)
+    data = read_regular(path, TABLE_LIMIT)
+    try:
+        text = _decode(data)
+    except UnicodeDecodeError as exc:
+        raise UserError(_not_utf8(data, exc), path) from None
+    columns, rows = parser(text, path)
+    return _Table(batch, rel, path, sha256_bytes(data), columns, rows)
+
+
+def _template_fields(template: str, spec_file: Path) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise UserError(f"captions.template is not a valid template: {exc}", spec_file) from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    for name in names:
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            raise UserError(f"captions.template placeholder '{{{name}}}' must name a table column", spec_file)
+    return list(dict.fromkeys(names))
+
+
+def _render(table: _Table, n: int, row: dict[str, str], template: str, trigger: str) -> str:
+    try:
+        return template.format_map({**row, "trigger": trigger})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"captions.template cannot render row {n}: {exc}", table.path) from None
+
+
+def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    spec = out.spec
+    kind = spec.captions.source
+    table = _read_table(*locate_table(root, spec))
+    fields: list[str] = []
+    if kind == "attributes":
+        placeholders = _template_fields(spec.captions.template or "", root.spec_file(spec.name))
+        fields = [name for name in placeholders if name != "trigger"]
+    for column in ("file", "caption") if kind == "table" else ("file", *fields):
+        if column not in table.columns:
+            what = "captions.template" if column in fields else f"captions.from: {kind}"
+            raise UserError(f"no column '{column}' (needed by {what})", table.path)
+
+    folder = root.batch(table.batch)
+    scope = f"batch:{table.batch}"
+    by_source = {row["source_path"]: row["path"] for row in images if row["source_batch"] == table.batch}
+    first_row: dict[str, int] = {}
+    for n, row in enumerate(table.rows, 1):
+        file = row.get("file", "").strip()
+        where = f"row {n} of {table.rel}"
+        if not file:
+            out.problems.append(problem(table.rel, "table_row_without_file", "error", f"{where} has no file", scope))
+            continue
+        rel = safe_relative(file, folder)
+        if rel is None:
+            message = f"{where} names '{file}', which is outside the batch; it was not read"
+            out.problems.append(problem(file, "caption_path_outside_batch", "error", message, scope))
+            continue
+        image = by_source.get(rel)
+        if image is None:
+            if not is_regular(folder / rel):
+                out.orphan(rel, table.batch, f"{where} names an image that is not in the batch")
+            continue
+        if image in first_row:
+            message = f"rows {first_row[image]} and {n} of {table.rel} both caption it"
+            out.problems.append(problem(rel, "duplicate_caption_row", "error", message, scope))
+            continue
+        first_row[image] = n
+        empty = [f for f in fields if not row.get(f, "").strip()]
+        if empty:
+            message = f"{where} has no value for {', '.join(empty)}"
+            out.problems.append(problem(rel, "empty_attribute", "error", message, scope))
+            continue
+        text = (
+            row.get("caption", "")
+            if kind == "table"
+            else _render(table, n, row, spec.captions.template or "", spec.trigger)
+        )
+        if len(text.encode("utf-8")) > CAPTION_LIMIT:
+            message = f"{where} gives a caption larger than {CAPTION_LIMIT:,} bytes; it was not used"
+            out.problems.append(problem(rel, "caption_too_large", "error", message, scope))
+            continue
+        out.found[image] = _Found(text, f"{kind}:{table.batch}/{table.rel}#{n}", table.sha256)
+
+    for row in images:
+        if row["path"] in out.found or row["path"] in first_row:
+            continue
+        if row["source_batch"] == table.batch:
+            out.missing(row["path"], f"{table.batch}/{table.rel} has no row for '{row['source_path']}'")
+        else:
+            why = f"captions come from {table.batch}/{table.rel}, but the image is from batch '{row['source_batch']}'"
+            out.missing(row["path"], why)
+
+
+def _from_datasets(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+    for row in images:
+        version = row["source_dataset"]
+        rel = caption_path(row["source_path"])
+        path, source = root.dataset(version) / rel, f"dataset:{version}/{rel}"
+        out.read_file(row["path"], path, rel, f"dataset:{version}", source, f"{version}/{rel}")
+
+
+def _stem_collisions(images: list[dict[str, Any]], out: _Collector) -> set[str]:
+    """Images that would share one .txt (a.png and a.jpg in one folder): kohya cannot pair them."""
+    by_caption: dict[str, list[str]] = defaultdict(list)
+    for row in images:
+        by_caption[caption_path(row["path"])].append(row["path"])
+    clashing = set()
+    for txt, paths in by_caption.items():
+        if len(paths) > 1:
+            clashing.update(paths)
+            message = f"{' and '.join(sorted(paths))} would share the caption file {txt}"
+            out.problems.extend(problem(p, "caption_stem_collision", "error", message, out.scope) for p in paths)
+    return clashing
+
+
+def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> CaptionPlan:
+    """Find, normalise and lint the caption of every image in a snapshot's manifest; writes nothing."""
+    images = sorted((r for r in read_manifest(snapshot_dir) if r.get("kind") == "image"), key=lambda r: r["path"])
+    from_batches = [r for r in images if "source_batch" in r]
+    out = _Collector(spec)
+    if spec.captions.source == "sidecar":
+        _from_sidecars(root, from_batches, out)
+    elif from_batches or spec_batches(root, spec):
+        _from_table(root, from_batches, out)
+    _from_datasets(root, [r for r in images if "source_dataset" in r], out)
+    clashing = _stem_collisions(images, out)
+
+    plan = CaptionPlan()
+    multiline = 0
+    for image, found in sorted(out.found.items()):
+        if image in clashing:
+            continue
+        text, was_multiline = normalise_caption(found.text)
+        if was_multiline:
+            multiline += 1
+            message = "the caption has several lines; they were joined with ',' because kohya reads only the first"
+            out.problems.append(problem(image, "multiline_caption", "warning", message, out.scope))
+        plan.captions[image] = place_trigger(text, spec.trigger) if spec.captions.prepend_trigger else text
+        plan.caption_sources[image] = found.source
+        plan.caption_source_sha256[image] = found.sha256
+
+    lint_problems, plan.lint, plan.tag_frequency = lint_captions(plan.captions, spec)
+    plan.lint["multiline"] = multiline
+    for p in lint_problems + out.problems:
+        source = plan.caption_sources.get(p["file"]) if p["scope"] == out.scope else None
+        plan.problems.append({**p, "message": f"{p['message']} (caption from {source})"} if source else p)
+    return plan
+
+
+def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]]:
+    """Write each planned caption as a read-only .txt beside its image; return the manifest caption rows.
+
+    A caption file already there with the same content is left alone, so re-running is a no-op. One with
+    different content means the snapshot's captions would change: snapshots are immutable, so that is a
+    UserError asking for a new dataset version, and so is a caption missing from a sealed version: every
+    check comes before the first write.
+    """
+    rows, new = [], []
+    for image, caption in sorted(plan.captions.items()):
+        rel = caption_path(image)
+        target = snapshot_dir / rel
+        data = (caption + "\n").encode("utf-8")
+        if not os.path.lexists(target):
+            new.append((target, data))
+        elif read_regular(target, CAPTION_LIMIT + 1) != data:
+            raise UserError("differs from the new caption; snapshots are immutable, make a new dataset version", target)
+        source = plan.caption_sources[image]
+        kind, name, source_path = parse_caption_source(source)
+        rows.append(
+            {
+                "path": rel,
+                "kind": "caption",
+                "sha256": sha256_bytes(data),
+                "bytes": len(data),
+                "image": image,
+                "caption_source": source,
+                "source_dataset" if kind == "dataset" else "source_batch": name,
+                "source_path": source_path,
+                "source_sha256": plan.caption_source_sha256[image],
+            }
+        )
+    if new and read_seal(snapshot_dir) is not None:
+        raise UserError("has no caption in this sealed version; versions are immutable, make a new one", new[0][0])
+    atomic_write_all(new, readonly=True)
+    return rows
+
+
+@dataclass
+class CaptionCheck:
+    """A written caption set as dataset_report validates it: the captions as the snapshot's .txt files hold
+    them (what training reads), and what caption_set found while planning them (captions.json)."""
+
+    captions: dict[str, str]  # snapshot image path -> caption text
+    problems: list[Problem]
+    lint: dict[str, Any]
+    tag_frequency: dict[str, dict[str, int]]
+
+
+def write_caption_check(snapshot_dir: Path, plan: CaptionPlan) -> None:
+    """Record the plan's problems, lint stats and tag frequencies in the snapshot (captions.json), so the
+    report reads them instead of planning the captions again."""
+    found = {"problems": plan.problems, "lint": plan.lint, "tag_frequency": plan.tag_frequency}
+    write_json(snapshot_dir / CAPTION_CHECK, found, sort_keys=False)
+
+
+def load_caption_check(snapshot_dir: Path) -> CaptionCheck:
+    """captions.json and the text of every caption file the manifest lists."""
+    path = snapshot_dir / CAPTION_CHECK
+    if not path.is_file():
+        raise UserError("no caption check in the snapshot: materialize caption_set first", path)
+    found = read_json(path)
+    rows = [row for row in read_manifest(snapshot_dir) if row.get("kind") == "caption"]
+    captions = {row["image"]: snapshot_caption(snapshot_dir / row["path"]) for row in rows}
+    return CaptionCheck(captions, found["problems"], found["lint"], found["tag_frequency"])

@@ -1,0 +1,160 @@
+"""Stat-validated hash cache: a source file is hashed once, the way git's index avoids re-hashing.
+
+When a batch's files are hashed (`sources.batch_manifest`, which the `source_batch` asset runs when
+the batch lands, or a snapshot build that had to hash them), each file's sha256, size and image
+dimensions (as training sees them after EXIF orientation, and as stored) are recorded in
+`data/.cache/batches/<batch>.jsonl` with the stat of the version that was hashed: size, mtime_ns,
+ctime_ns, inode and device. A reader trusts an entry only while the file's current stat matches all
+five exactly. Any write, truncation, replacement or `touch` moves ctime, which no user call can set,
+so a changed file is never given its old hash — not even when its size is unchanged and its mtime
+was forged back with utime.
+
+Racy entries (git's term) are never recorded: where a file had changed less than RACY_NS before it
+was hashed, a second change within the same timestamp tick could leave every stat field equal.
+A file that changed while it was being hashed is not recorded either. Both are simply hashed
+again next time, and recorded then. The cache lives under the data root, never under sources/,
+and losing it costs only time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+from PIL import Image
+
+from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation
+from lora_pipeline.core.datasets.sources.copying import StatKey, stat_key
+from lora_pipeline.core.datasets.sources.regular_files import open_regular
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_text
+from lora_pipeline.core.hashing import sha256_stream
+from lora_pipeline.core.paths import DataRoot
+
+# git's 2 s window (FAT and some network filesystems keep 2-second timestamps). Read at each call, not bound at
+# import: a test that makes files and registers them at once sets it to 0 rather than waiting the window out.
+RACY_NS = 2_000_000_000
+HASH_WORKERS = min(4, os.cpu_count() or 1)
+STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+
+
+class ImageSize(NamedTuple):
+    """An image's size as training sees it (after EXIF orientation) and as the file stores it."""
+
+    width: int | None
+    height: int | None
+    stored_width: int | None
+    stored_height: int | None
+
+
+UNKNOWN_SIZE = ImageSize(None, None, None, None)
+
+
+def image_size(source: Path | BinaryIO) -> ImageSize:
+    """The size from the header alone, no decode; UNKNOWN_SIZE if Pillow cannot read it —
+    not hidden: validation decodes every image and reports the unreadable ones."""
+    try:
+        with Image.open(source) as im:
+            width, height = im.size
+            if header_orientation(im) in TRANSPOSING_ORIENTATIONS:
+                return ImageSize(height, width, width, height)
+            return ImageSize(width, height, width, height)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return UNKNOWN_SIZE
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What hashing one version of a file found; `stat` says which version."""
+
+    path: str  # relative to the batch folder
+    sha256: str
+    bytes: int
+    size: ImageSize
+    stat: StatKey
+
+    def describes(self, st: os.stat_result) -> bool:
+        """True while the file is still the version that was hashed."""
+        return stat_key(st) == self.stat
+
+    def to_json(self) -> dict[str, Any]:
+        found = {"path": self.path, "sha256": self.sha256, "bytes": self.bytes}
+        return found | self.size._asdict() | dict(zip(STAT_FIELDS, self.stat, strict=True))
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> Entry | None:
+        """The entry of a cache row; None for a row written before sizes were recorded after EXIF orientation
+        (the file is simply hashed again)."""
+        if "width" in row and "stored_width" not in row:
+            return None
+        size, mtime, ctime, ino, dev = (int(row[k]) for k in STAT_FIELDS)
+        stat = (size, mtime, ctime, ino, dev)
+        return cls(row["path"], row["sha256"], int(row["bytes"]), ImageSize(*(row[k] for k in ImageSize._fields)), stat)
+
+
+def trustworthy(before: os.stat_result, after: os.stat_result, started_ns: int, racy_ns: int | None = None) -> bool:
+    """Whether a hash read between stats `before` and `after`, starting at `started_ns`, may be cached: the
+    file did not change while it was read, and its last change is more than the racy window (`racy_ns`,
+    default RACY_NS) older."""
+    window = RACY_NS if racy_ns is None else racy_ns
+    last_change = max(before.st_mtime_ns, before.st_ctime_ns)
+    return stat_key(before) == stat_key(after) and last_change < started_ns - window
+
+
+def fingerprint(path: Path, rel: str, image: bool) -> tuple[Entry, bool]:
+    """Hash one file (and read an image's header): its entry and whether the entry may be cached."""
+    started = time.time_ns()
+    with open_regular(path, buffered=True) as f:
+        before = os.fstat(f.fileno())
+        sha, size = sha256_stream(f)
+        f.seek(0)
+        dimensions = image_size(f) if image else UNKNOWN_SIZE
+        after = os.fstat(f.fileno())
+    return Entry(rel, sha, size, dimensions, stat_key(before)), trustworthy(before, after, started)
+
+
+def fingerprint_files(files: list[tuple[Path, str, bool]]) -> list[tuple[Entry, bool]]:
+    """`fingerprint` of each (path, rel, is_image), in order; threads overlap reads and hashing
+    (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(HASH_WORKERS) as pool:
+        return list(pool.map(lambda job: fingerprint(*job), files))
+
+
+def cache_file(root: DataRoot, batch: str) -> Path:
+    return root.cache / "batches" / f"{batch}.jsonl"
+
+
+def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
+    """The recorded entries of a batch by path; empty when nothing was recorded yet."""
+    path = cache_file(root, batch)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    entries = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = Entry.from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(f"hash cache line {lineno} is damaged; delete the file (it is rebuilt)", path) from None
+        if entry is not None:
+            entries[entry.path] = entry
+    return entries
+
+
+def record(root: DataRoot, batch: str, entries: Iterable[Entry], replace: bool = False) -> None:
+    """Add entries (only trustworthy ones) to the batch's cache, atomically; `replace` drops all others
+    (the whole batch was just hashed). Concurrent writers may lose each other's additions: a lost
+    entry costs one more hash, never a wrong one."""
+    new = {e.path: e for e in entries}
+    if not new and not replace:
+        return
+    merged = new if replace else load_cache(root, batch) | new
+    text = "".join(json.dumps(merged[p].to_json(), sort_keys=True) + "\n" for p in sorted(merged))
+    atomic_write_text(cache_file(root, batch), text)

@@ -1,0 +1,147 @@
+"""Rendering images with a base model (and a LoRA) through the stock diffusers pipeline, for the evaluation grid
+and the samples while training.
+
+Each epoch's kohya file is loaded through `load_lora_weights` and weighted with `set_adapters` — exactly how a
+user loads the LoRA — so the images show what users will get. Every image of one prompt starts from the same
+noise (a generator seeded from `seed + prompt index`), so only the epoch and the weight differ between them.
+The settings are plain values (`SamplingSettings`; a recipe gives its own as `Recipe.sampling`), so neither
+training nor evaluation needs the other to render.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+
+from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.models.kohya_names import for_diffusers
+from lora_pipeline.core.models.loading import BaseModel
+
+PIPELINES: dict[str, type[DiffusionPipeline]] = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What an image is rendered from besides the model: prompts, their seed, size, steps and guidance."""
+
+    prompts: tuple[str, ...]
+    seed: int  # prompt i is rendered from seed + i
+    resolution: int  # the square side in px
+    steps: int
+    guidance_scale: float
+
+
+def sampling_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; on an accelerator the training's mixed precision (fp16 / bf16), as training used."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def load_pipeline(base: BaseModel, dtype: torch.dtype, v_prediction: bool = False) -> DiffusionPipeline:
+    """The stock text-to-image pipeline around the already loaded base model (its modules are shared, not copied).
+
+    Only the sampling scheduler is read from the model folder (set to v-prediction for a recipe with
+    `v_parameterization`); the safety checker is off, progress bars too. The VAE decodes in the sampling dtype
+    (SDXL's pipeline upcasts an fp16 VAE itself where needed).
+    """
+    if base.vae.dtype != dtype:
+        with quiet_diffusers():
+            base.vae.to(dtype=dtype)
+    parts: dict[str, object] = {"unet": base.unet, "vae": base.vae}
+    for suffix, tokenizer, encoder in zip(("", "_2"), base.tokenizers, base.text_encoders, strict=False):
+        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, encoder
+    if base.family == "sd15":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = PIPELINES[base.family].from_pretrained(base.source, local_files_only=True, **parts)
+    if v_prediction:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on CPU, where that makes outputs byte-identical run to run; restored afterwards.
+
+    On an accelerator the seeds are fixed all the same, but kernels keep their fast (not bitwise
+    reproducible) choices: deterministic CUDA needs settings beyond this process's say (CUBLAS_WORKSPACE_CONFIG).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Hide diffusers' warnings that are expected here and would bury the run's own log lines.
+
+    "No LoRA keys for the text encoder" (our LoRAs are U-Net only) and "cast with to()" (the SDXL pipeline
+    itself moves an fp16 VAE to float32 and back on every call).
+    """
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+@contextmanager
+def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str]:
+    """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards.
+
+    Text-encoder keys go through kohya_names.for_diffusers (diffusers 0.42 misses kohya's `text_model` level in
+    transformers 5's CLIP models)."""
+    name = f"e{epoch}"
+    encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
+    tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
+    with quiet_diffusers():
+        pipe.load_lora_weights(tensors, adapter_name=name)
+    try:
+        yield name
+    finally:
+        pipe.delete_adapters([name])
+
+
+@torch.no_grad()
+def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | None = None, weight: float = 0.0
+           ) -> np.ndarray:
+    """One image per sample prompt (one batched call) as uint8 [prompt, H, W, 3].
+
+    `adapter` None samples the base model alone (the weight-0 column); otherwise the adapter is set to `weight`.
+    """
+    if adapter is not None:
+        pipe.set_adapters([adapter], adapter_weights=[weight])
+    prompts = list(settings.prompts)
+    generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(len(prompts))]
+    with deterministic(pipe.device), quiet_diffusers():
+        images = pipe(
+            prompts, height=settings.resolution, width=settings.resolution, num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale, generator=generators, output_type="np",
+        ).images
+    return np.clip(np.rint(np.asarray(images, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """PNG bytes depend on the pixels only (no timestamps or text chunks); written atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,303 @@
+"""What a training run reads from a dataset snapshot: image rows, captions, the split, buckets and batches.
+
+The snapshot is trusted only as far as its manifest: the manifest rows must hash to snapshot.json's
+`manifest_root`, and every image and caption read for training must match its row's sha256, so the root
+recorded in a LoRA file really names the bytes it was trained on.
+
+Validation split: image rows in sha256 order (a content-derived, stable shuffle), the first
+`round(n * validation_split)` (at least one when the split is positive, never all) are held out.
+
+Buckets follow kohya (enable_bucket, no_upscale off): `buckets.bucket_resolutions` /
+`select_bucket`; each image is resized to cover its bucket (the side that is short for the bucket's
+aspect ratio fits exactly) and center-cropped. Without buckets every image goes to a square
+`resolution` bucket the same way. Each epoch repeats every image `repeats` times (the spec's repeats),
+shuffles within each bucket, cuts batches inside a bucket and shuffles the batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.captions.captions import caption_path, snapshot_caption
+from lora_pipeline.core.datasets.captions.tags import split_tags
+from lora_pipeline.core.datasets.images import load_rgb
+from lora_pipeline.core.datasets.masks import ALPHA, load_mask
+from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
+from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
+from lora_pipeline.core.training.inputs.augment import View
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.seeds import Stream, numpy_rng
+
+
+@dataclass(frozen=True)
+class TrainImage:
+    """One snapshot image as training sees it. Sizes are (width, height) in pixels."""
+
+    rel: str  # path inside the snapshot, as in the manifest
+    path: Path
+    sha256: str
+    caption: str
+    folder: str  # kohya image dir, e.g. "10_hdaesth"
+    size: tuple[int, int]  # after EXIF orientation
+    bucket: tuple[int, int]
+    resized: tuple[int, int]  # the size the image is scaled to before the center crop
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    mask: Path | None = None  # the loss mask's file (the image itself for an alpha mask); None: no mask
+    mask_alpha: bool = False
+    is_reg: bool = False  # a regularisation (class) image
+
+    def _view(self, image: Image.Image, view: View | None, resample: Image.Resampling) -> Image.Image:
+        image = image.resize(self.resized, resample)
+        top, left = view.crop_top_left if view else self.crop_top_left
+        width, height = self.bucket
+        image = image.crop((left, top, left + width, top + height))
+        if view and view.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def mask_pixels(self, view: View | None = None) -> torch.Tensor:
+        """(1, h, w) float32 in [0, 1] at the bucket's size, cropped and flipped like the image; ones when the
+        image has no mask (kohya's alpha_mask default)."""
+        width, height = self.bucket
+        if self.mask is None:
+            return torch.ones(1, height, width)
+        grey = self._view(load_mask(self.mask, self.mask_alpha), view, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+
+    def pixels(self, view: View | None = None) -> torch.Tensor:
+        """(3, h, w) float32 in [-1, 1] at the bucket's size: the center crop, or the crop and flip of `view`."""
+        image = self._view(load_rgb(self.path), view, Image.Resampling.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    version: str
+    snapshot_dir: Path
+    manifest_root: str
+    spec_sha256: str
+    repeats: int
+    train: tuple[TrainImage, ...]
+    validation: tuple[TrainImage, ...]
+    image_rows: tuple[dict[str, Any], ...]  # the manifest's image rows, for the MLflow dataset input
+    reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out
+    reg_repeats: tuple[int, ...] = ()  # each one's repeats once mixed in (kohya's fill; 0: not used)
+    flip_aug: bool = False  # the spec's flip_aug (kohya's dataset config): a run flips if it or the recipe says so
+
+    @property
+    def num_train_images(self) -> int:
+        """Counted with repeats, as kohya's ss_num_train_images."""
+        return len(self.train) * self.repeats
+
+    @property
+    def num_reg_images(self) -> int:
+        """Regularisation images with their folder's repeats, as kohya's ss_num_reg_images."""
+        return sum(folder_repeats(image.folder) for image in self.reg)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(image.mask is not None for image in self.train)
+
+    @property
+    def images(self) -> tuple[TrainImage, ...]:
+        """What an epoch draws from: the training images, then the regularisation images."""
+        return self.train + self.reg
+
+    @property
+    def image_repeats(self) -> list[int]:
+        """Repeats per image of `images`."""
+        return [self.repeats] * len(self.train) + list(self.reg_repeats)
+
+    def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_reg_dataset_dirs."""
+        counts = Counter(image.folder for image in self.reg)
+        return {folder: {"n_repeats": folder_repeats(folder), "img_count": n} for folder, n in sorted(counts.items())}
+
+    def dataset_dirs(self) -> dict[str, dict[str, int]]:
+        """kohya's ss_dataset_dirs over the training images."""
+        counts = Counter(image.folder for image in self.train)
+        return {folder: {"n_repeats": self.repeats, "img_count": n} for folder, n in sorted(counts.items())}
+
+    def tag_frequency(self, separator: str) -> dict[str, dict[str, int]]:
+        """kohya's ss_tag_frequency over the training captions: {image dir: {lower-cased tag: count}}."""
+        frequency: dict[str, Counter[str]] = defaultdict(Counter)
+        for image in self.train:
+            frequency[image.folder].update(tag.lower() for tag in split_tags(image.caption, separator))
+        return {
+            folder: dict(sorted(tags.items(), key=lambda item: (-item[1], item[0])))
+            for folder, tags in sorted(frequency.items())
+        }
+
+
+def fit_to_bucket(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized size, crop top-left) that scale an image to cover `bucket` and center-crop it (kohya's rounding)."""
+    width, height = size
+    bucket_w, bucket_h = bucket
+    scale = bucket_h / height if width / height > bucket_w / bucket_h else bucket_w / width
+    resized = (max(bucket_w, int(width * scale + 0.5)), max(bucket_h, int(height * scale + 0.5)))
+    return resized, ((resized[1] - bucket_h) // 2, (resized[0] - bucket_w) // 2)
+
+
+def folder_repeats(folder: str) -> int:
+    """The repeats of a kohya folder name `<repeats>_<name>`."""
+    head = folder.split("_", 1)[0]
+    return int(head) if head.isdigit() else 1
+
+
+def mix_reg_repeats(reg_repeats: Sequence[int], num_train_images: int) -> list[int]:
+    """kohya's DreamBoothDataset: regularisation images are registered with their repeats until they are as
+    many as the training images (with repeats), then their repeats grow by one, in order, until they match; with
+    more regularisation samples than training samples the later ones are not used (0)."""
+    out = [0] * len(reg_repeats)
+    n, first = 0, True
+    while reg_repeats and n < num_train_images:
+        for i, repeats in enumerate(reg_repeats):
+            out[i] = repeats if first else out[i] + 1
+            n += repeats if first else 1
+            if n >= num_train_images:
+                break
+        first = False
+    return out
+
+
+def validation_count(n_images: int, validation_split: float) -> int:
+    if validation_split <= 0 or n_images < 2:
+        return 0
+    return min(n_images - 1, max(1, round(n_images * validation_split)))
+
+
+def split_train_validation(
+    image_rows: Sequence[dict[str, Any]], validation_split: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train rows, validation rows), both in sha256 order; see the module docstring."""
+    ordered = sorted(image_rows, key=lambda row: (row["sha256"], row["path"]))
+    n_val = validation_count(len(ordered), validation_split)
+    return ordered[n_val:], ordered[:n_val]
+
+
+def _checked_bytes(path: Path, row: dict[str, Any]) -> None:
+    if not path.is_file():
+        raise UserError("missing from the snapshot (listed in its manifest)", path)
+    if path.stat().st_size != row["bytes"] or sha256_file(path) != row["sha256"]:
+        raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
+
+
+def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, dict[str, Any]]) -> str:
+    rel = caption_path(image_rel)
+    row = caption_rows.get(image_rel)
+    if row is None or row["path"] != rel:
+        raise UserError(f"no caption for {image_rel} in the manifest; materialize caption_set first",
+                        snapshot_dir / MANIFEST)
+    path = snapshot_dir / rel
+    text = snapshot_caption(path)
+    if sha256_bytes(path.read_bytes()) != row["sha256"]:
+        raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
+    return text
+
+
+def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: Recipe,
+                 resos: list[tuple[int, int]] | None, mask_rows: dict[str, dict[str, Any]]) -> TrainImage:
+    path = snapshot_dir / row["path"]
+    _checked_bytes(path, row)
+    mask = row.get("mask")
+    if mask and mask != ALPHA:
+        if mask not in mask_rows:
+            raise UserError(f"the mask {mask} of {row['path']} is not in the manifest", snapshot_dir / MANIFEST)
+        _checked_bytes(snapshot_dir / mask, mask_rows[mask])
+    try:
+        size = load_rgb(path).size
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot be decoded: {exc}", path) from None
+    bucket = select_bucket(*size, resos) if resos else (recipe.resolution, recipe.resolution)
+    resized, crop = fit_to_bucket(size, bucket)
+    return TrainImage(
+        rel=row["path"], path=path, sha256=row["sha256"], caption=caption,
+        folder=PurePosixPath(row["path"]).parent.name, size=size, bucket=bucket, resized=resized,
+        crop_top_left=crop, mask=None if not mask else path if mask == ALPHA else snapshot_dir / mask,
+        mask_alpha=mask == ALPHA, is_reg=row.get("kind") == "reg_image",
+    )
+
+
+def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
+    """Read and check a captioned snapshot, split it and assign every image its bucket."""
+    info = read_snapshot_info(snapshot_dir)
+    if not info.get("captions_complete"):
+        raise UserError("the snapshot has no complete caption set; materialize caption_set first",
+                        snapshot_dir / SNAPSHOT)
+    rows = read_manifest(snapshot_dir)
+    if merkle_root(rows) != info.get("manifest_root"):
+        raise UserError(f"rows do not match manifest_root in {SNAPSHOT}; run `lora-pipeline verify`",
+                        snapshot_dir / MANIFEST)
+    repeats = info.get("spec", {}).get("repeats")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError("spec.repeats must be a positive integer", snapshot_dir / SNAPSHOT)
+    image_rows = [r for r in rows if r.get("kind", "image") == "image"]
+    if not image_rows:
+        raise UserError("the snapshot has no images", snapshot_dir / MANIFEST)
+    caption_rows = {r["image"]: r for r in rows if r.get("kind") in ("caption", "reg_caption")}
+    mask_rows = {r["path"]: r for r in rows if r.get("kind") == "mask"}
+    reg_rows = sorted((r for r in rows if r.get("kind") == "reg_image"), key=lambda r: r["path"])
+    train_rows, val_rows = split_train_validation(image_rows, recipe.validation_split)
+    resos = (
+        bucket_resolutions(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
+        if recipe.enable_bucket else None
+    )
+
+    def images(selected: list[dict[str, Any]]) -> tuple[TrainImage, ...]:
+        return tuple(
+            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row["path"], caption_rows), recipe, resos,
+                         mask_rows)
+            for row in selected
+        )
+
+    train = images(train_rows)
+    reg = images(reg_rows)
+    return TrainingData(
+        version=str(info.get("version", snapshot_dir.name)), snapshot_dir=snapshot_dir,
+        manifest_root=info["manifest_root"], spec_sha256=str(info.get("spec_sha256", "")), repeats=repeats,
+        train=train, validation=images(val_rows),
+        image_rows=tuple(sorted(image_rows, key=lambda r: r["path"])), reg=reg,
+        reg_repeats=tuple(mix_reg_repeats([folder_repeats(i.folder) for i in reg], len(train) * repeats)),
+        flip_aug=info.get("spec", {}).get("flip_aug") is True,
+    )
+
+
+def _repeats_of(images: Sequence[TrainImage], repeats: int | Sequence[int]) -> Sequence[int]:
+    return [repeats] * len(images) if isinstance(repeats, int) else repeats
+
+
+def steps_per_epoch(images: Sequence[TrainImage], repeats: int | Sequence[int], batch_size: int) -> int:
+    """`repeats`: one number for every image, or one per image (regularisation images mixed in)."""
+    counts: Counter[tuple[int, int]] = Counter()
+    for image, n in zip(images, _repeats_of(images, repeats), strict=True):
+        counts[image.bucket] += n
+    return sum(math.ceil(n / batch_size) for n in counts.values() if n)
+
+
+def epoch_batches(
+    images: Sequence[TrainImage], repeats: int | Sequence[int], batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Indices into `images`, one list per batch, every batch inside one bucket; order from (seed, epoch).
+    Regularisation images share the buckets and batches of the training images, as in kohya."""
+    rng = numpy_rng(seed, Stream.ORDER, epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, (image, n) in enumerate(zip(images, _repeats_of(images, repeats), strict=True)):
+        by_bucket[image.bucket].extend([index] * n)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        items = [by_bucket[bucket][j] for j in rng.permutation(len(by_bucket[bucket]))]
+        batches.extend(items[k:k + batch_size] for k in range(0, len(items), batch_size))
+    return [batches[j] for j in rng.permutation(len(batches))]

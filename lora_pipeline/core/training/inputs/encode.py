@@ -1,0 +1,170 @@
+"""The frozen parts of the model: VAE latents and text conditioning, cached where the recipe allows.
+
+Latents are cached once per image when `cache_latents` is on (kohya's default for LoRA), twice (as it is and
+mirrored) with `flip_aug`, and kept on disk across runs with `cache_latents_to_disk` (latent_cache.py); text embeddings
+are cached per caption only when captions are not shuffled, since a shuffled caption is new at every step
+and is encoded then, without gradients. When the text encoders carry a LoRA being trained nothing is cached
+and every step encodes its captions with gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from lora_pipeline.core.models.loading import BaseModel, encode_prompts, host_to_device, sdxl_add_time_ids
+from lora_pipeline.core.training.inputs.augment import View
+from lora_pipeline.core.training.inputs.data import TrainImage
+from lora_pipeline.core.training.inputs.latent_cache import CacheStats, LatentDiskCache, entry_key
+from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.timing import StageTimes
+
+T = TypeVar("T")
+
+
+DECODE_THREADS = 8
+DECODE_AHEAD = 32  # images decoded ahead of the encoder at most: bounded memory for any dataset size
+
+
+def prefetched(load: Callable[[T], torch.Tensor], items: Sequence[T]) -> Iterator[torch.Tensor]:
+    """`load(item)` for each item in order, computed by a few threads ahead of the consumer: decoding and
+    resizing a photo (Pillow releases the GIL) takes longer than encoding it on a GPU, so one thread starves it."""
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
+        pending: deque[Future[torch.Tensor]] = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= DECODE_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@torch.no_grad()
+def encode_posterior(base: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's parameters (b, 2 * 4, h/8, w/8: mean and log-variance) in float32."""
+    vae = base.vae
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+
+
+def sample_latents(base: BaseModel, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled latents drawn from a posterior, as kohya caches them (`latent_dist.sample()`)."""
+    return DiagonalGaussianDistribution(posterior).sample(generator=generator).float() * base.latents_scaling_factor
+
+
+def encode_latents(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scaled VAE latents (b, 4, h/8, w/8) in float32, sampled from the posterior as kohya caches them."""
+    return sample_latents(base, encode_posterior(base, pixels), generator)
+
+
+class LatentSource:
+    """Latents of training images: cached once (per orientation with flip_aug; on disk with `disk`), or encoded
+    per step (seeded by the step) without a cache. `stats` counts VAE encodes and disk-cache hits and misses."""
+
+    def __init__(self, base: BaseModel, images: Sequence[TrainImage], seed: int, cache: bool, device: torch.device,
+                 flip_aug: bool = False, disk: LatentDiskCache | None = None):
+        self.base, self.images, self.seed, self.device = base, images, seed, device
+        self.disk = disk
+        self.stats = disk.stats if disk else CacheStats()
+        self.cache: dict[tuple[int, bool], torch.Tensor] | None = None
+        if cache:
+            keys = [(index, flip) for index in range(len(images)) for flip in ((False, True) if flip_aug else (False,))]
+            # Without a disk cache every image is decoded: a few threads decode ahead of the VAE (`prefetched`).
+            decoded = prefetched(self._pixels, keys) if disk is None else (None for _ in keys)
+            self.cache = {key: self._cached(*key, pixels) for key, pixels in zip(keys, decoded, strict=True)}
+
+    def _posterior(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.stats.vae_encodes += 1
+        return encode_posterior(self.base, pixels)
+
+    def _pixels(self, key: tuple[int, bool]) -> torch.Tensor:
+        index, flip = key
+        image = self.images[index]
+        return image.pixels(View(flip, image.crop_top_left))
+
+    def _cached(self, index: int, flip: bool, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.images[index]
+        if pixels is None:
+            pixels = self._pixels((index, flip)) if self.disk is None else None
+        posterior = None
+        if self.disk is not None:
+            key = entry_key(image.sha256, self.disk.vae_hash, image.bucket, image.resized, image.crop_top_left, flip)
+            factor = self.base.vae_scale_factor
+            shape = (2 * self.base.vae.config.latent_channels, image.bucket[1] // factor, image.bucket[0] // factor)
+            posterior = self.disk.get(key, shape)
+            if posterior is not None:
+                posterior = posterior[None]
+            else:
+                posterior = self._posterior(self._pixels((index, flip))[None])
+                self.disk.put(key, posterior[0])
+        else:
+            posterior = self._posterior(pixels[None])
+        # The unflipped draw keeps the stream of runs before flip_aug existed, so their files do not change.
+        generator = torch_generator(self.seed, Stream.LATENTS, index, *((1,) if flip else ()))
+        return sample_latents(self.base, posterior.to(self.base.vae.device), generator)[0].to(self.device)
+
+    def batch(self, indices: Sequence[int], global_step: int, views: Sequence[View] | None = None,
+              rows: slice = slice(None)) -> torch.Tensor:
+        """The latents of `rows` (default all) of the batch `indices`. Without a cache they are drawn for the whole
+        batch, so a row gets the same latents whichever process of a DDP run encodes it (loop.Shard)."""
+        wanted = range(len(indices))[rows]
+        if self.cache is not None:
+            return torch.stack([self.cache[(indices[n], bool(views and views[n].flip))] for n in wanted])
+        pixels = torch.stack([self.images[indices[n]].pixels(views[n] if views else None) for n in wanted])
+        posterior = self._posterior(pixels)
+        whole = posterior.new_zeros((len(indices), *posterior.shape[1:]))
+        whole[rows] = posterior
+        generator = torch_generator(self.seed, Stream.LATENTS, 1 << 32, global_step)
+        return sample_latents(self.base, whole, generator)[rows].to(self.device)
+
+
+@dataclass
+class TextConditioning:
+    hidden: torch.Tensor  # encoder_hidden_states (b, 77, cross_attention_dim)
+    pooled: torch.Tensor | None  # SDXL text_embeds (b, projection_dim); None for SD 1.5
+
+
+class TextSource:
+    """Text conditioning for captions; a per-caption cache when the same caption text recurs (no shuffling)."""
+
+    def __init__(self, base: BaseModel, dtype: torch.dtype, device: torch.device, cache_captions: Sequence[str] = (),
+                 times: StageTimes | None = None, train: bool = False):
+        self.base, self.dtype, self.device, self.train = base, dtype, device, train
+        self.times = times or StageTimes(device)
+        self.cache: dict[str, TextConditioning] = {}
+        for caption in dict.fromkeys(cache_captions):
+            self.cache[caption] = self._encode([caption])
+
+    def _encode(self, captions: list[str]) -> TextConditioning:
+        with self.times.stage("text_encoding"):
+            hidden, pooled = encode_prompts(self.base, captions, grad=self.train)
+        return TextConditioning(
+            hidden.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
+        )
+
+    def batch(self, captions: list[str]) -> TextConditioning:
+        if not all(c in self.cache for c in captions):
+            return self._encode(captions)
+        parts = [self.cache[c] for c in captions]
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextConditioning(torch.cat([p.hidden for p in parts]), pooled)
+
+
+def time_ids(images: Sequence[TrainImage], dtype: torch.dtype, device: torch.device,
+             views: Sequence[View] | None = None) -> torch.Tensor:
+    """SDXL micro-conditioning per image: original (h, w), crop (top, left) (of its view, when given), target =
+    bucket (h, w)."""
+    rows = [
+        sdxl_add_time_ids(
+            (image.size[1], image.size[0]), views[n].crop_top_left if views else image.crop_top_left,
+            (image.bucket[1], image.bucket[0]), 1, dtype, "cpu",
+        )
+        for n, image in enumerate(images)
+    ]
+    return host_to_device(torch.cat(rows), device)

@@ -1,0 +1,246 @@
+"""LoRA files in kohya's format, so diffusers' `load_lora_weights`, A1111 and ComfyUI all load them.
+
+Keys are `lora_unet_<module path, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}` (and
+`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py), where `alpha`
+holds the recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
+diffusers module paths (kohya trains SD 1.x on a diffusers-layout U-Net); SDXL LoRAs use the original sgm
+names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_…`) that kohya's SDXL U-Net has and
+A1111/ComfyUI expect. The header carries kohya's `ss_*` keys, `modelspec.*` and our
+`lora_pipeline.*` provenance keys, all as strings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.hashing import canonical_json, sha256_bytes
+from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-exported: the file format's names)
+    KOHYA_UNET_TARGET_MODULES,
+    add_unet_lora,
+    kohya_state_dict,
+    network_args,
+    sgm_module_name,
+)
+from lora_pipeline.core.training.recipe import Recipe
+
+BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+# kohya's modelspec: SDXL LoRAs are in sgm (Stability's) naming, SD 1.x LoRAs in diffusers naming.
+IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """kohya's `sshs_model_hash` / `sshs_legacy_hash` (sd-webui-additional-networks' hashes of the LoRA itself).
+
+    Computed as kohya does: over the file that the tensors and only the `ss_*` metadata would make; the
+    model hash covers the tensor bytes after the header, the legacy hash 64 KiB at offset 1 MiB.
+    """
+    data = safetensors.torch.save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    legacy = sha256_bytes(data[0x100000:0x110000])[:8]
+    return {"sshs_model_hash": sha256_bytes(data[header:]), "sshs_legacy_hash": legacy}
+
+
+def sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys (and metadata keys) in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from call to call; sorting makes
+    equal tensors and metadata give byte-identical files (reproducible runs, resume == uninterrupted run).
+    The header is padded with spaces to a multiple of 8 bytes, as safetensors itself does.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
+def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors LoRA atomically (temp file beside it, then rename); return the file's sha256.
+
+    The sshs_* hashes are added to the metadata here, since they depend on the tensors.
+    """
+    wrong = sorted(k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str))
+    if wrong:
+        raise TypeError(f"LoRA metadata values must be strings: {', '.join(map(str, wrong))}")
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    data = sorted_header(safetensors.torch.save(tensors, metadata={**metadata, **addnet_hashes(tensors, metadata)}))
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of a safetensors file (the tensors are not read)."""
+    if not path.is_file():
+        raise UserError("file not found", path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError:
+        raise UserError("not a safetensors file (its header cannot be read)", path) from None
+
+
+def tensors_match_header(path: Path) -> bool | None:
+    """Whether the file's tensors still give the `sshs_model_hash` in its header (None: the header has none).
+
+    The hash is recomputed as `addnet_hashes` (kohya) computes it when the file is written, so a changed
+    tensor byte anywhere in the file is caught even though the header still reads as before.
+    """
+    recorded = read_lora_metadata(path).get("sshs_model_hash")
+    if recorded is None:
+        return None
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except SafetensorError:
+        raise UserError("not a safetensors file (its tensors cannot be read)", path) from None
+    return addnet_hashes(tensors, read_lora_metadata(path))["sshs_model_hash"] == recorded
+
+
+@dataclass(frozen=True)
+class LoraProvenance:
+    """Where a LoRA came from; written as `lora_pipeline.*` header keys."""
+
+    dataset_version: str
+    manifest_root: str
+    spec_sha256: str
+    base_model_source: str  # the resolved folder or hub id
+    base_model_hash: str  # models.base_model_hash(base_model_source)
+    code_commit: str  # codeversion.code_version()
+    mlflow_run_id: str
+
+
+def _model_name(base_model: str) -> str:
+    """kohya records a local model by its file/folder name and anything else (a hub id) as given."""
+    path = Path(base_model).expanduser()
+    return path.name if path.exists() else base_model
+
+
+def _flag(value: bool) -> str:
+    return str(bool(value))  # kohya writes Python's True / False
+
+
+def _optimizer(recipe: Recipe) -> str:
+    """kohya's ss_optimizer: the optimizer and its arguments."""
+    extra = f"relative_step={recipe.adafactor_relative_step}," if recipe.optimizer == "Adafactor" else ""
+    return f"{recipe.optimizer}({extra}weight_decay={recipe.weight_decay})"
+
+
+def build_metadata(
+    *,
+    recipe: Recipe,
+    provenance: LoraProvenance,
+    epoch: int,
+    steps: int,
+    max_train_steps: int,
+    num_train_images: int,
+    num_batches_per_epoch: int,
+    tag_frequency: dict[str, dict[str, int]],
+    dataset_dirs: dict[str, dict[str, int]],
+    training_started_at: float,
+    prediction_type: str = "epsilon",
+    num_reg_images: int = 0,
+    reg_dataset_dirs: dict[str, dict[str, int]] | None = None,
+    flip_aug: bool | None = None,
+) -> dict[str, str]:
+    """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
+
+    `num_train_images` counts repeats (as kohya does); `tag_frequency` is {image dir: {tag: count}} and
+    `dataset_dirs` {image dir: {"n_repeats": r, "img_count": n}}, the image dir being e.g. "10_hdaesth".
+    `training_started_at` is a unix timestamp, `steps` the optimizer steps done when this epoch was saved.
+    `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
+    """
+    family = recipe.model_family
+    output_name = f"{provenance.dataset_version}-{recipe.name}"
+    reso = recipe.resolution
+    started = datetime.datetime.fromtimestamp(int(training_started_at), tz=datetime.UTC)
+    ss = {
+        "ss_training_started_at": training_started_at,
+        "ss_output_name": output_name,
+        "ss_learning_rate": recipe.learning_rate,
+        "ss_unet_lr": recipe.learning_rate,
+        "ss_text_encoder_lr": None if recipe.network_train_unet_only else (recipe.text_encoder_lr or
+                                                                            recipe.learning_rate),
+        "ss_num_train_images": num_train_images,
+        "ss_num_reg_images": num_reg_images,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_num_epochs": recipe.epochs,
+        "ss_epoch": epoch,
+        "ss_steps": steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_gradient_checkpointing": _flag(recipe.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "ss_lr_warmup_steps": recipe.lr_warmup_steps,
+        "ss_lr_scheduler": recipe.kohya_lr_scheduler,
+        "ss_network_module": "lycoris.kohya" if recipe.use_dora else "networks.lora",
+        "ss_network_dim": recipe.network_dim,
+        "ss_network_alpha": float(recipe.network_alpha),
+        "ss_network_train_unet_only": _flag(recipe.network_train_unet_only),
+        "ss_mixed_precision": recipe.mixed_precision,
+        "ss_full_fp16": _flag(False),
+        "ss_v2": _flag(False),
+        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_sd_model_name": _model_name(recipe.base_model),
+        "ss_cache_latents": _flag(recipe.cache_latents),
+        "ss_seed": recipe.seed,
+        "ss_noise_offset": recipe.noise_offset,
+        "ss_multires_noise_iterations": recipe.multires_noise_iterations,
+        "ss_multires_noise_discount": recipe.multires_noise_discount,
+        "ss_ip_noise_gamma": recipe.ip_noise_gamma,
+        "ss_zero_terminal_snr": _flag(recipe.zero_terminal_snr),
+        "ss_debiased_estimation": _flag(recipe.debiased_estimation_loss),
+        "ss_min_snr_gamma": recipe.min_snr_gamma,
+        "ss_optimizer": _optimizer(recipe),
+        "ss_batch_size_per_device": recipe.train_batch_size,
+        "ss_total_batch_size": recipe.effective_batch_size,
+        "ss_resolution": (reso, reso),
+        "ss_enable_bucket": _flag(recipe.enable_bucket),
+        "ss_min_bucket_reso": recipe.min_bucket_reso,
+        "ss_max_bucket_reso": recipe.max_bucket_reso,
+        "ss_shuffle_caption": _flag(recipe.shuffle_caption),
+        "ss_keep_tokens": recipe.keep_tokens,
+        "ss_caption_dropout_rate": recipe.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": recipe.caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": recipe.caption_tag_dropout_rate,
+        "ss_flip_aug": _flag(recipe.flip_aug if flip_aug is None else flip_aug),
+        "ss_random_crop": _flag(recipe.random_crop),
+        "ss_masked_loss": _flag(recipe.masked_loss),
+        "ss_prior_loss_weight": recipe.prior_loss_weight,
+        "ss_dataset_dirs": json.dumps(dataset_dirs, sort_keys=True),
+        "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
+        "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
+    }
+    if network_args(recipe):
+        ss["ss_network_args"] = json.dumps(network_args(recipe))
+    modelspec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURE[family],
+        "modelspec.implementation": IMPLEMENTATION[family],
+        "modelspec.title": f"{output_name}-e{epoch:03d}",
+        "modelspec.resolution": f"{reso}x{reso}",
+        "modelspec.date": started.isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    ours = {
+        "lora_pipeline.dataset_version": provenance.dataset_version,
+        "lora_pipeline.manifest_root": provenance.manifest_root,
+        "lora_pipeline.spec_sha256": provenance.spec_sha256,
+        "lora_pipeline.recipe": recipe.name,
+        "lora_pipeline.recipe_sha256": recipe.sha256,
+        "lora_pipeline.recipe_resolved": canonical_json(recipe.resolved()),
+        "lora_pipeline.base_model": recipe.base_model,
+        "lora_pipeline.base_model_source": provenance.base_model_source,
+        "lora_pipeline.base_model_hash": provenance.base_model_hash,
+        "lora_pipeline.code_commit": provenance.code_commit,
+        "lora_pipeline.mlflow_run_id": provenance.mlflow_run_id,
+        "lora_pipeline.epoch": epoch,
+    }
+    return {k: str(v) for k, v in {**ss, **modelspec, **ours}.items()}

@@ -1,0 +1,113 @@
+"""The recipe's optimizer and learning-rate schedule (kohya's names, kohya's settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+from torch.optim.lr_scheduler import LRScheduler
+
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
+
+Params = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
+
+
+def make_optimizer(recipe: Recipe, params: Params, device: torch.device) -> torch.optim.Optimizer:
+    """DAdaptAdamW / Prodigy adapt the step size themselves (learning_rate 1.0 is the multiplier kohya uses);
+    AdamW8bit keeps its moments in 8-bit blocks even for the smallest tensors (min_8bit_size=0).
+
+    As kohya: Lion is lion-pytorch's; Adafactor is transformers' with relative_step (its own step size,
+    learning_rate only the schedule's initial_lr) unless `adafactor_relative_step: false`; AdamWScheduleFree is
+    the schedulefree package's (no schedule; lr_warmup_steps is its warmup). `params` may be parameter groups
+    (a text-encoder group with its own lr)."""
+    params = list(params)
+    lr, decay = recipe.learning_rate, recipe.weight_decay
+    if recipe.optimizer == "Lion":
+        import lion_pytorch
+
+        return lion_pytorch.Lion(params, lr=lr, weight_decay=decay)
+    if recipe.optimizer == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        relative = recipe.adafactor_relative_step
+        return Adafactor(params, lr=None if relative else lr, relative_step=relative, scale_parameter=relative,
+                         warmup_init=False, weight_decay=decay)
+    if recipe.optimizer == "AdamWScheduleFree":
+        import schedulefree
+
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=decay,
+                                                   warmup_steps=recipe.lr_warmup_steps, foreach=device.type == "cuda")
+        optimizer.train()
+        return optimizer
+    if recipe.optimizer == "DAdaptAdamW":
+        # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
+        return DAdaptAdamW(params, lr=lr, weight_decay=decay)
+    if recipe.optimizer == "Prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=lr, decouple=True, weight_decay=decay)
+    if recipe.optimizer == "AdamW8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay, min_8bit_size=0)
+    if recipe.optimizer == "AdamW":
+        # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
+        # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
+        cuda = device.type == "cuda"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=cuda, capturable=cuda)
+    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")  # parse_recipe only lets known names through
+
+
+def make_lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
+    """diffusers' schedules as kohya's get_scheduler_fix calls them (warm-up for all but constant; num_cycles for
+    cosine_with_restarts, power for polynomial); relative-step Adafactor gets transformers' AdafactorSchedule
+    (kohya's `adafactor:<lr>`), which reports the step size Adafactor chose."""
+    if recipe.optimizer == "Adafactor" and recipe.adafactor_relative_step:
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, recipe.learning_rate)
+    warmup = 0 if recipe.optimizer == "AdamWScheduleFree" else recipe.lr_warmup_steps  # the optimizer warms up
+    return get_scheduler(
+        recipe.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+        num_cycles=recipe.lr_scheduler_num_cycles, power=recipe.lr_scheduler_power,
+    )
+
+
+@contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Schedule-free optimizers train on an interpolated point and keep the averaged weights apart: while
+    saving or sampling the parameters must hold the averaged weights (`eval()`), then go back (`train()`),
+    as kohya does. Other optimizers: nothing to do."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if type(inner).__module__.split(".")[0] != "schedulefree":
+        yield
+        return
+    inner.eval()
+    try:
+        yield
+    finally:
+        inner.train()
+
+
+def step_lr(optimizer: torch.optim.Optimizer) -> tuple[float, torch.Tensor | float]:
+    """The factors of the step just taken's learning rate, read without a host sync: (lr, d), where d is the
+    adapted step size of DAdapt/Prodigy (a copy of DAdaptAdamW's device tensor) and 1.0 otherwise; relative-step
+    Adafactor's own step size is (1.0, the size it took), computed as Adafactor computes it."""
+    group = optimizer.param_groups[0]
+    if group.get("relative_step"):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        size = inner._get_lr(group, inner.state[group["params"][0]])
+        return 1.0, size.detach().clone() if isinstance(size, torch.Tensor) else float(size)
+    d = group.get("d", 1.0)
+    return float(group["lr"]), d.detach().clone() if isinstance(d, torch.Tensor) else float(d)
+
+
+def effective_lrs(factors: list[tuple[float, torch.Tensor | float]]) -> list[float]:
+    """d * lr per step, as kohya logs it, fetching all device values in one transfer."""
+    on_device = [d for _, d in factors if isinstance(d, torch.Tensor)]
+    fetched = iter(torch.stack(on_device).cpu().tolist() if on_device else [])
+    return [lr * (next(fetched) if isinstance(d, torch.Tensor) else d) for lr, d in factors]
