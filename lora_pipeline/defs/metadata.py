@@ -61,7 +61,7 @@ def _cell(value: Any) -> int | float | str:
 
 
 def provenance_metadata(chain: dict[str, Any], manifest: Path) -> dict[str, Any]:
-    """The provenance chain of a LoRA file (core/provenance.py `trace_lora`) as metadata a partition page shows:
+    """The provenance chain of a LoRA file (training/run/provenance.py `trace_lora`) as metadata a partition page shows:
     the source batches with their counts, every image's source file, and the hashes that tie them together."""
     per_source: dict[str, dict[str, Any]] = {}
     files = []
