@@ -124,8 +124,8 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from mlflow.tracking import MlflowClient
 
+    from lora_pipeline.core.lineage.provenance import trace_lora
     from lora_pipeline.core.paths import mlflow_tracking_uri
-    from lora_pipeline.core.training.run.provenance import trace_lora
 
     loader = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     files = [Path(f) for f in trained["epoch_files"]]

@@ -201,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.training.run.provenance import format_provenance, trace_lora
+    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
 
     chain = trace_lora(root, Path(args.file))
     return CommandResult(chain, text=format_provenance(chain), exit_code=0 if chain["status"] == "ok" else 1)
@@ -229,7 +229,7 @@ def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.training.run.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance import trace_lora
 
     started = time.monotonic()
     timings: dict[str, float] = {}

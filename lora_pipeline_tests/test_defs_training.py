@@ -11,8 +11,8 @@ from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lineage.provenance import trace_lora
 from lora_pipeline.core.paths import mlflow_tracking_uri
-from lora_pipeline.core.training.run.provenance import trace_lora
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
 from lora_pipeline.defs.resources import PROCESSES_ENV, TrainingLauncherResource

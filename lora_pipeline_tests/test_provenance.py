@@ -17,11 +17,11 @@ from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
 from lora_pipeline.core.models.loading import base_model_hash
 from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT, DataRoot
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.recipe import load_recipe
-from lora_pipeline.core.training.run.provenance import format_provenance, trace_lora
 
 VERSION, FOLDER = "hand-v1", "img/2_hnd"
 SPEC = """name: hand-v1

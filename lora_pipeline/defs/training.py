@@ -70,7 +70,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     samples = {}
     if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
         samples["latest_samples"] = image_markdown(result.sample_strip, f"samples: {result.sample_strip.stem}")
-    from lora_pipeline.core.training.run.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance import trace_lora
 
     chain = trace_lora(root, result.out_dir / last["file"])  # checks every link, as `lora-pipeline provenance`
     return dg.MaterializeResult(
