@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 from lora_pipeline.core.datasets.spec import CaptionSpec, ChecksSpec, DatasetSpec, SourceRef
-from scripts.fielddocs import FIELDS_DOC, render_field_reference
 from lora_pipeline.core.training.recipe import Recipe
+from scripts.fielddocs import FIELDS_DOC, render_field_reference
 
 
 def test_committed_reference_equals_the_generated_one():
