@@ -21,7 +21,7 @@ Executor = Literal["default", "celery", "k8s"]
 
 
 def _digits_only(value: Any) -> Any:
-    """A whole number from the environment is digits only: "2.0" or "1e3" is refused, as pydantic would take them."""
+    """A whole number from the environment is digits only: pydantic alone would take "2.0" as 2."""
     if isinstance(value, str) and not value.strip().isdigit():
         raise ValueError("not a whole number")
     return value
