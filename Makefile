@@ -34,7 +34,7 @@ demo-locon: demo
 # Postgres, one Celery worker per queue, MLflow on Postgres; the demo chain through them. HOLD=1 keeps them up
 # until Enter. Needs the local Postgres, RabbitMQ and Redis.
 cluster-demo: $(STAMP)
-	$(BIN)/python -m lora_pipeline.cluster demo $(if $(HOLD),--hold)
+	$(BIN)/python scripts/cluster.py demo $(if $(HOLD),--hold)
 
 # The browser test drives Debian's Chromium through Playwright (lora_pipeline_tests/test_ui_browser.py).
 CHROMIUM := /usr/bin/chromium
@@ -61,6 +61,7 @@ screenshots: $(STAMP) $(CHROMIUM)
 
 docs: $(STAMP)
 	$(BIN)/python scripts/fielddocs.py docs/fields.md
+	$(BIN)/python scripts/settingsdocs.py README.md
 
 # The config fuzz test for FUZZ_SECONDS (default 600) instead of make test's few hundred examples.
 FUZZ_SECONDS ?= 600

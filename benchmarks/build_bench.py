@@ -44,7 +44,7 @@ from snapshot_bench import CLI, build_env, ensure_captioned_batch, fresh_version
 # their parent's own line, so the lines add up to the whole command.
 STAGES: list[tuple[str, str, str, str | None]] = [
     ("register partitions", "lora_pipeline.cli", "_register", None),
-    ("Dagster run (definitions, events, step bookkeeping)", "lora_pipeline.dagster_runs", "run_job", None),
+    ("Dagster run (definitions, events, step bookkeeping)", "lora_pipeline.runs.jobs", "run_job", None),
     ("snapshot (copy, manifest)", "lora_pipeline.defs.datasets", "build_snapshot", "run_job"),
     ("captions: plan (read sidecars, lint)", "lora_pipeline.defs.datasets", "plan_captions", "run_job"),
     ("captions: write .txt files", "lora_pipeline.defs.datasets", "write_captions", "run_job"),
@@ -73,8 +73,8 @@ def timed_child(version: str) -> None:
     """Run `lora-pipeline build VERSION` in this process with timers; print the stage seconds as JSON."""
     started = psutil.Process().create_time()
     import lora_pipeline.cli as cli
-    import lora_pipeline.dagster_runs
     import lora_pipeline.defs.datasets  # noqa: F401  (the module the defs loader imports, so its names are ours)
+    import lora_pipeline.runs.jobs  # noqa: F401  (imported before the timers, as the CLI imports it)
 
     spent: dict[str, float] = {}
     parents: dict[str, str | None] = {}
@@ -225,7 +225,7 @@ def growth(args: argparse.Namespace) -> None:
     batch = ensure_growth_batch(workdir, sizes[-1], (w, h))
     env = build_env(workdir)
     # the first command on a new Dagster instance creates its storage: not part of any build's cost
-    warm_up = "from lora_pipeline.dagster_runs import instance; i = instance(); i.get_runs(limit=1); " \
+    warm_up = "from lora_pipeline.runs.instance import instance; i = instance(); i.get_runs(limit=1); " \
               "i.get_dynamic_partitions('dataset_versions')"
     subprocess.run([sys.executable, "-c", warm_up], env=env, check=True)
     print(f"growth: fresh `lora-pipeline build` over the first N of {sizes[-1]} JPEGs {w}x{h} q90 with sidecars")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.errors import UserError, one_line
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.runtime import prepare_runtime
 
@@ -51,21 +51,22 @@ def _require_recipe(root: DataRoot, recipe: str) -> None:
 
 
 def _register(version_or_batches: dict[str, list[str]]) -> None:
-    from lora_pipeline import dagster_runs
     from lora_pipeline.defs import partitions
+    from lora_pipeline.runs.instance import instance
 
-    inst = dagster_runs.instance()
+    inst = instance()
     for name, keys in version_or_batches.items():
         partitions.register(inst, getattr(partitions, name), keys)
 
 
 def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline import dagster_runs
     from lora_pipeline.core.datasets.sources.batches import intake
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     result = intake(Path(args.src_dir), root, args.batch)
     _register({"source_batches": [args.batch]})
-    outcome = dagster_runs.run_job("register_batch_job", args.batch, dagster_runs.instance(), args.json)
+    outcome = run_job("register_batch_job", args.batch, instance(), args.json)
     meta = outcome.metadata("source_batch")
     return CommandResult({
         "batch": args.batch,
@@ -85,33 +86,34 @@ def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
 
     import dagster as dg
 
-    from lora_pipeline import dagster_runs
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
-    inst = dagster_runs.instance()
+    inst = instance()
     done = inst.get_materialized_partitions(dg.AssetKey("source_batch"))
     patterns = [s.batch for s in spec.sources if s.batch]
     for batch in root.ready_batches():
         if batch not in done and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
-            dagster_runs.run_job("register_batch_job", batch, inst, quiet)
+            run_job("register_batch_job", batch, inst, quiet)
 
 
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
-    from lora_pipeline import dagster_runs
     from lora_pipeline.core.datasets.checks.inspection import discard_early
     from lora_pipeline.core.datasets.problems import errors_in, warnings_in
     from lora_pipeline.core.datasets.spec import load_spec
     from lora_pipeline.core.fileio import read_json
     from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT
     from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     _require_spec(root, version)
     spec = load_spec(root.spec_file(version))  # a bad spec fails here with its one line
     _register({"source_batches": root.ready_batches(), "dataset_versions": [version]})
     _fingerprint_batches(root, spec, quiet)
     try:  # the run executes here, in this process: its images are decoded while its captions are written
-        outcome = dagster_runs.run_job("build_dataset_job", version, dagster_runs.instance(), quiet,
-                                       tags={EARLY_INSPECTION_TAG: "1"})
+        outcome = run_job("build_dataset_job", version, instance(), quiet, tags={EARLY_INSPECTION_TAG: "1"})
     finally:
         discard_early()  # a run that failed before its validation leaves no decode running
     snapshot_dir = root.dataset(version)
@@ -143,16 +145,17 @@ def cmd_build(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
-    from lora_pipeline import dagster_runs
     from lora_pipeline.core.datasets.checks.gate import require_passed_report
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     _require_recipe(root, recipe)
     load_recipe(root.recipe_file(recipe))
     require_passed_report(root, version)
     _register({"dataset_versions": [version], "recipes": [recipe]})
-    outcome = dagster_runs.run_job("train_job", training_key(version, recipe), dagster_runs.instance(), quiet)
+    outcome = run_job("train_job", training_key(version, recipe), instance(), quiet)
     meta = outcome.metadata("lora_epochs")
     files = sorted(str(p) for p in root.loras(version, recipe).glob("*.safetensors"))
     return {
@@ -173,10 +176,11 @@ def cmd_train(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dict[str, Any]:
-    from lora_pipeline import dagster_runs
     from lora_pipeline.core.fileio import read_json
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.defs.partitions import training_key
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     _require_recipe(root, recipe)
     load_recipe(root.recipe_file(recipe))
@@ -184,7 +188,7 @@ def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> 
         raise UserError(f"no trained epochs: run `lora-pipeline train {version} --recipe {recipe}` first",
                         root.loras(version, recipe))
     _register({"dataset_versions": [version], "recipes": [recipe]})
-    outcome = dagster_runs.run_job("evaluate_job", training_key(version, recipe), dagster_runs.instance(), quiet)
+    outcome = run_job("evaluate_job", training_key(version, recipe), instance(), quiet)
     out = root.evals(version, recipe)
     return {
         "version": version,
@@ -211,13 +215,13 @@ def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
     not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
     listed under `unsealed` without failing the run."""
-    from lora_pipeline import dagster_runs
     from lora_pipeline.defs.schedules import VERIFY_STEP
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     versions = [args.version] if args.version else []
-    outcome = dagster_runs.run_job("verify_snapshots_job", None, dagster_runs.instance(), args.json,
-                                   op_config={VERIFY_STEP: {"config": {"versions": versions}}},
-                                   reports_by_failing={VERIFY_STEP})
+    outcome = run_job("verify_snapshots_job", None, instance(), args.json,
+                      op_config={VERIFY_STEP: {"config": {"versions": versions}}}, reports_by_failing={VERIFY_STEP})
     failure = outcome.failure(VERIFY_STEP)
     summary = failure.metadata if failure else outcome.output_metadata(VERIFY_STEP)
     data = {"versions": summary["versions"], "findings": summary["findings"], "unsealed": summary["unsealed"],
@@ -340,7 +344,7 @@ def _os_error_line(exc: OSError) -> str:
     """`<file>: <what the system said>` for an operating-system error (disk full, read-only, permission)."""
     if exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+    return one_line(exc)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
@@ -360,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     prepare_runtime()
     args = parser().parse_args(argv)
-    root = DataRoot.from_env()
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
         if args.fn is not cmd_provenance:  # every other command records a run: the instance must answer first
-            from lora_pipeline.postgres import require_instance_database
+            from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()
         result = args.fn(args, root)

@@ -31,7 +31,7 @@ from lora_pipeline_tests.helpers import (  # noqa: E402
 
 if TYPE_CHECKING:
     from lora_pipeline.core.paths import DataRoot
-    from lora_pipeline.dagster_runs import RunOutcome
+    from lora_pipeline.runs.outcome import RunOutcome
 
 
 # --- a copy of the bundled sample data in a temporary data root (end-to-end tests) -----------------------------
@@ -282,9 +282,9 @@ def demo_root(tmp_path_factory, tiny_model) -> Iterator[DemoRoot]:
     README's screenshots show a path like a user's instead of pytest's temporary folder."""
     import yaml
 
-    from lora_pipeline import dagster_runs
     from lora_pipeline.core.paths import REPO_ROOT, DataRoot
     from lora_pipeline.defs import partitions
+    from lora_pipeline.runs.instance import instance
 
     if os.environ.get("UI_SCREENSHOTS"):
         base = Path.home() / "lora-pipeline-ui-demo"
@@ -309,7 +309,7 @@ def demo_root(tmp_path_factory, tiny_model) -> Iterator[DemoRoot]:
         with pytest.MonkeyPatch.context() as env:
             for key, value in demo.env().items():
                 env.setenv(key, value)
-            inst = dagster_runs.instance()
+            inst = instance()
             partitions.register(inst, partitions.source_batches, demo.root.ready_batches())
             partitions.register(inst, partitions.dataset_versions, [DEMO_V1, DEMO_V2])
             partitions.register(inst, partitions.recipes, [DEMO_RECIPE])
@@ -322,16 +322,17 @@ def demo_root(tmp_path_factory, tiny_model) -> Iterator[DemoRoot]:
 @pytest.fixture(scope="session")
 def trained_demo(demo_root) -> TrainedDemo:
     """`demo_root` with both versions built, DEMO_V2 x DEMO_RECIPE trained and evaluated, all through Dagster."""
-    from lora_pipeline import dagster_runs
     from lora_pipeline.defs.partitions import training_key
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
 
     with pytest.MonkeyPatch.context() as env:
         for key, value in demo_root.env().items():
             env.setenv(key, value)
-        inst = dagster_runs.instance()
+        inst = instance()
         for version in (DEMO_V1, DEMO_V2):
-            dagster_runs.run_job("build_dataset_job", version, inst, quiet=True)
+            run_job("build_dataset_job", version, inst, quiet=True)
         key = training_key(DEMO_V2, DEMO_RECIPE)
-        trained = dagster_runs.run_job("train_job", key, inst, quiet=True)
-        evaluated = dagster_runs.run_job("evaluate_job", key, inst, quiet=True)
+        trained = run_job("train_job", key, inst, quiet=True)
+        evaluated = run_job("evaluate_job", key, inst, quiet=True)
     return TrainedDemo(demo_root.root, demo_root.home, trained, evaluated)

@@ -69,12 +69,12 @@ def sensor_context(inst, root):
     request for a partition the same tick adds is resolved against the tick's partition requests)."""
     import dagster as dg
 
-    from lora_pipeline import dagster_runs
     from lora_pipeline.defs.resources import DataRootResource
+    from lora_pipeline.runs.instance import definitions
 
     return dg.SensorEvaluationContext(
         instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=None,
-        repository_name="__repository__", repository_def=dagster_runs.definitions().get_repository_def(),
+        repository_name="__repository__", repository_def=definitions().get_repository_def(),
         resources={"data_root": DataRootResource(path=str(root.root))},
     )
 
@@ -82,9 +82,9 @@ def sensor_context(inst, root):
 def sensor_tick(name: str, context):
     """One evaluation of the named sensor of the definitions, with the daemon's checks of its run requests
     (their jobs must be the sensor's, their partition keys known or added by the same tick)."""
-    from lora_pipeline import dagster_runs
+    from lora_pipeline.runs.instance import definitions
 
-    return dagster_runs.definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
+    return definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
 
 
 # --- files ------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.snapshot.manifest import SEALED_FILES
+from lora_pipeline.runs.instance import instance
 from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
 VERSION = "hardware-design-aesthetic-v1"
@@ -38,12 +38,12 @@ def test_intake_build_verify(sample_root, tmp_path):
     assert built["errors"] == 0 and built["counts"]["images"] == 8
     assert Path(built["contact_sheet"]).is_file()
     # the batch the spec takes is fingerprinted (source_batch materialized), as the sensor does under `make ui`
-    materialized = dagster_runs.instance().get_materialized_partitions(dg.AssetKey("source_batch"))
+    materialized = instance().get_materialized_partitions(dg.AssetKey("source_batch"))
     assert materialized == {"curated-2026-10", "curated-2026-12"}
 
     verified = json.loads(cli("verify", "--json").stdout)
     assert verified["ok"] is True and verified["versions"][VERSION]["files_checked"] == 16 + len(SEALED_FILES)
-    run = dagster_runs.instance().get_run_by_id(verified["dagster_run_id"])  # the nightly schedule's job
+    run = instance().get_run_by_id(verified["dagster_run_id"])  # the nightly schedule's job
     assert run.job_name == "verify_snapshots_job" and run.is_success
     image = next(Path(built["dataset"]).glob("img/*/*.png"))
     image.chmod(0o644)
@@ -57,7 +57,7 @@ def test_intake_build_verify(sample_root, tmp_path):
     result = cli("verify", VERSION, "--json", check=False)
     assert result.returncode == 1
     failed = json.loads(result.stdout)
-    assert not dagster_runs.instance().get_run_by_id(failed["dagster_run_id"]).is_success
+    assert not instance().get_run_by_id(failed["dagster_run_id"]).is_success
     findings = "\n".join(failed["findings"])
     assert f"{image.name}: content changed" in findings
     assert f"{caption.name}: missing" in findings and "stray.png: extra" in findings

@@ -24,13 +24,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from lora_pipeline import cli, submitted_runs
-from lora_pipeline.cluster import Cluster, environment
+from lora_pipeline import cli
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.dagster_runs import run_failure_reason
 from lora_pipeline.defs import partitions
-from lora_pipeline.postgres import create_database, drop_database
+from lora_pipeline.runs import queue
+from lora_pipeline.runs.outcome import run_failure_reason
+from lora_pipeline.runs.postgres import create_database, drop_database
 from lora_pipeline_tests.helpers import committed_data, free_port
+from scripts.cluster import Cluster, environment
 
 SERVER = "postgresql://postgres@127.0.0.1:5432"
 REPO_DATA = committed_data()  # the samples as git has them, never the working folder's data/
@@ -121,9 +122,9 @@ def chain(cluster):
         built = cli.build_version(root, VERSION, quiet=True)
         partitions.register(inst, partitions.dataset_versions, [VERSION])
         partitions.register(inst, partitions.recipes, list(RECIPES))
-        run_ids = [submitted_runs.submit(inst, "train_job", partitions.training_key(VERSION, r), RUN_CONFIG)
+        run_ids = [queue.submit(inst, "train_job", partitions.training_key(VERSION, r), RUN_CONFIG)
                    for r in RECIPES]
-        runs = [submitted_runs.wait(inst, run_id, timeout_s=600) for run_id in run_ids]
+        runs = [queue.wait(inst, run_id, timeout_s=600) for run_id in run_ids]
         assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
         times = [_step_times(inst, run_id, "lora_epochs") for run_id in run_ids]
     return {"built": built, "train_runs": run_ids, "times": times}
@@ -132,7 +133,7 @@ def chain(cluster):
 def _celery_workers(inst: dg.DagsterInstance, run_id: str) -> dict[str, str]:
     """Step key -> the name (before @host) of the Celery worker that executed it, from the run's engine events."""
     found = {}
-    for event in submitted_runs.run_events(inst, run_id):
+    for event in queue.run_events(inst, run_id):
         data = event.engine_event_data if event.event_type == dg.DagsterEventType.ENGINE_EVENT else None
         if data is not None and "Celery worker" in data.metadata:
             found[str(event.step_key)] = str(data.metadata["Celery worker"].value).split("@")[0]
@@ -208,17 +209,17 @@ def check_a_worker_killed_during_a_snapshot_copy_fails_the_step_and_a_rerun_comp
     with dg.DagsterInstance.get() as inst:
         partitions.register(inst, partitions.source_batches, root.ready_batches())
         partitions.register(inst, partitions.dataset_versions, [BIG])
-        run_id = submitted_runs.submit(inst, "build_dataset_job", BIG, RUN_CONFIG)
+        run_id = queue.submit(inst, "build_dataset_job", BIG, RUN_CONFIG)
         deadline = time.monotonic() + 120
         while not list(root.datasets.glob(f".{BIG}.tmp-*")) and time.monotonic() < deadline:
             time.sleep(0.0005)
         victim.send_signal(signal.SIGKILL)
-        run = submitted_runs.wait(inst, run_id, timeout_s=120)
+        run = queue.wait(inst, run_id, timeout_s=120)
         assert run.status == dg.DagsterRunStatus.FAILURE
-        reason = run_failure_reason(submitted_runs.run_events(inst, run_id))
+        reason = run_failure_reason(queue.run_events(inst, run_id))
         assert "[dataset_snapshot]" in reason and "WorkerLostError" in reason and "SIGKILL" in reason, reason
         assert not root.dataset(BIG).exists(), "a half version under the final name"
-        rerun = submitted_runs.run_events(inst, submitted_runs.wait(inst, submitted_runs.submit(
+        rerun = queue.run_events(inst, queue.wait(inst, queue.submit(
             inst, "build_dataset_job", BIG, RUN_CONFIG), timeout_s=300).run_id)
     snapshot_done = [e for e in rerun if e.event_type == dg.DagsterEventType.STEP_SUCCESS
                      and e.step_key == "dataset_snapshot"]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dagster as dg
 import yaml
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs.partitions import training_key
+from lora_pipeline.runs.instance import definitions, instance
+from lora_pipeline.runs.jobs import run_job
 from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick
 
 FAMILY = "hardware-curated"  # the bundled auto-rebuild spec; the demo-tiny recipe has train_on: [it]
@@ -21,12 +22,12 @@ def _tick(inst: dg.DagsterInstance, root, name: str) -> None:
     for request in data.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     for run in data.run_requests:
-        dagster_runs.run_job(run.job_name, run.partition_key, inst, quiet=True)
+        run_job(run.job_name, run.partition_key, inst, quiet=True)
 
 
 def _build(inst: dg.DagsterInstance, version: str) -> None:
     inst.add_dynamic_partitions("dataset_versions", [version])
-    dagster_runs.run_job("build_dataset_job", version, inst, quiet=True)
+    run_job("build_dataset_job", version, inst, quiet=True)
 
 
 def _requested(result) -> dict[str, set[str]]:
@@ -35,8 +36,8 @@ def _requested(result) -> dict[str, set[str]]:
 
 
 def test_a_new_batch_of_a_train_on_family_is_trained_and_a_failed_version_is_not(sample_root):
-    inst = dagster_runs.instance()
-    defs = dagster_runs.definitions()
+    inst = instance()
+    defs = definitions()
     evaluate = lambda cursor: dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=cursor)  # noqa: E731
 
     # what the sensors do at start-up, for the one version this needs: partitions registered, v1 built

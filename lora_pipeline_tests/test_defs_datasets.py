@@ -12,12 +12,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, verify_snapshot
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
 from lora_pipeline.defs.metadata import problems_metadata
+from lora_pipeline.runs.instance import definitions, instance
+from lora_pipeline.runs.jobs import run_job
 from lora_pipeline_tests.helpers import make_read_only, tree_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def test_definitions_validate(tmp_path):
 
 
 def test_definitions_hold_the_contract_assets():
-    defs = dagster_runs.definitions()
+    defs = definitions()
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"source_batch", "dataset_snapshot", "caption_set", "dataset_report", "lora_epochs",
                     "evaluation_grid"}
@@ -47,10 +48,10 @@ def test_definitions_hold_the_contract_assets():
 def test_build_every_sample_version_with_read_only_sources(sample_root):
     make_read_only(sample_root.sources)
     before = tree_state(sample_root.sources)  # content, mode and mtime of every source file
-    inst = dagster_runs.instance()
+    inst = instance()
     partitions.register(inst, partitions.dataset_versions, VERSIONS)
     for version in VERSIONS:
-        outcome = dagster_runs.run_job("build_dataset_job", version, inst)
+        outcome = run_job("build_dataset_job", version, inst)
         assert outcome.check_passed(NO_ERRORS_CHECK) is True, read_json(sample_root.dataset(version) / "report.json")
         snapshot_dir = sample_root.dataset(version)
         info = read_json(snapshot_dir / "snapshot.json")
@@ -78,18 +79,18 @@ def test_build_every_sample_version_with_read_only_sources(sample_root):
 def test_rebuild_is_a_noop_and_changed_spec_is_refused(sample_root):
     from lora_pipeline.core.errors import UserError
 
-    inst = dagster_runs.instance()
+    inst = instance()
     version = VERSIONS[0]
     partitions.register(inst, partitions.dataset_versions, [version])
-    dagster_runs.run_job("build_dataset_job", version, inst)
+    run_job("build_dataset_job", version, inst)
     before = tree_state(sample_root.dataset(version))
     # again, as the command line runs it: the images decoded while the captions are checked, the same report
-    dagster_runs.run_job("build_dataset_job", version, inst, tags={EARLY_INSPECTION_TAG: "1"})
+    run_job("build_dataset_job", version, inst, tags={EARLY_INSPECTION_TAG: "1"})
     assert tree_state(sample_root.dataset(version)) == before  # not a byte, mode or mtime changed
     spec = sample_root.spec_file(version)
     spec.write_text(spec.read_text().replace("repeats: 10", "repeats: 12"))
     with pytest.raises(UserError, match="name a new version"):
-        dagster_runs.run_job("build_dataset_job", version, inst)
+        run_job("build_dataset_job", version, inst)
 
 
 def test_problem_tables_in_the_metadata_are_bounded_but_the_counts_cover_every_problem(tmp_path):

@@ -19,9 +19,10 @@ import psutil
 import pytest
 import yaml
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.run_health import PID_TAG, dead_run_sensor, fail_dead_runs, process_alive
+from lora_pipeline.runs.instance import definitions, instance
+from lora_pipeline.runs.jobs import run_job
 from lora_pipeline_tests.helpers import assert_one_line_error
 
 VERSION, RECIPE = "mini-v1", "mini"
@@ -37,10 +38,10 @@ def mini(sample_root):
     recipe = yaml.safe_load(sample_root.recipe_file("demo-tiny").read_text())
     recipe.update(name=RECIPE, epochs=1, train_batch_size=4)
     sample_root.recipe_file(RECIPE).write_text(yaml.safe_dump(recipe))
-    inst = dagster_runs.instance()
+    inst = instance()
     partitions.register(inst, partitions.source_batches, sample_root.ready_batches())
     partitions.register(inst, partitions.dataset_versions, [VERSION])
-    dagster_runs.run_job("build_dataset_job", VERSION, inst, quiet=True)
+    run_job("build_dataset_job", VERSION, inst, quiet=True)
     return sample_root, inst
 
 
@@ -118,7 +119,7 @@ def _dead_started_run(inst: dg.DagsterInstance) -> str:
     """A STARTED train_job run holding the `gpu` slot whose process (a real one, ended) is gone."""
     ended = subprocess.Popen(["true"])
     ended.wait()
-    job = dagster_runs.definitions().resolve_job_def("train_job")
+    job = definitions().resolve_job_def("train_job")
     run = inst.create_run_for_job(job, tags={PID_TAG: str(ended.pid)}, status=dg.DagsterRunStatus.STARTED)
     inst.event_log_storage.initialize_concurrency_limit_to_default("gpu")  # as a step does (dagster.yaml: 1)
     assert inst.event_log_storage.claim_concurrency_slot("gpu", run.run_id, "lora_epochs").is_claimed
@@ -126,7 +127,7 @@ def _dead_started_run(inst: dg.DagsterInstance) -> str:
 
 
 def test_the_asset_check_and_the_sensor_fail_a_dead_run_and_free_its_slot(sample_root):
-    inst = dagster_runs.instance()
+    inst = instance()
     dead = _dead_started_run(inst)
     lines: list[str] = []
     assert fail_dead_runs(inst, lines.append) == [dead]  # what lora_epochs calls, with its log

@@ -8,9 +8,10 @@ import logging
 import dagster as dg
 import yaml
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
+from lora_pipeline.runs.instance import instance
+from lora_pipeline.runs.jobs import run_job
 from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick, tree_state
 
 STUDY = "curated-study"
@@ -60,7 +61,7 @@ def _break_files(root) -> None:
 
 
 def test_spec_sensor_registers_versions_and_recipes(sample_root):
-    inst = dagster_runs.instance()
+    inst = instance()
     result = spec_sensor(sensor_context(inst, sample_root))
     # the versions built from batches only; v2 copies v1 (and the merge copies v2): they wait for a seal
     assert {r.partition_key for r in result.run_requests} == set(FROM_BATCHES)
@@ -68,13 +69,13 @@ def test_spec_sensor_registers_versions_and_recipes(sample_root):
     assert set(inst.get_dynamic_partitions("recipes")) == set(sample_root.recipe_names())
     again = spec_sensor(sensor_context(inst, sample_root))
     assert not again.run_requests  # known versions are not rebuilt every tick, v2 still waits
-    dagster_runs.run_job("build_dataset_job", "hardware-design-aesthetic-v1", inst, quiet=True)
+    run_job("build_dataset_job", "hardware-design-aesthetic-v1", inst, quiet=True)
     assert [r.partition_key for r in spec_sensor(sensor_context(inst, sample_root)).run_requests] == [
         "hardware-design-aesthetic-v2"]
 
 
 def test_spec_sensor_skips_what_does_not_load_and_registers_the_rest(sample_root):
-    inst = dagster_runs.instance()
+    inst = instance()
     _break_files(sample_root)
     context, warnings = _watched(inst, sample_root)
     result = spec_sensor(context)
@@ -92,7 +93,7 @@ def test_spec_sensor_skips_what_does_not_load_and_registers_the_rest(sample_root
 
 
 def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
-    inst = dagster_runs.instance()
+    inst = instance()
     spec = {
         "name": f"{STUDY}-v2", "intent": "every curated batch, rebuilt as batches land", "trigger": "hdaesth",
         "repeats": 2, "auto_rebuild": True, "sources": [{"batch": "curated-*"}],
@@ -105,7 +106,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     assert not (sample_root.specs / f"{STUDY}-v3.yaml").exists()
     _apply(inst, first)
     inst.add_dynamic_partitions("dataset_versions", [f"{STUDY}-v2"])
-    dagster_runs.run_job("build_dataset_job", f"{STUDY}-v2", inst)
+    run_job("build_dataset_job", f"{STUDY}-v2", inst)
     v2_before = tree_state(sample_root.dataset(f"{STUDY}-v2"))
 
     land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
@@ -119,7 +120,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     assert v3_spec["name"] == f"{STUDY}-v3" and "curated-2026-12" in v3_spec["intent"]
     _apply(inst, tick)
     for request in tick.run_requests:
-        dagster_runs.run_job(request.job_name, request.partition_key, inst)
+        run_job(request.job_name, request.partition_key, inst)
 
     assert tree_state(sample_root.dataset(f"{STUDY}-v2")) == v2_before  # the old version is never touched
     v3_sources = {r.get("source_batch") for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}

@@ -7,27 +7,30 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.lineage.provenance import trace_lora
 from lora_pipeline.core.paths import mlflow_tracking_uri
+from lora_pipeline.core.settings import env_name
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
-from lora_pipeline.defs.resources import PROCESSES_ENV, TrainingLauncherResource
+from lora_pipeline.defs.resources import TrainingLauncherResource
+from lora_pipeline.runs.instance import instance
+from lora_pipeline.runs.jobs import run_job
 from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2
 
 VERSION, RECIPE = "hardware-design-aesthetic-v1", "demo-tiny"
+PROCESSES_ENV = env_name("train_processes")
 
 
 @pytest.fixture
 def built(sample_root):
     """v1 built through Dagster."""
-    inst = dagster_runs.instance()
+    inst = instance()
     partitions.register(inst, partitions.dataset_versions, [VERSION])
     partitions.register(inst, partitions.recipes, [RECIPE])
-    dagster_runs.run_job("build_dataset_job", VERSION, inst, quiet=True)
+    run_job("build_dataset_job", VERSION, inst, quiet=True)
     return sample_root, inst
 
 
@@ -92,7 +95,7 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     report.chmod(0o644)
     report.write_text(json.dumps(data))
     with pytest.raises(UserError, match="refusing to train"):
-        dagster_runs.run_job("train_job", training_key(VERSION, RECIPE), inst, quiet=True)
+        run_job("train_job", training_key(VERSION, RECIPE), inst, quiet=True)
     assert not list(root.loras(VERSION, RECIPE).glob("*.safetensors"))
 
 

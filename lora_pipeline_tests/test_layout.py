@@ -12,8 +12,6 @@ import sys
 from itertools import pairwise
 from pathlib import Path
 
-import pytest
-
 from scripts.floor_plan import Checkout, FolderGraph, within
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,9 +204,6 @@ def test_private_names_of_a_library_used_by_two_modules_are_found(tmp_path):
                                                           "torch": ["lora_pipeline.a", "lora_pipeline.b"]}
 
 
-@pytest.mark.xfail(strict=True, reason="dagster's internals are used by lora_pipeline/dagster_runs.py AND "
-                                       "lora_pipeline/submitted_runs.py until they move behind one adapter module "
-                                       "in lora_pipeline/runs/ (branch runs-settings); remove this mark then")
 def test_private_names_of_each_library_are_used_by_one_adapter_module_at_most():
     assert shared_private_uses(private_uses(CHECKOUT)) == {}
 

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from lora_pipeline.postgres import PG_URL_ENV
+from lora_pipeline.core.settings import env_name
 from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
+PG_URL_ENV = env_name("dagster_pg_url")
 NOBODY_LISTENS = "postgresql+psycopg2://postgres@127.0.0.1:1/lora_pipeline"
 NO_SUCH_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:5432/lora_pipeline_no_such_database"
 
@@ -35,7 +36,7 @@ def test_the_daemon_is_not_started_when_postgres_does_not_answer(tmp_path, monke
     # what `make cluster-demo` and deploy/cluster run: the check, then exec of the daemon (here a stand-in command
     # that would leave a marker: the check must stop before it)
     result = subprocess.run(
-        [sys.executable, "-m", "lora_pipeline.cluster", "exec", "--", "touch", str(marker)],
+        [sys.executable, "-m", "lora_pipeline.runs.exec", "--", "touch", str(marker)],
         capture_output=True, text=True, timeout=60,
     )
     assert_one_line_error(result, "Postgres at 127.0.0.1:1/lora_pipeline is unreachable")

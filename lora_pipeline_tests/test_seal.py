@@ -12,10 +12,10 @@ import dagster as dg
 import pytest
 
 from lora_pipeline import cli as lora_cli
-from lora_pipeline import dagster_runs
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.datasets.snapshot.seal import read_seal, seal_snapshot
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.runs.instance import definitions
 from lora_pipeline_tests.helpers import assert_one_line_error, cli
 
 VERSION = "hardware-design-aesthetic-v1"
@@ -78,7 +78,7 @@ def test_a_build_killed_after_the_rename_is_never_whole_and_building_again_compl
     assert code == 0  # verifying everything (as the nightly schedule does): skipped, not failed
     everything = json.loads(stdout)
     assert everything["versions"][VERSION] == {"ok": False, "sealed": False, "files_checked": 0}
-    nightly = dagster_runs.definitions().resolve_job_def("verify_snapshots_job")
+    nightly = definitions().resolve_job_def("verify_snapshots_job")
     assert nightly.execute_in_process(instance=dg.DagsterInstance.ephemeral()).success  # logs a warning
     # the gate
     one_line(main("train", VERSION, "--recipe", "demo-tiny"), VERSION, "not sealed")

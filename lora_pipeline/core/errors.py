@@ -16,3 +16,15 @@ class UserError(Exception):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+def one_line(error: BaseException | str, empty: str | None = None) -> str:
+    """The first non-blank line of an error's message (an exception's `str`, or error text such as a Dagster
+    step's), for one-line reports. A message with no text gives `empty`: by default the exception's class name,
+    or "" for text."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    if empty is not None:
+        return empty
+    return type(error).__name__ if isinstance(error, BaseException) else ""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_pipeline.core.names import is_name, require_name
+from lora_pipeline.core.settings import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
@@ -21,18 +21,9 @@ SEAL = "seal.json"  # written last: the version is whole (see datasets/snapshot/
 MLFLOW_DB = "mlflow.db"
 
 
-def default_data_root() -> Path:
-    """`$LORA_PIPELINE_DATA` if set, else `./data` of the repository."""
-    env = os.environ.get("LORA_PIPELINE_DATA")
-    return Path(env).expanduser().resolve() if env else REPO_ROOT / "data"
-
-
-MLFLOW_URI_ENV = "LORA_PIPELINE_MLFLOW_URI"  # a tracking server (the cluster profile); unset: the SQLite store
-
-
 def external_mlflow_uri() -> str | None:
     """The tracking URI of `$LORA_PIPELINE_MLFLOW_URI` (an MLflow server, e.g. on Postgres), or None."""
-    return os.environ.get(MLFLOW_URI_ENV) or None
+    return settings().mlflow_uri
 
 
 def mlflow_tracking_uri(mlflow_dir: Path) -> str:
@@ -53,7 +44,8 @@ class DataRoot:
 
     @classmethod
     def from_env(cls) -> DataRoot:
-        return cls(default_data_root())
+        """The data root of the settings (`$LORA_PIPELINE_DATA`), else `./data` of the repository."""
+        return cls(settings().data or REPO_ROOT / "data")
 
     @property
     def sources(self) -> Path:

@@ -19,13 +19,14 @@ from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
+from lora_pipeline.defs.resources import DATA_ROOT
 
 SEPARATOR = "|"  # multi-partition keys are "<dataset_version>|<recipe>" (partitions.py)
 
 
 def _matching(context: dg.AutomationContext, keep) -> dg.AutomationResult:
     """The candidate partitions `<version>|<recipe>` for which `keep(root, version, recipe)` is true."""
-    root = DataRoot.from_env()
+    root = DATA_ROOT.data  # the assets' data root
     kept = set()
     for key in context.candidate_subset.expensively_compute_partition_keys():
         version, _, recipe = str(key).partition(SEPARATOR)

@@ -11,15 +11,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 import yaml
 
-EXECUTOR_ENV = "LORA_PIPELINE_EXECUTOR"
-BROKER_ENV = "LORA_PIPELINE_CELERY_BROKER"
-BACKEND_ENV = "LORA_PIPELINE_CELERY_BACKEND"
+from lora_pipeline.core.settings import env_name, settings
+
 K8S_EXECUTOR_FILE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "executor.yaml"
 
 
@@ -30,19 +28,19 @@ def k8s_executor_config(path: Path = K8S_EXECUTOR_FILE) -> dict:
 
 def selected_executor() -> dg.ExecutorDefinition:
     """The executor `LORA_PIPELINE_EXECUTOR` names."""
-    kind = os.environ.get(EXECUTOR_ENV, "default")
+    kind = settings().executor
     if kind == "default":
         return dg.in_process_executor
     if kind == "celery":
         from dagster_celery import celery_executor
 
-        # Read from the environment when a run starts, in the run worker (dagster's StringSource).
-        return celery_executor.configured({"broker": {"env": BROKER_ENV}, "backend": {"env": BACKEND_ENV}})
-    if kind == "k8s":
-        from dagster_k8s import k8s_job_executor
+        # Read from the environment when a run starts, in the run worker (dagster's StringSource): the URLs, which
+        # may hold passwords, stay out of the job's snapshot.
+        return celery_executor.configured({"broker": {"env": env_name("celery_broker")},
+                                           "backend": {"env": env_name("celery_backend")}})
+    from dagster_k8s import k8s_job_executor  # kind == "k8s": the settings allow no other value
 
-        return k8s_job_executor.configured(k8s_executor_config())
-    raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected default, celery or k8s")
+    return k8s_job_executor.configured(k8s_executor_config())
 
 
 @dg.definitions

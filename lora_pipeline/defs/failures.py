@@ -2,7 +2,7 @@
 
 A UserError raised inside an asset or op becomes a `dg.Failure` whose description is the error's one line
 and whose metadata says it was the user's input: the UI shows that line instead of a traceback, and
-`dagster_runs` (the CLI) turns it back into a UserError from the failure's metadata.
+`runs/jobs.py` (the CLI) turns it back into a UserError from the failure's metadata.
 """
 
 import functools

@@ -12,7 +12,7 @@ import dagster as dg
 
 def _not_a_failure_event(record: logging.LogRecord) -> bool:
     """Drop the engine's step and run failure lines: the CLI reports a failed run itself, in one line
-    (dagster_runs), and the run's event log in the instance keeps them with their errors."""
+    (runs/jobs.py), and the run's event log in the instance keeps them with their errors."""
     event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
     return event is None or not event.is_failure
 

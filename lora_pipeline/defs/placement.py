@@ -12,12 +12,12 @@ test sessions) can share one broker without taking each other's tasks; every pro
 
 from __future__ import annotations
 
-import os
 from typing import Any
+
+from lora_pipeline.core.settings import settings
 
 QUEUE_TAG = "dagster-celery/queue"
 K8S_TAG = "dagster-k8s/config"
-QUEUE_PREFIX_ENV = "LORA_PIPELINE_QUEUE_PREFIX"
 CPU, GPU = "cpu", "gpu"
 
 _K8S_CPU: dict[str, Any] = {
@@ -35,7 +35,7 @@ _K8S_GPU: dict[str, Any] = {
 
 def queue_name(kind: str) -> str:
     """The Celery queue of `kind` ("cpu" or "gpu") in this deployment."""
-    return os.environ.get(QUEUE_PREFIX_ENV, "") + kind
+    return settings().queue_prefix + kind
 
 
 def op_tags(kind: str) -> dict[str, Any]:

@@ -1,24 +1,25 @@
 """Resources: where the data root is, and how many processes a training runs in."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.paths import DataRoot, default_data_root
-
-PROCESSES_ENV = "LORA_PIPELINE_TRAIN_PROCESSES"
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.settings import settings
 
 
 class DataRootResource(dg.ConfigurableResource):
-    """The data root; empty means `$LORA_PIPELINE_DATA` or the repository's `./data`."""
+    """The data root; empty means the settings' (`$LORA_PIPELINE_DATA` or the repository's `./data`)."""
 
     path: str = ""
 
     @property
     def data(self) -> DataRoot:
-        return DataRoot(Path(self.path).resolve()) if self.path else DataRoot(default_data_root())
+        return DataRoot(Path(self.path).resolve()) if self.path else DataRoot.from_env()
+
+
+# The code location's data root resource; the automation conditions, which get no resources, read this one too.
+DATA_ROOT = DataRootResource()
 
 
 class TrainingLauncherResource(dg.ConfigurableResource):
@@ -26,18 +27,13 @@ class TrainingLauncherResource(dg.ConfigurableResource):
     data-parallel (DDP) in N processes through `accelerate launch`, one per GPU (core/training/run/distributed.py).
     Default: `$LORA_PIPELINE_TRAIN_PROCESSES` or 1; set it per run in the launchpad (resources.launcher.config)."""
 
-    num_processes: int = 0  # 0: the environment variable's value, else 1
+    num_processes: int = 0  # 0: the settings' value (the environment variable, else 1)
 
     @property
     def processes(self) -> int:
-        if self.num_processes:
-            return self.num_processes
-        value = os.environ.get(PROCESSES_ENV, "1")
-        if not value.isdigit():
-            raise UserError(f"${PROCESSES_ENV} must be a whole number of training processes, got {value!r}")
-        return int(value)
+        return self.num_processes or settings().train_processes
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"data_root": DataRootResource(), "launcher": TrainingLauncherResource()})
+    return dg.Definitions(resources={"data_root": DATA_ROOT, "launcher": TrainingLauncherResource()})

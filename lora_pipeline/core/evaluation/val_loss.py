@@ -24,6 +24,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from lora_pipeline.core.errors import one_line
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.sampling import deterministic
 from lora_pipeline.core.plots import line_chart
@@ -110,7 +111,7 @@ def training_losses(
     try:
         history = client.get_metric_history(run_id, TRAIN_LOSS_METRIC)
     except MlflowException as exc:
-        return missing, f"training loss unavailable: MLflow run {run_id}: {str(exc).splitlines()[0]}"
+        return missing, f"training loss unavailable: MLflow run {run_id}: {one_line(exc)}"
     by_step = {m.step: m.value for m in history}
     out: dict[int, float | None] = {}
     for epoch, header in headers.items():

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.errors import UserError, one_line
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
 
@@ -100,7 +100,7 @@ def load_base_model(
         encoders = [cls.from_pretrained(source, subfolder=enc, dtype=dtype, **opts) for _, enc, cls in names]
         config = DDPMScheduler.load_config(source, subfolder="scheduler", **opts)
     except OSError as exc:  # missing folder/file, or a hub id that is not cached while offline
-        raise UserError(f"cannot load base model: {str(exc).splitlines()[0]}", source) from None
+        raise UserError(f"cannot load base model: {one_line(exc)}", source) from None
     # kohya trains with DDPM and clip_sample off; betas and prediction type come from the model's own config.
     noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
     target = torch.device(device)

@@ -48,10 +48,16 @@ MAX_GRAD_NORM = 1.0  # kohya's --max_grad_norm default
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (device, precision, distributed setup), so that the next
+    Accelerator is set up anew: a new run may use another precision than the previous one. accelerate offers
+    this only as a private method (its own tests use it); this is the one place the project calls it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def make_accelerator(device: torch.device, precision: str) -> Accelerator:
     """An Accelerator for one device: `precision` ("no" | "fp16" | "bf16") autocasts the prepared U-Net."""
-    # accelerate keeps one process-wide state; a new run may use another precision than the previous one.
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     # No autocast weight cache: PyTorch requires it off when a step is captured as a CUDA graph (fastpath.py),
     # and each LoRA weight is cast once per forward anyway.
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision,

@@ -1,40 +1,32 @@
 """Runs submitted to the instance's run queue, for the cluster profile (deploy/cluster/): the daemon starts
 each run's worker, whose Celery executor sends the steps to the `cpu` and `gpu` queues.
 
-The job is read from the code location loaded in this process under the workspace's location name, so the
-daemon and the webserver find the run's code where they load it themselves (workspace.yaml).
+The run is created through the public `DagsterInstance.create_run_for_job`, with the origins of its job in the
+code location as workspace.yaml names it (runs/dagster_internals.py), so the daemon and the webserver find the
+run's code where they load it themselves.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
-from dagster._cli.job import _create_run
-from dagster._core.remote_origin import InProcessCodeLocationOrigin
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
-from lora_pipeline.core.paths import REPO_ROOT
+from lora_pipeline.core.settings import settings
 from lora_pipeline.defs.run_health import HOST_TAG
+from lora_pipeline.runs.dagster_internals import located_job
 
-LOCATION = "lora_pipeline"  # workspace.yaml's location_name
 POLL_S = 0.5
 # Not a process of this host: the daemon's run monitoring watches the run worker it started.
 QUEUED_HOST = "run-queue"
 
 
-@functools.cache
-def _code_location(inst: dg.DagsterInstance) -> Any:
-    origin = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(executable_path=sys.executable, module_name="lora_pipeline.definitions",
-                             working_directory=str(REPO_ROOT)),
-        location_name=LOCATION,
-    )
-    return origin.create_location(inst)
+def submits_runs(inst: dg.DagsterInstance) -> bool:
+    """Whether runs go through the instance's run queue (the cluster profile's QueuedRunCoordinator and an
+    executor other than the default): then they are submitted and waited for, instead of run in this process."""
+    return isinstance(inst.run_coordinator, dg.QueuedRunCoordinator) and settings().executor != "default"
 
 
 def partition_tags(partition_key: str | dg.MultiPartitionKey | None) -> dict[str, str]:
@@ -50,13 +42,12 @@ def partition_tags(partition_key: str | dg.MultiPartitionKey | None) -> dict[str
 def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | dg.MultiPartitionKey | None,
            run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
     """Create a run of `job_name` for the partition and put it in the run queue; return its id."""
-    location = _code_location(inst)
-    repo = next(iter(location.get_repositories().values()))
-    remote_job = repo.get_full_job(job_name)
-    run = _create_run(instance=inst, code_location=location, remote_repo=repo, remote_job=remote_job,
-                      run_config=dict(run_config),
-                      tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
-                      op_selection=None, run_id=None)
+    job = located_job(inst, job_name)
+    run = inst.create_run_for_job(
+        job.definition, run_config=dict(run_config),
+        tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
+        remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
+    )
     inst.submit_run(run.run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
     return run.run_id
 
@@ -86,18 +77,3 @@ def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str 
     run_id = submit(inst, job_name, partition_key, run_config, tags)
     run = wait(inst, run_id)
     return run_id, run.status == dg.DagsterRunStatus.SUCCESS, run_events(inst, run_id)
-
-
-def stop_automation(inst: dg.DagsterInstance) -> list[str]:
-    """Stop every sensor and schedule of the code location in the instance (they start RUNNING by default);
-    return their names. `make cluster-demo` and the tests run the chain themselves, so they stop them before the
-    daemon starts: the spec sensor would otherwise build every spec at once, racing the chain's own builds."""
-    repo = next(iter(_code_location(inst).get_repositories().values()))
-    stopped = []
-    for sensor in repo.get_sensors():
-        inst.stop_sensor(sensor.get_remote_origin_id(), sensor.selector_id, sensor)
-        stopped.append(sensor.name)
-    for schedule in repo.get_schedules():
-        inst.stop_schedule(schedule.get_remote_origin_id(), schedule.selector_id, schedule)
-        stopped.append(schedule.name)
-    return stopped

@@ -1,6 +1,7 @@
 """The cluster profile (deploy/cluster/) started on one machine: Dagster's webserver and daemon on a Postgres
 instance, one Celery worker per queue, an MLflow server on Postgres. `make cluster-demo` runs the demo chain
-through them (`python -m lora_pipeline.cluster demo`); the tests start the same processes.
+through them (`python scripts/cluster.py demo`); the tests (lora_pipeline_tests/test_cluster.py) start the same
+processes.
 
 Every process is started in its own session and stopped by its process group id (SIGTERM, then SIGKILL after
 a grace period), so nothing else on the machine is touched. The commands are the ones a multi-machine
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.paths import MLFLOW_URI_ENV, REPO_ROOT
-from lora_pipeline.defs.executor import BACKEND_ENV, BROKER_ENV, EXECUTOR_ENV
-from lora_pipeline.defs.placement import CPU, GPU, QUEUE_PREFIX_ENV
-from lora_pipeline.postgres import PG_URL_ENV, create_database, drop_database, libpq_url, require_postgres
+from lora_pipeline.core.paths import REPO_ROOT
+from lora_pipeline.core.settings import env_vars, settings
+from lora_pipeline.defs.placement import CPU, GPU
+from lora_pipeline.runs.exec import checked
+from lora_pipeline.runs.postgres import create_database, drop_database, libpq_url, require_postgres
 
 PROFILE = REPO_ROOT / "deploy" / "cluster"
 BIN = Path(sys.executable).parent
@@ -59,10 +61,10 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """The environment every process of the deployment shares (deploy/cluster/env.sh)."""
-        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                "DAGSTER_HOME": str(self.home), "LORA_PIPELINE_DATA": str(self.data),
-                PG_URL_ENV: self.dagster_db, EXECUTOR_ENV: "celery", BROKER_ENV: self.broker,
-                BACKEND_ENV: self.backend, QUEUE_PREFIX_ENV: self.queue_prefix, MLFLOW_URI_ENV: self.mlflow_uri}
+        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DAGSTER_HOME": str(self.home),
+                **env_vars(data=str(self.data), dagster_pg_url=self.dagster_db, executor="celery",
+                           celery_broker=self.broker, celery_backend=self.backend, queue_prefix=self.queue_prefix,
+                           mlflow_uri=self.mlflow_uri)}
 
     def commands(self) -> dict[str, list[str]]:
         """Name -> command line of each process, as run on the machines of a deployment."""
@@ -96,7 +98,7 @@ class Cluster:
         env = self.env()
         with environment(env), dg.DagsterInstance.from_config(str(self.home)) as inst:  # creates the schema
             if not self.automation:  # once, before several processes would race to create it
-                from lora_pipeline.submitted_runs import stop_automation
+                from lora_pipeline.runs.dagster_internals import stop_automation
 
                 stop_automation(inst)  # before the daemon's first tick
         for name, argv in self.commands().items():
@@ -186,7 +188,6 @@ def _answers(url: str) -> bool:
 
 
 DEMO_DIR = REPO_ROOT / ".cluster_demo"  # git-ignored: the demo's Dagster home, data root and process logs
-SERVER_ENV = "LORA_PIPELINE_PG"  # the Postgres server (no database), as in deploy/cluster/env.sh
 
 
 def _fresh_data_root(data: Path) -> None:
@@ -204,7 +205,7 @@ def demo(hold: bool = False) -> int:
     from lora_pipeline import cli
 
     started = time.monotonic()
-    server = libpq_url(os.environ.get(SERVER_ENV, "postgresql://postgres@127.0.0.1:5432"))
+    server = libpq_url(settings().pg)
     require_postgres(f"{server}/postgres")
     for name in ("lora_demo_dagster", "lora_demo_mlflow"):
         drop_database(server, name)
@@ -238,37 +239,16 @@ def demo(hold: bool = False) -> int:
     return code
 
 
-def checked(argv: list[str], database: str | None = None) -> list[str]:
-    """`argv` behind the Postgres check of `exec_checked` (module named in full: under `python -m` this one is
-    __main__): the database (default the instance's) must answer."""
-    check = ["--postgres", database] if database else []
-    return [sys.executable, "-m", "lora_pipeline.cluster", "exec", *check, "--", *argv]
-
-
-def exec_checked(args: list[str]) -> int:
-    """`exec [--postgres URL] -- COMMAND...`: one line and exit 1 when the database (default
-    $LORA_PIPELINE_DAGSTER_PG_URL) does not answer, else become COMMAND (the daemon, webserver, a worker)."""
-    database = args[args.index("--postgres") + 1] if "--postgres" in args else os.environ.get(PG_URL_ENV)
-    command = args[args.index("--") + 1:]
-    if database:
-        require_postgres(database)
-    os.execvp(command[0], command)
-    return 1  # not reached
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["demo"]:
+        print("usage: python scripts/cluster.py demo [--hold]", file=sys.stderr)
+        return 2
     try:
-        if args[:1] == ["demo"]:
-            return demo(hold="--hold" in args)
-        if args[:1] == ["exec"] and "--" in args:
-            return exec_checked(args[1:])
+        return demo(hold="--hold" in args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("usage: python -m lora_pipeline.cluster demo [--hold] | exec [--postgres URL] -- COMMAND...",
-          file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -4,12 +4,10 @@ checked before a process uses it so that an unreachable server is one line, and 
 
 from __future__ import annotations
 
-import os
 from urllib.parse import urlsplit
 
-from lora_pipeline.core.errors import UserError
-
-PG_URL_ENV = "LORA_PIPELINE_DAGSTER_PG_URL"  # deploy/cluster/dagster.yaml reads the instance's URL from it
+from lora_pipeline.core.errors import UserError, one_line
+from lora_pipeline.core.settings import settings
 
 
 def libpq_url(url: str) -> str:
@@ -32,8 +30,7 @@ def postgres_problem(url: str) -> str | None:
         psycopg2.connect(libpq_url(url), connect_timeout=3).close()
     except psycopg2.OperationalError as exc:
         parts = urlsplit(url)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"Postgres at {parts.hostname}:{parts.port or 5432}{parts.path} is unreachable: {reason}"
+        return f"Postgres at {parts.hostname}:{parts.port or 5432}{parts.path} is unreachable: {one_line(exc)}"
     return None
 
 
@@ -71,5 +68,5 @@ def drop_database(server_url: str, name: str) -> None:
 def require_instance_database() -> None:
     """One line (UserError) when the cluster profile's instance database ($LORA_PIPELINE_DAGSTER_PG_URL) does not
     answer; nothing when the variable is unset (the embedded SQLite instance)."""
-    if url := os.environ.get(PG_URL_ENV):
+    if url := settings().dagster_pg_url:
         require_postgres(url)
