@@ -144,9 +144,9 @@ def check_outputs(root: DataRoot, family: str, recipe_name: str, trained: dict[s
         "epoch_files": len(files), "diffusers_tensors_per_file": converted[-1],
         "mlflow_status": run.info.status, "mlflow_loss_points": len(losses),
         "mlflow_epoch_artifacts": sorted(artifacts) == sorted(p.name for p in files),
-        "provenance": chain["status"], "provenance_images": len(chain.get("images", [])),
+        "provenance": chain.status, "provenance_images": len(chain.images),
     }
-    if run.info.status != "FINISHED" or not checks["mlflow_epoch_artifacts"] or chain["status"] != "ok":
+    if run.info.status != "FINISHED" or not checks["mlflow_epoch_artifacts"] or chain.status != "ok":
         raise RuntimeError(f"{family}: output checks failed: {checks}")
     return checks
 

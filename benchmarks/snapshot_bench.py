@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{'met' if rate >= BUILD_TARGET else 'NOT met'} ({rate:.0f} images/s, best of {args.runs})")
     assert warm.image_root == cold.image_root, "warm and cold snapshots differ"
     if not args.skip_validation:
-        written = [cold.dir / r["path"] for r in cold.rows]
+        written = [cold.dir / r.path for r in cold.rows]
         read_all(written)
         print(time_validation(written))
     clean()

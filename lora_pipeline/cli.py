@@ -100,10 +100,11 @@ def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
 def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     """Snapshot + captions + report for one version; UserError if a blocking check fails."""
     from lora_pipeline.core.datasets.checks.inspection import discard_early
+    from lora_pipeline.core.datasets.checks.report import read_report
     from lora_pipeline.core.datasets.problems import errors_in, warnings_in
+    from lora_pipeline.core.datasets.snapshot.manifest import read_snapshot_info
     from lora_pipeline.core.datasets.spec import load_spec
-    from lora_pipeline.core.fileio import read_json
-    from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT
+    from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_MD
     from lora_pipeline.defs.datasets import EARLY_INSPECTION_TAG, NO_ERRORS_CHECK
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
@@ -117,15 +118,15 @@ def build_version(root: DataRoot, version: str, quiet: bool) -> dict[str, Any]:
     finally:
         discard_early()  # a run that failed before its validation leaves no decode running
     snapshot_dir = root.dataset(version)
-    report = read_json(snapshot_dir / REPORT_JSON)
-    errors = errors_in(report["problems"])
+    report = read_report(snapshot_dir)
+    errors = errors_in(report.problems)
     summary = {
         "version": version,
         "dataset": str(snapshot_dir),
-        "manifest_root": read_json(snapshot_dir / SNAPSHOT)["manifest_root"],
-        "counts": report.get("counts", {}),
+        "manifest_root": read_snapshot_info(snapshot_dir).manifest_root,
+        "counts": report.counts,
         "errors": len(errors),
-        "warnings": len(warnings_in(report["problems"])),
+        "warnings": len(warnings_in(report.problems)),
         "report": str(snapshot_dir / REPORT_MD),
         "contact_sheet": str(snapshot_dir / CONTACT_SHEET),
         "dagster_run_id": outcome.run_id,
@@ -208,7 +209,8 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
 
     chain = trace_lora(root, Path(args.file))
-    return CommandResult(chain, text=format_provenance(chain), exit_code=0 if chain["status"] == "ok" else 1)
+    exit_code = 0 if chain.status == "ok" else 1
+    return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
 
 
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
@@ -265,7 +267,7 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         f"  val loss    {evaluated['val_loss_png']}",
         f"  recommended epoch {rec['recommended_epoch']}: {chosen}",
         *(f"              - {r}" for r in reasons[:3]),
-        f"  provenance  {chain.get('status')} ({len(chain.get('images', []))} images traced): "
+        f"  provenance  {chain.status} ({len(chain.images)} images traced): "
         f"lora-pipeline provenance {chosen}",
         "  seconds     " + ", ".join(f"{k} {v}" for k, v in timings.items()),
     ])
@@ -278,8 +280,8 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "grids": evaluated["grids"],
         "val_loss_png": evaluated["val_loss_png"],
         "recommendation": rec,
-        "provenance_status": chain.get("status"),
-        "provenance_images": len(chain.get("images", [])),
+        "provenance_status": chain.status,
+        "provenance_images": len(chain.images),
         "seconds": timings,
     }, text=text)
 

@@ -1,4 +1,5 @@
-"""Typed config files: the strict field types specs and recipes are made of, and one-line errors.
+"""Typed config files and records: the strict field types specs and recipes are made of, one-line errors, and
+`Record`, the base of the JSON files and rows the pipeline writes for other modules to read.
 
 Specs and recipes are pydantic dataclasses (so `dataclasses.asdict`/`replace` keep working and the
 hashes of existing files do not change). Types are strict: `"false"` is not a bool, `true` is not
@@ -15,11 +16,12 @@ import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
     AllowInfNan,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Strict,
@@ -29,6 +31,7 @@ from pydantic import (
 )
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.names import check_name
 
 T = TypeVar("T")
@@ -142,6 +145,11 @@ def _expected(error: Mapping[str, Any]) -> str:
 
 def describe(exc: ValidationError, path: Path) -> UserError:
     """One line for all of a validation's errors (the first few, then a count)."""
+    return UserError(error_line(exc), path)
+
+
+def error_line(exc: ValidationError) -> str:
+    """A validation's errors in one line: the first few, then a count."""
     parts = []
     errors = exc.errors(include_url=False)
     for error in errors[:_MAX_ERRORS_SHOWN]:
@@ -152,7 +160,7 @@ def describe(exc: ValidationError, path: Path) -> UserError:
         parts.append(f"{where + ': ' if where else ''}{_expected(error)}{got}")
     more = len(errors) - _MAX_ERRORS_SHOWN
     line = "; ".join(parts) + (f"; and {more} more problem{'s' if more > 1 else ''}" if more > 0 else "")
-    return UserError(" ".join(line.split()), path)
+    return " ".join(line.split())
 
 
 @functools.cache
@@ -169,3 +177,29 @@ def validate(kind: type[T], data: Mapping[str, Any], path: Path) -> T:
         return _adapter(kind).validate_python(_without_nulls(data), by_alias=True, by_name=False)
     except ValidationError as exc:
         raise describe(exc, path) from None
+
+
+class Record(BaseModel):
+    """A record the pipeline writes as JSON for other modules to read: a manifest row, snapshot.json, report.json,
+    the provenance chain. Strict like the config files (an integer stays an integer, unknown fields are refused)
+    and frozen.
+
+    A field is written back only when it was given, read from the file or passed when built, just as a dict holds
+    only its keys: a row built without `mask` gets no `"mask": null`, a row read with `"width": null` keeps it. A
+    file read and written again is therefore the same bytes, and every hash over it the same.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_by_name=True,
+                              validate_by_alias=True)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The record as the JSON data it is written as: given fields only, under their JSON names."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """The record in the JSON file `path`; a one-line UserError naming the file when it is not one."""
+        try:
+            return cls.model_validate(read_json(path))
+        except ValidationError as exc:
+            raise describe(exc, path) from None

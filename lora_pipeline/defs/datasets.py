@@ -88,10 +88,10 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     root, spec, _ = _version_inputs(context, data_root)
     result = build_snapshot(root, spec, code_version())
     if context.run.tags.get(EARLY_INSPECTION_TAG) == "1":
-        start_early([result.dir / r["path"] for r in result.rows], spec.checks.max_pixels, MAX_IMAGES)
+        start_early([result.dir / r.path for r in result.rows], spec.checks.max_pixels, MAX_IMAGES)
     verb = "built" if result.created else "unchanged (rebuild is a no-op)"
     context.log.info(f"dataset {spec.name} {verb}: {len(result.rows)} images, image root {result.image_root}")
-    per_source = collections.Counter(r.get("source_batch") or r.get("source_dataset") for r in result.rows)
+    per_source = collections.Counter(r.source_batch or r.source_dataset for r in result.rows)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.image_root),
         metadata={

@@ -4,12 +4,17 @@
 import base64
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from PIL import Image
+
+from lora_pipeline.core.schema import Record
+
+if TYPE_CHECKING:  # provenance imports torch: only the runs that trace a LoRA file pay for it
+    from lora_pipeline.core.lineage.provenance import ProvenanceChain
 
 PROBLEM_ROWS = 200  # rows of a problems table in the metadata; counts cover all, report.json lists all
 
@@ -45,12 +50,13 @@ def problems_metadata(
     }
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], limit: int = 200) -> dg.MetadataValue:
-    """A Dagster table of the first `limit` rows (cells rendered as text where not numbers)."""
+def table(rows: Sequence[Mapping[str, Any] | Record], columns: Sequence[str], limit: int = 200) -> dg.MetadataValue:
+    """A Dagster table of the first `limit` rows, dicts or records (cells rendered as text where not numbers)."""
     schema = dg.TableSchema(columns=[dg.TableColumn(name=c) for c in columns])
     records = []
     for row in rows[:limit]:
-        records.append(dg.TableRecord({c: _cell(row.get(c)) for c in columns}))
+        cells = row.to_json_dict() if isinstance(row, Record) else row
+        records.append(dg.TableRecord({c: _cell(cells.get(c)) for c in columns}))
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
@@ -60,25 +66,25 @@ def _cell(value: Any) -> int | float | str:
     return "" if value is None else str(value)
 
 
-def provenance_metadata(chain: dict[str, Any], manifest: Path) -> dict[str, Any]:
-    """The provenance chain of a LoRA file (training/run/provenance.py `trace_lora`) as metadata a partition page shows:
+def provenance_metadata(chain: "ProvenanceChain", manifest: Path) -> dict[str, Any]:
+    """The provenance chain of a LoRA file (lineage/provenance.py `trace_lora`) as metadata a partition page shows:
     the source batches with their counts, every image's source file, and the hashes that tie them together."""
     per_source: dict[str, dict[str, Any]] = {}
     files = []
-    for image in chain["images"]:
-        origin = image.get("origin") or image["source"]  # an image reused from a version: the batch it came from
-        key = f"{origin['kind']}:{origin['name']}"
+    for image in chain.images:
+        origin = image.origin or image.source  # an image reused from a version: the batch it came from
+        key = f"{origin.kind}:{origin.name}"
         row = per_source.setdefault(key, {"source": key, "images": 0, "captions": 0, "changed_or_missing": 0})
         row["images"] += 1
-        row["captions"] += "caption" in image
-        row["changed_or_missing"] += origin["status"] != "unchanged"
-        files.append({"image": image["path"], "source": key, "source_path": origin["path"],
-                      "caption_from": (image.get("caption") or {}).get("from", ""), "status": origin["status"],
-                      "sha256": image["sha256"]})
+        row["captions"] += image.caption is not None
+        row["changed_or_missing"] += origin.status != "unchanged"
+        files.append({"image": image.path, "source": key, "source_path": origin.path,
+                      "caption_from": image.caption.caption_source if image.caption else "", "status": origin.status,
+                      "sha256": image.sha256})
     for row in per_source.values():
         row["manifest"] = str(manifest)
-    dataset, recipe, base = chain["dataset"], chain["recipe"], chain["base_model"]
-    status = chain["status"]
+    dataset, recipe, base = chain.dataset, chain.recipe, chain.base_model
+    status = chain.status
     return {
         "provenance": dg.MetadataValue.md(
             "ok: every link of the chain checked" if status == "ok" else "\n".join(f"- {f}" for f in status)
@@ -87,9 +93,9 @@ def provenance_metadata(chain: dict[str, Any], manifest: Path) -> dict[str, Any]
                                 ["source", "images", "captions", "changed_or_missing", "manifest"]),
         "source_files": table(files, ["image", "source", "source_path", "caption_from", "status", "sha256"]),
         "manifest": dg.MetadataValue.path(str(manifest)),
-        "manifest_root": dataset.get("snapshot_manifest_root") or dataset.get("header_manifest_root", ""),
-        "spec_sha256": dataset.get("spec_sha256") or "",
-        "recipe_sha256": recipe.get("sha256", ""),
-        "base_model": f"{base.get('name')} ({base.get('source')})",
-        "base_model_hash": base.get("hash", ""),
+        "manifest_root": dataset.snapshot_manifest_root or dataset.header_manifest_root,
+        "spec_sha256": dataset.spec_sha256 or "",
+        "recipe_sha256": recipe.sha256,
+        "base_model": f"{base.name} ({base.source})",
+        "base_model_hash": base.hash,
     }

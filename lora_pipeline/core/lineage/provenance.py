@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from pydantic import Field
+
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
+from lora_pipeline.core.schema import Record
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata, tensors_match_header
 from lora_pipeline.core.training.recipe import load_recipe
 
@@ -29,6 +32,103 @@ TRAINING_KEYS = (
     "ss_max_train_steps", "ss_seed", "ss_optimizer", "ss_learning_rate", "ss_lr_scheduler", "ss_resolution",
     "ss_num_train_images", "ss_training_started_at", "sshs_model_hash",
 )
+FileStatus = Literal["unchanged", "changed", "missing"]
+
+
+def _left_out() -> Any:
+    """An optional link that the JSON leaves out, rather than writing null, when there is none."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class SourceLink(Record):
+    """A file a snapshot row was copied or derived from (a batch file or an earlier dataset's file), re-hashed."""
+
+    kind: Literal["batch", "dataset"]
+    name: str
+    path: str
+    sha256: str  # as the snapshot's manifest recorded it
+    status: FileStatus
+
+
+class CaptionLink(Record):
+    path: str
+    sha256: str
+    text: str | None  # the snapshot's caption file as it reads now; null when it is gone
+    caption_source: str | None = Field(alias="from")  # the manifest row's caption_source
+    source: SourceLink
+
+
+class ImageLink(Record):
+    path: str
+    sha256: str
+    bytes: int
+    width: int | None
+    height: int | None
+    source: SourceLink
+    origin: SourceLink | None = _left_out()  # an image of an earlier version: the batch file it first came from
+    caption: CaptionLink | None = _left_out()  # none when the manifest has no caption for the image (a finding)
+
+
+class LoraLink(Record):
+    path: str
+    sha256: str
+    epoch: str | None
+    title: str | None
+    training: dict[str, str]  # the header's kohya keys (TRAINING_KEYS) it has
+
+
+class RecipeLink(Record):
+    name: str
+    sha256: str  # as the header recorded it
+    file: str
+    as_trained: dict[str, Any] | None = _left_out()  # the recipe as resolved when trained (from the header)
+    file_status: Literal["unchanged", "changed", "missing", "invalid"]
+
+
+class DatasetLink(Record):
+    """The dataset version named in the header; the fields after `header_manifest_root` are given (and written)
+    only when the version's snapshot.json is there."""
+
+    version: str
+    path: str
+    header_manifest_root: str
+    snapshot_manifest_root: str | None = None
+    spec_sha256: str | None = None  # as the header recorded it
+    created_at: str | None = None
+    parents: list[str] | None = None
+    code_version: str | None = None
+    verified: bool | None = None
+    files_checked: int | None = None
+
+
+class BaseModelLink(Record):
+    name: str | None
+    source: str
+    hash: str  # the U-Net hash the header recorded
+    status: Literal["unchanged", "changed", "unavailable"]
+
+
+class MlflowLink(Record):
+    run_id: str | None
+    tracking_uri: str
+
+
+class ProvenanceChain(Record):
+    """`trace_lora`'s chain: `provenance --json` prints `to_json_dict()`."""
+
+    lora: LoraLink
+    recipe: RecipeLink
+    dataset: DatasetLink
+    images: list[ImageLink]
+    base_model: BaseModelLink
+    code_commit: str | None
+    mlflow: MlflowLink
+    status: Literal["ok"] | list[str]  # "ok", or one plain-language finding per broken link
+
+    def __getitem__(self, key: str) -> Any:
+        """An entry of the JSON document `provenance --json` prints (`chain["images"][0]["source"]`), for readers
+        of that document's shape; the code reads the attributes."""
+        return self.to_json_dict()[key]
 
 
 class _Chain:
@@ -59,85 +159,81 @@ class _Chain:
             return "changed"
         return "unchanged"
 
-    def source_link(self, kind: str, name: str, path: str, sha: str, since: str) -> dict[str, Any]:
+    def source_link(self, kind: Literal["batch", "dataset"], name: str, path: str, sha: str,
+                    since: str) -> SourceLink:
         """A file a snapshot row was copied or derived from: a batch file or an earlier dataset's file."""
         where = self.root.batch(name) if kind == "batch" else self.root.dataset(name)
         what = "source file" if kind == "batch" else f"file of dataset {name}"
         status = self.file_status(where / path, sha, what, since)
-        return {"kind": kind, "name": name, "path": path, "sha256": sha, "status": status}
+        return SourceLink(kind=kind, name=name, path=path, sha256=sha, status=status)
+
+    def row_source(self, row: ManifestRow, since: str) -> SourceLink:
+        """The source file a manifest row was copied from."""
+        if row.source_batch is not None:
+            return self.source_link("batch", row.source_batch, row.source_path, row.source_sha256, since)
+        return self.source_link("dataset", row.source_dataset, row.source_path, row.source_sha256, since)
 
 
-def _source_of(row: dict[str, Any]) -> tuple[str, str]:
-    return ("batch", row["source_batch"]) if "source_batch" in row else ("dataset", row["source_dataset"])
-
-
-def _recipe_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
+def _recipe_link(chain: _Chain, meta: dict[str, str]) -> RecipeLink:
     name, recorded = meta.get(f"{KEY}recipe", ""), meta.get(f"{KEY}recipe_sha256", "")
     path = chain.root.recipe_file(name)
-    link: dict[str, Any] = {"name": name, "sha256": recorded, "file": chain.rel(path)}
-    if f"{KEY}recipe_resolved" in meta:
-        link["as_trained"] = json.loads(meta[f"{KEY}recipe_resolved"])
+    resolved = meta.get(f"{KEY}recipe_resolved")
     if not path.is_file():
-        link["file_status"] = "missing"
+        status = "missing"
         chain.findings.append(f"recipe file {chain.rel(path)} no longer exists (the LoRA header keeps it as trained)")
-        return link
-    return _compare(
-        chain, link, "file_status", lambda: load_recipe(path).sha256, recorded,
-        ("invalid", f"recipe file {chain.rel(path)} no longer loads"),
-        f"recipe file {chain.rel(path)} changed since training (its sha256 differs)",
-    )
+    else:
+        status = _compare(
+            chain, lambda: load_recipe(path).sha256, recorded,
+            ("invalid", f"recipe file {chain.rel(path)} no longer loads"),
+            f"recipe file {chain.rel(path)} changed since training (its sha256 differs)",
+        )
+    return RecipeLink(name=name, sha256=recorded, file=chain.rel(path),
+                      as_trained=None if resolved is None else json.loads(resolved), file_status=status)
 
 
 def _compare(
-    chain: _Chain, link: dict[str, Any], status_key: str, rehash: Callable[[], str], recorded: str,
-    failure: tuple[str, str], changed: str,
-) -> dict[str, Any]:
-    """Re-hash something the header recorded; set link[status_key] and add a finding when it differs.
+    chain: _Chain, rehash: Callable[[], str], recorded: str, failure: tuple[str, str], changed: str,
+) -> str:
+    """Re-hash something the header recorded: "unchanged" or "changed" (with a finding when it differs).
 
     `failure` is (status, finding) for when it cannot be re-hashed (the UserError's line is appended).
     """
     try:
         current = rehash()
     except UserError as exc:
-        link[status_key] = failure[0]
         chain.findings.append(f"{failure[1]}: {exc}")
-        return link
-    link[status_key] = "unchanged" if current == recorded else "changed"
+        return failure[0]
     if current != recorded:
         chain.findings.append(changed)
-    return link
+        return "changed"
+    return "unchanged"
 
 
-def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[DatasetLink, list[ImageLink]]:
     folder = chain.root.dataset(version)
     header_root = meta.get(f"{KEY}manifest_root", "")
-    link: dict[str, Any] = {"version": version, "path": chain.rel(folder), "header_manifest_root": header_root}
+    named = {"version": version, "path": chain.rel(folder), "header_manifest_root": header_root}
     if not (folder / SNAPSHOT).is_file():
         chain.findings.append(f"dataset version {version} is missing: {chain.rel(folder / SNAPSHOT)} does not exist")
-        return link, []
+        return DatasetLink(**named), []
     info = read_snapshot_info(folder)
-    link.update(
-        snapshot_manifest_root=info.get("manifest_root"), spec_sha256=meta.get(f"{KEY}spec_sha256"),
-        created_at=info.get("created_at"), parents=info.get("parents", []), code_version=info.get("code_version"),
-    )
-    if info.get("manifest_root") != header_root:
+    if info.manifest_root != header_root:
         chain.findings.append(
             f"header manifest root differs from the snapshot's: the LoRA was trained on {header_root[:12]}…, "
-            f"{chain.rel(folder / SNAPSHOT)} now says {str(info.get('manifest_root'))[:12]}…"
+            f"{chain.rel(folder / SNAPSHOT)} now says {info.manifest_root[:12]}…"
         )
-    if "spec_sha256" in info and info["spec_sha256"] != meta.get(f"{KEY}spec_sha256"):
+    if info.spec_sha256 is not None and info.spec_sha256 != meta.get(f"{KEY}spec_sha256"):
         chain.findings.append(f"header spec sha256 differs from the one in {chain.rel(folder / SNAPSHOT)}")
     spec_file = chain.root.spec_file(version)
-    if spec_file.is_file() and "spec_sha256" in info:
+    if spec_file.is_file() and info.spec_sha256 is not None:
         try:
-            spec_changed = load_spec(spec_file).sha256 != info["spec_sha256"]
+            spec_changed = load_spec(spec_file).sha256 != info.spec_sha256
         except UserError as exc:
             chain.findings.append(f"spec file {chain.rel(spec_file)} no longer loads: {exc}")
         else:
             if spec_changed:
                 chain.findings.append(f"spec file {chain.rel(spec_file)} changed since the snapshot was built")
     verified = verify_version(folder)
-    link.update(verified=verified.ok, files_checked=verified.files_checked)
     if not verified.sealed:
         chain.findings.append(f"dataset version {version} is not sealed (its build did not finish): not verified")
     prefix = "snapshot no longer matches its manifest:"
@@ -146,51 +242,54 @@ def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[di
     chain.findings += [f"{prefix} {chain.rel(folder / p)} is an extra file" for p in verified.extra]
     if verified.root_mismatch:
         chain.findings.append(f"{prefix} its rows no longer hash to the manifest_root in {SNAPSHOT}")
+    link = DatasetLink(
+        **named, snapshot_manifest_root=info.manifest_root, spec_sha256=meta.get(f"{KEY}spec_sha256"),
+        created_at=info.created_at, parents=info.parents, code_version=info.code_version,
+        verified=verified.ok, files_checked=verified.files_checked,
+    )
     return link, _images(chain, folder, version)
 
 
-def _images(chain: _Chain, folder: Path, version: str) -> list[dict[str, Any]]:
+def _images(chain: _Chain, folder: Path, version: str) -> list[ImageLink]:
     rows = read_manifest(folder)
-    captions = {r["image"]: r for r in rows if r.get("kind") == "caption"}
+    captions = {r.image: r for r in rows if r.kind == "caption"}
     since = f"the snapshot {version}"
     images = []
-    for row in sorted((r for r in rows if r.get("kind") == "image"), key=lambda r: r["path"]):
-        kind, name = _source_of(row)
-        image: dict[str, Any] = {
-            "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"],
-            "width": row.get("width"), "height": row.get("height"),
-            "source": chain.source_link(kind, name, row["source_path"], row["source_sha256"], since),
-        }
-        if kind == "dataset" and "origin_batch" in row:
-            image["origin"] = chain.source_link("batch", row["origin_batch"], row["origin_path"],
-                                                row["origin_sha256"], since)
-        caption = captions.get(row["path"])
+    for row in sorted((r for r in rows if r.kind == "image"), key=lambda r: r.path):
+        source = chain.row_source(row, since)
+        origin = None
+        if row.source_batch is None and row.origin_batch is not None:  # copied from an earlier version
+            origin = chain.source_link("batch", row.origin_batch, row.origin_path, row.origin_sha256, since)
+        caption = captions.get(row.path)
         if caption is None:
-            chain.findings.append(f"{chain.rel(folder / row['path'])} has no caption in the manifest")
-        else:
-            text_path = folder / caption["path"]
-            ckind, cname = _source_of(caption)
-            image["caption"] = {
-                "path": caption["path"], "sha256": caption["sha256"],
-                "text": text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else None,
-                "from": caption.get("caption_source"),
-                "source": chain.source_link(ckind, cname, caption["source_path"], caption["source_sha256"], since),
-            }
-        images.append(image)
+            chain.findings.append(f"{chain.rel(folder / row.path)} has no caption in the manifest")
+        images.append(ImageLink(
+            path=row.path, sha256=row.sha256, bytes=row.bytes, width=row.width, height=row.height, source=source,
+            origin=origin, caption=None if caption is None else _caption_link(chain, folder, caption, since),
+        ))
     return images
 
 
-def _base_model_link(chain: _Chain, meta: dict[str, str]) -> dict[str, Any]:
-    source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
-    link = {"name": meta.get(f"{KEY}base_model"), "source": source, "hash": recorded}
-    return _compare(
-        chain, link, "status", lambda: base_model_hash(source), recorded,
-        ("unavailable", "base model cannot be checked"),
-        f"base model {source} changed since training (its U-Net hash differs)",
+def _caption_link(chain: _Chain, folder: Path, caption: ManifestRow, since: str) -> CaptionLink:
+    text_path = folder / caption.path
+    return CaptionLink(
+        path=caption.path, sha256=caption.sha256,
+        text=text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else None,
+        caption_source=caption.caption_source, source=chain.row_source(caption, since),
     )
 
 
-def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
+def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
+    source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
+    status = _compare(
+        chain, lambda: base_model_hash(source), recorded,
+        ("unavailable", "base model cannot be checked"),
+        f"base model {source} changed since training (its U-Net hash differs)",
+    )
+    return BaseModelLink(name=meta.get(f"{KEY}base_model"), source=source, hash=recorded, status=status)
+
+
+def trace_lora(root: DataRoot, lora_path: Path) -> ProvenanceChain:
     """The provenance chain of one LoRA file, each link checked; `status` is "ok" or a list of findings."""
     meta = read_lora_metadata(lora_path)
     version = meta.get(f"{KEY}dataset_version")
@@ -202,68 +301,68 @@ def trace_lora(root: DataRoot, lora_path: Path) -> dict[str, Any]:
             f"LoRA file {chain.rel(lora_path)}: its tensors changed since it was written "
             "(the sshs_model_hash in its header no longer matches)"
         )
-    lora = {
-        "path": str(lora_path), "sha256": sha256_file(lora_path), "epoch": meta.get(f"{KEY}epoch"),
-        "title": meta.get("modelspec.title"), "training": {k: meta[k] for k in TRAINING_KEYS if k in meta},
-    }
+    lora = LoraLink(
+        path=str(lora_path), sha256=sha256_file(lora_path), epoch=meta.get(f"{KEY}epoch"),
+        title=meta.get("modelspec.title"), training={k: meta[k] for k in TRAINING_KEYS if k in meta},
+    )
     recipe = _recipe_link(chain, meta)
     dataset, images = _dataset_link(chain, meta, version)
     base = _base_model_link(chain, meta)
-    return {
-        "lora": lora, "recipe": recipe, "dataset": dataset, "images": images, "base_model": base,
-        "code_commit": meta.get(f"{KEY}code_commit"),
-        "mlflow": {"run_id": meta.get(f"{KEY}mlflow_run_id"), "tracking_uri": mlflow_tracking_uri(root.mlflow)},
-        "status": chain.findings or "ok",
-    }
+    return ProvenanceChain(
+        lora=lora, recipe=recipe, dataset=dataset, images=images, base_model=base,
+        code_commit=meta.get(f"{KEY}code_commit"),
+        mlflow=MlflowLink(run_id=meta.get(f"{KEY}mlflow_run_id"), tracking_uri=mlflow_tracking_uri(root.mlflow)),
+        status=chain.findings or "ok",
+    )
 
 
 def _short(digest: str | None) -> str:
     return f"{digest[:12]}…" if digest else "?"
 
 
-def _source_line(label: str, link: dict[str, Any]) -> str:
-    return f"{label}: {link['kind']} {link['name']}: {link['path']} (sha256 {_short(link['sha256'])}, {link['status']})"
+def _source_line(label: str, link: SourceLink) -> str:
+    return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
 
 
-def format_provenance(chain: dict[str, Any]) -> str:
+def format_provenance(chain: ProvenanceChain) -> str:
     """A readable, indented text tree of `trace_lora`'s chain for the command line."""
-    lora, recipe, dataset, base = chain["lora"], chain["recipe"], chain["dataset"], chain["base_model"]
-    training = lora["training"]
+    lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
+    training = lora.training
     lines = [
-        f"LoRA {lora['path']}",
-        f"  sha256 {lora['sha256']}",
-        f"  epoch {lora['epoch']} of {training.get('ss_num_epochs', '?')}, step {training.get('ss_steps', '?')}, "
+        f"LoRA {lora.path}",
+        f"  sha256 {lora.sha256}",
+        f"  epoch {lora.epoch} of {training.get('ss_num_epochs', '?')}, step {training.get('ss_steps', '?')}, "
         f"dim {training.get('ss_network_dim', '?')} alpha {training.get('ss_network_alpha', '?')}, "
         f"{training.get('ss_base_model_version', '?')}",
-        f"recipe {recipe['name']} (sha256 {_short(recipe['sha256'])}): {recipe['file']} {recipe.get('file_status')}",
-        f"dataset {dataset['version']} at {dataset['path']}",
-        f"  manifest root {dataset['header_manifest_root']} (in the LoRA header)",
+        f"recipe {recipe.name} (sha256 {_short(recipe.sha256)}): {recipe.file} {recipe.file_status}",
+        f"dataset {dataset.version} at {dataset.path}",
+        f"  manifest root {dataset.header_manifest_root} (in the LoRA header)",
     ]
-    if "snapshot_manifest_root" in dataset:
-        lines.append(f"  manifest root {dataset['snapshot_manifest_root']} (in snapshot.json)")
-        state = "verified" if dataset["verified"] else "DOES NOT MATCH its manifest"
-        lines.append(f"  snapshot {state} ({dataset['files_checked']} files re-hashed)")
-    lines.append(f"  {len(chain['images'])} images")
-    for image in chain["images"]:
-        size = f"{image['width']}x{image['height']}" if image.get("width") else "size unknown"
-        lines.append(f"    {image['path']} ({size}, sha256 {_short(image['sha256'])})")
-        caption = image.get("caption")
+    if dataset.snapshot_manifest_root is not None:
+        lines.append(f"  manifest root {dataset.snapshot_manifest_root} (in snapshot.json)")
+        state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
+        lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
+    lines.append(f"  {len(chain.images)} images")
+    for image in chain.images:
+        size = f"{image.width}x{image.height}" if image.width else "size unknown"
+        lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")
+        caption = image.caption
         if caption:
-            lines.append(f"      caption: {caption['text']}")
-        lines.append("      " + _source_line("from", image["source"]))
-        if "origin" in image:
-            lines.append("      " + _source_line("origin", image["origin"]))
+            lines.append(f"      caption: {caption.text}")
+        lines.append("      " + _source_line("from", image.source))
+        if image.origin:
+            lines.append("      " + _source_line("origin", image.origin))
         if caption:
-            src = caption["source"]
-            lines.append(f"      caption source {caption['from']} (sha256 {_short(src['sha256'])}, {src['status']})")
+            src = caption.source
+            lines.append(f"      caption source {caption.caption_source} (sha256 {_short(src.sha256)}, {src.status})")
     lines += [
-        f"base model {base['name']}: {base['source']} (U-Net sha256 {_short(base['hash'])}, {base['status']})",
-        f"code commit {chain['code_commit']}",
-        f"MLflow run {chain['mlflow']['run_id']} in {chain['mlflow']['tracking_uri']}",
+        f"base model {base.name}: {base.source} (U-Net sha256 {_short(base.hash)}, {base.status})",
+        f"code commit {chain.code_commit}",
+        f"MLflow run {chain.mlflow.run_id} in {chain.mlflow.tracking_uri}",
     ]
-    if chain["status"] == "ok":
+    if chain.status == "ok":
         lines.append("status: ok, every link checks out")
     else:
-        lines.append(f"status: {len(chain['status'])} finding(s)")
-        lines += [f"  - {finding}" for finding in chain["status"]]
+        lines.append(f"status: {len(chain.status)} finding(s)")
+        lines += [f"  - {finding}" for finding in chain.status]
     return "\n".join(lines)

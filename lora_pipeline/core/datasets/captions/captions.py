@@ -37,7 +37,7 @@ from typing import Any
 from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
 from lora_pipeline.core.datasets.captions.tags import normalise_caption, place_trigger
 from lora_pipeline.core.datasets.problems import Problem, problem
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest
 from lora_pipeline.core.datasets.snapshot.seal import read_seal
 from lora_pipeline.core.datasets.sources.batches import (
     IMAGE_EXTENSIONS,
@@ -164,14 +164,14 @@ class _Collector:
         return f"dataset:{self.spec.name}"
 
 
-def _from_sidecars(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+def _from_sidecars(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
     claimed: dict[str, set[str]] = defaultdict(set)
     for row in images:
-        batch = row["source_batch"]
-        rel = caption_path(row["source_path"])
+        batch = row.source_batch
+        rel = caption_path(row.source_path)
         claimed[batch].add(rel)
         path, source = root.batch(batch) / rel, f"sidecar:{batch}/{rel}"
-        out.read_file(row["path"], path, rel, f"batch:{batch}", source, f"sidecar {batch}/{rel}")
+        out.read_file(row.path, path, rel, f"batch:{batch}", source, f"sidecar {batch}/{rel}")
     for batch in spec_batches(root, out.spec):
         folder = root.batch(batch)
         if not folder.is_dir():
@@ -269,7 +269,7 @@ def _render(table: _Table, n: int, row: dict[str, str], template: str, trigger: 
         raise UserError(f"captions.template cannot render row {n}: {exc}", table.path) from None
 
 
-def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+def _from_table(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
     spec = out.spec
     kind = spec.captions.source
     table = _read_table(*locate_table(root, spec))
@@ -284,7 +284,7 @@ def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -
 
     folder = root.batch(table.batch)
     scope = f"batch:{table.batch}"
-    by_source = {row["source_path"]: row["path"] for row in images if row["source_batch"] == table.batch}
+    by_source = {row.source_path: row.path for row in images if row.source_batch == table.batch}
     first_row: dict[str, int] = {}
     for n, row in enumerate(table.rows, 1):
         file = row.get("file", "").strip()
@@ -324,28 +324,28 @@ def _from_table(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -
         out.found[image] = _Found(text, f"{kind}:{table.batch}/{table.rel}#{n}", table.sha256)
 
     for row in images:
-        if row["path"] in out.found or row["path"] in first_row:
+        if row.path in out.found or row.path in first_row:
             continue
-        if row["source_batch"] == table.batch:
-            out.missing(row["path"], f"{table.batch}/{table.rel} has no row for '{row['source_path']}'")
+        if row.source_batch == table.batch:
+            out.missing(row.path, f"{table.batch}/{table.rel} has no row for '{row.source_path}'")
         else:
-            why = f"captions come from {table.batch}/{table.rel}, but the image is from batch '{row['source_batch']}'"
-            out.missing(row["path"], why)
+            why = f"captions come from {table.batch}/{table.rel}, but the image is from batch '{row.source_batch}'"
+            out.missing(row.path, why)
 
 
-def _from_datasets(root: DataRoot, images: list[dict[str, Any]], out: _Collector) -> None:
+def _from_datasets(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
     for row in images:
-        version = row["source_dataset"]
-        rel = caption_path(row["source_path"])
+        version = row.source_dataset
+        rel = caption_path(row.source_path)
         path, source = root.dataset(version) / rel, f"dataset:{version}/{rel}"
-        out.read_file(row["path"], path, rel, f"dataset:{version}", source, f"{version}/{rel}")
+        out.read_file(row.path, path, rel, f"dataset:{version}", source, f"{version}/{rel}")
 
 
-def _stem_collisions(images: list[dict[str, Any]], out: _Collector) -> set[str]:
+def _stem_collisions(images: list[ManifestRow], out: _Collector) -> set[str]:
     """Images that would share one .txt (a.png and a.jpg in one folder): kohya cannot pair them."""
     by_caption: dict[str, list[str]] = defaultdict(list)
     for row in images:
-        by_caption[caption_path(row["path"])].append(row["path"])
+        by_caption[caption_path(row.path)].append(row.path)
     clashing = set()
     for txt, paths in by_caption.items():
         if len(paths) > 1:
@@ -357,14 +357,14 @@ def _stem_collisions(images: list[dict[str, Any]], out: _Collector) -> set[str]:
 
 def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> CaptionPlan:
     """Find, normalise and lint the caption of every image in a snapshot's manifest; writes nothing."""
-    images = sorted((r for r in read_manifest(snapshot_dir) if r.get("kind") == "image"), key=lambda r: r["path"])
-    from_batches = [r for r in images if "source_batch" in r]
+    images = sorted((r for r in read_manifest(snapshot_dir) if r.kind == "image"), key=lambda r: r.path)
+    from_batches = [r for r in images if r.source_batch is not None]
     out = _Collector(spec)
     if spec.captions.source == "sidecar":
         _from_sidecars(root, from_batches, out)
     elif from_batches or spec_batches(root, spec):
         _from_table(root, from_batches, out)
-    _from_datasets(root, [r for r in images if "source_dataset" in r], out)
+    _from_datasets(root, [r for r in images if r.source_dataset is not None], out)
     clashing = _stem_collisions(images, out)
 
     plan = CaptionPlan()
@@ -389,7 +389,7 @@ def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> Capt
     return plan
 
 
-def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]]:
+def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[ManifestRow]:
     """Write each planned caption as a read-only .txt beside its image; return the manifest caption rows.
 
     A caption file already there with the same content is left alone, so re-running is a no-op. One with
@@ -409,17 +409,17 @@ def write_captions(snapshot_dir: Path, plan: CaptionPlan) -> list[dict[str, Any]
         source = plan.caption_sources[image]
         kind, name, source_path = parse_caption_source(source)
         rows.append(
-            {
-                "path": rel,
-                "kind": "caption",
-                "sha256": sha256_bytes(data),
-                "bytes": len(data),
-                "image": image,
-                "caption_source": source,
-                "source_dataset" if kind == "dataset" else "source_batch": name,
-                "source_path": source_path,
-                "source_sha256": plan.caption_source_sha256[image],
-            }
+            ManifestRow(
+                path=rel,
+                kind="caption",
+                sha256=sha256_bytes(data),
+                bytes=len(data),
+                image=image,
+                caption_source=source,
+                **{"source_dataset" if kind == "dataset" else "source_batch": name},
+                source_path=source_path,
+                source_sha256=plan.caption_source_sha256[image],
+            )
         )
     if new and read_seal(snapshot_dir) is not None:
         raise UserError("has no caption in this sealed version; versions are immutable, make a new one", new[0][0])
@@ -451,6 +451,6 @@ def load_caption_check(snapshot_dir: Path) -> CaptionCheck:
     if not path.is_file():
         raise UserError("no caption check in the snapshot: materialize caption_set first", path)
     found = read_json(path)
-    rows = [row for row in read_manifest(snapshot_dir) if row.get("kind") == "caption"]
-    captions = {row["image"]: snapshot_caption(snapshot_dir / row["path"]) for row in rows}
+    rows = [row for row in read_manifest(snapshot_dir) if row.kind == "caption"]
+    captions = {row.image: snapshot_caption(snapshot_dir / row.path) for row in rows}
     return CaptionCheck(captions, found["problems"], found["lint"], found["tag_frequency"])

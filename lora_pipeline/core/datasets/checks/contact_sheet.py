@@ -78,11 +78,11 @@ def problems_by_image(snapshot_dir: Path, result: ValidationResult) -> dict[str,
     """
     owners: dict[tuple[str, str], str] = {}
     for row in read_manifest(snapshot_dir):
-        if row.get("kind") != "image":
+        if row.kind != "image":
             continue
-        owners[(result.scope, str(PurePosixPath(row["path"]).with_suffix("")))] = row["path"]
-        if "source_path" in row:
-            owners[(source_label(row), str(PurePosixPath(row["source_path"]).with_suffix("")))] = row["path"]
+        owners[(result.scope, str(PurePosixPath(row.path).with_suffix("")))] = row.path
+        if row.source_path is not None:
+            owners[(source_label(row), str(PurePosixPath(row.source_path).with_suffix("")))] = row.path
     attached: dict[str, list[Problem]] = {}
     for p in result.problems:
         if not p["file"]:  # about the whole set, not one file

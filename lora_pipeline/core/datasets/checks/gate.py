@@ -9,17 +9,16 @@ and metadata files must still be the ones the seal recorded: an edited report.js
 
 from __future__ import annotations
 
-from typing import Any
-
+from lora_pipeline.core.datasets.checks.report import Report, read_report
 from lora_pipeline.core.datasets.problems import errors_in
+from lora_pipeline.core.datasets.snapshot.manifest import read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.seal import changed_sealed_files, require_sealed
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.names import closest_names
 from lora_pipeline.core.paths import REPORT_JSON, SNAPSHOT, DataRoot
 
 
-def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
+def require_passed_report(root: DataRoot, version: str) -> Report:
     """The report of a sealed version whose blocking checks passed; UserError (one line) otherwise."""
     snapshot_dir = root.dataset(version)
     if not (snapshot_dir / SNAPSHOT).is_file():
@@ -38,15 +37,15 @@ def require_passed_report(root: DataRoot, version: str) -> dict[str, Any]:
             snapshot_dir,
         )
     report_path = snapshot_dir / REPORT_JSON
-    report = read_json(report_path)
-    snapshot = read_json(snapshot_dir / SNAPSHOT)
-    if not snapshot.get("captions_complete"):
+    report = read_report(snapshot_dir)
+    snapshot = read_snapshot_info(snapshot_dir)
+    if not snapshot.captions_complete:
         raise UserError(f"captions are not complete: run `lora-pipeline build {version}` first", snapshot_dir)
-    if report.get("manifest_root") != snapshot.get("manifest_root"):
+    if report.manifest_root != snapshot.manifest_root:
         raise UserError("validation report is stale (it describes another manifest): rebuild the report",
                         report_path)
-    errors = errors_in(report.get("problems", []))
-    if errors or not report.get("passed", False):
+    errors = errors_in(report.problems)
+    if errors or not report.passed:
         first = errors[0] if errors else {"file": "", "code": "failed"}
         raise UserError(
             f"refusing to train: blocking checks failed for '{version}' ({len(errors)} error(s), "

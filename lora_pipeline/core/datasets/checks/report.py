@@ -10,8 +10,10 @@ from typing import Any, Protocol
 
 from lora_pipeline.core.datasets.checks.contact_sheet import MAX_IMAGES, write_contact_sheet
 from lora_pipeline.core.datasets.checks.validation import CaptionPlanLike, ValidationResult
+from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.paths import CONTACT_SHEET, REPORT_JSON, REPORT_MD
+from lora_pipeline.core.schema import Record
 
 MD_PROBLEM_ROWS = 100
 MD_TOP_TAGS = 25
@@ -25,6 +27,30 @@ class ReportCaptionPlan(CaptionPlanLike, Protocol):
 
     tag_frequency: Mapping[str, Mapping[str, int]]  # kohya ss_tag_frequency: image folder -> tag -> count
     lint: Mapping[str, Any]  # caption_lint's stats: oov_terms, banned_hits, shared_captions, ...
+
+
+class Report(Record):
+    """report.json: the validation of one snapshot, which the training gate reads. A function of the snapshot alone
+    (no timestamp), so an unchanged snapshot gets a byte-identical report and rebuilding leaves the files untouched.
+
+    `report_data` fills every field; the defaults are what a reader assumes of a report that lacks one (a report
+    without `passed` has not passed).
+    """
+
+    version: str
+    manifest_root: str | None = None  # of the snapshot as validated: the report is stale once the snapshot's moves
+    passed: bool = False
+    counts: dict[str, Any] = {}  # images, captions, pairs, ..., problems by severity and code
+    checks: dict[str, Any] = {}  # the spec's checks, as applied
+    problems: list[Problem] = []
+    buckets: dict[str, Any] = {}  # validation.bucket_summary
+    tag_frequency: dict[str, dict[str, int]] = {}
+    lint: dict[str, Any] = {}
+    contact_sheet: str | None = None
+
+
+def read_report(snapshot_dir: Path) -> Report:
+    return Report.read(snapshot_dir / REPORT_JSON)
 
 
 @dataclass(frozen=True)
@@ -53,21 +79,20 @@ def to_plain(value: Any) -> Any:
     raise TypeError(f"cannot store a {type(value).__name__} in {REPORT_JSON}")
 
 
-def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> dict[str, Any]:
-    """report.json's content: a function of the snapshot alone (no timestamp), so an unchanged
-    snapshot gets a byte-identical report and rebuilding leaves the files untouched."""
-    return {
-        "version": result.version,
-        "manifest_root": result.manifest_root,
-        "passed": result.passed,
-        "counts": result.counts,
-        "checks": result.checks,
-        "problems": [dict(p) for p in result.problems],
-        "buckets": result.buckets,
-        "tag_frequency": to_plain(caption_plan.tag_frequency),
-        "lint": to_plain(caption_plan.lint),
-        "contact_sheet": CONTACT_SHEET,
-    }
+def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> Report:
+    """report.json's content."""
+    return Report(
+        version=result.version,
+        manifest_root=result.manifest_root,
+        passed=result.passed,
+        counts=result.counts,
+        checks=result.checks,
+        problems=result.problems,
+        buckets=result.buckets,
+        tag_frequency=to_plain(caption_plan.tag_frequency),
+        lint=to_plain(caption_plan.lint),
+        contact_sheet=CONTACT_SHEET,
+    )
 
 
 def write_report(
@@ -76,9 +101,9 @@ def write_report(
     """Write the contact sheet, report.json and report.md into the snapshot folder, each atomically."""
     captions = {str(k): v for k, v in caption_plan.captions.items()}
     sheet = write_contact_sheet(snapshot_dir / CONTACT_SHEET, snapshot_dir, result, captions, max_images)
-    data = report_data(result, caption_plan)
-    write_json(snapshot_dir / REPORT_JSON, data, readonly=True)
-    markdown = render_markdown(data, sheet.shown)
+    report = report_data(result, caption_plan)
+    write_json(snapshot_dir / REPORT_JSON, report.to_json_dict(), readonly=True)
+    markdown = render_markdown(report, sheet.shown)
     atomic_write_text(snapshot_dir / REPORT_MD, markdown, readonly=True)
     return ReportFiles(
         report_json=snapshot_dir / REPORT_JSON,
@@ -124,15 +149,15 @@ def _lint_lines(name: str, value: Any) -> list[str]:
     return ["", f"**{name}**: {value}"]
 
 
-def render_markdown(data: dict[str, Any], shown: int) -> str:
-    counts = data["counts"]
+def render_markdown(report: Report, shown: int) -> str:
+    counts = report.counts
     errors, warnings = counts["problems"]["error"], counts["problems"]["warning"]
-    verdict = "**PASSED**" if data["passed"] else "**FAILED** (training is blocked)"
+    verdict = "**PASSED**" if report.passed else "**FAILED** (training is blocked)"
     out = [
-        f"# Dataset report: {data['version']}",
+        f"# Dataset report: {report.version}",
         "",
         f"{verdict}: {errors} errors, {warnings} warnings; {counts['images']} images, "
-        f"{counts['captions']} captions, {counts['pairs']} pairs; manifest root `{data['manifest_root'][:16]}…`",
+        f"{counts['captions']} captions, {counts['pairs']} pairs; manifest root `{report.manifest_root[:16]}…`",
         "",
         "## Counts",
         "",
@@ -142,7 +167,7 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
     rows += [[f"regularisation in {folder}", n] for folder, n in counts.get("regularisation_by_folder", {}).items()]
     out += [*_table(["", "count"], rows, "lr"), ""]
 
-    problems = data["problems"]
+    problems = report.problems
     out += [f"## Problems ({len(problems)})", ""]
     if problems:
         shown_rows = [
@@ -155,7 +180,7 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
     else:
         out.append("None.")
 
-    buckets = data["buckets"]
+    buckets = report.buckets
     out += [
         "",
         f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})",
@@ -169,14 +194,14 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
     out += _table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]
 
     tags: Counter[str] = Counter()
-    for folder_tags in data["tag_frequency"].values():
+    for folder_tags in report.tag_frequency.values():
         tags.update(folder_tags)
     top = sorted(tags.items(), key=lambda kv: (-kv[1], kv[0]))[:MD_TOP_TAGS]
     out += ["", f"## Top tags ({len(tags)} distinct)", ""]
     out += _table(["tag", "captions"], [list(kv) for kv in top], "lr") if top else ["No tags."]
 
     out += ["", "## Caption lint"]
-    for key, value in sorted(data["lint"].items(), key=lambda kv: (kv[0] != "oov_terms", kv[0])):
+    for key, value in sorted(report.lint.items(), key=lambda kv: (kv[0] != "oov_terms", kv[0])):
         out += _lint_lines(LINT_LABELS.get(key, key.replace("_", " ")), value)
     out += [
         "",

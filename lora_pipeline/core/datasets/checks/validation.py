@@ -24,7 +24,7 @@ from lora_pipeline.core.datasets.checks.near_duplicates import near_duplicate_pa
 from lora_pipeline.core.datasets.images import ImageInfo
 from lora_pipeline.core.datasets.masks import ALPHA, mask_problems
 from lora_pipeline.core.datasets.problems import Problem, Severity, errors_in, problem
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot
@@ -66,17 +66,17 @@ class ValidationResult:
         return not errors_in(self.problems)
 
 
-def source_label(row: Mapping[str, Any]) -> str:
+def source_label(row: ManifestRow) -> str:
     """'batch:<id>' or 'dataset:<version>': where a manifest row's file was copied from."""
-    if row.get("source_batch"):
-        return f"batch:{row['source_batch']}"
-    if row.get("source_dataset"):
-        return f"dataset:{row['source_dataset']}"
+    if row.source_batch:
+        return f"batch:{row.source_batch}"
+    if row.source_dataset:
+        return f"dataset:{row.source_dataset}"
     return "unknown"
 
 
-def _origin(row: Mapping[str, Any]) -> str:
-    return f"from {source_label(row)}/{row.get('source_path', '?')}"
+def _origin(row: ManifestRow) -> str:
+    return f"from {source_label(row)}/{row.source_path or '?'}"
 
 
 def validate_dataset(
@@ -102,34 +102,34 @@ def validate_dataset(
     if snapshot_dir.resolve() != root.dataset(spec.name).resolve():
         raise UserError(f"not the snapshot folder of '{spec.name}' ({root.dataset(spec.name)})", snapshot_dir)
     info = read_snapshot_info(snapshot_dir)
-    version = info.get("version", snapshot_dir.name)
+    version = info.version
     if version != spec.name:
         raise UserError(
             f"snapshot is version '{version}' but the spec is '{spec.name}'", snapshot_dir / SNAPSHOT
         )
     scope = f"dataset:{version}"
     rows = read_manifest(snapshot_dir)
-    images = sorted((r for r in rows if r.get("kind") == "image"), key=lambda r: r["path"])
-    regs = sorted((r for r in rows if r.get("kind") == "reg_image"), key=lambda r: r["path"])
+    images = sorted((r for r in rows if r.kind == "image"), key=lambda r: r.path)
+    regs = sorted((r for r in rows if r.kind == "reg_image"), key=lambda r: r.path)
     for row in images + regs:
-        if not (snapshot_dir / row["path"]).is_file():
+        if not (snapshot_dir / row.path).is_file():
             raise UserError(
-                "listed in the manifest but missing; run `lora-pipeline verify`", snapshot_dir / row["path"]
+                "listed in the manifest but missing; run `lora-pipeline verify`", snapshot_dir / row.path
             )
-    paths = [snapshot_dir / r["path"] for r in images]
+    paths = [snapshot_dir / r.path for r in images]
     found = take_early(paths, spec.checks.max_pixels, thumbnails)
     if found is None:
         found = inspect_batch(paths, spec.checks.max_pixels, workers, thumbnails)
-    infos = {r["path"]: i for r, i in zip(images, found.infos, strict=True)}
-    reg_paths = [snapshot_dir / r["path"] for r in regs]
+    infos = {r.path: i for r, i in zip(images, found.infos, strict=True)}
+    reg_paths = [snapshot_dir / r.path for r in regs]
     regs_found = inspect_images(reg_paths, spec.checks.max_pixels, workers) if regs else []
-    all_infos = {**infos, **{r["path"]: i for r, i in zip(regs, regs_found, strict=True)}}
+    all_infos = {**infos, **{r.path: i for r, i in zip(regs, regs_found, strict=True)}}
 
-    problems: list[Problem] = [*info.get("problems", []), *caption_plan.problems]
+    problems: list[Problem] = [*info.problems, *caption_plan.problems]
     for path, image in all_infos.items():
         problems += [problem(path, p.code, p.severity, p.message, scope) for p in image.problems]
         problems += _dimension_problems(path, image, spec, scope)
-    masks = {r["path"]: r["mask"] for r in images if r.get("mask")}
+    masks = {r.path: r.mask for r in images if r.mask}
     for path, mask in masks.items():
         size = (infos[path].width, infos[path].height) if infos[path].decoded and infos[path].width else None
         unusable = mask_problems(snapshot_dir / path, None if mask == ALPHA else snapshot_dir / mask,
@@ -144,7 +144,7 @@ def validate_dataset(
     problems.sort(key=lambda p: (SEVERITY_ORDER[p["severity"]], p["scope"], p["file"], p["code"], p["message"]))
 
     captions = {str(k): v for k, v in caption_plan.captions.items() if v and v.strip()}
-    paired = [r for r in images if r["path"] in captions]
+    paired = [r for r in images if r.path in captions]
     severities = Counter(p["severity"] for p in problems)
     counts = {
         "images": len(images),
@@ -157,14 +157,14 @@ def validate_dataset(
         "masked_images": len(masks),
         "regularisation_images": len(regs),
         "by_source": dict(sorted(Counter(source_label(r) for r in images).items())),
-        "regularisation_by_folder": dict(sorted(Counter(r["path"].rsplit("/", 1)[0] for r in regs).items())),
+        "regularisation_by_folder": dict(sorted(Counter(r.path.rsplit("/", 1)[0] for r in regs).items())),
         "problems": {"error": severities["error"], "warning": severities["warning"]},
         "problems_by_code": dict(sorted(Counter(p["code"] for p in problems).items())),
     }
     buckets = bucket_summary(infos, resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
     return ValidationResult(
         version=version,
-        manifest_root=info.get("manifest_root", ""),
+        manifest_root=info.manifest_root,
         scope=scope,
         counts=counts,
         problems=problems,
@@ -173,7 +173,7 @@ def validate_dataset(
         infos=infos,
         exact_duplicates=exact,
         near_duplicates=near,
-        thumbnails={images[i]["path"]: thumb for i, thumb in found.thumbnails.items()},
+        thumbnails={images[i].path: thumb for i, thumb in found.thumbnails.items()},
         masks=masks,
     )
 
@@ -215,10 +215,10 @@ def bucket_summary(
 
 
 def _duplicates(
-    images: list[dict[str, Any]], infos: dict[str, ImageInfo], spec: DatasetSpec, scope: str
+    images: list[ManifestRow], infos: dict[str, ImageInfo], spec: DatasetSpec, scope: str
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str, int]], list[Problem]]:
     """Exact duplicates (always warnings) and near duplicates (severity from checks.near_duplicates)."""
-    by_path = {r["path"]: r for r in images}
+    by_path = {r.path: r for r in images}
     exact = _exact_duplicates(images)
     problems = [
         problem(
@@ -247,37 +247,37 @@ def _duplicates(
     return exact, near, problems
 
 
-def _exact_duplicates(images: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _exact_duplicates(images: list[ManifestRow]) -> list[tuple[str, str]]:
     """(copy, first) for every image whose sha256 equals an earlier image's (images sorted by path)."""
     first_by_hash: dict[str, str] = {}
     out = []
     for row in images:
-        first = first_by_hash.setdefault(row["sha256"], row["path"])
-        if first != row["path"]:
-            out.append((row["path"], first))
+        first = first_by_hash.setdefault(row.sha256, row.path)
+        if first != row.path:
+            out.append((row.path, first))
     return out
 
 
-def _near_duplicates(images: list[dict[str, Any]], infos: dict[str, ImageInfo]) -> list[tuple[str, str, int]]:
+def _near_duplicates(images: list[ManifestRow], infos: dict[str, ImageInfo]) -> list[tuple[str, str, int]]:
     """(copy, closest earlier match, distance) for each image that nearly matches an earlier one.
 
     Pairs with identical bytes are left to the exact-duplicate check. The earliest image of a group
     (by path) is the one kept, so it is never flagged.
     """
-    hashed = [r for r in images if infos[r["path"]].dhash is not None]
+    hashed = [r for r in images if infos[r.path].dhash is not None]
     pairs = near_duplicate_pairs(
-        [infos[r["path"]].dhash or 0 for r in hashed],
-        [infos[r["path"]].colour_signature or b"" for r in hashed],
-        [r["sha256"] for r in hashed],
+        [infos[r.path].dhash or 0 for r in hashed],
+        [infos[r.path].colour_signature or b"" for r in hashed],
+        [r.sha256 for r in hashed],
         NEAR_DUPLICATE_DISTANCE,
         NEAR_DUPLICATE_COLOUR,
     )
-    return [(hashed[j]["path"], hashed[i]["path"], distance) for j, i, distance in pairs]
+    return [(hashed[j].path, hashed[i].path, distance) for j, i, distance in pairs]
 
 
-def _orphan_captions(snapshot_dir: Path, rows: list[dict[str, Any]], images: list[dict[str, Any]]) -> list[str]:
+def _orphan_captions(snapshot_dir: Path, rows: list[ManifestRow], images: list[ManifestRow]) -> list[str]:
     """Caption files (on disk under img/, or caption rows of the manifest) whose image is not in the snapshot."""
-    image_stems = {PurePosixPath(r["path"]).with_suffix("") for r in images}
+    image_stems = {PurePosixPath(r.path).with_suffix("") for r in images}
     on_disk = {p.relative_to(snapshot_dir).as_posix() for p in (snapshot_dir / "img").rglob("*.txt") if p.is_file()}
-    in_manifest = {r["path"] for r in rows if r.get("kind") == "caption"}
+    in_manifest = {r.path for r in rows if r.kind == "caption"}
     return sorted(p for p in on_disk | in_manifest if PurePosixPath(p).with_suffix("") not in image_stems)

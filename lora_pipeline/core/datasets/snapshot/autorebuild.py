@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from lora_pipeline.core.datasets.snapshot.manifest import read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family, next_free_version, version_number
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
@@ -75,10 +75,9 @@ def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> AutoRebu
     specs, unreadable = latest_auto_rebuild_specs(root)
     tick = AutoRebuildTick(unreadable=unreadable)
     for spec in specs:
-        info_path = root.dataset(spec.name) / SNAPSHOT
-        if not info_path.is_file():
+        if not (root.dataset(spec.name) / SNAPSHOT).is_file():
             continue
-        included = {s["name"] for s in read_json(info_path).get("sources", []) if s.get("kind") == "batch"}
+        included = {s.name for s in read_snapshot_info(root.dataset(spec.name)).sources if s.kind == "batch"}
         matching = [
             b for b in new_batches
             if b not in included and any(fnmatch.fnmatchcase(b, g) for g in _glob_sources(spec))

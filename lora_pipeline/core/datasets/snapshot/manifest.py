@@ -14,6 +14,9 @@ A manifest row describes one file of a snapshot, path relative to the snapshot f
 `image_root` is the root over the image rows alone, fixed when the images are copied. `width` and
 `height` are the size training sees (after EXIF orientation); `stored_width`/`stored_height` are the size
 stored in the file (they differ for a picture that EXIF turns by 90 degrees).
+
+Rows are `ManifestRow`s and snapshot.json a `SnapshotInfo` (records: see schema.Record); a row holds the keys
+it was written with and no others, so manifest.jsonl, read and written again, is the same bytes.
 """
 
 from __future__ import annotations
@@ -22,42 +25,126 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import ValidationError
+
+from lora_pipeline.core.datasets.problems import Problem
+from lora_pipeline.core.datasets.sources.hashcache import ImageSize
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import atomic_write_text, read_json, write_json
+from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.hashing import merkle_root, sha256_file
 from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, MANIFEST, REPORT_JSON, REPORT_MD, SEAL, SNAPSHOT
+from lora_pipeline.core.schema import Record, error_line
 
 # Files the pipeline writes into a snapshot besides the manifest's own rows; the seal records their sha256.
 SEALED_FILES = (MANIFEST, SNAPSHOT, CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET)
 NON_CONTENT = {*SEALED_FILES, SEAL}
 
+RowKind = Literal["image", "reg_image", "caption", "reg_caption", "mask"]
+IMAGE_KINDS = ("image", "reg_image")
 
-def write_manifest(snapshot_dir: Path, rows: Iterable[dict[str, Any]]) -> str:
-    """Write manifest.jsonl sorted by path; return the Merkle root of the rows."""
-    ordered = sorted(rows, key=lambda r: r["path"])
+
+class ManifestRow(Record):
+    """One file of a snapshot (a line of manifest.jsonl). An image row (`image`, `reg_image`) has its sizes, its
+    source and origin and, with a loss mask, `mask`; a caption or mask row names its `image`; a caption row says
+    where its text came from (`caption_source`). A regularisation caption has no source file."""
+
+    path: str  # relative to the snapshot folder
+    kind: RowKind
+    sha256: str
+    bytes: int
+    width: int | None = None  # as training sees it; null when the header could not be read
+    height: int | None = None
+    stored_width: int | None = None  # as the file stores it; absent in rows written before EXIF orientation
+    stored_height: int | None = None
+    source_batch: str | None = None  # the batch the file was copied from, or
+    source_dataset: str | None = None  # the earlier dataset version it was copied from
+    source_path: str | None = None  # relative to that batch or version
+    source_sha256: str | None = None
+    origin_batch: str | None = None  # an image's first source: the batch it entered the pipeline from
+    origin_path: str | None = None
+    origin_sha256: str | None = None
+    renamed_from: str | None = None  # the source's basename, when a name collision renamed the copy
+    image: str | None = None  # a caption's or mask's image
+    caption_source: str | None = None  # "sidecar:<batch>/<path>", "table:...#<n>", "class_tokens:<class>", ...
+    mask: str | None = None  # an image's mask: the mask row's path, or "alpha"
+
+    @property
+    def recorded_size(self) -> ImageSize | None:
+        """The image's sizes as recorded; None for a row written before stored sizes were (see `stored_width`)."""
+        if "stored_width" not in self.model_fields_set:
+            return None
+        return ImageSize(self.width, self.height, self.stored_width, self.stored_height)
+
+
+class SourceFingerprint(Record):
+    """One source of a snapshot in snapshot.json: its Merkle root over the files taken from it."""
+
+    kind: Literal["batch", "dataset"]
+    name: str
+    fingerprint: str
+
+
+class SnapshotInfo(Record):
+    """snapshot.json: what a version was built from, its manifest root and whether its captions are complete.
+    `build_snapshot` writes every field; snapshots written by hand (tests) or by older builds may hold fewer."""
+
+    version: str
+    manifest_root: str  # over every row; moves from the image root to the full root when captions are recorded
+    spec: dict[str, Any] = {}  # the spec as resolved
+    spec_sha256: str | None = None
+    image_root: str | None = None  # over the image rows alone, fixed when the images are copied
+    parents: list[str] = []  # the dataset versions it takes images from
+    sources: list[SourceFingerprint] = []
+    sources_fingerprint: str | None = None  # over every source file: an unchanged rebuild compares it
+    code_version: str | None = None
+    created_at: str | None = None
+    problems: list[Problem] = []  # found while scanning the sources
+    captions_complete: bool = False
+
+
+def manifest_root(rows: Iterable[ManifestRow]) -> str:
+    """The Merkle root (hashing.merkle_root) over the rows as they are written."""
+    return merkle_root(row.to_json_dict() for row in rows)
+
+
+def write_manifest(snapshot_dir: Path, rows: Iterable[ManifestRow | Mapping[str, Any]]) -> str:
+    """Write manifest.jsonl sorted by path; return the Merkle root of the rows. Rows given as plain data (a
+    hand-built snapshot) are checked as `ManifestRow`s first."""
+    checked = [row if isinstance(row, ManifestRow) else ManifestRow.model_validate(row) for row in rows]
+    ordered = [row.to_json_dict() for row in sorted(checked, key=lambda r: r.path)]
     text = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in ordered)
     atomic_write_text(snapshot_dir / MANIFEST, text, readonly=True)
     return merkle_root(ordered)
 
 
-def read_manifest(snapshot_dir: Path) -> list[dict[str, Any]]:
+def read_manifest(snapshot_dir: Path) -> list[ManifestRow]:
+    """The rows of manifest.jsonl, each checked. A line that is not JSON is named before a line that is JSON but
+    not a manifest row (an unknown key, a missing field, a wrong type); either is a one-line UserError."""
     path = snapshot_dir / MANIFEST
     if not path.is_file():
         raise UserError("no manifest: the snapshot is missing or incomplete", path)
-    rows = []
+    rows, not_rows = [], []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"line {lineno} is not valid JSON", path) from None
+                rows.append(ManifestRow.model_validate_json(line))
+            except ValidationError as exc:
+                if exc.errors()[0]["type"] == "json_invalid":
+                    raise UserError(f"line {lineno} is not valid JSON", path) from None
+                not_rows.append(f"line {lineno}: {error_line(exc)}")
+    if not_rows:
+        raise UserError(not_rows[0], path)
     return rows
 
 
-def read_snapshot_info(snapshot_dir: Path) -> dict[str, Any]:
-    return read_json(snapshot_dir / SNAPSHOT)
+def read_snapshot_info(snapshot_dir: Path) -> SnapshotInfo:
+    return SnapshotInfo.read(snapshot_dir / SNAPSHOT)
+
+
+def write_snapshot_info(snapshot_dir: Path, info: SnapshotInfo) -> None:
+    write_json(snapshot_dir / SNAPSHOT, info.to_json_dict(), readonly=True)
 
 
 @dataclass
@@ -97,16 +184,16 @@ def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None =
     `sealed_files` ({name: sha256}, the seal's record of report and metadata files) with their hashes."""
     info = read_snapshot_info(snapshot_dir)
     rows = read_manifest(snapshot_dir)
-    result = VerifyResult(version=snapshot_dir.name, manifest_root=info.get("manifest_root", ""))
-    result.root_mismatch = merkle_root(rows) != info.get("manifest_root")
-    expected = {r["path"]: r for r in rows}
+    result = VerifyResult(version=snapshot_dir.name, manifest_root=info.manifest_root)
+    result.root_mismatch = manifest_root(rows) != info.manifest_root
+    expected = {r.path: r for r in rows}
     for rel, row in sorted(expected.items()):
         path = snapshot_dir / rel
         if not path.is_file() or path.is_symlink():
             result.missing.append(rel)
             continue
         result.files_checked += 1
-        if path.stat().st_size != row["bytes"] or sha256_file(path) != row["sha256"]:
+        if path.stat().st_size != row.bytes or sha256_file(path) != row.sha256:
             result.mismatched.append(rel)
     for name, digest in sorted((sealed_files or {}).items()):
         path = snapshot_dir / name
@@ -123,7 +210,7 @@ def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None =
     return result
 
 
-def record_captions(snapshot_dir: Path, caption_rows: list[dict[str, Any]]) -> str:
+def record_captions(snapshot_dir: Path, caption_rows: list[ManifestRow]) -> str:
     """Add the caption rows to the manifest once and mark the captions complete; return the new manifest root.
 
     The images were fixed when the snapshot was copied; captions complete it. Recording the same
@@ -131,17 +218,17 @@ def record_captions(snapshot_dir: Path, caption_rows: list[dict[str, Any]]) -> s
     dataset version never changes after it is complete.
     """
     info = read_snapshot_info(snapshot_dir)
-    image_rows = [r for r in read_manifest(snapshot_dir) if r.get("kind") != "caption"]
+    image_rows = [r for r in read_manifest(snapshot_dir) if r.kind != "caption"]
     rows = image_rows + list(caption_rows)
-    root = merkle_root(rows)
-    if info.get("captions_complete"):
-        if root != info.get("manifest_root"):
+    root = manifest_root(rows)
+    if info.captions_complete:
+        if root != info.manifest_root:
             raise UserError(
-                f"dataset version '{info['version']}' is complete and its captions would change; "
+                f"dataset version '{info.version}' is complete and its captions would change; "
                 "versions are immutable — name a new version",
                 snapshot_dir / SNAPSHOT,
             )
         return root
     write_manifest(snapshot_dir, rows)
-    write_json(snapshot_dir / SNAPSHOT, {**info, "manifest_root": root, "captions_complete": True}, readonly=True)
+    write_snapshot_info(snapshot_dir, info.model_copy(update={"manifest_root": root, "captions_complete": True}))
     return root

@@ -96,9 +96,9 @@ def seal_snapshot(snapshot_dir: Path) -> dict[str, Any]:
     manifest plus the sealed files. Sealing an unchanged version again writes nothing.
     """
     info = read_snapshot_info(snapshot_dir)
-    if not info.get("captions_complete"):
+    if not info.captions_complete:
         raise UserError("cannot seal: the captions are not complete (caption_set has not run)", snapshot_dir / SNAPSHOT)
-    expected = {r["path"] for r in read_manifest(snapshot_dir)} | {*SEALED_FILES, SEAL}
+    expected = {r.path for r in read_manifest(snapshot_dir)} | {*SEALED_FILES, SEAL}
     for path in _unlisted_files(snapshot_dir, expected):
         if path.name.startswith(".") and path.name.endswith(".tmp") and not path.is_symlink():
             path.unlink()
@@ -108,8 +108,8 @@ def seal_snapshot(snapshot_dir: Path) -> dict[str, Any]:
         if not (snapshot_dir / name).is_file():
             raise UserError("cannot seal: file missing", snapshot_dir / name)
     seal = {
-        "version": info.get("version", snapshot_dir.name),
-        "manifest_root": info["manifest_root"],
+        "version": info.version,
+        "manifest_root": info.manifest_root,
         "files": {name: sha256_file(snapshot_dir / name) for name in SEALED_FILES},
     }
     atomic_write_text(snapshot_dir / SEAL, json.dumps(seal, indent=2, sort_keys=True) + "\n", readonly=True)

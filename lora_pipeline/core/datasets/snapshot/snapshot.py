@@ -34,7 +34,16 @@ from typing import Any
 
 from lora_pipeline.core.datasets.masks import ALPHA, is_mask
 from lora_pipeline.core.datasets.problems import Problem, problem
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info, write_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import (
+    IMAGE_KINDS,
+    ManifestRow,
+    SnapshotInfo,
+    SourceFingerprint,
+    read_manifest,
+    read_snapshot_info,
+    write_manifest,
+    write_snapshot_info,
+)
 from lora_pipeline.core.datasets.snapshot.seal import read_seal
 from lora_pipeline.core.datasets.snapshot.snapshot_copy import (
     Copy,
@@ -54,18 +63,14 @@ from lora_pipeline.core.datasets.snapshot.snapshot_extras import (
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
 from lora_pipeline.core.datasets.sources.batches import expand_sources, is_image, locate_table, scan_batch
 from lora_pipeline.core.datasets.sources.copying import fsync_dir
-from lora_pipeline.core.datasets.sources.hashcache import ImageSize
 from lora_pipeline.core.datasets.sources.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import merkle_root
 from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot
 
 COPY_WORKERS = min(4, max(2, os.cpu_count() or 1))
-IMAGE_KINDS = ("image", "reg_image")
-ORIGIN_KEYS = ("origin_batch", "origin_path", "origin_sha256")
 
 
 @dataclass
@@ -74,7 +79,7 @@ class SnapshotResult:
     dir: Path
     manifest_root: str
     image_root: str
-    rows: list[dict[str, Any]]  # the image rows of manifest.jsonl, sorted by path
+    rows: list[ManifestRow]  # the image rows of manifest.jsonl, sorted by path
     created: bool
     problems: list[Problem]
     copy_methods: dict[str, int]
@@ -171,26 +176,26 @@ def _dataset_files(root: DataRoot, ref: SourceRef, spec_path: Path) -> list[Plan
             spec_path,
         )
     manifest = read_manifest(snap)
-    masks = {r["path"]: r for r in manifest if r["kind"] == "mask"}
-    rows = sorted((r for r in manifest if r["kind"] == "image"), key=lambda r: r["path"])
+    masks = {r.path: r for r in manifest if r.kind == "mask"}
+    rows = sorted((r for r in manifest if r.kind == "image"), key=lambda r: r.path)
     return [
         PlannedFile(
             dest="",
-            src=snap / r["path"],
-            bytes=r["bytes"],
+            src=snap / r.path,
+            bytes=r.bytes,
             source_kind="dataset",
             source_name=ref.name,
-            source_path=r["path"],
-            source_sha256=r["sha256"],
-            origin={k: r[k] for k in ORIGIN_KEYS},
-            size=ImageSize(*(r[k] for k in ImageSize._fields)) if "stored_width" in r else None,
-            mask="none" if "mask" not in r else ALPHA if r["mask"] == ALPHA else "file",
-            mask_src=snap / r["mask"] if r.get("mask") in masks else None,
-            mask_source_path=r["mask"] if r.get("mask") in masks else None,
-            mask_sha256=masks[r["mask"]]["sha256"] if r.get("mask") in masks else None,
+            source_path=r.path,
+            source_sha256=r.sha256,
+            origin={"origin_batch": r.origin_batch, "origin_path": r.origin_path, "origin_sha256": r.origin_sha256},
+            size=r.recorded_size,
+            mask="none" if r.mask is None else ALPHA if r.mask == ALPHA else "file",
+            mask_src=snap / r.mask if r.mask in masks else None,
+            mask_source_path=r.mask if r.mask in masks else None,
+            mask_sha256=masks[r.mask].sha256 if r.mask in masks else None,
         )
         for r in rows
-        if _selected(r["path"], ref)
+        if _selected(r.path, ref)
     ]
 
 
@@ -251,7 +256,7 @@ def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
     return SnapshotPlan(spec=spec, spec_path=spec_path, sources=sources, files=files, problems=problems + renames)
 
 
-def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tuple[list[dict[str, str]], str]:
+def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tuple[list[SourceFingerprint], str]:
     """Per-source Merkle roots and one root over every planned file's identity (source/path) and bytes, and
     over the planned masks (a changed mask is a changed source)."""
     per_source: dict[tuple[str, str], list[dict[str, Any]]] = {(r.kind, r.name): [] for r in plan.sources}
@@ -260,7 +265,7 @@ def _fingerprints(plan: SnapshotPlan, shas: list[str], sizes: list[int]) -> tupl
         per_source[(f.source_kind, f.source_name)].append({"path": f.source_path, "sha256": sha, "bytes": size})
         overall.append({"path": f"{f.source_kind}:{f.source_name}/{f.source_path}", "sha256": sha, "bytes": size})
     overall += mask_fingerprint_rows(plan.files, current_mask_hashes(plan.files))
-    sources = [{"kind": k, "name": n, "fingerprint": merkle_root(rows)} for (k, n), rows in per_source.items()]
+    sources = [SourceFingerprint(kind=k, name=n, fingerprint=merkle_root(rows)) for (k, n), rows in per_source.items()]
     return sources, merkle_root(overall)
 
 
@@ -281,21 +286,21 @@ def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -
             target,
         )
     info = read_snapshot_info(target)
-    if info.get("spec_sha256") != spec.sha256:
+    if info.spec_sha256 != spec.sha256:
         raise _immutable_error(root, spec.name, "the spec changed since it was built")
     plan = plan_snapshot(root, spec)
     shas, hashed = current_hashes(root, plan)
     _, fingerprint = _fingerprints(plan, shas, [f.bytes for f in plan.files])
-    if fingerprint != info.get("sources_fingerprint"):
+    if fingerprint != info.sources_fingerprint:
         raise _immutable_error(root, spec.name, "its source files changed since it was built")
     return SnapshotResult(
         version=spec.name,
         dir=target,
-        manifest_root=info["manifest_root"],
-        image_root=info["image_root"],
-        rows=[r for r in read_manifest(target) if r["kind"] in IMAGE_KINDS],
+        manifest_root=info.manifest_root,
+        image_root=info.image_root,
+        rows=[r for r in read_manifest(target) if r.kind in IMAGE_KINDS],
         created=False,
-        problems=info["problems"],
+        problems=info.problems,
         copy_methods={},
         hashed=hashed,
         seconds=time.perf_counter() - started,
@@ -329,24 +334,24 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
             done = _copy_all(plan, known_hashes(root, plan), staging)
             rows = [row for row, _, _ in done]
             methods = Counter(copied.method for _, copied, _ in done)
-            sources, fingerprint = _fingerprints(plan, [r["sha256"] for r in rows], [r["bytes"] for r in rows])
-            extra = add_extras(plan.files, rows, staging)
+            sources, fingerprint = _fingerprints(plan, [r.sha256 for r in rows], [r.bytes for r in rows])
+            rows, extra = add_extras(plan.files, rows, staging)
             image_root = write_manifest(staging, rows + extra)
-            info = {
-                "version": version,
-                "spec": spec.resolved(),
-                "spec_sha256": spec.sha256,
-                "manifest_root": image_root,
-                "image_root": image_root,
-                "parents": plan.parents,
-                "sources": sources,
-                "sources_fingerprint": fingerprint,
-                "code_version": code_version,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "problems": plan.problems,
-                "captions_complete": False,
-            }
-            write_json(staging / SNAPSHOT, info, readonly=True)
+            info = SnapshotInfo(
+                version=version,
+                spec=spec.resolved(),
+                spec_sha256=spec.sha256,
+                manifest_root=image_root,
+                image_root=image_root,
+                parents=plan.parents,
+                sources=sources,
+                sources_fingerprint=fingerprint,
+                code_version=code_version,
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                problems=plan.problems,
+                captions_complete=False,
+            )
+            write_snapshot_info(staging, info)
             record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])
             os.rename(staging, target)
         fsync_dir(root.datasets)
@@ -355,7 +360,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         dir=target,
         manifest_root=image_root,
         image_root=image_root,
-        rows=sorted(rows, key=lambda r: r["path"]),  # images and regularisation images
+        rows=sorted(rows, key=lambda r: r.path),  # images and regularisation images
         created=True,
         problems=plan.problems,
         copy_methods=dict(methods),

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import PlannedFile, SnapshotPlan
 from lora_pipeline.core.datasets.sources.copying import Copied, copy_file, copy_unread, stat_key
 from lora_pipeline.core.datasets.sources.hashcache import (
@@ -78,7 +78,7 @@ def record_hashes(root: DataRoot, found: list[tuple[str, Entry]]) -> None:
 
 
 # One copied file: its manifest row, the copy, and a hash-cache entry to record (or None).
-Copy = tuple[dict[str, Any], Copied, Entry | None]
+Copy = tuple[ManifestRow, Copied, Entry | None]
 
 
 def copy_planned(f: PlannedFile, known: Known | None, staging: Path) -> Copy:
@@ -106,19 +106,18 @@ def copy_planned(f: PlannedFile, known: Known | None, staging: Path) -> Copy:
             )
         if f.source_kind == "batch" and trustworthy(copied.before, copied.after, started):
             entry = Entry(f.source_path, sha, copied.bytes, size, stat_key(copied.before))
-    row: dict[str, Any] = {
-        "path": f.dest,
-        "kind": "image",
-        "sha256": sha,
-        "bytes": copied.bytes,
+    row = ManifestRow(
+        path=f.dest,
+        kind="image",
+        sha256=sha,
+        bytes=copied.bytes,
         **size._asdict(),  # width/height as training sees them (EXIF orientation applied), stored_* as in the file
-        f"source_{f.source_kind}": f.source_name,
-        "source_path": f.source_path,
-        "source_sha256": sha,
+        **{f"source_{f.source_kind}": f.source_name},
+        source_path=f.source_path,
+        source_sha256=sha,
         **(f.origin or {"origin_batch": f.source_name, "origin_path": f.source_path, "origin_sha256": sha}),
-    }
-    if f.renamed_from:
-        row["renamed_from"] = f.renamed_from
+        **({"renamed_from": f.renamed_from} if f.renamed_from else {}),
+    )
     return row, copied, entry
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from lora_pipeline.core.datasets.masks import ALPHA, MASK_SUFFIX, is_mask, mask_path_for
 from lora_pipeline.core.datasets.problems import Problem, problem
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import PlannedFile
 from lora_pipeline.core.datasets.sources.batches import BatchFile, is_image
 from lora_pipeline.core.datasets.sources.copying import copy_file
@@ -80,20 +81,22 @@ def current_mask_hashes(files: list[PlannedFile]) -> list[str | None]:
     return [None if f.mask_src is None else f.mask_sha256 or sha256_file(f.mask_src) for f in files]
 
 
-def add_extras(files: list[PlannedFile], rows: list[dict[str, Any]], staging: Path) -> list[dict[str, Any]]:
-    """Copy masks and write regularisation captions into `staging`; mark the image rows (kind, mask) in place
-    and return the new rows."""
-    extra = []
+def add_extras(files: list[PlannedFile], rows: list[ManifestRow],
+               staging: Path) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Copy masks and write regularisation captions into `staging`; return the image rows marked (kind, mask)
+    and the new rows."""
+    marked, extra = [], []
     for f, row in zip(files, rows, strict=True):
+        marks: dict[str, Any] = {}
         if f.is_reg:
-            row["kind"] = "reg_image"
+            marks["kind"] = "reg_image"
             rel = posixpath.splitext(f.dest)[0] + ".txt"
             data = (f"{f.class_tokens}\n").encode()
             atomic_write_bytes(staging / rel, data, readonly=True)
-            extra.append({"path": rel, "kind": "reg_caption", "image": f.dest, "sha256": sha256_bytes(data),
-                          "bytes": len(data), "caption_source": f"{REG_CAPTION_SOURCE}{f.class_tokens}"})
+            extra.append(ManifestRow(path=rel, kind="reg_caption", image=f.dest, sha256=sha256_bytes(data),
+                                     bytes=len(data), caption_source=f"{REG_CAPTION_SOURCE}{f.class_tokens}"))
         if f.mask == ALPHA:
-            row["mask"] = ALPHA
+            marks["mask"] = ALPHA
         elif f.mask == "file" and f.mask_src is not None:
             rel = mask_path_for(f.dest)
             try:
@@ -104,8 +107,9 @@ def add_extras(files: list[PlannedFile], rows: list[dict[str, Any]], staging: Pa
             if f.mask_sha256 is not None and copied.sha256 != f.mask_sha256:
                 raise UserError(f"no longer matches the manifest of dataset '{f.source_name}'; "
                                 f"run `lora-pipeline verify {f.source_name}`", f.mask_src)
-            row["mask"] = rel
-            extra.append({"path": rel, "kind": "mask", "image": f.dest, "sha256": copied.sha256,
-                          "bytes": copied.bytes, f"source_{f.source_kind}": f.source_name,
-                          "source_path": f.mask_source_path, "source_sha256": copied.sha256})
-    return extra
+            marks["mask"] = rel
+            extra.append(ManifestRow(path=rel, kind="mask", image=f.dest, sha256=copied.sha256, bytes=copied.bytes,
+                                     **{f"source_{f.source_kind}": f.source_name},
+                                     source_path=f.mask_source_path, source_sha256=copied.sha256))
+        marked.append(row.model_copy(update=marks) if marks else row)
+    return marked, extra

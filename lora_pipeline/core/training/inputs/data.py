@@ -21,7 +21,6 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +31,9 @@ from lora_pipeline.core.datasets.captions.captions import caption_path, snapshot
 from lora_pipeline.core.datasets.captions.tags import split_tags
 from lora_pipeline.core.datasets.images import load_rgb
 from lora_pipeline.core.datasets.masks import ALPHA, load_mask
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, manifest_root, read_manifest, read_snapshot_info
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
+from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
 from lora_pipeline.core.training.inputs.augment import View
 from lora_pipeline.core.training.recipe import Recipe
@@ -92,7 +91,7 @@ class TrainingData:
     repeats: int
     train: tuple[TrainImage, ...]
     validation: tuple[TrainImage, ...]
-    image_rows: tuple[dict[str, Any], ...]  # the manifest's image rows, for the MLflow dataset input
+    image_rows: tuple[ManifestRow, ...]  # the manifest's image rows, for the MLflow dataset input
     reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out
     reg_repeats: tuple[int, ...] = ()  # each one's repeats once mixed in (kohya's fill; 0: not used)
     flip_aug: bool = False  # the spec's flip_aug (kohya's dataset config): a run flips if it or the recipe says so
@@ -180,42 +179,42 @@ def validation_count(n_images: int, validation_split: float) -> int:
 
 
 def split_train_validation(
-    image_rows: Sequence[dict[str, Any]], validation_split: float
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    image_rows: Sequence[ManifestRow], validation_split: float
+) -> tuple[list[ManifestRow], list[ManifestRow]]:
     """(train rows, validation rows), both in sha256 order; see the module docstring."""
-    ordered = sorted(image_rows, key=lambda row: (row["sha256"], row["path"]))
+    ordered = sorted(image_rows, key=lambda row: (row.sha256, row.path))
     n_val = validation_count(len(ordered), validation_split)
     return ordered[n_val:], ordered[:n_val]
 
 
-def _checked_bytes(path: Path, row: dict[str, Any]) -> None:
+def _checked_bytes(path: Path, row: ManifestRow) -> None:
     if not path.is_file():
         raise UserError("missing from the snapshot (listed in its manifest)", path)
-    if path.stat().st_size != row["bytes"] or sha256_file(path) != row["sha256"]:
+    if path.stat().st_size != row.bytes or sha256_file(path) != row.sha256:
         raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
 
 
-def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, dict[str, Any]]) -> str:
+def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, ManifestRow]) -> str:
     rel = caption_path(image_rel)
     row = caption_rows.get(image_rel)
-    if row is None or row["path"] != rel:
+    if row is None or row.path != rel:
         raise UserError(f"no caption for {image_rel} in the manifest; materialize caption_set first",
                         snapshot_dir / MANIFEST)
     path = snapshot_dir / rel
     text = snapshot_caption(path)
-    if sha256_bytes(path.read_bytes()) != row["sha256"]:
+    if sha256_bytes(path.read_bytes()) != row.sha256:
         raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
     return text
 
 
-def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: Recipe,
-                 resos: list[tuple[int, int]] | None, mask_rows: dict[str, dict[str, Any]]) -> TrainImage:
-    path = snapshot_dir / row["path"]
+def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, recipe: Recipe,
+                 resos: list[tuple[int, int]] | None, mask_rows: dict[str, ManifestRow]) -> TrainImage:
+    path = snapshot_dir / row.path
     _checked_bytes(path, row)
-    mask = row.get("mask")
+    mask = row.mask
     if mask and mask != ALPHA:
         if mask not in mask_rows:
-            raise UserError(f"the mask {mask} of {row['path']} is not in the manifest", snapshot_dir / MANIFEST)
+            raise UserError(f"the mask {mask} of {row.path} is not in the manifest", snapshot_dir / MANIFEST)
         _checked_bytes(snapshot_dir / mask, mask_rows[mask])
     try:
         size = load_rgb(path).size
@@ -224,41 +223,41 @@ def _train_image(snapshot_dir: Path, row: dict[str, Any], caption: str, recipe: 
     bucket = select_bucket(*size, resos) if resos else (recipe.resolution, recipe.resolution)
     resized, crop = fit_to_bucket(size, bucket)
     return TrainImage(
-        rel=row["path"], path=path, sha256=row["sha256"], caption=caption,
-        folder=PurePosixPath(row["path"]).parent.name, size=size, bucket=bucket, resized=resized,
+        rel=row.path, path=path, sha256=row.sha256, caption=caption,
+        folder=PurePosixPath(row.path).parent.name, size=size, bucket=bucket, resized=resized,
         crop_top_left=crop, mask=None if not mask else path if mask == ALPHA else snapshot_dir / mask,
-        mask_alpha=mask == ALPHA, is_reg=row.get("kind") == "reg_image",
+        mask_alpha=mask == ALPHA, is_reg=row.kind == "reg_image",
     )
 
 
 def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
     """Read and check a captioned snapshot, split it and assign every image its bucket."""
     info = read_snapshot_info(snapshot_dir)
-    if not info.get("captions_complete"):
+    if not info.captions_complete:
         raise UserError("the snapshot has no complete caption set; materialize caption_set first",
                         snapshot_dir / SNAPSHOT)
     rows = read_manifest(snapshot_dir)
-    if merkle_root(rows) != info.get("manifest_root"):
+    if manifest_root(rows) != info.manifest_root:
         raise UserError(f"rows do not match manifest_root in {SNAPSHOT}; run `lora-pipeline verify`",
                         snapshot_dir / MANIFEST)
-    repeats = info.get("spec", {}).get("repeats")
+    repeats = info.spec.get("repeats")
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise UserError("spec.repeats must be a positive integer", snapshot_dir / SNAPSHOT)
-    image_rows = [r for r in rows if r.get("kind", "image") == "image"]
+    image_rows = [r for r in rows if r.kind == "image"]
     if not image_rows:
         raise UserError("the snapshot has no images", snapshot_dir / MANIFEST)
-    caption_rows = {r["image"]: r for r in rows if r.get("kind") in ("caption", "reg_caption")}
-    mask_rows = {r["path"]: r for r in rows if r.get("kind") == "mask"}
-    reg_rows = sorted((r for r in rows if r.get("kind") == "reg_image"), key=lambda r: r["path"])
+    caption_rows = {r.image: r for r in rows if r.kind in ("caption", "reg_caption")}
+    mask_rows = {r.path: r for r in rows if r.kind == "mask"}
+    reg_rows = sorted((r for r in rows if r.kind == "reg_image"), key=lambda r: r.path)
     train_rows, val_rows = split_train_validation(image_rows, recipe.validation_split)
     resos = (
         bucket_resolutions(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
         if recipe.enable_bucket else None
     )
 
-    def images(selected: list[dict[str, Any]]) -> tuple[TrainImage, ...]:
+    def images(selected: list[ManifestRow]) -> tuple[TrainImage, ...]:
         return tuple(
-            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row["path"], caption_rows), recipe, resos,
+            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row.path, caption_rows), recipe, resos,
                          mask_rows)
             for row in selected
         )
@@ -266,12 +265,12 @@ def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
     train = images(train_rows)
     reg = images(reg_rows)
     return TrainingData(
-        version=str(info.get("version", snapshot_dir.name)), snapshot_dir=snapshot_dir,
-        manifest_root=info["manifest_root"], spec_sha256=str(info.get("spec_sha256", "")), repeats=repeats,
+        version=info.version, snapshot_dir=snapshot_dir,
+        manifest_root=info.manifest_root, spec_sha256=info.spec_sha256 or "", repeats=repeats,
         train=train, validation=images(val_rows),
-        image_rows=tuple(sorted(image_rows, key=lambda r: r["path"])), reg=reg,
+        image_rows=tuple(sorted(image_rows, key=lambda r: r.path)), reg=reg,
         reg_repeats=tuple(mix_reg_repeats([folder_repeats(i.folder) for i in reg], len(train) * repeats)),
-        flip_aug=info.get("spec", {}).get("flip_aug") is True,
+        flip_aug=info.spec.get("flip_aug") is True,
     )
 
 

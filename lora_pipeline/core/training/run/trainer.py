@@ -184,7 +184,8 @@ def train_lora(
     params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size,
               **({"flip_aug": True} if run.flip_aug else {})}  # the spec's flip_aug counts too
     with tracker.run(f"{version}/{recipe.name}", params=params, tags=tags, resume_run_id=resume_id) as rid:
-        rows = [{**row, "split": "validation" if row["path"] in {i.rel for i in data.validation} else "train"}
+        held_out = {i.rel for i in data.validation}
+        rows = [{**row.to_json_dict(), "split": "validation" if row.path in held_out else "train"}
                 for row in data.image_rows]
         tracker.log_dataset(rows, name=version, digest=data.manifest_root, source=str(data.snapshot_dir))
         return _train(run, _provenance(provenance, derived, rid), tracker)
