@@ -18,10 +18,10 @@ from lora_pipeline.core.datasets.captions.captions import (
     write_caption_check,
     write_captions,
 )
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, write_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import manifest_root, read_manifest, write_manifest
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import merkle_root, sha256_bytes, sha256_file
+from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import DataRoot
 
 IMG = b"\x89PNG fake image bytes"
@@ -366,7 +366,7 @@ def test_write_captions_is_atomic_readonly_and_idempotent(root: DataRoot) -> Non
     assert written.read_text(encoding="utf-8") == "hdaesth, front view\n"
     assert stat.S_IMODE(written.stat().st_mode) == 0o444
     assert [p.name for p in (snap / FOLDER).iterdir() if p.name.startswith(".")] == []  # no temp files left
-    assert rows == [
+    assert [row.to_json_dict() for row in rows] == [
         {
             "path": f"{FOLDER}/a.txt",
             "kind": "caption",
@@ -390,7 +390,7 @@ def test_write_captions_is_atomic_readonly_and_idempotent(root: DataRoot) -> Non
             "source_sha256": sha256_file(root.dataset("hw-v1") / FOLDER / "old.txt"),
         },
     ]
-    assert write_manifest(snap, image_rows + rows) == merkle_root(image_rows + rows)
+    assert write_manifest(snap, image_rows + rows) == manifest_root(image_rows + rows)
 
     before = written.stat().st_mtime_ns
     os.utime(written, ns=(before - 10**9, before - 10**9))
@@ -439,8 +439,8 @@ def test_linked_sidecar_image_and_table_are_reported_and_none_of_their_bytes_rea
     assert "sidecar b1/a.txt is a symbolic link; it was not read" in missing["message"]
     assert not report["passed"]
     manifest = read_manifest(snap)
-    assert sorted(r["path"] for r in manifest) == [f"{FOLDER}/a.png", f"{FOLDER}/c.png", f"{FOLDER}/c.txt"]
-    assert sha256_file(secret_image) not in {r["sha256"] for r in manifest}
+    assert sorted(r.path for r in manifest) == [f"{FOLDER}/a.png", f"{FOLDER}/c.png", f"{FOLDER}/c.txt"]
+    assert sha256_file(secret_image) not in {r.sha256 for r in manifest}
     for path in snap.rglob("*"):
         if path.is_file():
             assert b"SECRET-FROM-OUTSIDE" not in path.read_bytes(), path

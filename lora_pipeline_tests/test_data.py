@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from lora_pipeline.core.datasets.buckets import bucket_resolutions
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json, write_json
 from lora_pipeline.core.paths import SNAPSHOT
@@ -26,10 +27,10 @@ RECIPE = Recipe(name="r", base_model="tiny-sd", resolution=64, min_bucket_reso=3
 
 
 def test_split_is_by_sha256_order_and_never_empties_training():
-    rows = [{"path": f"img/{i}.png", "sha256": f"{(7 * i) % 10:02d}"} for i in range(10)]
+    rows = [ManifestRow(path=f"img/{i}.png", kind="image", sha256=f"{(7 * i) % 10:02d}", bytes=1) for i in range(10)]
     train, val = split_train_validation(rows, 0.2)
-    assert [r["sha256"] for r in val] == ["00", "01"]
-    assert [r["sha256"] for r in train] == [f"{i:02d}" for i in range(2, 10)]
+    assert [r.sha256 for r in val] == ["00", "01"]
+    assert [r.sha256 for r in train] == [f"{i:02d}" for i in range(2, 10)]
     assert split_train_validation(list(reversed(rows)), 0.2) == (train, val)  # row order does not matter
     assert len(split_train_validation(rows[:3], 0.1)[1]) == 1  # a positive split holds out at least one
     assert len(split_train_validation(rows[:1], 0.5)[1]) == 0  # but never the only image

@@ -57,20 +57,20 @@ def test_build_every_sample_version_with_read_only_sources(sample_root):
         info = read_json(snapshot_dir / "snapshot.json")
         assert info["captions_complete"] and verify_snapshot(snapshot_dir).ok
         rows = read_manifest(snapshot_dir)
-        images = [r for r in rows if r["kind"] == "image"]
-        captions = [r for r in rows if r["kind"] == "caption"]
+        images = [r for r in rows if r.kind == "image"]
+        captions = [r for r in rows if r.kind == "caption"]
         assert images and len(images) == len(captions)
         for row in images:  # copies, never links
-            st = os.lstat(snapshot_dir / row["path"])
+            st = os.lstat(snapshot_dir / row.path)
             assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
     assert tree_state(sample_root.sources) == before
     # v2 copies v1's images again and adds the turntable renders; the merge version needs merge: true
-    v1 = {r["sha256"] for r in read_manifest(sample_root.dataset(VERSIONS[0])) if r["kind"] == "image"}
-    v2_rows = [r for r in read_manifest(sample_root.dataset(VERSIONS[1])) if r["kind"] == "image"]
-    assert v1 <= {r["sha256"] for r in v2_rows}
-    assert {r.get("source_dataset") for r in v2_rows} >= {VERSIONS[0]}
+    v1 = {r.sha256 for r in read_manifest(sample_root.dataset(VERSIONS[0])) if r.kind == "image"}
+    v2_rows = [r for r in read_manifest(sample_root.dataset(VERSIONS[1])) if r.kind == "image"]
+    assert v1 <= {r.sha256 for r in v2_rows}
+    assert {r.source_dataset for r in v2_rows} >= {VERSIONS[0]}
     # the masked close-ups carry their masks; the class images sit in kohya's reg/<repeats>_<class>/
-    kinds = Counter(r["kind"] for r in read_manifest(sample_root.dataset(VERSIONS[3])))
+    kinds = Counter(r.kind for r in read_manifest(sample_root.dataset(VERSIONS[3])))
     assert kinds == {"image": 11, "caption": 11, "mask": 3, "reg_image": 3, "reg_caption": 3}
     counts = read_json(sample_root.dataset(VERSIONS[3]) / "report.json")["counts"]
     assert (counts["masked_images"], counts["regularisation_by_folder"]) == (3, {"reg/1_appliance": 3})

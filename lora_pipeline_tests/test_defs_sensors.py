@@ -123,7 +123,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
         run_job(request.job_name, request.partition_key, inst)
 
     assert tree_state(sample_root.dataset(f"{STUDY}-v2")) == v2_before  # the old version is never touched
-    v3_sources = {r.get("source_batch") for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}
+    v3_sources = {r.source_batch for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}
     assert "curated-2026-12" in v3_sources
     assert read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["captions_complete"]
     # the next tick sees nothing new and writes no v4

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
+from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.lineage.provenance import trace_lora
@@ -34,11 +34,11 @@ def built(sample_root):
     return sample_root, inst
 
 
-def _origin(row: dict) -> tuple[str, str, str]:
+def _origin(row: ManifestRow) -> tuple[str, str, str]:
     """(batch, path, sha256) of the source file a manifest image row came from, through any earlier version."""
-    if "origin_batch" in row:
-        return row["origin_batch"], row["origin_path"], row["origin_sha256"]
-    return row["source_batch"], row["source_path"], row["source_sha256"]
+    if row.origin_batch is not None:
+        return row.origin_batch, row.origin_path, row.origin_sha256
+    return row.source_batch, row.source_path, row.source_sha256
 
 
 @pytest.mark.xdist_group(DEMO_GROUP)
@@ -56,7 +56,7 @@ def test_train_evaluate_and_trace_through_dagster(trained_demo):
     assert run.info.run_name == f"{version}/{recipe}" and run.data.tags["dagster_run_id"] == trained.run_id
     # the partition page answers the provenance question: batches with counts, files, hashes, commit, MLflow run
     manifest = root.dataset(version) / "manifest.jsonl"
-    images = [r for r in read_manifest(root.dataset(version)) if r["kind"] == "image"]
+    images = [r for r in read_manifest(root.dataset(version)) if r.kind == "image"]
     assert meta["provenance"].startswith("ok") and meta["manifest"] == str(manifest)
     assert [r.data for r in meta["source_batches"].records] == [  # v1's images through v1, to their batch
         {"source": "batch:curated-2026-10", "images": 8, "captions": 8, "changed_or_missing": 0,
@@ -80,7 +80,7 @@ def test_train_evaluate_and_trace_through_dagster(trained_demo):
 
     chain = trace_lora(root, files[-1])
     assert chain["status"] == "ok"
-    assert {i["path"] for i in chain["images"]} == {r["path"] for r in images}
+    assert {i["path"] for i in chain["images"]} == {r.path for r in images}
     for row in images:  # every image traces to a real source file with that exact hash
         batch, path, sha = _origin(row)
         assert sha256_file(root.batch(batch) / path) == sha

@@ -49,7 +49,7 @@ def tamper(root: DataRoot, name: str, reseal: bool = True, **changes) -> None:
 
 
 def test_a_sealed_passed_current_report_lets_training_start(root):
-    assert require_passed_report(root, VERSION)["problems"] == [WARNING]
+    assert require_passed_report(root, VERSION).problems == [WARNING]
 
 
 def test_an_unbuilt_version_is_refused(root):

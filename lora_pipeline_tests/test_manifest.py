@@ -68,10 +68,10 @@ def test_edited_manifest_no_longer_matches_the_root(snapshot: Path) -> None:
 
 
 def test_write_manifest_sorts_rows_and_returns_their_root(tmp_path: Path) -> None:
-    rows = [{"path": p, "sha256": p * 2, "bytes": len(p)} for p in ("b", "a", "c")]
+    rows = [{"path": p, "kind": "image", "sha256": p * 2, "bytes": len(p)} for p in ("b", "a", "c")]
     root = write_manifest(tmp_path, rows)
     assert root == merkle_root(rows)
-    assert [r["path"] for r in read_manifest(tmp_path)] == ["a", "b", "c"]
+    assert [r.path for r in read_manifest(tmp_path)] == ["a", "b", "c"]
 
 
 def test_atomic_writes_leave_no_temp_files_and_can_be_read_only(tmp_path: Path) -> None:

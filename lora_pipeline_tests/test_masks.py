@@ -65,14 +65,14 @@ def test_masks_and_class_images_are_copied_listed_validated_and_shown(masked_roo
     build_snapshot(root, good, "c")
     finish_version(root, good)
     snap = root.dataset("good-v1")
-    rows = {r["path"]: r for r in read_manifest(snap)}
-    assert rows["img/2_trg/m0.png"]["mask"] == "img/2_trg/m0.mask.png"
+    rows = {r.path: r for r in read_manifest(snap)}
+    assert rows["img/2_trg/m0.png"].mask == "img/2_trg/m0.mask.png"
     mask_row = rows["img/2_trg/m0.mask.png"]
-    assert (mask_row["kind"], mask_row["image"], mask_row["source_path"]) == ("mask", "img/2_trg/m0.png", "m0.mask.png")
-    assert rows["img/2_trg/a0.png"]["mask"] == "alpha"
-    assert rows["reg/3_gadget/c0.png"]["kind"] == "reg_image"
+    assert (mask_row.kind, mask_row.image, mask_row.source_path) == ("mask", "img/2_trg/m0.png", "m0.mask.png")
+    assert rows["img/2_trg/a0.png"].mask == "alpha"
+    assert rows["reg/3_gadget/c0.png"].kind == "reg_image"
     assert (snap / "reg/3_gadget/c0.txt").read_text() == "gadget\n"
-    assert rows["reg/3_gadget/c0.txt"]["kind"] == "reg_caption"
+    assert rows["reg/3_gadget/c0.txt"].kind == "reg_caption"
     assert verify_snapshot(snap).ok
     report = json.loads((snap / "report.json").read_text())
     assert report["passed"], report["problems"]

@@ -56,7 +56,7 @@ def test_report_json_has_the_contract_keys_and_blocks_on_errors(hand_snapshot, p
         report
     )
     assert report["version"] == "hand-v1" and report["passed"] is False
-    assert report["manifest_root"] == read_snapshot_info(hand_snapshot.dir)["manifest_root"]
+    assert report["manifest_root"] == read_snapshot_info(hand_snapshot.dir).manifest_root
     assert report["counts"]["images"] == 5 and report["counts"]["problems"] == {"error": 2, "warning": 1}
     for row in report["problems"]:
         assert set(row) == {"file", "code", "severity", "message", "scope"}

@@ -95,7 +95,7 @@ def test_a_build_killed_after_the_rename_is_never_whole_and_building_again_compl
     assert code == 0 and json.loads(stdout)["errors"] == 0 and read_seal(snapshot_dir) is not None
     code, stdout, _ = main("verify", VERSION, "--json")
     assert code == 0 and json.loads(stdout)["ok"] is True
-    assert require_passed_report(sample_root, VERSION)["passed"] is True
+    assert require_passed_report(sample_root, VERSION).passed is True
     code, stdout, _ = main("build", DERIVED, "--json")
     assert code == 0 and json.loads(stdout)["errors"] == 0  # no longer refused
 

@@ -14,12 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info, verify_snapshot
+from lora_pipeline.core.datasets.snapshot.manifest import (
+    manifest_root,
+    read_manifest,
+    read_snapshot_info,
+    verify_snapshot,
+)
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot, plan_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family, next_free_version
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import merkle_root, sha256_bytes
+from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline_tests.helpers import finish_version, make_read_only, tree_state
 
@@ -65,9 +70,9 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
     assert result.created and result.dir == snap and result.version == "hw-v1"
     rows = read_manifest(snap)
     assert rows == result.rows
-    assert [r["path"] for r in rows] == [f"{FOLDER}/a.png", f"{FOLDER}/b.jpg"]
+    assert [r.path for r in rows] == [f"{FOLDER}/a.png", f"{FOLDER}/b.jpg"]
     row_a = rows[0]
-    assert row_a == {
+    assert row_a.to_json_dict() == {
         "path": f"{FOLDER}/a.png",
         "kind": "image",
         "sha256": sha256_bytes(a),
@@ -83,7 +88,7 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
         "origin_path": "views/a.png",
         "origin_sha256": sha256_bytes(a),
     }
-    assert (rows[1]["width"], rows[1]["height"]) == (20, 50)
+    assert (rows[1].width, rows[1].height) == (20, 50)
     files = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if not p.is_dir())
     assert files == [f"{FOLDER}/a.png", f"{FOLDER}/b.jpg", "manifest.jsonl", "snapshot.json"]
     for rel in (f"{FOLDER}/a.png", f"{FOLDER}/b.jpg"):
@@ -93,19 +98,19 @@ def test_build_copies_selected_images_with_full_rows_and_leaves_sources_untouche
     assert not src_inodes & {p.lstat().st_ino for p in snap.rglob("*")}
 
     info = read_snapshot_info(snap)
-    assert info["version"] == "hw-v1" and info["code_version"] == "abc123"
-    assert info["spec"] == json.loads(json.dumps(spec.resolved())) and info["spec_sha256"] == spec.sha256
-    assert info["manifest_root"] == info["image_root"] == merkle_root(rows) == result.manifest_root
-    assert info["parents"] == [] and info["captions_complete"] is False
-    assert info["sources"][0]["kind"] == "batch" and info["sources"][0]["name"] == "b1"
-    assert info["created_at"].endswith("+00:00")
-    reported = {(p["file"], p["code"]) for p in info["problems"]}
+    assert info.version == "hw-v1" and info.code_version == "abc123"
+    assert info.spec == json.loads(json.dumps(spec.resolved())) and info.spec_sha256 == spec.sha256
+    assert info.manifest_root == info.image_root == manifest_root(rows) == result.manifest_root
+    assert info.parents == [] and info.captions_complete is False
+    assert info.sources[0].kind == "batch" and info.sources[0].name == "b1"
+    assert info.created_at.endswith("+00:00")
+    reported = {(p["file"], p["code"]) for p in info.problems}
     assert reported == {
         ("notes.pdf", "non_image_file"),
         (".DS_Store", "junk_skipped"),
         ("link.png", "symlink_not_followed"),
     }
-    assert result.problems == info["problems"]
+    assert result.problems == info.problems
     assert sum(result.copy_methods.values()) == 2
     assert verify_snapshot(snap).ok
 
@@ -120,7 +125,7 @@ def test_rebuild_is_a_noop_and_changes_are_refused(root: DataRoot, make_batch, i
 
     assert not again.created and again.manifest_root == first.manifest_root and again.rows == first.rows
     assert tree_state(first.dir) == snap_state
-    assert read_snapshot_info(first.dir)["code_version"] == "c1"
+    assert read_snapshot_info(first.dir).code_version == "c1"
 
     changed = spec_for("hw-v1", SourceRef(batch="b1"), intent="now with a different intent")
     with pytest.raises(UserError) as err:
@@ -159,8 +164,8 @@ def test_merge_rule(root: DataRoot, make_batch, image_bytes) -> None:
         "set merge: true to merge on purpose, or make an independent version"
     )
     merged = build_snapshot(root, spec_for("hw-v2", *mixed.sources, merge=True), "c")
-    assert [r["path"] for r in merged.rows] == [f"{FOLDER}/a.png", f"{FOLDER}/b.png"]
-    assert read_snapshot_info(merged.dir)["parents"] == ["hw-v1", "other-v1"]
+    assert [r.path for r in merged.rows] == [f"{FOLDER}/a.png", f"{FOLDER}/b.png"]
+    assert read_snapshot_info(merged.dir).parents == ["hw-v1", "other-v1"]
     # batches alone never need merge, whatever the name
     assert len(build_snapshot(root, spec_for("third", SourceRef(batch="b1"), SourceRef(batch="b2")), "c").rows) == 2
 
@@ -173,16 +178,16 @@ def test_collisions_are_renamed_deterministically_and_recorded(root: DataRoot, m
     plan = plan_snapshot(root, spec)
     result = build_snapshot(root, spec, "c")
 
-    by_source = {(r["source_batch"], r["source_path"]): r for r in result.rows}
-    assert by_source[("b1", "a.png")]["path"] == f"{FOLDER}/a.png"
-    assert by_source[("b1", "x/A.jpg")]["path"] == f"{FOLDER}/A__b1.jpg"
-    assert by_source[("b2", "a.png")]["path"] == f"{FOLDER}/a__b2.png"
-    assert by_source[("b2", "a__b2.png")]["path"] == f"{FOLDER}/a__b2__b2.png"
+    by_source = {(r.source_batch, r.source_path): r for r in result.rows}
+    assert by_source[("b1", "a.png")].path == f"{FOLDER}/a.png"
+    assert by_source[("b1", "x/A.jpg")].path == f"{FOLDER}/A__b1.jpg"
+    assert by_source[("b2", "a.png")].path == f"{FOLDER}/a__b2.png"
+    assert by_source[("b2", "a__b2.png")].path == f"{FOLDER}/a__b2__b2.png"
     assert "renamed_from" not in by_source[("b1", "a.png")]
-    assert by_source[("b1", "x/A.jpg")]["renamed_from"] == "A.jpg"
-    assert by_source[("b2", "a__b2.png")]["renamed_from"] == "a__b2.png"
+    assert by_source[("b1", "x/A.jpg")].renamed_from == "A.jpg"
+    assert by_source[("b2", "a__b2.png")].renamed_from == "a__b2.png"
     collisions = sorted(p["file"] for p in result.problems if p["code"] == "basename_collision")
-    assert collisions == sorted(by_source[k]["path"] for k in [("b1", "x/A.jpg"), ("b2", "a.png"), ("b2", "a__b2.png")])
+    assert collisions == sorted(by_source[k].path for k in [("b1", "x/A.jpg"), ("b2", "a.png"), ("b2", "a__b2.png")])
     assert [f.dest for f in plan.files] == [f.dest for f in plan_snapshot(root, spec).files]  # deterministic
 
 
@@ -196,23 +201,23 @@ def test_dataset_sources_carry_origin_through_generations(root: DataRoot, make_b
         finish_version(root, spec)
     v3 = build_snapshot(root, spec_for("hw-v3", SourceRef(dataset="hw-v2", exclude=("c.png",))), "c")
 
-    rows = {r["path"]: r for r in v3.rows}
+    rows = {r.path: r for r in v3.rows}
     assert sorted(rows) == [f"{FOLDER}/a.png", f"{FOLDER}/a__b2.png"]
     original = rows[f"{FOLDER}/a.png"]
-    assert original["source_dataset"] == "hw-v2" and "source_batch" not in original
-    assert original["source_path"] == f"{FOLDER}/a.png" and original["source_sha256"] == sha256_bytes(a)
-    assert (original["origin_batch"], original["origin_path"], original["origin_sha256"]) == (
+    assert original.source_dataset == "hw-v2" and "source_batch" not in original.to_json_dict()
+    assert original.source_path == f"{FOLDER}/a.png" and original.source_sha256 == sha256_bytes(a)
+    assert (original.origin_batch, original.origin_path, original.origin_sha256) == (
         "b1",
         "views/a.png",
         sha256_bytes(a),
     )
     renamed = rows[f"{FOLDER}/a__b2.png"]
-    assert (renamed["source_path"], renamed["origin_batch"], renamed["origin_path"]) == (
+    assert (renamed.source_path, renamed.origin_batch, renamed.origin_path) == (
         f"{FOLDER}/a__b2.png",
         "b2",
         "views/a.png",
     )
-    assert read_snapshot_info(v3.dir)["parents"] == ["hw-v2"]
+    assert read_snapshot_info(v3.dir).parents == ["hw-v2"]
 
 
 def test_dataset_source_must_be_built_first(root: DataRoot, make_batch, image_bytes) -> None:
@@ -305,8 +310,8 @@ def test_manifest_sizes_are_the_sizes_training_sees_after_exif_orientation(root:
         result = build_snapshot(root, spec_for(f"{batch}-v1", SourceRef(batch=batch)), "c")
         assert result.hashed == hashed
         row = result.rows[0]
-        assert (row["width"], row["height"], row["stored_width"], row["stored_height"]) == (60, 80, 80, 60)
-        assert load_rgb(result.dir / row["path"]).size == (row["width"], row["height"])
+        assert (row.width, row.height, row.stored_width, row.stored_height) == (60, 80, 80, 60)
+        assert load_rgb(result.dir / row.path).size == (row.width, row.height)
     finish_version(root, spec_for("b1-v1", SourceRef(batch="b1")))
     reused = build_snapshot(root, spec_for("b1-v2", SourceRef(dataset="b1-v1")), "c").rows[0]
-    assert (reused["width"], reused["height"], reused["stored_width"], reused["stored_height"]) == (60, 80, 80, 60)
+    assert (reused.width, reused.height, reused.stored_width, reused.stored_height) == (60, 80, 80, 60)

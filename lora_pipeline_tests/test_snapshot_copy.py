@@ -101,13 +101,13 @@ def test_a_warm_build_copies_unread_and_equals_a_cold_build(aged: DataRoot, no_r
     assert warm.hashed == 0 and set(warm.copy_methods) <= {"reflink", "copy_file_range", "copy"}
     assert cold.hashed == 3 and sum(cold.copy_methods.values()) == 3
     assert warm.rows == cold.rows and warm.image_root == cold.image_root
-    assert [(r["width"], r["height"]) for r in warm.rows] == [size for size, _ in IMAGES.values()]
+    assert [(r.width, r.height) for r in warm.rows] == [size for size, _ in IMAGES.values()]
     assert load_cache(aged, "hit") == {rel: cached[rel] for rel in IMAGES}  # the cold build re-recorded them
     source_inodes = {(top / rel).stat().st_ino for rel in IMAGES}
     for snap in (warm.dir, cold.dir):
         assert verify_snapshot(snap).ok
         for row in warm.rows:
-            st = (snap / row["path"]).lstat()
+            st = (snap / row.path).lstat()
             assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and stat.S_IMODE(st.st_mode) == 0o444
             assert st.st_ino not in source_inodes
     assert tree_state(top) == before  # nothing under sources/ was written, not even a cache
@@ -128,10 +128,10 @@ def test_a_source_changed_after_hashing_is_hashed_again(aged: DataRoot) -> None:
     result = build_snapshot(aged, spec_for("edited-v1", SourceRef(batch="edited")), "c")
 
     assert result.hashed == 2
-    rows = {r["source_path"]: r for r in result.rows}
+    rows = {r.source_path: r for r in result.rows}
     for rel in ("a.png", "b.jpg"):
-        assert rows[rel]["sha256"] == sha256_file(top / rel) != cached[rel].sha256
-    assert rows["views/c.png"]["sha256"] == cached["views/c.png"].sha256
+        assert rows[rel].sha256 == sha256_file(top / rel) != cached[rel].sha256
+    assert rows["views/c.png"].sha256 == cached["views/c.png"].sha256
     assert verify_snapshot(result.dir).ok
     # Just changed, so racy: not recorded; their old entries no longer match and are never trusted again.
     assert load_cache(aged, "edited") == cached
@@ -170,6 +170,6 @@ def test_an_earlier_snapshots_rows_are_trusted_until_its_file_changes(root: Data
 
     assert v2.hashed == 0 and v3.hashed == 1
     keys = ("sha256", "bytes", "width", "height", "origin_sha256")
-    assert [[r[k] for k in keys] for r in v1.rows] == [[r[k] for k in keys] for r in v2.rows]
+    assert [[getattr(r, k) for k in keys] for r in v1.rows] == [[getattr(r, k) for k in keys] for r in v2.rows]
     assert v2.rows == v3.rows
     assert verify_snapshot(v2.dir).ok and verify_snapshot(v3.dir).ok
