@@ -10,6 +10,7 @@ import pytest
 
 from lora_pipeline.core.datasets.checks.report import read_report
 from lora_pipeline.core.datasets.snapshot.manifest import (
+    manifest_root,
     read_manifest,
     read_snapshot_info,
     verify_snapshot,
@@ -130,7 +131,7 @@ def test_the_sample_versions_files_are_written_as_before_and_read_back_byte_for_
         again.mkdir()
         assert (sha256_file(snap / MANIFEST), read_snapshot_info(snap).manifest_root) == (manifest_sha, root_hash)
 
-        assert write_manifest(again, read_manifest(snap)) == root_hash
+        assert write_manifest(again, read_manifest(snap)) == manifest_root(read_manifest(snap)) == root_hash
         write_snapshot_info(again, read_snapshot_info(snap))
         write_json(again / REPORT_JSON, read_report(snap).to_json_dict())
         for name in (MANIFEST, SNAPSHOT, REPORT_JSON):

@@ -105,8 +105,8 @@ class SnapshotInfo(Record):
 
 
 def manifest_root(rows: Iterable[ManifestRow]) -> str:
-    """The Merkle root (hashing.merkle_root) over the rows as they are written."""
-    return merkle_root(row.to_json_dict() for row in rows)
+    """The Merkle root over the rows (hashing.merkle_root, whose leaves are each row's path, sha256 and bytes)."""
+    return merkle_root({"path": row.path, "sha256": row.sha256, "bytes": row.bytes} for row in rows)
 
 
 def write_manifest(snapshot_dir: Path, rows: Iterable[ManifestRow | Mapping[str, Any]]) -> str:
