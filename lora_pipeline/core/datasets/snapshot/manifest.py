@@ -58,7 +58,7 @@ class ManifestRow(Record):
     height: int | None = None
     stored_width: int | None = None  # as the file stores it; absent in rows written before EXIF orientation
     stored_height: int | None = None
-    source_batch: str | None = None  # the batch the file was copied from, or
+    source_batch: str | None = None  # the batch the file was copied from (or:)
     source_dataset: str | None = None  # the earlier dataset version it was copied from
     source_path: str | None = None  # relative to that batch or version
     source_sha256: str | None = None
@@ -72,7 +72,7 @@ class ManifestRow(Record):
 
     @property
     def recorded_size(self) -> ImageSize | None:
-        """The image's sizes as recorded; None for a row written before stored sizes were (see `stored_width`)."""
+        """The image's sizes as recorded; None for a row written before stored sizes were recorded."""
         if "stored_width" not in self.model_fields_set:
             return None
         return ImageSize(self.width, self.height, self.stored_width, self.stored_height)
