@@ -146,7 +146,7 @@ class _Chain:
         except ValueError:
             return str(path)
 
-    def file_status(self, path: Path, expected: str, what: str, since: str) -> str:
+    def file_status(self, path: Path, expected: str, what: str, since: str) -> FileStatus:
         """"unchanged", "changed" or "missing"; a finding for the latter two."""
         if path not in self._hashes:
             self._hashes[path] = sha256_file(path) if path.is_file() and not path.is_symlink() else None
