@@ -147,9 +147,9 @@ def evaluate_lora(
     epochs = select_epochs(list(files), recipe.eval_max_epochs)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sampling_dtype(recipe.mixed_precision, target)
-    data = load_training_data(root.dataset(version), recipe)
+    data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
     base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
-    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)  # v-prediction / zero terminal SNR
+    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe.noise)  # v-prediction / zero terminal SNR
     validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")

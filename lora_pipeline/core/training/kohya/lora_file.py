@@ -218,8 +218,8 @@ def build_metadata(
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
     }
-    if network_args(recipe):
-        ss["ss_network_args"] = json.dumps(network_args(recipe))
+    if network_args(recipe.network):
+        ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURE[family],
