@@ -13,9 +13,9 @@ from lora_pipeline.core.paths import SNAPSHOT
 from lora_pipeline.core.training.inputs import encode
 from lora_pipeline.core.training.inputs.augment import flip_warning, step_views
 from lora_pipeline.core.training.inputs.caption_shuffle import step_captions
-from lora_pipeline.core.training.recipe_groups import CaptionDropout
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import parse_recipe
+from lora_pipeline.core.training.recipe_groups import CaptionDropout
 from lora_pipeline.core.training.step import loop
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.schema import later_fields
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network
-from lora_pipeline.core.schema import later_fields
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker

@@ -54,8 +54,9 @@ def to_plain(value: Any) -> Any:
 
 
 def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> dict[str, Any]:
-    """report.json's content: a function of the snapshot alone (no timestamp), so an unchanged
-    snapshot gets a byte-identical report and rebuilding leaves the files untouched."""
+    """report.json's content: a function of the snapshot and the bucket settings of the recipes that train on it
+    (no timestamp), so while those stay the same the report is byte-identical and rebuilding leaves the files
+    untouched."""
     return {
         "version": result.version,
         "manifest_root": result.manifest_root,
@@ -64,6 +65,7 @@ def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> di
         "checks": result.checks,
         "problems": [dict(p) for p in result.problems],
         "buckets": result.buckets,
+        "other_buckets": result.other_buckets,
         "tag_frequency": to_plain(caption_plan.tag_frequency),
         "lint": to_plain(caption_plan.lint),
         "contact_sheet": CONTACT_SHEET,
@@ -124,6 +126,24 @@ def _lint_lines(name: str, value: Any) -> list[str]:
     return ["", f"**{name}**: {value}"]
 
 
+def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
+    """A bucket summary (validation.bucket_summary) as a section: whose settings, then the histogram."""
+    sides = (f"sides {buckets['min_bucket_reso']}-{buckets['max_bucket_reso']} px" if buckets["enable_bucket"]
+             else "enable_bucket: false, every image square")
+    recipes = ", ".join(f"`{name}`" for name in buckets["recipes"])
+    whose = (f"The buckets of the recipes whose `train_on` names this family: {recipes} ({sides})." if recipes
+             else f"No recipe's `train_on` names this family: the recipe defaults ({sides}).")
+    hist = buckets["histogram"]
+    peak = max((b["count"] for b in hist), default=0)
+    bar_rows = [
+        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
+    ]
+    return [
+        "", f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})", "",
+        whose, "", *(_table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]),
+    ]
+
+
 def render_markdown(data: dict[str, Any], shown: int) -> str:
     counts = data["counts"]
     errors, warnings = counts["problems"]["error"], counts["problems"]["warning"]
@@ -155,18 +175,8 @@ def render_markdown(data: dict[str, Any], shown: int) -> str:
     else:
         out.append("None.")
 
-    buckets = data["buckets"]
-    out += [
-        "",
-        f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})",
-        "",
-    ]
-    hist = buckets["histogram"]
-    peak = max((b["count"] for b in hist), default=0)
-    bar_rows = [
-        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
-    ]
-    out += _table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]
+    for buckets in [data["buckets"], *data["other_buckets"]]:
+        out += _bucket_lines(buckets)
 
     tags: Counter[str] = Counter()
     for folder_tags in data["tag_frequency"].values():
