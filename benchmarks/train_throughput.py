@@ -225,7 +225,8 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
                     learning_rate=1.0 if adaptive else 1e-4)
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, device)
-    lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, args.warmup + args.steps + 1)
+    lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer,
+                                     args.warmup + args.steps + 1)
     accelerator = make_accelerator(device, precision)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)

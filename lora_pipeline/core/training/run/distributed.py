@@ -31,12 +31,12 @@ from typing import Any
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
-from lora_pipeline.core.models.loading import resolve_base_model
+from lora_pipeline.core.models.loading import default_device, resolve_base_model
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
 from lora_pipeline.core.training.run.result import TrainResult, environment_error, own_output
 from lora_pipeline.core.training.run.tracking import TrainingTracker
-from lora_pipeline.core.training.run.trainer import train_lora, training_device
+from lora_pipeline.core.training.run.trainer import train_lora
 
 RESULT_PATHS = ("out_dir", "loss_curve", "sample_strip")  # TrainResult fields that are paths (or None)
 LOG_PREFIX = "[lora-ddp] "  # the first process's progress lines, passed on to the caller's `log`
@@ -93,7 +93,7 @@ def train_distributed(
     if there is one, else the CPU) or "cpu"."""
     import torch
 
-    cpu = training_device(device).type == "cpu"
+    cpu = default_device(device).type == "cpu"
     reason = refusal(recipe, num_processes, None if cpu else torch.cuda.device_count())
     if reason:
         raise UserError(reason, root.recipe_file(recipe.name))

@@ -31,7 +31,7 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
+from lora_pipeline.core.models.loading import BaseModel, base_model_hash, default_device, load_base_model
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.augment import flip_warning
@@ -88,11 +88,6 @@ def _provenance(given: Mapping[str, str], derived: dict[str, str], run_id: str) 
     values = {**{k: v for k, v in derived.items() if k in names}, "code_commit": given.get("code_commit") or
               code_version(), "mlflow_run_id": run_id or given.get("mlflow_run_id", "")}
     return LoraProvenance(**values)
-
-
-def training_device(device: str | None) -> torch.device:
-    """Where a run trains: `device`, or CUDA when there is a GPU, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 @dataclass
@@ -163,7 +158,7 @@ def train_lora(
                         root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
-    target = training_device(device)
+    target = default_device(device)
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
     times = StageTimes(target)
     loading = time.perf_counter()
