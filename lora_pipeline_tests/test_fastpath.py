@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import host_to_device
 from lora_pipeline.core.training.recipe import fast_path_blockers, parse_recipe
+from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
@@ -104,3 +105,20 @@ def test_unset_fast_path_is_on_for_one_cuda_gpu_wherever_the_step_can_be_capture
     assert fast_path_choice(replace(recipe, fast_path=False), cuda, NO_REG, 1) == (
         False, "fast_path: false (the recipe)")
     assert fast_path_choice(replace(recipe, fast_path=True), cpu, NO_REG, 1)[0] is True
+
+
+def test_one_answer_for_the_parser_the_launcher_and_the_unset_choice(tmp_path):
+    cuda = torch.device("cuda")
+    recipe = tiny_recipe()
+    assert fast_path_blockers(recipe) == fast_path_blockers(recipe, cuda, NO_REG, 1) == []
+    every = fast_path_blockers(tiny_recipe(optimizer="Prodigy"), CPU, REG, 2)
+    assert [reason.split()[:2] for reason in every] == [
+        ["the", "device"], ["Prodigy", "reads"], ["the", "dataset"], ["2", "processes"]]
+    (ddp,) = fast_path_blockers(recipe, processes=2)
+    assert ddp in refusal(tiny_recipe(fast_path=True), 2, None)
+    assert fast_path_choice(recipe, cuda, NO_REG, 2)[1].endswith(f"since {ddp}")
+    (prodigy,) = fast_path_blockers(tiny_recipe(optimizer="Prodigy"))
+    with pytest.raises(UserError, match="impossible here") as caught:
+        parse_recipe({**{k: v for k, v in TINY.items() if k != "name"}, "optimizer": "Prodigy", "fast_path": True},
+                     tmp_path / "r.yaml")
+    assert str(caught.value).endswith(f"fast_path: true is impossible here: {prodigy}")

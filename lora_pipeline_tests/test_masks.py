@@ -175,6 +175,9 @@ def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_roo
     finish_version(root, plain)
     with pytest.raises(UserError, match="has no masks"):
         train(root, tiny_recipe(masked_loss=True), "x", version="plain-v1")
+    # a required fast path is refused with fast_path_blockers' reason for the class images
+    with pytest.raises(UserError, match=r"impossible on dataset 'train-v1': the dataset has regularisation images"):
+        train(root, tiny_recipe(fast_path=True), "y", version="train-v1")
 
 
 def test_kohya_fill_of_class_images():

@@ -9,9 +9,9 @@ recipe_groups.py). `fast_path_blockers` is the one answer to whether a run's ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, get_args
 
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass
@@ -36,6 +36,7 @@ from lora_pipeline.core.schema import (
 from lora_pipeline.core.training.recipe_groups import (
     AugmentationSettings,
     AutomationSettings,
+    GroupView,
     NetworkSettings,
     NoiseSettings,
     OptimizerSettings,
@@ -63,7 +64,6 @@ SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
 GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
-Group = TypeVar("Group")
 
 
 def _check_family_pattern(value: str) -> str:
@@ -309,38 +309,14 @@ class Recipe:
             return f"adafactor:{self.learning_rate}"
         return self.lr_scheduler
 
-    def group(self, kind: type[Group]) -> Group:
-        """The group `kind` (a dataclass whose fields are recipe fields, recipe_groups.py) of this recipe."""
-        return kind(**{f.name: getattr(self, f.name) for f in fields(kind)})
-
-    @property
-    def network(self) -> NetworkSettings:
-        return self.group(NetworkSettings)
-
-    @property
-    def optimizer_settings(self) -> OptimizerSettings:
-        """The optimizer group (`optimizer` is the field naming the optimizer)."""
-        return self.group(OptimizerSettings)
-
-    @property
-    def schedule(self) -> ScheduleSettings:
-        return self.group(ScheduleSettings)
-
-    @property
-    def noise(self) -> NoiseSettings:
-        return self.group(NoiseSettings)
-
-    @property
-    def augmentation(self) -> AugmentationSettings:
-        return self.group(AugmentationSettings)
-
-    @property
-    def automation(self) -> AutomationSettings:
-        return self.group(AutomationSettings)
-
-    @property
-    def buckets(self) -> BucketSettings:
-        return self.group(BucketSettings)
+    # The fields by concern (recipe_groups.py); the optimizer's group is not `optimizer`, the field naming it.
+    network = GroupView(NetworkSettings)
+    optimizer_settings = GroupView(OptimizerSettings)
+    schedule = GroupView(ScheduleSettings)
+    noise = GroupView(NoiseSettings)
+    augmentation = GroupView(AugmentationSettings)
+    automation = GroupView(AutomationSettings)
+    buckets = GroupView(BucketSettings)
 
     @property
     def sampling(self) -> SamplingSettings:

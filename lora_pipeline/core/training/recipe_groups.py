@@ -2,7 +2,7 @@
 the noise of a step, the data augmentation, and when to train (automation).
 
 `Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.augmentation` and `.automation` return these;
-each group's fields carry the recipe's field names and are filled from them by name (`Recipe.group`). The
+each group's fields carry the recipe's field names and are filled from them by name (`GroupView`). The
 image buckets are `core/datasets/buckets.BucketSettings` (the dataset report reads them too) and the sampled
 images `core/models/sampling.SamplingSettings`. Code that uses one concern takes its group, not the recipe.
 """
@@ -10,9 +10,28 @@ images `core/models/sampling.SamplingSettings`. Code that uses one concern takes
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, Generic, TypeVar, overload
 
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
+
+G = TypeVar("G")
+
+
+class GroupView(Generic[G]):
+    """A read-only attribute of a recipe: its group `kind`, a dataclass whose fields are recipe fields."""
+
+    def __init__(self, kind: type[G]) -> None:
+        self.kind = kind
+
+    @overload
+    def __get__(self, recipe: None, owner: type) -> GroupView[G]: ...
+    @overload
+    def __get__(self, recipe: object, owner: type) -> G: ...
+    def __get__(self, recipe: Any, owner: type) -> GroupView[G] | G:
+        if recipe is None:
+            return self
+        return self.kind(**{f.name: getattr(recipe, f.name) for f in fields(self.kind)})
 
 
 @dataclass(frozen=True)
