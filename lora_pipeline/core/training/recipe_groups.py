@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, fields
-from typing import Any, Generic, TypeVar, overload
+from typing import Generic, TypeVar, overload
 
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 
@@ -25,13 +25,13 @@ class GroupView(Generic[G]):
         self.kind = kind
 
     @overload
-    def __get__(self, recipe: None, owner: type) -> GroupView[G]: ...
+    def __get__(self, instance: None, owner: type) -> GroupView[G]: ...
     @overload
-    def __get__(self, recipe: object, owner: type) -> G: ...
-    def __get__(self, recipe: Any, owner: type) -> GroupView[G] | G:
-        if recipe is None:
+    def __get__(self, instance: object, owner: type) -> G: ...
+    def __get__(self, instance: object | None, owner: type) -> GroupView[G] | G:
+        if instance is None:  # read on the class
             return self
-        return self.kind(**{f.name: getattr(recipe, f.name) for f in fields(self.kind)})
+        return self.kind(**{f.name: getattr(instance, f.name) for f in fields(self.kind)})
 
 
 @dataclass(frozen=True)
