@@ -60,12 +60,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
 from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step import loop
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.loop import (
     MAX_GRAD_NORM,
-    NoiseSettings,
     StepBatch,
     StepNoise,
     StepParts,
@@ -224,8 +224,9 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
                     learning_rate=1.0 if adaptive else 1e-4)
-    optimizer = make_optimizer(recipe, params, device)
-    lr_scheduler = make_lr_scheduler(recipe, optimizer, args.warmup + args.steps + 1)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, device)
+    lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer,
+                                     args.warmup + args.steps + 1)
     accelerator = make_accelerator(device, precision)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)

@@ -12,9 +12,10 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SNAPSHOT
 from lora_pipeline.core.training.inputs import encode
 from lora_pipeline.core.training.inputs.augment import flip_warning, step_views
-from lora_pipeline.core.training.inputs.caption_shuffle import CaptionDropout, step_captions
+from lora_pipeline.core.training.inputs.caption_shuffle import step_captions
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import parse_recipe
+from lora_pipeline.core.training.recipe_groups import CaptionDropout
 from lora_pipeline.core.training.step import loop
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
@@ -84,7 +85,7 @@ def test_views_flip_and_crop_the_pixels_and_the_recipe_rules(train_snapshot):
     from lora_pipeline.core.training.inputs.data import load_training_data
 
     root = train_snapshot(n=1, repeats=1)
-    (image,) = load_training_data(root.dataset("train-v1"), tiny_recipe(validation_split=0.0)).train
+    (image,) = load_training_data(root.dataset("train-v1"), tiny_recipe().buckets, 0.0).train
     plain = image.pixels()
     assert torch.equal(image.pixels(View(True, image.crop_top_left)), plain.flip(-1))
     views = [v for s in range(40) for v in step_views([image], False, True, 1, s)]

@@ -21,7 +21,7 @@ def test_buckets_for_512_match_kohya():
 
 
 def test_each_image_lands_in_the_bucket_of_closest_aspect_ratio():
-    resos = bucket_resolutions(512)
+    resos = bucket_resolutions(512, 256, 1024, 64)
     assert select_bucket(1024, 768, resos) == (576, 448)
     assert select_bucket(768, 1024, resos) == (448, 576)
     assert select_bucket(2000, 2000, resos) == (512, 512)

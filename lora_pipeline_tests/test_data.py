@@ -39,7 +39,7 @@ def test_split_is_by_sha256_order_and_never_empties_training():
 
 def test_snapshot_is_read_split_and_bucketed(train_snapshot):
     root = train_snapshot(n=6, repeats=3)
-    data = load_training_data(root.dataset("train-v1"), RECIPE)
+    data = load_training_data(root.dataset("train-v1"), RECIPE.buckets, RECIPE.validation_split)
     assert (len(data.train), len(data.validation), data.repeats, data.num_train_images) == (5, 1, 3, 15)
     resos = bucket_resolutions(64, 32, 128, 16)
     for image in data.train + data.validation:
@@ -54,7 +54,8 @@ def test_snapshot_is_read_split_and_bucketed(train_snapshot):
     frequency = data.tag_frequency(",")["3_trg"]
     assert frequency["trg"] == 5 and sum(frequency.values()) == sum(len(i.caption.split(",")) for i in data.train)
 
-    square = load_training_data(root.dataset("train-v1"), replace(RECIPE, enable_bucket=False))
+    square = load_training_data(root.dataset("train-v1"), replace(RECIPE, enable_bucket=False).buckets,
+                                RECIPE.validation_split)
     assert {image.bucket for image in square.train} == {(64, 64)}
 
 
@@ -65,7 +66,8 @@ def test_fit_to_bucket_follows_kohya():
 
 
 def test_epoch_batches_stay_in_one_bucket_repeat_each_image_and_are_seeded(train_snapshot):
-    data = load_training_data(train_snapshot(n=6, repeats=3).dataset("train-v1"), RECIPE)
+    data = load_training_data(train_snapshot(n=6, repeats=3).dataset("train-v1"), RECIPE.buckets,
+                              RECIPE.validation_split)
     images = data.train
     batches = epoch_batches(images, 3, 2, seed=7, epoch=1)
     assert len(batches) == steps_per_epoch(images, 3, 2)
@@ -85,7 +87,7 @@ def test_training_refuses_a_snapshot_that_differs_from_its_manifest(train_snapsh
     os.chmod(image, 0o644)
     image.write_bytes(bytes(data))
     with pytest.raises(UserError, match="content differs from the manifest"):
-        load_training_data(snapshot, RECIPE)
+        load_training_data(snapshot, RECIPE.buckets, RECIPE.validation_split)
 
 
 def test_training_needs_a_complete_caption_set(train_snapshot):
@@ -93,7 +95,7 @@ def test_training_needs_a_complete_caption_set(train_snapshot):
     info = read_json(snapshot / SNAPSHOT)
     write_json(snapshot / SNAPSHOT, {**info, "captions_complete": False})
     with pytest.raises(UserError, match="materialize caption_set first"):
-        load_training_data(snapshot, RECIPE)
+        load_training_data(snapshot, RECIPE.buckets, RECIPE.validation_split)
     write_json(snapshot / SNAPSHOT, {**info, "manifest_root": "0" * 64})
     with pytest.raises(UserError, match="rows do not match manifest_root"):
-        load_training_data(snapshot, RECIPE)
+        load_training_data(snapshot, RECIPE.buckets, RECIPE.validation_split)

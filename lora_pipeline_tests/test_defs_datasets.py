@@ -93,6 +93,25 @@ def test_rebuild_is_a_noop_and_changed_spec_is_refused(sample_root):
         run_job("build_dataset_job", version, inst)
 
 
+def test_the_report_shows_the_buckets_of_the_recipes_that_train_on_the_family(sample_root):
+    inst = instance()
+    version = VERSIONS[0]
+    partitions.register(inst, partitions.dataset_versions, [version])
+    run_job("build_dataset_job", version, inst)
+    before = read_json(sample_root.dataset(version) / "report.json")["buckets"]
+    assert before["recipes"] == [] and before["resolution"] == 512  # no sample recipe trains on this family
+    (sample_root.recipes / "small-buckets.yaml").write_text(
+        "base_model: tiny-sd\ntrain_on: ['hardware-design-*']\nresolution: 256\nmin_bucket_reso: 128\n"
+        "max_bucket_reso: 512\nbucket_reso_steps: 32\n")
+    outcome = run_job("build_dataset_job", version, inst)
+    assert outcome.check_passed(NO_ERRORS_CHECK) is True and verify_snapshot(sample_root.dataset(version)).ok
+    after = read_json(sample_root.dataset(version) / "report.json")["buckets"]
+    assert after["recipes"] == ["small-buckets"] and after["resolution"] == 256
+    assert after["histogram"] != before["histogram"]
+    assert sum(b["count"] for b in after["histogram"]) == sum(b["count"] for b in before["histogram"])
+    assert all(b["width"] * b["height"] <= 256 * 256 for b in after["histogram"])
+
+
 def test_problem_tables_in_the_metadata_are_bounded_but_the_counts_cover_every_problem(tmp_path):
     problems = [{"severity": "warning", "code": "near_duplicate", "file": f"img/{n:04d}.jpg"} for n in range(250)]
     problems.append({"severity": "error", "code": "too_small", "file": "img/x.jpg"})

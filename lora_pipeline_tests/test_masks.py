@@ -19,7 +19,8 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import epoch_batches, load_training_data, mix_reg_repeats
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
-from lora_pipeline.core.training.step.loop import NoiseSettings, StepBatch, compute_loss
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
+from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
 from lora_pipeline_tests.helpers import finish_version, tiny_recipe, train
 
 
@@ -130,7 +131,7 @@ def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_roo
     build_snapshot(root, version, "c")
     finish_version(root, version)
     recipe = tiny_recipe(epochs=1, masked_loss=True, validation_split=0.34, prior_loss_weight=0.5)
-    data = load_training_data(root.dataset("train-v1"), recipe)
+    data = load_training_data(root.dataset("train-v1"), recipe.buckets, recipe.validation_split)
     assert len(data.train) == 2 and len(data.validation) == 1 and len(data.reg) == 2  # class images never held out
     assert data.reg_repeats == (2, 2) and data.num_reg_images == 2  # kohya fills them up to 2 x 2 samples
     image = data.train[0]
@@ -174,6 +175,9 @@ def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_roo
     finish_version(root, plain)
     with pytest.raises(UserError, match="has no masks"):
         train(root, tiny_recipe(masked_loss=True), "x", version="plain-v1")
+    # a required fast path is refused with fast_path_blockers' reason for the class images
+    with pytest.raises(UserError, match=r"impossible on dataset 'train-v1': the dataset has regularisation images"):
+        train(root, tiny_recipe(fast_path=True), "y", version="train-v1")
 
 
 def test_kohya_fill_of_class_images():

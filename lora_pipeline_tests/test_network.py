@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.schema import later_fields
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network
-from lora_pipeline.core.training.recipe import LATER_FIELDS, Recipe
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
@@ -79,7 +80,7 @@ def _unet_inputs(unet, sdxl: bool) -> dict:
 def _trained_model(root, recipe: Recipe, out: Path):
     """The base model with the recipe's adapters set to the last resume state (what training ended with)."""
     base = load_base_model(root.models, recipe.base_model, recipe.model_family)
-    add_network(base, recipe, load_state(out).lora)
+    add_network(base, recipe.network, recipe.seed, load_state(out).lora)
     return base
 
 
@@ -167,8 +168,9 @@ def test_resume_reproduces_the_run_and_every_new_option_changes_the_recipe_hash(
                "multires_noise_iterations": 6, "multires_noise_discount": 0.4, "ip_noise_gamma": 0.05,
                "zero_terminal_snr": True, "debiased_estimation_loss": True, "v_parameterization": True,
                "sample_every_n_epochs": 2}
-    assert set(changes) <= set(LATER_FIELDS)  # left out of the hash at these defaults, which are the fields' own
-    assert all(LATER_FIELDS[name] == getattr(Recipe(name="x", base_model="m"), name) for name in LATER_FIELDS)
+    later = later_fields(Recipe)
+    assert set(changes) <= set(later)  # left out of the hash at these defaults, which are the fields' own
+    assert all(later[name] == getattr(Recipe(name="x", base_model="m"), name) for name in later)
     hashes = {name: replace(LOCON, **{name: value}).sha256 for name, value in changes.items()
               if name not in ("zero_terminal_snr", "use_dora")}
     hashes["zero_terminal_snr"] = replace(LOCON, zero_terminal_snr=True, v_parameterization=True).sha256

@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.step.noise import (
-    NoiseSettings,
     debiased_weight,
     draw_noise,
     training_scheduler,
@@ -41,12 +41,12 @@ def test_multires_and_input_perturbation_noise():
 
 def test_zero_terminal_snr_v_prediction_and_debiased_weights():
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    fixed = training_scheduler(scheduler, tiny_recipe(v_parameterization=True, zero_terminal_snr=True))
+    fixed = training_scheduler(scheduler, tiny_recipe(v_parameterization=True, zero_terminal_snr=True).noise)
     assert fixed.config.prediction_type == "v_prediction" and scheduler.config.prediction_type == "epsilon"
     assert fixed.alphas_cumprod[-1].item() < 1e-10 < scheduler.alphas_cumprod[-1].item()
     torch.testing.assert_close(fixed.alphas_cumprod[0], scheduler.alphas_cumprod[0])
     assert torch.equal(zero_terminal_snr_betas(scheduler.betas), fixed.betas)
-    assert training_scheduler(scheduler, tiny_recipe()).config.prediction_type == "epsilon"
+    assert training_scheduler(scheduler, tiny_recipe().noise).config.prediction_type == "epsilon"
     timesteps = torch.tensor([10, 500, 999])
     weighted = debiased_weight(torch.ones(3), timesteps, fixed)
     snr = compute_snr(fixed, timesteps).clamp(1e-3, 1000)
@@ -56,8 +56,8 @@ def test_zero_terminal_snr_v_prediction_and_debiased_weights():
 
 def _lrs(recipe, steps: int) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(2))
-    optimizer = make_optimizer(recipe, [param], torch.device("cpu"))
-    schedule = make_lr_scheduler(recipe, optimizer, steps)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, [param], torch.device("cpu"))
+    schedule = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, steps)
     out = []
     for _ in range(steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -79,8 +79,8 @@ def test_cosine_with_restarts_and_polynomial_schedules():
 @pytest.mark.parametrize("name", ["Lion", "AdamWScheduleFree"])
 def test_lion_and_schedule_free_step(name):
     param = torch.nn.Parameter(torch.zeros(3))
-    optimizer = make_optimizer(tiny_recipe(optimizer=name, learning_rate=0.1, weight_decay=0.0), [param],
-                               torch.device("cpu"))
+    recipe = tiny_recipe(optimizer=name, learning_rate=0.1, weight_decay=0.0)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, [param], torch.device("cpu"))
     for _ in range(1 if name == "Lion" else 3):
         param.grad = torch.tensor([1.0, -2.0, 0.0])
         optimizer.step()

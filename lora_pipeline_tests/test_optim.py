@@ -22,7 +22,8 @@ def test_each_optimizer_takes_a_step(name):
     lr = 1.0 if name in ("DAdaptAdamW", "Prodigy") else 1e-2
     param = _param()
     before = param.detach().clone()
-    optimizer = make_optimizer(Recipe(name="r", base_model="tiny-sd", optimizer=name, learning_rate=lr), [param], CPU)
+    recipe = Recipe(name="r", base_model="tiny-sd", optimizer=name, learning_rate=lr)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, [param], CPU)
     factors = []
     for _ in range(3):
         param.grad = torch.ones_like(param)
@@ -45,8 +46,8 @@ def _lrs(scheduler_name: str, warmup: int, total: int) -> list[float]:
     param = _param()
     recipe = Recipe(name="r", base_model="tiny-sd", optimizer="AdamW", learning_rate=0.1, lr_scheduler=scheduler_name,
                     lr_warmup_steps=warmup)
-    optimizer = make_optimizer(recipe, [param], CPU)
-    scheduler = make_lr_scheduler(recipe, optimizer, total)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, [param], CPU)
+    scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, total)
     lrs = []
     for _ in range(total):
         lrs.append(optimizer.param_groups[0]["lr"])

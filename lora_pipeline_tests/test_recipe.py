@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import yaml
 
+from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.schema import later_fields
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline_tests.helpers import committed_data
 
@@ -107,3 +109,19 @@ def test_replace_validates(tmp_path):
     assert replace(recipe, seed=7).seed == 7
     with pytest.raises(ValueError, match="sample_steps"):
         replace(recipe, sample_steps=0)
+
+
+def test_groups_are_views_of_the_fields_and_the_bucket_defaults_are_the_buckets_modules(tmp_path):
+    recipe = _recipe(tmp_path, conv_dim=8, noise_offset=0.05, flip_aug=True, train_on=["hardware-*"],
+                     resolution=256, lr_scheduler="cosine")
+    groups = (recipe.network, recipe.optimizer_settings, recipe.schedule, recipe.noise, recipe.augmentation,
+              recipe.automation, recipe.buckets)
+    for group in groups:
+        assert all(getattr(group, f.name) == getattr(recipe, f.name) for f in fields(group)), group
+    assert recipe.network.conv_alpha_value == 1.0 and recipe.augmentation.caption_dropout.on is False
+    assert recipe.automation.trains_on("hardware-curated-v3") and not recipe.automation.trains_on("other-v1")
+    assert recipe.buckets == BucketSettings(resolution=256) and recipe.schedule.lr_scheduler == "cosine"
+    defaults = Recipe(name="r", base_model="tiny-sd")
+    assert defaults.buckets == DEFAULT_BUCKETS  # the recipe's bucket defaults are buckets.py's
+    assert set(later_fields(Recipe)) >= {"fast_path", "conv_dim", "flip_aug"} and "train_on" not in later_fields(Recipe)
+    assert replace(defaults, train_on=("x",)).sha256 == defaults.sha256  # train_on is never hashed

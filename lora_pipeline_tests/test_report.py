@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings
 from lora_pipeline.core.datasets.checks.contact_sheet import (
     BOX,
     CELL,
@@ -117,6 +118,32 @@ def test_beyond_the_limit_problem_images_are_shown_first_and_the_rest_counted(ha
     shown = [Path(item.path).name for item in select_items(hand_snapshot.dir, result, captions, 3)]
     assert shown == ["cut.jpg", "good0.png", "small.png"]
     assert "shows 3 of 5 images" in files.markdown
+
+
+def test_the_histogram_is_the_one_of_the_recipes_that_train_on_the_family(hand_snapshot, picture):
+    build(hand_snapshot, picture, bad=False)  # three 128x96 pictures
+    default = validate_dataset(hand_snapshot.root, hand_snapshot.spec(min_side=64), hand_snapshot.dir,
+                               hand_snapshot.check)
+    small = BucketSettings(resolution=64, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
+    square = BucketSettings(resolution=96, enable_bucket=False)
+    trained = validate_dataset(hand_snapshot.root, hand_snapshot.spec(min_side=64), hand_snapshot.dir,
+                               hand_snapshot.check, buckets={"small-b": small, "small-a": small, "square": square})
+    assert default.buckets["recipes"] == [] and default.buckets["resolution"] == DEFAULT_BUCKETS.resolution
+    assert default.buckets["histogram"] == [{"width": 576, "height": 448, "count": 3}] and not default.other_buckets
+    assert trained.buckets["recipes"] == ["small-a", "small-b"] and trained.buckets["resolution"] == 64
+    assert trained.buckets["histogram"] == [{"width": 64, "height": 64, "count": 3}]  # kohya: first of a tie
+    (other,) = trained.other_buckets
+    assert other["recipes"] == ["square"] and other["histogram"] == [{"width": 96, "height": 96, "count": 3}]
+
+    files = write_report(hand_snapshot.dir, trained, hand_snapshot.check)
+    report = json.loads(files.report_json.read_text())
+    assert report["buckets"]["recipes"] == ["small-a", "small-b"] and report["other_buckets"][0]["recipes"] == [
+        "square"]
+    assert "## Aspect-ratio buckets (resolution 64, step 16)" in files.markdown
+    assert "`train_on` names this family: `small-a`, `small-b` (sides 32-128 px)." in files.markdown
+    assert "| 64x64 | 3 |" in files.markdown and "| 96x96 | 3 |" in files.markdown
+    default_md = write_report(hand_snapshot.dir, default, hand_snapshot.check).markdown
+    assert "No recipe's `train_on` names this family: the recipe defaults (sides 256-1024 px)." in default_md
 
 
 def test_to_plain_makes_json_ready_data():

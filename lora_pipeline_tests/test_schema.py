@@ -20,11 +20,12 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
+from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.schema import describe, validate
+from lora_pipeline.core.schema import ADDED_LATER, NOT_HASHED, describe, hashed_values, later_fields, validate
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline_tests.helpers import committed_data
 
@@ -202,3 +203,17 @@ def test_describe_names_the_file_once():
         TypeAdapter(Recipe).validate_python({"name": "r"})
     except ValueError as exc:
         assert str(describe(exc, Path("/x/r.yaml"))) == "/x/r.yaml: base_model: required field is missing"  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Marked:
+    kept: int = Field(1)
+    later: int = Field(0, json_schema_extra=ADDED_LATER)
+    when: str = Field("", json_schema_extra=NOT_HASHED)
+
+
+def test_the_hash_marks_leave_out_later_fields_at_their_default_and_never_count_unhashed_ones():
+    assert later_fields(_Marked) == {"later": 0}
+    assert hashed_values(_Marked, {"kept": 1, "later": 0, "when": "x"}) == {"kept": 1}
+    assert hashed_values(_Marked, {"kept": 1, "later": 2, "when": "x"}) == {"kept": 1, "later": 2}
+    assert "hash" not in TypeAdapter(Recipe).json_schema()["properties"]["epochs"]

@@ -8,6 +8,11 @@ infinity are refused. A field written as `null` (or left empty) takes its defaul
 
 A pydantic `ValidationError` becomes one `UserError` line naming the file, the field path
 (`captions.template`, `sources[0].batch`) and what was expected.
+
+The hashes of specs and recipes read a per-field mark (`ADDED_LATER`, `NOT_HASHED`, in the field's
+`json_schema_extra`): a field added after files of its kind were first hashed counts only when it is not its
+default, so older files, and what was built or trained from them, keep their hash; a field that says when, not
+what (a recipe's `train_on`), never counts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
+from pydantic.fields import FieldInfo
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
@@ -58,6 +64,32 @@ def non_empty(items: tuple[Any, ...]) -> tuple[Any, ...]:
     if not items:
         raise ValueError("must not be an empty list")
     return items
+
+
+HASH_RULE_KEY = "hash"  # the key of a field's json_schema_extra that says how its hash counts it
+# json_schema_extra of a field added after files of its kind were first hashed: counted only when not its default
+ADDED_LATER: dict[str, Any] = {HASH_RULE_KEY: "when_not_default"}
+NOT_HASHED: dict[str, Any] = {HASH_RULE_KEY: "never"}  # json_schema_extra of a field the hash never counts
+
+
+def _hash_rule(info: FieldInfo) -> str | None:
+    extra = info.json_schema_extra
+    return extra.get(HASH_RULE_KEY) if isinstance(extra, dict) else None
+
+
+def later_fields(kind: type) -> dict[str, Any]:
+    """{field: default} of a schema class's fields that count in its hash only when not their default."""
+    return {name: info.default for name, info in kind.__pydantic_fields__.items()
+            if _hash_rule(info) == "when_not_default"}
+
+
+def hashed_values(kind: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a `kind` as plain data, keyed by field name) without what its hash leaves out: fields marked
+    `never`, and fields marked `when_not_default` that hold their default."""
+    infos = kind.__pydantic_fields__
+    left_out = {name for name, info in infos.items() if _hash_rule(info) == "never"}
+    left_out |= {name for name, default in later_fields(kind).items() if values.get(name, ...) == default}
+    return {name: value for name, value in values.items() if name not in left_out}
 
 
 _MAX_ERRORS_SHOWN = 3

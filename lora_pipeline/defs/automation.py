@@ -37,7 +37,7 @@ def _matching(context: dg.AutomationContext, keep) -> dg.AutomationResult:
 
 def _recipe_trains_on(root: DataRoot, version: str, recipe: str) -> bool:
     try:
-        return load_recipe(root.recipe_file(recipe)).trains_on(version)
+        return load_recipe(root.recipe_file(recipe)).automation.trains_on(version)
     except UserError:  # a recipe that does not load trains nothing (spec_sensor warns about it)
         return False
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
+from lora_pipeline.core.datasets.buckets import BucketSettings
 from lora_pipeline.core.datasets.captions.captions import (
     load_caption_check,
     plan_captions,
@@ -23,7 +24,9 @@ from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.metadata import image_markdown, problems_metadata, table
 from lora_pipeline.defs.partitions import dataset_versions, source_batches
@@ -45,6 +48,21 @@ def _version_inputs(
     root = data_root.data
     spec = load_spec(root.spec_file(context.partition_key))
     return root, spec, root.dataset(spec.name)
+
+
+def _training_buckets(context: dg.AssetExecutionContext, root: DataRoot, version: str) -> dict[str, BucketSettings]:
+    """{recipe: its bucket settings} of the recipes whose `train_on` names the version's family: the buckets the
+    report predicts are the ones those recipes will train at. A recipe that does not load is left out (warned)."""
+    found = {}
+    for name in root.recipe_names():
+        try:
+            recipe = load_recipe(root.recipe_file(name))
+        except UserError as exc:
+            context.log.warning(f"recipe {name} left out of the bucket histogram: {exc}")
+            continue
+        if recipe.automation.trains_on(version):
+            found[name] = recipe.buckets
+    return found
 
 
 @dg.asset(
@@ -165,12 +183,14 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
 def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     root, spec, snapshot_dir = _version_inputs(context, data_root)
     captions = load_caption_check(snapshot_dir)  # the .txt files training reads, and caption_set's findings
-    result = validate_dataset(root, spec, snapshot_dir, captions, thumbnails=MAX_IMAGES)
+    buckets = _training_buckets(context, root, spec.name)
+    result = validate_dataset(root, spec, snapshot_dir, captions, buckets=buckets, thumbnails=MAX_IMAGES)
     files = write_report(snapshot_dir, result, captions, MAX_IMAGES)
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
     problems = list(result.problems)
     errors, warnings = errors_in(problems), warnings_in(problems)
-    context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings")
+    context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings; buckets of "
+                     f"{', '.join(sorted(buckets)) or 'the recipe defaults (no recipe trains on the family)'}")
     columns = ["severity", "code", "file", "scope", "message"]
     return dg.MaterializeResult(
         metadata={

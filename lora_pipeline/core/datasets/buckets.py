@@ -2,16 +2,38 @@
 
 Mirrors kohya's `make_bucket_resolutions` and `BucketManager.select_bucket` (enable_bucket on,
 no_upscale off), so the histogram in the dataset report is the one the trainer will produce.
+`BucketSettings` holds a recipe's bucket options; its defaults are the recipe defaults (recipe.py reads
+them from here), so the report of a version that no recipe trains on shows what a recipe would use.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
-def bucket_resolutions(
-    resolution: int = 512, min_reso: int = 256, max_reso: int = 1024, step: int = 64
-) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class BucketSettings:
+    """A recipe's bucket options, under the recipe's field names."""
+
+    resolution: int = 512  # the square side: buckets keep the area at most resolution**2
+    enable_bucket: bool = True  # false: every image is trained at the resolution x resolution square
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+
+    def resolutions(self) -> list[tuple[int, int]]:
+        """Every bucket an image may land in: kohya's buckets, or the one square without enable_bucket."""
+        if not self.enable_bucket:
+            return [(self.resolution, self.resolution)]
+        return bucket_resolutions(self.resolution, self.min_bucket_reso, self.max_bucket_reso,
+                                  self.bucket_reso_steps)
+
+
+DEFAULT_BUCKETS = BucketSettings()
+
+
+def bucket_resolutions(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
     """Every bucket for a square `resolution` (max area resolution**2), sorted like kohya's."""
     max_area = resolution * resolution
     side = int(math.sqrt(max_area) // step) * step

@@ -16,7 +16,19 @@ from pydantic.dataclasses import dataclass
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.names import MAX_NAME_LENGTH
-from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, TextList, non_empty, validate
+from lora_pipeline.core.schema import (
+    ADDED_LATER,
+    CONFIG,
+    Bool,
+    Float,
+    Int,
+    Name,
+    Text,
+    TextList,
+    hashed_values,
+    non_empty,
+    validate,
+)
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
 # A batch source may be a glob over batch names ("turntable-renders-*"): it takes every ready batch
@@ -25,10 +37,6 @@ BATCH_PATTERN_RE = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*")
 CaptionFrom = Literal["sidecar", "table", "attributes"]
 MaskMode = Literal["none", "file", "alpha"]
 Role = Literal["training", "regularisation"]
-# Source fields added later, left out of the resolved spec (and its hash) while they hold these defaults, so
-# specs written before them keep their hash and their built versions stay valid.
-LATER_SOURCE_FIELDS: dict[str, Any] = {"masks": "none", "role": "training", "class_tokens": None, "repeats": None}
-LATER_SPEC_FIELDS: dict[str, Any] = {"flip_aug": False}  # the same for the spec's own fields
 
 
 def _check_batch_pattern(value: str) -> str:
@@ -53,16 +61,19 @@ class SourceRef:
     exclude: TextList = Field((), description="globs over paths inside the batch that are left out")
     masks: MaskMode = Field(
         "none", description="loss masks of a batch's images: `file` (`<stem>.mask.png` beside each image), "
-        "`alpha` (the image's alpha channel) or none",
+        "`alpha` (the image's alpha channel) or none", json_schema_extra=ADDED_LATER,
     )
     role: Role = Field(
-        "training", description="`regularisation`: kohya class images, copied to `reg/<repeats>_<class_tokens>/`"
+        "training", description="`regularisation`: kohya class images, copied to `reg/<repeats>_<class_tokens>/`",
+        json_schema_extra=ADDED_LATER,
     )
     class_tokens: Name | None = Field(
-        None, description="for regularisation: the class (folder name and the caption of every class image)"
+        None, description="for regularisation: the class (folder name and the caption of every class image)",
+        json_schema_extra=ADDED_LATER,
     )
     repeats: Int | None = Field(
-        None, ge=1, le=10_000, description="for regularisation: kohya repeats of the class images (default 1)"
+        None, ge=1, le=10_000, description="for regularisation: kohya repeats of the class images (default 1)",
+        json_schema_extra=ADDED_LATER,
     )
 
     @model_validator(mode="after")
@@ -164,7 +175,8 @@ class DatasetSpec:
     )
     flip_aug: Bool = Field(
         False, description="kohya's dataset-config flip_aug: every run on this version mirrors images left-right "
-        "(chance 1/2 per step); the report warns about captions that mention text or logos"
+        "(chance 1/2 per step); the report warns about captions that mention text or logos",
+        json_schema_extra=ADDED_LATER,
     )
     captions: CaptionSpec = Field(default_factory=CaptionSpec, description="caption source and rules (below)")
     checks: ChecksSpec = Field(default_factory=ChecksSpec, description="limits of the dataset checks (below)")
@@ -175,12 +187,13 @@ class DatasetSpec:
         return f"{self.repeats}_{self.trigger}"
 
     def resolved(self) -> dict[str, Any]:
-        """The spec as plain data with every default filled in (what snapshot.json stores)."""
+        """The spec as plain data with every default filled in (what snapshot.json stores), except the fields
+        added later (ADDED_LATER) while they hold their default: specs written before them keep their hash and
+        their built versions stay valid."""
         data = asdict(self)
         data["captions"]["from"] = data["captions"].pop("source")
-        data["sources"] = [{k: v for k, v in ref.items() if LATER_SOURCE_FIELDS.get(k, ...) != v}
-                           for ref in data["sources"]]
-        return {k: v for k, v in data.items() if LATER_SPEC_FIELDS.get(k, ...) != v}
+        data["sources"] = [hashed_values(SourceRef, ref) for ref in data["sources"]]
+        return hashed_values(DatasetSpec, data)
 
     @property
     def sha256(self) -> str:

@@ -35,7 +35,7 @@ from lora_pipeline.core.evaluation.val_loss import (
     validation_loss,
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
-from lora_pipeline.core.models.loading import BaseModel, load_base_model
+from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model
 from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
@@ -145,11 +145,11 @@ def evaluate_lora(
     headers = {epoch: read_lora_metadata(path) for epoch, path in files.items()}
     run_id = _check_headers(headers, files, recipe)
     epochs = select_epochs(list(files), recipe.eval_max_epochs)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = default_device(device)
     dtype = sampling_dtype(recipe.mixed_precision, target)
-    data = load_training_data(root.dataset(version), recipe)
+    data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
     base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
-    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)  # v-prediction / zero terminal SNR
+    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe.noise)  # v-prediction / zero terminal SNR
     validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")

@@ -31,8 +31,9 @@ from lora_pipeline.core.plots import line_chart
 from lora_pipeline.core.training.inputs.data import TrainingData
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
-from lora_pipeline.core.training.step.loop import NoiseSettings, StepBatch, compute_loss
+from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image
 VALIDATION_STREAM = 1 << 40  # keeps validation draws apart from any training step's
@@ -75,7 +76,7 @@ def prepare_validation(
         ))
     return ValidationSet(
         held_out=bool(data.validation), images=[image.rel for image in images], batches=batches,
-        settings=NoiseSettings.of(recipe), seed=recipe.sample_seed,
+        settings=recipe.noise, seed=recipe.sample_seed,
     )
 
 

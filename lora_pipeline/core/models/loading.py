@@ -115,6 +115,11 @@ def load_base_model(
     )
 
 
+def default_device(device: str | None) -> torch.device:
+    """`device`, or when it is None CUDA if there is a GPU, else the CPU (training and evaluation alike)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a CPU tensor to `device` without making the host wait for the GPU.
 

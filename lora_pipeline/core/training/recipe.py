@@ -1,26 +1,52 @@
 """Training recipes: `data/recipes/<recipe>.yaml` in kohya's vocabulary, parsed and checked by a typed schema.
 
-docs/fields.md lists every field with its range; it is generated from this class (`make docs`).
+docs/fields.md lists every field with its range; it is generated from this class (`make docs`). The recipe is
+one flat file, as kohya's arguments are; code reads it by concern through its groups (`Recipe.network`,
+`.optimizer_settings`, `.schedule`, `.noise`, `.augmentation`, `.automation`, `.buckets`, `.sampling`;
+recipe_groups.py). `fast_path_blockers` is the one answer to whether a run's steps can be captured as CUDA graphs.
 """
 
 from __future__ import annotations
 
-import fnmatch
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, get_args
 
 from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from pydantic.dataclasses import dataclass
 
-from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
+from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings
 from lora_pipeline.core.datasets.spec import BATCH_PATTERN_RE
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
-from lora_pipeline.core.schema import CONFIG, Bool, Float, Int, Name, Text, non_empty, validate
+from lora_pipeline.core.schema import (
+    ADDED_LATER,
+    CONFIG,
+    NOT_HASHED,
+    Bool,
+    Float,
+    Int,
+    Name,
+    Text,
+    hashed_values,
+    non_empty,
+    validate,
+)
+from lora_pipeline.core.training.recipe_groups import (
+    AugmentationSettings,
+    AutomationSettings,
+    GroupView,
+    NetworkSettings,
+    NoiseSettings,
+    OptimizerSettings,
+    ScheduleSettings,
+)
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
-if TYPE_CHECKING:  # sampling imports diffusers; reading a recipe must not
+if TYPE_CHECKING:  # sampling imports diffusers and torch; reading a recipe must not
+    import torch
+
     from lora_pipeline.core.models.sampling import SamplingSettings
 
 MAX_RESOLUTION = 2048  # the square side: buckets hold at most MAX_RESOLUTION**2 (about 4.2 megapixels)
@@ -65,14 +91,21 @@ class Recipe:
     )
     model_family: Family = Field("sd15", description="the base model's architecture")
     resolution: Int = Field(
-        512, ge=64, le=MAX_RESOLUTION, multiple_of=8,
+        DEFAULT_BUCKETS.resolution, ge=64, le=MAX_RESOLUTION, multiple_of=8,
         description="training side in px; buckets keep the area at most resolution²",
     )
-    enable_bucket: Bool = Field(True, description="kohya aspect-ratio buckets (false: every image is square)")
-    min_bucket_reso: Int = Field(256, ge=8, le=MAX_BUCKET_SIDE, description="shortest bucket side (px)")
-    max_bucket_reso: Int = Field(1024, ge=8, le=MAX_BUCKET_SIDE, description="longest bucket side (px)")
+    enable_bucket: Bool = Field(
+        DEFAULT_BUCKETS.enable_bucket, description="kohya aspect-ratio buckets (false: every image is square)"
+    )
+    min_bucket_reso: Int = Field(
+        DEFAULT_BUCKETS.min_bucket_reso, ge=8, le=MAX_BUCKET_SIDE, description="shortest bucket side (px)"
+    )
+    max_bucket_reso: Int = Field(
+        DEFAULT_BUCKETS.max_bucket_reso, ge=8, le=MAX_BUCKET_SIDE, description="longest bucket side (px)"
+    )
     bucket_reso_steps: Int = Field(
-        64, ge=8, le=1024, multiple_of=8, description="bucket sides are multiples of this (px)"
+        DEFAULT_BUCKETS.bucket_reso_steps, ge=8, le=1024, multiple_of=8,
+        description="bucket sides are multiples of this (px)",
     )
     epochs: Int = Field(20, ge=1, le=10_000, description="passes over the dataset (with its repeats)")
     save_every_n_epochs: Int = Field(1, ge=1, le=10_000, description="write an epoch file every N epochs")
@@ -82,20 +115,23 @@ class Recipe:
     conv_dim: Int | None = Field(
         None, ge=1, le=1024,
         description="LoCon: also train the ResNet/down/up-sampler 3x3 convolutions at this rank (kohya's "
-        "network_args conv_dim; null: off)",
+        "network_args conv_dim; null: off)", json_schema_extra=ADDED_LATER,
     )
     conv_alpha: Float | None = Field(
         None, gt=0.0, le=1024.0,
         description="alpha of the conv LoRA (kohya's conv_alpha; null: 1.0 when conv_dim is set)",
+        json_schema_extra=ADDED_LATER,
     )
     use_dora: Bool = Field(
-        False, description="DoRA (weight-decomposed LoRA, peft); written with LyCORIS' dora_scale tensors"
+        False, description="DoRA (weight-decomposed LoRA, peft); written with LyCORIS' dora_scale tensors",
+        json_schema_extra=ADDED_LATER,
     )
     network_train_unet_only: Bool = Field(
         True, description="false: also train LoRA on the text encoder(s) (kohya lora_te_ / lora_te1_, lora_te2_)"
     )
     text_encoder_lr: Float | None = Field(
-        None, gt=0.0, le=10.0, description="step size of the text-encoder LoRA (null: learning_rate)"
+        None, gt=0.0, le=10.0, description="step size of the text-encoder LoRA (null: learning_rate)",
+        json_schema_extra=ADDED_LATER,
     )
     optimizer: OptimizerName = Field(
         "DAdaptAdamW", description="DAdaptAdamW and Prodigy adapt the step size (use learning_rate 1.0)"
@@ -104,23 +140,30 @@ class Recipe:
     weight_decay: Float = Field(0.01, ge=0.0, le=10.0, description="decoupled weight decay")
     adafactor_relative_step: Bool = Field(
         True, description="Adafactor sets its own step size (kohya's default relative_step=True; learning_rate is "
-        "its initial_lr)"
+        "its initial_lr)", json_schema_extra=ADDED_LATER,
     )
     lr_scheduler: SchedulerName = Field(
         "constant", description="learning-rate schedule over all steps"
     )
     lr_warmup_steps: Int = Field(0, ge=0, le=1_000_000, description="steps of linear warm-up")
-    lr_scheduler_num_cycles: Int = Field(1, ge=1, le=1000, description="hard restarts of cosine_with_restarts")
-    lr_scheduler_power: Float = Field(1.0, gt=0.0, le=100.0, description="power of the polynomial schedule")
+    lr_scheduler_num_cycles: Int = Field(
+        1, ge=1, le=1000, description="hard restarts of cosine_with_restarts", json_schema_extra=ADDED_LATER,
+    )
+    lr_scheduler_power: Float = Field(
+        1.0, gt=0.0, le=100.0, description="power of the polynomial schedule", json_schema_extra=ADDED_LATER,
+    )
     max_train_steps: Int | None = Field(
         None, ge=1, le=10_000_000,
         description="stop after this many optimizer steps (saving that step), or after `epochs` if that comes first",
+        json_schema_extra=ADDED_LATER,
     )
     save_every_n_steps: Int | None = Field(
-        None, ge=1, le=10_000_000, description="also write a -sNNNNNN step file every N optimizer steps"
+        None, ge=1, le=10_000_000, description="also write a -sNNNNNN step file every N optimizer steps",
+        json_schema_extra=ADDED_LATER,
     )
     gradient_accumulation_steps: Int = Field(
-        1, ge=1, le=1024, description="batches per optimizer step (effective batch = train_batch_size x this)"
+        1, ge=1, le=1024, description="batches per optimizer step (effective batch = train_batch_size x this)",
+        json_schema_extra=ADDED_LATER,
     )
     shuffle_caption: Bool = Field(True, description="shuffle caption tags after the first keep_tokens")
     keep_tokens: Int = Field(1, ge=0, le=1000, description="leading tags that are never shuffled (the trigger)")
@@ -133,24 +176,33 @@ class Recipe:
     min_snr_gamma: Float | None = Field(None, gt=0.0, le=1000.0, description="Min-SNR loss weighting (off when null)")
     noise_offset: Float = Field(0.0, ge=0.0, le=1.0, description="offset noise strength")
     multires_noise_iterations: Int | None = Field(
-        None, ge=1, le=100, description="multi-resolution (pyramid) noise levels (null: off)"
+        None, ge=1, le=100, description="multi-resolution (pyramid) noise levels (null: off)",
+        json_schema_extra=ADDED_LATER,
     )
-    multires_noise_discount: Float = Field(0.3, gt=0.0, le=1.0, description="weight decay per pyramid level")
+    multires_noise_discount: Float = Field(
+        0.3, gt=0.0, le=1.0, description="weight decay per pyramid level", json_schema_extra=ADDED_LATER,
+    )
     ip_noise_gamma: Float | None = Field(
-        None, gt=0.0, le=1.0, description="input perturbation noise strength (null: off)"
+        None, gt=0.0, le=1.0, description="input perturbation noise strength (null: off)",
+        json_schema_extra=ADDED_LATER,
     )
     zero_terminal_snr: Bool = Field(
-        False, description="rescale the noise schedule to zero SNR at the last timestep (needs v_parameterization)"
+        False, description="rescale the noise schedule to zero SNR at the last timestep (needs v_parameterization)",
+        json_schema_extra=ADDED_LATER,
     )
-    debiased_estimation_loss: Bool = Field(False, description="weight the loss by 1/sqrt(SNR)")
+    debiased_estimation_loss: Bool = Field(
+        False, description="weight the loss by 1/sqrt(SNR)", json_schema_extra=ADDED_LATER,
+    )
     v_parameterization: Bool = Field(
-        False, description="train v-prediction (false: the base model's own prediction type)"
+        False, description="train v-prediction (false: the base model's own prediction type)",
+        json_schema_extra=ADDED_LATER,
     )
     seed: Int = Field(42, ge=0, le=MAX_SEED, description="seed of initialisation, shuffling and noise")
     sample_prompts: tuple[Text, ...] = Field((), max_length=100, description="prompts of the evaluation grid")
     sample_every_n_epochs: Int | None = Field(
         None, ge=1, le=10_000,
         description="render sample_prompts with the current LoRA at weight 1.0 every N epochs (null: off)",
+        json_schema_extra=ADDED_LATER,
     )
     sample_steps: Int = Field(20, ge=1, le=1000, description="denoising steps per evaluation image")
     sample_seed: Int = Field(1234, ge=0, le=MAX_SEED, description="seed of evaluation images (+ prompt index)")
@@ -166,33 +218,44 @@ class Recipe:
         None, description="replay each training step as a CUDA graph, one per batch shape. Unset: on when training on "
         "one CUDA GPU and the recipe allows it (DAdaptAdamW or AdamW, no gradient checkpointing, no masks or "
         "regularisation images), else the eager step (the log says why); true: required; false: never",
+        json_schema_extra=ADDED_LATER,
     )
     # Data-side options (issue 11), kohya's names and semantics; see caption_shuffle.py, augment.py, latent_cache.py.
     caption_dropout_rate: Float = Field(
-        0.0, ge=0.0, le=1.0, description="chance that a caption is replaced by the empty caption at a step"
+        0.0, ge=0.0, le=1.0, description="chance that a caption is replaced by the empty caption at a step",
+        json_schema_extra=ADDED_LATER,
     )
     caption_dropout_every_n_epochs: Int = Field(
-        0, ge=0, le=10_000, description="every Nth epoch trains on empty captions (0: never)"
+        0, ge=0, le=10_000, description="every Nth epoch trains on empty captions (0: never)",
+        json_schema_extra=ADDED_LATER,
     )
     caption_tag_dropout_rate: Float = Field(
-        0.0, ge=0.0, le=1.0, description="chance that each tag after the first keep_tokens is left out at a step"
+        0.0, ge=0.0, le=1.0, description="chance that each tag after the first keep_tokens is left out at a step",
+        json_schema_extra=ADDED_LATER,
     )
-    flip_aug: Bool = Field(False, description="mirror each image left-right with chance 1/2 at each step")
+    flip_aug: Bool = Field(
+        False, description="mirror each image left-right with chance 1/2 at each step", json_schema_extra=ADDED_LATER,
+    )
     random_crop: Bool = Field(
-        False, description="crop at a random place instead of the center (needs cache_latents: false, as in kohya)"
+        False, description="crop at a random place instead of the center (needs cache_latents: false, as in kohya)",
+        json_schema_extra=ADDED_LATER,
     )
     cache_latents_to_disk: Bool = Field(
-        False, description="keep cached latents under the data root's .cache/latents/, shared by runs and recipes"
+        False, description="keep cached latents under the data root's .cache/latents/, shared by runs and recipes",
+        json_schema_extra=ADDED_LATER,
     )
     masked_loss: Bool = Field(
-        False, description="weight the loss by each image's mask (a spec source's `masks`), at latent resolution"
+        False, description="weight the loss by each image's mask (a spec source's `masks`), at latent resolution",
+        json_schema_extra=ADDED_LATER,
     )
     prior_loss_weight: Float = Field(
-        1.0, ge=0.0, le=100.0, description="loss weight of regularisation (class) images"
+        1.0, ge=0.0, le=100.0, description="loss weight of regularisation (class) images",
+        json_schema_extra=ADDED_LATER,
     )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
-        "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked"
+        "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked",
+        json_schema_extra=NOT_HASHED,
     )
 
     @model_validator(mode="after")
@@ -208,26 +271,9 @@ class Recipe:
             raise ValueError("cache_latents_to_disk needs cache_latents: true")
         for problem in self._conflicts():
             raise ValueError(problem)
-        if self.fast_path and self.fast_path_blocker():
-            raise ValueError(f"fast_path: true is impossible here: {self.fast_path_blocker()}")
+        if self.fast_path and (blockers := fast_path_blockers(self)):
+            raise ValueError(f"fast_path: true is impossible here: {blockers[0]}")
         return self
-
-    def fast_path_blocker(self) -> str | None:
-        """None when the fast path's captured step can run this recipe; otherwise why the step stays eager."""
-        if self.optimizer not in GRAPH_SAFE_OPTIMIZERS:
-            return (f"{self.optimizer} reads values back to the host inside its step (the captured step needs "
-                    f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
-        if self.gradient_checkpointing:
-            return "gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture"
-        if not self.network_train_unet_only:  # issue 12's options the captured step does not carry
-            return "the text encoders train outside the captured U-Net step (network_train_unet_only: false)"
-        if self.gradient_accumulation_steps > 1:
-            return "gradient accumulation runs several micro-batches per step (the graph captures one)"
-        if self.ip_noise_gamma:
-            return "ip_noise_gamma adds a perturbation input the captured step has no buffer for"
-        if self.masked_loss:
-            return "masked_loss weights the loss per image, which the captured step does not carry yet"
-        return None
 
     def _conflicts(self) -> list[str]:
         found = []
@@ -237,13 +283,13 @@ class Recipe:
             found.append("text_encoder_lr needs network_train_unet_only: false")
         if self.text_encoder_lr is not None and self.optimizer in ADAPTIVE:
             found.append(f"{self.optimizer} adapts one step size for every LoRA weight; leave text_encoder_lr unset")
-        needs_constant = self.optimizer == "AdamWScheduleFree" or (
-            self.optimizer == "Adafactor" and self.adafactor_relative_step)
+        relative_step = self.optimizer_settings.relative_step
+        needs_constant = self.optimizer == "AdamWScheduleFree" or relative_step
         if needs_constant and self.lr_scheduler != "constant":
             found.append(f"{self.optimizer} sets its own schedule (kohya's "
                          f"{'adafactor' if self.optimizer == 'Adafactor' else 'schedule-free'} mode); "
                          "use lr_scheduler: constant")
-        if self.optimizer == "Adafactor" and self.adafactor_relative_step and self.lr_warmup_steps:
+        if relative_step and self.lr_warmup_steps:
             found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
         if self.zero_terminal_snr and not self.v_parameterization:
             found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
@@ -259,9 +305,18 @@ class Recipe:
     @property
     def kohya_lr_scheduler(self) -> str:
         """kohya's ss_lr_scheduler: relative-step Adafactor replaces the schedule with `adafactor:<lr>`."""
-        if self.optimizer == "Adafactor" and self.adafactor_relative_step:
+        if self.optimizer_settings.relative_step:
             return f"adafactor:{self.learning_rate}"
         return self.lr_scheduler
+
+    # The fields by concern (recipe_groups.py); the optimizer's group is not `optimizer`, the field naming it.
+    network = GroupView(NetworkSettings)
+    optimizer_settings = GroupView(OptimizerSettings)
+    schedule = GroupView(ScheduleSettings)
+    noise = GroupView(NoiseSettings)
+    augmentation = GroupView(AugmentationSettings)
+    automation = GroupView(AutomationSettings)
+    buckets = GroupView(BucketSettings)
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -271,53 +326,61 @@ class Recipe:
         return SamplingSettings(self.sample_prompts, self.sample_seed, self.resolution, self.sample_steps,
                                 self.guidance_scale)
 
-    @property
-    def conv_alpha_value(self) -> float:
-        """kohya's conv_alpha default: 1.0 when conv_dim is set without it."""
-        return 1.0 if self.conv_alpha is None else self.conv_alpha
-
     def resolved(self) -> dict[str, Any]:
         """Every field with defaults filled in: MLflow params and the recipe hash use this."""
         return asdict(self)
 
     @property
     def sha256(self) -> str:
-        """The hash of `resolved()`; fields added later (LATER_FIELDS) count only when they differ from their
-        default, so recipes without them, and the LoRA files trained from them, keep their hash. `train_on` says
-        when to train, not how: it never counts."""
+        """The hash of `resolved()` without what the fields' marks leave out (core/schema.py): fields added later
+        (ADDED_LATER) count only when they differ from their default, so recipes without them, and the LoRA
+        files trained from them, keep their hash; `train_on` says when to train, not how: it never counts."""
         values = self.resolved()
         if values["fast_path"] is False:  # unset and false train the same tensors, and hashed alike before
             values["fast_path"] = None
-        for name, default in LATER_FIELDS.items():
-            if values[name] == default:
-                del values[name]
-        del values["train_on"]
-        return sha256_json(values)
-
-    def trains_on(self, version: str) -> bool:
-        """Whether `train_on` names the dataset version's family (by name or glob)."""
-        name = family(version)
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.train_on)
+        return sha256_json(hashed_values(Recipe, values))
 
 
-# Fields added after recipes were first hashed, with the default under which they are left out of the hash.
-LATER_FIELDS: dict[str, Any] = {
-    "fast_path": None,
-    "caption_dropout_rate": 0.0,
-    "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0,
-    "flip_aug": False,
-    "random_crop": False,
-    "cache_latents_to_disk": False,
-    "masked_loss": False,
-    "prior_loss_weight": 1.0,
-    # issue 12: network, schedule, noise and sampling options
-    "conv_dim": None, "conv_alpha": None, "use_dora": False, "text_encoder_lr": None, "max_train_steps": None,
-    "save_every_n_steps": None, "gradient_accumulation_steps": 1, "lr_scheduler_num_cycles": 1,
-    "lr_scheduler_power": 1.0, "adafactor_relative_step": True, "multires_noise_iterations": None,
-    "multires_noise_discount": 0.3, "ip_noise_gamma": None, "zero_terminal_snr": False,
-    "debiased_estimation_loss": False, "v_parameterization": False, "sample_every_n_epochs": None,
-}
+class RunData(Protocol):
+    """What `fast_path_blockers` reads of a run's data (training/inputs/data.py's TrainingData)."""
+
+    @property
+    def reg(self) -> Sequence[object]: ...  # the regularisation images
+
+
+def fast_path_blockers(recipe: Recipe, device: torch.device | None = None, dataset: RunData | None = None,
+                       processes: int = 1) -> list[str]:
+    """Why a run of `recipe` cannot replay its steps as captured CUDA graphs (step/fastpath.py); empty: it can.
+
+    The one answer for every caller: the recipe's validation of `fast_path: true` (no device or data yet), the
+    trainer (with its data) and the DDP launcher (with its process count) refuse a required fast path that has a
+    blocker, and `fastpath.fast_path_choice` turns an unset one on where there is none. `device`: where an unset
+    fast path would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests
+    do), so the refusals leave it out.
+    """
+    found = []
+    if device is not None and device.type != "cuda":
+        found.append("the device is not a CUDA GPU")
+    if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
+        found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
+                     f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
+    if recipe.gradient_checkpointing:
+        found.append("gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture")
+    if not recipe.network_train_unet_only:  # issue 12's options the captured step does not carry
+        found.append("the text encoders train outside the captured U-Net step (network_train_unet_only: false)")
+    if recipe.gradient_accumulation_steps > 1:
+        found.append("gradient accumulation runs several micro-batches per step (the graph captures one)")
+    if recipe.ip_noise_gamma:
+        found.append("ip_noise_gamma adds a perturbation input the captured step has no buffer for")
+    if recipe.masked_loss:
+        found.append("masked_loss weights the loss per image, which the captured step does not carry yet")
+    if dataset is not None and dataset.reg:
+        found.append("the dataset has regularisation images (per-image loss weights, which the captured step does "
+                     "not carry yet)")
+    if processes > 1:
+        found.append(f"{processes} processes train together (DDP: a captured CUDA graph holds one process's step, "
+                     "not the gradient all-reduce)")
+    return found
 
 
 def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:

@@ -31,7 +31,8 @@ class ReportCaptionPlan(CaptionPlanLike, Protocol):
 
 class Report(Record):
     """report.json: the validation of one snapshot, which the training gate reads. A function of the snapshot alone
-    (no timestamp), so an unchanged snapshot gets a byte-identical report and rebuilding leaves the files untouched.
+    (no timestamp), so an unchanged snapshot (and unchanged bucket settings of the recipes that train on it) gets a
+    byte-identical report and rebuilding leaves the files untouched.
 
     `report_data` fills every field; the defaults are what a reader assumes of a report that lacks one (a report
     without `passed` has not passed).
@@ -43,7 +44,8 @@ class Report(Record):
     counts: dict[str, Any] = {}  # images, captions, pairs, ..., problems by severity and code
     checks: dict[str, Any] = {}  # the spec's checks, as applied
     problems: list[Problem] = []
-    buckets: dict[str, Any] = {}  # validation.bucket_summary
+    buckets: dict[str, Any] = {}  # validation.bucket_summary of the recipes that train on the family
+    other_buckets: list[dict[str, Any]] = []  # further bucket settings of those recipes, one summary each
     tag_frequency: dict[str, dict[str, int]] = {}
     lint: dict[str, Any] = {}
     contact_sheet: str | None = None
@@ -80,7 +82,9 @@ def to_plain(value: Any) -> Any:
 
 
 def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> Report:
-    """report.json's content."""
+    """report.json's content: a function of the snapshot and the bucket settings of the recipes that train on it
+    (no timestamp), so while those stay the same the report is byte-identical and rebuilding leaves the files
+    untouched."""
     return Report(
         version=result.version,
         manifest_root=result.manifest_root,
@@ -89,6 +93,7 @@ def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> Re
         checks=result.checks,
         problems=result.problems,
         buckets=result.buckets,
+        other_buckets=result.other_buckets,
         tag_frequency=to_plain(caption_plan.tag_frequency),
         lint=to_plain(caption_plan.lint),
         contact_sheet=CONTACT_SHEET,
@@ -149,6 +154,24 @@ def _lint_lines(name: str, value: Any) -> list[str]:
     return ["", f"**{name}**: {value}"]
 
 
+def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
+    """A bucket summary (validation.bucket_summary) as a section: whose settings, then the histogram."""
+    sides = (f"sides {buckets['min_bucket_reso']}-{buckets['max_bucket_reso']} px" if buckets["enable_bucket"]
+             else "enable_bucket: false, every image square")
+    recipes = ", ".join(f"`{name}`" for name in buckets["recipes"])
+    whose = (f"The buckets of the recipes whose `train_on` names this family: {recipes} ({sides})." if recipes
+             else f"No recipe's `train_on` names this family: the recipe defaults ({sides}).")
+    hist = buckets["histogram"]
+    peak = max((b["count"] for b in hist), default=0)
+    bar_rows = [
+        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
+    ]
+    return [
+        "", f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})", "",
+        whose, "", *(_table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]),
+    ]
+
+
 def render_markdown(report: Report, shown: int) -> str:
     counts = report.counts
     errors, warnings = counts["problems"]["error"], counts["problems"]["warning"]
@@ -180,18 +203,8 @@ def render_markdown(report: Report, shown: int) -> str:
     else:
         out.append("None.")
 
-    buckets = report.buckets
-    out += [
-        "",
-        f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})",
-        "",
-    ]
-    hist = buckets["histogram"]
-    peak = max((b["count"] for b in hist), default=0)
-    bar_rows = [
-        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
-    ]
-    out += _table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]
+    for buckets in [report.buckets, *report.other_buckets]:
+        out += _bucket_lines(buckets)
 
     tags: Counter[str] = Counter()
     for folder_tags in report.tag_frequency.values():

@@ -4,21 +4,22 @@
 the caption plan's problems, and its own checks on the copied images: readability (see images.py),
 dimensions against the spec's `checks`, exact duplicates (manifest sha256), near duplicates
 (perceptual hash), caption files without an image, loss masks (masks.py), and decodes and sizes of the
-regularisation images. It also counts pairs per source and predicts the kohya aspect-ratio buckets.
+regularisation images. It also counts pairs per source and predicts the kohya aspect-ratio buckets under the
+bucket settings of the recipes that train on the version (`bucket_summaries`; the recipe defaults when none does).
 Errors block training (`problems.errors_in`); warnings are for a person.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from PIL import Image
 
-from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings, select_bucket
 from lora_pipeline.core.datasets.checks.inspection import inspect_batch, inspect_images, take_early
 from lora_pipeline.core.datasets.checks.near_duplicates import near_duplicate_pairs
 from lora_pipeline.core.datasets.images import ImageInfo
@@ -52,7 +53,7 @@ class ValidationResult:
     scope: str  # "dataset:<version>": the scope of problems found in the snapshot
     counts: dict[str, Any]
     problems: list[Problem]
-    buckets: dict[str, Any]
+    buckets: dict[str, Any]  # bucket_summary of the first bucket settings (bucket_summaries)
     checks: dict[str, Any]  # the spec's checks, as applied
     infos: dict[str, ImageInfo] = field(default_factory=dict)  # by snapshot-relative image path
     exact_duplicates: list[tuple[str, str]] = field(default_factory=list)  # (copy, first seen)
@@ -60,6 +61,7 @@ class ValidationResult:
     # contact-sheet thumbnails made by the validation decode, by path (a bounded few: see inspection.py)
     thumbnails: dict[str, Image.Image] = field(default_factory=dict, repr=False)
     masks: dict[str, str] = field(default_factory=dict)  # image path -> its mask's path, or "alpha"
+    other_buckets: list[dict[str, Any]] = field(default_factory=list)  # summaries of further bucket settings
 
     @property
     def passed(self) -> bool:
@@ -85,10 +87,7 @@ def validate_dataset(
     snapshot_dir: Path,
     caption_plan: CaptionPlanLike,
     *,
-    resolution: int = 512,
-    min_bucket_reso: int = 256,
-    max_bucket_reso: int = 1024,
-    bucket_reso_steps: int = 64,
+    buckets: Mapping[str, BucketSettings] | None = None,
     workers: int = 2,
     thumbnails: int = 0,
 ) -> ValidationResult:
@@ -97,7 +96,8 @@ def validate_dataset(
     `snapshot_dir` must be that folder: validating some other copy would report on files that
     training never reads. `thumbnails`: the cells of the contact sheet to come, whose thumbnails the one
     decode of each image should keep (inspection.py). An inspection of these files started early
-    (`inspection.start_early`, by the command line's build) is taken over.
+    (`inspection.start_early`, by the command line's build) is taken over. `buckets`: {recipe: its bucket
+    settings} of the recipes that train on the version, whose buckets are predicted (none: the defaults).
     """
     if snapshot_dir.resolve() != root.dataset(spec.name).resolve():
         raise UserError(f"not the snapshot folder of '{spec.name}' ({root.dataset(spec.name)})", snapshot_dir)
@@ -161,20 +161,21 @@ def validate_dataset(
         "problems": {"error": severities["error"], "warning": severities["warning"]},
         "problems_by_code": dict(sorted(Counter(p["code"] for p in problems).items())),
     }
-    buckets = bucket_summary(infos, resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps)
+    first, *others = bucket_summaries(infos, buckets or {})
     return ValidationResult(
         version=version,
         manifest_root=info.manifest_root,
         scope=scope,
         counts=counts,
         problems=problems,
-        buckets=buckets,
+        buckets=first,
         checks=asdict(spec.checks),
         infos=infos,
         exact_duplicates=exact,
         near_duplicates=near,
         thumbnails={images[i].path: thumb for i, thumb in found.thumbnails.items()},
         masks=masks,
+        other_buckets=others,
     )
 
 
@@ -196,19 +197,28 @@ def _dimension_problems(path: str, image: ImageInfo, spec: DatasetSpec, scope: s
     return out
 
 
-def bucket_summary(
-    infos: Mapping[str, ImageInfo], resolution: int, min_reso: int, max_reso: int, step: int
-) -> dict[str, Any]:
-    """The kohya bucket of every decodable image and the histogram of bucket sizes."""
-    resos = bucket_resolutions(resolution, min_reso, max_reso, step)
+def bucket_summaries(infos: Mapping[str, ImageInfo], recipes: Mapping[str, BucketSettings]) -> list[dict[str, Any]]:
+    """One `bucket_summary` per distinct bucket settings of `recipes` ({recipe: its settings}; first the settings
+    of the first recipe by name), each naming its recipes; without recipes, one of the recipe defaults."""
+    by_settings: dict[BucketSettings, list[str]] = {}
+    for name in sorted(recipes):
+        by_settings.setdefault(recipes[name], []).append(name)
+    if not by_settings:
+        by_settings[DEFAULT_BUCKETS] = []
+    return [bucket_summary(infos, settings, names) for settings, names in by_settings.items()]
+
+
+def bucket_summary(infos: Mapping[str, ImageInfo], settings: BucketSettings, recipes: Sequence[str] = ()
+                   ) -> dict[str, Any]:
+    """The kohya bucket of every decodable image and the histogram of bucket sizes under `settings`, and the
+    `recipes` that train with them (empty: the recipe defaults)."""
+    resos = settings.resolutions()
     chosen = {
         p: select_bucket(i.width, i.height, resos) for p, i in infos.items() if i.decoded and i.width and i.height
     }
     return {
-        "resolution": resolution,
-        "min_bucket_reso": min_reso,
-        "max_bucket_reso": max_reso,
-        "bucket_reso_steps": step,
+        **asdict(settings),
+        "recipes": list(recipes),
         "histogram": [{"width": w, "height": h, "count": n} for (w, h), n in sorted(Counter(chosen.values()).items())],
         "images": {p: list(bucket) for p, bucket in chosen.items()},
     }

@@ -9,25 +9,11 @@ without it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from lora_pipeline.core.datasets.captions.tags import join_tags, split_tags
+from lora_pipeline.core.training.recipe_groups import CaptionDropout
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
-
-
-@dataclass(frozen=True)
-class CaptionDropout:
-    """kohya's caption dropout settings (all off by default)."""
-
-    rate: float = 0.0  # caption_dropout_rate
-    every_n_epochs: int = 0  # caption_dropout_every_n_epochs
-    tag_rate: float = 0.0  # caption_tag_dropout_rate
-
-    @property
-    def on(self) -> bool:
-        return self.rate > 0 or self.every_n_epochs > 0 or self.tag_rate > 0
 
 
 def shuffle_caption(caption: str, separator: str, keep_tokens: int, rng: np.random.Generator,

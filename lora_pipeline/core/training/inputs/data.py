@@ -7,8 +7,8 @@ recorded in a LoRA file really names the bytes it was trained on.
 Validation split: image rows in sha256 order (a content-derived, stable shuffle), the first
 `round(n * validation_split)` (at least one when the split is positive, never all) are held out.
 
-Buckets follow kohya (enable_bucket, no_upscale off): `buckets.bucket_resolutions` /
-`select_bucket`; each image is resized to cover its bucket (the side that is short for the bucket's
+Buckets follow kohya (enable_bucket, no_upscale off): the recipe's `BucketSettings` and
+`buckets.select_bucket`; each image is resized to cover its bucket (the side that is short for the bucket's
 aspect ratio fits exactly) and center-cropped. Without buckets every image goes to a square
 `resolution` bucket the same way. Each epoch repeats every image `repeats` times (the spec's repeats),
 shuffles within each bucket, cuts batches inside a bucket and shuffles the batches.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lora_pipeline.core.datasets.buckets import bucket_resolutions, select_bucket
+from lora_pipeline.core.datasets.buckets import BucketSettings, select_bucket
 from lora_pipeline.core.datasets.captions.captions import caption_path, snapshot_caption
 from lora_pipeline.core.datasets.captions.tags import split_tags
 from lora_pipeline.core.datasets.images import load_rgb
@@ -36,7 +36,6 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes, sha256_file
 from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
 from lora_pipeline.core.training.inputs.augment import View
-from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
 
 
@@ -92,8 +91,7 @@ class TrainingData:
     train: tuple[TrainImage, ...]
     validation: tuple[TrainImage, ...]
     image_rows: tuple[ManifestRow, ...]  # the manifest's image rows, for the MLflow dataset input
-    reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out
-    reg_repeats: tuple[int, ...] = ()  # each one's repeats once mixed in (kohya's fill; 0: not used)
+    reg: tuple[TrainImage, ...] = ()  # regularisation images: never held out; repeated as their folder says
     flip_aug: bool = False  # the spec's flip_aug (kohya's dataset config): a run flips if it or the recipe says so
 
     @property
@@ -105,6 +103,11 @@ class TrainingData:
     def num_reg_images(self) -> int:
         """Regularisation images with their folder's repeats, as kohya's ss_num_reg_images."""
         return sum(folder_repeats(image.folder) for image in self.reg)
+
+    @property
+    def reg_repeats(self) -> tuple[int, ...]:
+        """Each regularisation image's repeats once mixed in (kohya's fill, `mix_reg_repeats`; 0: not used)."""
+        return tuple(mix_reg_repeats([folder_repeats(image.folder) for image in self.reg], self.num_train_images))
 
     @property
     def has_masks(self) -> bool:
@@ -122,13 +125,11 @@ class TrainingData:
 
     def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's ss_reg_dataset_dirs."""
-        counts = Counter(image.folder for image in self.reg)
-        return {folder: {"n_repeats": folder_repeats(folder), "img_count": n} for folder, n in sorted(counts.items())}
+        return _kohya_dirs(self.reg, folder_repeats)
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's ss_dataset_dirs over the training images."""
-        counts = Counter(image.folder for image in self.train)
-        return {folder: {"n_repeats": self.repeats, "img_count": n} for folder, n in sorted(counts.items())}
+        return _kohya_dirs(self.train, lambda _folder: self.repeats)
 
     def tag_frequency(self, separator: str) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency over the training captions: {image dir: {lower-cased tag: count}}."""
@@ -139,6 +140,12 @@ class TrainingData:
             folder: dict(sorted(tags.items(), key=lambda item: (-item[1], item[0])))
             for folder, tags in sorted(frequency.items())
         }
+
+
+def _kohya_dirs(images: Sequence[TrainImage], repeats: Callable[[str], int]) -> dict[str, dict[str, int]]:
+    """{image dir: {"n_repeats", "img_count"}}, a folder's repeats given by `repeats(folder)`."""
+    counts = Counter(image.folder for image in images)
+    return {folder: {"n_repeats": repeats(folder), "img_count": n} for folder, n in sorted(counts.items())}
 
 
 def fit_to_bucket(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -207,8 +214,8 @@ def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, Ma
     return text
 
 
-def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, recipe: Recipe,
-                 resos: list[tuple[int, int]] | None, mask_rows: dict[str, ManifestRow]) -> TrainImage:
+def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, resos: list[tuple[int, int]] | None,
+                 mask_rows: dict[str, ManifestRow]) -> TrainImage:
     path = snapshot_dir / row.path
     _checked_bytes(path, row)
     mask = row.mask
@@ -220,7 +227,7 @@ def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, recipe: Rec
         size = load_rgb(path).size
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot be decoded: {exc}", path) from None
-    bucket = select_bucket(*size, resos) if resos else (recipe.resolution, recipe.resolution)
+    bucket = select_bucket(*size, resos)
     resized, crop = fit_to_bucket(size, bucket)
     return TrainImage(
         rel=row.path, path=path, sha256=row.sha256, caption=caption,
@@ -230,8 +237,9 @@ def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, recipe: Rec
     )
 
 
-def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
-    """Read and check a captioned snapshot, split it and assign every image its bucket."""
+def load_training_data(snapshot_dir: Path, buckets: BucketSettings, validation_split: float) -> TrainingData:
+    """Read and check a captioned snapshot, hold out `validation_split` of its images and assign every image its
+    bucket."""
     info = read_snapshot_info(snapshot_dir)
     if not info.captions_complete:
         raise UserError("the snapshot has no complete caption set; materialize caption_set first",
@@ -249,27 +257,20 @@ def load_training_data(snapshot_dir: Path, recipe: Recipe) -> TrainingData:
     caption_rows = {r.image: r for r in rows if r.kind in ("caption", "reg_caption")}
     mask_rows = {r.path: r for r in rows if r.kind == "mask"}
     reg_rows = sorted((r for r in rows if r.kind == "reg_image"), key=lambda r: r.path)
-    train_rows, val_rows = split_train_validation(image_rows, recipe.validation_split)
-    resos = (
-        bucket_resolutions(recipe.resolution, recipe.min_bucket_reso, recipe.max_bucket_reso, recipe.bucket_reso_steps)
-        if recipe.enable_bucket else None
-    )
+    train_rows, val_rows = split_train_validation(image_rows, validation_split)
+    resos = buckets.resolutions()
 
     def images(selected: list[ManifestRow]) -> tuple[TrainImage, ...]:
         return tuple(
-            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row.path, caption_rows), recipe, resos,
-                         mask_rows)
+            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row.path, caption_rows), resos, mask_rows)
             for row in selected
         )
 
-    train = images(train_rows)
-    reg = images(reg_rows)
     return TrainingData(
         version=info.version, snapshot_dir=snapshot_dir,
         manifest_root=info.manifest_root, spec_sha256=info.spec_sha256 or "", repeats=repeats,
-        train=train, validation=images(val_rows),
-        image_rows=tuple(sorted(image_rows, key=lambda r: r.path)), reg=reg,
-        reg_repeats=tuple(mix_reg_repeats([folder_repeats(i.folder) for i in reg], len(train) * repeats)),
+        train=images(train_rows), validation=images(val_rows),
+        image_rows=tuple(sorted(image_rows, key=lambda r: r.path)), reg=images(reg_rows),
         flip_aug=info.spec.get("flip_aug") is True,
     )
 

@@ -31,6 +31,7 @@ from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-export
     sgm_module_name,
 )
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_groups import OptimizerSettings
 
 BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -128,10 +129,10 @@ def _flag(value: bool) -> str:
     return str(bool(value))  # kohya writes Python's True / False
 
 
-def _optimizer(recipe: Recipe) -> str:
+def _optimizer(settings: OptimizerSettings) -> str:
     """kohya's ss_optimizer: the optimizer and its arguments."""
-    extra = f"relative_step={recipe.adafactor_relative_step}," if recipe.optimizer == "Adafactor" else ""
-    return f"{recipe.optimizer}({extra}weight_decay={recipe.weight_decay})"
+    extra = f"relative_step={settings.adafactor_relative_step}," if settings.optimizer == "Adafactor" else ""
+    return f"{settings.optimizer}({extra}weight_decay={settings.weight_decay})"
 
 
 def build_metadata(
@@ -198,7 +199,7 @@ def build_metadata(
         "ss_zero_terminal_snr": _flag(recipe.zero_terminal_snr),
         "ss_debiased_estimation": _flag(recipe.debiased_estimation_loss),
         "ss_min_snr_gamma": recipe.min_snr_gamma,
-        "ss_optimizer": _optimizer(recipe),
+        "ss_optimizer": _optimizer(recipe.optimizer_settings),
         "ss_batch_size_per_device": recipe.train_batch_size,
         "ss_total_batch_size": recipe.effective_batch_size,
         "ss_resolution": (reso, reso),
@@ -218,8 +219,8 @@ def build_metadata(
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
     }
-    if network_args(recipe):
-        ss["ss_network_args"] = json.dumps(network_args(recipe))
+    if network_args(recipe.network):
+        ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ARCHITECTURE[family],

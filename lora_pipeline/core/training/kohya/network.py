@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_pipeline.core.models.kohya_names import TEXT_MODEL, UNET_PREFIX, sgm_module_name, text_prefixes
-from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # loading imports diffusers; `lora-pipeline provenance` reads files without it
@@ -157,18 +157,19 @@ def trainable(base: BaseModel) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def add_network(base: BaseModel, recipe: Recipe, resume_from: dict[str, torch.Tensor] | None = None) -> None:
-    """The recipe's adapters on the base model (float32 weights, init from the recipe's seed), optionally set to
+def add_network(base: BaseModel, network: NetworkSettings, seed: int,
+                resume_from: dict[str, torch.Tensor] | None = None) -> None:
+    """The recipe's adapters on the base model (float32 weights, init from the recipe's `seed`), optionally set to
     the weights of a resume state."""
     from diffusers.training_utils import cast_training_params
 
     with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
-        torch.manual_seed(derive_seed(recipe.seed, Stream.INIT))
-        add_unet_lora(base.unet, recipe.network_dim, recipe.network_alpha, conv_dim=recipe.conv_dim,
-                      conv_alpha=recipe.conv_alpha_value, use_dora=recipe.use_dora)
-        if not recipe.network_train_unet_only:
+        torch.manual_seed(derive_seed(seed, Stream.INIT))
+        add_unet_lora(base.unet, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
+                      conv_alpha=network.conv_alpha_value, use_dora=network.use_dora)
+        if not network.network_train_unet_only:
             for encoder in base.text_encoders:
-                add_text_encoder_lora(encoder, recipe.network_dim, recipe.network_alpha, use_dora=recipe.use_dora)
+                add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora)
     for module in (base.unet, *base.text_encoders):
         cast_training_params(module, dtype=torch.float32)
     if resume_from is not None:
@@ -178,20 +179,20 @@ def add_network(base: BaseModel, recipe: Recipe, resume_from: dict[str, torch.Te
                 named[name].copy_(tensor)
 
 
-def param_groups(recipe: Recipe, base: BaseModel) -> list[Any]:
+def param_groups(base: BaseModel, text_encoder_lr: float | None) -> list[Any]:
     """One group, or the U-Net's and the text encoders' (text_encoder_lr) as kohya's prepare_optimizer_params."""
     unet = [p for p in base.unet.parameters() if p.requires_grad]
     text = [p for e in base.text_encoders for p in e.parameters() if p.requires_grad]
-    if recipe.text_encoder_lr is None:
+    if text_encoder_lr is None:
         return unet + text
-    return [{"params": unet}, {"params": text, "lr": recipe.text_encoder_lr}]
+    return [{"params": unet}, {"params": text, "lr": text_encoder_lr}]
 
 
-def network_args(recipe: Recipe) -> dict[str, str]:
+def network_args(network: NetworkSettings) -> dict[str, str]:
     """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA)."""
     args: dict[str, str] = {}
-    if recipe.conv_dim is not None:
-        args.update(conv_dim=str(recipe.conv_dim), conv_alpha=str(recipe.conv_alpha_value))
-    if recipe.use_dora:
+    if network.conv_dim is not None:
+        args.update(conv_dim=str(network.conv_dim), conv_alpha=str(network.conv_alpha_value))
+    if network.use_dora:
         args.update(algo="lora", dora_wd="True", wd_on_out="True")
     return args

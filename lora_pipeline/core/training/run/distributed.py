@@ -31,9 +31,9 @@ from typing import Any
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
-from lora_pipeline.core.models.loading import resolve_base_model
+from lora_pipeline.core.models.loading import default_device, resolve_base_model
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
 from lora_pipeline.core.training.run.result import TrainResult, environment_error, own_output
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
@@ -65,9 +65,8 @@ def refusal(recipe: Recipe, num_processes: int, gpus: int | None) -> str | None:
         return f"num_processes must be at least 1, got {num_processes}"
     if num_processes == 1:
         return None
-    if recipe.fast_path:
-        return ("fast_path: true cannot train in several processes (a captured CUDA graph holds one process's "
-                "step, not DDP's gradient all-reduce); set fast_path: false or num_processes: 1")
+    if recipe.fast_path and (blockers := fast_path_blockers(recipe, processes=num_processes)):
+        return f"fast_path: true is impossible here: {blockers[0]}; set fast_path: false or num_processes: 1"
     if not recipe.network_train_unet_only:
         return ("network_train_unet_only: false cannot train in several processes yet (only the U-Net's LoRA "
                 "gradients are averaged across them); set num_processes: 1")
@@ -94,7 +93,7 @@ def train_distributed(
     if there is one, else the CPU) or "cpu"."""
     import torch
 
-    cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    cpu = default_device(device).type == "cpu"
     reason = refusal(recipe, num_processes, None if cpu else torch.cuda.device_count())
     if reason:
         raise UserError(reason, root.recipe_file(recipe.name))

@@ -21,8 +21,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from lora_pipeline.core.models.loading import BaseModel
-from lora_pipeline.core.models.sampling import load_pipeline, sample, save_png
-from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.models.sampling import SamplingSettings, load_pipeline, sample, save_png
 
 SAMPLES_DIR = "samples"
 
@@ -55,16 +54,19 @@ def _on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator
 
 
 class SampleRenderer:
-    """Renders the sample strip of the modules as they are now; the pipeline is made on first use."""
+    """Renders the sample strip of the modules as they are now; the pipeline is made on first use, v-prediction
+    when the LoRA trains it (`v_prediction`)."""
 
-    def __init__(self, base: BaseModel, recipe: Recipe, device: torch.device, dtype: torch.dtype):
-        self.base, self.recipe, self.device, self.dtype = base, recipe, device, dtype
+    def __init__(self, base: BaseModel, settings: SamplingSettings, v_prediction: bool, device: torch.device,
+                 dtype: torch.dtype):
+        self.base, self.settings, self.v_prediction = base, settings, v_prediction
+        self.device, self.dtype = device, dtype
         self._pipe: DiffusionPipeline | None = None
 
     def _pipeline(self) -> DiffusionPipeline:
         if self._pipe is None:
             # the VAE keeps the dtype training gave it; v-prediction as the LoRA was trained
-            self._pipe = load_pipeline(self.base, self.base.vae.dtype, v_prediction=self.recipe.v_parameterization)
+            self._pipe = load_pipeline(self.base, self.base.vae.dtype, v_prediction=self.v_prediction)
         return self._pipe
 
     def render(self, path: Path) -> Path:
@@ -73,6 +75,6 @@ class SampleRenderer:
         frozen = [self.base.vae, *self.base.text_encoders]
         mixed = self.device.type == "cuda" and self.dtype != torch.float32  # as the training step runs
         with _on_device(frozen, self.device), torch.autocast(self.device.type, dtype=self.dtype, enabled=mixed):
-            images = sample(pipe, self.recipe.sampling)
+            images = sample(pipe, self.settings)
         save_png(strip_image(images), path)
         return path

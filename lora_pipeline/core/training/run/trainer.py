@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,18 +31,17 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.models.loading import BaseModel, base_model_hash, load_base_model
+from lora_pipeline.core.models.loading import BaseModel, base_model_hash, default_device, load_base_model
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.augment import flip_warning
-from lora_pipeline.core.training.inputs.caption_shuffle import CaptionDropout
 from lora_pipeline.core.training.inputs.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict, param_groups, trainable
 from lora_pipeline.core.training.progress import Progress, training_threads
-from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
 from lora_pipeline.core.training.run.checkpoint import (
     ResumeState,
     epoch_file_name,
@@ -64,7 +63,7 @@ from lora_pipeline.core.training.step.loop import (
     run_epoch,
     update,
 )
-from lora_pipeline.core.training.step.noise import NoiseSettings, training_scheduler
+from lora_pipeline.core.training.step.noise import training_scheduler
 from lora_pipeline.core.training.step.norms import norms_in_dtype
 from lora_pipeline.core.training.step.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
@@ -150,16 +149,16 @@ def train_lora(
     resumed run keeps the one of the run it continues.
     """
     called_at = time.perf_counter()
-    data = load_training_data(root.dataset(version), recipe)
+    data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
     if recipe.masked_loss and not data.has_masks:
         raise UserError(f"masked_loss: true but dataset '{version}' has no masks (a spec source's masks: file "
                         "or alpha)", root.recipe_file(recipe.name))
-    if recipe.fast_path and data.reg:
-        raise UserError(f"fast_path does not carry per-image loss weights yet, and dataset '{version}' has "
-                        "regularisation images; set fast_path: false", root.recipe_file(recipe.name))
+    if recipe.fast_path and (blockers := fast_path_blockers(recipe, dataset=data)):
+        raise UserError(f"fast_path: true is impossible on dataset '{version}': {blockers[0]}; set fast_path: false",
+                        root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = default_device(device)
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
     times = StageTimes(target)
     loading = time.perf_counter()
@@ -210,8 +209,9 @@ def _build_context(run: _Run) -> StepContext:
     recipe, base, device = run.recipe, run.base, run.device
     dtype = DTYPES[run.precision]
     unet = base.unet
-    add_network(run.base, recipe, run.state.lora if run.state else None)
-    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe)
+    noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
+    add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
+    base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
     train_text = not recipe.network_train_unet_only
     if recipe.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -225,8 +225,7 @@ def _build_context(run: _Run) -> StepContext:
         encoder.to(device)
     run.times.add("load", time.perf_counter() - moving)
     images = run.data.images
-    dropout = CaptionDropout(recipe.caption_dropout_rate, recipe.caption_dropout_every_n_epochs,
-                             recipe.caption_tag_dropout_rate)
+    dropout = augmentation.caption_dropout
     disk = None
     if recipe.cache_latents_to_disk:
         disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
@@ -236,7 +235,7 @@ def _build_context(run: _Run) -> StepContext:
         run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "
                 "(network_train_unet_only: false)")
     # whole captions (or "") recur, and the text encoders are frozen
-    fixed_captions = not recipe.shuffle_caption and not dropout.tag_rate and not train_text
+    fixed_captions = not augmentation.shuffle_caption and not dropout.tag_rate and not train_text
     cached = [i.caption for i in images] + ([""] if dropout.on else []) if fixed_captions else ()
     text = TextSource(base, dtype, device, cached, run.times, train=train_text)
     if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
@@ -246,24 +245,23 @@ def _build_context(run: _Run) -> StepContext:
             for encoder in base.text_encoders:
                 encoder.to("cpu")
     params = list(trainable(base).values())
-    optimizer = make_optimizer(recipe, param_groups(recipe, base), device)
-    lr_scheduler = make_lr_scheduler(recipe, optimizer, run.total)
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, param_groups(base, recipe.text_encoder_lr),
+                               device)
+    lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, run.total)
     accelerator = make_accelerator(device, run.precision)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
-    parts = StepParts(unet, base.noise_scheduler, NoiseSettings.of(recipe), accelerator, optimizer, params)
-    fast_path, why = fast_path_choice(recipe, device, reg_images=bool(run.data.reg),
-                                      processes=accelerator.num_processes)
+    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params)
+    fast_path, why = fast_path_choice(recipe, device, run.data, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
-        separator=recipe.caption_separator, keep_tokens=recipe.keep_tokens, shuffle_caption=recipe.shuffle_caption,
-        sdxl=recipe.model_family == "sdxl", dtype=dtype, caption_dropout=dropout, flip_aug=run.flip_aug,
-        random_crop=recipe.random_crop, warmup_steps_per_shape=2 if fast_path else 1,
+        augmentation=augmentation, sdxl=recipe.model_family == "sdxl", dtype=dtype,
+        warmup_steps_per_shape=2 if fast_path else 1,
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
         shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
@@ -335,7 +333,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     warnings = [flip] if flip else []
     for line in warnings:
         run.log(f"warning: {line}")
-    renderer = SampleRenderer(run.base, recipe, run.device, DTYPES[run.precision])
+    renderer = SampleRenderer(run.base, recipe.sampling, recipe.v_parameterization, run.device, DTYPES[run.precision])
     per_epoch, total = run.per_epoch, run.total
     ctx.progress = Progress(run.log, run.last_epoch, total, recipe.effective_batch_size)
     start = state.epoch if state else 0

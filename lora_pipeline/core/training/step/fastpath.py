@@ -18,7 +18,7 @@ graph replays fixed shapes and a bucketed dataset has a few:
   its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
   AdamW8bit read values back to the host or keep host state, and gradient checkpointing recomputes under an RNG
-  state a capture cannot save, so those runs take the eager step (`Recipe.fast_path_blocker` says why).
+  state a capture cannot save, so those runs take the eager step (`recipe.fast_path_blockers` says why).
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
@@ -41,33 +41,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 
+from lora_pipeline.core.training.recipe import Recipe, RunData, fast_path_blockers
 from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, update
 
-if TYPE_CHECKING:
-    from lora_pipeline.core.training.recipe import Recipe
 
-
-def fast_path_choice(recipe: Recipe, device: torch.device, *, reg_images: bool, processes: int) -> tuple[bool, str]:
+def fast_path_choice(recipe: Recipe, device: torch.device, dataset: RunData, processes: int) -> tuple[bool, str]:
     """Whether a run replays its steps as CUDA graphs, and a log line saying why.
 
     `fast_path: true` and `false` are the recipe's word (where true cannot work, the recipe parser, the trainer
-    and the DDP launcher refuse it before this). Unset, it is on wherever it can be: one CUDA device, a recipe
-    without a `fast_path_blocker` (loss masks among them) and no regularisation images (per-image loss weights).
+    and the DDP launcher refuse it before this, from the same `fast_path_blockers`). Unset, it is on wherever
+    nothing blocks it: one CUDA device, a recipe that allows it and no regularisation images.
     """
     if recipe.fast_path is not None:
         return recipe.fast_path, f"fast_path: {str(recipe.fast_path).lower()} (the recipe)"
-    reason = (
-        "the device is not a CUDA GPU" if device.type != "cuda"
-        else recipe.fast_path_blocker()
-        or ("the dataset has regularisation images (per-image loss weights)" if reg_images else None)
-        or (f"{processes} processes train together (DDP)" if processes > 1 else None)
-    )
-    if reason:
-        return False, f"fast_path unset: the eager step, since {reason}"
+    blockers = fast_path_blockers(recipe, device, dataset, processes)
+    if blockers:
+        return False, f"fast_path unset: the eager step, since {blockers[0]}"
     return True, "fast_path unset: on (each step replayed as a CUDA graph)"
 
 

@@ -33,12 +33,13 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lora_pipeline.core.models.loading import host_to_device
 from lora_pipeline.core.training.inputs.augment import View, step_views
-from lora_pipeline.core.training.inputs.caption_shuffle import CaptionDropout, step_captions
+from lora_pipeline.core.training.inputs.caption_shuffle import step_captions
 from lora_pipeline.core.training.inputs.data import TrainImage
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, time_ids
 from lora_pipeline.core.training.progress import Progress
+from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
-from lora_pipeline.core.training.step.noise import NoiseSettings, debiased_weight
+from lora_pipeline.core.training.step.noise import debiased_weight
 from lora_pipeline.core.training.step.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
 
@@ -253,14 +254,9 @@ class StepContext:
     latents: LatentSource
     text: TextSource
     seed: int
-    separator: str
-    keep_tokens: int
-    shuffle_caption: bool
+    augmentation: AugmentationSettings  # the recipe's, flip_aug also on when the dataset spec sets it
     sdxl: bool
     dtype: torch.dtype  # of the text conditioning and time ids
-    caption_dropout: CaptionDropout = CaptionDropout()
-    flip_aug: bool = False
-    random_crop: bool = False
     progress: Progress | None = None  # in-epoch progress lines (cpu.py)
     warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
     masked_loss: bool = False
@@ -329,7 +325,7 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
     losses: list[torch.Tensor] = []
     lrs: list[tuple[float, torch.Tensor | float]] = []
     images = 0
-    parts = ctx.parts
+    parts, augment = ctx.parts, ctx.augmentation
     device = parts.accelerator.device
     warmup, first_done = 0.0, None
     started = time.perf_counter()
@@ -337,10 +333,10 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
         step = first_step + offset
         picked = [ctx.images[i] for i in indices]
         captions = step_captions(
-            [image.caption for image in picked], ctx.separator, ctx.keep_tokens, ctx.shuffle_caption, ctx.seed,
-            epoch, step, ctx.caption_dropout,
+            [image.caption for image in picked], augment.caption_separator, augment.keep_tokens,
+            augment.shuffle_caption, ctx.seed, epoch, step, augment.caption_dropout,
         )
-        views = step_views(picked, ctx.flip_aug, ctx.random_crop, ctx.seed, step)
+        views = step_views(picked, augment.flip_aug, augment.random_crop, ctx.seed, step)
         size = len(indices)
         first, end, weight = ctx.shard.rows(size) if ctx.shard else (0, size, 1.0)
         cuts = [(0, size)]

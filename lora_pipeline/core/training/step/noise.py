@@ -16,30 +16,15 @@ the first and, with a zero-terminal-SNR schedule, the last timestep stay finite)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
+
 MIN_SNR, MAX_SNR = 1e-3, 1000.0
-
-
-@dataclass(frozen=True)
-class NoiseSettings:
-    noise_offset: float = 0.0
-    min_snr_gamma: float | None = None
-    multires_noise_iterations: int | None = None
-    multires_noise_discount: float = 0.3
-    ip_noise_gamma: float | None = None
-    debiased_estimation_loss: bool = False
-
-    @classmethod
-    def of(cls, recipe: Any) -> NoiseSettings:
-        """The settings of a training recipe."""
-        return cls(recipe.noise_offset, recipe.min_snr_gamma, recipe.multires_noise_iterations,
-                   recipe.multires_noise_discount, recipe.ip_noise_gamma, recipe.debiased_estimation_loss)
 
 
 @dataclass
@@ -103,12 +88,12 @@ def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
     return (1 - alphas).to(betas.dtype)
 
 
-def training_scheduler(scheduler: DDPMScheduler, recipe: Any) -> DDPMScheduler:
-    """The training DDPM scheduler of a recipe: v-prediction when `v_parameterization`, else the base model's own
-    prediction type; betas rescaled to zero terminal SNR when `zero_terminal_snr`."""
-    overrides = {"prediction_type": "v_prediction"} if recipe.v_parameterization else {}
+def training_scheduler(scheduler: DDPMScheduler, settings: NoiseSettings) -> DDPMScheduler:
+    """The training DDPM scheduler: v-prediction when `v_parameterization`, else the base model's own prediction
+    type; betas rescaled to zero terminal SNR when `zero_terminal_snr`."""
+    overrides = {"prediction_type": "v_prediction"} if settings.v_parameterization else {}
     configured = DDPMScheduler.from_config(scheduler.config, **overrides)
-    if recipe.zero_terminal_snr:
+    if settings.zero_terminal_snr:
         configured.betas = zero_terminal_snr_betas(configured.betas)
         configured.alphas = 1.0 - configured.betas
         configured.alphas_cumprod = torch.cumprod(configured.alphas, dim=0)

@@ -1,4 +1,5 @@
-"""The recipe's optimizer and learning-rate schedule (kohya's names, kohya's settings)."""
+"""The recipe's optimizer and learning-rate schedule (kohya's names, kohya's settings): its `optimizer_settings` and
+`schedule` groups."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_groups import OptimizerSettings, ScheduleSettings
 from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
 
 Params = Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]]
 
 
-def make_optimizer(recipe: Recipe, params: Params, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(settings: OptimizerSettings, schedule: ScheduleSettings, params: Params,
+                   device: torch.device) -> torch.optim.Optimizer:
     """DAdaptAdamW / Prodigy adapt the step size themselves (learning_rate 1.0 is the multiplier kohya uses);
     AdamW8bit keeps its moments in 8-bit blocks even for the smallest tensors (min_8bit_size=0).
 
@@ -25,55 +27,56 @@ def make_optimizer(recipe: Recipe, params: Params, device: torch.device) -> torc
     the schedulefree package's (no schedule; lr_warmup_steps is its warmup). `params` may be parameter groups
     (a text-encoder group with its own lr)."""
     params = list(params)
-    lr, decay = recipe.learning_rate, recipe.weight_decay
-    if recipe.optimizer == "Lion":
+    lr, decay, name = settings.learning_rate, settings.weight_decay, settings.optimizer
+    if name == "Lion":
         import lion_pytorch
 
         return lion_pytorch.Lion(params, lr=lr, weight_decay=decay)
-    if recipe.optimizer == "Adafactor":
+    if name == "Adafactor":
         from transformers.optimization import Adafactor
 
-        relative = recipe.adafactor_relative_step
+        relative = settings.adafactor_relative_step
         return Adafactor(params, lr=None if relative else lr, relative_step=relative, scale_parameter=relative,
                          warmup_init=False, weight_decay=decay)
-    if recipe.optimizer == "AdamWScheduleFree":
+    if name == "AdamWScheduleFree":
         import schedulefree
 
         optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=decay,
-                                                   warmup_steps=recipe.lr_warmup_steps, foreach=device.type == "cuda")
+                                                   warmup_steps=schedule.lr_warmup_steps, foreach=device.type == "cuda")
         optimizer.train()
         return optimizer
-    if recipe.optimizer == "DAdaptAdamW":
+    if name == "DAdaptAdamW":
         # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
         return DAdaptAdamW(params, lr=lr, weight_decay=decay)
-    if recipe.optimizer == "Prodigy":
+    if name == "Prodigy":
         import prodigyopt
 
         return prodigyopt.Prodigy(params, lr=lr, decouple=True, weight_decay=decay)
-    if recipe.optimizer == "AdamW8bit":
+    if name == "AdamW8bit":
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay, min_8bit_size=0)
-    if recipe.optimizer == "AdamW":
+    if name == "AdamW":
         # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
         # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
         cuda = device.type == "cuda"
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=cuda, capturable=cuda)
-    raise ValueError(f"unknown optimizer {recipe.optimizer!r}")  # parse_recipe only lets known names through
+    raise ValueError(f"unknown optimizer {name!r}")  # parse_recipe only lets known names through
 
 
-def make_lr_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler:
+def make_lr_scheduler(settings: OptimizerSettings, schedule: ScheduleSettings, optimizer: torch.optim.Optimizer,
+                      total_steps: int) -> LRScheduler:
     """diffusers' schedules as kohya's get_scheduler_fix calls them (warm-up for all but constant; num_cycles for
     cosine_with_restarts, power for polynomial); relative-step Adafactor gets transformers' AdafactorSchedule
     (kohya's `adafactor:<lr>`), which reports the step size Adafactor chose."""
-    if recipe.optimizer == "Adafactor" and recipe.adafactor_relative_step:
+    if settings.relative_step:
         from transformers.optimization import AdafactorSchedule
 
-        return AdafactorSchedule(optimizer, recipe.learning_rate)
-    warmup = 0 if recipe.optimizer == "AdamWScheduleFree" else recipe.lr_warmup_steps  # the optimizer warms up
+        return AdafactorSchedule(optimizer, settings.learning_rate)
+    warmup = 0 if settings.optimizer == "AdamWScheduleFree" else schedule.lr_warmup_steps  # the optimizer warms up
     return get_scheduler(
-        recipe.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-        num_cycles=recipe.lr_scheduler_num_cycles, power=recipe.lr_scheduler_power,
+        schedule.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+        num_cycles=schedule.lr_scheduler_num_cycles, power=schedule.lr_scheduler_power,
     )
 
 

@@ -1,0 +1,136 @@
+"""A recipe's fields grouped by the concern that reads them: the network, the optimizer, the learning-rate schedule,
+the noise of a step, the data augmentation, and when to train (automation).
+
+`Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.augmentation` and `.automation` return these;
+each group's fields carry the recipe's field names and are filled from them by name (`GroupView`). The
+image buckets are `core/datasets/buckets.BucketSettings` (the dataset report reads them too) and the sampled
+images `core/models/sampling.SamplingSettings`. Code that uses one concern takes its group, not the recipe.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, fields
+from typing import Generic, TypeVar, overload
+
+from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
+
+G = TypeVar("G")
+
+
+class GroupView(Generic[G]):
+    """A read-only attribute of a recipe: its group `kind`, a dataclass whose fields are recipe fields."""
+
+    def __init__(self, kind: type[G]) -> None:
+        self.kind = kind
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> GroupView[G]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> G: ...
+    def __get__(self, instance: object | None, owner: type) -> GroupView[G] | G:
+        if instance is None:  # read on the class
+            return self
+        return self.kind(**{f.name: getattr(instance, f.name) for f in fields(self.kind)})
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The trained network (kohya's networks/lora.py and network_args; network.py builds it)."""
+
+    network_dim: int
+    network_alpha: float
+    conv_dim: int | None
+    conv_alpha: float | None
+    use_dora: bool
+    network_train_unet_only: bool
+
+    @property
+    def conv_alpha_value(self) -> float:
+        """kohya's conv_alpha default: 1.0 when conv_dim is set without it."""
+        return 1.0 if self.conv_alpha is None else self.conv_alpha
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer and its step sizes (optim.py); `text_encoder_lr` is the text encoders' group's."""
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    adafactor_relative_step: bool
+    text_encoder_lr: float | None
+
+    @property
+    def relative_step(self) -> bool:
+        """Adafactor choosing its own step size, which replaces the schedule (kohya's `adafactor:<lr>`)."""
+        return self.optimizer == "Adafactor" and self.adafactor_relative_step
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The learning-rate schedule over all steps (diffusers' schedules as kohya's get_scheduler_fix calls them)."""
+
+    lr_scheduler: str
+    lr_warmup_steps: int
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """kohya's noise options of a step and the loss weights that depend on the noise (noise.py, loop.py), and the
+    training noise schedule (`v_parameterization`, `zero_terminal_snr`). The defaults are all off."""
+
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+    multires_noise_iterations: int | None = None
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float | None = None
+    debiased_estimation_loss: bool = False
+    v_parameterization: bool = False
+    zero_terminal_snr: bool = False
+
+
+@dataclass(frozen=True)
+class CaptionDropout:
+    """kohya's caption dropout settings (all off by default)."""
+
+    rate: float = 0.0  # caption_dropout_rate
+    every_n_epochs: int = 0  # caption_dropout_every_n_epochs
+    tag_rate: float = 0.0  # caption_tag_dropout_rate
+
+    @property
+    def on(self) -> bool:
+        return self.rate > 0 or self.every_n_epochs > 0 or self.tag_rate > 0
+
+
+@dataclass(frozen=True)
+class AugmentationSettings:
+    """How captions and images vary from step to step (caption_shuffle.py, augment.py)."""
+
+    shuffle_caption: bool
+    keep_tokens: int
+    caption_separator: str
+    caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    caption_tag_dropout_rate: float
+    flip_aug: bool
+    random_crop: bool
+
+    @property
+    def caption_dropout(self) -> CaptionDropout:
+        return CaptionDropout(self.caption_dropout_rate, self.caption_dropout_every_n_epochs,
+                              self.caption_tag_dropout_rate)
+
+
+@dataclass(frozen=True)
+class AutomationSettings:
+    """When a recipe trains by itself: `train_on` names dataset families (names or globs)."""
+
+    train_on: tuple[str, ...]
+
+    def trains_on(self, version: str) -> bool:
+        """Whether `train_on` names the dataset version's family (by name or glob)."""
+        name = family(version)
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.train_on)
