@@ -2,6 +2,7 @@
 
 
 import collections
+import functools
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +35,8 @@ from lora_pipeline.defs.placement import CPU, op_tags
 from lora_pipeline.defs.resources import DataRootResource
 
 GROUP = "datasets"
+# Every asset of a dataset version: partitioned by version, in this group, on a `cpu` worker.
+version_asset = functools.partial(dg.asset, partitions_def=dataset_versions, group_name=GROUP, op_tags=op_tags(CPU))
 NO_ERRORS_CHECK = "no_blocking_problems"
 NO_WARNINGS_CHECK = "no_warnings"
 # A run tagged so executes all its steps in one process (the command line's): dataset_snapshot then starts the
@@ -93,11 +96,8 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     )
 
 
-@dg.asset(
-    partitions_def=dataset_versions,
-    group_name=GROUP,
+@version_asset(
     kinds={"filesystem"},
-    op_tags=op_tags(CPU),
     deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
     description="`datasets/<version>/`: copy-only, immutable snapshot of the images named by `specs/<version>.yaml`.",
 )
@@ -129,11 +129,8 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     )
 
 
-@dg.asset(
-    partitions_def=dataset_versions,
-    group_name=GROUP,
+@version_asset(
     kinds={"text"},
-    op_tags=op_tags(CPU),
     deps=[dataset_snapshot],
     description="The .txt caption beside every image (trigger token first), the caption rows of the manifest and "
     "captions.json (the caption problems and lint the report includes).",
@@ -163,11 +160,8 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
     )
 
 
-@dg.asset(
-    partitions_def=dataset_versions,
-    group_name=GROUP,
+@version_asset(
     kinds={"markdown"},
-    op_tags=op_tags(CPU),
     deps=[caption_set],
     check_specs=[
         dg.AssetCheckSpec(NO_ERRORS_CHECK, asset="dataset_report", blocking=True,

@@ -19,17 +19,12 @@ build_dataset_job = dg.define_asset_job(
     partitions_def=dataset_versions,
     description="Snapshot + captions + validation report for one dataset version.",
 )
-train_job = dg.define_asset_job(
-    "train_job",
-    selection=dg.AssetSelection.assets("lora_epochs"),
-    partitions_def=training_runs,
-    description="Train every epoch of a LoRA for one dataset version x recipe.",
-    tags=GPU_RUN,
-)
-evaluate_job = dg.define_asset_job(
-    "evaluate_job",
-    selection=dg.AssetSelection.assets("evaluation_grid"),
-    partitions_def=training_runs,
-    description="Epoch x weight grids, validation loss and the recommended epoch.",
-    tags=GPU_RUN,
-)
+def _training_job(name: str, asset: str, description: str):  # dagster exports no name for its type
+    """A job of one version x recipe asset that runs on the accelerator."""
+    return dg.define_asset_job(name, selection=dg.AssetSelection.assets(asset), partitions_def=training_runs,
+                               description=description, tags=GPU_RUN)
+
+
+train_job = _training_job("train_job", "lora_epochs", "Train every epoch of a LoRA for one dataset version x recipe.")
+evaluate_job = _training_job("evaluate_job", "evaluation_grid",
+                             "Epoch x weight grids, validation loss and the recommended epoch.")

@@ -1,5 +1,7 @@
 """Training assets: lora_epochs -> evaluation_grid, per dataset version x recipe, in pool `gpu`."""
 
+import functools
+
 import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
@@ -15,6 +17,9 @@ from lora_pipeline.defs.resources import DataRootResource, TrainingLauncherResou
 from lora_pipeline.defs.run_health import fail_dead_runs
 
 GROUP = "training"
+# Every asset of a version x recipe: partitioned so, in this group, on a `gpu` worker, one at a time (pool `gpu`).
+training_asset = functools.partial(dg.asset, partitions_def=training_runs, group_name=GROUP,
+                                   kinds={"pytorch", "mlflow"}, op_tags=op_tags(GPU), pool="gpu")
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
 
 
@@ -31,12 +36,7 @@ def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
     return dg.MetadataValue.url(f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
-@dg.asset(
-    partitions_def=training_runs,
-    group_name=GROUP,
-    kinds={"pytorch", "mlflow"},
-    op_tags=op_tags(GPU),
-    pool="gpu",
+@training_asset(
     deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
     automation_condition=train_on_condition,
     description="`loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors`: one kohya-format LoRA per "
@@ -104,12 +104,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     )
 
 
-@dg.asset(
-    partitions_def=training_runs,
-    group_name=GROUP,
-    kinds={"pytorch", "mlflow"},
-    op_tags=op_tags(GPU),
-    pool="gpu",
+@training_asset(
     deps=[lora_epochs],
     automation_condition=evaluate_on_condition,
     description="`evals/<version>/<recipe>/`: epoch x LoRA-weight grids (one per prompt), validation loss and the "

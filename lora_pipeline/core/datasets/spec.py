@@ -39,15 +39,20 @@ MaskMode = Literal["none", "file", "alpha"]
 Role = Literal["training", "regularisation"]
 
 
-def _check_batch_pattern(value: str) -> str:
-    if len(value) > MAX_NAME_LENGTH or not BATCH_PATTERN_RE.fullmatch(value):
-        raise ValueError(f"{value[:40]!r} is not a batch name or a glob over batch names")
-    return value
+def name_glob(what: str, first_named: str = "") -> Any:
+    """The type of a text that is a `what` name ("batch", "family") or a glob over such names: one path segment of
+    name characters and glob characters, at most MAX_NAME_LENGTH long. `first_named` is how the error names the
+    thing (default `what`)."""
+
+    def check(value: str) -> str:
+        if len(value) > MAX_NAME_LENGTH or not BATCH_PATTERN_RE.fullmatch(value):
+            raise ValueError(f"{value[:40]!r} is not a {first_named or what} name or a glob over {what} names")
+        return value
+
+    return Annotated[Text, AfterValidator(check), WithJsonSchema({"type": "string", "format": f"{what} name or glob"})]
 
 
-BatchPattern = Annotated[
-    Text, AfterValidator(_check_batch_pattern), WithJsonSchema({"type": "string", "format": "batch name or glob"})
-]
+BatchPattern = name_glob("batch")
 
 
 @dataclass(frozen=True, config=CONFIG)

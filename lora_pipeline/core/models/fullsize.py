@@ -14,18 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from lora_pipeline.core.models.tiny import NOISE_BETAS
-from lora_pipeline.core.models.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer, vocab_and_merges
+from lora_pipeline.core.models.tiny import assemble_pipeline
+from lora_pipeline.core.models.tokenizer import BOS, EOS, MAX_LENGTH, vocab_and_merges
 
 UNET_CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": dict(
@@ -88,21 +81,8 @@ def write_fullsize_model(family: str, out: Path, device: torch.device | str = "c
     as checkpoints are distributed; the VAE stays float32). Initialising on a GPU takes seconds, on a CPU minutes."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        parts = dict(unet=unet(family, device).to(dtype), vae=vae(family, device), tokenizer=build_tokenizer(),
-                     text_encoder=text_encoder("l", device).to(dtype))
-        if family == "sd15":
-            pipe = StableDiffusionPipeline(
-                **parts, scheduler=PNDMScheduler(**NOISE_BETAS, set_alpha_to_one=False, skip_prk_steps=True,
-                                                 steps_offset=1),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-        else:
-            pipe = StableDiffusionXLPipeline(
-                **parts, text_encoder_2=text_encoder("g", device).to(dtype),
-                tokenizer_2=build_tokenizer(pad_token="!"),
-                scheduler=EulerDiscreteScheduler(**NOISE_BETAS, steps_offset=1, timestep_spacing="leading",
-                                                 prediction_type="epsilon"),
-                force_zeros_for_empty_prompt=True, add_watermarker=False,
-            )
+        denoiser, autoencoder = unet(family, device).to(dtype), vae(family, device)  # drawn in this order
+        encoders = [text_encoder(part, device).to(dtype) for part in ("l", "g")[:1 if family == "sd15" else 2]]
+        pipe = assemble_pipeline(family, denoiser, autoencoder, encoders)
     pipe.save_pretrained(out)
     return out

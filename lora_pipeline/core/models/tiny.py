@@ -49,6 +49,25 @@ STAMP = "lora_pipeline_tiny.json"
 NOISE_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
+def assemble_pipeline(family: str, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoders: list[CLIPTextModel]
+                      ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The family's stock pipeline around these modules, with its sampling scheduler and the locally built
+    tokenizer(s), as a model folder on the hub has it (the tiny and the full-size random models share this)."""
+    if family == "sd15":
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoders[0], tokenizer=build_tokenizer(), unet=unet,
+            scheduler=PNDMScheduler(**NOISE_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(pad_token="!"), unet=unet,
+        scheduler=EulerDiscreteScheduler(**NOISE_BETAS, steps_offset=1, timestep_spacing="leading",
+                                         prediction_type="epsilon"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Initialise weights from a fixed seed without disturbing the caller's random state."""
@@ -87,13 +106,8 @@ def _sd15(out: Path) -> None:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=False,
         )
-    scheduler = PNDMScheduler(**NOISE_BETAS, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=_vae(3, 0.18215), text_encoder=_text_encoder(1, "quick_gelu", False), tokenizer=build_tokenizer(),
-        unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out)
+    encoder = _text_encoder(1, "quick_gelu", False)
+    assemble_pipeline("sd15", unet.eval(), _vae(3, 0.18215), [encoder]).save_pretrained(out)
 
 
 def _sdxl(out: Path) -> None:
@@ -109,16 +123,7 @@ def _sdxl(out: Path) -> None:
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
             projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
         )
-    scheduler = EulerDiscreteScheduler(
-        **NOISE_BETAS, steps_offset=1, timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(3, 0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(pad_token="!"), unet=unet.eval(),
-        scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False,
-    )
-    pipe.save_pretrained(out)
+    assemble_pipeline("sdxl", unet.eval(), _vae(3, 0.13025), [text_encoder, text_encoder_2]).save_pretrained(out)
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-sd": _sd15, "tiny-sdxl": _sdxl}

@@ -13,11 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, get_args
 
-from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings
-from lora_pipeline.core.datasets.spec import BATCH_PATTERN_RE
+from lora_pipeline.core.datasets.spec import name_glob
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.schema import (
@@ -66,15 +66,7 @@ EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
 
 
-def _check_family_pattern(value: str) -> str:
-    if len(value) > 100 or not BATCH_PATTERN_RE.fullmatch(value):
-        raise ValueError(f"{value[:40]!r} is not a dataset family name or a glob over family names")
-    return value
-
-
-FamilyPattern = Annotated[
-    Text, AfterValidator(_check_family_pattern), WithJsonSchema({"type": "string", "format": "family name or glob"})
-]
+FamilyPattern = name_glob("family", first_named="dataset family")
 
 
 @dataclass(frozen=True, config=CONFIG)
