@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from lora_pipeline.core.errors import UserError, one_line
+from lora_pipeline.core.models.families import FAMILIES, ModelFamily, model_family
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
 
@@ -69,14 +71,16 @@ class BaseModel:
     latents_scaling_factor: float
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @property
+    def architecture(self) -> ModelFamily:
+        """What the family of this model says (families/): conditioning, key names, pipeline, metadata."""
+        return model_family(self.family)
 
-def _check_family(unet: UNet2DConditionModel, family: str, source: str) -> None:
-    is_sdxl = unet.config.addition_embed_type == "text_time"
-    if family not in ("sd15", "sdxl"):
-        raise UserError(f"model_family must be sd15 or sdxl, not '{family}'")
-    if is_sdxl != (family == "sdxl"):
-        actual = "an SDXL" if is_sdxl else "an SD 1.x-style"
-        raise UserError(f"base model is {actual} model but the recipe says model_family: {family}", source)
+
+def _check_family(unet: UNet2DConditionModel, family: ModelFamily, source: str) -> None:
+    if not family.is_own_denoiser(unet.config):
+        actual = next(f.label for f in FAMILIES.values() if f.is_own_denoiser(unet.config))
+        raise UserError(f"base model is {actual} model but the recipe says model_family: {family.name}", source)
 
 
 def load_base_model(
@@ -87,17 +91,19 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
     """Load U-Net, VAE, tokenizer(s), text encoder(s) and a DDPM training scheduler from the model's config."""
+    architecture = model_family(family)
     source = resolve_base_model(models_dir, base_model)
     opts: dict[str, Any] = {"local_files_only": _offline() or Path(source).is_dir()}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **opts)
-        _check_family(unet, family, source)
+        _check_family(unet, architecture, source)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **opts)
-        names = [("tokenizer", "text_encoder", CLIPTextModel)]
-        if family == "sdxl":
-            names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
-        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=tok, **opts) for tok, _, _ in names]
-        encoders = [cls.from_pretrained(source, subfolder=enc, dtype=dtype, **opts) for _, enc, cls in names]
+        suffixes = ["", *(f"_{n}" for n in range(2, len(architecture.text_encoders) + 1))]
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{s}", **opts) for s in suffixes]
+        encoders = [
+            getattr(transformers, cls).from_pretrained(source, subfolder=f"text_encoder{s}", dtype=dtype, **opts)
+            for s, cls in zip(suffixes, architecture.text_encoders, strict=True)
+        ]
         config = DDPMScheduler.load_config(source, subfolder="scheduler", **opts)
     except OSError as exc:  # missing folder/file, or a hub id that is not cached while offline
         raise UserError(f"cannot load base model: {one_line(exc)}", source) from None
@@ -141,27 +147,18 @@ def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
 def encode_prompts(
     base: BaseModel, prompts: list[str], *, grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text conditioning exactly as the inference pipelines compute it (no clip skip), so training matches.
-
-    SD 1.5: the text encoder's last hidden state, and None. SDXL: the penultimate hidden states of both
-    encoders concatenated on the feature axis, and the pooled `text_embeds` of the second encoder.
-    Without gradients unless `grad` (text encoders that carry a LoRA being trained).
+    """Text conditioning exactly as the family's inference pipeline computes it (no clip skip), so training
+    matches: (encoder hidden states, pooled embeddings or None), as `ModelFamily.conditioning` makes them from
+    the text encoders' outputs. Without gradients unless `grad` (text encoders that carry a LoRA being trained).
     """
     with torch.set_grad_enabled(grad):
         return _encode_prompts(base, prompts)
 
 
 def _encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if base.family == "sd15":
-        encoder = base.text_encoders[0]
-        return encoder(host_to_device(_token_ids(base.tokenizers[0], prompts), encoder.device))[0], None
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True):
-        out = encoder(host_to_device(_token_ids(tokenizer, prompts), encoder.device), output_hidden_states=True)
-        if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds
-            pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
+    outputs = [encoder(host_to_device(_token_ids(tokenizer, prompts), encoder.device), output_hidden_states=True)
+               for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True)]
+    return base.architecture.conditioning(outputs)
 
 
 def sdxl_add_time_ids(

@@ -17,18 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import safetensors.torch
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import BaseModel
-
-PIPELINES: dict[str, type[DiffusionPipeline]] = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,8 @@ def load_pipeline(base: BaseModel, dtype: torch.dtype, v_prediction: bool = Fals
     parts: dict[str, object] = {"unet": base.unet, "vae": base.vae}
     for suffix, tokenizer, encoder in zip(("", "_2"), base.tokenizers, base.text_encoders, strict=False):
         parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, encoder
-    if base.family == "sd15":
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = PIPELINES[base.family].from_pretrained(base.source, local_files_only=True, **parts)
+    parts.update(base.architecture.pipeline_options)
+    pipe = getattr(diffusers, base.architecture.pipeline).from_pretrained(base.source, local_files_only=True, **parts)
     if v_prediction:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
     pipe.set_progress_bar_config(disable=True)

@@ -20,6 +20,7 @@ from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings
 from lora_pipeline.core.datasets.spec import name_glob
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
+from lora_pipeline.core.models.families import FAMILIES as FAMILY_MODULES
 from lora_pipeline.core.schema import (
     ADDED_LATER,
     CONFIG,
@@ -53,7 +54,7 @@ MAX_RESOLUTION = 2048  # the square side: buckets hold at most MAX_RESOLUTION**2
 MAX_BUCKET_SIDE = 4096
 MAX_SEED = 2**32 - 1
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal[tuple(FAMILY_MODULES)]  # type: ignore[valid-type]  # the families of core/models/families/
 OptimizerName = Literal["DAdaptAdamW", "AdamW", "AdamW8bit", "Prodigy", "Lion", "Adafactor", "AdamWScheduleFree"]
 SchedulerName = Literal[
     "constant", "cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"

@@ -23,20 +23,16 @@ from safetensors import SafetensorError, safe_open
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import canonical_json, sha256_bytes
+from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.families.sdxl import sgm_module_name  # noqa: F401 (re-exported: the file format's names)
 from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-exported: the file format's names)
     KOHYA_UNET_TARGET_MODULES,
     add_unet_lora,
     kohya_state_dict,
     network_args,
-    sgm_module_name,
 )
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import OptimizerSettings
-
-BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-# kohya's modelspec: SDXL LoRAs are in sgm (Stability's) naming, SD 1.x LoRAs in diffusers naming.
-IMPLEMENTATION = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -159,7 +155,7 @@ def build_metadata(
     `training_started_at` is a unix timestamp, `steps` the optimizer steps done when this epoch was saved.
     `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
     """
-    family = recipe.model_family
+    family = model_family(recipe.model_family)
     output_name = f"{provenance.dataset_version}-{recipe.name}"
     reso = recipe.resolution
     started = datetime.datetime.fromtimestamp(int(training_started_at), tz=datetime.UTC)
@@ -188,7 +184,7 @@ def build_metadata(
         "ss_mixed_precision": recipe.mixed_precision,
         "ss_full_fp16": _flag(False),
         "ss_v2": _flag(False),
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_base_model_version": family.kohya_base_model_version,
         "ss_sd_model_name": _model_name(recipe.base_model),
         "ss_cache_latents": _flag(recipe.cache_latents),
         "ss_seed": recipe.seed,
@@ -223,8 +219,8 @@ def build_metadata(
         ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[family],
-        "modelspec.implementation": IMPLEMENTATION[family],
+        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": f"{output_name}-e{epoch:03d}",
         "modelspec.resolution": f"{reso}x{reso}",
         "modelspec.date": started.isoformat(),

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lora_pipeline.core.models.kohya_names import TEXT_MODEL, UNET_PREFIX, sgm_module_name, text_prefixes
+from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.kohya_names import TEXT_MODEL, UNET_PREFIX
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
@@ -96,10 +97,6 @@ def add_text_encoder_lora(encoder: Any, rank: int, alpha: float, adapter_name: s
     inject_adapter_in_model(config, encoder, adapter_name=adapter_name)
 
 
-def _up_levels_with_attention(unet: Any) -> frozenset[int]:
-    return frozenset(i for i, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None))
-
-
 def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tensor]:
     alpha = float(module.lora_alpha[adapter])
     if not math.isclose(module.scaling[adapter], alpha / module.r[adapter]):
@@ -127,21 +124,18 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
                      text_encoders: list[Any] | None = None) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the adapters' weights under kohya key names, with each module's alpha (and
     dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
-    layers_per_block = unet.config.layers_per_block
-    if family == "sdxl" and not isinstance(layers_per_block, int):
-        raise ValueError("sgm naming needs one layers_per_block for every level")
-    up_attention = _up_levels_with_attention(unet) if family == "sdxl" else frozenset()
+    architecture = model_family(family)
+    kohya_path = architecture.kohya_module_namer(unet)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in _adapter_modules(unet, adapter_name):
         alpha = module.lora_alpha[adapter_name]
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
             raise ValueError(f"{name}: adapter alpha {alpha} is not {network_alpha}")
-        path = sgm_module_name(name, layers_per_block, up_attention) if family == "sdxl" else name
-        tensors.update(_module_tensors(module, adapter_name, UNET_PREFIX + path.replace(".", "_")))
+        tensors.update(_module_tensors(module, adapter_name, UNET_PREFIX + kohya_path(name).replace(".", "_")))
     if not tensors:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
-    for prefix, encoder in zip(text_prefixes(family), text_encoders or [], strict=False):
+    for prefix, encoder in zip(architecture.text_prefixes, text_encoders or [], strict=False):
         # kohya's names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
         level = "" if hasattr(encoder, "text_model") else TEXT_MODEL
         for name, module in _adapter_modules(encoder, adapter_name):

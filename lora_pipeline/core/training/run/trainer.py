@@ -260,7 +260,7 @@ def _build_context(run: _Run) -> StepContext:
     return StepContext(
         parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
         lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
-        augmentation=augmentation, sdxl=recipe.model_family == "sdxl", dtype=dtype,
+        augmentation=augmentation, micro_conditioning=base.architecture.micro_conditioning, dtype=dtype,
         warmup_steps_per_shape=2 if fast_path else 1,
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,

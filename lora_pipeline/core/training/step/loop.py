@@ -255,9 +255,9 @@ class StepContext:
     text: TextSource
     seed: int
     augmentation: AugmentationSettings  # the recipe's, flip_aug also on when the dataset spec sets it
-    sdxl: bool
+    micro_conditioning: bool  # the family's added time ids (SDXL)
     dtype: torch.dtype  # of the text conditioning and time ids
-    progress: Progress | None = None  # in-epoch progress lines (cpu.py)
+    progress: Progress | None = None  # in-epoch progress lines (progress.py)
     warmup_steps_per_shape: int = 1  # steps at a new batch shape that are slower (fast path: eager + capture)
     masked_loss: bool = False
     prior_loss_weight: float | None = None  # None: no regularisation images in the run
@@ -309,7 +309,8 @@ def _step_batch(ctx: StepContext, step: int, indices: list[int], captions: list[
         latents=ctx.latents.batch(indices[start:stop], step, views[start:stop], slice(a - start, b - start)),
         encoder_hidden_states=text.hidden,
         text_embeds=text.pooled,
-        time_ids=time_ids(picked, ctx.dtype, ctx.parts.accelerator.device, views[a:b]) if ctx.sdxl else None,
+        time_ids=(time_ids(picked, ctx.dtype, ctx.parts.accelerator.device, views[a:b]) if ctx.micro_conditioning
+                  else None),
         mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked, views[a:b], strict=True)])
         if ctx.masked_loss else None,
         loss_weights=weights,
