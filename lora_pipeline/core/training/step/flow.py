@@ -1,0 +1,182 @@
+"""The rectified-flow objective of FLUX.1, drawn the way kohya's flux_train_network.py draws it.
+
+The noisy latents are the straight line `(1 - sigma) * latents + sigma * noise` at a sigma in [0, 1], the model
+predicts the velocity and the target is `noise - latents`. These functions follow kohya's
+library/flux_train_utils.py (get_noisy_model_input_and_timesteps, apply_model_prediction_type, time_shift,
+get_lin_function, get_sigmas) and the SD3 timestep densities and loss weights it shares with diffusers'
+training_utils (compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, used here directly).
+Every random number comes from the given generator, not kohya's global RNG, so a step is reproducible whatever
+device the tensors then move to (core/training/seeds.py); with the generator seeded as kohya's global RNG, the
+draws and results are kohya's (test_flow.py compares them with kohya's code, bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+PredictionType = Literal["raw", "additive", "sigma_scaled"]
+WeightingScheme = Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
+
+# flux_shift's mu grows linearly from BASE_SHIFT at 256 image tokens to MAX_SHIFT at 4096 (kohya's get_lin_function)
+BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT = 256, 0.5, 4096, 1.15
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """kohya's flux_train_network.py options of the flow objective, with kohya's defaults; each field is the kohya
+    argument of the same name (`--timestep_sampling`, `--sigmoid_scale`, `--discrete_flow_shift`,
+    `--model_prediction_type`, `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`,
+    `--guidance_scale`).
+
+    - timestep_sampling: how sigmas are drawn. "sigma": an index into the scheduler's shifted sigmas, at the
+      weighting scheme's density; "uniform": U(0, 1); "sigmoid": sigmoid(sigmoid_scale * N(0, 1)); "shift": that
+      sigmoid draw shifted by discrete_flow_shift; "flux_shift": shifted by the image size (FLUX.1's resolution
+      dependent shift).
+    - sigmoid_scale: the scale of the normal draw of "sigmoid", "shift" and "flux_shift" (larger: more uniform).
+    - discrete_flow_shift: the shift of "shift" and of the scheduler's sigmas that "sigma" reads.
+    - model_prediction_type: "raw" uses the output as is; "additive" adds the noisy input; "sigma_scaled" takes
+      `noisy - sigma * output` and weights the loss by the weighting scheme.
+    - weighting_scheme: "logit_normal" and "mode" shape the density of "sigma" sampling; "sigma_sqrt" and
+      "cosmap" weight the loss of "sigma_scaled" predictions. kohya's default is "uniform", which does what
+      "none" does.
+    - logit_mean, logit_std: the normal of "logit_normal"; mode_scale: the scale of "mode".
+    - guidance_scale: the guidance FLUX.1 dev is given as input while training (its distilled guidance embedding).
+      kohya's argument defaults to 3.5, but its FLUX.1 guide (docs/flux_train_network.md) trains with 1.0, which
+      turns the distilled guidance off.
+    """
+
+    timestep_sampling: TimestepSampling = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: PredictionType = "sigma_scaled"
+    weighting_scheme: WeightingScheme = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, choices in (("timestep_sampling", TimestepSampling), ("model_prediction_type", PredictionType),
+                              ("weighting_scheme", WeightingScheme)):
+            if getattr(self, name) not in get_args(choices):
+                raise ValueError(f"{name} must be one of {get_args(choices)}, not {getattr(self, name)!r}")
+
+
+def flow_match_sigmas(settings: FlowSettings, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The sigmas of the training scheduler kohya makes (FlowMatchEulerDiscreteScheduler shifted by
+    discrete_flow_shift), from 1 down to its smallest: what "sigma" sampling reads. Compute once per run."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
+                                           shift=settings.discrete_flow_shift).sigmas
+
+
+def time_shift(mu: float, sigma: float, t: torch.Tensor) -> torch.Tensor:
+    """kohya's (and FLUX.1's) time_shift: `e^mu / (e^mu + (1/t - 1)^sigma)`, pushing t towards 1 as mu grows."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def flux_shift_mu(image_seq_len: int) -> float:
+    """kohya's get_lin_function(y1=0.5, y2=1.15) at the image's token count."""
+    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
+    return slope * image_seq_len + (BASE_SHIFT - slope * BASE_SEQ_LEN)
+
+
+def drawn_sigmas(batch: int, settings: FlowSettings, generator: torch.Generator, image_seq_len: int) -> torch.Tensor:
+    """The sigmas of the "uniform", "sigmoid", "shift" and "flux_shift" modes (kohya's own draws of each), on the
+    generator's device."""
+    mode = settings.timestep_sampling
+    if mode == "uniform":
+        return torch.rand((batch,), generator=generator)
+    sigmas = torch.sigmoid(settings.sigmoid_scale * torch.randn((batch,), generator=generator))
+    if mode == "sigmoid":
+        return sigmas
+    if mode == "shift":
+        shift = settings.discrete_flow_shift
+        return (sigmas * shift) / (1 + (shift - 1) * sigmas)
+    if mode == "flux_shift":
+        return time_shift(flux_shift_mu(image_seq_len), 1.0, sigmas)
+    raise ValueError(f"{mode!r} sigmas are read from the scheduler, not drawn")
+
+
+def noisy_input(
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    settings: FlowSettings,
+    generator: torch.Generator,
+    num_train_timesteps: int = 1000,
+    scheduler_sigmas: torch.Tensor | None = None,
+    image_seq_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kohya's get_noisy_model_input_and_timesteps: (noisy latents, timesteps in [0, num_train_timesteps], sigmas
+    shaped to broadcast over the latents); the noisy latents and timesteps in the latents' dtype (kohya's
+    `weight_dtype`), the sigmas too in "sigma" mode (float32 in the others, as kohya's).
+
+    `scheduler_sigmas` are the sigmas "sigma" sampling reads (default: `flow_match_sigmas(settings, ...)`);
+    `image_seq_len` the packed token count flux_shift reads (default: kohya's `(h // 2) * (w // 2)` of
+    unpacked latents). The "sigma" index is kept below num_train_timesteps (kohya's can land one past the end
+    when the density rounds to 1, e.g. "mode" at u = 0). kohya's ip_noise_gamma: pass the perturbed noise as
+    `noise` and keep the unperturbed one for `flow_target` (noise.NoiseDraw's `noised` and `noise`).
+    """
+    batch, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
+    device, dtype = latents.device, latents.dtype
+    if settings.timestep_sampling == "sigma":
+        u = compute_density_for_timestep_sampling(
+            settings.weighting_scheme, batch, settings.logit_mean, settings.logit_std, settings.mode_scale,
+            device=generator.device, generator=generator)
+        indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+        if scheduler_sigmas is None:
+            scheduler_sigmas = flow_match_sigmas(settings, num_train_timesteps)
+        timesteps = (scheduler_sigmas[indices] * num_train_timesteps).to(device)  # the scheduler's timesteps
+        sigmas = scheduler_sigmas.to(device, dtype)[indices.to(device)]
+    else:
+        seq_len = (h // 2) * (w // 2) if image_seq_len is None else image_seq_len
+        sigmas = drawn_sigmas(batch, settings, generator, seq_len).to(device)
+        timesteps = sigmas * num_train_timesteps
+    sigmas = sigmas.view(-1, *[1] * (latents.ndim - 1))
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    return noisy.to(dtype), timesteps.to(dtype), sigmas
+
+
+def model_prediction(
+    model_pred: torch.Tensor, noisy_latents: torch.Tensor, sigmas: torch.Tensor, settings: FlowSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """kohya's apply_model_prediction_type: the prediction compared with `flow_target` and the loss weighting,
+    which only "sigma_scaled" has (None otherwise)."""
+    if settings.model_prediction_type == "additive":
+        return model_pred + noisy_latents, None
+    if settings.model_prediction_type == "sigma_scaled":
+        return model_pred * (-sigmas) + noisy_latents, loss_weighting(settings, sigmas)
+    return model_pred, None
+
+
+def flow_target(noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The velocity of the straight path from the latents to the noise."""
+    return noise - latents
+
+
+def loss_weighting(settings: FlowSettings, sigmas: torch.Tensor) -> torch.Tensor:
+    """compute_loss_weighting_for_sd3: sigma^-2 for "sigma_sqrt", 2 / (pi (1 - 2 sigma + 2 sigma^2)) for
+    "cosmap", ones for the others."""
+    return compute_loss_weighting_for_sd3(settings.weighting_scheme, sigmas)
+
+
+def flow_loss(
+    pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-image MSE as kohya's train_network computes it: elementwise in float32, times the weighting, times the
+    loss mask area-averaged to the latent size (apply_masked_loss; `mask` (b, 1, H, W) in [0, 1] at pixel
+    resolution), then the mean over all but the batch dimension. Per-image weights and the batch mean are the
+    caller's."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weighting is not None:
+        loss = loss * weighting
+    if mask is not None:
+        loss = loss * F.interpolate(mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
+    return loss.mean(dim=list(range(1, loss.ndim)))
