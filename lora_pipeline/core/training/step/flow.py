@@ -23,7 +23,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
-WeightingScheme = Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
+WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 
 # flux_shift's mu grows linearly from BASE_SHIFT at 256 image tokens to MAX_SHIFT at 4096 (kohya's get_lin_function)
 BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT = 256, 0.5, 4096, 1.15
@@ -45,8 +45,8 @@ class FlowSettings:
     - model_prediction_type: "raw" uses the output as is; "additive" adds the noisy input; "sigma_scaled" takes
       `noisy - sigma * output` and weights the loss by the weighting scheme.
     - weighting_scheme: "logit_normal" and "mode" shape the density of "sigma" sampling; "sigma_sqrt" and
-      "cosmap" weight the loss of "sigma_scaled" predictions. kohya's default is "uniform", which does what
-      "none" does.
+      "cosmap" weight the loss of "sigma_scaled" predictions; "uniform" (kohya's default) does what "none"
+      does, so kohya settings read unchanged.
     - logit_mean, logit_std: the normal of "logit_normal"; mode_scale: the scale of "mode".
     - guidance_scale: the guidance FLUX.1 dev is given as input while training (its distilled guidance embedding).
       kohya's argument defaults to 3.5, but its FLUX.1 guide (docs/flux_train_network.md) trains with 1.0, which
