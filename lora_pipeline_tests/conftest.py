@@ -127,7 +127,7 @@ def picture():
 # --- tiny base models: generated once per test worker (about 0.2 s each) -------------------------------------
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """`tiny_model(name)`: the folder of the generated `tiny-sd` / `tiny-sdxl` model (shared by a worker's tests)."""
+    """`tiny_model(name)`: the folder of the generated tiny model `name` (TINY_MODELS; shared by a worker's tests)."""
     from lora_pipeline.core.models.loading import ensure_tiny_model
 
     models = tmp_path_factory.mktemp("models")

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import T5TokenizerFast
 
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.models.loading import (
     TINY_MODELS,
     base_model_hash,
@@ -22,12 +24,15 @@ from lora_pipeline.core.models.loading import (
     resolve_base_model,
     sdxl_add_time_ids,
 )
+from lora_pipeline.core.models.t5_tokenizer import build_t5_tokenizer
 from lora_pipeline.core.models.tiny import STAMP, generate_tiny_model
 from lora_pipeline.core.models.tokenizer import WORDS, build_tokenizer
 from lora_pipeline_tests.helpers import committed_data
 
 REPO_SPECS = committed_data() / "specs"
-PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+PIPELINES = {"tiny-sd": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline, "tiny-flux": FluxPipeline,
+             "tiny-flux-schnell": FluxPipeline}
+SD_TINY_MODELS = sorted(name for name, family in TINY_MODELS.items() if family in ("sd15", "sdxl"))
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +50,10 @@ def test_tiny_model_is_byte_identical_across_generations_and_small(tmp_path, nam
     generate_tiny_model(name, tmp_path / "b")
     first, second = _tree_hashes(tmp_path / "a"), _tree_hashes(tmp_path / "b")
     assert first == second
-    assert {"model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"} <= set(first)
-    if name == "tiny-sdxl":
+    denoiser = "transformer" if TINY_MODELS[name] == "flux1" else "unet"
+    components = {"model_index.json", f"{denoiser}/config.json", "vae/config.json", "scheduler/scheduler_config.json"}
+    assert components <= set(first)
+    if name != "tiny-sd":
         assert {"text_encoder_2/config.json", "tokenizer_2/tokenizer.json"} <= set(first)
     assert sum(p.stat().st_size for p in (tmp_path / "a").rglob("*") if p.is_file()) < 10_000_000
 
@@ -81,6 +88,51 @@ def test_tiny_model_loads_and_generates_through_the_stock_pipeline(tiny_model, n
     assert torch.isfinite(torch.from_numpy(image)).all()
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
+def test_tiny_flux_models_have_fluxs_shapes(tiny_model, name):
+    pipe = FluxPipeline.from_pretrained(tiny_model(name), local_files_only=True)
+    dev = name == "tiny-flux"
+    transformer, vae = pipe.transformer.config, pipe.vae.config
+    assert transformer.guidance_embeds is dev
+    assert (transformer.num_layers, transformer.num_single_layers) == (2, 2)
+    modules = dict(pipe.transformer.named_modules())
+    assert {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.ff.net.2",
+            "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.attn.to_k"} <= set(modules)
+    assert sum(transformer.axes_dims_rope) == transformer.attention_head_dim
+    assert transformer.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert transformer.pooled_projection_dim == pipe.text_encoder.config.hidden_size
+    assert transformer.in_channels == 4 * vae.latent_channels == 64  # 2x2 patches of 16 latent channels
+    assert (vae.scaling_factor, vae.shift_factor, vae.use_quant_conv, vae.use_post_quant_conv) == (
+        0.3611, 0.1159, False, False)
+    assert pipe.vae_scale_factor == 8
+    assert pipe.text_encoder_2.config.feed_forward_proj == "gated-gelu"
+    assert pipe.tokenizer_2.model_max_length == (512 if dev else 256) and pipe.tokenizer.model_max_length == 77
+    scheduler = pipe.scheduler.config
+    assert (scheduler.shift, scheduler.use_dynamic_shifting) == ((3.0, True) if dev else (1.0, False))
+    if dev:
+        assert (scheduler.base_shift, scheduler.max_shift, scheduler.base_image_seq_len,
+                scheduler.max_image_seq_len) == (0.5, 1.15, 256, 4096)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-flux-schnell"])
+def test_only_tiny_flux_dev_is_conditioned_on_the_guidance_scale(tiny_model, name):
+    pipe = FluxPipeline.from_pretrained(tiny_model(name), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    images = [pipe("hdaesth, top view", num_inference_steps=1, height=64, width=64, output_type="pt",
+                   guidance_scale=scale, generator=torch.Generator().manual_seed(0)).images for scale in (1.0, 6.0)]
+    assert torch.equal(*images) is (name == "tiny-flux-schnell")
+
+
+def test_fullsize_flux_has_the_real_models_parameter_counts():
+    """On the meta device: shapes without memory (FLUX.1-dev, T5-XXL encoder, CLIP ViT-L/14 text, FLUX's ae)."""
+    modules = {"transformer": fullsize.flux_transformer("meta"), "text_encoder_2": fullsize.t5_encoder("meta"),
+               "text_encoder": fullsize.text_encoder("l", "meta"), "vae": fullsize.vae("flux1", "meta")}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    expected = {"transformer": 11.9e9, "text_encoder_2": 4.76e9, "text_encoder": 123e6, "vae": 84e6}
+    assert counts == {name: pytest.approx(count, rel=0.02) for name, count in expected.items()}
+    assert modules["transformer"].config.guidance_embeds and modules["vae"].config.latent_channels == 16
+
+
 def test_tokenizer_keeps_caption_words_whole():
     tok = build_tokenizer()
     ids = tok("hdaesth, three-quarter view, matte sage green body").input_ids
@@ -93,10 +145,14 @@ def test_tokenizer_keeps_caption_words_whole():
     assert tok.model_max_length == 77 and build_tokenizer(pad_token="!").pad_token == "!"
 
 
+def _spec_words() -> set[str]:
+    return {w for path in REPO_SPECS.glob("*.yaml") for tag in load_spec(path).captions.vocabulary
+            for w in tag.replace("-", " ").split()}
+
+
 def test_tokenizer_has_one_token_per_listed_and_spec_vocabulary_word():
     tok = build_tokenizer()
-    spec_words = {w for path in REPO_SPECS.glob("*.yaml") for tag in load_spec(path).captions.vocabulary
-                  for w in tag.replace("-", " ").split()}
+    spec_words = _spec_words()
     assert spec_words, "the committed specs carry a caption vocabulary"
     split = [w for w in sorted(set(WORDS) | spec_words) if len(tok(w).input_ids) != 3]
     assert split == []
@@ -105,7 +161,26 @@ def test_tokenizer_has_one_token_per_listed_and_spec_vocabulary_word():
     assert len(ids) > 6 and tok.eos_token_id not in ids[1:-1]
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_t5_tokenizer_has_t5s_layout_and_keeps_words_whole(tmp_path):
+    tok = build_t5_tokenizer(512)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2) and tok.model_max_length == 512
+    ids = tok("hdaesth, three-quarter view, matte sage green body").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["▁hdaesth", ",", "▁three", "-", "quarter", "▁view", ",", "▁matte",
+                                              "▁sage", "▁green", "▁body", "</s>"]
+    split = [w for w in sorted(set(WORDS) | _spec_words()) if len(tok(w).input_ids) != 2]
+    assert split == []
+    # anything else in ASCII or Latin-1 still encodes, character by character, never as <unk>
+    text = "Zyxquv café 42!"
+    ids = tok(text).input_ids
+    assert len(ids) > 6 and tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
+    tok.save_pretrained(tmp_path)
+    reloaded = T5TokenizerFast.from_pretrained(tmp_path, local_files_only=True)
+    assert reloaded("hdaesth, Zyxquv café", padding="max_length", max_length=16).input_ids == tok(
+        "hdaesth, Zyxquv café", padding="max_length", max_length=16).input_ids
+    assert reloaded.model_max_length == 512 and len(reloaded) == len(tok)
+
+
+@pytest.mark.parametrize("name", SD_TINY_MODELS)
 def test_encode_prompts_matches_the_pipeline(tiny_model, tmp_path, name):
     family = TINY_MODELS[name]
     base = load_base_model(tiny_model(name).parent, name, family)

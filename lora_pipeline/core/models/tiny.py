@@ -1,10 +1,12 @@
-"""The tiny base models, generated offline: `models/tiny-sd` (SD 1.5-shaped) and `models/tiny-sdxl` (SDXL-shaped).
+"""The tiny base models, generated offline: `models/tiny-sd` (SD 1.5-shaped), `models/tiny-sdxl` (SDXL-shaped),
+`models/tiny-flux` (FLUX.1 [dev]-shaped) and `models/tiny-flux-schnell` (FLUX.1 [schnell]-shaped).
 
-They are full diffusers folders (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and, for
-SDXL, text_encoder_2/ and tokenizer_2/), so `StableDiffusionPipeline` / `StableDiffusionXLPipeline
-.from_pretrained(path)` load them exactly like a real local SD 1.5 / SDXL folder. The weights are random from
-fixed seeds and the widths tiny; the *shapes* follow the real models, because LoRA key names, the SDXL sgm
-block mapping, pooled text embeddings and the added time ids all depend on them:
+They are full diffusers folders (model_index.json, unet/ or transformer/, vae/, text_encoder/, tokenizer/,
+scheduler/ and, for SDXL and FLUX, text_encoder_2/ and tokenizer_2/), so `StableDiffusionPipeline` /
+`StableDiffusionXLPipeline` / `FluxPipeline.from_pretrained(path)` load them exactly like a real local folder. The
+weights are random from fixed seeds and the widths tiny; the *shapes* follow the real models, because LoRA key
+names, the SDXL sgm block mapping, pooled text embeddings, the added time ids and FLUX's latent packing all
+depend on them:
 
 - tiny-sd: one CLIPTextModel, 4 latent channels, VAE factor 8, four U-Net levels (three with cross attention)
   with layers_per_block 2 and `use_linear_projection: false` (proj_in/proj_out are 1x1 convs as in SD 1.5).
@@ -12,6 +14,11 @@ block mapping, pooled text embeddings and the added time ids all depend on them:
   "text_time", `use_linear_projection: true`, SDXL's block layout (DownBlock2D + two CrossAttn levels,
   layers_per_block 2, several transformer layers per block) so sgm names map the way diffusers' kohya
   converter expects.
+- tiny-flux / tiny-flux-schnell: FluxTransformer2DModel with FLUX's block structure (2 double-stream and 2
+  single-stream blocks, so kohya's double_blocks_N / single_blocks_N names exist), 2 heads of 8 (RoPE axes 2+2+4),
+  conditioned on a tiny CLIPTextModel's pooled output and a tiny T5 encoder's hidden states; FLUX's VAE latent
+  space (16 channels, factor 8, no quant convs, shift and scale); [dev] embeds the guidance scale and uses the
+  resolution-shifted flow-matching schedule, [schnell] neither (flux_pipeline.py).
 
 The same code and pinned libraries give byte-identical files. A stamp file records the generator version;
 a folder with an older stamp is regenerated.
@@ -25,23 +32,28 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FluxTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.models.flux_pipeline import FLUX_VAE_LATENTS, assemble_flux_pipeline, t5_encoder_config
+from lora_pipeline.core.models.t5_tokenizer import t5_vocab
 from lora_pipeline.core.models.tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer, vocab_and_merges
 
-TINY_MODELS = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux1", "tiny-flux-schnell": "flux1"}
 GENERATOR_VERSION = 1
 STAMP = "lora_pipeline_tiny.json"
 
@@ -88,13 +100,15 @@ def _text_encoder(seed: int, hidden_act: str, with_projection: bool) -> CLIPText
     return model.eval()
 
 
-def _vae(seed: int, scaling_factor: float) -> AutoencoderKL:
-    """Four levels, so the latent is 1/8 of the image as in SD; 4 latent channels."""
+def _vae(seed: int, scaling_factor: float, **latent_space: Any) -> AutoencoderKL:
+    """Four levels, so the latent is 1/8 of the image as in SD and FLUX; 4 latent channels as SD's unless
+    `latent_space` (FLUX's) says otherwise, with its shift and without quant convs."""
     with _seeded(seed):
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(8, 16, 16, 16), sample_size=64, scaling_factor=scaling_factor,
+            **{"latent_channels": 4, **latent_space},
         ).eval()
 
 
@@ -126,7 +140,26 @@ def _sdxl(out: Path) -> None:
     assemble_pipeline("sdxl", unet.eval(), _vae(3, 0.13025), [text_encoder, text_encoder_2]).save_pretrained(out)
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-sd": _sd15, "tiny-sdxl": _sdxl}
+def _flux(out: Path, guidance_embeds: bool) -> None:
+    """FLUX.1 [dev] with `guidance_embeds` (the transformer embeds the guidance scale), else [schnell]."""
+    text_encoder = _text_encoder(1, "quick_gelu", False)
+    with _seeded(2):
+        text_encoder_2 = T5EncoderModel(
+            t5_encoder_config(len(t5_vocab()), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2)).eval()
+    vae = _vae(3, **FLUX_VAE_LATENTS)
+    with _seeded(4):
+        transformer = FluxTransformer2DModel(
+            in_channels=4 * vae.config.latent_channels, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, axes_dims_rope=(2, 2, 4), joint_attention_dim=text_encoder_2.config.d_model,
+            pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=guidance_embeds,
+        )
+    assemble_flux_pipeline(transformer.eval(), vae, text_encoder, text_encoder_2).save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-sd": _sd15, "tiny-sdxl": _sdxl, "tiny-flux": partial(_flux, guidance_embeds=True),
+    "tiny-flux-schnell": partial(_flux, guidance_embeds=False),
+}
 
 
 def _stamp(name: str) -> dict[str, object]:
