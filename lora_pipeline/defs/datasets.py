@@ -183,8 +183,8 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
     problems = list(result.problems)
     errors, warnings = errors_in(problems), warnings_in(problems)
-    context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings; buckets of "
-                     f"{', '.join(sorted(buckets)) or 'the recipe defaults (no recipe trains on the family)'}")
+    whose = f"; buckets of {', '.join(sorted(buckets))}" if buckets else ""  # else the defaults, as before
+    context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings{whose}")
     columns = ["severity", "code", "file", "scope", "message"]
     return dg.MaterializeResult(
         metadata={
