@@ -65,6 +65,32 @@ def drawn_sigmas(batch: int, settings: FlowSettings, generator: torch.Generator,
     raise ValueError(f"{mode!r} sigmas are read from the scheduler, not drawn")
 
 
+def draw_sigmas(
+    batch: int,
+    settings: FlowSettings,
+    generator: torch.Generator,
+    image_seq_len: int,
+    num_train_timesteps: int = 1000,
+    scheduler_sigmas: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) of a batch, shaped (batch,), drawn as `noisy_input` draws them and moved to `device`
+    (default: the generator's); the sigmas of "sigma" sampling in `dtype`."""
+    device = generator.device if device is None else device
+    if settings.timestep_sampling == "sigma":
+        u = compute_density_for_timestep_sampling(
+            settings.weighting_scheme, batch, settings.logit_mean, settings.logit_std, settings.mode_scale,
+            device=generator.device, generator=generator)
+        indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+        if scheduler_sigmas is None:
+            scheduler_sigmas = flow_match_sigmas(settings, num_train_timesteps)
+        timesteps = (scheduler_sigmas[indices] * num_train_timesteps).to(device)  # the scheduler's timesteps
+        return timesteps, scheduler_sigmas.to(device, dtype)[indices.to(device)]
+    sigmas = drawn_sigmas(batch, settings, generator, image_seq_len).to(device)
+    return sigmas * num_train_timesteps, sigmas
+
+
 def noisy_input(
     latents: torch.Tensor,
     noise: torch.Tensor,
@@ -84,21 +110,10 @@ def noisy_input(
     when the density rounds to 1, e.g. "mode" at u = 0). kohya's ip_noise_gamma: pass the perturbed noise as
     `noise` and keep the unperturbed one for `flow_target` (noise.NoiseDraw's `noised` and `noise`).
     """
-    batch, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
-    device, dtype = latents.device, latents.dtype
-    if settings.timestep_sampling == "sigma":
-        u = compute_density_for_timestep_sampling(
-            settings.weighting_scheme, batch, settings.logit_mean, settings.logit_std, settings.mode_scale,
-            device=generator.device, generator=generator)
-        indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
-        if scheduler_sigmas is None:
-            scheduler_sigmas = flow_match_sigmas(settings, num_train_timesteps)
-        timesteps = (scheduler_sigmas[indices] * num_train_timesteps).to(device)  # the scheduler's timesteps
-        sigmas = scheduler_sigmas.to(device, dtype)[indices.to(device)]
-    else:
-        seq_len = (h // 2) * (w // 2) if image_seq_len is None else image_seq_len
-        sigmas = drawn_sigmas(batch, settings, generator, seq_len).to(device)
-        timesteps = sigmas * num_train_timesteps
+    (batch, h, w), dtype = (latents.shape[0], latents.shape[-2], latents.shape[-1]), latents.dtype
+    seq_len = (h // 2) * (w // 2) if image_seq_len is None else image_seq_len
+    timesteps, sigmas = draw_sigmas(batch, settings, generator, seq_len, num_train_timesteps, scheduler_sigmas,
+                                    latents.device, dtype)
     sigmas = sigmas.view(-1, *[1] * (latents.ndim - 1))
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     return noisy.to(dtype), timesteps.to(dtype), sigmas
