@@ -95,3 +95,13 @@ def test_each_sampling_and_weighting_takes_a_finite_step_that_changes_the_lora(t
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+def test_captions_go_through_clip_and_t5_and_are_cached(tiny_model):
+    from lora_pipeline.core.training.inputs.encode import TextSource
+
+    base = load_base_model(tiny_model("tiny-flux").parent, "tiny-flux", "flux1", t5_max_length=64)
+    text = TextSource(base, torch.float32, torch.device("cpu"), ["trg, red body"])
+    cached = text.batch(["trg, red body"])
+    assert list(text.cache) == ["trg, red body"] and cached.hidden.shape == (1, 64, 32)  # T5's states
+    assert cached.pooled.shape == (1, 32) and torch.equal(cached.hidden, text.cache["trg, red body"].hidden)
