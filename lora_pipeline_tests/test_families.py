@@ -52,7 +52,7 @@ def test_training_evaluation_provenance_and_defs_ask_the_family():
 
 
 def test_an_unknown_family_is_one_line_naming_the_known_ones():
-    with pytest.raises(UserError, match="model_family must be sd15 or sdxl, not 'flux9'"):
+    with pytest.raises(UserError, match="model_family must be sd15, sdxl or flux1, not 'flux9'"):
         model_family("flux9")
 
 

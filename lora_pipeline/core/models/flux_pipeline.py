@@ -12,6 +12,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
+from lora_pipeline.core.models.families.flux1 import T5_MAX_LENGTH, flux_variant  # noqa: F401 (re-exported)
 from lora_pipeline.core.models.t5_tokenizer import build_t5_tokenizer
 from lora_pipeline.core.models.tokenizer import build_tokenizer
 
@@ -21,16 +22,9 @@ FLUX_SCHEDULERS: dict[str, dict[str, object]] = {
                 base_image_seq_len=256, max_image_seq_len=4096),
     "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
 }
-# kohya's t5xxl_max_token_length defaults: 512 tokens for [dev], 256 for [schnell].
-T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
 # FLUX's ae, at any width: the transformer packs 2x2 patches of these 16 channels into 64 input features.
 FLUX_VAE_LATENTS: dict[str, object] = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                                             scaling_factor=0.3611, shift_factor=0.1159)
-
-
-def flux_variant(transformer: FluxTransformer2DModel) -> str:
-    """"dev" when the transformer embeds the guidance scale, else "schnell"."""
-    return "dev" if transformer.config.guidance_embeds else "schnell"
 
 
 def t5_encoder_config(vocab_size: int, **widths: int) -> T5Config:

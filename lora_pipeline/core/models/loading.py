@@ -1,6 +1,7 @@
 """Base models for training and sampling: resolve, load (offline), encode prompts the way the pipelines do.
 
-A recipe's `base_model` is a tiny model name (`tiny-sd`, `tiny-sdxl`: generated under `models/`), a diffusers
+A recipe's `base_model` is a tiny model name (`tiny-sd`, `tiny-sdxl`, `tiny-flux`, `tiny-flux-schnell`: generated
+under `models/`), a diffusers
 folder (an absolute path, or a folder name under `models/`), or a Hugging Face hub id. Hub ids load from the
 local cache only when HF_HUB_OFFLINE=1, which the Makefile and tests set: nothing downloads at run time.
 """
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lora_pipeline.core.errors import UserError, one_line
 from lora_pipeline.core.models.families import FAMILIES, ModelFamily, model_family
@@ -56,20 +58,30 @@ def resolve_base_model(models_dir: Path, base_model: str) -> str:
 class BaseModel:
     """Everything a LoRA trainer needs from a base model, frozen and in eval mode.
 
-    `tokenizers`/`text_encoders` hold one entry for SD 1.5 and two for SDXL. The VAE stays float32 whatever
-    `dtype` the rest uses (SDXL's VAE overflows in fp16; it only encodes latents once per image).
+    `tokenizers`/`text_encoders` hold one entry for SD 1.5 and two for SDXL and FLUX.1 (CLIP-L and T5), each
+    tokenizer padding to its entry of `token_lengths`. The denoiser is the family's (a U-Net, FLUX's
+    transformer); `unet` is its older name, kept for the U-Net code that reads it. Latents are `(z - shift) *
+    scale` of a VAE sample z (the shift is 0 but for FLUX). The VAE stays float32 whatever `dtype` the rest uses
+    (SDXL's VAE overflows in fp16; it only encodes latents once per image).
     """
 
     family: str
     source: str
-    unet: UNet2DConditionModel
+    denoiser: torch.nn.Module
     vae: AutoencoderKL
-    tokenizers: list[CLIPTokenizer]
-    text_encoders: list[CLIPTextModel]
-    noise_scheduler: DDPMScheduler
+    tokenizers: list[PreTrainedTokenizerBase]
+    text_encoders: list[PreTrainedModel]
+    noise_scheduler: Any  # the family's training scheduler: DDPMScheduler, FlowMatchEulerDiscreteScheduler
     vae_scale_factor: int
     latents_scaling_factor: float
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    latents_shift_factor: float = 0.0
+    token_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def unet(self) -> Any:
+        """The denoiser under its U-Net name."""
+        return self.denoiser
 
     @property
     def architecture(self) -> ModelFamily:
@@ -77,9 +89,10 @@ class BaseModel:
         return model_family(self.family)
 
 
-def _check_family(unet: UNet2DConditionModel, family: ModelFamily, source: str) -> None:
-    if not family.is_own_denoiser(unet.config):
-        actual = next(f.label for f in FAMILIES.values() if f.is_own_denoiser(unet.config))
+def _check_family(denoiser: torch.nn.Module, family: ModelFamily, source: str) -> None:
+    if not family.is_own_denoiser(denoiser.config):
+        actual = next(f.label for f in FAMILIES.values()
+                      if f.denoiser_class == family.denoiser_class and f.is_own_denoiser(denoiser.config))
         raise UserError(f"base model is {actual} model but the recipe says model_family: {family.name}", source)
 
 
@@ -89,35 +102,44 @@ def load_base_model(
     family: str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    t5_max_length: int | None = None,
 ) -> BaseModel:
-    """Load U-Net, VAE, tokenizer(s), text encoder(s) and a DDPM training scheduler from the model's config."""
+    """Load the family's denoiser, VAE, tokenizer(s), text encoder(s) and training scheduler from the model's
+    config; `t5_max_length` is FLUX's T5 token length (None: the variant's default, families/flux1.py)."""
     architecture = model_family(family)
     source = resolve_base_model(models_dir, base_model)
     opts: dict[str, Any] = {"local_files_only": _offline() or Path(source).is_dir()}
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **opts)
-        _check_family(unet, architecture, source)
+        denoiser = getattr(diffusers, architecture.denoiser_class).from_pretrained(
+            source, subfolder=architecture.denoiser_subfolder, torch_dtype=dtype, **opts)
+        _check_family(denoiser, architecture, source)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **opts)
         suffixes = ["", *(f"_{n}" for n in range(2, len(architecture.text_encoders) + 1))]
-        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{s}", **opts) for s in suffixes]
+        tokenizers = [getattr(transformers, cls).from_pretrained(source, subfolder=f"tokenizer{s}", **opts)
+                      for s, cls in zip(suffixes, architecture.tokenizers, strict=True)]
         encoders = [
             getattr(transformers, cls).from_pretrained(source, subfolder=f"text_encoder{s}", dtype=dtype, **opts)
             for s, cls in zip(suffixes, architecture.text_encoders, strict=True)
         ]
-        config = DDPMScheduler.load_config(source, subfolder="scheduler", **opts)
+        scheduler_class = getattr(diffusers, architecture.scheduler_class)
+        config = scheduler_class.load_config(source, subfolder="scheduler", **opts)
     except OSError as exc:  # missing folder/file, or a hub id that is not cached while offline
         raise UserError(f"cannot load base model: {one_line(exc)}", source) from None
-    # kohya trains with DDPM and clip_sample off; betas and prediction type come from the model's own config.
-    noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+    # kohya trains SD with DDPM and clip_sample off; betas and prediction type come from the model's own config.
+    # FLUX's flow-matching scheduler is read as it is (the step draws its own sigmas, step/flow.py).
+    extra = {"clip_sample": False} if scheduler_class is DDPMScheduler else {}
+    noise_scheduler = scheduler_class.from_config(config, **extra)
     target = torch.device(device)
-    for module in (unet, vae, *encoders):
+    for module in (denoiser, vae, *encoders):
         module.requires_grad_(False)
         module.eval()
         module.to(target)
     return BaseModel(
-        family=family, source=source, unet=unet, vae=vae, tokenizers=tokenizers, text_encoders=encoders,
+        family=family, source=source, denoiser=denoiser, vae=vae, tokenizers=tokenizers, text_encoders=encoders,
         noise_scheduler=noise_scheduler, vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
         latents_scaling_factor=float(vae.config.scaling_factor), device=target,
+        latents_shift_factor=float(vae.config.shift_factor or 0.0),
+        token_lengths=architecture.token_lengths(tokenizers, denoiser, t5_max_length),
     )
 
 
@@ -138,10 +160,8 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+def _token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], length: int) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
 def encode_prompts(
@@ -156,8 +176,9 @@ def encode_prompts(
 
 
 def _encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    outputs = [encoder(host_to_device(_token_ids(tokenizer, prompts), encoder.device), output_hidden_states=True)
-               for tokenizer, encoder in zip(base.tokenizers, base.text_encoders, strict=True)]
+    inputs = zip(base.tokenizers, base.text_encoders, base.token_lengths, strict=True)
+    outputs = [encoder(host_to_device(_token_ids(tokenizer, prompts, length), encoder.device),
+                       output_hidden_states=True) for tokenizer, encoder, length in inputs]
     return base.architecture.conditioning(outputs)
 
 

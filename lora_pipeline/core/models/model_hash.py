@@ -44,12 +44,14 @@ def _unet_weight_files(unet_dir: Path) -> list[Path]:
 
 
 def base_model_hash(source: str) -> str:
-    """sha256 identifying the base model's U-Net (the part a U-Net LoRA patches).
+    """sha256 identifying the base model's denoiser (the part its LoRA patches): the U-Net, or FLUX.1's
+    transformer in a model without `unet/`.
 
     One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
     "name  sha256" lines of the shards, in name order. Stable for a given model folder.
     """
-    return weights_hash(source, "unet")
+    has_unet = (_model_folder(source, "unet") / "unet").is_dir()
+    return weights_hash(source, "unet" if has_unet else "transformer")
 
 
 def weights_hash(source: str, component: str) -> str:

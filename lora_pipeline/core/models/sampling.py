@@ -58,7 +58,7 @@ def load_pipeline(base: BaseModel, dtype: torch.dtype, v_prediction: bool = Fals
     if base.vae.dtype != dtype:
         with quiet_diffusers():
             base.vae.to(dtype=dtype)
-    parts: dict[str, object] = {"unet": base.unet, "vae": base.vae}
+    parts: dict[str, object] = {base.architecture.denoiser_subfolder: base.denoiser, "vae": base.vae}
     for suffix, tokenizer, encoder in zip(("", "_2"), base.tokenizers, base.text_encoders, strict=False):
         parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, encoder
     parts.update(base.architecture.pipeline_options)

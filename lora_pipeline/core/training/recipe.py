@@ -2,7 +2,7 @@
 
 docs/fields.md lists every field with its range; it is generated from this class (`make docs`). The recipe is
 one flat file, as kohya's arguments are; code reads it by concern through its groups (`Recipe.network`,
-`.optimizer_settings`, `.schedule`, `.noise`, `.augmentation`, `.automation`, `.buckets`, `.sampling`;
+`.optimizer_settings`, `.schedule`, `.noise`, `.flow`, `.augmentation`, `.automation`, `.buckets`, `.sampling`;
 recipe_groups.py). `fast_path_blockers` is the one answer to whether a run's steps can be captured as CUDA graphs.
 """
 
@@ -21,6 +21,8 @@ from lora_pipeline.core.datasets.spec import name_glob
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
 from lora_pipeline.core.models.families import FAMILIES as FAMILY_MODULES
+from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
 from lora_pipeline.core.schema import (
     ADDED_LATER,
     CONFIG,
@@ -37,11 +39,15 @@ from lora_pipeline.core.schema import (
 from lora_pipeline.core.training.recipe_groups import (
     AugmentationSettings,
     AutomationSettings,
+    FlowSettings,
     GroupView,
     NetworkSettings,
     NoiseSettings,
     OptimizerSettings,
+    PredictionType,
     ScheduleSettings,
+    TimestepSampling,
+    WeightingScheme,
 )
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
@@ -65,6 +71,16 @@ SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
 GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
+TrainBlocks = Literal["all", "double", "single"]
+# The fields only one training objective reads (the family's `objective`): set away from their defaults on a model
+# of the other objective they are refused. DoRA and ip_noise_gamma are not implemented for the flow step yet.
+OBJECTIVE_ONLY = {
+    DDPM: ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss", "conv_dim",
+           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora"),
+    RECTIFIED_FLOW: ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
+                     "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "train_blocks",
+                     "t5xxl_max_token_length", "flux_guidance_scale"),
+}
 
 
 FamilyPattern = name_glob("family", first_named="dataset family")
@@ -245,6 +261,55 @@ class Recipe:
         1.0, ge=0.0, le=100.0, description="loss weight of regularisation (class) images",
         json_schema_extra=ADDED_LATER,
     )
+    # FLUX.1 (model_family: flux1): kohya's flux_train_network.py options of the rectified-flow step (step/flow.py)
+    timestep_sampling: TimestepSampling = Field(
+        "sigma", description="FLUX.1: how a step's noise level is drawn (kohya's --timestep_sampling): sigma (the "
+        "shifted scheduler's sigmas, at weighting_scheme's density), uniform, sigmoid, shift (sigmoid shifted by "
+        "discrete_flow_shift) or flux_shift (shifted by the image size)", json_schema_extra=ADDED_LATER,
+    )
+    sigmoid_scale: Float = Field(
+        1.0, gt=0.0, le=100.0, description="FLUX.1: scale of the normal draw of sigmoid, shift and flux_shift "
+        "sampling (kohya's --sigmoid_scale)", json_schema_extra=ADDED_LATER,
+    )
+    discrete_flow_shift: Float = Field(
+        3.0, gt=0.0, le=100.0, description="FLUX.1: shift of the sigmas of sigma and shift sampling (kohya's "
+        "--discrete_flow_shift)", json_schema_extra=ADDED_LATER,
+    )
+    model_prediction_type: PredictionType = Field(
+        "sigma_scaled", description="FLUX.1: how the output is compared with the flow target (kohya's "
+        "--model_prediction_type): raw, additive (plus the noisy input) or sigma_scaled (noisy - sigma x output, "
+        "weighted by weighting_scheme)", json_schema_extra=ADDED_LATER,
+    )
+    weighting_scheme: WeightingScheme = Field(
+        "none", description="FLUX.1: logit_normal / mode shape the density of sigma sampling, sigma_sqrt / cosmap "
+        "weight the loss of sigma_scaled predictions; uniform does what none does (kohya's --weighting_scheme)",
+        json_schema_extra=ADDED_LATER,
+    )
+    logit_mean: Float = Field(
+        0.0, ge=-10.0, le=10.0, description="FLUX.1: mean of the logit_normal density (kohya's --logit_mean)",
+        json_schema_extra=ADDED_LATER,
+    )
+    logit_std: Float = Field(
+        1.0, gt=0.0, le=10.0, description="FLUX.1: deviation of the logit_normal density (kohya's --logit_std)",
+        json_schema_extra=ADDED_LATER,
+    )
+    mode_scale: Float = Field(
+        1.29, ge=0.0, le=10.0, description="FLUX.1: scale of the mode density (kohya's --mode_scale)",
+        json_schema_extra=ADDED_LATER,
+    )
+    flux_guidance_scale: Float = Field(
+        1.0, ge=0.0, le=100.0, description="FLUX.1 [dev]: the guidance value its distilled guidance embedding is "
+        "given while training (kohya's --guidance_scale; 1.0 as kohya's FLUX guide trains). Not guidance_scale, "
+        "which is the classifier-free guidance of evaluation images", json_schema_extra=ADDED_LATER,
+    )
+    train_blocks: TrainBlocks = Field(
+        "all", description="FLUX.1: the transformer blocks that carry the LoRA: all, double (double-stream) or "
+        "single (single-stream) (kohya's network_args train_blocks)", json_schema_extra=ADDED_LATER,
+    )
+    t5xxl_max_token_length: Int | None = Field(
+        None, ge=1, le=512, description="FLUX.1: T5 tokens per caption (kohya's --t5xxl_max_token_length; null: "
+        "512 for [dev], 256 for [schnell])", json_schema_extra=ADDED_LATER,
+    )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
         "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked",
@@ -288,6 +353,19 @@ class Recipe:
             found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:
             found.append("sample_every_n_epochs needs sample_prompts")
+        return found + self._family_conflicts()
+
+    def _family_conflicts(self) -> list[str]:
+        """The options of another objective than the family's, set away from their defaults; image sides the
+        family's latents cannot take."""
+        family = model_family(self.model_family)
+        infos = type(self).__pydantic_fields__
+        found = [f"{name} is not an option of {family.label} model (model_family: {self.model_family}); leave it "
+                 "unset" for objective, names in OBJECTIVE_ONLY.items() if objective != family.objective
+                 for name in names if getattr(self, name) != infos[name].default]
+        steps = {"resolution": self.resolution, "bucket_reso_steps": self.bucket_reso_steps}
+        found += [f"{name} must be a multiple of {family.pixel_multiple} for {family.label} model"
+                  for name, value in steps.items() if value % family.pixel_multiple]
         return found
 
     @property
@@ -310,6 +388,13 @@ class Recipe:
     augmentation = GroupView(AugmentationSettings)
     automation = GroupView(AutomationSettings)
     buckets = GroupView(BucketSettings)
+
+    @property
+    def flow(self) -> FlowSettings:
+        """The rectified-flow objective's settings (FLUX.1; core/training/step/flow.py)."""
+        return FlowSettings(self.timestep_sampling, self.sigmoid_scale, self.discrete_flow_shift,
+                            self.model_prediction_type, self.weighting_scheme, self.logit_mean, self.logit_std,
+                            self.mode_scale, self.flux_guidance_scale)
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -354,6 +439,8 @@ def fast_path_blockers(recipe: Recipe, device: torch.device | None = None, datas
     found = []
     if device is not None and device.type != "cuda":
         found.append("the device is not a CUDA GPU")
+    if model_family(recipe.model_family).objective != DDPM:
+        found.append("the rectified-flow step is not captured yet")
     if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
         found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
                      f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")

@@ -1,8 +1,9 @@
 """A recipe's fields grouped by the concern that reads them: the network, the optimizer, the learning-rate schedule,
-the noise of a step, the data augmentation, and when to train (automation).
+the noise of a step, FLUX.1's rectified-flow objective, the data augmentation, and when to train (automation).
 
-`Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.augmentation` and `.automation` return these;
-each group's fields carry the recipe's field names and are filled from them by name (`GroupView`). The
+`Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.flow`, `.augmentation` and `.automation` return
+these; each group's fields carry the recipe's field names and are filled from them by name (`GroupView`), but
+`FlowSettings.guidance_scale`, which is the recipe's `flux_guidance_scale`. The
 image buckets are `core/datasets/buckets.BucketSettings` (the dataset report reads them too) and the sampled
 images `core/models/sampling.SamplingSettings`. Code that uses one concern takes its group, not the recipe.
 """
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, fields
-from typing import Generic, TypeVar, overload
+from typing import Generic, Literal, TypeVar, get_args, overload
 
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 
 G = TypeVar("G")
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+PredictionType = Literal["raw", "additive", "sigma_scaled"]
+WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 
 
 class GroupView(Generic[G]):
@@ -44,6 +48,7 @@ class NetworkSettings:
     conv_alpha: float | None
     use_dora: bool
     network_train_unet_only: bool
+    train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
 
     @property
     def conv_alpha_value(self) -> float:
@@ -90,6 +95,47 @@ class NoiseSettings:
     debiased_estimation_loss: bool = False
     v_parameterization: bool = False
     zero_terminal_snr: bool = False
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """kohya's flux_train_network.py options of the flow objective, with kohya's defaults; each field is the kohya
+    argument of the same name (`--timestep_sampling`, `--sigmoid_scale`, `--discrete_flow_shift`,
+    `--model_prediction_type`, `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`,
+    `--guidance_scale`).
+
+    - timestep_sampling: how sigmas are drawn. "sigma": an index into the scheduler's shifted sigmas, at the
+      weighting scheme's density; "uniform": U(0, 1); "sigmoid": sigmoid(sigmoid_scale * N(0, 1)); "shift": that
+      sigmoid draw shifted by discrete_flow_shift; "flux_shift": shifted by the image size (FLUX.1's resolution
+      dependent shift).
+    - sigmoid_scale: the scale of the normal draw of "sigmoid", "shift" and "flux_shift" (larger: more uniform).
+    - discrete_flow_shift: the shift of "shift" and of the scheduler's sigmas that "sigma" reads.
+    - model_prediction_type: "raw" uses the output as is; "additive" adds the noisy input; "sigma_scaled" takes
+      `noisy - sigma * output` and weights the loss by the weighting scheme.
+    - weighting_scheme: "logit_normal" and "mode" shape the density of "sigma" sampling; "sigma_sqrt" and
+      "cosmap" weight the loss of "sigma_scaled" predictions; "uniform" (kohya's default) does what "none"
+      does, so kohya settings read unchanged.
+    - logit_mean, logit_std: the normal of "logit_normal"; mode_scale: the scale of "mode".
+    - guidance_scale: the guidance FLUX.1 dev is given as input while training (its distilled guidance embedding).
+      kohya's argument defaults to 3.5, but its FLUX.1 guide (docs/flux_train_network.md) trains with 1.0, which
+      turns the distilled guidance off.
+    """
+
+    timestep_sampling: TimestepSampling = "sigma"
+    sigmoid_scale: float = 1.0
+    discrete_flow_shift: float = 3.0
+    model_prediction_type: PredictionType = "sigma_scaled"
+    weighting_scheme: WeightingScheme = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, choices in (("timestep_sampling", TimestepSampling), ("model_prediction_type", PredictionType),
+                              ("weighting_scheme", WeightingScheme)):
+            if getattr(self, name) not in get_args(choices):
+                raise ValueError(f"{name} must be one of {get_args(choices)}, not {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)

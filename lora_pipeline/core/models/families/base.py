@@ -3,21 +3,26 @@ recipes and provenance read families without it)."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from abc import ABC
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a family is read by the recipe loader and provenance, which do not import torch
-    import torch
+    pass
+
+DDPM, RECTIFIED_FLOW = "ddpm", "rectified_flow"  # the training objectives (core/training/step/)
 
 
 @dataclass(frozen=True)
 class ModelFamily(ABC):
     """One architecture the trainer supports; a module per family (sd15.py, sdxl.py) makes its instance.
 
-    The U-Net families load a `unet/` denoiser, one `text_encoder*/` per entry of `text_encoders` (class names in
-    transformers) and a DDPM training scheduler from the model folder.
+    A family loads its denoiser (`denoiser_class` from diffusers, in `denoiser_subfolder/`, which is also its
+    pipeline component name), one `text_encoder*/` per entry of `text_encoders` and `tokenizer*/` per entry of
+    `tokenizers` (class names in transformers), and the training scheduler `scheduler_class` from the model
+    folder; `objective` names the loss a training step computes ("ddpm" or "rectified_flow"). The defaults are
+    the U-Net families'.
     """
 
     name: str  # a recipe's `model_family`
@@ -30,16 +35,18 @@ class ModelFamily(ABC):
     kohya_base_model_version: str  # kohya's ss_base_model_version
     modelspec_architecture: str  # modelspec.architecture (the SAI model spec) of its LoRAs
     modelspec_implementation: str  # modelspec.implementation
+    tokenizers: tuple[str, ...] = ("CLIPTokenizer",)  # transformers class of tokenizer/, tokenizer_2/, ...
+    denoiser_subfolder: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    scheduler_class: str = "DDPMScheduler"
+    objective: str = DDPM
+    pixel_multiple: int = 8  # image sides must be multiples of this (the VAE factor, x2 where latents are packed)
+    kohya_layout: str = "per_module"  # how its LoRA modules are chosen and named (models/lora_layout.py)
 
-    @abstractmethod
-    def is_own_denoiser(self, config: Any) -> bool:
-        """Whether a loaded denoiser's config is this family's (an SDXL U-Net is not an SD 1.x one)."""
+    def token_lengths(self, tokenizers: Sequence[Any], denoiser: Any, t5_max_length: int | None) -> list[int]:
+        """The token length of each text encoder's input: the tokenizers' own (CLIP: 77)."""
+        return [tokenizer.model_max_length for tokenizer in tokenizers]
 
-    @abstractmethod
-    def conditioning(self, outputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(encoder hidden states, pooled embeddings or None) from each text encoder's output, called with
-        `output_hidden_states=True`: exactly what the family's inference pipeline feeds the denoiser."""
-
-    @abstractmethod
-    def kohya_module_namer(self, denoiser: Any) -> Callable[[str], str]:
-        """The function from a diffusers module path of this denoiser to the path kohya's key names use."""
+    def lora_architecture(self, denoiser: Any) -> str:
+        """modelspec.architecture of a LoRA of this denoiser."""
+        return self.modelspec_architecture

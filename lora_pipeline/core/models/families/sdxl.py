@@ -90,4 +90,5 @@ SDXL = StableDiffusionXL(
     pipeline_options=(), kohya_base_model_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
+    tokenizers=("CLIPTokenizer", "CLIPTokenizer"),
 )

@@ -54,12 +54,16 @@ def encode_posterior(base: BaseModel, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def sample_latents(base: BaseModel, posterior: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Scaled latents drawn from a posterior, as kohya caches them (`latent_dist.sample()`)."""
-    return DiagonalGaussianDistribution(posterior).sample(generator=generator).float() * base.latents_scaling_factor
+    """Scaled latents drawn from a posterior, as kohya caches them (`latent_dist.sample()`): `(z - shift) * scale`,
+    the shift FLUX's (0 for SD)."""
+    sample = DiagonalGaussianDistribution(posterior).sample(generator=generator).float()
+    if base.latents_shift_factor:
+        sample = sample - base.latents_shift_factor
+    return sample * base.latents_scaling_factor
 
 
 def encode_latents(base: BaseModel, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Scaled VAE latents (b, 4, h/8, w/8) in float32, sampled from the posterior as kohya caches them."""
+    """Scaled VAE latents (b, c, h/8, w/8) in float32, sampled from the posterior as kohya caches them."""
     return sample_latents(base, encode_posterior(base, pixels), generator)
 
 

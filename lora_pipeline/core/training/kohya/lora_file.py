@@ -24,6 +24,7 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import canonical_json, sha256_bytes
 from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.families.base import RECTIFIED_FLOW
 from lora_pipeline.core.models.families.sdxl import sgm_module_name  # noqa: F401 (re-exported: the file format's names)
 from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-exported: the file format's names)
     KOHYA_UNET_TARGET_MODULES,
@@ -33,6 +34,9 @@ from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-export
 )
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import OptimizerSettings
+
+# modelspec.prediction_type of a training prediction type (the scheduler's, or the flow objective's name)
+MODELSPEC_PREDICTION = {"v_prediction": "v", RECTIFIED_FLOW: "flow"}
 
 
 def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
@@ -147,6 +151,7 @@ def build_metadata(
     num_reg_images: int = 0,
     reg_dataset_dirs: dict[str, dict[str, int]] | None = None,
     flip_aug: bool | None = None,
+    architecture: str | None = None,
 ) -> dict[str, str]:
     """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
 
@@ -154,6 +159,9 @@ def build_metadata(
     `dataset_dirs` {image dir: {"n_repeats": r, "img_count": n}}, the image dir being e.g. "10_hdaesth".
     `training_started_at` is a unix timestamp, `steps` the optimizer steps done when this epoch was saved.
     `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
+    `architecture`: modelspec.architecture (default the family's; FLUX.1's names [dev] or [schnell]). A family
+    trained on the rectified-flow objective also gets kohya's FLUX keys (ss_guidance_scale, ss_timestep_sampling,
+    ...); `prediction_type` is then the objective's name.
     """
     family = model_family(recipe.model_family)
     output_name = f"{provenance.dataset_version}-{recipe.name}"
@@ -215,16 +223,21 @@ def build_metadata(
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
     }
+    if family.objective == RECTIFIED_FLOW:
+        flow = recipe.flow
+        ss.update(ss_guidance_scale=flow.guidance_scale, ss_timestep_sampling=flow.timestep_sampling,
+                  ss_sigmoid_scale=flow.sigmoid_scale, ss_model_prediction_type=flow.model_prediction_type,
+                  ss_discrete_flow_shift=flow.discrete_flow_shift, ss_weighting_scheme=flow.weighting_scheme)
     if network_args(recipe.network):
         ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": family.modelspec_architecture,
+        "modelspec.architecture": architecture or family.modelspec_architecture,
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": f"{output_name}-e{epoch:03d}",
         "modelspec.resolution": f"{reso}x{reso}",
         "modelspec.date": started.isoformat(),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, "epsilon"),
     }
     ours = {
         "lora_pipeline.dataset_version": provenance.dataset_version,

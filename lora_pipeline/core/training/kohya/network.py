@@ -21,20 +21,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lora_pipeline.core.models.families import model_family
-from lora_pipeline.core.models.kohya_names import TEXT_MODEL, UNET_PREFIX
+from lora_pipeline.core.models.kohya_names import TEXT_MODEL
+from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # loading imports diffusers; `lora-pipeline provenance` reads files without it
     from lora_pipeline.core.models.loading import BaseModel
 
-# kohya's default U-Net targets: every Linear / 1x1 Conv2d inside the transformer blocks (Transformer2DModel).
-KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
 TEXT_BLOCKS = ("CLIPAttention", "CLIPMLP")  # kohya's TEXT_ENCODER_TARGET_REPLACE_MODULE
 
@@ -59,11 +59,13 @@ def conv_targets(unet: Any) -> dict[str, bool]:
 
 
 def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "default", *, conv_dim: int | None = None,
-                  conv_alpha: float = 1.0, use_dora: bool = False) -> None:
-    """Wrap kohya's target modules in a peft LoRA: down kaiming-uniform, up zero (as kohya), scale alpha/rank."""
+                  conv_alpha: float = 1.0, use_dora: bool = False,
+                  target_modules: Sequence[str] = tuple(KOHYA_UNET_TARGET_MODULES)) -> None:
+    """Wrap kohya's target modules (default: the U-Net's; a family's `lora_targets`) in a peft LoRA: down
+    kaiming-uniform, up zero (as kohya), scale alpha/rank."""
     from peft import LoraConfig  # imported here: peft takes seconds to import, provenance never needs it
 
-    targets: list[str] = list(KOHYA_UNET_TARGET_MODULES)
+    targets: list[str] = list(target_modules)
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     if conv_dim is not None:
@@ -125,16 +127,16 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     """Detached CPU copies of the adapters' weights under kohya key names, with each module's alpha (and
     dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
     architecture = model_family(family)
-    kohya_path = architecture.kohya_module_namer(unet)
-    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in _adapter_modules(unet, adapter_name):
         alpha = module.lora_alpha[adapter_name]
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
             raise ValueError(f"{name}: adapter alpha {alpha} is not {network_alpha}")
-        tensors.update(_module_tensors(module, adapter_name, UNET_PREFIX + kohya_path(name).replace(".", "_")))
-    if not tensors:
+        modules[name] = _module_tensors(module, adapter_name, "")
+    if not modules:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
+    tensors = denoiser_kohya_tensors(architecture, unet, modules)
     for prefix, encoder in zip(architecture.text_prefixes, text_encoders or [], strict=False):
         # kohya's names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
         level = "" if hasattr(encoder, "text_model") else TEXT_MODEL
@@ -143,9 +145,14 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     return tensors
 
 
+def lora_text_encoders(base: BaseModel) -> list[Any]:
+    """The text encoders that carry a LoRA when they train: those with a kohya prefix (FLUX.1: CLIP-L, not T5)."""
+    return base.text_encoders[:len(base.architecture.text_prefixes)]
+
+
 def trainable(base: BaseModel) -> dict[str, torch.nn.Parameter]:
     """The LoRA parameters being trained: the U-Net's under their own names, text encoder i's as `te<i>.<name>`."""
-    named = {n: p for n, p in base.unet.named_parameters() if p.requires_grad}
+    named = {n: p for n, p in base.denoiser.named_parameters() if p.requires_grad}
     for i, encoder in enumerate(base.text_encoders):
         named.update({f"te{i}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad})
     return named
@@ -159,12 +166,13 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
 
     with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
         torch.manual_seed(derive_seed(seed, Stream.INIT))
-        add_unet_lora(base.unet, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
-                      conv_alpha=network.conv_alpha_value, use_dora=network.use_dora)
+        add_unet_lora(base.denoiser, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
+                      conv_alpha=network.conv_alpha_value, use_dora=network.use_dora,
+                      target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks))
         if not network.network_train_unet_only:
-            for encoder in base.text_encoders:
+            for encoder in lora_text_encoders(base):
                 add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora)
-    for module in (base.unet, *base.text_encoders):
+    for module in (base.denoiser, *base.text_encoders):
         cast_training_params(module, dtype=torch.float32)
     if resume_from is not None:
         named = trainable(base)
@@ -175,7 +183,7 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
 
 def param_groups(base: BaseModel, text_encoder_lr: float | None) -> list[Any]:
     """One group, or the U-Net's and the text encoders' (text_encoder_lr) as kohya's prepare_optimizer_params."""
-    unet = [p for p in base.unet.parameters() if p.requires_grad]
+    unet = [p for p in base.denoiser.parameters() if p.requires_grad]
     text = [p for e in base.text_encoders for p in e.parameters() if p.requires_grad]
     if text_encoder_lr is None:
         return unet + text

@@ -31,6 +31,7 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.models.families.base import RECTIFIED_FLOW
 from lora_pipeline.core.models.loading import BaseModel, base_model_hash, default_device, load_base_model
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
@@ -53,6 +54,7 @@ from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import (
     EpochStats,
     Shard,
@@ -162,7 +164,8 @@ def train_lora(
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
     times = StageTimes(target)
     loading = time.perf_counter()
-    base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision])
+    base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision],
+                           recipe.t5xxl_max_token_length)
     times.add("load", time.perf_counter() - loading)
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
@@ -208,10 +211,14 @@ def _train(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker | Non
 def _build_context(run: _Run) -> StepContext:
     recipe, base, device = run.recipe, run.base, run.device
     dtype = DTYPES[run.precision]
-    unet = base.unet
+    unet = base.denoiser
     noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
     add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
-    base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
+    flow = None
+    if base.architecture.objective == RECTIFIED_FLOW:
+        flow = RectifiedFlow.of(recipe.flow, unet)
+    else:
+        base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
     train_text = not recipe.network_train_unet_only
     if recipe.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -253,7 +260,7 @@ def _build_context(run: _Run) -> StepContext:
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
-    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params)
+    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
     fast_path, why = fast_path_choice(recipe, device, run.data, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
@@ -279,8 +286,9 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
         num_batches_per_epoch=steps_per_epoch(run.data.images, run.data.image_repeats, recipe.train_batch_size),
         num_reg_images=run.data.num_reg_images, reg_dataset_dirs=run.data.reg_dataset_dirs(),
         tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
-        training_started_at=run.started_at, prediction_type=run.base.noise_scheduler.config.prediction_type,
-        flip_aug=run.flip_aug,
+        training_started_at=run.started_at,
+        prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
+        flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
     )
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):

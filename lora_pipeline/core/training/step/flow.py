@@ -13,61 +13,21 @@ draws and results are kohya's (test_flow.py compares them with kohya's code, bit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
-PredictionType = Literal["raw", "additive", "sigma_scaled"]
-WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
+from lora_pipeline.core.training.recipe_groups import (  # noqa: F401 (re-exported: the objective's settings)
+    FlowSettings,
+    PredictionType,
+    TimestepSampling,
+    WeightingScheme,
+)
 
 # flux_shift's mu grows linearly from BASE_SHIFT at 256 image tokens to MAX_SHIFT at 4096 (kohya's get_lin_function)
 BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT = 256, 0.5, 4096, 1.15
-
-
-@dataclass(frozen=True)
-class FlowSettings:
-    """kohya's flux_train_network.py options of the flow objective, with kohya's defaults; each field is the kohya
-    argument of the same name (`--timestep_sampling`, `--sigmoid_scale`, `--discrete_flow_shift`,
-    `--model_prediction_type`, `--weighting_scheme`, `--logit_mean`, `--logit_std`, `--mode_scale`,
-    `--guidance_scale`).
-
-    - timestep_sampling: how sigmas are drawn. "sigma": an index into the scheduler's shifted sigmas, at the
-      weighting scheme's density; "uniform": U(0, 1); "sigmoid": sigmoid(sigmoid_scale * N(0, 1)); "shift": that
-      sigmoid draw shifted by discrete_flow_shift; "flux_shift": shifted by the image size (FLUX.1's resolution
-      dependent shift).
-    - sigmoid_scale: the scale of the normal draw of "sigmoid", "shift" and "flux_shift" (larger: more uniform).
-    - discrete_flow_shift: the shift of "shift" and of the scheduler's sigmas that "sigma" reads.
-    - model_prediction_type: "raw" uses the output as is; "additive" adds the noisy input; "sigma_scaled" takes
-      `noisy - sigma * output` and weights the loss by the weighting scheme.
-    - weighting_scheme: "logit_normal" and "mode" shape the density of "sigma" sampling; "sigma_sqrt" and
-      "cosmap" weight the loss of "sigma_scaled" predictions; "uniform" (kohya's default) does what "none"
-      does, so kohya settings read unchanged.
-    - logit_mean, logit_std: the normal of "logit_normal"; mode_scale: the scale of "mode".
-    - guidance_scale: the guidance FLUX.1 dev is given as input while training (its distilled guidance embedding).
-      kohya's argument defaults to 3.5, but its FLUX.1 guide (docs/flux_train_network.md) trains with 1.0, which
-      turns the distilled guidance off.
-    """
-
-    timestep_sampling: TimestepSampling = "sigma"
-    sigmoid_scale: float = 1.0
-    discrete_flow_shift: float = 3.0
-    model_prediction_type: PredictionType = "sigma_scaled"
-    weighting_scheme: WeightingScheme = "none"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    guidance_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name, choices in (("timestep_sampling", TimestepSampling), ("model_prediction_type", PredictionType),
-                              ("weighting_scheme", WeightingScheme)):
-            if getattr(self, name) not in get_args(choices):
-                raise ValueError(f"{name} must be one of {get_args(choices)}, not {getattr(self, name)!r}")
 
 
 def flow_match_sigmas(settings: FlowSettings, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -105,6 +65,32 @@ def drawn_sigmas(batch: int, settings: FlowSettings, generator: torch.Generator,
     raise ValueError(f"{mode!r} sigmas are read from the scheduler, not drawn")
 
 
+def draw_sigmas(
+    batch: int,
+    settings: FlowSettings,
+    generator: torch.Generator,
+    image_seq_len: int,
+    num_train_timesteps: int = 1000,
+    scheduler_sigmas: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) of a batch, shaped (batch,), drawn as `noisy_input` draws them and moved to `device`
+    (default: the generator's); the sigmas of "sigma" sampling in `dtype`."""
+    device = generator.device if device is None else device
+    if settings.timestep_sampling == "sigma":
+        u = compute_density_for_timestep_sampling(
+            settings.weighting_scheme, batch, settings.logit_mean, settings.logit_std, settings.mode_scale,
+            device=generator.device, generator=generator)
+        indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+        if scheduler_sigmas is None:
+            scheduler_sigmas = flow_match_sigmas(settings, num_train_timesteps)
+        timesteps = (scheduler_sigmas[indices] * num_train_timesteps).to(device)  # the scheduler's timesteps
+        return timesteps, scheduler_sigmas.to(device, dtype)[indices.to(device)]
+    sigmas = drawn_sigmas(batch, settings, generator, image_seq_len).to(device)
+    return sigmas * num_train_timesteps, sigmas
+
+
 def noisy_input(
     latents: torch.Tensor,
     noise: torch.Tensor,
@@ -124,21 +110,10 @@ def noisy_input(
     when the density rounds to 1, e.g. "mode" at u = 0). kohya's ip_noise_gamma: pass the perturbed noise as
     `noise` and keep the unperturbed one for `flow_target` (noise.NoiseDraw's `noised` and `noise`).
     """
-    batch, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
-    device, dtype = latents.device, latents.dtype
-    if settings.timestep_sampling == "sigma":
-        u = compute_density_for_timestep_sampling(
-            settings.weighting_scheme, batch, settings.logit_mean, settings.logit_std, settings.mode_scale,
-            device=generator.device, generator=generator)
-        indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
-        if scheduler_sigmas is None:
-            scheduler_sigmas = flow_match_sigmas(settings, num_train_timesteps)
-        timesteps = (scheduler_sigmas[indices] * num_train_timesteps).to(device)  # the scheduler's timesteps
-        sigmas = scheduler_sigmas.to(device, dtype)[indices.to(device)]
-    else:
-        seq_len = (h // 2) * (w // 2) if image_seq_len is None else image_seq_len
-        sigmas = drawn_sigmas(batch, settings, generator, seq_len).to(device)
-        timesteps = sigmas * num_train_timesteps
+    (batch, h, w), dtype = (latents.shape[0], latents.shape[-2], latents.shape[-1]), latents.dtype
+    seq_len = (h // 2) * (w // 2) if image_seq_len is None else image_seq_len
+    timesteps, sigmas = draw_sigmas(batch, settings, generator, seq_len, num_train_timesteps, scheduler_sigmas,
+                                    latents.device, dtype)
     sigmas = sigmas.view(-1, *[1] * (latents.ndim - 1))
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     return noisy.to(dtype), timesteps.to(dtype), sigmas

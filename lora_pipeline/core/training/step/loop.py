@@ -7,6 +7,8 @@ class images), min-SNR-gamma weighting (`apply_snr_weight`) or the debiased esti
 clipping at kohya's default 1.0. With gradient accumulation a step is several micro-batches of one bucket whose
 noise is drawn as for one batch of all their images, each loss weighted by its share of those images: the
 step equals one batch of train_batch_size x gradient_accumulation_steps images (up to float summation order).
+FLUX.1 trains the rectified-flow objective instead (flux_step.py, `StepParts.flow`); everything around the
+objective (captions, views, masks, per-image weights, accumulation, DDP shares) is the same.
 
 In several processes (DDP, distributed.py) every process prepares each step as one process would (same images,
 captions, views, noise and timesteps) and trains on its contiguous share of the step's images (`Shard`), its
@@ -39,6 +41,7 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, 
 from lora_pipeline.core.training.progress import Progress
 from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.noise import debiased_weight
 from lora_pipeline.core.training.step.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
@@ -160,6 +163,24 @@ class StepParts:
     accelerator: Accelerator
     optimizer: torch.optim.Optimizer
     params: Sequence[torch.nn.Parameter]
+    flow: RectifiedFlow | None = None  # FLUX.1's objective; None: the DDPM one of `scheduler` and `settings`
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator, images: int | None = None) -> StepNoise:
+        """The step's noise for `images` images of the latents' shape (default: as many as `latents` has); for the
+        flow objective `timesteps` holds the sigmas."""
+        if self.flow is None:
+            return draw_noise(latents, self.scheduler, generator, self.settings, images)
+        noise, sigmas = self.flow.draw((latents.shape[0] if images is None else images, *latents.shape[1:]),
+                                       generator)
+        return StepNoise(host_to_device(noise, latents.device).to(latents.dtype),
+                         host_to_device(sigmas, latents.device))
+
+    def loss(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+        """The objective's loss of one batch (`denoising_loss` for DDPM)."""
+        if self.flow is None:
+            return denoising_loss(self.unet, self.scheduler, batch, drawn, self.settings)
+        return self.flow.loss(self.unet, batch.latents, drawn.noise, drawn.timesteps, batch.encoder_hidden_states,
+                              batch.text_embeds, batch.mask, batch.loss_weights)
 
 
 def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
@@ -168,7 +189,7 @@ def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: Step
     accumulated step, `drawn` then the noise of all their images (see the module docstring)."""
     if isinstance(batch, StepBatch):
         with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
-            loss = denoising_loss(parts.unet, parts.scheduler, batch, drawn, parts.settings)
+            loss = parts.loss(batch, drawn)
         parts.accelerator.backward(loss)
     else:
         loss = _accumulate(parts, batch, drawn)
@@ -188,7 +209,7 @@ def _accumulate(parts: StepParts, micro: Sequence[StepBatch], drawn: StepNoise) 
         last = n == len(micro) - 1
         with contextlib.nullcontext() if last else parts.accelerator.no_sync(parts.unet):
             with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
-                loss = denoising_loss(parts.unet, parts.scheduler, part, drawn.part(start, size), parts.settings)
+                loss = parts.loss(part, drawn.part(start, size))
                 loss = loss * (size / total)
             parts.accelerator.backward(loss)
         losses.append(loss.detach())
@@ -350,7 +371,7 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
         ]
         batch = micro if ctx.micro_batch else micro[0]
         generator = torch_generator(ctx.seed, Stream.NOISE, step)
-        drawn = draw_noise(micro[0].latents, parts.scheduler, generator, parts.settings, size)
+        drawn = parts.draw(micro[0].latents, generator, size)
         drawn = drawn.part(first, end - first)  # drawn for the whole step: an image gets the same draws in any process
         shape = tuple(micro[0].latents.shape)
         seen = ctx.shapes_seen.get(shape, 0)

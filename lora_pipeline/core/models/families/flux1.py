@@ -1,0 +1,60 @@
+"""FLUX.1: the `flux1` family, [dev] and [schnell] alike (the loaded transformer's `guidance_embeds` tells which).
+
+A FluxTransformer2DModel denoiser in `transformer/`, conditioned on CLIP-L's pooled output and T5-XXL's last hidden
+state (as FluxPipeline feeds it), trained on the rectified-flow objective (core/training/step/flux_step.py). Its
+LoRA files are kohya's FLUX layout (flux_names.py): `lora_unet_double_blocks_…` / `lora_unet_single_blocks_…`, CLIP-L
+as `lora_te1_`; like kohya's default (`train_t5xxl` off) the T5 encoder never carries a LoRA, so text-encoder
+training (network_train_unet_only: false) trains CLIP-L only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lora_pipeline.core.models.families.base import RECTIFIED_FLOW, ModelFamily
+
+if TYPE_CHECKING:
+    import torch
+
+# kohya's t5xxl_max_token_length defaults: 512 tokens for [dev], 256 for [schnell].
+T5_MAX_LENGTH = {"dev": 512, "schnell": 256}
+
+
+def flux_variant(transformer: Any) -> str:
+    """"dev" when the transformer embeds the guidance scale, else "schnell"."""
+    return "dev" if transformer.config.guidance_embeds else "schnell"
+
+
+@dataclass(frozen=True)
+class Flux1(ModelFamily):
+    def is_own_denoiser(self, config: Any) -> bool:
+        return "guidance_embeds" in config
+
+    def conditioning(self, outputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """T5's last hidden state as the sequence, CLIP's `pooler_output` as the pooled embedding (FluxPipeline)."""
+        clip, t5 = outputs
+        return t5[0], clip.pooler_output
+
+    def kohya_module_namer(self, denoiser: Any) -> Callable[[str], str]:
+        raise ValueError("FLUX.1's kohya modules fuse several diffusers modules: models/lora_layout.py names them "
+                         "all at once")
+
+    def token_lengths(self, tokenizers: Sequence[Any], denoiser: Any, t5_max_length: int | None) -> list[int]:
+        """CLIP's 77 tokens, and T5's `t5_max_length` (kohya's t5xxl_max_token_length), by default 512 for [dev]
+        and 256 for [schnell] as kohya's."""
+        return [tokenizers[0].model_max_length, t5_max_length or T5_MAX_LENGTH[flux_variant(denoiser)]]
+
+    def lora_architecture(self, denoiser: Any) -> str:
+        return f"flux-1-{flux_variant(denoiser)}/lora"
+
+
+FLUX1 = Flux1(
+    name="flux1", label="a FLUX.1", text_encoders=("CLIPTextModel", "T5EncoderModel"), text_prefixes=("lora_te1_",),
+    micro_conditioning=False, pipeline="FluxPipeline", pipeline_options=(), kohya_base_model_version="flux1",
+    modelspec_architecture="flux-1-dev/lora", modelspec_implementation="https://github.com/black-forest-labs/flux",
+    tokenizers=("CLIPTokenizer", "T5Tokenizer"), denoiser_subfolder="transformer",
+    denoiser_class="FluxTransformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler",
+    objective=RECTIFIED_FLOW, pixel_multiple=16, kohya_layout="bfl_fused",
+)

@@ -1,0 +1,107 @@
+"""train_lora on tiny-flux (FLUX.1 [dev]-shaped): kohya's FLUX file layout and keys, the rectified-flow step's
+options, train_blocks, resume, the text cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
+from lora_pipeline.core.training.kohya.network import add_network, trainable
+from lora_pipeline.core.training.recipe_groups import FlowSettings
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow, pack_latents, unpack_latents
+from lora_pipeline_tests.helpers import tiny_recipe, train
+
+FLUX = {"base_model": "tiny-flux", "model_family": "flux1", "epochs": 2, "optimizer": "AdamW",
+        "learning_rate": 1e-3}
+
+
+@pytest.fixture
+def flux_snapshot(train_snapshot, tiny_model):
+    root = train_snapshot(n=3, repeats=1)
+    os.symlink(tiny_model("tiny-flux"), root.models / "tiny-flux")
+    return root
+
+
+def file_bytes(result) -> dict[str, bytes]:
+    return {Path(e["file"]).name: Path(e["file"]).read_bytes() for e in result.epochs}
+
+
+def test_two_epochs_write_kohya_flux_files(flux_snapshot):
+    result, _ = train(flux_snapshot, tiny_recipe(**FLUX), "flux")
+    assert len(result.epochs) == 2 and all(torch.isfinite(torch.tensor(result.loss_history)))
+    path = Path(result.epochs[-1]["file"])
+    tensors, meta = load_file(path), read_lora_metadata(path)
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+    assert meta["ss_guidance_scale"] == "1.0" and meta["ss_timestep_sampling"] == "sigma"
+    flux_keys = {"ss_sigmoid_scale", "ss_model_prediction_type", "ss_discrete_flow_shift", "ss_weighting_scheme"}
+    assert flux_keys <= set(meta)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert tensors[f"{qkv}.lora_down.weight"].shape == (3 * 4, 16)  # q, k, v stacked: 3 x rank, hidden 16
+    assert tensors[f"{qkv}.lora_up.weight"].shape == (3 * 16, 3 * 4)  # block-diagonal
+    assert tensors[f"{qkv}.alpha"].item() == 3 * 2.0
+    assert tensors["lora_unet_single_blocks_1_linear1.lora_down.weight"].shape[0] == 4 * 4
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.parametrize("blocks", ["double", "single"])
+def test_train_blocks_trains_only_those_blocks(flux_snapshot, blocks):
+    result, _ = train(flux_snapshot, tiny_recipe(**{**FLUX, "epochs": 1, "train_blocks": blocks}), blocks)
+    keys = load_file(result.epochs[0]["file"])
+    assert keys and all(f"{blocks}_blocks" in k for k in keys)
+
+
+def test_resume_gives_byte_identical_files(flux_snapshot):
+    recipe = tiny_recipe(**{**FLUX, "epochs": 3})
+    clean, _ = train(flux_snapshot, recipe, "clean")
+
+    def crash(line: str) -> None:
+        if line.startswith("epoch 2/"):
+            raise RuntimeError(line)
+
+    with pytest.raises(RuntimeError):
+        train(flux_snapshot, recipe, "resumed", log=crash)
+    resumed, _ = train(flux_snapshot, recipe, "resumed")
+    assert resumed.resumed_from_epoch == 2 and file_bytes(resumed) == file_bytes(clean)
+
+
+def test_pack_and_unpack_are_inverse():
+    latents = torch.randn(2, 16, 8, 6)
+    tokens = pack_latents(latents)
+    assert tokens.shape == (2, 4 * 3, 64) and torch.equal(unpack_latents(tokens, 8, 6), latents)
+
+
+@pytest.mark.parametrize("sampling", ["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
+def test_each_sampling_and_weighting_takes_a_finite_step_that_changes_the_lora(tiny_model, sampling, weighting):
+    base = load_base_model(tiny_model("tiny-flux").parent, "tiny-flux", "flux1")
+    add_network(base, tiny_recipe(**FLUX).network, 0)
+    flow = RectifiedFlow.of(FlowSettings(timestep_sampling=sampling, weighting_scheme=weighting), base.denoiser)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    noise, sigmas = flow.draw(tuple(latents.shape), generator)
+    params = list(trainable(base).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    loss = flow.loss(base.denoiser, latents, noise, sigmas, torch.randn(2, 7, 32), torch.randn(2, 32),
+                     mask=torch.ones(2, 1, 64, 64), loss_weights=torch.tensor([1.0, 0.5]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
+
+
+def test_captions_go_through_clip_and_t5_and_are_cached(tiny_model):
+    from lora_pipeline.core.training.inputs.encode import TextSource
+
+    base = load_base_model(tiny_model("tiny-flux").parent, "tiny-flux", "flux1", t5_max_length=64)
+    text = TextSource(base, torch.float32, torch.device("cpu"), ["trg, red body"])
+    cached = text.batch(["trg, red body"])
+    assert list(text.cache) == ["trg, red body"] and cached.hidden.shape == (1, 64, 32)  # T5's states
+    assert cached.pooled.shape == (1, 32) and torch.equal(cached.hidden, text.cache["trg, red body"].hidden)
