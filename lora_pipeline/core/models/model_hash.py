@@ -50,8 +50,9 @@ def base_model_hash(source: str) -> str:
     One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
     "name  sha256" lines of the shards, in name order. Stable for a given model folder.
     """
-    has_unet = (_model_folder(source, "unet") / "unet").is_dir()
-    return weights_hash(source, "unet" if has_unet else "transformer")
+    folder = _model_folder(source, "unet")
+    flux = not (folder / "unet").is_dir() and (folder / "transformer").is_dir()
+    return weights_hash(source, "transformer" if flux else "unet")  # neither: "no U-Net weights found"
 
 
 def weights_hash(source: str, component: str) -> str:
