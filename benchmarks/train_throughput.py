@@ -1,8 +1,10 @@
 """LoRA training throughput and model-FLOP utilisation, measured through the trainer's own `training_step`.
 
-    .venv/bin/python benchmarks/train_throughput.py [--model sd15|sdxl|both] [--steps 20] [--warmup 5]
+    .venv/bin/python benchmarks/train_throughput.py [--model sd15|sdxl|both|flux1] [--steps 20] [--warmup 5]
         [--batch N] [--rank 32] [--variants reference,plain,fast] [--gradient-checkpointing]
-        [--peak-tflops 989] [--json] [--smoke]
+        [--fp8-base] [--blocks-to-swap N] [--peak-tflops 989] [--json] [--smoke]
+
+FLUX.1 (`--model flux1`, 1024 px, batch 1; its reference step and options: benchmarks/flux_throughput.py).
 
 Three variants, each timed in the same run so every figure has its ratio to the reference beside it:
 - reference: a diffusers-example-style step (train_text_to_image_lora[_sdxl].py): VAE encode of the pixels,
@@ -47,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +79,9 @@ from lora_pipeline.core.training.step.loop import (
 from lora_pipeline.core.training.step.norms import norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
+import flux_throughput  # noqa: E402
+
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -97,6 +103,7 @@ class Shape:
 
 SD15 = Shape("sd15", fullsize.UNET_CONFIGS["sd15"], pixels=512, batch=8, text_dim=768)
 SDXL = Shape("sdxl", fullsize.UNET_CONFIGS["sdxl"], pixels=1024, batch=4, text_dim=2048, pooled_dim=1280)
+FLUX = Shape("flux1", {}, pixels=1024, batch=1, text_dim=4096, pooled_dim=768)
 SMOKE = {
     "sd15": Shape("sd15", dict(
         sample_size=8, layers_per_block=1, block_out_channels=(32, 32), norm_num_groups=8,
@@ -109,6 +116,7 @@ SMOKE = {
         cross_attention_dim=64, attention_head_dim=4, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
     ), pixels=64, batch=2, text_dim=64, pooled_dim=32),
+    "flux1": Shape("flux1", {}, pixels=64, batch=1, text_dim=32, pooled_dim=32),
 }
 
 
@@ -294,11 +302,14 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
           ) -> tuple[dict[str, Any], Callable[[int], torch.Tensor]]:
     batch_size = args.batch or shape.batch
     flops = None
+    flux = shape.name == "flux1"
     if variant == "reference":
-        step = reference_step(shape, args, device)
-        precision = "fp16" if device.type == "cuda" else "no"
+        step = (functools.partial(flux_throughput.reference_step, pixels=shape.pixels, batch=batch_size) if flux
+                else functools.partial(reference_step, shape))(args, device)
+        precision = ("bf16" if flux else "fp16") if device.type == "cuda" else "no"
     else:
-        step, prepare, _ = trainer_step(shape, args, device, variant)
+        step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size) if flux
+                            else trainer_step(shape, args, device, variant))
         precision = args.precision if device.type == "cuda" else "no"
         with FlopCounterMode(display=False) as counter:
             step(0)
@@ -324,7 +335,10 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
     tflops = flops * args.steps / seconds / 1e12 if flops else None
     return {
         "model": shape.name, "variant": variant, "pixels": shape.pixels, "latent": shape.latent, "batch": batch_size,
-        "rank": args.rank, "precision": precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "rank": args.rank, "precision": precision,
+        "gradient_checkpointing": args.gradient_checkpointing and variant != "reference",
+        "fp8_base": args.fp8_base and variant != "reference",
+        "blocks_to_swap": 0 if variant == "reference" else args.blocks_to_swap,
         "optimizer": "AdamW" if variant == "reference" else args.optimizer, "steps": args.steps,
         "images_per_second": batch_size * args.steps / seconds, "step_ms": 1000 * seconds / args.steps,
         "warmup_s": warmup_s, "flops_per_step": flops, "tflops_per_second": tflops,
@@ -342,7 +356,7 @@ def _release(device: torch.device) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("sd15", "sdxl", "both"), default="both")
+    parser.add_argument("--model", choices=("sd15", "sdxl", "both", "flux1"), default="both")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--batch", type=int, default=0, help="batch size (default: 8 for sd15, 4 for sdxl)")
@@ -353,6 +367,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated, from reference, plain, fast, fast-compiled (see above)")
     parser.add_argument("--compile-backend", default="inductor", help="for fast-compiled (tests: aot_eager)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="plain and fast variants")
+    parser.add_argument("--fp8-base", action="store_true", help="flux1 plain: frozen Linears stored in float8")
+    parser.add_argument("--blocks-to-swap", type=int, default=0, metavar="N",
+                        help="flux1 plain: N transformer blocks' frozen weights on the CPU (kohya's split)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N steps of the last variant and print its top kernels")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
@@ -407,6 +424,12 @@ def profile(step: Callable[[int], torch.Tensor], steps: int, device: torch.devic
 VARIANTS = ("reference", "plain", "fast", "fast-compiled")
 
 
+def memory_options(result: dict[str, Any]) -> str:
+    """", fp8 base, N blocks swapped" as far as the run used them."""
+    return (", fp8 base" if result["fp8_base"] else "") + (
+        f", {result['blocks_to_swap']} blocks swapped" if result["blocks_to_swap"] else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cudnn_attention:
@@ -417,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = ("sd15", "sdxl") if args.model == "both" else (args.model,)
-    shapes = [SMOKE[n] if args.smoke else {"sd15": SD15, "sdxl": SDXL}[n] for n in names]
+    shapes = [SMOKE[n] if args.smoke else {"sd15": SD15, "sdxl": SDXL, "flux1": FLUX}[n] for n in names]
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -438,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     for shape in shapes:
         for variant in args.variants:
+            if shape.name == "flux1" and variant.startswith("fast"):
+                print(f"flux1 {variant}: not run: {flux_throughput.fast_path_refusal()}", file=sys.stderr)
+                continue
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # library chatter ("Using decoupled weight decay")
                     result, step = bench(shape, variant, args, device)
@@ -473,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['model']} {r['variant']}: {r['pixels']} px (latents {r['latent']}x{r['latent']}), batch {r['batch']}, "
             f"rank {r['rank']}, {r['precision']}, gradient checkpointing "
-            f"{'on' if r['gradient_checkpointing'] else 'off'}, {r['optimizer']}\n"
+            f"{'on' if r['gradient_checkpointing'] else 'off'}, {r['optimizer']}{memory_options(r)}\n"
             f"  {r['images_per_second']:.2f} images/s{ratio} | {r['step_ms']:.1f} ms/step | warm-up "
             f"{r['warmup_s']:.1f} s{flops}{memory}"
         )

@@ -45,3 +45,18 @@ def test_text_report_of_the_fast_variant_names_the_peak_checkpointing_and_the_pr
     assert "MFU against 100 TFLOP/s (--peak-tflops)" in out
     assert "sd15 fast:" in out and "gradient checkpointing on" in out and "images/s" in out and "MFU" in out
     assert "profile sd15 fast" in out and "Self CPU" in out
+
+
+def test_flux_smoke_run_times_the_reference_and_the_trainer_step_with_the_memory_options(capsys):
+    benchmark = _benchmark()
+    argv = ["--smoke", "--model", "flux1", "--variants", "reference,plain,fast", "--json", "--device", "cpu",
+            "--fp8-base", "--blocks-to-swap", "2", "--gradient-checkpointing"]
+    assert benchmark.main(argv) == 0
+    captured = capsys.readouterr()
+    by_variant = {r["variant"]: r for r in json.loads(captured.out)["results"]}
+    assert set(by_variant) == {"reference", "plain"}  # the fast path refuses FLUX.1, and says so
+    assert "flux1 fast: not run: " in captured.err
+    plain = by_variant["plain"]
+    assert plain["fp8_base"] and plain["blocks_to_swap"] == 2 and plain["gradient_checkpointing"]
+    assert plain["flops_per_step"] > 1e6 and plain["vs_reference"] > 0 and plain["batch"] == 1
+    assert by_variant["reference"]["optimizer"] == "AdamW" and not by_variant["reference"]["fp8_base"]

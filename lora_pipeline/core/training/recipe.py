@@ -181,6 +181,15 @@ class Recipe:
         "bf16", description='autocast dtype on a GPU; write "no" in quotes (a bare no is YAML for false)'
     )
     gradient_checkpointing: Bool = Field(False, description="recompute activations to save GPU memory")
+    fp8_base: Bool = Field(
+        False, description="store the frozen denoiser's Linear weights as float8 (e4m3fn), computed in the "
+        "training dtype (kohya's --fp8_base): about half the memory of bf16 weights", json_schema_extra=ADDED_LATER,
+    )
+    blocks_to_swap: Int = Field(
+        0, ge=0, le=1000, description="FLUX.1: transformer blocks whose frozen weights stay on the CPU and move to "
+        "the GPU only while they run, forward and backward (kohya's --blocks_to_swap; 0: off)",
+        json_schema_extra=ADDED_LATER,
+    )
     cache_latents: Bool = Field(True, description="encode every image once before training")
     min_snr_gamma: Float | None = Field(None, gt=0.0, le=1000.0, description="Min-SNR loss weighting (off when null)")
     noise_offset: Float = Field(0.0, ge=0.0, le=1.0, description="offset noise strength")
@@ -363,6 +372,8 @@ class Recipe:
         found = [f"{name} is not an option of {family.label} model (model_family: {self.model_family}); leave it "
                  "unset" for objective, names in OBJECTIVE_ONLY.items() if objective != family.objective
                  for name in names if getattr(self, name) != infos[name].default]
+        if self.blocks_to_swap > family.max_blocks_to_swap:
+            found.append(f"blocks_to_swap must be at most {family.max_blocks_to_swap} for {family.label} model")
         steps = {"resolution": self.resolution, "bucket_reso_steps": self.bucket_reso_steps}
         found += [f"{name} must be a multiple of {family.pixel_multiple} for {family.label} model"
                   for name, value in steps.items() if value % family.pixel_multiple]

@@ -42,6 +42,7 @@ class ModelFamily(ABC):
     objective: str = DDPM
     pixel_multiple: int = 8  # image sides must be multiples of this (the VAE factor, x2 where latents are packed)
     kohya_layout: str = "per_module"  # how its LoRA modules are chosen and named (models/lora_layout.py)
+    max_blocks_to_swap: int = 0  # the most blocks `blocks_to_swap` may keep on the CPU (0: no block swapping)
 
     def token_lengths(self, tokenizers: Sequence[Any], denoiser: Any, t5_max_length: int | None) -> list[int]:
         """The token length of each text encoder's input: the tokenizers' own (CLIP: 77)."""
@@ -50,3 +51,7 @@ class ModelFamily(ABC):
     def lora_architecture(self, denoiser: Any) -> str:
         """modelspec.architecture of a LoRA of this denoiser."""
         return self.modelspec_architecture
+
+    def swapped_blocks(self, denoiser: Any, count: int) -> list[Any]:
+        """The `count` blocks of the denoiser whose weights live on the CPU (models/offload.py BlockSwap)."""
+        raise ValueError(f"{self.label} model has no blocks to swap")

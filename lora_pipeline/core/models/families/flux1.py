@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.families.base import RECTIFIED_FLOW, ModelFamily
 
 if TYPE_CHECKING:
@@ -49,6 +50,16 @@ class Flux1(ModelFamily):
     def lora_architecture(self, denoiser: Any) -> str:
         return f"flux-1-{flux_variant(denoiser)}/lora"
 
+    def swapped_blocks(self, denoiser: Any, count: int) -> list[Any]:
+        """kohya's split (flux_models.Flux.enable_block_swap): count // 2 double-stream blocks and twice the rest
+        single-stream ones (a double block is about twice a single one), the last ones of each list."""
+        double, single = count // 2, (count - count // 2) * 2
+        blocks = denoiser.transformer_blocks, denoiser.single_transformer_blocks
+        if double > len(blocks[0]) or single > len(blocks[1]):
+            raise UserError(f"blocks_to_swap: {count} swaps {double} double-stream and {single} single-stream "
+                            f"blocks; this transformer has {len(blocks[0])} and {len(blocks[1])}")
+        return [*blocks[0][len(blocks[0]) - double:], *blocks[1][len(blocks[1]) - single:]]
+
 
 FLUX1 = Flux1(
     name="flux1", label="a FLUX.1", text_encoders=("CLIPTextModel", "T5EncoderModel"), text_prefixes=("lora_te1_",),
@@ -57,4 +68,5 @@ FLUX1 = Flux1(
     tokenizers=("CLIPTokenizer", "T5Tokenizer"), denoiser_subfolder="transformer",
     denoiser_class="FluxTransformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler",
     objective=RECTIFIED_FLOW, pixel_multiple=16, kohya_layout="bfl_fused",
+    max_blocks_to_swap=35,  # kohya's limit: at least two blocks of each kind stay on the GPU (19 double, 38 single)
 )

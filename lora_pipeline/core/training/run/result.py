@@ -48,6 +48,9 @@ class TrainResult:
     # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
     latent_cache: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. flip_aug over captions that mention text
+    # The GPU's peak memory (torch.cuda.max_memory_allocated, GiB) up to training ("caching": loading, the latent
+    # and text-encoder caches) and while training ("training"); empty on a CPU.
+    peak_memory_gib: dict[str, float] = field(default_factory=dict)
 
 
 def environment_error(exc: OSError, out_dir: Path) -> UserError | None:

@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from lora_pipeline.core.training.run.checkpoint import (
     save_state,
     step_file_name,
 )
+from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
 from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
@@ -111,6 +112,10 @@ class _Run:
     log: Callable[[str], None]
     times: StageTimes
     called_at: float  # perf_counter at train_lora's start
+    peak: PeakMemory = field(init=False)  # the GPU's peak memory: "caching" (up to training) and "training"
+
+    def __post_init__(self) -> None:
+        self.peak = PeakMemory(self.device)
 
     @property
     def flip_aug(self) -> bool:
@@ -220,11 +225,10 @@ def _build_context(run: _Run) -> StepContext:
     else:
         base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
     train_text = not recipe.network_train_unet_only
-    if recipe.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
     moving = time.perf_counter()
-    unet.to(device)  # default memory format: channels-last weights were 5-6% slower (benchmarks/RESULTS.md)
+    # default memory format: channels-last weights were 5-6% slower (benchmarks/RESULTS.md)
+    swap = lighten_denoiser(unet, base.architecture, recipe, device)
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
     base.vae.to(device)
@@ -251,12 +255,15 @@ def _build_context(run: _Run) -> StepContext:
         if fixed_captions:
             for encoder in base.text_encoders:
                 encoder.to("cpu")
+    run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
     params = list(trainable(base).values())
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, param_groups(base, recipe.text_encoder_lr),
                                device)
     lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, run.total)
     accelerator = make_accelerator(device, run.precision)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # the denoiser is on the device already, but for the swapped blocks' weights, which must stay on the CPU
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler,
+                                                        device_placement=[swap is None, True, True])
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
@@ -386,6 +393,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
             f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
         )
     timings = _timings(run, seconds, warmup, first_step_done)
+    run.peak.mark("training")
     curve = run.out_dir / LOSS_CURVE
     if _writes(ctx):
         loss_curve_png(losses, curve, steps_per_epoch=per_epoch, title=f"{run.version}/{recipe.name} training loss")
@@ -395,6 +403,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         tracker.log_files([curve], overwrite=True)
         tracker.log_values({f"seconds_{name}": value for name, value in timings.items()})
         tracker.log_values({f"latent_cache_{name}": value for name, value in ctx.latents.stats.as_dict().items()})
+        tracker.log_values({f"peak_memory_gib_{name}": value for name, value in run.peak.gib.items()})
     return TrainResult(
         version=run.version, recipe=recipe.name, out_dir=run.out_dir,
         epochs=[{**rec, "file": str(run.out_dir / rec["file"])} for rec in saved],
@@ -404,7 +413,7 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
         mlflow_run_id=provenance.mlflow_run_id, loss_curve=curve, device=str(run.device),
         mixed_precision=run.precision, validation_images=[image.rel for image in run.data.validation],
         fast_path=isinstance(ctx.update, GraphedSteps), timings=timings, latent_cache=ctx.latents.stats.as_dict(),
-        warnings=warnings,
+        warnings=warnings, peak_memory_gib=run.peak.gib,
         step_files=step_files, sample_strip=latest_strip(run.out_dir, run.version, recipe.name, run.last_epoch),
     )
 
