@@ -71,7 +71,9 @@ def flux_parts(smoke: bool, dtype: torch.dtype, device: torch.device) -> dict[st
                  "t5": base.text_encoders[1]}
     else:
         with _default_dtype(dtype):
-            parts = {"transformer": fullsize.flux_transformer("cpu"), "vae": fullsize.vae("flux1", device),
+            # drawn on the device (seconds; minutes on the CPU), then kept on the CPU until the memory options
+            # (fp8 storage, block swap) have placed it, as the trainer's loaded model is
+            parts = {"transformer": fullsize.flux_transformer(device).to("cpu"), "vae": fullsize.vae("flux1", device),
                      "clip": fullsize.text_encoder("l", device), "t5": fullsize.t5_encoder(device)}
     for name, part in parts.items():
         part.requires_grad_(False).to(dtype)
