@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from torch.nn.attention import sdpa_kernel
 
 from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.models.families import model_family
@@ -35,7 +36,14 @@ from lora_pipeline.core.training.recipe_groups import FlowSettings, NoiseSetting
 from lora_pipeline.core.training.run.memory import lighten_denoiser
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow, latent_image_ids, pack_latents, unpack_latents
-from lora_pipeline.core.training.step.loop import MAX_GRAD_NORM, StepBatch, StepParts, make_accelerator, update
+from lora_pipeline.core.training.step.loop import (
+    MAX_GRAD_NORM,
+    TRAINING_ATTENTION,
+    StepBatch,
+    StepParts,
+    make_accelerator,
+    update,
+)
 from lora_pipeline.core.training.step.norms import norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
@@ -129,14 +137,17 @@ def reference_step(args: argparse.Namespace, device: torch.device, pixels: int, 
         noisy = (1.0 - s) * latents + s * noise
         h, w = latents.shape[-2:]
         guidance = torch.full((batch,), 1.0, device=device) if transformer.config.guidance_embeds else None
-        with accelerator.autocast():
+        # the trainer's attention kernels (loop.TRAINING_ATTENTION): the default choice on Hopper includes cuDNN's,
+        # whose backward fails at FLUX's shapes (CUBLAS_STATUS_EXECUTION_FAILED in the next matmul, H200)
+        with accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
             pred = model(hidden_states=pack_latents(noisy), timestep=s.view(-1), guidance=guidance,
                          pooled_projections=pooled, encoder_hidden_states=text,
                          txt_ids=torch.zeros(T5_TOKENS, 3, device=device, dtype=dtype),
                          img_ids=latent_image_ids(h, w, device, dtype), return_dict=False)[0]
             loss = F.mse_loss(unpack_latents(pred, h, w).float(), (noise - latents).float())
         losses.append(loss.detach().item())
-        accelerator.backward(loss)
+        with sdpa_kernel(TRAINING_ATTENTION):
+            accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad()

@@ -190,7 +190,8 @@ def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: Step
     if isinstance(batch, StepBatch):
         with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
             loss = parts.loss(batch, drawn)
-        parts.accelerator.backward(loss)
+        with sdpa_kernel(TRAINING_ATTENTION):  # a checkpointed block recomputes its attention with the same kernel
+            parts.accelerator.backward(loss)
     else:
         loss = _accumulate(parts, batch, drawn)
     parts.accelerator.clip_grad_norm_(parts.params, MAX_GRAD_NORM)
@@ -211,7 +212,8 @@ def _accumulate(parts: StepParts, micro: Sequence[StepBatch], drawn: StepNoise) 
             with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
                 loss = parts.loss(part, drawn.part(start, size))
                 loss = loss * (size / total)
-            parts.accelerator.backward(loss)
+            with sdpa_kernel(TRAINING_ATTENTION):
+                parts.accelerator.backward(loss)
         losses.append(loss.detach())
         start += size
     return torch.stack(losses).sum()
