@@ -232,6 +232,9 @@ TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_r
         "mixed_precision": "no", "validation_split": 0.2}
 
 
+FAMILIES = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux1"}  # the tiny models' model_family
+
+
 def tiny_recipe(**overrides: Any) -> Recipe:
     return Recipe(**{**TINY, **overrides})
 
