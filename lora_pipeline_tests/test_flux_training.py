@@ -3,6 +3,7 @@ options, train_blocks, resume, the text cache."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.training.inputs import encode
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, trainable
 from lora_pipeline.core.training.recipe_groups import FlowSettings
@@ -121,3 +123,41 @@ def test_captions_go_through_clip_and_t5_and_are_cached(tiny_model):
     cached = text.batch(["trg, red body"])
     assert list(text.cache) == ["trg, red body"] and cached.hidden.shape == (1, 64, 32)  # T5's states
     assert cached.pooled.shape == (1, 32) and torch.equal(cached.hidden, text.cache["trg, red body"].hidden)
+
+
+def test_text_outputs_cached_on_disk_are_reused_and_train_byte_identically(flux_snapshot, monkeypatch):
+    encoded: list[str] = []
+    real = encode.encode_prompts
+
+    def counting(base, captions, **kwargs):
+        encoded.extend(captions)
+        return real(base, captions, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_prompts", counting)
+    recipe = tiny_recipe(**{**FLUX, "epochs": 1, "shuffle_caption": False, "cache_text_encoder_outputs_to_disk": True})
+    first, _ = train(flux_snapshot, recipe, "first")
+    captions = set(encoded)
+    entries = sorted((flux_snapshot.cache / "text").rglob("*.safetensors"))
+    assert captions and len(entries) == len(captions) == len(encoded)
+    encoded.clear()
+    second, _ = train(flux_snapshot, recipe, "second")
+    assert encoded == [] and file_bytes(second) == file_bytes(first)  # no text encoder called for a caption
+    plain, _ = train(flux_snapshot, replace(recipe, cache_text_encoder_outputs_to_disk=False), "plain")
+    assert load_file(plain.epochs[0]["file"]).keys() == load_file(first.epochs[0]["file"]).keys()
+    assert all(torch.equal(t, load_file(plain.epochs[0]["file"])[k]) for k, t in load_file(first.epochs[0]["file"])
+               .items())
+    # Another T5 token length is another entry; a damaged entry is encoded again.
+    data = bytearray(entries[0].read_bytes())
+    data[-1] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    encoded.clear()
+    lines: list[str] = []
+    train(flux_snapshot, replace(recipe, t5xxl_max_token_length=32), "shorter")
+    assert sorted(encoded) == sorted(captions)
+    encoded.clear()
+    train(flux_snapshot, recipe, "again", log=lines.append)
+    assert len(encoded) == 1
+    assert any("text cache: " in line and "does not match what it should hold" in line for line in lines)
+    with pytest.raises(ValueError, match="cache_text_encoder_outputs_to_disk needs captions that never change and "
+                                         "frozen text encoders .as kohya's.: not shuffle_caption: true"):
+        tiny_recipe(**{**FLUX, "cache_text_encoder_outputs_to_disk": True})
