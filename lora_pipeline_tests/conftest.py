@@ -146,7 +146,7 @@ def _train_snapshot(root, tiny_model, version: str = "train-v1", n: int = 4, rep
     from lora_pipeline.core.paths import SNAPSHOT
 
     root.models.mkdir(parents=True, exist_ok=True)
-    for name in ("tiny-sd", "tiny-sdxl"):
+    for name in ("tiny-sd", "tiny-sdxl", "tiny-flux"):
         if not (root.models / name).exists():
             os.symlink(tiny_model(name), root.models / name)
     folder = f"img/{repeats}_trg"

@@ -232,6 +232,9 @@ TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_r
         "mixed_precision": "no", "validation_split": 0.2}
 
 
+FAMILIES = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux1"}  # the tiny models' model_family
+
+
 def tiny_recipe(**overrides: Any) -> Recipe:
     return Recipe(**{**TINY, **overrides})
 
@@ -245,3 +248,39 @@ def train(root, recipe: Recipe, out: str, version: str = "train-v1", **kwargs: A
     result = train_lora(root, version, recipe, out_dir=root.root / out, provenance=PROVENANCE,
                         started_at=STARTED_AT, device="cpu", **kwargs)
     return result, lines
+
+
+# --- LoRA weight deltas: a loaded adapter against the trained one, module by module ------------------------------
+
+
+def lora_layers(model: Any, adapter: str) -> list[tuple[str, Any]]:
+    """(name, peft LoraLayer) of every module of `model` that carries `adapter`."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def merged_delta(module: Any, adapter: str) -> Any:
+    """Merged weight - base weight of one adapter of a peft LoraLayer, the module restored after."""
+    import torch
+
+    with torch.no_grad():
+        weight = module.get_base_layer().weight
+        base = weight.clone()
+        module.merge(adapter_names=[adapter])
+        delta = weight - base
+        module.unmerge()
+        weight.copy_(base)
+    return delta
+
+
+def assert_same_deltas(model: Any, loaded: str = "file", trained: str = "ours") -> None:
+    """Every module's delta of the loaded adapter is the trained adapter's: no module missing, none extra."""
+    import torch
+
+    layers = dict(lora_layers(model, trained))
+    assert sorted(name for name, _ in lora_layers(model, loaded)) == sorted(layers)
+    for name, module in layers.items():
+        want = merged_delta(module, trained)
+        assert want.abs().max() > 0
+        torch.testing.assert_close(merged_delta(module, loaded), want, msg=name)

@@ -17,13 +17,14 @@ from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_groups import CaptionDropout
 from lora_pipeline.core.training.step import loop
-from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
+from lora_pipeline_tests.helpers import FAMILIES, TINY, tiny_recipe, train
 
 CAPTION = "trg, red body, matte finish, front view, round screen"
 
 
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
 def test_caption_dropout_one_empties_every_caption_and_flips_and_crops_vary_yet_it_trains(train_snapshot,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, model):
     root = train_snapshot(n=3, repeats=2)
     # flip_aug comes from the dataset spec here (kohya's dataset config), not the recipe: the run flips all the same
     info_path = root.dataset("train-v1") / SNAPSHOT
@@ -47,7 +48,7 @@ def test_caption_dropout_one_empties_every_caption_and_flips_and_crops_vary_yet_
     monkeypatch.setattr(encode.TextSource, "batch", record_captions)
     monkeypatch.setattr(loop, "step_views", record_views)
     recipe = tiny_recipe(epochs=2, validation_split=0.0, caption_dropout_rate=1.0, random_crop=True,
-                         cache_latents=False)
+                         cache_latents=False, base_model=model, model_family=FAMILIES[model])
     result, _ = train(root, recipe, "out")
     assert len(seen_captions) == 2 * 6 and set(seen_captions) == {""}
     assert all(torch.isfinite(torch.tensor(result.loss_history))) and result.total_steps == len(result.loss_history)

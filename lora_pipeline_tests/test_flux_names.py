@@ -13,7 +13,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from lora_pipeline.core.models.flux_names import (
@@ -26,6 +25,7 @@ from lora_pipeline.core.models.flux_names import (
 )
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.training.kohya.network import text_targets
+from lora_pipeline_tests.helpers import assert_same_deltas, lora_layers
 
 RANK, ALPHA = 2, 3.0
 T5_BLOCKS = ("T5Attention", "T5DenseGatedActDense")  # kohya's T5 targets (TEXT_ENCODER_TARGET_REPLACE_MODULE)
@@ -67,32 +67,6 @@ def with_lora(model, targets: list[str], component: str) -> dict[str, tuple[torc
                                         module.lora_B["ours"].weight.detach().clone(), ALPHA)
     assert len(found) == len(targets)
     return found
-
-
-def lora_layers(model, adapter: str) -> list[tuple[str, LoraLayer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
-
-
-def merged_delta(module: LoraLayer, adapter: str) -> torch.Tensor:
-    """Merged weight - base weight of one adapter of a module, the module restored after."""
-    with torch.no_grad():
-        weight = module.get_base_layer().weight
-        base = weight.clone()
-        module.merge(adapter_names=[adapter])
-        delta = weight - base
-        module.unmerge()
-        weight.copy_(base)
-    return delta
-
-
-def assert_same_deltas(model, loaded: str = "file", trained: str = "ours") -> None:
-    """Every module's delta of the loaded adapter is the trained adapter's: no module missing, none extra."""
-    layers = dict(lora_layers(model, trained))
-    assert sorted(name for name, _ in lora_layers(model, loaded)) == sorted(layers)
-    for name, module in layers.items():
-        want = merged_delta(module, trained)
-        assert want.abs().max() > 0
-        torch.testing.assert_close(merged_delta(module, loaded), want, msg=name)
 
 
 def block_linears(transformer) -> set[str]:

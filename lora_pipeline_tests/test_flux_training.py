@@ -3,29 +3,31 @@ options, train_blocks, resume, the text cache."""
 
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
+from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.training.inputs import encode
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, trainable
 from lora_pipeline.core.training.recipe_groups import FlowSettings
+from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow, pack_latents, unpack_latents
-from lora_pipeline_tests.helpers import tiny_recipe, train
+from lora_pipeline_tests.helpers import assert_same_deltas, tiny_recipe, train
 
 FLUX = {"base_model": "tiny-flux", "model_family": "flux1", "epochs": 2, "optimizer": "AdamW",
         "learning_rate": 1e-3}
 
 
 @pytest.fixture
-def flux_snapshot(train_snapshot, tiny_model):
-    root = train_snapshot(n=3, repeats=1)
-    os.symlink(tiny_model("tiny-flux"), root.models / "tiny-flux")
-    return root
+def flux_snapshot(train_snapshot):
+    return train_snapshot(n=3, repeats=1)
 
 
 def file_bytes(result) -> dict[str, bytes]:
@@ -56,6 +58,22 @@ def test_train_blocks_trains_only_those_blocks(flux_snapshot, blocks):
     result, _ = train(flux_snapshot, tiny_recipe(**{**FLUX, "epochs": 1, "train_blocks": blocks}), blocks)
     keys = load_file(result.epochs[0]["file"])
     assert keys and all(f"{blocks}_blocks" in k for k in keys)
+
+
+def test_a_trained_double_block_and_clip_lora_loads_in_diffusers_with_the_trained_deltas(flux_snapshot):
+    """diffusers' kohya FLUX converter reads single blocks at FLUX.1's widths only, hence `train_blocks: double`."""
+    recipe = tiny_recipe(**{**FLUX, "epochs": 1, "train_blocks": "double", "network_train_unet_only": False})
+    result, _ = train(flux_snapshot, recipe, "roundtrip")
+    tensors = load_file(result.epochs[-1]["file"])
+    assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
+    trained = load_base_model(flux_snapshot.models, "tiny-flux", "flux1")
+    add_network(trained, recipe.network, recipe.seed, load_state(result.out_dir).lora)  # adapter "default"
+    clip, t5 = trained.text_encoders
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=clip, tokenizer=None, text_encoder_2=t5,
+                        tokenizer_2=None, transformer=trained.denoiser)
+    pipe.load_lora_weights(for_diffusers(tensors, [clip]), adapter_name="file")
+    assert_same_deltas(trained.denoiser, loaded="file", trained="default")
+    assert_same_deltas(clip, loaded="file", trained="default")
 
 
 def test_resume_gives_byte_identical_files(flux_snapshot):
@@ -105,3 +123,41 @@ def test_captions_go_through_clip_and_t5_and_are_cached(tiny_model):
     cached = text.batch(["trg, red body"])
     assert list(text.cache) == ["trg, red body"] and cached.hidden.shape == (1, 64, 32)  # T5's states
     assert cached.pooled.shape == (1, 32) and torch.equal(cached.hidden, text.cache["trg, red body"].hidden)
+
+
+def test_text_outputs_cached_on_disk_are_reused_and_train_byte_identically(flux_snapshot, monkeypatch):
+    encoded: list[str] = []
+    real = encode.encode_prompts
+
+    def counting(base, captions, **kwargs):
+        encoded.extend(captions)
+        return real(base, captions, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_prompts", counting)
+    recipe = tiny_recipe(**{**FLUX, "epochs": 1, "shuffle_caption": False, "cache_text_encoder_outputs_to_disk": True})
+    first, _ = train(flux_snapshot, recipe, "first")
+    captions = set(encoded)
+    entries = sorted((flux_snapshot.cache / "text").rglob("*.safetensors"))
+    assert captions and len(entries) == len(captions) == len(encoded)
+    encoded.clear()
+    second, _ = train(flux_snapshot, recipe, "second")
+    assert encoded == [] and file_bytes(second) == file_bytes(first)  # no text encoder called for a caption
+    plain, _ = train(flux_snapshot, replace(recipe, cache_text_encoder_outputs_to_disk=False), "plain")
+    assert load_file(plain.epochs[0]["file"]).keys() == load_file(first.epochs[0]["file"]).keys()
+    assert all(torch.equal(t, load_file(plain.epochs[0]["file"])[k]) for k, t in load_file(first.epochs[0]["file"])
+               .items())
+    # Another T5 token length is another entry; a damaged entry is encoded again.
+    data = bytearray(entries[0].read_bytes())
+    data[-1] ^= 0xFF
+    entries[0].write_bytes(bytes(data))
+    encoded.clear()
+    lines: list[str] = []
+    train(flux_snapshot, replace(recipe, t5xxl_max_token_length=32), "shorter")
+    assert sorted(encoded) == sorted(captions)
+    encoded.clear()
+    train(flux_snapshot, recipe, "again", log=lines.append)
+    assert len(encoded) == 1
+    assert any("text cache: " in line and "does not match what it should hold" in line for line in lines)
+    with pytest.raises(ValueError, match="cache_text_encoder_outputs_to_disk needs captions that never change and "
+                                         "frozen text encoders .as kohya's.: not shuffle_caption: true"):
+        tiny_recipe(**{**FLUX, "cache_text_encoder_outputs_to_disk": True})

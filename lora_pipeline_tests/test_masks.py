@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from lora_pipeline.core.training.inputs.data import epoch_batches, load_training
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
-from lora_pipeline_tests.helpers import finish_version, tiny_recipe, train
+from lora_pipeline_tests.helpers import FAMILIES, finish_version, tiny_recipe, train
 
 
 def png(im: Image.Image) -> bytes:
@@ -45,7 +46,8 @@ def masked_root(tmp_path, make_batch, picture, tiny_model):
     """A data root with a masked batch (mask files), an alpha batch, a class-image batch and the tiny models."""
     root = DataRoot(tmp_path / "data")
     root.models.mkdir(parents=True)
-    (root.models / "tiny-sd").symlink_to(tiny_model("tiny-sd"))
+    for model in ("tiny-sd", "tiny-flux"):
+        (root.models / model).symlink_to(tiny_model(model))
     files: dict[str, bytes | str] = {}
     for i in range(3):
         files[f"m{i}.png"] = png(picture(10 + i, (64, 64)))
@@ -122,15 +124,23 @@ class OutputShift(torch.nn.Module):
         return out
 
 
-def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_root):
-    from lora_pipeline.core.models.loading import load_base_model
+MASKED_RECIPE = {"epochs": 1, "masked_loss": True, "validation_split": 0.34, "prior_loss_weight": 0.5}
 
-    root = masked_root
+
+def build_masked_version(root: DataRoot) -> None:
+    """train-v1: the masked batch (mask files) and the class images (regularisation, repeats 1)."""
     version = spec("train-v1", SourceRef(batch="masked", masks="file"),
                    SourceRef(batch="classes", role="regularisation", class_tokens="gadget", repeats=1))
     build_snapshot(root, version, "c")
     finish_version(root, version)
-    recipe = tiny_recipe(epochs=1, masked_loss=True, validation_split=0.34, prior_loss_weight=0.5)
+
+
+def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_root):
+    from lora_pipeline.core.models.loading import load_base_model
+
+    root = masked_root
+    build_masked_version(root)
+    recipe = tiny_recipe(**MASKED_RECIPE)
     data = load_training_data(root.dataset("train-v1"), recipe.buckets, recipe.validation_split)
     assert len(data.train) == 2 and len(data.validation) == 1 and len(data.reg) == 2  # class images never held out
     assert data.reg_repeats == (2, 2) and data.num_reg_images == 2  # kohya fills them up to 2 x 2 samples
@@ -163,13 +173,6 @@ def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_roo
     drawn = [data.images[i] for b in batches for i in b]
     assert sum(i.is_reg for i in drawn) == sum(not i.is_reg for i in drawn) == 4
     assert any(any(data.images[i].is_reg for i in b) and not all(data.images[i].is_reg for i in b) for b in batches)
-
-    result, _ = train(root, recipe, "out", version="train-v1")
-    assert result.steps_per_epoch == 4 and all(torch.isfinite(torch.tensor(result.loss_history)))
-    meta = read_lora_metadata(Path(result.epochs[-1]["file"]))
-    assert meta["ss_masked_loss"] == "True" and meta["ss_num_reg_images"] == "2"
-    assert meta["ss_prior_loss_weight"] == "0.5" and json.loads(meta["ss_reg_dataset_dirs"]) == {
-        "1_gadget": {"img_count": 2, "n_repeats": 1}}
     plain = spec("plain-v1", SourceRef(batch="alpha"))
     build_snapshot(root, plain, "c")
     finish_version(root, plain)
@@ -178,6 +181,21 @@ def test_masked_loss_ignores_the_blanked_half_and_class_images_mix_in(masked_roo
     # a required fast path is refused with fast_path_blockers' reason for the class images
     with pytest.raises(UserError, match=r"impossible on dataset 'train-v1': the dataset has regularisation images"):
         train(root, tiny_recipe(fast_path=True), "y", version="train-v1")
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
+def test_masked_loss_and_class_images_train_and_are_in_the_header(masked_root, model):
+    root = masked_root
+    build_masked_version(root)
+    recipe = tiny_recipe(**MASKED_RECIPE, base_model=model, model_family=FAMILIES[model])
+    result, _ = train(root, recipe, "out", version="train-v1")
+    assert result.steps_per_epoch == 4 and all(torch.isfinite(torch.tensor(result.loss_history)))
+    unmasked, _ = train(root, replace(recipe, masked_loss=False), "unmasked", version="train-v1")
+    assert unmasked.loss_history != result.loss_history  # the same draws, the masked half left out
+    meta = read_lora_metadata(Path(result.epochs[-1]["file"]))
+    assert meta["ss_masked_loss"] == "True" and meta["ss_num_reg_images"] == "2"
+    assert meta["ss_prior_loss_weight"] == "0.5" and json.loads(meta["ss_reg_dataset_dirs"]) == {
+        "1_gadget": {"img_count": 2, "n_repeats": 1}}
 
 
 def test_kohya_fill_of_class_images():

@@ -28,7 +28,7 @@ from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
-from lora_pipeline_tests.helpers import tiny_recipe, train
+from lora_pipeline_tests.helpers import FAMILIES, tiny_recipe, train
 
 # make test runs `-n 2 --dist loadgroup`: one worker runs this module, so its shared training runs happen once
 pytestmark = pytest.mark.xdist_group("network")
@@ -259,10 +259,12 @@ def test_sdxl_text_encoder_lora_loads_in_diffusers(root):
                                    atol=1e-5)
 
 
-def test_accumulating_4_x_batch_1_matches_batch_4(root):
-    one = dict(**SQUARE, optimizer="AdamWScheduleFree", learning_rate=1e-3, epochs=1)
-    big, _ = train(root, tiny_recipe(train_batch_size=4, **one), "batch4")
-    small, _ = train(root, tiny_recipe(train_batch_size=1, gradient_accumulation_steps=4, **one), "accum4")
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
+def test_accumulating_4_x_batch_1_matches_batch_4(root, model):
+    one = dict(**SQUARE, optimizer="AdamWScheduleFree", learning_rate=1e-3, epochs=1, base_model=model,
+               model_family=FAMILIES[model])
+    big, _ = train(root, tiny_recipe(train_batch_size=4, **one), f"batch4-{model}")
+    small, _ = train(root, tiny_recipe(train_batch_size=1, gradient_accumulation_steps=4, **one), f"accum4-{model}")
     assert big.total_steps == small.total_steps == 1
     a, b = load_file(big.epochs[0]["file"]), load_file(small.epochs[0]["file"])
     assert a.keys() == b.keys()

@@ -29,7 +29,7 @@ diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." of 
 
 __all__ = [
     "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "host_to_device",
-    "load_base_model", "resolve_base_model", "sdxl_add_time_ids",
+    "load_base_model", "resolve_base_model", "sdxl_add_time_ids", "text_folders",
 ]
 
 
@@ -96,6 +96,13 @@ def _check_family(denoiser: torch.nn.Module, family: ModelFamily, source: str) -
         raise UserError(f"base model is {actual} model but the recipe says model_family: {family.name}", source)
 
 
+def text_folders(architecture: ModelFamily) -> list[tuple[str, str]]:
+    """(tokenizer, text encoder) subfolders of each of the family's text encoders, as diffusers names them:
+    `tokenizer` / `text_encoder`, then `tokenizer_2` / `text_encoder_2`."""
+    suffixes = ["", *(f"_{n}" for n in range(2, len(architecture.text_encoders) + 1))]
+    return [(f"tokenizer{s}", f"text_encoder{s}") for s in suffixes]
+
+
 def load_base_model(
     models_dir: Path,
     base_model: str,
@@ -114,12 +121,12 @@ def load_base_model(
             source, subfolder=architecture.denoiser_subfolder, torch_dtype=dtype, **opts)
         _check_family(denoiser, architecture, source)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **opts)
-        suffixes = ["", *(f"_{n}" for n in range(2, len(architecture.text_encoders) + 1))]
-        tokenizers = [getattr(transformers, cls).from_pretrained(source, subfolder=f"tokenizer{s}", **opts)
-                      for s, cls in zip(suffixes, architecture.tokenizers, strict=True)]
+        folders = text_folders(architecture)
+        tokenizers = [getattr(transformers, cls).from_pretrained(source, subfolder=tokenizer, **opts)
+                      for (tokenizer, _), cls in zip(folders, architecture.tokenizers, strict=True)]
         encoders = [
-            getattr(transformers, cls).from_pretrained(source, subfolder=f"text_encoder{s}", dtype=dtype, **opts)
-            for s, cls in zip(suffixes, architecture.text_encoders, strict=True)
+            getattr(transformers, cls).from_pretrained(source, subfolder=encoder, dtype=dtype, **opts)
+            for (_, encoder), cls in zip(folders, architecture.text_encoders, strict=True)
         ]
         scheduler_class = getattr(diffusers, architecture.scheduler_class)
         config = scheduler_class.load_config(source, subfolder="scheduler", **opts)

@@ -62,3 +62,16 @@ def weights_hash(source: str, component: str) -> str:
         return sha256_file(files[0])
     lines = "".join(f"{f.name}  {sha256_file(f)}\n" for f in files)
     return sha256_bytes(lines.encode())
+
+
+def folders_hash(source: str, components: list[str]) -> str:
+    """sha256 over "component/path  sha256" lines of every file of the model's `components` folders (weights,
+    configs, tokenizer files), in path order: what a cached output of those components depends on."""
+    lines = []
+    for component in components:
+        folder = _model_folder(source, component) / component
+        if not folder.is_dir():
+            raise UserError(f"no {component} folder found", folder.parent)
+        lines += [f"{component}/{f.relative_to(folder).as_posix()}  {sha256_file(f)}\n"
+                  for f in sorted(folder.rglob("*")) if f.is_file()]
+    return sha256_bytes("".join(lines).encode())

@@ -262,6 +262,11 @@ class Recipe:
         False, description="keep cached latents under the data root's .cache/latents/, shared by runs and recipes",
         json_schema_extra=ADDED_LATER,
     )
+    cache_text_encoder_outputs_to_disk: Bool = Field(
+        False, description="keep each caption's text-encoder outputs under the data root's .cache/text/, shared by "
+        "runs and recipes (kohya's name; needs captions that never change: shuffle_caption: false, no caption "
+        "dropout, frozen text encoders)", json_schema_extra=ADDED_LATER,
+    )
     masked_loss: Bool = Field(
         False, description="weight the loss by each image's mask (a spec source's `masks`), at latent resolution",
         json_schema_extra=ADDED_LATER,
@@ -360,9 +365,20 @@ class Recipe:
             found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
         if self.zero_terminal_snr and not self.v_parameterization:
             found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
+        if self.cache_text_encoder_outputs_to_disk and (changing := self._changing_captions()):
+            found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
+                         f"encoders (as kohya's): not {', '.join(changing)}")
         if self.sample_every_n_epochs is not None and not self.sample_prompts:
             found.append("sample_every_n_epochs needs sample_prompts")
         return found + self._family_conflicts()
+
+    def _changing_captions(self) -> list[str]:
+        """The fields that make a caption's text-encoder outputs change from step to step."""
+        changing = {"shuffle_caption": self.shuffle_caption, "caption_dropout_rate": self.caption_dropout_rate,
+                    "caption_dropout_every_n_epochs": self.caption_dropout_every_n_epochs,
+                    "caption_tag_dropout_rate": self.caption_tag_dropout_rate,
+                    "network_train_unet_only": not self.network_train_unet_only}
+        return [f"{name}: {str(getattr(self, name)).lower()}" for name, value in changing.items() if value]
 
     def _family_conflicts(self) -> list[str]:
         """The options of another objective than the family's, set away from their defaults; image sides the

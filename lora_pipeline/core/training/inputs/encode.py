@@ -3,7 +3,8 @@
 Latents are cached once per image when `cache_latents` is on (kohya's default for LoRA), twice (as it is and
 mirrored) with `flip_aug`, and kept on disk across runs with `cache_latents_to_disk` (latent_cache.py); text embeddings
 are cached per caption only when captions are not shuffled, since a shuffled caption is new at every step
-and is encoded then, without gradients. When the text encoders carry a LoRA being trained nothing is cached
+and is encoded then, without gradients; `cache_text_encoder_outputs_to_disk` keeps them on disk across runs
+(text_cache.py). When the text encoders carry a LoRA being trained nothing is cached
 and every step encodes its captions with gradients.
 """
 
@@ -23,6 +24,7 @@ from lora_pipeline.core.models.loading import BaseModel, encode_prompts, host_to
 from lora_pipeline.core.training.inputs.augment import View
 from lora_pipeline.core.training.inputs.data import TrainImage
 from lora_pipeline.core.training.inputs.latent_cache import CacheStats, LatentDiskCache, entry_key
+from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.timing import StageTimes
 
@@ -135,22 +137,39 @@ class TextConditioning:
 
 
 class TextSource:
-    """Text conditioning for captions; a per-caption cache when the same caption text recurs (no shuffling)."""
+    """Text conditioning for captions; a per-caption cache when the same caption text recurs (no shuffling), read
+    from and written to `disk` when given (text_cache.py)."""
 
     def __init__(self, base: BaseModel, dtype: torch.dtype, device: torch.device, cache_captions: Sequence[str] = (),
-                 times: StageTimes | None = None, train: bool = False):
+                 times: StageTimes | None = None, train: bool = False, disk: TextDiskCache | None = None):
         self.base, self.dtype, self.device, self.train = base, dtype, device, train
         self.times = times or StageTimes(device)
         self.cache: dict[str, TextConditioning] = {}
         for caption in dict.fromkeys(cache_captions):
-            self.cache[caption] = self._encode([caption])
+            self.cache[caption] = self._encode([caption]) if disk is None else self._from_disk(disk, caption)
 
-    def _encode(self, captions: list[str]) -> TextConditioning:
+    def _outputs(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.times.stage("text_encoding"):
-            hidden, pooled = encode_prompts(self.base, captions, grad=self.train)
+            return encode_prompts(self.base, captions, grad=self.train)
+
+    def _conditioning(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> TextConditioning:
         return TextConditioning(
             hidden.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
         )
+
+    def _encode(self, captions: list[str]) -> TextConditioning:
+        return self._conditioning(*self._outputs(captions))
+
+    def _from_disk(self, disk: TextDiskCache, caption: str) -> TextConditioning:
+        """One caption's conditioning from its disk entry, encoded and stored first on a miss. The entry holds
+        the encoders' outputs exactly (float32 copies), so both ways give the same conditioning."""
+        found = disk.get(caption)
+        if found is None:
+            hidden, pooled = self._outputs([caption])
+            disk.put(caption, hidden[0], None if pooled is None else pooled[0])
+        else:
+            hidden, pooled = found[0][None], None if found[1] is None else found[1][None]
+        return self._conditioning(hidden, pooled)
 
     def batch(self, captions: list[str]) -> TextConditioning:
         if not all(c in self.cache for c in captions):

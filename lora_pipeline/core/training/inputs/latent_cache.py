@@ -7,9 +7,7 @@ resized size, the crop and the flip (and a format number). A changed image, VAE 
 so an entry is never trusted across a changed VAE; runs and recipes of the same base model at the same
 buckets share entries.
 
-Entries are checked on read: the header must name the same key and the payload's sha256 and shape must
-match; anything else (a damaged or foreign file) is a miss that is encoded again and rewritten, with one
-log line. Files are written to a temp name and renamed, so a killed run leaves no half entry.
+Entries are checked on read and written whole (disk_cache.py).
 
     <data root>/.cache/latents/<key[:2]>/<key>.safetensors
 """
@@ -20,21 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
-from lora_pipeline.core.fileio import atomic_write_bytes
-from lora_pipeline.core.hashing import sha256_bytes, sha256_json
+from lora_pipeline.core.hashing import sha256_json
+from lora_pipeline.core.training.inputs.disk_cache import EntryFiles, EntryStats
 
 FORMAT = 1
 TENSOR = "posterior"
 
 
 @dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    rejected: int = 0  # entries found but not trusted (counted in misses too)
+class CacheStats(EntryStats):
     vae_encodes: int = 0  # every VAE encode of the run, with or without the disk cache
 
     def as_dict(self) -> dict[str, int]:
@@ -55,37 +49,16 @@ class LatentDiskCache:
     log: Callable[[str], None] = print
     stats: CacheStats = field(default_factory=CacheStats)
 
+    def __post_init__(self) -> None:
+        self.entries = EntryFiles(self.folder, "latent cache", self.log, self.stats)
+
     def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.safetensors"
+        return self.entries.path(key)
 
     def get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The stored posterior of `key` if its file is there and checks out; None (a miss) otherwise."""
-        path = self.path(key)
-        if not path.is_file():
-            self.stats.misses += 1
-            return None
-        try:
-            data = path.read_bytes()
-            with safetensors.safe_open(str(path), "pt") as f:  # header only; the tensor comes from `data`
-                header = f.metadata() or {}
-            tensor = safetensors.torch.load(data)[TENSOR]
-            payload = tensor.contiguous().numpy().tobytes()
-            ok = (header.get("key") == key and tuple(tensor.shape) == shape and tensor.dtype == torch.float32
-                  and header.get("payload_sha256") == sha256_bytes(payload))
-        except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError):
-            ok = False
-        if not ok:
-            self.stats.misses += 1
-            self.stats.rejected += 1
-            self.log(f"latent cache: {path.name} does not match what it should hold; encoding it again")
-            return None
-        self.stats.hits += 1
-        return tensor
+        found = self.entries.get(key, {TENSOR: shape})
+        return None if found is None else found[TENSOR]
 
     def put(self, key: str, posterior: torch.Tensor) -> None:
-        tensor = posterior.detach().to("cpu", torch.float32).contiguous()
-        metadata = {"key": key, "vae_hash": self.vae_hash, "format": str(FORMAT),
-                    "payload_sha256": sha256_bytes(tensor.numpy().tobytes())}
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, safetensors.torch.save({TENSOR: tensor}, metadata=metadata))
+        self.entries.put(key, {TENSOR: posterior}, {"vae_hash": self.vae_hash, "format": str(FORMAT)})

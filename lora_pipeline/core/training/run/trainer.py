@@ -39,6 +39,7 @@ from lora_pipeline.core.training.inputs.augment import flip_warning
 from lora_pipeline.core.training.inputs.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
+from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict, param_groups, trainable
 from lora_pipeline.core.training.progress import Progress, training_threads
@@ -74,6 +75,7 @@ from lora_pipeline.core.training.timing import StageTimes
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOSS_CURVE = "loss_curve.png"
 LATENT_CACHE = "latents"  # under the data root's .cache/ (latent_cache.py)
+TEXT_CACHE = "text"  # under the data root's .cache/ (text_cache.py)
 DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
 PROVENANCE_KEYS = {*DERIVED, "code_commit", "mlflow_run_id"}
 
@@ -248,7 +250,10 @@ def _build_context(run: _Run) -> StepContext:
     # whole captions (or "") recur, and the text encoders are frozen
     fixed_captions = not augmentation.shuffle_caption and not dropout.tag_rate and not train_text
     cached = [i.caption for i in images] + ([""] if dropout.on else []) if fixed_captions else ()
-    text = TextSource(base, dtype, device, cached, run.times, train=train_text)
+    text_disk = None
+    if recipe.cache_text_encoder_outputs_to_disk:  # the recipe made sure that captions are fixed
+        text_disk = TextDiskCache.for_model(base, run.root.cache / TEXT_CACHE, run.log)
+    text = TextSource(base, dtype, device, cached, run.times, train=train_text, disk=text_disk)
     if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
         if recipe.cache_latents:
             base.vae.to("cpu")
