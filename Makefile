@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export MLFLOW_ENABLE_TELEMETRY := false
 
-.PHONY: demo demo-locon test lint ui mlflow-ui clean install docs fuzz cluster-demo browser screenshots
+.PHONY: demo demo-locon demo-flux test lint ui mlflow-ui clean install docs fuzz cluster-demo browser screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 # LoCon with samples while training (data/recipes/demo-tiny-locon.yaml) on the demo's dataset version.
 demo-locon: demo
 	$(BIN)/lora-pipeline train hardware-design-aesthetic-v2 --recipe demo-tiny-locon
+
+# FLUX.1 on the generated tiny FLUX.1 [dev]-shaped model (data/recipes/demo-tiny-flux.yaml): trained on the
+# rectified-flow objective, then its epoch x weight grid through FluxPipeline and its validation loss.
+demo-flux: demo
+	$(BIN)/lora-pipeline train hardware-design-aesthetic-v2 --recipe demo-tiny-flux
+	$(BIN)/lora-pipeline evaluate hardware-design-aesthetic-v2 --recipe demo-tiny-flux
 
 # The cluster profile on this machine (README, "Running on several machines"): Dagster webserver and daemon on
 # Postgres, one Celery worker per queue, MLflow on Postgres; the demo chain through them. HOLD=1 keeps them up

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest
@@ -18,9 +21,10 @@ from lora_pipeline.defs.partitions import training_key
 from lora_pipeline.defs.resources import TrainingLauncherResource
 from lora_pipeline.runs.instance import instance
 from lora_pipeline.runs.jobs import run_job
-from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2
+from lora_pipeline_tests.helpers import DEMO_EPOCHS, DEMO_GROUP, DEMO_RECIPE, DEMO_V2, cli
 
 VERSION, RECIPE = "hardware-design-aesthetic-v1", "demo-tiny"
+FLUX_RECIPE = "demo-tiny-flux"
 PROCESSES_ENV = env_name("train_processes")
 
 
@@ -108,3 +112,23 @@ def test_the_launcher_takes_its_process_count_from_config_then_environment(monke
     monkeypatch.setenv(PROCESSES_ENV, "two")
     with pytest.raises(UserError, match=PROCESSES_ENV):
         _ = TrainingLauncherResource().processes
+
+
+def test_flux_demo_trains_evaluates_and_traces_through_the_cli(sample_root, tiny_model):
+    """demo-tiny-flux as `make demo-flux` runs it (cut to 2 epochs and 1 sample step, the spec to 1 repeat): train,
+    evaluate (evaluate_job's evaluation_grid: FluxPipeline grids, flow validation loss), then provenance ok."""
+    os.symlink(tiny_model("tiny-flux"), sample_root.models / "tiny-flux")
+    for path, changes in ((sample_root.spec_file(VERSION), {"repeats": 1}),
+                          (sample_root.recipe_file(FLUX_RECIPE), {"epochs": 2, "sample_steps": 1})):
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **changes}, sort_keys=False))
+    cli("build", VERSION)
+    cli("train", VERSION, "--recipe", FLUX_RECIPE)
+    evaluated = json.loads(cli("evaluate", VERSION, "--recipe", FLUX_RECIPE, "--json").stdout)
+    assert instance().get_run_by_id(evaluated["dagster_run_id"]).is_success
+    rec = evaluated["recommendation"]
+    assert len(evaluated["grids"]) == 2 and rec["recommended_epoch"] in (1, 2)
+    assert [e["epoch"] for e in rec["epochs"]] == [1, 2] and all(math.isfinite(e["val_loss"]) for e in rec["epochs"])
+    files = sorted(sample_root.loras(VERSION, FLUX_RECIPE).glob("*.safetensors"))
+    assert len(files) == 2
+    chain = json.loads(cli("provenance", str(files[-1]), "--json").stdout)
+    assert chain["status"] == "ok" and chain["lora"]["training"]["ss_base_model_version"] == "flux1"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -15,6 +16,8 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation import evaluate_lora
 from lora_pipeline.core.evaluation.grid import column_labels, plan_grid
 from lora_pipeline.core.evaluation.recommend import fmt
+from lora_pipeline.core.models.loading import load_base_model
+from lora_pipeline.core.models.sampling import load_pipeline, sample
 from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.tracking import TrainingTracker
@@ -170,3 +173,37 @@ def test_evaluates_what_train_lora_wrote(train_snapshot):
     assert result.recommendation["validation"]["images"] == trained.validation_images
     client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     assert client.get_run(result.mlflow_run_id).data.tags["mlflow.parentRunId"] == trained.mlflow_run_id
+
+
+def test_tiny_flux_through_flux_pipeline_with_the_flow_validation_loss(train_snapshot):
+    """A FLUX.1 LoRA that train_lora wrote (double blocks: diffusers cannot convert a tiny single-block linear1)
+    evaluated through FluxPipeline: its base column is the base model's own image, every weight changes it."""
+    root = train_snapshot(n=4, repeats=1)
+    recipe = tiny_recipe(base_model="tiny-flux", model_family="flux1", epochs=2, optimizer="AdamW",
+                         learning_rate=1e-2, train_blocks="double", t5xxl_max_token_length=64, guidance_scale=3.5,
+                         sample_prompts=PROMPTS[:1], eval_weights=(0.8, 1.0, 1.2))
+    train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", "tiny"), provenance={},
+               tracker=TrainingTracker(root.mlflow), log=lambda _: None, device="cpu")
+    result, _ = evaluate(root, recipe)
+
+    assert result.epochs == [1, 2] and [p.name for p in result.grid_paths] == ["grid_0.png"]
+    grid = cells(result.grid_paths[0], result, PROMPTS[0])
+    assert all((r[c] != r[0]).any() for r in grid for c in (1, 2, 3))  # each weight changes the base image
+    assert all((r[c] != r[d]).any() for r in grid for c in (1, 2, 3) for d in (1, 2, 3) if c != d)
+    base = load_base_model(root.models, "tiny-flux", "flux1", t5_max_length=64)
+    alone = sample(load_pipeline(base, torch.float32), recipe.sampling, options=base.pipeline_call_options)[0]
+    scale = plan_grid((64, 64), ["epoch 1"], column_labels(result.weights), PROMPTS[0]).scale
+    assert all(np.array_equal(r[0][::scale, ::scale], alone) for r in grid)
+    assert all(np.isfinite(r["val_loss"]) for r in result.loss_rows)
+    assert len({r["val_loss"] for r in result.loss_rows}) == 2  # the LoRA, not the draws, differs between epochs
+    assert result.recommendation["recommended_epoch"] in (1, 2)
+
+
+def test_a_tiny_flux_single_block_lora_is_one_line_naming_train_blocks(train_snapshot):
+    root = train_snapshot(n=3, repeats=1)
+    recipe = tiny_recipe(base_model="tiny-flux", model_family="flux1", epochs=1, optimizer="AdamW",
+                         t5xxl_max_token_length=64, sample_prompts=PROMPTS[:1], sample_steps=1)
+    train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", "tiny"), provenance={},
+               tracker=TrainingTracker(root.mlflow), log=lambda _: None, device="cpu")
+    with pytest.raises(UserError, match="train_blocks: double"):
+        evaluate(root, recipe)

@@ -73,3 +73,14 @@ def test_the_families_key_names_on_the_tiny_models(tmp_path):
     assert sd.architecture.kohya_module_namer(sd.unet)(name) == name  # SD 1.x: the diffusers path itself
     assert sdxl.architecture.kohya_module_namer(sdxl.unet)(name) == "input_blocks.4.1.proj_in"  # sgm
     assert sd.architecture.is_own_denoiser(sd.unet.config) and not sdxl.architecture.is_own_denoiser(sd.unet.config)
+
+
+def test_the_families_say_how_their_pipeline_samples(tmp_path):
+    sd = load_base_model(tmp_path, "tiny-sd", "sd15")
+    dev = load_base_model(tmp_path, "tiny-flux", "flux1", t5_max_length=64)
+    schnell = load_base_model(tmp_path, "tiny-flux-schnell", "flux1")
+    assert sd.pipeline_call_options == {} and sd.architecture.guidance_note(sd.unet, 7.0) == "cfg 7"
+    assert dev.pipeline_call_options == {"max_sequence_length": 64}  # T5 padded as training pads it
+    assert schnell.pipeline_call_options == {"max_sequence_length": 256}  # kohya's [schnell] default
+    assert dev.architecture.guidance_note(dev.denoiser, 3.5) == "guidance 3.5 (embedded)"
+    assert schnell.architecture.guidance_note(schnell.denoiser, 3.5) == "no guidance"

@@ -25,7 +25,7 @@ BATCHES = ["curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-
            "class-images-2026-12"]
 SPECS = ["hardware-design-aesthetic-v1", "hardware-design-aesthetic-v2", "hardware-promoted-merge-v1",
          "hardware-masked-reg-v1"]
-RECIPES = ["demo-tiny", "demo-tiny-sdxl", "demo-tiny-locon", "style-sd15", "style-sdxl"]
+RECIPES = ["demo-tiny", "demo-tiny-sdxl", "demo-tiny-locon", "demo-tiny-flux", "style-sd15", "style-sdxl"]
 IMAGE_SUFFIXES = {".png", ".jpg"}
 
 
@@ -208,6 +208,13 @@ def test_recipes_load_and_prompt_in_the_caption_schema() -> None:
     for recipe in (tiny, tiny_xl, locon):  # CPU-sized
         assert (recipe.resolution, recipe.epochs, recipe.network_dim, recipe.sample_steps) == (64, 4, 4, 4)
         assert recipe.mixed_precision == "no" and recipe.validation_split == 0.2
+    flux = recipes["demo-tiny-flux"]  # CPU-sized too; double blocks, which diffusers loads for the grid at tiny widths
+    assert (flux.base_model, flux.model_family, flux.train_blocks, flux.optimizer) == (
+        "tiny-flux", "flux1", "double", "AdamW")
+    assert (flux.resolution, flux.network_dim, flux.sample_steps, flux.mixed_precision) == (64, 4, 4, "no")
+    assert flux.epochs <= 4 and flux.validation_split == 0.2
+    assert all(side % 16 == 0 for side in (flux.resolution, flux.min_bucket_reso, flux.max_bucket_reso,
+                                           flux.bucket_reso_steps))  # FLUX's pixel multiple
     assert (recipes["style-sd15"].resolution, recipes["style-sdxl"].resolution) == (512, 1024)
     assert recipes["style-sdxl"].model_family == "sdxl"
     for recipe in (recipes["style-sd15"], recipes["style-sdxl"]):

@@ -41,7 +41,6 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.step.noise import training_scheduler
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"
@@ -106,9 +105,10 @@ def _check_headers(headers: Mapping[int, Mapping[str, str]], files: Mapping[int,
     return runs.pop()
 
 
-def _subtitle(version: str, recipe: Recipe) -> str:
+def _subtitle(version: str, recipe: Recipe, base: BaseModel) -> str:
+    guidance = base.architecture.guidance_note(base.denoiser, recipe.guidance_scale)
     return (f"{version} / {recipe.name} · {recipe.base_model} · seed {recipe.sample_seed} + prompt index · "
-            f"{recipe.sample_steps} steps · cfg {recipe.guidance_scale:g} · {recipe.resolution} px")
+            f"{recipe.sample_steps} steps · {guidance} · {recipe.resolution} px")
 
 
 def _sample_epochs(
@@ -116,14 +116,16 @@ def _sample_epochs(
     epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None],
 ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, float]]:
     """Base images, then per epoch (its file loaded once) the images at every weight and the validation loss."""
-    baseline = sample(pipe, recipe.sampling)
+    options = base.pipeline_call_options
+    baseline = sample(pipe, recipe.sampling, options=options)
     images: dict[int, np.ndarray] = {}
     val: dict[int, float] = {}
     for epoch in epochs:
         with loaded_lora(pipe, files[epoch], epoch) as adapter:
-            images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w) for w in recipe.eval_weights])
+            images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w, options)
+                                      for w in recipe.eval_weights])
             pipe.set_adapters([adapter], adapter_weights=[1.0])
-            val[epoch] = validation_loss(pipe.unet, base, validation, dtype)
+            val[epoch] = validation_loss(base.denoiser, base, validation, dtype)
         log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
     return baseline, images, val
 
@@ -148,8 +150,8 @@ def evaluate_lora(
     target = default_device(device)
     dtype = sampling_dtype(recipe.mixed_precision, target)
     data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
-    base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype)
-    base.noise_scheduler = training_scheduler(base.noise_scheduler, recipe.noise)  # v-prediction / zero terminal SNR
+    base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype,
+                           recipe.t5xxl_max_token_length)
     validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")
@@ -169,7 +171,7 @@ def evaluate_lora(
     decision = recommend(rows, recipe.eval_weights)
     chosen = decision["recommended_epoch"]
     out_dir = root.evals(version, recipe.name)
-    grids = write_grids(out_dir, recipe, baseline, images, chosen, _subtitle(version, recipe))
+    grids = write_grids(out_dir, recipe, baseline, images, chosen, _subtitle(version, recipe, base))
     for stale in out_dir.iterdir():
         if GRID_RE.fullmatch(stale.name) and stale not in grids:
             stale.unlink()

@@ -1,10 +1,11 @@
 """Validation and training loss per epoch, and the loss-curve PNG.
 
-Validation loss is the training objective (training.loop.compute_loss: the recipe's noise options and loss
-weighting, its prediction type) on the images the training split held out (training.data: same split, same
-images every time).
-Every epoch sees identical inputs: each image's latents are cached once, and its noise and timesteps come
-from a generator seeded by (sample_seed, image index), so differences between epochs are the LoRA's alone.
+Validation loss is the training objective (training.step.loop.compute_loss: for DDPM the recipe's noise options
+and loss weighting, its prediction type; for the rectified flow of FLUX.1 the recipe's timestep sampling, prediction
+type and weighting, training.step.flux_step) on the images the training split held out (training.data: same split,
+same images every time).
+Every epoch sees identical inputs: each image's latents are cached once, and its noise and timesteps (sigmas)
+come from a generator seeded by (sample_seed, image index), so differences between epochs are the LoRA's alone.
 When the split holds nothing out (validation_split 0, or a single image), the training images stand in and
 the output says so: such a "validation" loss measures fit, not generalisation.
 
@@ -33,7 +34,9 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, 
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
+from lora_pipeline.core.training.step.objective import training_objective
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image
 VALIDATION_STREAM = 1 << 40  # keeps validation draws apart from any training step's
@@ -49,6 +52,7 @@ class ValidationSet:
     batches: list[StepBatch]
     settings: NoiseSettings
     seed: int
+    flow: RectifiedFlow | None = None  # the rectified-flow objective of a flow family; None: DDPM (`settings`)
 
     def describe(self) -> dict[str, object]:
         note = ("held-out images (recipe.validation_split)" if self.held_out else
@@ -61,7 +65,8 @@ class ValidationSet:
 def prepare_validation(
     base: BaseModel, data: TrainingData, recipe: Recipe, device: torch.device, dtype: torch.dtype
 ) -> ValidationSet:
-    """Encode the validation images and their (unshuffled) captions once, with the frozen VAE and text encoders."""
+    """Encode the validation images and their (unshuffled) captions once, with the frozen VAE and text encoders;
+    set up the training objective as the trainer does (training_objective: the DDPM scheduler replaced in place)."""
     images = list(data.validation) or list(data.train)
     latents = LatentSource(base, images, recipe.seed, cache=True, device=device)
     text = TextSource(base, dtype, device, [image.caption for image in images])
@@ -72,11 +77,11 @@ def prepare_validation(
             latents=latents.batch([index] * NOISE_DRAWS, 0),
             encoder_hidden_states=cond.hidden,
             text_embeds=cond.pooled,
-            time_ids=time_ids([image] * NOISE_DRAWS, dtype, device) if cond.pooled is not None else None,
+            time_ids=time_ids([image] * NOISE_DRAWS, dtype, device) if base.architecture.micro_conditioning else None,
         ))
     return ValidationSet(
         held_out=bool(data.validation), images=[image.rel for image in images], batches=batches,
-        settings=recipe.noise, seed=recipe.sample_seed,
+        settings=recipe.noise, seed=recipe.sample_seed, flow=training_objective(base, recipe.noise, recipe.flow),
     )
 
 
@@ -89,13 +94,15 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 @torch.no_grad()
 def validation_loss(unet: torch.nn.Module, base: BaseModel, validation: ValidationSet, dtype: torch.dtype) -> float:
-    """Mean denoising loss over the validation set with the U-Net as it is now (LoRA loaded at weight 1)."""
+    """Mean loss of the training objective over the validation set with the denoiser `unet` as it is now (LoRA
+    loaded at weight 1)."""
     losses = []
     device = next(unet.parameters()).device
     with deterministic(device), _autocast(device, dtype):
         for index, batch in enumerate(validation.batches):
             generator = torch_generator(validation.seed, Stream.NOISE, VALIDATION_STREAM, index)
-            losses.append(float(compute_loss(unet, base.noise_scheduler, batch, generator, validation.settings)))
+            losses.append(float(compute_loss(unet, base.noise_scheduler, batch, generator, validation.settings,
+                                             validation.flow)))
     return statistics.fmean(losses)
 
 

@@ -88,6 +88,11 @@ class BaseModel:
         """What the family of this model says (families/): conditioning, key names, pipeline, metadata."""
         return model_family(self.family)
 
+    @property
+    def pipeline_call_options(self) -> dict[str, Any]:
+        """What the family's pipeline is called with besides the sampling settings (FLUX: its T5 length)."""
+        return self.architecture.pipeline_call_options(self.denoiser, self.token_lengths)
+
 
 def _check_family(denoiser: torch.nn.Module, family: ModelFamily, source: str) -> None:
     if not family.is_own_denoiser(denoiser.config):

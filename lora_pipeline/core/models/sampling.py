@@ -4,6 +4,8 @@ and the samples while training.
 Each epoch's kohya file is loaded through `load_lora_weights` and weighted with `set_adapters` — exactly how a
 user loads the LoRA — so the images show what users will get. Every image of one prompt starts from the same
 noise (a generator seeded from `seed + prompt index`), so only the epoch and the weight differ between them.
+The family names the pipeline (FluxPipeline for FLUX.1, whose `guidance_scale` is [dev]'s embedded guidance)
+and its further call arguments (FLUX's T5 length).
 The settings are plain values (`SamplingSettings`; a recipe gives its own as `Recipe.sampling`), so neither
 training nor evaluation needs the other to render.
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -25,6 +28,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import BaseModel
@@ -111,8 +115,13 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
     name = f"e{epoch}"
     encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
     tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
-    with quiet_diffusers():
-        pipe.load_lora_weights(tensors, adapter_name=name)
+    try:
+        with quiet_diffusers():
+            pipe.load_lora_weights(tensors, adapter_name=name)
+    except AssertionError:  # diffusers' kohya FLUX converter: widths that are not FLUX.1's full ones
+        raise UserError("diffusers' load_lora_weights cannot convert this LoRA: its kohya FLUX converter splits "
+                        "single blocks' linear1 at FLUX.1's full widths; a tiny model's LoRA loads when trained "
+                        "with train_blocks: double", path) from None
     try:
         yield name
     finally:
@@ -120,11 +129,12 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
 
 
 @torch.no_grad()
-def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | None = None, weight: float = 0.0
-           ) -> np.ndarray:
+def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | None = None, weight: float = 0.0,
+           options: Mapping[str, Any] | None = None) -> np.ndarray:
     """One image per sample prompt (one batched call) as uint8 [prompt, H, W, 3].
 
     `adapter` None samples the base model alone (the weight-0 column); otherwise the adapter is set to `weight`.
+    `options`: the family's further arguments of the pipeline's call (`BaseModel.pipeline_call_options`).
     """
     if adapter is not None:
         pipe.set_adapters([adapter], adapter_weights=[weight])
@@ -133,7 +143,7 @@ def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | N
     with deterministic(pipe.device), quiet_diffusers():
         images = pipe(
             prompts, height=settings.resolution, width=settings.resolution, num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale, generator=generators, output_type="np",
+            guidance_scale=settings.guidance_scale, generator=generators, output_type="np", **(options or {}),
         ).images
     return np.clip(np.rint(np.asarray(images, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 

@@ -55,3 +55,12 @@ class ModelFamily(ABC):
     def swapped_blocks(self, denoiser: Any, count: int) -> list[Any]:
         """The `count` blocks of the denoiser whose weights live on the CPU (models/offload.py BlockSwap)."""
         raise ValueError(f"{self.label} model has no blocks to swap")
+
+    def pipeline_call_options(self, denoiser: Any, token_lengths: Sequence[int]) -> dict[str, Any]:
+        """Keyword arguments of the pipeline's call beyond prompts, size, steps, guidance and generators: none
+        (the U-Net pipelines pad their prompts to the tokenizers' own length)."""
+        return {}
+
+    def guidance_note(self, denoiser: Any, guidance_scale: float) -> str:
+        """How a sampled image is guided, as a grid's subtitle says it: classifier-free guidance."""
+        return f"cfg {guidance_scale:g}"

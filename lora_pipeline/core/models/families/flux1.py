@@ -60,6 +60,16 @@ class Flux1(ModelFamily):
                             f"blocks; this transformer has {len(blocks[0])} and {len(blocks[1])}")
         return [*blocks[0][len(blocks[0]) - double:], *blocks[1][len(blocks[1]) - single:]]
 
+    def pipeline_call_options(self, denoiser: Any, token_lengths: Sequence[int]) -> dict[str, Any]:
+        """FluxPipeline pads T5's input to `max_sequence_length` (default 512): the model's T5 length instead,
+        so sampling conditions the transformer as training did."""
+        return {"max_sequence_length": token_lengths[1]}
+
+    def guidance_note(self, denoiser: Any, guidance_scale: float) -> str:
+        """[dev]: FluxPipeline's `guidance_scale` is the value of the distilled guidance embedding (no second,
+        unconditional pass); [schnell] has no guidance input and the pipeline ignores the scale."""
+        return f"guidance {guidance_scale:g} (embedded)" if flux_variant(denoiser) == "dev" else "no guidance"
+
 
 FLUX1 = Flux1(
     name="flux1", label="a FLUX.1", text_encoders=("CLIPTextModel", "T5EncoderModel"), text_prefixes=("lora_te1_",),

@@ -75,6 +75,6 @@ class SampleRenderer:
         frozen = [self.base.vae, *self.base.text_encoders]
         mixed = self.device.type == "cuda" and self.dtype != torch.float32  # as the training step runs
         with _on_device(frozen, self.device), torch.autocast(self.device.type, dtype=self.dtype, enabled=mixed):
-            images = sample(pipe, self.settings)
+            images = sample(pipe, self.settings, options=self.base.pipeline_call_options)
         save_png(strip_image(images), path)
         return path

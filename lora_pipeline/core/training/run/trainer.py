@@ -31,7 +31,6 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.models.families.base import RECTIFIED_FLOW
 from lora_pipeline.core.models.loading import BaseModel, base_model_hash, default_device, load_base_model
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
@@ -56,7 +55,6 @@ from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
-from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import (
     EpochStats,
     Shard,
@@ -67,8 +65,8 @@ from lora_pipeline.core.training.step.loop import (
     run_epoch,
     update,
 )
-from lora_pipeline.core.training.step.noise import training_scheduler
 from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.objective import training_objective
 from lora_pipeline.core.training.step.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
 
@@ -221,11 +219,7 @@ def _build_context(run: _Run) -> StepContext:
     unet = base.denoiser
     noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
     add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
-    flow = None
-    if base.architecture.objective == RECTIFIED_FLOW:
-        flow = RectifiedFlow.of(recipe.flow, unet)
-    else:
-        base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
+    flow = training_objective(base, noise, recipe.flow)
     train_text = not recipe.network_train_unet_only
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
     moving = time.perf_counter()

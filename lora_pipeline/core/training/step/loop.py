@@ -142,14 +142,33 @@ def denoising_loss(
     return loss.mean()
 
 
+def draw_flow_noise(flow: RectifiedFlow, latents: torch.Tensor, generator: torch.Generator,
+                    images: int | None = None) -> StepNoise:
+    """The flow objective's noise and sigmas (in `timesteps`) for `images` images of the latents' shape (default: as
+    many as `latents` has), drawn from `generator` (CPU) then moved."""
+    noise, sigmas = flow.draw((latents.shape[0] if images is None else images, *latents.shape[1:]), generator)
+    return StepNoise(host_to_device(noise, latents.device).to(latents.dtype), host_to_device(sigmas, latents.device))
+
+
+def flow_batch_loss(transformer: torch.nn.Module, flow: RectifiedFlow, batch: StepBatch, drawn: StepNoise
+                    ) -> torch.Tensor:
+    """The flow objective's loss of one batch from its drawn noise and sigmas."""
+    return flow.loss(transformer, batch.latents, drawn.noise, drawn.timesteps, batch.encoder_hidden_states,
+                     batch.text_embeds, batch.mask, batch.loss_weights)
+
+
 def compute_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
     batch: StepBatch,
     generator: torch.Generator,
     settings: NoiseSettings,
+    flow: RectifiedFlow | None = None,
 ) -> torch.Tensor:
-    """The denoising loss of one batch; all randomness drawn from `generator` (CPU) then moved."""
+    """The loss of one batch, DDPM's or (with `flow`) the rectified flow's; all randomness drawn from `generator`
+    (CPU) then moved."""
+    if flow is not None:
+        return flow_batch_loss(unet, flow, batch, draw_flow_noise(flow, batch.latents, generator))
     return denoising_loss(unet, scheduler, batch, draw_noise(batch.latents, scheduler, generator, settings), settings)
 
 
@@ -170,17 +189,13 @@ class StepParts:
         flow objective `timesteps` holds the sigmas."""
         if self.flow is None:
             return draw_noise(latents, self.scheduler, generator, self.settings, images)
-        noise, sigmas = self.flow.draw((latents.shape[0] if images is None else images, *latents.shape[1:]),
-                                       generator)
-        return StepNoise(host_to_device(noise, latents.device).to(latents.dtype),
-                         host_to_device(sigmas, latents.device))
+        return draw_flow_noise(self.flow, latents, generator, images)
 
     def loss(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
         """The objective's loss of one batch (`denoising_loss` for DDPM)."""
         if self.flow is None:
             return denoising_loss(self.unet, self.scheduler, batch, drawn, self.settings)
-        return self.flow.loss(self.unet, batch.latents, drawn.noise, drawn.timesteps, batch.encoder_hidden_states,
-                              batch.text_embeds, batch.mask, batch.loss_weights)
+        return flow_batch_loss(self.unet, self.flow, batch, drawn)
 
 
 def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
