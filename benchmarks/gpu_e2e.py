@@ -164,16 +164,15 @@ def diffusers_tensors(family: str, path: Path) -> int:
 
 def diffusers_flux_layers(model_dir: Path, path: Path) -> int:
     """Load a kohya FLUX.1 file as a user does, FluxPipeline's `load_lora_weights` into a FluxTransformer2DModel
-    of the model's config (weights left uninitialised: only the LoRA's are read); the number of LoRA-carrying
-    layers. RuntimeError if none or a loaded LoRA weight is not finite."""
+    of the model's config, on the CPU with its weights left uninitialised (only the LoRA's are read: seconds, and
+    no GPU memory); the number of LoRA-carrying layers. RuntimeError if none or a LoRA weight is not finite."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(model_dir / "transformer"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    transformer = transformer.to(torch.bfloat16).to_empty(device=device)
+    transformer = transformer.to(torch.bfloat16).to_empty(device="cpu")
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)
     pipe.load_lora_weights(str(path), adapter_name="drill")
@@ -181,9 +180,6 @@ def diffusers_flux_layers(model_dir: Path, path: Path) -> int:
     lora = [p for name, p in transformer.named_parameters() if ".drill." in name]
     if not layers or not lora or not all(torch.isfinite(p).all() for p in lora):
         raise RuntimeError(f"{path}: load_lora_weights placed no or non-finite LoRA weights ({layers} layers)")
-    del pipe, transformer
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return layers
 
 
@@ -231,10 +227,12 @@ def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke
     started = time.perf_counter()
     trained = train_version(root, VERSION, name, quiet=True)
     train_seconds = time.perf_counter() - started
+    print(f"{name}: lora_epochs asset {train_seconds:.1f} s, {trained['timings']}", flush=True)
     train_peak = _peak_gib()
     started = time.perf_counter()
     evaluate_version(root, VERSION, name, quiet=True)
     eval_seconds = time.perf_counter() - started
+    print(f"{name}: evaluation_grid asset {eval_seconds:.1f} s", flush=True)
     timings = trained["timings"]
     images = trained["images_trained"]
     steady = timings["training_steps"] - timings["shape_warmup"]
@@ -270,6 +268,12 @@ def _environment(root: Path) -> None:
         os.environ.setdefault(key, value)
 
 
+def _stage_done(stages: dict[str, float], stage: str, started: float) -> None:
+    """Record a setup stage's seconds and print them at once (a run cut off by a time limit still shows them)."""
+    stages[stage] = time.perf_counter() - started
+    print(f"{stage}: {stages[stage]:.1f} s", flush=True)
+
+
 def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -291,16 +295,16 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
             bases[family] = f"random-{family}"
             write_fullsize_model(family, root.models / bases[family], "cuda", seed=len(bases))
             torch.cuda.empty_cache()
-    stages["generate_models"] = time.perf_counter() - started
+    _stage_done(stages, "generate_models", started)
     started = time.perf_counter()
     handoff = Path(args.root) / "handoff"
     generate_images(handoff, args.images, SMOKE_SIZES if args.smoke else FULL_SIZES)
-    stages["generate_images"] = time.perf_counter() - started
+    _stage_done(stages, "generate_images", started)
     started = time.perf_counter()
     cmd_intake(argparse.Namespace(src_dir=str(handoff), batch=BATCH, json=True), root)
     write_spec(root, 32 if args.smoke else 512)
     built = build_version(root, VERSION, quiet=True)
-    stages["intake_and_build"] = time.perf_counter() - started
+    _stage_done(stages, "intake_and_build", started)
     report["dataset"] = {"version": VERSION, "images": built["counts"], "errors": built["errors"],
                          "warnings": built["warnings"]}
     if built["errors"]:
