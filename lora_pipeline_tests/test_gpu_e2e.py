@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -38,12 +39,36 @@ def test_handoff_has_distinct_images_of_every_size_with_schema_captions(tmp_path
         assert trigger == drill.TRIGGER and len(tags) == len(drill.TAGS) and set(tags) <= vocabulary
 
 
-@pytest.mark.parametrize(("family", "smoke"), [("sd15", False), ("sdxl", False), ("sdxl", True)])
+@pytest.mark.parametrize(("family", "smoke"), [("sd15", False), ("sdxl", False), ("sdxl", True), ("flux1", False),
+                                             ("flux1", True)])
 def test_drill_recipes_are_valid_recipes_at_the_models_resolution(tmp_path, family, smoke):
     drill = _drill()
     name = f"drill-{family}"
     path = Path(tmp_path / f"{name}.yaml")
     path.write_text(yaml.safe_dump(drill.recipe(name, family, f"random-{family}", 20, smoke, fast_path=False)))
     recipe = load_recipe(path)
-    assert recipe.resolution == (64 if smoke else {"sd15": 512, "sdxl": 1024}[family])
+    assert recipe.resolution == (64 if smoke else {"sd15": 512, "sdxl": 1024, "flux1": 1024}[family])
     assert recipe.model_family == family and recipe.fast_path is False and recipe.save_every_n_epochs == 5
+
+
+def test_flux_recipe_is_the_one_h100_recipe():
+    recipe = _drill().recipe("drill-flux1", "flux1", "random-flux1", 1, False, None)
+    assert {k: recipe[k] for k in ("train_batch_size", "network_dim", "optimizer", "learning_rate", "fp8_base",
+                                   "gradient_checkpointing", "train_blocks", "t5xxl_max_token_length",
+                                   "sample_steps", "guidance_scale", "eval_weights", "eval_max_epochs")} == {
+        "train_batch_size": 1, "network_dim": 16, "optimizer": "AdamW", "learning_rate": 1e-4, "fp8_base": True,
+        "gradient_checkpointing": True, "train_blocks": "all", "t5xxl_max_token_length": 512, "sample_steps": 8,
+        "guidance_scale": 3.5, "eval_weights": [1.0], "eval_max_epochs": 1}
+
+
+def test_flux_smoke_drill_runs_the_chain_on_cpu(tmp_path, capsys):
+    """tiny-flux through build, lora_epochs, evaluation_grid and the checks (FluxPipeline's load_lora_weights);
+    no second process for FLUX.1."""
+    report = tmp_path / "report.json"
+    assert _drill().main(["--smoke", "--models", "flux1", "--root", str(tmp_path / "root"), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "no second run of flux1" in out and "whole drill" in out
+    (model,) = json.loads(report.read_text())["models"]
+    checks = model["checks"]
+    assert checks["epoch_files"] == 1 and checks["diffusers_lora_layers"] > 0 and checks["provenance"] == "ok"
+    assert checks["mlflow_status"] == "FINISHED" and checks["mlflow_epoch_artifacts"]
