@@ -108,6 +108,18 @@ def _cached_batch(parts: dict[str, Any], batch: int, pixels: int, device: torch.
     return StepBatch(latents, hidden, text_embeds=pooled)
 
 
+def end_script_step(accelerator: Any, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, losses: list[float]) -> torch.Tensor:
+    """How the diffusers training scripts end a step (the reference steps of SD and FLUX alike): log the loss
+    (a host sync, as the scripts' progress bar does), backward, clip at kohya's default, step, zero."""
+    losses.append(loss.detach().item())
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
+
+
 def reference_step(args: argparse.Namespace, device: torch.device, pixels: int, batch: int
                    ) -> Callable[[int], torch.Tensor]:
     """The diffusers-script step (module docstring)."""
@@ -145,13 +157,8 @@ def reference_step(args: argparse.Namespace, device: torch.device, pixels: int, 
                          txt_ids=torch.zeros(T5_TOKENS, 3, device=device, dtype=dtype),
                          img_ids=latent_image_ids(h, w, device, dtype), return_dict=False)[0]
             loss = F.mse_loss(unpack_latents(pred, h, w).float(), (noise - latents).float())
-        losses.append(loss.detach().item())
-        with sdpa_kernel(TRAINING_ATTENTION):
-            accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.detach()
+        with sdpa_kernel(TRAINING_ATTENTION):  # the backward too: same kernels as the forward
+            return end_script_step(accelerator, loss, params, optimizer, losses)
 
     return step
 

@@ -68,7 +68,6 @@ from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step import loop
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.loop import (
-    MAX_GRAD_NORM,
     StepBatch,
     StepNoise,
     StepParts,
@@ -209,12 +208,7 @@ def reference_step(shape: Shape, args: argparse.Namespace, device: torch.device)
         with accelerator.autocast():
             pred = model(noisy, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        losses.append(loss.detach().item())  # the script's per-step loss logging
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss.detach()
+        return flux_throughput.end_script_step(accelerator, loss, params, optimizer, losses)
 
     return step
 
