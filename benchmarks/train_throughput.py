@@ -302,7 +302,7 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
                 else functools.partial(reference_step, shape))(args, device)
         precision = ("bf16" if flux else "fp16") if device.type == "cuda" else "no"
     else:
-        step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size) if flux
+        step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size, variant) if flux
                             else trainer_step(shape, args, device, variant))
         precision = args.precision if device.type == "cuda" else "no"
         with FlopCounterMode(display=False) as counter:
@@ -455,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     for shape in shapes:
         for variant in args.variants:
-            if shape.name == "flux1" and variant.startswith("fast"):
-                print(f"flux1 {variant}: not run: {flux_throughput.fast_path_refusal()}", file=sys.stderr)
+            refusal = flux_throughput.fast_path_refusal(args) if shape.name == "flux1" else None
+            if variant.startswith("fast") and refusal:
+                print(f"flux1 {variant}: not run: {refusal}", file=sys.stderr)
                 continue
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # library chatter ("Using decoupled weight decay")

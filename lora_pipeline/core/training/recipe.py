@@ -466,8 +466,9 @@ def fast_path_blockers(recipe: Recipe, device: torch.device | None = None, datas
     found = []
     if device is not None and device.type != "cuda":
         found.append("the device is not a CUDA GPU")
-    if model_family(recipe.model_family).objective != DDPM:
-        found.append("the rectified-flow step is not captured yet")
+    if recipe.blocks_to_swap:
+        found.append("blocks_to_swap copies block weights between the CPU and the GPU inside the step (host work "
+                     "a CUDA graph cannot hold)")
     if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
         found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
                      f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")

@@ -16,6 +16,9 @@ graph replays fixed shapes and a bucketed dataset has a few:
   kernels on the same values;
 - all graphs share one memory pool (they never run at once, and each step's loss is copied out right after
   its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
+- the step is the model family's (`StepParts.loss`): DDPM for the U-Nets, the rectified flow for FLUX.1 (its
+  token ids made on the device, its sigmas drawn on the host like the timesteps); FLUX.1's block swap copies
+  weights between host and device inside the step, so it takes the eager step;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
   AdamW8bit read values back to the host or keep host state, and gradient checkpointing recomputes under an RNG
   state a capture cannot save, so those runs take the eager step (`recipe.fast_path_blockers` says why).
@@ -172,4 +175,9 @@ class GraphedSteps:
                 group["lr"] = host_lr
 
         self.lr.fill_(float(group["lr"]))
+        if self.device.type == "cuda":
+            # the eager steps' freed activations go back to the driver: the graph's private pool allocates its own,
+            # and at FLUX.1's size (about 34 GiB of activations) the two would not fit side by side
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
         return CapturedStep(step, self.device, self.pool)
