@@ -68,7 +68,8 @@ DEFAULT_IMAGES = {"sd15": 200, "sdxl": 200, "flux1": 100}  # the fewest of the d
 # Why the second process is not run when the first model is this family.
 SECOND_RUN_SKIPPED = {
     "flux1": "it would reload and hash the 34 GB model and train 100 steps again (minutes), and FLUX.1's "
-             "drill recipe checkpoints its blocks (the eager step: nothing captured), so there is no compile cache to show",
+             "drill recipe checkpoints its blocks (the eager step: nothing captured), so there is no compile cache "
+             "to show",
 }
 
 
