@@ -42,7 +42,7 @@ from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict, param_groups, trainable
 from lora_pipeline.core.training.progress import Progress, training_threads
-from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
+from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import (
     ResumeState,
     epoch_file_name,
@@ -160,9 +160,6 @@ def train_lora(
     if recipe.masked_loss and not data.has_masks:
         raise UserError(f"masked_loss: true but dataset '{version}' has no masks (a spec source's masks: file "
                         "or alpha)", root.recipe_file(recipe.name))
-    if recipe.fast_path and (blockers := fast_path_blockers(recipe, dataset=data)):
-        raise UserError(f"fast_path: true is impossible on dataset '{version}': {blockers[0]}; set fast_path: false",
-                        root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
     target = default_device(device)
@@ -267,7 +264,7 @@ def _build_context(run: _Run) -> StepContext:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
-    fast_path, why = fast_path_choice(recipe, device, run.data, accelerator.num_processes)
+    fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
     return StepContext(
