@@ -196,13 +196,16 @@ def test_masked_loss_and_class_images_train_and_are_in_the_header(masked_root, m
         "1_gadget": {"img_count": 2, "n_repeats": 1}}
 
 
-def test_masks_class_images_accumulation_and_ip_noise_replay_byte_identically_on_the_fast_path(masked_root):
+def test_masks_class_images_accumulation_ip_noise_and_checkpointing_replay_byte_identically_on_the_fast_path(
+        masked_root):
     # every optional input of the step is a static buffer of the captured step (fastpath._Inputs): the loss masks,
     # the class images' per-image loss weights, ip_noise_gamma's perturbation, and the micro-batches of an
-    # accumulated step (one recorded step for all of them); on a CPU the recorded step is called again
+    # accumulated step (one recorded step for all of them); checkpointing recomputes without the RNG state (nothing
+    # random in the U-Net's forward). On a CPU the recorded step is called again.
     root = masked_root
     build_masked_version(root)
-    recipe = tiny_recipe(**{**MASKED_RECIPE, "epochs": 2}, ip_noise_gamma=0.1, gradient_accumulation_steps=2)
+    recipe = tiny_recipe(**{**MASKED_RECIPE, "epochs": 2}, ip_noise_gamma=0.1, gradient_accumulation_steps=2,
+                         gradient_checkpointing=True)
     plain, _ = train(root, recipe, "plain", version="train-v1")
     fast, _ = train(root, replace(recipe, fast_path=True), "fast", version="train-v1")
     assert (plain.fast_path, fast.fast_path) == (False, True)

@@ -453,7 +453,8 @@ def fast_path_blockers(recipe: Recipe, device: torch.device | None = None, proce
     `fastpath.fast_path_choice` turns an unset one on where there is none. `device`: where an unset fast path
     would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests do), so the
     refusals leave it out. Masks, class images (per-image loss weights), ip_noise_gamma and gradient accumulation
-    (several micro-batches, one graph) are inputs of the captured step like any other.
+    (several micro-batches, one graph) are inputs of the captured step like any other; gradient checkpointing
+    recomputes without reading the RNG state (run/memory.py's `recompute`), so it is captured too.
     """
     found = []
     if device is not None and device.type != "cuda":
@@ -464,8 +465,6 @@ def fast_path_blockers(recipe: Recipe, device: torch.device | None = None, proce
     if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
         found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
                      f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
-    if recipe.gradient_checkpointing:
-        found.append("gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture")
     if not recipe.network_train_unet_only:  # issue 12's options the captured step does not carry
         found.append("the text encoders train outside the captured U-Net step (network_train_unet_only: false)")
     if processes > 1:
