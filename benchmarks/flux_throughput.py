@@ -51,7 +51,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
 FLUX1 = model_family("flux1")
@@ -201,6 +201,7 @@ def trainer_step(args: argparse.Namespace, device: torch.device, pixels: int, ba
     swap = lighten_denoiser(transformer, FLUX1, recipe, device)
     if precision != "no":
         norms_in_dtype(transformer, dtype)
+        lora_inputs_uncast(transformer)  # as the trainer does
     for name in ("vae", "clip", "t5"):  # cached inputs: the frozen encoders leave the GPU, as in the trainer
         parts[name].to("cpu")
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, device)

@@ -76,7 +76,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
@@ -221,8 +221,10 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     unet = build_unet(shape, device, dtype, args.rank, args.channels_last)
-    if precision != "no" and not args.autocast_norms:
-        norms_in_dtype(unet, dtype)  # as the trainer does
+    if precision != "no":  # as the trainer does
+        lora_inputs_uncast(unet)
+        if not args.autocast_norms:
+            norms_in_dtype(unet, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,

@@ -65,7 +65,7 @@ from lora_pipeline.core.training.step.loop import (
     run_epoch,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.objective import training_objective
 from lora_pipeline.core.training.step.optim import averaged_weights, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
@@ -224,6 +224,7 @@ def _build_context(run: _Run) -> StepContext:
     swap = lighten_denoiser(unet, base.architecture, recipe, device)
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
+        lora_inputs_uncast(unet)  # nor peft's float32 copy of each LoRA layer's input
     base.vae.to(device)
     for encoder in base.text_encoders:
         encoder.to(device)
