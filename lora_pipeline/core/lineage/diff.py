@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,23 +159,32 @@ class VersionDiff:
         return {**asdict(self), "identical": self.identical}
 
 
+_TOKENS = re.compile(r"[^\s,]+|,")
+
+
+def _joined(tokens: list[str]) -> str:
+    """Tokens as text: a space between words, none before a comma."""
+    return "".join(t if i == 0 or t.startswith(",") else " " + t for i, t in enumerate(tokens))
+
+
 def word_diff(old: str, new: str) -> tuple[str, list[str], list[str]]:
-    """(`[-removed-] {+added+}` marked text, removed words, added words) over whitespace-separated words."""
-    a, b = old.split(), new.split()
-    out: list[str] = []
+    """(`[-removed-] {+added+}` marked text, removed words, added words); a comma is a token of its own, so a
+    caption's tags diff as words, not as `body,` against `body`."""
+    a, b = _TOKENS.findall(old), _TOKENS.findall(new)
+    pieces: list[str] = []
     removed: list[str] = []
     added: list[str] = []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(lambda t: t == ",", a, b, autojunk=False).get_opcodes():
         if op == "equal":
-            out += a[i1:i2]
+            pieces += a[i1:i2]
             continue
         if i2 > i1:
-            out.append("[-" + " ".join(a[i1:i2]) + "-]")
-            removed += a[i1:i2]
+            pieces.append("[-" + _joined(a[i1:i2]) + "-]")
+            removed += [t for t in a[i1:i2] if t != ","]
         if j2 > j1:
-            out.append("{+" + " ".join(b[j1:j2]) + "+}")
-            added += b[j1:j2]
-    return " ".join(out), removed, added
+            pieces.append("{+" + _joined(b[j1:j2]) + "+}")
+            added += [t for t in b[j1:j2] if t != ","]
+    return _joined(pieces), removed, added
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -338,8 +348,7 @@ def diff_markdown(diff: VersionDiff, *, images: bool = True, captions: bool = Tr
     out = [f"Changes from `{diff.old}` to `{diff.new}`: {_summary(diff)}."]
     if images:
         out += _image_sections(diff, limit, more) + _spec_sections(diff)
-    if captions:
-        out += _caption_sections(diff, limit, more)
+    out += _caption_sections(diff, limit, more) if captions else ["", "Caption changes: on `caption_set`'s page."]
     return "\n".join(out) + "\n"
 
 
