@@ -35,13 +35,17 @@ def versions(tmp_path, make_batch, image_bytes):
     make_batch(root, "b1", {**{f"{n}.png": d for n, d in old.items()}, **{f"{n}.txt": CAPTION for n in "abcd"}})
     new = {"a": old["a"], "b": old["b"], "c": image_bytes(30), "e": image_bytes(40)}
     captions = {n: CAPTION for n in new} | {"a": "hdaesth, side view, sage body, matte finish"}
-    make_batch(root, "b1-fix", {**{f"{n}.png": d for n, d in new.items()},
-                                **{f"{n}.txt": c for n, c in captions.items()}})
+    make_batch(
+        root, "b1-fix", {**{f"{n}.png": d for n, d in new.items()}, **{f"{n}.txt": c for n, c in captions.items()}}
+    )
     _build(root, _spec("hw-v1", SourceRef(batch="b1"), intent="first handoff"))
-    _build(root, _spec("hw-v2", SourceRef(batch="b1-fix"), intent="corrected handoff",
-                       checks=ChecksSpec(min_side=16)))
-    _build(root, _spec("hw-v3", SourceRef(batch="b1-fix"), repeats=5, intent="corrected handoff",
-                       checks=ChecksSpec(min_side=16)))
+    _build(root, _spec("hw-v2", SourceRef(batch="b1-fix"), intent="corrected handoff", checks=ChecksSpec(min_side=16)))
+    _build(
+        root,
+        _spec(
+            "hw-v3", SourceRef(batch="b1-fix"), repeats=5, intent="corrected handoff", checks=ChecksSpec(min_side=16)
+        ),
+    )
     return root, old, new
 
 
@@ -50,17 +54,26 @@ def test_diff_lists_exactly_the_planted_additions_removals_replacements_and_capt
     diff = diff_versions(root, "hw-v1", "hw-v2")
     folder = "img/2_hdaesth"
     assert [(e.path, e.batch, e.source_path, e.sha256) for e in diff.added] == [
-        (f"{folder}/e.png", "b1-fix", "e.png", sha256_bytes(new["e"]))]
+        (f"{folder}/e.png", "b1-fix", "e.png", sha256_bytes(new["e"]))
+    ]
     assert [(e.path, e.batch, e.sha256) for e in diff.removed] == [(f"{folder}/d.png", "b1", sha256_bytes(old["d"]))]
     assert [(p.old_path, p.path, p.old_sha256, p.sha256) for p in diff.replaced] == [
-        (f"{folder}/c.png", f"{folder}/c.png", sha256_bytes(old["c"]), sha256_bytes(new["c"]))]
+        (f"{folder}/c.png", f"{folder}/c.png", sha256_bytes(old["c"]), sha256_bytes(new["c"]))
+    ]
     assert diff.moved == [] and diff.unchanged == 2  # a and b: the same bytes from the corrected batch
     assert diff.captions_compared
     assert [(c.image, c.word_diff, c.removed_words, c.added_words) for c in diff.captions_changed] == [
-        (f"{folder}/a.png", "hdaesth, [-front-] {+side+} view, [-teal-] {+sage+} body, matte finish",
-         ["front", "teal"], ["side", "sage"])]
+        (
+            f"{folder}/a.png",
+            "hdaesth, [-front-] {+side+} view, [-teal-] {+sage+} body, matte finish",
+            ["front", "teal"],
+            ["side", "sage"],
+        )
+    ]
     assert [(b.batch, b.old, b.new, b.added, b.removed, b.replaced) for b in diff.batches] == [
-        ("b1", 4, 0, 0, 1, 0), ("b1-fix", 0, 4, 1, 0, 1)]
+        ("b1", 4, 0, 0, 1, 0),
+        ("b1-fix", 0, 4, 1, 0, 1),
+    ]
     changes = {c.field: (c.old, c.new) for c in diff.spec_changes}
     assert set(changes) == {"intent", "sources", "checks.min_side"}
     assert changes["checks.min_side"] == (512, 16) and changes["intent"] == ("first handoff", "corrected handoff")
@@ -68,9 +81,13 @@ def test_diff_lists_exactly_the_planted_additions_removals_replacements_and_capt
 
     text = diff_markdown(diff)
     assert "1 added, 1 removed, 1 replaced, 0 moved, 2 unchanged; 1 captions changed; 3 spec fields changed" in text
-    for needle in (f"`{folder}/e.png` from `b1-fix/e.png`", f"`{folder}/d.png` (was from `b1/d.png`)",
-                   "`hdaesth, [-front-] {+side+} view, [-teal-] {+sage+} body, matte finish`",
-                   "| `checks.min_side` | `512` | `16` |", "| `b1` | 4 | 0 | 0 | 1 | 0 |"):
+    for needle in (
+        f"`{folder}/e.png` from `b1-fix/e.png`",
+        f"`{folder}/d.png` (was from `b1/d.png`)",
+        "`hdaesth, [-front-] {+side+} view, [-teal-] {+sage+} body, matte finish`",
+        "| `checks.min_side` | `512` | `16` |",
+        "| `b1` | 4 | 0 | 0 | 1 | 0 |",
+    ):
         assert needle in text, text
 
 
@@ -78,7 +95,8 @@ def test_a_new_repeats_moves_every_image_and_a_version_equals_itself(versions):
     root, _, _ = versions
     moved = diff_versions(root, "hw-v2", "hw-v3")
     assert [(p.old_path, p.path) for p in moved.moved] == [
-        (f"img/2_hdaesth/{n}.png", f"img/5_hdaesth/{n}.png") for n in "abce"]
+        (f"img/2_hdaesth/{n}.png", f"img/5_hdaesth/{n}.png") for n in "abce"
+    ]
     assert not (moved.added or moved.removed or moved.replaced or moved.captions_changed)
     assert [(c.field, c.old, c.new) for c in moved.spec_changes] == [("repeats", 2, 5)]
     same = diff_versions(root, "hw-v2", "hw-v2")

@@ -62,8 +62,9 @@ def load_version(root: DataRoot, version: str) -> VersionFiles:
     """The manifest and snapshot.json of a built version; a one-line UserError when it is not built."""
     folder = root.dataset(version)
     if not (folder / SNAPSHOT).is_file():
-        raise UserError(f"dataset version '{version}' is not built{closest_names(version, root.built_versions())}",
-                        folder)
+        raise UserError(
+            f"dataset version '{version}' is not built{closest_names(version, root.built_versions())}", folder
+        )
     rows = read_manifest(folder)
     return VersionFiles(
         version=version,
@@ -152,8 +153,9 @@ class VersionDiff:
 
     @property
     def identical(self) -> bool:
-        return not (self.added or self.removed or self.replaced or self.moved or self.captions_changed
-                    or self.spec_changes)
+        return not (
+            self.added or self.removed or self.replaced or self.moved or self.captions_changed or self.spec_changes
+        )
 
     def to_json_dict(self) -> dict[str, Any]:
         return {**asdict(self), "identical": self.identical}
@@ -199,8 +201,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def spec_changes(old: dict[str, Any], new: dict[str, Any]) -> list[SpecChange]:
     """Fields of the resolved specs that differ (a field one side lacks is None there); `name` is left out."""
     a, b = _flatten(old), _flatten(new)
-    return [SpecChange(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
-            if key != "name" and a.get(key) != b.get(key)]
+    return [
+        SpecChange(key, a.get(key), b.get(key))
+        for key in sorted(set(a) | set(b))
+        if key != "name" and a.get(key) != b.get(key)
+    ]
 
 
 def _entry(row: ManifestRow) -> ImageEntry:
@@ -210,8 +215,9 @@ def _entry(row: ManifestRow) -> ImageEntry:
 
 def _pair(old: ManifestRow, new: ManifestRow) -> ImagePair:
     batch, path = origin(new)
-    return ImagePair(old_path=old.path, path=new.path, old_sha256=old.sha256, sha256=new.sha256, batch=batch,
-                     source_path=path)
+    return ImagePair(
+        old_path=old.path, path=new.path, old_sha256=old.sha256, sha256=new.sha256, batch=batch, source_path=path
+    )
 
 
 def _match(old_rows: list[ManifestRow], new_rows: list[ManifestRow]) -> list[tuple[ManifestRow, ManifestRow]]:
@@ -251,14 +257,19 @@ def _batch_counts(diff: VersionDiff, old: VersionFiles, new: VersionFiles) -> li
     added = Counter(e.batch for e in diff.added)
     removed = Counter(e.batch for e in diff.removed)
     replaced = Counter(p.batch for p in diff.replaced)
-    return [BatchCount(b, before[b], after[b], added[b], removed[b], replaced[b])
-            for b in sorted(set(before) | set(after))]
+    return [
+        BatchCount(b, before[b], after[b], added[b], removed[b], replaced[b]) for b in sorted(set(before) | set(after))
+    ]
 
 
 def diff_files(old: VersionFiles, new: VersionFiles) -> VersionDiff:
     """The changes from `old` to `new` (the module doc says how images are paired)."""
-    diff = VersionDiff(old=old.version, new=new.version, old_manifest_root=old.info.manifest_root,
-                       new_manifest_root=new.info.manifest_root)
+    diff = VersionDiff(
+        old=old.version,
+        new=new.version,
+        old_manifest_root=old.info.manifest_root,
+        new_manifest_root=new.info.manifest_root,
+    )
     pairs = _match(old.images, new.images)
     paired_old, paired_new = {o.path for o, _ in pairs}, {n.path for _, n in pairs}
     diff.removed = [_entry(r) for r in old.images if r.path not in paired_old]
@@ -298,35 +309,61 @@ def _listed(title: str, lines: list[str], limit: int | None, more: str) -> list[
 
 
 def _summary(diff: VersionDiff) -> str:
-    parts = [f"{len(diff.added)} added", f"{len(diff.removed)} removed", f"{len(diff.replaced)} replaced",
-             f"{len(diff.moved)} moved", f"{diff.unchanged} unchanged"]
-    captions = (f"{len(diff.captions_changed)} captions changed" if diff.captions_compared
-                else "captions not compared (not recorded yet)")
+    parts = [
+        f"{len(diff.added)} added",
+        f"{len(diff.removed)} removed",
+        f"{len(diff.replaced)} replaced",
+        f"{len(diff.moved)} moved",
+        f"{diff.unchanged} unchanged",
+    ]
+    captions = (
+        f"{len(diff.captions_changed)} captions changed"
+        if diff.captions_compared
+        else "captions not compared (not recorded yet)"
+    )
     return f"{', '.join(parts)}; {captions}; {len(diff.spec_changes)} spec fields changed"
 
 
 def _image_sections(diff: VersionDiff, limit: int | None, more: str) -> list[str]:
-    out = ["", "**Per batch** (images by the batch they entered from)", "",
-           f"| batch | {diff.old} | {diff.new} | added | removed | replaced |", "|---|---|---|---|---|---|"]
+    out = [
+        "",
+        "**Per batch** (images by the batch they entered from)",
+        "",
+        f"| batch | {diff.old} | {diff.new} | added | removed | replaced |",
+        "|---|---|---|---|---|---|",
+    ]
     out += [f"| {_code(b.batch)} | {b.old} | {b.new} | {b.added} | {b.removed} | {b.replaced} |" for b in diff.batches]
-    out += _listed("Added", [f"- {_code(e.path)} from {_code(f'{e.batch}/{e.source_path}')}" for e in diff.added],
-                   limit, more)
-    out += _listed("Removed", [f"- {_code(e.path)} (was from {_code(f'{e.batch}/{e.source_path}')})"
-                               for e in diff.removed], limit, more)
-    out += _listed("Replaced (new content)", [
-        f"- {_code(p.path)}{'' if p.path == p.old_path else f' (was {_code(p.old_path)})'}: sha256 "
-        f"{_code(p.old_sha256[:12])} → {_code(p.sha256[:12])} from {_code(f'{p.batch}/{p.source_path}')}"
-        for p in diff.replaced], limit, more)
-    out += _listed("Moved (same content, new path)", [f"- {_code(p.old_path)} → {_code(p.path)}" for p in diff.moved],
-                   limit, more)
+    out += _listed(
+        "Added", [f"- {_code(e.path)} from {_code(f'{e.batch}/{e.source_path}')}" for e in diff.added], limit, more
+    )
+    out += _listed(
+        "Removed",
+        [f"- {_code(e.path)} (was from {_code(f'{e.batch}/{e.source_path}')})" for e in diff.removed],
+        limit,
+        more,
+    )
+    out += _listed(
+        "Replaced (new content)",
+        [
+            f"- {_code(p.path)}{'' if p.path == p.old_path else f' (was {_code(p.old_path)})'}: sha256 "
+            f"{_code(p.old_sha256[:12])} → {_code(p.sha256[:12])} from {_code(f'{p.batch}/{p.source_path}')}"
+            for p in diff.replaced
+        ],
+        limit,
+        more,
+    )
+    out += _listed(
+        "Moved (same content, new path)", [f"- {_code(p.old_path)} → {_code(p.path)}" for p in diff.moved], limit, more
+    )
     return out
 
 
 def _caption_sections(diff: VersionDiff, limit: int | None, more: str) -> list[str]:
     if not diff.captions_compared:
         return ["", "Captions are compared once both versions have them (after `caption_set`)."]
-    return _listed("Captions changed", [f"- {_code(c.image)}: {_code(c.word_diff)}" for c in diff.captions_changed],
-                   limit, more)
+    return _listed(
+        "Captions changed", [f"- {_code(c.image)}: {_code(c.word_diff)}" for c in diff.captions_changed], limit, more
+    )
 
 
 def _spec_sections(diff: VersionDiff) -> list[str]:
@@ -336,12 +373,17 @@ def _spec_sections(diff: VersionDiff) -> list[str]:
     def shown(value: Any) -> str:
         return _code(json.dumps(value, ensure_ascii=False, sort_keys=True))
 
-    return ["", "**Spec fields changed**", "", f"| field | {diff.old} | {diff.new} |", "|---|---|---|",
-            *(f"| {_code(c.field)} | {shown(c.old)} | {shown(c.new)} |" for c in diff.spec_changes)]
+    return [
+        "",
+        "**Spec fields changed**",
+        "",
+        f"| field | {diff.old} | {diff.new} |",
+        "|---|---|---|",
+        *(f"| {_code(c.field)} | {shown(c.old)} | {shown(c.new)} |" for c in diff.spec_changes),
+    ]
 
 
-def diff_markdown(diff: VersionDiff, *, images: bool = True, captions: bool = True,
-                  limit: int | None = None) -> str:
+def diff_markdown(diff: VersionDiff, *, images: bool = True, captions: bool = True, limit: int | None = None) -> str:
     """The diff as markdown (the command's text, the snapshot page's metadata): a summary line, then the parts
     asked for; `limit` caps each list (the rest is counted, and the command named that lists them all)."""
     more = f"`lora-pipeline diff {diff.old} {diff.new}` lists all"
@@ -352,8 +394,9 @@ def diff_markdown(diff: VersionDiff, *, images: bool = True, captions: bool = Tr
     return "\n".join(out) + "\n"
 
 
-def parent_changes_markdown(root: DataRoot, version: str, *, images: bool = True, captions: bool = True,
-                            limit: int = 100) -> str:
+def parent_changes_markdown(
+    root: DataRoot, version: str, *, images: bool = True, captions: bool = True, limit: int = 100
+) -> str:
     """The diff of a built version against its first parent (snapshot.json `parents`), as markdown."""
     new = load_version(root, version)
     if not new.info.parents:
@@ -361,5 +404,6 @@ def parent_changes_markdown(root: DataRoot, version: str, *, images: bool = True
     parent = new.info.parents[0]
     others = new.info.parents[1:]
     note = f"\n(against its first parent; it also takes images from {', '.join(others)})\n" if others else ""
-    return diff_markdown(diff_files(load_version(root, parent), new), images=images, captions=captions,
-                         limit=limit) + note
+    return (
+        diff_markdown(diff_files(load_version(root, parent), new), images=images, captions=captions, limit=limit) + note
+    )
