@@ -73,7 +73,7 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "path": str(root.batch(args.batch)),
         "files": meta.get("files"),
         "bytes": meta.get("bytes"),
-        "fingerprint": meta.get("fingerprint"),
+        "batch_fingerprint": meta.get("batch_fingerprint"),
         "skipped": [n for n in getattr(result, "skipped", [])],
         "dagster_run_id": outcome.run_id,
     })
@@ -214,7 +214,8 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_diff(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.lineage.diff import diff_markdown, diff_versions
+    from lora_pipeline.core.lineage.diff import diff_versions
+    from lora_pipeline.core.lineage.diff_text import diff_markdown
 
     diff = diff_versions(root, args.old, args.new)
     return CommandResult(diff.to_json_dict(), text=diff_markdown(diff).rstrip("\n"))

@@ -10,7 +10,8 @@ from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import ChecksSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes
-from lora_pipeline.core.lineage.diff import diff_markdown, diff_versions, parent_changes_markdown, word_diff
+from lora_pipeline.core.lineage.diff import diff_versions, word_diff
+from lora_pipeline.core.lineage.diff_text import diff_markdown, parent_changes_markdown
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline_tests.helpers import assert_one_line_error, cli, finish_version
 

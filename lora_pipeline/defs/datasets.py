@@ -26,7 +26,7 @@ from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.diff import parent_changes_markdown
+from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
@@ -80,16 +80,16 @@ def _training_buckets(context: dg.AssetExecutionContext, root: DataRoot, version
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     scan = scan_batch(data_root.data, context.partition_key)
     rows = batch_manifest(scan)
-    fingerprint = batch_fingerprint(rows)
+    fingerprint = batch_fingerprint(rows)  # over every file; not snapshot.json's per-source fingerprint (README)
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
-    context.log.info(f"batch {scan.batch}: {len(rows)} files, fingerprint {fingerprint}")
+    context.log.info(f"batch {scan.batch}: {len(rows)} files, batch fingerprint {fingerprint}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(fingerprint),
         metadata={
             "path": dg.MetadataValue.path(str(scan.dir)),
             "files": len(rows),
             "bytes": sum(r["bytes"] for r in rows),
-            "fingerprint": fingerprint,
+            "batch_fingerprint": fingerprint,
             "by_extension": dict(sorted(suffixes.items())),
             "skipped": len(scan.problems),
             "manifest": table(rows, ["path", "bytes", "sha256"]),
