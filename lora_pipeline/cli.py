@@ -73,7 +73,7 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "path": str(root.batch(args.batch)),
         "files": meta.get("files"),
         "bytes": meta.get("bytes"),
-        "fingerprint": meta.get("fingerprint"),
+        "batch_fingerprint": meta.get("batch_fingerprint"),
         "skipped": [n for n in getattr(result, "skipped", [])],
         "dagster_run_id": outcome.run_id,
     })
@@ -213,6 +213,14 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
 
 
+def cmd_diff(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    from lora_pipeline.core.lineage.diff import diff_versions
+    from lora_pipeline.core.lineage.diff_text import diff_markdown
+
+    diff = diff_versions(root, args.old, args.new)
+    return CommandResult(diff.to_json_dict(), text=diff_markdown(diff).rstrip("\n"))
+
+
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
     not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
@@ -336,6 +344,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file", help="a LoRA .safetensors file")
+    sp = add("diff", cmd_diff, "what changed from one dataset version to another: images added, removed, replaced, "
+             "captions (word diff), per-batch counts, spec fields")
+    sp.add_argument("old", help="a built dataset version")
+    sp.add_argument("new", help="another built dataset version")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
-        if args.fn is not cmd_provenance:  # every other command records a run: the instance must answer first
+        if args.fn not in (cmd_provenance, cmd_diff):  # the others record a run: the instance must answer first
             from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()

@@ -26,6 +26,7 @@ from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
@@ -79,16 +80,16 @@ def _training_buckets(context: dg.AssetExecutionContext, root: DataRoot, version
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     scan = scan_batch(data_root.data, context.partition_key)
     rows = batch_manifest(scan)
-    fingerprint = batch_fingerprint(rows)
+    fingerprint = batch_fingerprint(rows)  # over every file; not snapshot.json's per-source fingerprint (README)
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
-    context.log.info(f"batch {scan.batch}: {len(rows)} files, fingerprint {fingerprint}")
+    context.log.info(f"batch {scan.batch}: {len(rows)} files, batch fingerprint {fingerprint}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(fingerprint),
         metadata={
             "path": dg.MetadataValue.path(str(scan.dir)),
             "files": len(rows),
             "bytes": sum(r["bytes"] for r in rows),
-            "fingerprint": fingerprint,
+            "batch_fingerprint": fingerprint,
             "by_extension": dict(sorted(suffixes.items())),
             "skipped": len(scan.problems),
             "manifest": table(rows, ["path", "bytes", "sha256"]),
@@ -119,6 +120,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
             "per_source": dict(sorted(per_source.items())),
             "image_root": result.image_root,
             "intent": spec.intent,
+            "changes_from_parent": dg.MetadataValue.md(parent_changes_markdown(root, spec.name, captions=False)),
             "spec_sha256": spec.sha256,
             "scan_problems": len(result.problems),
             "copy_methods": result.copy_methods,
@@ -154,6 +156,7 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "captions": len(caption_rows),
             "manifest_root": manifest_root,
             "caption_problems": len(plan.problems),
+            "caption_changes_from_parent": dg.MetadataValue.md(parent_changes_markdown(root, spec.name, images=False)),
             "captions_table": table(preview, ["image", "caption", "source"]),
             "top_tags": table([{"tag": t, "count": c} for t, c in tags.most_common(30)], ["tag", "count"]),
         },

@@ -178,6 +178,10 @@ class DatasetSpec:
     auto_rebuild: Bool = Field(
         False, description="with a glob batch source: a matching new batch yields a new version spec"
     )
+    rebuilt_from: Name | None = Field(
+        None, description="the built version of the same family this one was rebuilt from (auto-rebuild writes it); "
+        "snapshot.json records it first among the version's `parents`", json_schema_extra=ADDED_LATER,
+    )
     flip_aug: Bool = Field(
         False, description="kohya's dataset-config flip_aug: every run on this version mirrors images left-right "
         "(chance 1/2 per step); the report warns about captions that mention text or logos",

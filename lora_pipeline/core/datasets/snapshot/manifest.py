@@ -95,7 +95,7 @@ class SnapshotInfo(Record):
     spec: dict[str, Any] = {}  # the spec as resolved
     spec_sha256: str | None = None
     image_root: str | None = None  # over the image rows alone, fixed when the images are copied
-    parents: list[str] = []  # the dataset versions it takes images from
+    parents: list[str] = []  # the version it was rebuilt from (spec `rebuilt_from`), then those it takes images from
     sources: list[SourceFingerprint] = []
     sources_fingerprint: str | None = None  # over every source file: an unchanged rebuild compares it
     code_version: str | None = None

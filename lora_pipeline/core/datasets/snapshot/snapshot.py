@@ -115,6 +115,18 @@ def _check_sources(spec: DatasetSpec, sources: list[SourceRef], spec_path: Path)
             )
 
 
+def _check_rebuilt_from(root: DataRoot, spec: DatasetSpec, spec_path: Path) -> None:
+    """`rebuilt_from` becomes a parent in snapshot.json: it must be a built version of the same family."""
+    parent = spec.rebuilt_from
+    if parent is None:
+        return
+    if parent == spec.name or family(parent) != family(spec.name):
+        raise UserError(f"rebuilt_from: '{parent}' must be an earlier version of the family {family(spec.name)}",
+                        spec_path)
+    if not (root.dataset(parent) / SNAPSHOT).is_file():
+        raise UserError(f"rebuilt_from: dataset version '{parent}' is not built", spec_path)
+
+
 def _table_in_batch(table: str | None, batch: str) -> str | None:
     """The captions table's path relative to `batch` (it may be written `<batch>/<path>` or just `<path>`)."""
     if table is None:
@@ -235,6 +247,7 @@ def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
     spec_path = root.spec_file(spec.name)
     sources = expand_sources(root, spec)
     _check_sources(spec, sources, spec_path)
+    _check_rebuilt_from(root, spec, spec_path)
     files: list[PlannedFile] = []
     problems: list[Problem] = []
     for ref in sources:

@@ -53,7 +53,7 @@ from lora_pipeline.core.training.run.checkpoint import (
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
 from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip, strip_path
-from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.run.tracking import TrainingTracker, dataset_tags, loss_curve_png
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
 from lora_pipeline.core.training.step.loop import (
     EpochStats,
@@ -182,8 +182,8 @@ def train_lora(
                target, precision, log, times, called_at)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
-    tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
-            "recipe_sha256": recipe.sha256}
+    tags = {**dataset_tags(data.snapshot_dir), "dataset_version": version, "recipe": recipe.name,
+            "manifest_root": data.manifest_root, "recipe_sha256": recipe.sha256}  # + a tag per batch (tracking)
     resume_id = state.provenance.get("mlflow_run_id") if state else None
     params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size,
               **({"flip_aug": True} if run.flip_aug else {})}  # the spec's flip_aug counts too
