@@ -213,6 +213,24 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
 
 
+def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Reads (and brings up to date) the lineage index only: no Dagster run, like `provenance`."""
+    from lora_pipeline.core.lineage.index import index_path, rebuild_index
+    from lora_pipeline.core.lineage.lineage_text import format_lineage
+    from lora_pipeline.core.lineage.query import TARGETS, lineage
+
+    if args.rebuild:
+        started = time.monotonic()
+        files = rebuild_index(root)
+        data = {"index": str(index_path(root)), "files_read": files, "seconds": round(time.monotonic() - started, 2)}
+        if not args.target:
+            return CommandResult(data)
+    if not args.target:
+        raise UserError(f"name what to trace: {TARGETS}")
+    data = lineage(root, args.target)
+    return CommandResult(data, text=format_lineage(data))
+
+
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
     not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
@@ -336,6 +354,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file", help="a LoRA .safetensors file")
+    sp = add("lineage", cmd_lineage, "which versions, LoRA files, runs and recommendations a batch, file, version or "
+             "LoRA file belongs to, up and down (from the lineage index)")
+    sp.add_argument("target", nargs="?", help="batch:<id>, file:<path or sha256>, version:<name> or lora:<file>")
+    sp.add_argument("--rebuild", action="store_true", help="derive the lineage index again from the data root first")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
@@ -369,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
-        if args.fn is not cmd_provenance:  # every other command records a run: the instance must answer first
+        if args.fn not in (cmd_provenance, cmd_lineage):  # every other command records a run: the instance must answer first
             from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()

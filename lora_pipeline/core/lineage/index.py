@@ -1,0 +1,312 @@
+"""The lineage index: which batches, dataset versions, LoRA files and recommendations belong together.
+
+It answers `lora-pipeline lineage` in well under a second at a team's scale, but it is never the source of
+truth: every row is read from the sealed versions (snapshot.json, manifest.jsonl, report.json), the LoRA files'
+headers and the evaluations' recommendation.json, and the file `<data root>/.cache/lineage.sqlite` can be
+deleted or rebuilt at any time (`lora-pipeline lineage --rebuild`); `verify` derives it again in memory and
+names every table that differs (a tampered index).
+
+Each file the index read is recorded with its stamp (size, mtime and inode, git's index rule). `refresh`
+re-reads exactly the files whose stamp changed and drops the rows of files that are gone, in one SQLite
+transaction; the assets call `update_index` for their own version (or version x recipe) as they materialize,
+and a query first catches up with whatever was written outside Dagster. A rebuild writes a new file beside the
+old one and renames it over, so a reader never sees half an index. A version is indexed once it is sealed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+from lora_pipeline.core.datasets.checks.report import read_report
+from lora_pipeline.core.datasets.problems import errors_in
+from lora_pipeline.core.datasets.snapshot.manifest import IMAGE_KINDS, read_manifest, read_snapshot_info
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.fileio import read_json
+from lora_pipeline.core.names import is_name, require_name
+from lora_pipeline.core.paths import SEAL, DataRoot
+
+INDEX_FILE = "lineage.sqlite"
+SCHEMA = "1"  # a file of another schema is rebuilt on open (and named by verify)
+KEY = "lora_pipeline."
+RECOMMENDATION = "recommendation.json"
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+# Every table but `meta` carries `src`: the file (relative to the data root) its rows were read from.
+TABLES = {
+    "stamps": "src TEXT PRIMARY KEY, stamp TEXT NOT NULL",
+    "versions": "src TEXT NOT NULL, version TEXT PRIMARY KEY, manifest_root TEXT, spec_sha256 TEXT, "
+                "merge INTEGER, intent TEXT, created_at TEXT, images INTEGER, passed INTEGER, errors INTEGER, "
+                "first_error TEXT",
+    "parents": "src TEXT NOT NULL, version TEXT NOT NULL, parent TEXT NOT NULL",
+    # per version x batch: files copied from the batch itself (direct) or from a parent version (inherited)
+    "uses": "src TEXT NOT NULL, version TEXT NOT NULL, batch TEXT NOT NULL, direct INTEGER, inherited INTEGER, "
+            "images INTEGER",
+    # every snapshot file that came from a batch file (directly or through a parent): the way back from a file
+    "files": "src TEXT NOT NULL, version TEXT NOT NULL, path TEXT NOT NULL, kind TEXT, direct INTEGER, "
+             "batch TEXT NOT NULL, batch_path TEXT, sha256 TEXT, source_sha256 TEXT",
+    "loras": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, steps INTEGER, model_hash TEXT, "
+             "mlflow_run_id TEXT, manifest_root TEXT",
+    "recommendations": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, file TEXT, "
+                       "training_run_id TEXT",
+}
+INDEXES = (
+    "parents(version)", "parents(parent)", "uses(batch)", "uses(version)", "files(batch, batch_path)",
+    "files(sha256)", "files(source_sha256)", "files(version, path)", "loras(version, recipe)", "loras(model_hash)",
+    "recommendations(version, recipe)",
+)
+# What a scope reads: (prefix under the data root, glob below it). Everything, one version, one version x recipe.
+EVERYTHING = (("datasets/", f"*/{SEAL}"), ("loras/", "*/*/*.safetensors"), ("evals/", f"*/*/{RECOMMENDATION}"))
+
+
+def index_path(root: DataRoot) -> Path:
+    return root.cache / INDEX_FILE
+
+
+def _scope(version: str | None, recipe: str | None) -> tuple[tuple[str, str], ...]:
+    if version is None:
+        return EVERYTHING
+    require_name(version, "dataset version")
+    if recipe is None:
+        return ((f"datasets/{version}/", SEAL),)
+    require_name(recipe, "recipe")
+    return ((f"loras/{version}/{recipe}/", "*.safetensors"), (f"evals/{version}/{recipe}/", RECOMMENDATION))
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _scan(root: DataRoot, scope: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """{src: stamp} of the files in scope now; folders that are not names (staging folders) are passed over."""
+    found = {}
+    for prefix, pattern in scope:
+        for path in root.root.glob(prefix + pattern):
+            src = path.relative_to(root.root).as_posix()
+            if path.is_file() and not path.is_symlink() and all(is_name(p) for p in src.split("/")[1:-1]):
+                found[src] = _stamp(path)
+    return found
+
+
+def lora_header(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors header, read as the format defines it (8-byte length, JSON): no tensor
+    framework is imported, so thousands of headers are read in a command that must answer in a second."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= MAX_HEADER:
+                raise ValueError
+            header = json.loads(f.read(size))
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError
+    except (ValueError, AttributeError):
+        raise UserError("not a safetensors file (its header cannot be read)", path) from None
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
+    folder = root.root / src.rsplit("/", 1)[0]
+    version = folder.name
+    info = read_snapshot_info(folder)
+    report = read_report(folder)
+    rows = read_manifest(folder)
+    errors = errors_in(report.problems)
+    first = f"{errors[0]['file']}: {errors[0]['message']}" if errors else None
+    images = sum(r.kind in IMAGE_KINDS for r in rows)
+    out: dict[str, list[tuple[Any, ...]]] = {
+        "versions": [(src, version, info.manifest_root, info.spec_sha256, int(bool(info.spec.get("merge"))),
+                      info.spec.get("intent", ""), info.created_at, images,
+                      int(report.passed and not errors), len(errors), first)],
+        "parents": [(src, version, parent) for parent in info.parents],
+        "files": [],
+    }
+    uses: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+    for row in rows:
+        direct = row.source_batch is not None
+        batch = row.source_batch if direct else row.origin_batch
+        if batch is None:
+            continue
+        path, sha = (row.source_path, row.source_sha256) if direct else (row.origin_path, row.origin_sha256)
+        out["files"].append((src, version, row.path, row.kind, int(direct), batch, path, row.sha256, sha))
+        counts = uses[batch]
+        counts[0 if direct else 1] += 1
+        counts[2] += row.kind in IMAGE_KINDS
+    out["uses"] = [(src, version, batch, *counts) for batch, counts in sorted(uses.items())]
+    return out
+
+
+def _lora_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
+    path = root.root / src
+    meta = lora_header(path)
+    if not meta.get(f"{KEY}dataset_version"):
+        raise UserError("has no lora_pipeline provenance in its header (not trained by this pipeline)", path)
+
+    def number(key: str) -> int | None:
+        value = meta.get(key)
+        return int(value) if value is not None and value.isdigit() else None
+
+    return {"loras": [(src, meta[f"{KEY}dataset_version"], meta.get(f"{KEY}recipe"), number(f"{KEY}epoch"),
+                       number("ss_steps"), meta.get("sshs_model_hash"), meta.get(f"{KEY}mlflow_run_id"),
+                       meta.get(f"{KEY}manifest_root"))]}
+
+
+def _recommendation_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
+    path = root.root / src
+    rec = read_json(path)
+    if not isinstance(rec, dict) or not isinstance(rec.get("recommended_epoch"), int):
+        raise UserError("not a recommendation (no recommended_epoch)", path)
+    _, version, recipe, _ = src.split("/")
+    return {"recommendations": [(src, rec.get("version", version), rec.get("recipe", recipe),
+                                 rec["recommended_epoch"], rec.get("recommended_file"), rec.get("training_run_id"))]}
+
+
+READERS = {"datasets": _version_rows, "loras": _lora_rows, "evals": _recommendation_rows}
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    for table, columns in TABLES.items():
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+    for i, index in enumerate(INDEXES):
+        conn.execute(f"CREATE INDEX IF NOT EXISTS ix{i} ON {index}")
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+
+
+def _connect(path: Path | str) -> sqlite3.Connection:
+    """Autocommit mode: every write below is inside an explicit BEGIN IMMEDIATE ... COMMIT."""
+    conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    return conn
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def refresh(conn: sqlite3.Connection, root: DataRoot, version: str | None = None, recipe: str | None = None) -> int:
+    """Bring the rows of a scope (everything, one version, or one version x recipe) up to date with the data
+    root in one transaction; returns how many files were read again."""
+    scope = _scope(version, recipe)
+    now = _scan(root, scope)
+    known = {}
+    for prefix, _ in scope:
+        known.update(conn.execute("SELECT src, stamp FROM stamps WHERE substr(src, 1, ?) = ?",
+                                  (len(prefix), prefix)).fetchall())
+    changed = sorted(src for src, stamp in now.items() if known.get(src) != stamp)
+    gone = sorted(set(known) - set(now))
+    read = [(src, READERS[src.split("/", 1)[0]](root, src)) for src in changed]  # read before locking
+    if not changed and not gone:
+        return 0
+    with _transaction(conn):
+        for src in changed + gone:
+            for table in TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE src = ?", (src,))
+        for src, rows in read:
+            conn.execute("INSERT INTO stamps VALUES (?, ?)", (src, now[src]))
+            for table, values in rows.items():
+                if values:
+                    marks = ", ".join("?" * len(values[0]))
+                    conn.executemany(f"INSERT INTO {table} VALUES ({marks})", values)
+    return len(changed)
+
+
+def _schema(conn: sqlite3.Connection) -> str | None:
+    try:
+        found = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return found[0] if found else None
+
+
+def rebuild_index(root: DataRoot) -> int:
+    """Derive the whole index again from the data root, into a new file renamed over the old one; returns how
+    many files were read."""
+    final = index_path(root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        with closing(_connect(tmp)) as conn:
+            with _transaction(conn):
+                _create(conn)
+            count = refresh(conn, root)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count
+
+
+def open_index(root: DataRoot, catch_up: bool = True) -> sqlite3.Connection:
+    """The index of the data root, built when missing or of another schema; with `catch_up`, first brought up to
+    date with every file written since it was last refreshed."""
+    path = index_path(root)
+    if path.is_file():
+        conn = _connect(path)
+        if _schema(conn) == SCHEMA:
+            if catch_up:
+                refresh(conn, root)
+            return conn
+        conn.close()
+    rebuild_index(root)
+    return _connect(path)
+
+
+def update_index(root: DataRoot, version: str, recipe: str | None = None) -> int:
+    """What an asset calls once it has written its files: re-read the version's seal, or the version x recipe's
+    LoRA files and recommendation. Returns how many files were read."""
+    with closing(open_index(root, catch_up=False)) as conn:
+        return refresh(conn, root, version, recipe)
+
+
+def index_rows(conn: sqlite3.Connection, versions: Iterable[str] = ()) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, sorted (to compare two indexes); with `versions`, only the rows about those
+    versions (and no stamps)."""
+    named = sorted(set(versions))
+    out = {}
+    for table in TABLES:
+        if named and table == "stamps":
+            continue
+        where = f" WHERE version IN ({', '.join('?' * len(named))})" if named else ""
+        out[table] = sorted(conn.execute(f"SELECT * FROM {table}{where}", named).fetchall(), key=repr)
+    return out
+
+
+def index_findings(root: DataRoot, versions: Sequence[str] = ()) -> list[str]:
+    """What `verify` says of the index: one line per table whose rows are not the ones the data root gives
+    (derived again in memory). No index yet is no finding: the next `lineage` builds it."""
+    path = index_path(root)
+    if not path.is_file():
+        return []
+    rebuild = "rebuild it with `lora-pipeline lineage --rebuild`"
+    with closing(_connect(path)) as conn:
+        if _schema(conn) != SCHEMA:
+            return [f"{path}: not a lineage index of this release; {rebuild}"]
+        refresh(conn, root)  # files written since the last update are not a finding
+        stored = index_rows(conn, versions)
+    with closing(_connect(":memory:")) as fresh:
+        _create(fresh)
+        refresh(fresh, root)
+        derived = index_rows(fresh, versions)
+    findings = []
+    for table, rows in derived.items():
+        extra = (collections.Counter(stored[table]) - collections.Counter(rows)).total()
+        lacking = (collections.Counter(rows) - collections.Counter(stored[table])).total()
+        if extra or lacking:
+            findings.append(f"{path}: table {table} has {extra} row(s) the data root does not give and lacks "
+                            f"{lacking}: the index was changed by hand; {rebuild}")
+    return findings
