@@ -16,9 +16,11 @@ old one and renames it over, so a reader never sees half an index. A version is 
 from __future__ import annotations
 
 import collections
+import fnmatch
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -38,28 +40,31 @@ KEY = "lora_pipeline."
 RECOMMENDATION = "recommendation.json"
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
-# Every table but `meta` carries `src`: the file (relative to the data root) its rows were read from.
-TABLES = {
-    "stamps": "src TEXT PRIMARY KEY, stamp TEXT NOT NULL",
-    "versions": "src TEXT NOT NULL, version TEXT PRIMARY KEY, manifest_root TEXT, spec_sha256 TEXT, "
-                "merge INTEGER, intent TEXT, created_at TEXT, images INTEGER, passed INTEGER, errors INTEGER, "
-                "first_error TEXT",
-    "parents": "src TEXT NOT NULL, version TEXT NOT NULL, parent TEXT NOT NULL",
+# The rows of a version are keyed by `version`; those of a LoRA file or recommendation by `src`, the file (relative
+# to the data root) they were read from. sha256s are stored as 32 bytes; a file's source_sha256 only where it
+# differs from its own (a caption written from a sidecar or table; an image is a byte copy).
+VERSION_TABLES = {
+    "versions": "version TEXT PRIMARY KEY, manifest_root TEXT, spec_sha256 TEXT, merge INTEGER, intent TEXT, "
+                "created_at TEXT, images INTEGER, passed INTEGER, errors INTEGER, first_error TEXT",
+    "parents": "version TEXT NOT NULL, parent TEXT NOT NULL",
     # per version x batch: files copied from the batch itself (direct) or from a parent version (inherited)
-    "uses": "src TEXT NOT NULL, version TEXT NOT NULL, batch TEXT NOT NULL, direct INTEGER, inherited INTEGER, "
-            "images INTEGER",
+    "uses": "version TEXT NOT NULL, batch TEXT NOT NULL, direct INTEGER, inherited INTEGER, images INTEGER",
     # every snapshot file that came from a batch file (directly or through a parent): the way back from a file
-    "files": "src TEXT NOT NULL, version TEXT NOT NULL, path TEXT NOT NULL, kind TEXT, direct INTEGER, "
-             "batch TEXT NOT NULL, batch_path TEXT, sha256 TEXT, source_sha256 TEXT",
+    "files": "version TEXT NOT NULL, path TEXT NOT NULL, kind TEXT, direct INTEGER, batch TEXT NOT NULL, "
+             "batch_path TEXT, sha256 BLOB, source_sha256 BLOB",
+}
+FILE_TABLES = {
+    "stamps": "src TEXT PRIMARY KEY, stamp TEXT NOT NULL",
     "loras": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, steps INTEGER, model_hash TEXT, "
              "mlflow_run_id TEXT, manifest_root TEXT",
     "recommendations": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, file TEXT, "
                        "training_run_id TEXT",
 }
+TABLES = {**VERSION_TABLES, **FILE_TABLES}
 INDEXES = (
     "parents(version)", "parents(parent)", "uses(batch)", "uses(version)", "files(batch, batch_path)",
-    "files(sha256)", "files(source_sha256)", "files(version, path)", "loras(version, recipe)", "loras(model_hash)",
-    "recommendations(version, recipe)",
+    "files(sha256)", "files(source_sha256) WHERE source_sha256 IS NOT NULL", "files(version, path)",
+    "loras(version, recipe)", "loras(model_hash)", "recommendations(version, recipe)",
 )
 # What a scope reads: (prefix under the data root, glob below it). Everything, one version, one version x recipe.
 EVERYTHING = (("datasets/", f"*/{SEAL}"), ("loras/", "*/*/*.safetensors"), ("evals/", f"*/*/{RECOMMENDATION}"))
@@ -79,19 +84,40 @@ def _scope(version: str | None, recipe: str | None) -> tuple[tuple[str, str], ..
     return ((f"loras/{version}/{recipe}/", "*.safetensors"), (f"evals/{version}/{recipe}/", RECOMMENDATION))
 
 
-def _stamp(path: Path) -> str:
-    st = path.stat()
+def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def _scan(root: DataRoot, scope: Sequence[tuple[str, str]]) -> dict[str, str]:
-    """{src: stamp} of the files in scope now; folders that are not names (staging folders) are passed over."""
-    found = {}
+    """{src: stamp} of the files in scope now. One directory read per folder and one stat per file (os.scandir):
+    every query pays for this. Folders that are not names (staging folders) and hidden files are passed over."""
+    found: dict[str, str] = {}
+
+    def walk(rel: str, parts: list[str]) -> None:
+        head, rest = parts[0], parts[1:]
+        folder = root.root / rel
+        if not any(c in head for c in "*?["):
+            entries = [(head, folder / head)]
+        else:
+            try:
+                with os.scandir(folder) as it:
+                    entries = [(e.name, e.path) for e in it if fnmatch.fnmatchcase(e.name, head)]
+            except (FileNotFoundError, NotADirectoryError):
+                return
+        for name, path in entries:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if rest:
+                if stat.S_ISDIR(st.st_mode) and is_name(name):
+                    walk(f"{rel}{name}/", rest)
+            elif stat.S_ISREG(st.st_mode) and not name.startswith("."):
+                found[f"{rel}{name}"] = _stamp(st)
+
     for prefix, pattern in scope:
-        for path in root.root.glob(prefix + pattern):
-            src = path.relative_to(root.root).as_posix()
-            if path.is_file() and not path.is_symlink() and all(is_name(p) for p in src.split("/")[1:-1]):
-                found[src] = _stamp(path)
+        top, *parts = (prefix + pattern).split("/")
+        walk(f"{top}/", parts)
     return found
 
 
@@ -122,10 +148,10 @@ def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
     first = f"{errors[0]['file']}: {errors[0]['message']}" if errors else None
     images = sum(r.kind in IMAGE_KINDS for r in rows)
     out: dict[str, list[tuple[Any, ...]]] = {
-        "versions": [(src, version, info.manifest_root, info.spec_sha256, int(bool(info.spec.get("merge"))),
+        "versions": [(version, info.manifest_root, info.spec_sha256, int(bool(info.spec.get("merge"))),
                       info.spec.get("intent", ""), info.created_at, images,
                       int(report.passed and not errors), len(errors), first)],
-        "parents": [(src, version, parent) for parent in info.parents],
+        "parents": [(version, parent) for parent in info.parents],
         "files": [],
     }
     uses: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
@@ -135,11 +161,13 @@ def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
         if batch is None:
             continue
         path, sha = (row.source_path, row.source_sha256) if direct else (row.origin_path, row.origin_sha256)
-        out["files"].append((src, version, row.path, row.kind, int(direct), batch, path, row.sha256, sha))
+        own = bytes.fromhex(row.sha256)
+        source = None if sha is None or sha == row.sha256 else bytes.fromhex(sha)
+        out["files"].append((version, row.path, row.kind, int(direct), batch, path, own, source))
         counts = uses[batch]
         counts[0 if direct else 1] += 1
         counts[2] += row.kind in IMAGE_KINDS
-    out["uses"] = [(src, version, batch, *counts) for batch, counts in sorted(uses.items())]
+    out["uses"] = [(version, batch, *counts) for batch, counts in sorted(uses.items())]
     return out
 
 
@@ -171,11 +199,11 @@ def _recommendation_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, 
 READERS = {"datasets": _version_rows, "loras": _lora_rows, "evals": _recommendation_rows}
 
 
-def _create(conn: sqlite3.Connection) -> None:
+def _create(conn: sqlite3.Connection, indexes: bool = True) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
     for table, columns in TABLES.items():
         conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
-    for i, index in enumerate(INDEXES):
+    for i, index in enumerate(INDEXES if indexes else ()):
         conn.execute(f"CREATE INDEX IF NOT EXISTS ix{i} ON {index}")
     conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA,))
 
@@ -198,6 +226,17 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
+def _delete(conn: sqlite3.Connection, src: str) -> None:
+    """Drop the rows read from `src` (a version's seal: every row of the version)."""
+    conn.execute("DELETE FROM stamps WHERE src = ?", (src,))
+    kind, name, *_ = src.split("/")
+    if kind == "datasets":
+        for table in VERSION_TABLES:
+            conn.execute(f"DELETE FROM {table} WHERE version = ?", (name,))
+    else:
+        conn.execute(f"DELETE FROM {'loras' if kind == 'loras' else 'recommendations'} WHERE src = ?", (src,))
+
+
 def refresh(conn: sqlite3.Connection, root: DataRoot, version: str | None = None, recipe: str | None = None) -> int:
     """Bring the rows of a scope (everything, one version, or one version x recipe) up to date with the data
     root in one transaction; returns how many files were read again."""
@@ -214,8 +253,7 @@ def refresh(conn: sqlite3.Connection, root: DataRoot, version: str | None = None
         return 0
     with _transaction(conn):
         for src in changed + gone:
-            for table in TABLES:
-                conn.execute(f"DELETE FROM {table} WHERE src = ?", (src,))
+            _delete(conn, src)
         for src, rows in read:
             conn.execute("INSERT INTO stamps VALUES (?, ?)", (src, now[src]))
             for table, values in rows.items():
@@ -242,9 +280,17 @@ def rebuild_index(root: DataRoot) -> int:
     tmp.unlink(missing_ok=True)
     try:
         with closing(_connect(tmp)) as conn:
-            with _transaction(conn):
-                _create(conn)
+            # a new file, renamed into place only once whole: no journal, one fsync at the end
+            conn.execute("PRAGMA journal_mode = OFF")
+            conn.execute("PRAGMA synchronous = OFF")
+            _create(conn, indexes=False)
             count = refresh(conn, root)
+            _create(conn)  # the indexes, built once over all the rows
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -50,9 +50,9 @@ def _trainings(trainings: list[dict[str, Any]]) -> list[str]:
 def _upstream(data: dict[str, Any]) -> list[str]:
     lines = ["up: batches"]
     for b in data["batches"]:
-        ways = [f"{b['direct']} direct"] if b["direct"] else []
-        ways += [f"{b['inherited']} through parent versions"] if b["inherited"] else []
-        lines.append(f"  {b['batch']}: {' + '.join(ways)} file(s), {b['images']} image(s)")
+        ways = [f"{b['direct']} file(s) directly"] if b["direct"] else []
+        ways += [f"{b['inherited']} file(s) through parent versions"] if b["inherited"] else []
+        lines.append(f"  {b['batch']}: {' + '.join(ways)} ({b['images']} image(s))")
     if data["ancestors"]:
         lines.append("up: parent versions")
         lines += [f"  {a['version']}{' (merge)' if a.get('merge') else ''}: {_status(a)}" for a in data["ancestors"]]

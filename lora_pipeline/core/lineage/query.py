@@ -137,8 +137,9 @@ def by_file(conn: sqlite3.Connection, root: DataRoot, value: str) -> dict[str, A
     columns = "version, path, kind, direct, batch, batch_path, sha256"
     if SHA256_RE.fullmatch(value.lower()):
         what: dict[str, Any] = {"sha256": value.lower()}
+        digest = bytes.fromhex(value)
         rows = conn.execute(f"SELECT {columns} FROM files WHERE sha256 = ? OR source_sha256 = ? ORDER BY version, "
-                            "path", (value.lower(), value.lower())).fetchall()
+                            "path", (digest, digest)).fetchall()
     else:
         batch, rel = _batch_file(conn, root, value)
         what = {"batch": batch, "path": rel}
@@ -148,7 +149,7 @@ def by_file(conn: sqlite3.Connection, root: DataRoot, value: str) -> dict[str, A
         raise UserError("no dataset version in the lineage index took this file", value)
     holding = {r[0] for r in rows}
     versions = [{**_how(conn, v, bool(d), () if d else holding), "path": p, "kind": k, "batch": b,
-                 "batch_path": bp, "sha256": s} for v, p, k, d, b, bp, s in rows]
+                 "batch_path": bp, "sha256": s.hex()} for v, p, k, d, b, bp, s in rows]
     return {"query": f"file:{value}", "file": what, "versions": versions, "trainings": _trainings(conn, holding)}
 
 
