@@ -63,39 +63,93 @@ def version_name(family: int, gen: int) -> str:
 def _rows(version: str, batch: str, first: int, parent_rows: list[dict]) -> list[dict]:
     """The parent's images (inherited), 50 new images of the batch, and a sidecar caption for every image."""
     folder = "img/10_trg"
-    rows = [{**{k: v for k, v in r.items() if not k.startswith("source_")}, "source_dataset": r["_version"],
-             "source_path": r["path"], "source_sha256": r["sha256"]} for r in parent_rows]
+    rows = [
+        {
+            **{k: v for k, v in r.items() if not k.startswith("source_")},
+            "source_dataset": r["_version"],
+            "source_path": r["path"],
+            "source_sha256": r["sha256"],
+        }
+        for r in parent_rows
+    ]
     for j in range(first, first + PER_STEP):
         sha = _sha(batch, j, "png")
-        rows.append({"path": f"{folder}/{batch}-{j:04d}.png", "kind": "image", "sha256": sha, "bytes": 1000,
-                     "width": 1024, "height": 1024, "source_batch": batch, "source_path": f"{j:04d}.png",
-                     "source_sha256": sha, "origin_batch": batch, "origin_path": f"{j:04d}.png", "origin_sha256": sha})
+        rows.append(
+            {
+                "path": f"{folder}/{batch}-{j:04d}.png",
+                "kind": "image",
+                "sha256": sha,
+                "bytes": 1000,
+                "width": 1024,
+                "height": 1024,
+                "source_batch": batch,
+                "source_path": f"{j:04d}.png",
+                "source_sha256": sha,
+                "origin_batch": batch,
+                "origin_path": f"{j:04d}.png",
+                "origin_sha256": sha,
+            }
+        )
     for r in rows:
         r["_version"] = version
-    captions = [{"path": r["path"][:-4] + ".txt", "kind": "caption", "sha256": _sha(version, r["path"]),
-                 "bytes": 40, "image": r["path"], "caption_source": f"sidecar:{r['origin_batch']}",
-                 "source_batch": r["origin_batch"], "source_path": r["origin_path"][:-4] + ".txt",
-                 "source_sha256": _sha(r["origin_batch"], r["origin_path"], "txt")} for r in rows]
+    captions = [
+        {
+            "path": r["path"][:-4] + ".txt",
+            "kind": "caption",
+            "sha256": _sha(version, r["path"]),
+            "bytes": 40,
+            "image": r["path"],
+            "caption_source": f"sidecar:{r['origin_batch']}",
+            "source_batch": r["origin_batch"],
+            "source_path": r["origin_path"][:-4] + ".txt",
+            "source_sha256": _sha(r["origin_batch"], r["origin_path"], "txt"),
+        }
+        for r in rows
+    ]
     return rows + captions
 
 
-def _write_version(root: DataRoot, version: str, rows: list[dict], parents: list[str], merge: bool,
-                   blocked: bool) -> None:
+def _write_version(
+    root: DataRoot, version: str, rows: list[dict], parents: list[str], merge: bool, blocked: bool
+) -> None:
     folder = root.dataset(version)
-    manifest = "".join(json.dumps({k: v for k, v in r.items() if k != "_version"}, sort_keys=True) + "\n"
-                       for r in sorted(rows, key=lambda r: r["path"]))
+    manifest = "".join(
+        json.dumps({k: v for k, v in r.items() if k != "_version"}, sort_keys=True) + "\n"
+        for r in sorted(rows, key=lambda r: r["path"])
+    )
     _write(folder / MANIFEST, manifest)
     root_hash = _sha(version, "root")
-    _write(folder / SNAPSHOT, json.dumps({
-        "version": version, "manifest_root": root_hash, "spec": {"name": version, "merge": merge,
-                                                                  "intent": f"bench {version}"},
-        "spec_sha256": _sha(version, "spec"), "parents": parents, "created_at": "2026-12-06T00:00:00Z",
-        "captions_complete": True,
-    }))
-    problems = [{"file": rows[0]["path"], "code": "too_small", "severity": "error", "message": "shorter side 300 px",
-                 "scope": f"dataset:{version}"}] if blocked else []
-    _write(folder / REPORT_JSON, json.dumps({"version": version, "manifest_root": root_hash, "passed": not blocked,
-                                             "problems": problems}))
+    _write(
+        folder / SNAPSHOT,
+        json.dumps(
+            {
+                "version": version,
+                "manifest_root": root_hash,
+                "spec": {"name": version, "merge": merge, "intent": f"bench {version}"},
+                "spec_sha256": _sha(version, "spec"),
+                "parents": parents,
+                "created_at": "2026-12-06T00:00:00Z",
+                "captions_complete": True,
+            }
+        ),
+    )
+    problems = (
+        [
+            {
+                "file": rows[0]["path"],
+                "code": "too_small",
+                "severity": "error",
+                "message": "shorter side 300 px",
+                "scope": f"dataset:{version}",
+            }
+        ]
+        if blocked
+        else []
+    )
+    _write(
+        folder / REPORT_JSON,
+        json.dumps({"version": version, "manifest_root": root_hash, "passed": not blocked, "problems": problems}),
+    )
     _write(folder / SEAL, json.dumps({"version": version, "manifest_root": root_hash, "files": {}}))
 
 
@@ -115,25 +169,45 @@ def build_store(root: DataRoot, versions: int, files: int, loras: int) -> dict[s
             rows_of[version] = [r for r in rows if r["kind"] == "image"]
             names.append(version)
             manifest_rows += len(rows)
-            _write_version(root, version, rows, [parent] if parent else [], merge, blocked=int(_sha(version)[:8], 16) % 10 == 0)
+            _write_version(
+                root, version, rows, [parent] if parent else [], merge, blocked=int(_sha(version)[:8], 16) % 10 == 0
+            )
     names.sort()
     trained = names[: max(1, loras // 2)]
     for i, version in enumerate(trained):
         for epoch in (1, 2):
             path = root.loras(version, RECIPE) / f"{version}-{RECIPE}-e{epoch:03d}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"x": np.zeros(4, dtype=np.float32)}, str(path), metadata={
-                "lora_pipeline.dataset_version": version, "lora_pipeline.recipe": RECIPE,
-                "lora_pipeline.epoch": str(epoch), "ss_steps": str(100 * epoch),
-                "sshs_model_hash": _sha(version, epoch, "tensors"), "lora_pipeline.mlflow_run_id": _sha(version)[:32],
-                "lora_pipeline.manifest_root": _sha(version, "root"),
-            })
+            save_file(
+                {"x": np.zeros(4, dtype=np.float32)},
+                str(path),
+                metadata={
+                    "lora_pipeline.dataset_version": version,
+                    "lora_pipeline.recipe": RECIPE,
+                    "lora_pipeline.epoch": str(epoch),
+                    "ss_steps": str(100 * epoch),
+                    "sshs_model_hash": _sha(version, epoch, "tensors"),
+                    "lora_pipeline.mlflow_run_id": _sha(version)[:32],
+                    "lora_pipeline.manifest_root": _sha(version, "root"),
+                },
+            )
         if i % 2 == 0:
-            rec = {"version": version, "recipe": RECIPE, "recommended_epoch": 2, "training_run_id": _sha(version)[:32],
-                   "recommended_file": f"loras/{version}/{RECIPE}/{version}-{RECIPE}-e002.safetensors"}
+            rec = {
+                "version": version,
+                "recipe": RECIPE,
+                "recommended_epoch": 2,
+                "training_run_id": _sha(version)[:32],
+                "recommended_file": f"loras/{version}/{RECIPE}/{version}-{RECIPE}-e002.safetensors",
+            }
             _write(root.evals(version, RECIPE) / "recommendation.json", json.dumps(rec))
-    return {"versions": len(names), "batches": families, "source_files": families * per_batch * 2,
-            "manifest_rows": manifest_rows, "lora_files": 2 * len(trained), "recommendations": (len(trained) + 1) // 2}
+    return {
+        "versions": len(names),
+        "batches": families,
+        "source_files": families * per_batch * 2,
+        "manifest_rows": manifest_rows,
+        "lora_files": 2 * len(trained),
+        "recommendations": (len(trained) + 1) // 2,
+    }
 
 
 def _timed(fn, runs: int) -> tuple[float, float, object]:
@@ -159,17 +233,23 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = DataRoot(Path(tmp) / "data")
-        print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} cores, "
-              f"Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}")
+        print(
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, load {os.getloadavg()[0]:.2f}"
+        )
         started = time.perf_counter()
         counts = build_store(root, args.versions, args.files, args.loras)
         print(f"store written in {time.perf_counter() - started:.1f} s: {counts}")
-        print(f"manifests etc. {_folder_bytes(root.datasets) / 1e6:.1f} MB, LoRA headers "
-              f"{_folder_bytes(root.loras_root) / 1e6:.1f} MB")
+        print(
+            f"manifests etc. {_folder_bytes(root.datasets) / 1e6:.1f} MB, LoRA headers "
+            f"{_folder_bytes(root.loras_root) / 1e6:.1f} MB"
+        )
         started = time.perf_counter()
         read = rebuild_index(root)
-        print(f"index build (lineage --rebuild): {time.perf_counter() - started:.2f} s, {read} files read, "
-              f"index {index_path(root).stat().st_size / 1e6:.1f} MB")
+        print(
+            f"index build (lineage --rebuild): {time.perf_counter() - started:.2f} s, {read} files read, "
+            f"index {index_path(root).stat().st_size / 1e6:.1f} MB"
+        )
 
         def catch_up() -> int:
             with closing(open_index(root, catch_up=False)) as conn:
@@ -180,20 +260,32 @@ def main() -> None:
         probe = version_name(9, FAMILY_LENGTH // 2)
         image = f"batch009/{PER_STEP * 1:04d}.png"
         lora = root.loras(probe, RECIPE) / f"{probe}-{RECIPE}-e002.safetensors"
-        targets = {"batch": "batch:batch009", "file (batch path)": f"file:{image}",
-                   "file (sha256)": f"file:{_sha('batch009', PER_STEP, 'png')}", "version": f"version:{probe}",
-                   "lora": f"lora:{lora}"}
+        targets = {
+            "batch": "batch:batch009",
+            "file (batch path)": f"file:{image}",
+            "file (sha256)": f"file:{_sha('batch009', PER_STEP, 'png')}",
+            "version": f"version:{probe}",
+            "lora": f"lora:{lora}",
+        }
         for label, target in targets.items():
             best, median, answer = _timed(lambda target=target: lineage(root, target), args.runs)
             size = len(answer.get("versions") or answer.get("descendants") or [])
-            print(f"query {label:18} best {best * 1e3:6.0f} ms, median {median * 1e3:6.0f} ms "
-                  f"({size} versions, {len(answer.get('trainings', []))} trainings in the answer)")
+            print(
+                f"query {label:18} best {best * 1e3:6.0f} ms, median {median * 1e3:6.0f} ms "
+                f"({size} versions, {len(answer.get('trainings', []))} trainings in the answer)"
+            )
         env = {**os.environ, "LORA_PIPELINE_DATA": str(root.root)}
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "lineage", "batch:batch009"], env=env,
-                       check=True, capture_output=True)
-        print(f"`lora-pipeline lineage batch:batch009` as a subprocess: {time.perf_counter() - started:.2f} s "
-              f"(interpreter start and imports included); load {os.getloadavg()[0]:.2f}")
+        subprocess.run(
+            [sys.executable, "-m", "lora_pipeline.cli", "lineage", "batch:batch009"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        print(
+            f"`lora-pipeline lineage batch:batch009` as a subprocess: {time.perf_counter() - started:.2f} s "
+            f"(interpreter start and imports included); load {os.getloadavg()[0]:.2f}"
+        )
 
 
 if __name__ == "__main__":

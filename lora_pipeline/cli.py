@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
-        if args.fn not in (cmd_provenance, cmd_lineage):  # every other command records a run: the instance must answer first
+        if args.fn not in (cmd_provenance, cmd_lineage):  # the others record a run: the instance must answer first
             from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()

@@ -58,8 +58,15 @@ def _write_loras(root: DataRoot, version: str, epochs: int, run_id: str) -> list
     files = []
     for epoch in range(1, epochs + 1):
         metadata = build_metadata(
-            recipe=recipe, provenance=provenance, epoch=epoch, steps=4 * epoch, max_train_steps=4 * epochs,
-            num_train_images=8, num_batches_per_epoch=4, tag_frequency={}, dataset_dirs={},
+            recipe=recipe,
+            provenance=provenance,
+            epoch=epoch,
+            steps=4 * epoch,
+            max_train_steps=4 * epochs,
+            num_train_images=8,
+            num_batches_per_epoch=4,
+            tag_frequency={},
+            dataset_dirs={},
             training_started_at=1_700_000_000.0,
         )
         path = root.loras(version, DEMO_RECIPE) / epoch_file_name(version, DEMO_RECIPE, epoch)
@@ -80,10 +87,16 @@ def store(tmp_path_factory) -> DataRoot:
         finish_version(root, spec)
     files = _write_loras(root, DEMO_V2, 3, "run-v2")
     _write_loras(root, MERGE, 2, "run-merge")
-    write_json(root.evals(DEMO_V2, DEMO_RECIPE) / "recommendation.json", {
-        "version": DEMO_V2, "recipe": DEMO_RECIPE, "recommended_epoch": 2, "recommended_file": files[1],
-        "training_run_id": "run-v2",
-    })
+    write_json(
+        root.evals(DEMO_V2, DEMO_RECIPE) / "recommendation.json",
+        {
+            "version": DEMO_V2,
+            "recipe": DEMO_RECIPE,
+            "recommended_epoch": 2,
+            "recommended_file": files[1],
+            "training_run_id": "run-v2",
+        },
+    )
     return root
 
 
@@ -217,8 +230,9 @@ def test_cli_lineage_exit_codes_and_verify(own_store, tmp_path, monkeypatch):
     assert f"{MERGE}: merge of {DEMO_V2}" in cli("lineage", f"batch:{CURATED}").stdout
     rebuilt = json.loads(cli("lineage", "--rebuild", "--json").stdout)
     assert rebuilt["files_read"] == 3 + 5 + 1  # seals, LoRA files, recommendation
-    assert_one_line_error(cli("lineage", "batch:curated-2026-1", check=False), "curated-2026-1",
-                          "closest: curated-2026-10")
+    assert_one_line_error(
+        cli("lineage", "batch:curated-2026-1", check=False), "curated-2026-1", "closest: curated-2026-10"
+    )
     assert_one_line_error(cli("lineage", "curated-2026-10", check=False), "batch:<id>")
     assert_one_line_error(cli("lineage", "version:never-built", check=False), "never-built", "not in the lineage")
     assert_one_line_error(cli("lineage", "lora:/no/such.safetensors", check=False), "/no/such.safetensors")

@@ -45,26 +45,34 @@ MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 # differs from its own (a caption written from a sidecar or table; an image is a byte copy).
 VERSION_TABLES = {
     "versions": "version TEXT PRIMARY KEY, manifest_root TEXT, spec_sha256 TEXT, merge INTEGER, intent TEXT, "
-                "created_at TEXT, images INTEGER, passed INTEGER, errors INTEGER, first_error TEXT",
+    "created_at TEXT, images INTEGER, passed INTEGER, errors INTEGER, first_error TEXT",
     "parents": "version TEXT NOT NULL, parent TEXT NOT NULL",
     # per version x batch: files copied from the batch itself (direct) or from a parent version (inherited)
     "uses": "version TEXT NOT NULL, batch TEXT NOT NULL, direct INTEGER, inherited INTEGER, images INTEGER",
     # every snapshot file that came from a batch file (directly or through a parent): the way back from a file
     "files": "version TEXT NOT NULL, path TEXT NOT NULL, kind TEXT, direct INTEGER, batch TEXT NOT NULL, "
-             "batch_path TEXT, sha256 BLOB, source_sha256 BLOB",
+    "batch_path TEXT, sha256 BLOB, source_sha256 BLOB",
 }
 FILE_TABLES = {
     "stamps": "src TEXT PRIMARY KEY, stamp TEXT NOT NULL",
     "loras": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, steps INTEGER, model_hash TEXT, "
-             "mlflow_run_id TEXT, manifest_root TEXT",
+    "mlflow_run_id TEXT, manifest_root TEXT",
     "recommendations": "src TEXT PRIMARY KEY, version TEXT, recipe TEXT, epoch INTEGER, file TEXT, "
-                       "training_run_id TEXT",
+    "training_run_id TEXT",
 }
 TABLES = {**VERSION_TABLES, **FILE_TABLES}
 INDEXES = (
-    "parents(version)", "parents(parent)", "uses(batch)", "uses(version)", "files(batch, batch_path)",
-    "files(sha256)", "files(source_sha256) WHERE source_sha256 IS NOT NULL", "files(version, path)",
-    "loras(version, recipe)", "loras(model_hash)", "recommendations(version, recipe)",
+    "parents(version)",
+    "parents(parent)",
+    "uses(batch)",
+    "uses(version)",
+    "files(batch, batch_path)",
+    "files(sha256)",
+    "files(source_sha256) WHERE source_sha256 IS NOT NULL",
+    "files(version, path)",
+    "loras(version, recipe)",
+    "loras(model_hash)",
+    "recommendations(version, recipe)",
 )
 # What a scope reads: (prefix under the data root, glob below it). Everything, one version, one version x recipe.
 EVERYTHING = (("datasets/", f"*/{SEAL}"), ("loras/", "*/*/*.safetensors"), ("evals/", f"*/*/{RECOMMENDATION}"))
@@ -148,9 +156,20 @@ def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
     first = f"{errors[0]['file']}: {errors[0]['message']}" if errors else None
     images = sum(r.kind in IMAGE_KINDS for r in rows)
     out: dict[str, list[tuple[Any, ...]]] = {
-        "versions": [(version, info.manifest_root, info.spec_sha256, int(bool(info.spec.get("merge"))),
-                      info.spec.get("intent", ""), info.created_at, images,
-                      int(report.passed and not errors), len(errors), first)],
+        "versions": [
+            (
+                version,
+                info.manifest_root,
+                info.spec_sha256,
+                int(bool(info.spec.get("merge"))),
+                info.spec.get("intent", ""),
+                info.created_at,
+                images,
+                int(report.passed and not errors),
+                len(errors),
+                first,
+            )
+        ],
         "parents": [(version, parent) for parent in info.parents],
         "files": [],
     }
@@ -181,9 +200,20 @@ def _lora_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
         value = meta.get(key)
         return int(value) if value is not None and value.isdigit() else None
 
-    return {"loras": [(src, meta[f"{KEY}dataset_version"], meta.get(f"{KEY}recipe"), number(f"{KEY}epoch"),
-                       number("ss_steps"), meta.get("sshs_model_hash"), meta.get(f"{KEY}mlflow_run_id"),
-                       meta.get(f"{KEY}manifest_root"))]}
+    return {
+        "loras": [
+            (
+                src,
+                meta[f"{KEY}dataset_version"],
+                meta.get(f"{KEY}recipe"),
+                number(f"{KEY}epoch"),
+                number("ss_steps"),
+                meta.get("sshs_model_hash"),
+                meta.get(f"{KEY}mlflow_run_id"),
+                meta.get(f"{KEY}manifest_root"),
+            )
+        ]
+    }
 
 
 def _recommendation_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -192,8 +222,18 @@ def _recommendation_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, 
     if not isinstance(rec, dict) or not isinstance(rec.get("recommended_epoch"), int):
         raise UserError("not a recommendation (no recommended_epoch)", path)
     _, version, recipe, _ = src.split("/")
-    return {"recommendations": [(src, rec.get("version", version), rec.get("recipe", recipe),
-                                 rec["recommended_epoch"], rec.get("recommended_file"), rec.get("training_run_id"))]}
+    return {
+        "recommendations": [
+            (
+                src,
+                rec.get("version", version),
+                rec.get("recipe", recipe),
+                rec["recommended_epoch"],
+                rec.get("recommended_file"),
+                rec.get("training_run_id"),
+            )
+        ]
+    }
 
 
 READERS = {"datasets": _version_rows, "loras": _lora_rows, "evals": _recommendation_rows}
@@ -244,8 +284,9 @@ def refresh(conn: sqlite3.Connection, root: DataRoot, version: str | None = None
     now = _scan(root, scope)
     known = {}
     for prefix, _ in scope:
-        known.update(conn.execute("SELECT src, stamp FROM stamps WHERE substr(src, 1, ?) = ?",
-                                  (len(prefix), prefix)).fetchall())
+        known.update(
+            conn.execute("SELECT src, stamp FROM stamps WHERE substr(src, 1, ?) = ?", (len(prefix), prefix)).fetchall()
+        )
     changed = sorted(src for src, stamp in now.items() if known.get(src) != stamp)
     gone = sorted(set(known) - set(now))
     read = [(src, READERS[src.split("/", 1)[0]](root, src)) for src in changed]  # read before locking
@@ -353,6 +394,8 @@ def index_findings(root: DataRoot, versions: Sequence[str] = ()) -> list[str]:
         extra = (collections.Counter(stored[table]) - collections.Counter(rows)).total()
         lacking = (collections.Counter(rows) - collections.Counter(stored[table])).total()
         if extra or lacking:
-            findings.append(f"{path}: table {table} has {extra} row(s) the data root does not give and lacks "
-                            f"{lacking}: the index was changed by hand; {rebuild}")
+            findings.append(
+                f"{path}: table {table} has {extra} row(s) the data root does not give and lacks "
+                f"{lacking}: the index was changed by hand; {rebuild}"
+            )
     return findings

@@ -38,8 +38,9 @@ def _trainings(trainings: list[dict[str, Any]]) -> list[str]:
     lines = [f"trainings: {len(trainings)}"]
     for t in trainings:
         runs = ", ".join(t["mlflow_run_ids"]) or "none"
-        lines.append(f"  {t['version']} x {t['recipe']}: {_epochs(t['epochs'])} ({len(t['files'])} files), "
-                     f"MLflow run {runs}")
+        lines.append(
+            f"  {t['version']} x {t['recipe']}: {_epochs(t['epochs'])} ({len(t['files'])} files), MLflow run {runs}"
+        )
         if t.get("recommended_epoch") is not None:
             lines.append(f"    recommended epoch {t['recommended_epoch']}: {t['recommended_file']}")
         else:
@@ -82,11 +83,16 @@ def format_lineage(data: dict[str, Any]) -> str:
     if "lora" in data:
         lora = data["lora"]
         chosen = lora["recommended_epoch"]
-        rec = "not evaluated" if chosen is None else (
-            "the recommended epoch" if chosen == lora["epoch"] else f"recommended epoch is {chosen}")
-        lines += [f"LoRA {lora['file']}: epoch {lora['epoch']} (step {lora['steps']}) of {lora['version']} x "
-                  f"{lora['recipe']}; {rec}", f"  MLflow run {lora['mlflow_run_id']}, manifest root "
-                  f"{lora['manifest_root']}"]
+        rec = (
+            "not evaluated"
+            if chosen is None
+            else ("the recommended epoch" if chosen == lora["epoch"] else f"recommended epoch is {chosen}")
+        )
+        lines += [
+            f"LoRA {lora['file']}: epoch {lora['epoch']} (step {lora['steps']}) of {lora['version']} x "
+            f"{lora['recipe']}; {rec}",
+            f"  MLflow run {lora['mlflow_run_id']}, manifest root {lora['manifest_root']}",
+        ]
     lines.append(_version_line(data["version"]))
     lines += _upstream(data)
     if "descendants" in data:

@@ -66,10 +66,12 @@ def _trainings(conn: sqlite3.Connection, versions: Collection[str]) -> list[dict
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for version, recipe, epoch, src, run in conn.execute(
         f"SELECT version, recipe, epoch, src, mlflow_run_id FROM loras WHERE version IN ({_marks(names)}) "
-        "ORDER BY version, recipe, epoch, src", names,
+        "ORDER BY version, recipe, epoch, src",
+        names,
     ):
-        item = out.setdefault((version, recipe), {"version": version, "recipe": recipe, "epochs": [], "files": [],
-                                                  "mlflow_run_ids": []})
+        item = out.setdefault(
+            (version, recipe), {"version": version, "recipe": recipe, "epochs": [], "files": [], "mlflow_run_ids": []}
+        )
         if epoch is not None and epoch not in item["epochs"]:
             item["epochs"].append(epoch)
         item["files"].append(src)
@@ -79,30 +81,41 @@ def _trainings(conn: sqlite3.Connection, versions: Collection[str]) -> list[dict
         f"SELECT version, recipe, epoch, file, training_run_id FROM recommendations WHERE version IN ({_marks(names)})",
         names,
     ):
-        item = out.setdefault((version, recipe), {"version": version, "recipe": recipe, "epochs": [], "files": [],
-                                                  "mlflow_run_ids": [run] if run else []})
+        item = out.setdefault(
+            (version, recipe),
+            {"version": version, "recipe": recipe, "epochs": [], "files": [], "mlflow_run_ids": [run] if run else []},
+        )
         item.update(recommended_epoch=epoch, recommended_file=file)
     return [out[key] for key in sorted(out)]
 
 
 def _upstream(conn: sqlite3.Connection, version: str) -> dict[str, Any]:
     """The batches a version took files from (direct and inherited counts) and its ancestor versions."""
-    batches = [{"batch": b, "direct": d, "inherited": i, "images": n} for b, d, i, n in conn.execute(
-        "SELECT batch, direct, inherited, images FROM uses WHERE version = ? ORDER BY batch", (version,))]
-    ancestors = [_version(conn, v) or {"version": v, "missing": True}
-                 for v in _walk(conn, version, "SELECT parent FROM parents WHERE version = ?")]
+    batches = [
+        {"batch": b, "direct": d, "inherited": i, "images": n}
+        for b, d, i, n in conn.execute(
+            "SELECT batch, direct, inherited, images FROM uses WHERE version = ? ORDER BY batch", (version,)
+        )
+    ]
+    ancestors = [
+        _version(conn, v) or {"version": v, "missing": True}
+        for v in _walk(conn, version, "SELECT parent FROM parents WHERE version = ?")
+    ]
     return {"batches": batches, "ancestors": ancestors}
 
 
 def by_batch(conn: sqlite3.Connection, root: DataRoot, batch: str) -> dict[str, Any]:
     require_name(batch, "batch id")
-    uses = conn.execute("SELECT version, direct, inherited, images FROM uses WHERE batch = ? ORDER BY version",
-                        (batch,)).fetchall()
+    uses = conn.execute(
+        "SELECT version, direct, inherited, images FROM uses WHERE batch = ? ORDER BY version", (batch,)
+    ).fetchall()
     ready = root.ready_batches()
     if not uses and batch not in ready:
         known = [b for (b,) in conn.execute("SELECT DISTINCT batch FROM uses")]
-        raise UserError(f"batch '{batch}' is neither a ready batch nor in the lineage index"
-                        f"{closest_names(batch, known + ready)}", root.batch(batch))
+        raise UserError(
+            f"batch '{batch}' is neither a ready batch nor in the lineage index{closest_names(batch, known + ready)}",
+            root.batch(batch),
+        )
     using = {v for v, *_ in uses}
     versions = [{**_how(conn, v, d > 0, using if i else ()), "files": d + i, "images": n} for v, d, i, n in uses]
     return {"query": f"batch:{batch}", "batch": batch, "versions": versions, "trainings": _trainings(conn, using)}
@@ -121,8 +134,9 @@ def _batch_file(conn: sqlite3.Connection, root: DataRoot, value: str) -> tuple[s
                 continue
             if folder == root.sources:
                 return parts[0], "/".join(parts[1:])
-            row = conn.execute("SELECT batch, batch_path FROM files WHERE version = ? AND path = ?",
-                               (parts[0], "/".join(parts[1:]))).fetchone()
+            row = conn.execute(
+                "SELECT batch, batch_path FROM files WHERE version = ? AND path = ?", (parts[0], "/".join(parts[1:]))
+            ).fetchone()
             if row is None:
                 raise UserError("is not a file of an indexed dataset version that came from a batch", path)
             return row
@@ -138,18 +152,30 @@ def by_file(conn: sqlite3.Connection, root: DataRoot, value: str) -> dict[str, A
     if SHA256_RE.fullmatch(value.lower()):
         what: dict[str, Any] = {"sha256": value.lower()}
         digest = bytes.fromhex(value)
-        rows = conn.execute(f"SELECT {columns} FROM files WHERE sha256 = ? OR source_sha256 = ? ORDER BY version, "
-                            "path", (digest, digest)).fetchall()
+        rows = conn.execute(
+            f"SELECT {columns} FROM files WHERE sha256 = ? OR source_sha256 = ? ORDER BY version, path",
+            (digest, digest),
+        ).fetchall()
     else:
         batch, rel = _batch_file(conn, root, value)
         what = {"batch": batch, "path": rel}
-        rows = conn.execute(f"SELECT {columns} FROM files WHERE batch = ? AND batch_path = ? ORDER BY version, path",
-                            (batch, rel)).fetchall()
+        rows = conn.execute(
+            f"SELECT {columns} FROM files WHERE batch = ? AND batch_path = ? ORDER BY version, path", (batch, rel)
+        ).fetchall()
     if not rows:
         raise UserError("no dataset version in the lineage index took this file", value)
     holding = {r[0] for r in rows}
-    versions = [{**_how(conn, v, bool(d), () if d else holding), "path": p, "kind": k, "batch": b,
-                 "batch_path": bp, "sha256": s.hex()} for v, p, k, d, b, bp, s in rows]
+    versions = [
+        {
+            **_how(conn, v, bool(d), () if d else holding),
+            "path": p,
+            "kind": k,
+            "batch": b,
+            "batch_path": bp,
+            "sha256": s.hex(),
+        }
+        for v, p, k, d, b, bp, s in rows
+    ]
     return {"query": f"file:{value}", "file": what, "versions": versions, "trainings": _trainings(conn, holding)}
 
 
@@ -157,16 +183,24 @@ def _require_version(conn: sqlite3.Connection, root: DataRoot, version: str) -> 
     info = _version(conn, require_name(version, "dataset version"))
     if info is None:
         known = [v for (v,) in conn.execute("SELECT version FROM versions")]
-        raise UserError(f"dataset version '{version}' is not in the lineage index (not built, or not sealed yet)"
-                        f"{closest_names(version, known)}", root.dataset(version))
+        raise UserError(
+            f"dataset version '{version}' is not in the lineage index (not built, or not sealed yet)"
+            f"{closest_names(version, known)}",
+            root.dataset(version),
+        )
     return info
 
 
 def by_version(conn: sqlite3.Connection, root: DataRoot, version: str) -> dict[str, Any]:
     info = _require_version(conn, root, version)
     down = _walk(conn, version, "SELECT version FROM parents WHERE parent = ?")
-    return {"query": f"version:{version}", "version": info, **_upstream(conn, version),
-            "descendants": [_version(conn, v) for v in down], "trainings": _trainings(conn, {version, *down})}
+    return {
+        "query": f"version:{version}",
+        "version": info,
+        **_upstream(conn, version),
+        "descendants": [_version(conn, v) for v in down],
+        "trainings": _trainings(conn, {version, *down}),
+    }
 
 
 def by_lora(conn: sqlite3.Connection, root: DataRoot, value: str) -> dict[str, Any]:
@@ -183,19 +217,29 @@ def by_lora(conn: sqlite3.Connection, root: DataRoot, value: str) -> dict[str, A
         model_hash = lora_header(path).get("sshs_model_hash")
         row = conn.execute(sql + "model_hash = ? ORDER BY src", (model_hash,)).fetchone() if model_hash else None
     if row is None:
-        why = "not a LoRA file in the lineage index (trained into another data root?)" if path.is_file() else \
-            "file not found"
+        why = (
+            "not a LoRA file in the lineage index (trained into another data root?)"
+            if path.is_file()
+            else "file not found"
+        )
         raise UserError(why, path)
     lora = dict(zip(columns, row, strict=True))
     training = _trainings(conn, {lora["version"]})
     rec = next((t for t in training if t["recipe"] == lora["recipe"]), {})
     lora["recommended_epoch"] = rec.get("recommended_epoch")
-    return {"query": f"lora:{value}", "lora": lora, "version": _require_version(conn, root, lora["version"]),
-            **_upstream(conn, lora["version"])}
+    return {
+        "query": f"lora:{value}",
+        "lora": lora,
+        "version": _require_version(conn, root, lora["version"]),
+        **_upstream(conn, lora["version"]),
+    }
 
 
 QUERIES: dict[str, Callable[[sqlite3.Connection, DataRoot, str], dict[str, Any]]] = {
-    "batch": by_batch, "file": by_file, "version": by_version, "lora": by_lora,
+    "batch": by_batch,
+    "file": by_file,
+    "version": by_version,
+    "lora": by_lora,
 }
 
 
