@@ -207,10 +207,12 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary
 
     chain = trace_lora(root, Path(args.file))
     exit_code = 0 if chain.status == "ok" else 1
-    return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
+    data = {**chain.to_json_dict(), "batches": batch_summary(chain)}
+    return CommandResult(data, text=format_provenance(chain, files=args.files), exit_code=exit_code)
 
 
 def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:
@@ -354,6 +356,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file", help="a LoRA .safetensors file")
+    sp.add_argument("--files", action="store_true", help="also print every image with its caption and source files")
     sp = add("lineage", cmd_lineage, "which versions, LoRA files, runs and recommendations a batch, file, version or "
              "LoRA file belongs to, up and down (from the lineage index)")
     sp.add_argument("target", nargs="?", help="batch:<id>, file:<path or sha256>, version:<name> or lora:<file>")

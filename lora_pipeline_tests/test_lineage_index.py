@@ -43,18 +43,22 @@ MERGE = "hardware-promoted-merge-v1"
 CURATED, TURNTABLE, PROMOTED = "curated-2026-10", "turntable-renders-2026-11", "promoted-candidates-2026-11"
 
 
-def _write_loras(root: DataRoot, version: str, epochs: int, run_id: str) -> list[str]:
-    """Epoch files of `version` x demo-tiny headed by build_metadata (the index reads only the header)."""
+def _write_loras(root: DataRoot, version: str, epochs: int, run_id: str, base: str) -> list[str]:
+    """Epoch files of `version` x demo-tiny headed by build_metadata (the index reads only the header), on the
+    tiny model folder `base`, so that their provenance checks out."""
     import torch
 
     from lora_pipeline.core.datasets.snapshot.manifest import read_snapshot_info
+    from lora_pipeline.core.models.model_hash import base_model_hash
     from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
     from lora_pipeline.core.training.recipe import load_recipe
     from lora_pipeline.core.training.run.checkpoint import epoch_file_name
 
     recipe = load_recipe(root.recipe_file(DEMO_RECIPE))
     info = read_snapshot_info(root.dataset(version))
-    provenance = LoraProvenance(version, info.manifest_root, info.spec_sha256, "tiny-sd", "hash", "commit", run_id)
+    provenance = LoraProvenance(
+        version, info.manifest_root, info.spec_sha256, base, base_model_hash(base), "commit", run_id
+    )
     files = []
     for epoch in range(1, epochs + 1):
         metadata = build_metadata(
@@ -76,7 +80,7 @@ def _write_loras(root: DataRoot, version: str, epochs: int, run_id: str) -> list
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> DataRoot:
+def store(tmp_path_factory, tiny_model) -> DataRoot:
     """v1, v2 and the merge built and sealed; v2 trained (3 epochs, epoch 2 recommended), the merge trained (2)."""
     root = DataRoot(tmp_path_factory.mktemp("lineage") / "data")
     for part in ("sources", "specs", "recipes"):
@@ -85,8 +89,9 @@ def store(tmp_path_factory) -> DataRoot:
         spec = load_spec(root.spec_file(version))
         build_snapshot(root, spec, "test-commit")
         finish_version(root, spec)
-    files = _write_loras(root, DEMO_V2, 3, "run-v2")
-    _write_loras(root, MERGE, 2, "run-merge")
+    base = str(tiny_model("tiny-sd"))
+    files = _write_loras(root, DEMO_V2, 3, "run-v2", base)
+    _write_loras(root, MERGE, 2, "run-merge", base)
     write_json(
         root.evals(DEMO_V2, DEMO_RECIPE) / "recommendation.json",
         {
@@ -259,3 +264,30 @@ def test_the_assets_keep_the_index_up_to_date(trained_demo):
     recommendation = trained_demo.evaluated.metadata("evaluation_grid")["recommended_epoch"]
     assert training["recommended_epoch"] == recommendation
     assert training["mlflow_run_ids"] == [trained_demo.trained.metadata("lora_epochs")["mlflow_run_id"]]
+
+
+def test_provenance_prints_a_summary_per_batch_and_the_images_only_with_files(store, monkeypatch, tmp_path):
+    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary
+
+    lora = next(store.loras(MERGE, DEMO_RECIPE).glob("*.safetensors"))
+    chain = trace_lora(store, lora)
+    assert chain.status == "ok"
+    rows = {r["source"]: r for r in batch_summary(chain)}
+    assert set(rows) == {f"batch:{CURATED}", f"batch:{TURNTABLE}", f"batch:{PROMOTED}"}
+    assert sum(r["images"] for r in rows.values()) == len(chain.images) == 26
+    assert rows[f"batch:{CURATED}"]["images"] == rows[f"batch:{CURATED}"]["captions"] == 8
+    assert rows[f"batch:{CURATED}"]["changed_or_missing"] == 0
+    summary = format_provenance(chain, files=False)
+    assert f"batch:{CURATED}: 8 images, 8 captions" in summary and "source files unchanged" in summary
+    assert "caption:" not in summary and chain.images[0].path not in summary  # no per-image rows
+    assert len(summary.splitlines()) < 20
+    full = format_provenance(chain, files=True)
+    assert chain.images[0].path in full and full.count("caption:") == 26
+
+    monkeypatch.setenv("LORA_PIPELINE_DATA", str(store.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    assert cli("provenance", str(lora)).stdout.strip() == summary
+    assert chain.images[0].path in cli("provenance", str(lora), "--files").stdout
+    data = json.loads(cli("provenance", str(lora), "--json").stdout)
+    assert len(data["images"]) == 26 and {b["source"] for b in data["batches"]} == set(rows)
