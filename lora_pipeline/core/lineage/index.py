@@ -26,13 +26,11 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.checks.report import read_report
 from lora_pipeline.core.datasets.problems import errors_in
-from lora_pipeline.core.datasets.snapshot.manifest import IMAGE_KINDS, read_manifest, read_snapshot_info
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.core.names import is_name, require_name
-from lora_pipeline.core.paths import SEAL, DataRoot
+from lora_pipeline.core.paths import REPORT_JSON, SEAL, DataRoot
 
 INDEX_FILE = "lineage.sqlite"
 SCHEMA = "1"  # a file of another schema is rebuilt on open (and named by verify)
@@ -103,29 +101,32 @@ def _scan(root: DataRoot, scope: Sequence[tuple[str, str]]) -> dict[str, str]:
 
     def walk(rel: str, parts: list[str]) -> None:
         head, rest = parts[0], parts[1:]
-        folder = root.root / rel
-        if not any(c in head for c in "*?["):
-            entries = [(head, folder / head)]
-        else:
+        folder = os.path.join(top, rel)
+        if not any(c in head for c in "*?["):  # a literal name: one lstat
             try:
-                with os.scandir(folder) as it:
-                    entries = [(e.name, e.path) for e in it if fnmatch.fnmatchcase(e.name, head)]
+                st = os.lstat(os.path.join(folder, head))
             except (FileNotFoundError, NotADirectoryError):
                 return
-        for name, path in entries:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
+            if rest and stat.S_ISDIR(st.st_mode):
+                walk(f"{rel}{head}/", rest)
+            elif not rest and stat.S_ISREG(st.st_mode):
+                found[f"{rel}{head}"] = _stamp(st)
+            return
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if fnmatch.fnmatchcase(e.name, head)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:  # the type comes with the directory read; only a file costs a stat
             if rest:
-                if stat.S_ISDIR(st.st_mode) and is_name(name):
-                    walk(f"{rel}{name}/", rest)
-            elif stat.S_ISREG(st.st_mode) and not name.startswith("."):
-                found[f"{rel}{name}"] = _stamp(st)
+                if entry.is_dir(follow_symlinks=False) and is_name(entry.name):
+                    walk(f"{rel}{entry.name}/", rest)
+            elif entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
+                found[f"{rel}{entry.name}"] = _stamp(entry.stat(follow_symlinks=False))
 
+    top = str(root.root)
     for prefix, pattern in scope:
-        top, *parts = (prefix + pattern).split("/")
-        walk(f"{top}/", parts)
+        walk("", (prefix + pattern).split("/"))
     return found
 
 
@@ -149,10 +150,15 @@ def lora_header(path: Path) -> dict[str, str]:
 def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
     folder = root.root / src.rsplit("/", 1)[0]
     version = folder.name
+    # Imported here, and report.json read as data: the manifest's module imports numpy and PIL, the report's the
+    # whole validation, which a query with nothing to catch up with must not wait for (a report without `passed`
+    # has not passed).
+    from lora_pipeline.core.datasets.snapshot.manifest import IMAGE_KINDS, read_manifest, read_snapshot_info
+
     info = read_snapshot_info(folder)
-    report = read_report(folder)
+    report = read_json(folder / REPORT_JSON)
     rows = read_manifest(folder)
-    errors = errors_in(report.problems)
+    errors = errors_in(report.get("problems") or [])
     first = f"{errors[0]['file']}: {errors[0]['message']}" if errors else None
     images = sum(r.kind in IMAGE_KINDS for r in rows)
     out: dict[str, list[tuple[Any, ...]]] = {
@@ -165,7 +171,7 @@ def _version_rows(root: DataRoot, src: str) -> dict[str, list[tuple[Any, ...]]]:
                 info.spec.get("intent", ""),
                 info.created_at,
                 images,
-                int(report.passed and not errors),
+                int(report.get("passed") is True and not errors),
                 len(errors),
                 first,
             )
