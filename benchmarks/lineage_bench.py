@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from lora_pipeline.core.lineage.index import index_path, open_index, rebuild_index, refresh
-from lora_pipeline.core.lineage.query import lineage
+from lora_pipeline.core.lineage.lineage_index import index_path, open_index, rebuild_index, refresh
+from lora_pipeline.core.lineage.lineage_query import lineage
 from lora_pipeline.core.paths import MANIFEST, REPORT_JSON, SEAL, SNAPSHOT, DataRoot
 
 PER_STEP = 50  # images a version adds

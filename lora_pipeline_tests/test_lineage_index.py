@@ -16,7 +16,7 @@ from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
-from lora_pipeline.core.lineage.index import (
+from lora_pipeline.core.lineage.lineage_index import (
     index_findings,
     index_path,
     index_rows,
@@ -26,7 +26,7 @@ from lora_pipeline.core.lineage.index import (
     update_index,
 )
 from lora_pipeline.core.lineage.lineage_text import format_lineage
-from lora_pipeline.core.lineage.query import lineage
+from lora_pipeline.core.lineage.lineage_query import lineage
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline_tests.helpers import (
     DEMO_GROUP,

@@ -26,7 +26,7 @@ from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.index import update_index
+from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error

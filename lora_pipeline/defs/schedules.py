@@ -4,7 +4,7 @@
 import dagster as dg
 
 from lora_pipeline.core.datasets.snapshot.seal import verify_versions
-from lora_pipeline.core.lineage.index import index_findings
+from lora_pipeline.core.lineage.lineage_index import index_findings
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.resources import DataRootResource
 

@@ -6,7 +6,7 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
-from lora_pipeline.core.lineage.index import update_index
+from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import MANIFEST, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition

@@ -1,5 +1,5 @@
 """The text `lora-pipeline lineage` prints: a few lines per version and per training, for a person to read
-(`--json` prints query.py's data as it is)."""
+(`--json` prints lineage_query.py's data as it is)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Down from a batch or a file: the versions that took it, directly or through a parent version (a `dataset:`
 source, a deliberate merge among them), and every training of those versions: LoRA files, MLflow runs and the
 recommended epoch. Up from a version or a LoRA file: the batches, with how many files came from each, and the
-parent versions. Everything is read from the lineage index (index.py), caught up with the data root first.
+parent versions. Everything is read from the lineage index (lineage_index.py), caught up with the data root first.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.index import lora_header, open_index
+from lora_pipeline.core.lineage.lineage_index import lora_header, open_index
 from lora_pipeline.core.names import closest_names, require_name
 from lora_pipeline.core.paths import DataRoot
 
