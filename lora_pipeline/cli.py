@@ -218,8 +218,8 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Reads (and brings up to date) the lineage index only: no Dagster run, like `provenance`."""
     from lora_pipeline.core.lineage.lineage_index import index_path, rebuild_index
-    from lora_pipeline.core.lineage.lineage_text import format_lineage
     from lora_pipeline.core.lineage.lineage_query import TARGETS, lineage
+    from lora_pipeline.core.lineage.lineage_text import format_lineage
 
     if args.rebuild:
         started = time.monotonic()

@@ -25,8 +25,8 @@ from lora_pipeline.core.lineage.lineage_index import (
     refresh,
     update_index,
 )
-from lora_pipeline.core.lineage.lineage_text import format_lineage
 from lora_pipeline.core.lineage.lineage_query import lineage
+from lora_pipeline.core.lineage.lineage_text import format_lineage
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline_tests.helpers import (
     DEMO_GROUP,
