@@ -206,13 +206,13 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
-    from lora_pipeline.core.lineage.provenance_text import batch_summary
+    from lora_pipeline.core.lineage.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary, format_with_summary
 
     chain = trace_lora(root, Path(args.file))
     exit_code = 0 if chain.status == "ok" else 1
     data = {**chain.to_json_dict(), "batches": batch_summary(chain)}
-    return CommandResult(data, text=format_provenance(chain, files=args.files), exit_code=exit_code)
+    return CommandResult(data, text=format_with_summary(chain, files=args.files), exit_code=exit_code)
 
 
 def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:

@@ -267,8 +267,8 @@ def test_the_assets_keep_the_index_up_to_date(trained_demo):
 
 
 def test_provenance_prints_a_summary_per_batch_and_the_images_only_with_files(store, monkeypatch, tmp_path):
-    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
-    from lora_pipeline.core.lineage.provenance_text import batch_summary
+    from lora_pipeline.core.lineage.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary, format_with_summary
 
     lora = next(store.loras(MERGE, DEMO_RECIPE).glob("*.safetensors"))
     chain = trace_lora(store, lora)
@@ -278,11 +278,11 @@ def test_provenance_prints_a_summary_per_batch_and_the_images_only_with_files(st
     assert sum(r["images"] for r in rows.values()) == len(chain.images) == 26
     assert rows[f"batch:{CURATED}"]["images"] == rows[f"batch:{CURATED}"]["captions"] == 8
     assert rows[f"batch:{CURATED}"]["changed_or_missing"] == 0
-    summary = format_provenance(chain, files=False)
+    summary = format_with_summary(chain)
     assert f"batch:{CURATED}: 8 images, 8 captions" in summary and "source files unchanged" in summary
     assert "caption:" not in summary and chain.images[0].path not in summary  # no per-image rows
     assert len(summary.splitlines()) < 20
-    full = format_provenance(chain, files=True)
+    full = format_with_summary(chain, files=True)
     assert chain.images[0].path in full and full.count("caption:") == 26
 
     monkeypatch.setenv("LORA_PIPELINE_DATA", str(store.root))

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import dagster as dg
 from PIL import Image
 
-from lora_pipeline.core.lineage.provenance_text import batch_summary
 from lora_pipeline.core.schema import Record
 
 if TYPE_CHECKING:  # provenance imports torch: only the runs that trace a LoRA file pay for it
@@ -70,6 +69,8 @@ def _cell(value: Any) -> int | float | str:
 def provenance_metadata(chain: "ProvenanceChain", manifest: Path) -> dict[str, Any]:
     """The provenance chain of a LoRA file (lineage/provenance.py `trace_lora`) as metadata a partition page shows:
     the source batches with their counts, every image's source file, and the hashes that tie them together."""
+    from lora_pipeline.core.lineage.provenance_text import batch_summary  # imports torch, as provenance does
+
     files = []
     for image in chain.images:
         origin = image.origin or image.source  # an image reused from a version: the batch it came from

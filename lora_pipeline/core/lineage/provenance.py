@@ -9,7 +9,7 @@ checked against what is on disk now, and each break becomes one plain-language f
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,6 @@ from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lineage.provenance_text import summary_lines
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.schema import Record
@@ -325,9 +324,9 @@ def _source_line(label: str, link: SourceLink) -> str:
     return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
 
 
-def format_provenance(chain: ProvenanceChain, files: bool = True) -> str:
-    """A readable, indented text tree of `trace_lora`'s chain for the command line: the per-batch summary
-    (provenance_text.py), then, with `files`, every image with its caption and source files."""
+def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Sequence[str] = ()) -> str:
+    """A readable, indented text tree of `trace_lora`'s chain for the command line: the `summary` lines (the
+    per-batch summary of provenance_text.py), then, with `files`, every image with its caption and source files."""
     lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
     training = lora.training
     lines = [
@@ -345,7 +344,7 @@ def format_provenance(chain: ProvenanceChain, files: bool = True) -> str:
         state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
         lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
     lines.append(f"  {len(chain.images)} images, from:")
-    lines += summary_lines(chain, indent="    ")
+    lines += summary
     for image in chain.images if files else ():
         size = f"{image.width}x{image.height}" if image.width else "size unknown"
         lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")

@@ -9,10 +9,9 @@ text, e.g. the licence and who granted it); `summary_lines` prints it under the 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # provenance.py imports this module
-    from lora_pipeline.core.lineage.provenance import ProvenanceChain
+from lora_pipeline.core.lineage.provenance import ProvenanceChain, format_provenance
 
 
 def batch_summary(chain: ProvenanceChain) -> list[dict[str, Any]]:
@@ -48,3 +47,8 @@ def summary_lines(chain: ProvenanceChain, indent: str = "  ") -> list[str]:
         if row.get("rights"):
             lines.append(f"{indent}  rights: {row['rights']}")
     return lines
+
+
+def format_with_summary(chain: ProvenanceChain, files: bool = False) -> str:
+    """What `lora-pipeline provenance` prints: the chain with the summary per batch, every image only with `files`."""
+    return format_provenance(chain, files=files, summary=summary_lines(chain, indent="    "))
