@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.lineage_index import lora_header, open_index
+from lora_pipeline.core.lineage.lineage_index import open_index
+from lora_pipeline.core.lineage.lineage_sources import lora_header
 from lora_pipeline.core.names import closest_names, require_name
 from lora_pipeline.core.paths import DataRoot
 
