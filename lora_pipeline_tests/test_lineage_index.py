@@ -225,6 +225,11 @@ def test_verify_catches_a_tampered_index(own_store):
     rebuild_index(root)
     assert index_findings(root) == []
 
+    index_path(root).write_bytes(b"not a database")  # damaged: verify names it, a query derives it again
+    assert ["not a lineage index" in f for f in index_findings(root)] == [True]
+    assert {v["version"] for v in lineage(root, f"batch:{PROMOTED}")["versions"]} == {MERGE}
+    assert index_findings(root) == []
+
 
 def test_cli_lineage_exit_codes_and_verify(own_store, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_PIPELINE_DATA", str(own_store.root))

@@ -23,6 +23,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.lineage.lineage_sources import read_rows, scan, scope_of
 from lora_pipeline.core.paths import DataRoot
 
@@ -142,9 +143,27 @@ def _schema(conn: sqlite3.Connection) -> str | None:
     return found[0] if found else None
 
 
+@contextmanager
+def index_errors(root: DataRoot) -> Iterator[None]:
+    """An SQLite error (a read-only data root, a damaged file, a lock held past the timeout) as one line naming
+    the index."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise UserError(
+            f"the lineage index cannot be used ({exc}); `lora-pipeline lineage --rebuild` derives it again",
+            index_path(root),
+        ) from None
+
+
 def rebuild_index(root: DataRoot) -> int:
     """Derive the whole index again from the data root, into a new file renamed over the old one; returns how
     many files were read."""
+    with index_errors(root):
+        return _rebuild(root)
+
+
+def _rebuild(root: DataRoot) -> int:
     final = index_path(root)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
@@ -172,22 +191,30 @@ def open_index(root: DataRoot, catch_up: bool = True) -> sqlite3.Connection:
     """The index of the data root, built when missing or of another schema; with `catch_up`, first brought up to
     date with every file written since it was last refreshed."""
     path = index_path(root)
-    if path.is_file():
-        conn = _connect(path)
-        if _schema(conn) == SCHEMA:
-            if catch_up:
-                refresh(conn, root)
-            return conn
-        conn.close()
-    rebuild_index(root)
-    return _connect(path)
+    with index_errors(root):
+        if path.is_file():
+            conn = _connect(path)
+            if _schema(conn) == SCHEMA:
+                if catch_up:
+                    refresh(conn, root)
+                return conn
+            conn.close()
+        _rebuild(root)
+        return _connect(path)
 
 
 def update_index(root: DataRoot, version: str, recipe: str | None = None) -> int:
     """What an asset calls once it has written its files: re-read the version's seal, or the version x recipe's
-    LoRA files and recommendation. Returns how many files were read."""
-    with closing(open_index(root, catch_up=False)) as conn:
-        return refresh(conn, root, version, recipe)
+    LoRA files and recommendation. Returns how many files were read. A missing index is started empty rather than
+    derived whole here, so that an asset never fails on another version's files: a query catches up with them."""
+    path = index_path(root)
+    with index_errors(root):
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(_connect(path)) as conn, _transaction(conn):
+                _create(conn)
+        with closing(open_index(root, catch_up=False)) as conn:
+            return refresh(conn, root, version, recipe)
 
 
 def index_rows(conn: sqlite3.Connection, versions: Iterable[str] = ()) -> dict[str, list[tuple[Any, ...]]]:
@@ -210,7 +237,7 @@ def index_findings(root: DataRoot, versions: Sequence[str] = ()) -> list[str]:
     if not path.is_file():
         return []
     rebuild = "rebuild it with `lora-pipeline lineage --rebuild`"
-    with closing(_connect(path)) as conn:
+    with index_errors(root), closing(_connect(path)) as conn:
         if _schema(conn) != SCHEMA:
             return [f"{path}: not a lineage index of this release; {rebuild}"]
         refresh(conn, root)  # files written since the last update are not a finding

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.lineage_index import open_index
+from lora_pipeline.core.lineage.lineage_index import index_errors, open_index
 from lora_pipeline.core.lineage.lineage_sources import lora_header
 from lora_pipeline.core.names import closest_names, require_name
 from lora_pipeline.core.paths import DataRoot
@@ -249,5 +249,5 @@ def lineage(root: DataRoot, target: str) -> dict[str, Any]:
     kind, sep, value = target.partition(":")
     if not sep or kind not in QUERIES or not value:
         raise UserError(f"'{target}' is not a lineage target: give {TARGETS}")
-    with closing(open_index(root)) as conn:
+    with closing(open_index(root)) as conn, index_errors(root):
         return QUERIES[kind](conn, root, value)
