@@ -74,7 +74,8 @@ def _write_loras(root: DataRoot, version: str, epochs: int, run_id: str, base: s
             training_started_at=1_700_000_000.0,
         )
         path = root.loras(version, DEMO_RECIPE) / epoch_file_name(version, DEMO_RECIPE, epoch)
-        save_lora(path, {"lora_unet_x.alpha": torch.tensor(float(epoch))}, metadata)
+        alpha = torch.tensor(float(len(version) * 10 + epoch))  # tensors differ per file (their hash finds a copy)
+        save_lora(path, {"lora_unet_x.alpha": alpha}, metadata)
         files.append(path.relative_to(root.root).as_posix())
     return files
 
