@@ -206,11 +206,31 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+    from lora_pipeline.core.lineage.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary, format_with_summary
 
     chain = trace_lora(root, Path(args.file))
     exit_code = 0 if chain.status == "ok" else 1
-    return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
+    data = {**chain.to_json_dict(), "batches": batch_summary(chain)}
+    return CommandResult(data, text=format_with_summary(chain, files=args.files), exit_code=exit_code)
+
+
+def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Reads (and brings up to date) the lineage index only: no Dagster run, like `provenance`."""
+    from lora_pipeline.core.lineage.lineage_index import index_path, rebuild_index
+    from lora_pipeline.core.lineage.lineage_query import TARGETS, lineage
+    from lora_pipeline.core.lineage.lineage_text import format_lineage
+
+    if args.rebuild:
+        started = time.monotonic()
+        files = rebuild_index(root)
+        data = {"index": str(index_path(root)), "files_read": files, "seconds": round(time.monotonic() - started, 2)}
+        if not args.target:
+            return CommandResult(data)
+    if not args.target:
+        raise UserError(f"name what to trace: {TARGETS}")
+    data = lineage(root, args.target)
+    return CommandResult(data, text=format_lineage(data))
 
 
 def cmd_diff(args: argparse.Namespace, root: DataRoot) -> CommandResult:
@@ -348,6 +368,11 @@ def parser() -> argparse.ArgumentParser:
              "captions (word diff), per-batch counts, spec fields")
     sp.add_argument("old", help="a built dataset version")
     sp.add_argument("new", help="another built dataset version")
+    sp.add_argument("--files", action="store_true", help="also print every image with its caption and source files")
+    sp = add("lineage", cmd_lineage, "which versions, LoRA files, runs and recommendations a batch, file, version or "
+             "LoRA file belongs to, up and down (from the lineage index)")
+    sp.add_argument("target", nargs="?", help="batch:<id>, file:<path or sha256>, version:<name> or lora:<file>")
+    sp.add_argument("--rebuild", action="store_true", help="derive the lineage index again from the data root first")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
@@ -381,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
-        if args.fn not in (cmd_provenance, cmd_diff):  # the others record a run: the instance must answer first
+        if args.fn not in (cmd_provenance, cmd_diff, cmd_lineage):  # the others record a run: the instance must answer
             from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()

@@ -27,6 +27,7 @@ from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
+from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
@@ -184,6 +185,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     result = validate_dataset(root, spec, snapshot_dir, captions, buckets=buckets, thumbnails=MAX_IMAGES)
     files = write_report(snapshot_dir, result, captions, MAX_IMAGES)
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
+    update_index(root, spec.name)  # the lineage index learns the sealed version
     problems = list(result.problems)
     errors, warnings = errors_in(problems), warnings_in(problems)
     whose = f"; buckets of {', '.join(sorted(buckets))}" if buckets else ""  # else the defaults, as before

@@ -6,6 +6,7 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
+from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import MANIFEST, DataRoot, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
@@ -71,6 +72,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
         num_processes=processes, tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
+    update_index(root, version, recipe.name)  # the lineage index learns the epoch files
     samples = {}
     if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
         samples["latest_samples"] = image_markdown(result.sample_strip, f"samples: {result.sample_strip.stem}")
@@ -122,6 +124,7 @@ def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResour
 
     result = evaluate_lora(root, version, recipe, log=context.log.info)
     recommended = result.recommendation["recommended_epoch"]
+    update_index(root, version, recipe.name)  # the lineage index learns the recommendation
     chosen = root.loras(version, recipe.name) / epoch_file_name(version, recipe.name, recommended)
     metadata: dict = {
         "path": dg.MetadataValue.path(str(result.out_dir)),

@@ -9,7 +9,7 @@ checked against what is on disk now, and each break becomes one plain-language f
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,8 +324,9 @@ def _source_line(label: str, link: SourceLink) -> str:
     return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
 
 
-def format_provenance(chain: ProvenanceChain) -> str:
-    """A readable, indented text tree of `trace_lora`'s chain for the command line."""
+def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Sequence[str] = ()) -> str:
+    """A readable, indented text tree of `trace_lora`'s chain for the command line: the `summary` lines (the
+    per-batch summary of provenance_text.py), then, with `files`, every image with its caption and source files."""
     lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
     training = lora.training
     lines = [
@@ -342,8 +343,9 @@ def format_provenance(chain: ProvenanceChain) -> str:
         lines.append(f"  manifest root {dataset.snapshot_manifest_root} (in snapshot.json)")
         state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
         lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
-    lines.append(f"  {len(chain.images)} images")
-    for image in chain.images:
+    lines.append(f"  {len(chain.images)} images, from:")
+    lines += summary
+    for image in chain.images if files else ():
         size = f"{image.width}x{image.height}" if image.width else "size unknown"
         lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")
         caption = image.caption
