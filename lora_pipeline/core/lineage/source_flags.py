@@ -33,8 +33,10 @@ class BatchFlags(Record):
         """What a person reads: the batch, its rights, and what changed since the build."""
         out = [f"batch {self.batch}: {self.images} images, rights {self.rights_at_build.label} when built"]
         if self.rights_changed_at:
-            out.append(f"  rights changed after the version was built: now {self.rights_now.label} "
-                       f"(recorded {self.rights_changed_at} by {self.rights_changed_by})")
+            out.append(
+                f"  rights changed after the version was built: now {self.rights_now.label} "
+                f"(recorded {self.rights_changed_at} by {self.rights_changed_by})"
+            )
         if self.retired:
             out.append(f"  RETIRED: {self.retired.line}")
         return out
@@ -50,19 +52,27 @@ def version_flags(root: DataRoot, snapshot_dir: Path) -> list[BatchFlags]:
     for batch, n in sorted(images.items()):
         at_build = built.get(batch) or BatchRights(rights=rights_in_rows.get(batch, UNKNOWN))
         now, changed = rights_change_since(root, batch, at_build)
-        out.append(BatchFlags(
-            batch=batch, images=n, rights_at_build=at_build, rights_now=now,
-            rights_changed_at=changed.recorded_at if changed else None,
-            rights_changed_by=changed.recorded_by if changed else None,
-            retired=retirement(root, batch),
-        ))
+        out.append(
+            BatchFlags(
+                batch=batch,
+                images=n,
+                rights_at_build=at_build,
+                rights_now=now,
+                rights_changed_at=changed.recorded_at if changed else None,
+                rights_changed_by=changed.recorded_by if changed else None,
+                retired=retirement(root, batch),
+            )
+        )
     return out
 
 
 def retired_findings(version: str, flags: list[BatchFlags]) -> list[str]:
     """One finding per retired batch the version was built on."""
-    return [f"dataset version {version} was built on batch {f.batch} ({f.images} images), {f.retired.line}"
-            for f in flags if f.retired]
+    return [
+        f"dataset version {version} was built on batch {f.batch} ({f.images} images), {f.retired.line}"
+        for f in flags
+        if f.retired
+    ]
 
 
 def versions_built_on(root: DataRoot, batch: str) -> list[str]:

@@ -33,8 +33,10 @@ def rights_problems(spec: DatasetSpec, rows: Iterable[ManifestRow], scope: str) 
     for row in rows:
         rights = row.rights or UNKNOWN
         if row.kind in IMAGE_KINDS and rights not in allowed:
-            message = (f"rights '{rights}' (batch {origin_of(row) or '?'}) are not in allowed_rights "
-                       f"[{', '.join(allowed)}]; record the batch's rights (`lora-pipeline rights`) and build a new "
-                       "version, or leave the batch out")
+            message = (
+                f"rights '{rights}' (batch {origin_of(row) or '?'}) are not in allowed_rights "
+                f"[{', '.join(allowed)}]; record the batch's rights (`lora-pipeline rights`) and build a new "
+                "version, or leave the batch out"
+            )
             out.append(problem(row.path, "rights_not_allowed", "error", message, scope))
     return out

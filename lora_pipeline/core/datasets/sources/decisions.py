@@ -63,8 +63,9 @@ def append_record(root: DataRoot, path: Path, record: R) -> R:
     with exclusive_lock(root.governance / ".lock"):
         read_records(path, type(record))  # a damaged history is refused, never extended
         old = path.read_bytes() if path.is_file() else b""
-        atomic_write_bytes(path, old + record.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n",
-                           readonly=True)
+        atomic_write_bytes(
+            path, old + record.model_dump_json(by_alias=True, exclude_unset=True).encode() + b"\n", readonly=True
+        )
     return record
 
 

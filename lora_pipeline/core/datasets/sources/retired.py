@@ -85,8 +85,9 @@ def _record(root: DataRoot, batch: str, action: Literal["retire", "unretire"], r
         raise UserError(f"batch '{batch}' is already {current.line}", decision_file(root, KIND, batch))
     if action == "unretire" and current is None:
         raise UserError(f"batch '{batch}' is not retired", decision_file(root, KIND, batch))
-    record = RetirementRecord(batch=batch, action=action, reason=" ".join(reason.split()), recorded_at=now(),
-                              recorded_by=who())
+    record = RetirementRecord(
+        batch=batch, action=action, reason=" ".join(reason.split()), recorded_at=now(), recorded_by=who()
+    )
     return append_record(root, decision_file(root, KIND, batch), record)
 
 
@@ -117,7 +118,9 @@ def retired_origin_problems(root: DataRoot, rows: Iterable[RowWithOrigin], versi
     for row in rows:
         batch = origin_of(row)
         if batch in retired and row.source_batch is None:
-            message = (f"first came from batch '{batch}', {retired[batch].line}; leave it out of the dataset source "
-                       f"(exclude) or `lora-pipeline unretire batch:{batch}`")
+            message = (
+                f"first came from batch '{batch}', {retired[batch].line}; leave it out of the dataset source "
+                f"(exclude) or `lora-pipeline unretire batch:{batch}`"
+            )
             out.append(problem(row.path, "retired_batch", "error", message, f"dataset:{version}"))
     return out

@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.datasets.sources.decisions import append_record, decision_file, now, read_records, who
-from lora_pipeline.core.datasets.sources.retired import RowWithOrigin, origin_of
 from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, is_regular
+from lora_pipeline.core.datasets.sources.retired import RowWithOrigin, origin_of
 from lora_pipeline.core.datasets.spec import Rights
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
@@ -107,15 +107,34 @@ def rights_history(root: DataRoot, batch: str) -> list[RightsRecord]:
     return read_records(decision_file(root, "rights", batch), RightsRecord)
 
 
-def record_rights(root: DataRoot, batch: str, decl: RightsDeclaration, source: RecordSource,
-                  reason: str | None = None, file_sha256: str | None = None) -> RightsRecord:
+def record_rights(
+    root: DataRoot,
+    batch: str,
+    decl: RightsDeclaration,
+    source: RecordSource,
+    reason: str | None = None,
+    file_sha256: str | None = None,
+) -> RightsRecord:
     """Append a rights record for the batch (the batch folder must exist)."""
     if not root.batch(batch).is_dir():
         raise UserError("batch folder not found", root.batch(batch))
-    values: dict[str, Any] = {"batch": batch, "rights": decl.rights, "recorded_at": now(), "recorded_by": who(),
-                              "source": source}
-    values |= {k: v for k, v in (("licence", decl.licence), ("holder", decl.holder), ("file_sha256", file_sha256),
-                                 ("reason", reason)) if v}
+    values: dict[str, Any] = {
+        "batch": batch,
+        "rights": decl.rights,
+        "recorded_at": now(),
+        "recorded_by": who(),
+        "source": source,
+    }
+    values |= {
+        k: v
+        for k, v in (
+            ("licence", decl.licence),
+            ("holder", decl.holder),
+            ("file_sha256", file_sha256),
+            ("reason", reason),
+        )
+        if v
+    }
     return append_record(root, decision_file(root, "rights", batch), RightsRecord(**values))
 
 
@@ -171,8 +190,9 @@ def given_rights(rights: str | None, licence: str | None, holder: str | None) ->
     return None
 
 
-def intake_rights(src_dir: Path, rights: str | None, licence: str | None, holder: str | None
-                  ) -> tuple[RightsDeclaration | None, str | None]:
+def intake_rights(
+    src_dir: Path, rights: str | None, licence: str | None, holder: str | None
+) -> tuple[RightsDeclaration | None, str | None]:
     """(the declaration intake records, the sha256 of the file it came from): the command line's `--rights`, else
     the handoff's own `_RIGHTS.yaml`, else none (the batch's rights stay unknown). Checked before anything is
     copied, so a bad declaration costs no copy."""
@@ -190,7 +210,10 @@ def rights_report(root: DataRoot, batch: str) -> tuple[dict[str, Any], str]:
     current = batch_rights(root, batch)
     history = rights_history(root, batch)
     lines = [f"batch {batch}: {current.label}" + ("" if history else " (no record)")]
-    lines += [f"  {r.recorded_at} by {r.recorded_by} ({r.source}): {_in_force([r]).label}"
-              + (f"; {r.reason}" if r.reason else "") for r in history]
+    lines += [
+        f"  {r.recorded_at} by {r.recorded_by} ({r.source}): {_in_force([r]).label}"
+        + (f"; {r.reason}" if r.reason else "")
+        for r in history
+    ]
     data = {"batch": batch, "rights": current.to_json_dict(), "history": [r.to_json_dict() for r in history]}
     return data, "\n".join(lines)

@@ -25,8 +25,10 @@ def rights_metadata(snapshot_dir: Path) -> dict[str, str]:
     rows = read_manifest(snapshot_dir)
     terms = read_snapshot_info(snapshot_dir).rights
     images = Counter(origin_of(r) or "" for r in rows if r.kind in IMAGE_KINDS)
-    by_batch = {batch: {**terms.get(batch, BatchRights(rights=UNKNOWN)).to_json_dict(), "images": n}
-                for batch, n in sorted(images.items())}
+    by_batch = {
+        batch: {**terms.get(batch, BatchRights(rights=UNKNOWN)).to_json_dict(), "images": n}
+        for batch, n in sorted(images.items())
+    }
     labels = sorted({terms[b].label if b in terms else UNKNOWN for b in images})
     return {
         "modelspec.license": "; ".join(labels),

@@ -40,8 +40,8 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
-from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict, param_groups, trainable
+from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.progress import Progress, training_threads
 from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
 from lora_pipeline.core.training.run.checkpoint import (
