@@ -70,7 +70,7 @@ class ManifestRow(Record):
     image: str | None = None  # a caption's or mask's image
     caption_source: str | None = None  # "sidecar:<batch>/<path>", "table:...#<n>", "class_tokens:<class>", ...
     mask: str | None = None  # an image's mask: the mask row's path, or "alpha"
-    rights: str | None = None  # an image's: its origin batch's rights when the version was built (sources/rights.py)
+    rights: str | None = None  # an image's origin batch's rights when built, if it had a record (else unknown)
 
     @property
     def recorded_size(self) -> ImageSize | None:
@@ -104,7 +104,7 @@ class SnapshotInfo(Record):
     created_at: str | None = None
     problems: list[Problem] = []  # found while scanning the sources
     captions_complete: bool = False
-    rights: dict[str, BatchRights] = {}  # {origin batch: its rights when built}; absent in older snapshots
+    rights: dict[str, BatchRights] = {}  # {origin batch with a rights record: its rights when built}
 
 
 def manifest_root(rows: Iterable[ManifestRow]) -> str:

@@ -339,8 +339,9 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
             methods = Counter(copied.method for _, copied, _ in done)
             sources, fingerprint = _fingerprints(plan, [r.sha256 for r in rows], [r.bytes for r in rows])
             rows, extra = add_extras(plan.files, rows, staging)
-            rights = rights_for_rows(root, rows)  # in force now: later records never change this version
-            rows = [r.model_copy(update={"rights": rights[b].rights}) if (b := origin_of(r)) else r for r in rows]
+            rights = rights_for_rows(root, rows)  # in force now (batches with a record): later ones change nothing
+            rows = [r.model_copy(update={"rights": rights[b].rights}) if (b := origin_of(r)) in rights else r
+                    for r in rows]
             image_root = write_manifest(staging, rows + extra)
             problems = plan.problems + retired_origin_problems(root, rows, version)
             info = SnapshotInfo(
@@ -356,7 +357,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 problems=problems,
                 captions_complete=False,
-                rights=rights,
+                **({"rights": rights} if rights else {}),  # without records, the files of before
             )
             write_snapshot_info(staging, info)
             record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])

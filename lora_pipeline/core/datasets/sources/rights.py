@@ -176,9 +176,10 @@ def rights_change_since(root: DataRoot, batch: str, at_build: BatchRights) -> tu
 
 
 def rights_for_rows(root: DataRoot, rows: Iterable[RowWithOrigin]) -> dict[str, BatchRights]:
-    """{batch: its rights now} of every batch the rows' images first came from, sorted by batch."""
+    """{batch: its rights now} of the batches the rows' images first came from that have a record, sorted by
+    batch; a batch without one is unknown, as every batch was before rights were recorded."""
     batches = sorted({b for row in rows if (b := origin_of(row))})
-    return {b: batch_rights(root, b) for b in batches}
+    return {b: terms for b in batches if (terms := batch_rights(root, b)).record}
 
 
 def given_rights(rights: str | None, licence: str | None, holder: str | None) -> RightsDeclaration | None:
