@@ -112,14 +112,16 @@ def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
 
     import dagster as dg
 
+    from lora_pipeline.core.datasets.sources.retired import retired_batches
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
 
     inst = instance()
     done = inst.get_materialized_partitions(dg.AssetKey("source_batch"))
     patterns = [s.batch for s in spec.sources if s.batch]
+    retired = retired_batches(root)  # a glob skips them; a spec naming one fails in the build with its one line
     for batch in root.ready_batches():
-        if batch not in done and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
+        if batch not in done and batch not in retired and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
             run_job("register_batch_job", batch, inst, quiet)
 
 

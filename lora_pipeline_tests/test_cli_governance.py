@@ -14,15 +14,30 @@ def test_rights_at_intake_and_later_and_retiring_a_batch_named_by_a_spec(sample_
     handoff = tmp_path / "handoff"
     shutil.copytree(sample_root.batch("curated-2026-10"), handoff)
     (handoff / "_READY").unlink()
-    out = json.loads(cli("intake", str(handoff), "--batch", "owned-2026-12", "--rights", "owned", "--holder",
-                         "ACME Studio", "--json").stdout)
+    out = json.loads(
+        cli(
+            "intake", str(handoff), "--batch", "owned-2026-12", "--rights", "owned", "--holder", "ACME Studio", "--json"
+        ).stdout
+    )
     assert out["rights"] == {"rights": "owned", "holder": "ACME Studio", "record": 1}
-    assert_one_line_error(cli("intake", str(handoff), "--batch", "lic-2026-12", "--rights", "licensed", check=False),
-                          "needs a licence")
+    assert_one_line_error(
+        cli("intake", str(handoff), "--batch", "lic-2026-12", "--rights", "licensed", check=False), "needs a licence"
+    )
     assert not sample_root.batch("lic-2026-12").exists()  # refused before anything was copied
 
-    changed = json.loads(cli("rights", "batch:owned-2026-12", "--rights", "licensed", "--licence", "CC-BY-4.0",
-                             "--reason", "sold to a partner", "--json").stdout)
+    changed = json.loads(
+        cli(
+            "rights",
+            "batch:owned-2026-12",
+            "--rights",
+            "licensed",
+            "--licence",
+            "CC-BY-4.0",
+            "--reason",
+            "sold to a partner",
+            "--json",
+        ).stdout
+    )
     assert changed["rights"]["rights"] == "licensed" and len(changed["history"]) == 2
     assert changed["history"][0]["rights"] == "owned" and changed["history"][1]["reason"] == "sold to a partner"
     shown = cli("rights", "batch:curated-2026-10").stdout

@@ -37,8 +37,12 @@ def _history_file(root: DataRoot, batch: str) -> Path:
 
 def test_intake_records_the_command_lines_rights_or_the_handoffs_rights_file(tmp_path):
     root = DataRoot(tmp_path / "data")
-    handoff = captioned_batch(DataRoot(tmp_path / "elsewhere"), "handoff", [1, 2],
-                              rights="rights: licensed\nlicense: CC-BY-4.0\nholder: Jane Doe\n")
+    handoff = captioned_batch(
+        DataRoot(tmp_path / "elsewhere"),
+        "handoff",
+        [1, 2],
+        rights="rights: licensed\nlicense: CC-BY-4.0\nholder: Jane Doe\n",
+    )
     declared, digest = intake_rights(handoff, None, None, None)  # the handoff's file, American spelling too
     assert (declared.rights, declared.licence, declared.holder) == ("licensed", "CC-BY-4.0", "Jane Doe")
     intake(handoff, root, "landed")
@@ -70,11 +74,19 @@ def test_a_rights_file_is_recorded_once_and_a_change_is_a_new_record(tmp_path):
     first_line = _history_file(root, "by-sensor").read_bytes()
     (folder / "_RIGHTS.yaml").write_text("rights: public-domain\n")
     assert batch_rights(root, "by-sensor").rights == "public-domain"
-    record_rights(root, "by-sensor", declaration("licensed", "https://example.com/licence", None), "command",
-                  reason="bought a licence")
+    record_rights(
+        root,
+        "by-sensor",
+        declaration("licensed", "https://example.com/licence", None),
+        "command",
+        reason="bought a licence",
+    )
     history = rights_history(root, "by-sensor")
     assert [(r.rights, r.source) for r in history] == [
-        ("owned", "_RIGHTS.yaml"), ("public-domain", "_RIGHTS.yaml"), ("licensed", "command")]
+        ("owned", "_RIGHTS.yaml"),
+        ("public-domain", "_RIGHTS.yaml"),
+        ("licensed", "command"),
+    ]
     assert _history_file(root, "by-sensor").read_bytes().startswith(first_line)  # history is never rewritten
     assert batch_rights(root, "by-sensor").label == "licensed (https://example.com/licence)"
 
@@ -147,7 +159,9 @@ def test_a_trained_lora_and_its_provenance_carry_the_rights_and_say_when_they_ch
 
     chain = trace_lora(root, lora)
     assert [(b.batch, b.rights_at_build.rights, b.rights_changed_at) for b in chain.batches] == [
-        ("anon-batch", "unknown", None), ("owned-batch", "owned", None)]
+        ("anon-batch", "unknown", None),
+        ("owned-batch", "owned", None),
+    ]
     record_rights(root, "owned-batch", declaration("unknown", None, None), "command", reason="holder withdrew")
     later = trace_lora(root, lora)
     owned = later.batches[1]

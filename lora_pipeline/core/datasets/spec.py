@@ -186,8 +186,9 @@ class DatasetSpec:
         json_schema_extra=ADDED_LATER,
     )
     allowed_rights: tuple[Rights, ...] = Field(
-        (), description="the rights a version's images may have, e.g. `[owned, licensed, public-domain]`; an image "
-        "whose batch has other rights (`unknown`: no record) is a blocking error (`rights_not_allowed`). Empty: no limit",
+        (), description="the rights a version's images may have, e.g. `[owned, licensed, public-domain]`; an "
+        "image whose batch has other rights (`unknown`: no record) is a blocking error (`rights_not_allowed`). "
+        "Empty: no limit",
         json_schema_extra=ADDED_LATER,
     )
     captions: CaptionSpec = Field(default_factory=CaptionSpec, description="caption source and rules (below)")
