@@ -6,15 +6,16 @@ record in the batch's append-only history `governance/rights/<batch>.jsonl` (dec
 is in force, and a batch with none is `unknown`. `_RIGHTS.yaml` is only read: a file whose bytes the history
 does not hold yet becomes a new record the next time the batch's rights are asked for.
 
-A snapshot keeps the rights in force when it was built (snapshot.json `rights`, and `rights` on every image row
-of its manifest): a later record changes what later versions get, never what an earlier one was built with.
+A snapshot keeps the rights in force when it was built (snapshot.json `rights`, and `rights` on the image rows
+of its manifest, for the batches that had a record): a later record changes what later versions get, never what
+an earlier one was built with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
@@ -29,7 +30,6 @@ from lora_pipeline.core.paths import RIGHTS_FILE, DataRoot
 from lora_pipeline.core.schema import CONFIG, Record, Text, validate
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
-RIGHTS: tuple[str, ...] = get_args(Rights)
 UNKNOWN = "unknown"
 RecordSource = Literal["intake", "command", "_RIGHTS.yaml"]
 
