@@ -89,6 +89,10 @@ def test_a_rights_file_is_recorded_once_and_a_change_is_a_new_record(tmp_path):
     ]
     assert _history_file(root, "by-sensor").read_bytes().startswith(first_line)  # history is never rewritten
     assert batch_rights(root, "by-sensor").label == "licensed (https://example.com/licence)"
+    linked = captioned_batch(root, "linked", [2])
+    (linked / "_RIGHTS.yaml").symlink_to(folder / "_RIGHTS.yaml")  # nothing under a batch is read through a link
+    with pytest.raises(UserError, match="symbolic link, not followed"):
+        batch_rights(root, "linked")
 
 
 def _two_batch_version(root: DataRoot, name: str = "rights-v1", **fields):
