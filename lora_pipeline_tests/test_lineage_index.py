@@ -296,4 +296,4 @@ def test_provenance_prints_a_summary_per_batch_and_the_images_only_with_files(st
     assert cli("provenance", str(lora)).stdout.strip() == summary
     assert chain.images[0].path in cli("provenance", str(lora), "--files").stdout
     data = json.loads(cli("provenance", str(lora), "--json").stdout)
-    assert len(data["images"]) == 26 and {b["source"] for b in data["batches"]} == set(rows)
+    assert len(data["images"]) == 26 and {b["source"] for b in data["batch_summary"]} == set(rows)

@@ -24,6 +24,7 @@ from lora_pipeline.core.datasets.snapshot.manifest import record_captions
 from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
+from lora_pipeline.core.datasets.sources.rights import batch_rights
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
@@ -80,6 +81,7 @@ def _training_buckets(context: dg.AssetExecutionContext, root: DataRoot, version
 @fails_on_user_error
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     scan = scan_batch(data_root.data, context.partition_key)
+    rights = batch_rights(data_root.data, scan.batch)  # records a new _RIGHTS.yaml
     rows = batch_manifest(scan)
     fingerprint = batch_fingerprint(rows)  # over every file; not snapshot.json's per-source fingerprint (README)
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
@@ -93,6 +95,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
             "batch_fingerprint": fingerprint,
             "by_extension": dict(sorted(suffixes.items())),
             "skipped": len(scan.problems),
+            "rights": rights.label,
             "manifest": table(rows, ["path", "bytes", "sha256"]),
         },
     )

@@ -1,9 +1,7 @@
 """The per-batch summary that `lora-pipeline provenance` prints first: a 2,000-image dataset reads as a few lines
 (batch, images, captions and where they came from, source files changed since), the per-image rows only with
-`--files`. `--json` keeps every image and adds these rows as `batches`.
-
-Hook for the batches' rights (issue 24, "Sources a team can govern"): a row may carry a `rights` entry (a short
-text, e.g. the licence and who granted it); `summary_lines` prints it under the row, and the JSON carries it.
+`--files`. `--json` keeps every image and adds these rows as `batch_summary`. A batch's row carries its rights
+when the version was built and now, and whether it is retired (source_flags.py); the text says what changed.
 """
 
 from __future__ import annotations
@@ -16,7 +14,9 @@ from lora_pipeline.core.lineage.provenance import ProvenanceChain, format_proven
 
 def batch_summary(chain: ProvenanceChain) -> list[dict[str, Any]]:
     """One row per source the images first came from (`batch:<id>`, or `dataset:<version>` for a version written
-    before origins were recorded): images, captions, captions by kind of source, files changed or missing since."""
+    before origins were recorded): images, captions, captions by kind of source, files changed or missing since,
+    and for a batch its rights when the version was built and now, and its retirement (`chain.batches`)."""
+    flags = {f"batch:{f.batch}": f for f in chain.batches}
     rows: dict[str, dict[str, Any]] = {}
     kinds: dict[str, Counter[str]] = {}
     for image in chain.images:
@@ -30,11 +30,17 @@ def batch_summary(chain: ProvenanceChain) -> list[dict[str, Any]]:
             kinds.setdefault(key, Counter())[(image.caption.caption_source or "?").split(":")[0]] += 1
     for key, row in rows.items():
         row["caption_sources"] = dict(sorted(kinds.get(key, Counter()).items()))
+        if key in flags:
+            row["rights"] = flags[key].rights_at_build.label
+            row["rights_now"] = flags[key].rights_now.label
+            row["retired"] = flags[key].retired is not None
     return list(rows.values())
 
 
 def summary_lines(chain: ProvenanceChain, indent: str = "  ") -> list[str]:
-    """The summary as text: one line per source (and its rights, once a row carries them)."""
+    """The summary as text: one line per source, with a batch's rights when the version was built (what changed
+    since, and a retirement, follow in the chain's batch lines)."""
+    flags = {f"batch:{f.batch}": f for f in chain.batches}
     lines = []
     for row in batch_summary(chain):
         kinds = ", ".join(f"{n} {kind}" for kind, n in row["caption_sources"].items())
@@ -44,8 +50,9 @@ def summary_lines(chain: ProvenanceChain, indent: str = "  ") -> list[str]:
             f"{indent}{row['source']}: {row['images']} images, {row['captions']} captions"
             f"{f' ({kinds})' if kinds else ''}; source files {state}"
         )
-        if row.get("rights"):
-            lines.append(f"{indent}  rights: {row['rights']}")
+        if row["source"] in flags:
+            lines.append(f"{indent}  rights when built: {row['rights']}")
+            lines += [f"{indent}{line}" for line in flags[row["source"]].lines[1:]]  # changed since, retired
     return lines
 
 

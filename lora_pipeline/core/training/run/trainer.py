@@ -41,6 +41,7 @@ from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict, param_groups, trainable
+from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.progress import Progress, training_threads
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import (
@@ -293,7 +294,7 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
         training_started_at=run.started_at,
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
-    )
+    ) | rights_metadata(run.data.snapshot_dir)
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):
         tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
