@@ -413,11 +413,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file", help="a LoRA .safetensors file")
+    sp.add_argument("--files", action="store_true", help="also print every image with its caption and source files")
     sp = add("diff", cmd_diff, "what changed from one dataset version to another: images added, removed, replaced, "
              "captions (word diff), per-batch counts, spec fields")
     sp.add_argument("old", help="a built dataset version")
     sp.add_argument("new", help="another built dataset version")
-    sp.add_argument("--files", action="store_true", help="also print every image with its caption and source files")
     sp = add("lineage", cmd_lineage, "which versions, LoRA files, runs and recommendations a batch, file, version or "
              "LoRA file belongs to, up and down (from the lineage index)")
     sp.add_argument("target", nargs="?", help="batch:<id>, file:<path or sha256>, version:<name> or lora:<file>")
