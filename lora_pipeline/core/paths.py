@@ -10,6 +10,8 @@ from lora_pipeline.core.settings import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
+# A folder whose name ends so is still being copied in (safe arrival: core/datasets/sources/arrival.py).
+IN_TRANSIT_SUFFIXES = (".tmp", ".part", ".partial")
 # The files of datasets/<version>/ besides its images and captions.
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"
@@ -111,8 +113,10 @@ class DataRoot:
         return list(folder.glob("*.yaml")) if folder.is_dir() else []
 
     def ready_batches(self) -> list[str]:
-        """Batch ids whose folder holds the `_READY` marker, sorted."""
-        return sorted(p.name for p in self._ready_batch_folders() if is_name(p.name))
+        """Batch ids whose folder holds the `_READY` marker, sorted; a name ending in an IN_TRANSIT_SUFFIXES
+        suffix is a copy still on its way in, never a batch."""
+        return sorted(p.name for p in self._ready_batch_folders()
+                      if is_name(p.name) and not p.name.lower().endswith(IN_TRANSIT_SUFFIXES))
 
     def spec_versions(self) -> list[str]:
         return sorted(p.stem for p in self._yaml_files(self.specs) if is_name(p.stem))

@@ -23,6 +23,7 @@ from lora_pipeline.core.datasets.problems import errors_in, warnings_in
 from lora_pipeline.core.datasets.snapshot.manifest import record_captions
 from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources.arrival import record_registration
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
@@ -80,6 +81,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     scan = scan_batch(data_root.data, context.partition_key)
     rows = batch_manifest(scan)
     fingerprint = batch_fingerprint(rows)
+    registration = record_registration(data_root.data, scan, fingerprint)  # a later change is refused by name
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
     context.log.info(f"batch {scan.batch}: {len(rows)} files, fingerprint {fingerprint}")
     return dg.MaterializeResult(
@@ -92,6 +94,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
             "by_extension": dict(sorted(suffixes.items())),
             "skipped": len(scan.problems),
             "manifest": table(rows, ["path", "bytes", "sha256"]),
+            "registration": dg.MetadataValue.path(str(registration)),
         },
     )
 
