@@ -84,8 +84,9 @@ def test_a_batch_changed_after_registration_is_refused_naming_the_file(sample_ro
     image.chmod(0o644)
     with open(image, "ab") as f:
         f.write(b"\0")  # one more byte, after registration
-    assert_one_line_error(cli("build", VERSION, check=False), str(image), "changed after it was registered",
-                          "size changed")
+    assert_one_line_error(
+        cli("build", VERSION, check=False), str(image), "changed after it was registered", "size changed"
+    )
     assert not sample_root.dataset(VERSION).exists()
     # registering it again is refused the same way, and the record keeps what was registered
     scan = scan_batch(sample_root, "curated-2026-10")

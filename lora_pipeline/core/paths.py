@@ -19,6 +19,7 @@ CAPTION_CHECK = "captions.json"  # caption_set's problems, lint and tag frequenc
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CONTACT_SHEET = "contact_sheet.png"
+REVIEW_PAGE = "review.html"  # the captions for a person to review (core/datasets/captions/review.py)
 SEAL = "seal.json"  # written last: the version is whole (see datasets/snapshot/seal.py)
 MLFLOW_DB = "mlflow.db"
 

@@ -198,6 +198,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
             "warnings": len(warnings),
             "counts": dg.MetadataValue.json(result.counts),
             "report_json": dg.MetadataValue.path(str(files.report_json)),
+            "review_page": dg.MetadataValue.url(files.review_page.resolve().as_uri()),
             "sealed_files": seal["files"],
         },
         check_results=[

@@ -2,9 +2,9 @@
 
 A version is made in three Dagster steps: dataset_snapshot renames the copied images, the manifest and
 snapshot.json into place (atomically), caption_set adds the captions, their manifest rows and captions.json,
-dataset_report adds report.json, report.md and contact_sheet.png. A crash between the steps leaves a
+dataset_report adds report.json, report.md, contact_sheet.png and review.html. A crash between the steps leaves a
 folder under the final name that is not whole. The last step writes `seal.json` (atomically, read-only):
-the sha256 of manifest.jsonl, snapshot.json, captions.json and the three report files, and the manifest root. Every
+the sha256 of manifest.jsonl, snapshot.json, captions.json and the four report files, and the manifest root. Every
 reader of a version requires the seal (`require_sealed`): another version built from it, the training
 gate, `verify`, provenance. A folder without a seal is a build in progress or an interrupted one;
 building the version again completes it (the steps before the seal are idempotent).
