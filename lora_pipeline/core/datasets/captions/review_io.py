@@ -6,8 +6,9 @@ column is a path relative to the CSV). A person edits the `caption` column in an
 
 Import reads the edited CSV back. Rows are numbered as a spreadsheet shows them (the header is row 1). A row
 whose image is not in the version, a second row for one image, a caption without the trigger first or with
-a lint error (banned word, empty, out of vocabulary where the spec has one: the spec's own caption rules) is
-refused in one line naming the row; nothing is written then. The edited captions, and only they, land as a new
+an error of the spec's caption lint (a banned word, no tag besides the trigger) is refused in one line naming
+the row; nothing is written then (lint warnings, such as out-of-vocabulary words, show in the new version's
+report as they would for any caption). The edited captions, and only they, land as a new
 caption batch `sources/<id>/` of sidecars laid out by each image's origin (see overrides.py), built in a
 staging folder and renamed into place with `_READY` inside; the version's source batches are only read. A new
 spec, the next free version of the family, copies the old one and adds `batch:<id>` to `captions.overrides`, so
@@ -40,7 +41,7 @@ from lora_pipeline.core.datasets.snapshot.seal import require_sealed
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import next_free_version
 from lora_pipeline.core.datasets.sources.copying import fsync_dir
 from lora_pipeline.core.datasets.sources.staging import remove_abandoned, staging_folder
-from lora_pipeline.core.datasets.spec import load_spec
+from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.names import require_name
@@ -133,15 +134,12 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
         raise UserError(f"not valid CSV at line {reader.line_num}: {exc}", path) from None
 
 
-def _edited_captions(root: DataRoot, path: Path) -> tuple[str, dict[str, str], dict[str, str]]:
-    """(version, {image: current caption}, {image: edited caption}) of a review CSV; UserError naming the row of
+def _edited_captions(
+    root: DataRoot, path: Path, version: str, rows: list[tuple[int, dict[str, str]]]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """({image: current caption}, {image: edited caption}) of a review CSV's rows; UserError naming the row of
     the first unknown, repeated or unusable row."""
-    rows = _read_csv(path)
-    if not rows:
-        raise UserError("holds no rows", path)
-    version = rows[0][1]["version"].strip()
-    require_name(version, f"{path}: row 2: version")
-    current = {image: caption for image, caption in ((r.image, r.caption) for r in _version_rows(root, version))}
+    current = {r.image: r.caption for r in _version_rows(root, version)}
     seen: dict[str, int] = {}
     edited: dict[str, str] = {}
     for n, row in rows:
@@ -156,15 +154,14 @@ def _edited_captions(root: DataRoot, path: Path) -> tuple[str, dict[str, str], d
         caption, _ = normalise_caption(row["caption"])
         if caption != current[image]:
             edited[image] = caption
-    return version, current, edited
+    return current, edited
 
 
 def _check_edits(
-    path: Path, version: str, rows: dict[str, int], captions: dict[str, str], edited: set[str], root: DataRoot
+    path: Path, spec: DatasetSpec, rows: dict[str, int], captions: dict[str, str], edited: set[str]
 ) -> None:
     """The spec's caption lint over the version's captions with the edits; an error in an edited caption (or a
     caption whose first tag is not the trigger) is refused naming its row."""
-    spec = load_spec(root.spec_file(version))
     for image in sorted(edited, key=rows.__getitem__):
         tags = split_tags(captions[image])
         if not tags or not is_trigger(tags[0], spec.trigger):
@@ -195,7 +192,10 @@ def import_captions(root: DataRoot, csv_path: Path, batch: str) -> ImportResult:
     target = root.batch(batch)
     if os.path.lexists(target):
         raise UserError("batch already exists; batches are never overwritten — use a new batch id", target)
-    version, current, edited = _edited_captions(root, csv_path)
+    rows = _read_csv(csv_path)
+    if not rows:
+        raise UserError("holds no rows", csv_path)
+    version = require_name(rows[0][1]["version"].strip(), f"{csv_path}: row 2: version")
     spec = load_spec(root.spec_file(version))
     globs = [s.batch for s in spec.sources if s.is_pattern and s.batch and fnmatchcase(batch, s.batch)]
     if globs:
@@ -203,10 +203,11 @@ def import_captions(root: DataRoot, csv_path: Path, batch: str) -> ImportResult:
             f"batch id '{batch}' matches the source glob '{globs[0]}' of {version}; choose another id",
             root.spec_file(version),
         )
+    current, edited = _edited_captions(root, csv_path, version, rows)
     if not edited:
         raise UserError(f"no caption differs from version '{version}'; nothing to import", csv_path)
-    rows = {row["image"].strip(): n for n, row in _read_csv(csv_path)}
-    _check_edits(csv_path, version, rows, current | edited, set(edited), root)
+    numbers = {row["image"].strip(): n for n, row in rows}
+    _check_edits(csv_path, spec, numbers, current | edited, set(edited))
     by_image = {r.path: r for r in read_manifest(root.dataset(version)) if r.kind == "image"}
     remove_abandoned(root.sources)
     with staging_folder(root.sources, batch) as staging:
