@@ -34,7 +34,6 @@ from lora_pipeline.core.datasets.captions.captions import snapshot_caption
 from lora_pipeline.core.datasets.captions.overrides import origin_sidecar
 from lora_pipeline.core.datasets.captions.review import THUMBNAIL_PX, ReviewRow, review_rows
 from lora_pipeline.core.datasets.captions.tags import is_trigger, normalise_caption, split_tags
-from lora_pipeline.core.datasets.checks.report import read_report
 from lora_pipeline.core.datasets.problems import errors_in
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.datasets.snapshot.seal import require_sealed
@@ -43,9 +42,9 @@ from lora_pipeline.core.datasets.sources.copying import fsync_dir
 from lora_pipeline.core.datasets.sources.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.fileio import atomic_write_text
+from lora_pipeline.core.fileio import atomic_write_text, read_json
 from lora_pipeline.core.names import require_name
-from lora_pipeline.core.paths import READY_MARKER, DataRoot
+from lora_pipeline.core.paths import READY_MARKER, REPORT_JSON, DataRoot
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
 COLUMNS = ("version", "image", "caption", "source", "findings", "thumbnail")
@@ -67,7 +66,8 @@ def _version_rows(root: DataRoot, version: str) -> list[ReviewRow]:
         for r in read_manifest(snapshot_dir)
         if r.kind == "caption" and r.image
     }
-    return review_rows(snapshot_dir, captions, read_report(snapshot_dir).problems)
+    # report.json read as data: the report module (checks) writes the review page, so captions does not import it
+    return review_rows(snapshot_dir, captions, read_json(snapshot_dir / REPORT_JSON).get("problems", []))
 
 
 def _thumbnail(source: Path, target: Path) -> None:
