@@ -48,6 +48,9 @@ from lora_pipeline.core.schema import Record, error_line
 
 # Files the pipeline writes into a snapshot besides the manifest's own rows; the seal records their sha256.
 SEALED_FILES = (MANIFEST, SNAPSHOT, CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET, REVIEW_PAGE)
+# Sealed when present: every build writes the review page, but a snapshot written by hand (or by hand-made
+# tools) may go without it.
+SEALED_IF_PRESENT = (REVIEW_PAGE,)
 NON_CONTENT = {*SEALED_FILES, SEAL}
 
 RowKind = Literal["image", "reg_image", "caption", "reg_caption", "mask"]

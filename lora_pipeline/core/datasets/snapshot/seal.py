@@ -27,6 +27,7 @@ from typing import Any
 
 from lora_pipeline.core.datasets.snapshot.manifest import (
     SEALED_FILES,
+    SEALED_IF_PRESENT,
     VerifyResult,
     read_manifest,
     read_snapshot_info,
@@ -105,12 +106,13 @@ def seal_snapshot(snapshot_dir: Path) -> dict[str, Any]:
         else:
             raise UserError("is not listed in the manifest; a version holds only its own files", path)
     for name in SEALED_FILES:
-        if not (snapshot_dir / name).is_file():
+        if name not in SEALED_IF_PRESENT and not (snapshot_dir / name).is_file():
             raise UserError("cannot seal: file missing", snapshot_dir / name)
+    present = [name for name in SEALED_FILES if (snapshot_dir / name).is_file()]
     seal = {
         "version": info.version,
         "manifest_root": info.manifest_root,
-        "files": {name: sha256_file(snapshot_dir / name) for name in SEALED_FILES},
+        "files": {name: sha256_file(snapshot_dir / name) for name in present},
     }
     atomic_write_text(snapshot_dir / SEAL, json.dumps(seal, indent=2, sort_keys=True) + "\n", readonly=True)
     return seal
