@@ -31,8 +31,9 @@ def test_the_review_page_filters_by_finding(sample_root):
     sidecar.write_text("hdaesth, top view, appliance, glossy finish\n")  # a banned word: an error finding
     inst = instance()
     inst.add_dynamic_partitions("dataset_versions", [VERSION])
-    run_job("build_dataset_job", VERSION, inst, quiet=True)
+    outcome = run_job("build_dataset_job", VERSION, inst, quiet=True)
     page_path = sample_root.dataset(VERSION) / REVIEW_PAGE
+    assert outcome.metadata("dataset_report")["review_page"] == page_path.resolve().as_uri()  # the UI links it
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,7 +96,7 @@ def content_listing(scan: BatchScan) -> Listing:
     listing: Listing = {}
     for f in scan.files:
         st = os.lstat(f.abs)
-        listing[f.path] = [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else [-1, st.st_mtime_ns]
+        listing[f.path] = [st.st_size, st.st_mtime_ns]
     return listing
 
 
