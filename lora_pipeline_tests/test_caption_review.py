@@ -115,6 +115,8 @@ def test_import_refuses_unknown_rows_and_captions_the_lint_refuses_naming_the_ro
     refused(lambda r: r[7].update(caption="hdaesth, front view, appliance"), "row 9: banned_word")
     refused(lambda r: r.append(dict(r[0])), "row 10: image", "already has row 2")
     refused(lambda r: None, "no caption differs")
+    with pytest.raises(UserError, match="in transit"):
+        import_captions(sample_root, review, "review-x.part")
     with pytest.raises(UserError, match="matches the source glob"):
         sample_root.spec_file("glob-v1").write_text(
             "name: glob-v1\ntrigger: hdaesth\nrepeats: 1\nsources: [{batch: 'curated-*'}]\n"
