@@ -89,6 +89,6 @@ mlflow-ui: $(STAMP)
 
 # Also the specs the auto-rebuild sensor wrote (specs/ files git does not track); never data/sources.
 clean:
-	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp $(DAGSTER_HOME) .cluster_demo
+	rm -rf data/datasets data/loras data/evals data/mlflow data/models data/.cache data/.tmp data/registered $(DAGSTER_HOME) .cluster_demo
 	git ls-files --others --exclude-standard -z -- data/specs | xargs -0 -r grep -lZE '^intent: .?auto-rebuild of ' -- | \
 	  xargs -0 -r rm -f --

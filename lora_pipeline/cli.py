@@ -290,6 +290,31 @@ def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     return CommandResult(data, text=text, exit_code=1 if failure else 0)
 
 
+def cmd_captions_export(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    from lora_pipeline.core.datasets.captions.review_io import export_captions
+
+    result = export_captions(root, args.version, Path(args.to or f"captions-{args.version}.csv"))
+    return CommandResult({"version": args.version, "csv": str(result.csv), "thumbnails": str(result.thumbnails),
+                          "rows": result.rows})
+
+
+def cmd_captions_import(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Lands the edited captions as a new caption batch, registered as intake registers a batch, and writes the
+    spec of the new version that layers it."""
+    from lora_pipeline.core.datasets.captions.review_io import import_captions
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
+
+    result = import_captions(root, Path(args.csv), args.batch)
+    _register({"source_batches": [result.batch]})
+    outcome = run_job("register_batch_job", result.batch, instance(), args.json)
+    return CommandResult({
+        "batch": result.batch, "path": str(result.dir), "captions_of": result.version, "edited": len(result.edited),
+        "new_version": result.new_version, "spec": str(result.spec),
+        "next": f"lora-pipeline build {result.new_version}", "dagster_run_id": outcome.run_id,
+    })
+
+
 def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.lineage.provenance import trace_lora
 
@@ -383,8 +408,8 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, fn: Command, help_text: str, within: Any = sub) -> argparse.ArgumentParser:
+        sp = within.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("--json", action="store_true", help="print a machine-readable JSON result")
         sp.set_defaults(fn=fn)
         return sp
@@ -425,6 +450,15 @@ def parser() -> argparse.ArgumentParser:
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
+    review = "captions reviewed by people: a version's captions to a CSV, and the edited CSV back as a caption batch"
+    actions = sub.add_parser("captions", help=review, description=review).add_subparsers(dest="action", required=True)
+    sp = add("export", cmd_captions_export, "one CSV row per image (caption, source, findings, thumbnail)", actions)
+    sp.add_argument("version", help="a built, sealed dataset version")
+    sp.add_argument("--to", help="the CSV to write (default captions-VERSION.csv); never overwritten")
+    sp = add("import", cmd_captions_import, "the edited captions as a new caption batch and the spec layering it",
+             actions)
+    sp.add_argument("csv", help="a CSV written by `captions export`, its caption column edited")
+    sp.add_argument("--batch", required=True, help="the new caption batch id (a name): sources/ID")
     return p
 
 

@@ -102,16 +102,17 @@ def write_spec(root, name: str, sources: list[dict[str, Any]], **fields: Any):
 # --- sensors, evaluated as the daemon does -------------------------------------------------------------------
 
 
-def sensor_context(inst, root):
+def sensor_context(inst, root, cursor: str | None = None):
     """A context as the daemon's code server builds one: from an instance ref, with the repository (so a run
-    request for a partition the same tick adds is resolved against the tick's partition requests)."""
+    request for a partition the same tick adds is resolved against the tick's partition requests), and the
+    cursor the sensor's previous tick left."""
     import dagster as dg
 
     from lora_pipeline.defs.resources import DataRootResource
     from lora_pipeline.runs.instance import definitions
 
     return dg.SensorEvaluationContext(
-        instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=None,
+        instance_ref=inst.get_ref(), instance=inst, last_tick_completion_time=None, last_run_key=None, cursor=cursor,
         repository_name="__repository__", repository_def=definitions().get_repository_def(),
         resources={"data_root": DataRootResource(path=str(root.root))},
     )
@@ -123,6 +124,12 @@ def sensor_tick(name: str, context):
     from lora_pipeline.runs.instance import definitions
 
     return definitions().get_repository_def().get_sensor_def(name).evaluate_tick(context)
+
+
+def first_look(inst, root) -> str | None:
+    """The cursor of a first tick of `source_batch_sensor`: its look at the arriving batches (safe arrival). With
+    $LORA_PIPELINE_ARRIVAL_SETTLE_SECONDS at 0, a tick given this cursor registers those that did not change."""
+    return sensor_tick("source_batch_sensor", sensor_context(inst, root)).cursor
 
 
 # --- files ------------------------------------------------------------------------------------------------------

@@ -10,15 +10,15 @@ from lora_pipeline.core.fileio import read_json
 from lora_pipeline.defs.partitions import training_key
 from lora_pipeline.runs.instance import definitions, instance
 from lora_pipeline.runs.jobs import run_job
-from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick
+from lora_pipeline_tests.helpers import first_look, land_batch, sensor_context, sensor_tick
 
 FAMILY = "hardware-curated"  # the bundled auto-rebuild spec; the demo-tiny recipe has train_on: [it]
 LORA_EPOCHS, EVALUATION_GRID = dg.AssetKey("lora_epochs"), dg.AssetKey("evaluation_grid")
 
 
-def _tick(inst: dg.DagsterInstance, root, name: str) -> None:
+def _tick(inst: dg.DagsterInstance, root, name: str, cursor: str | None = None) -> None:
     """One sensor tick as the daemon runs it: partitions added, then the requested runs executed."""
-    data = sensor_tick(name, sensor_context(inst, root))
+    data = sensor_tick(name, sensor_context(inst, root, cursor))
     for request in data.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     for run in data.run_requests:
@@ -35,7 +35,8 @@ def _requested(result) -> dict[str, set[str]]:
             for key in (LORA_EPOCHS, EVALUATION_GRID)}
 
 
-def test_a_new_batch_of_a_train_on_family_is_trained_and_a_failed_version_is_not(sample_root):
+def test_a_new_batch_of_a_train_on_family_is_trained_and_a_failed_version_is_not(sample_root, monkeypatch):
+    monkeypatch.setenv("LORA_PIPELINE_ARRIVAL_SETTLE_SECONDS", "0")
     inst = instance()
     defs = definitions()
     evaluate = lambda cursor: dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=cursor)  # noqa: E731
@@ -49,7 +50,8 @@ def test_a_new_batch_of_a_train_on_family_is_trained_and_a_failed_version_is_not
     assert _requested(first) == {"lora_epochs": set(), "evaluation_grid": set()}
 
     land_batch(sample_root, "curated-2026-12", ["teal", "teal"])  # captions in the vocabulary; marker last
-    _tick(inst, sample_root, "source_batch_sensor")  # registers it, writes and builds hardware-curated-v2
+    # a first look, then the tick that registers it, writes and builds hardware-curated-v2
+    _tick(inst, sample_root, "source_batch_sensor", first_look(inst, sample_root))
     assert sample_root.spec_file(f"{FAMILY}-v2").is_file()
     after_batch = evaluate(first.cursor)
     v2 = str(training_key(f"{FAMILY}-v2", "demo-tiny"))

@@ -12,7 +12,7 @@ from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
 from lora_pipeline.core.fileio import read_json
 from lora_pipeline.runs.instance import instance
 from lora_pipeline.runs.jobs import run_job
-from lora_pipeline_tests.helpers import land_batch, sensor_context, sensor_tick, tree_state
+from lora_pipeline_tests.helpers import first_look, land_batch, sensor_context, sensor_tick, tree_state
 
 STUDY = "curated-study"
 # the sample specs without dataset sources
@@ -44,8 +44,8 @@ class _Warnings(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _watched(inst: dg.DagsterInstance, root) -> tuple[dg.SensorEvaluationContext, _Warnings]:
-    context = sensor_context(inst, root)
+def _watched(inst: dg.DagsterInstance, root, cursor: str | None = None) -> tuple[dg.SensorEvaluationContext, _Warnings]:
+    context = sensor_context(inst, root, cursor)
     warnings = _Warnings()
     context.log.addHandler(warnings)
     return context, warnings
@@ -92,7 +92,8 @@ def test_spec_sensor_skips_what_does_not_load_and_registers_the_rest(sample_root
     assert [r.partition_key for r in spec_sensor(sensor_context(inst, sample_root)).run_requests] == ["broken-v1"]
 
 
-def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
+def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root, monkeypatch):
+    monkeypatch.setenv("LORA_PIPELINE_ARRIVAL_SETTLE_SECONDS", "0")
     inst = instance()
     spec = {
         "name": f"{STUDY}-v2", "intent": "every curated batch, rebuilt as batches land", "trigger": "hdaesth",
@@ -100,8 +101,8 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
         "captions": {"from": "sidecar"}, "checks": {"min_side": 512, "max_aspect": 2.5},
     }
     sample_root.spec_file(f"{STUDY}-v2").write_text(yaml.safe_dump(spec, sort_keys=False))
-    # first tick: every committed batch is new; nothing to auto-rebuild while v2 is unbuilt
-    first = source_batch_sensor(sensor_context(inst, sample_root))
+    # every committed batch is new and registered at the second look; nothing to auto-rebuild while v2 is unbuilt
+    first = source_batch_sensor(sensor_context(inst, sample_root, first_look(inst, sample_root)))
     assert {r.partition_key for r in first.run_requests} == set(sample_root.ready_batches())
     assert not (sample_root.specs / f"{STUDY}-v3.yaml").exists()
     _apply(inst, first)
@@ -111,7 +112,7 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
 
     land_batch(sample_root, "curated-2026-12", ["teal", "orange"])
     _break_files(sample_root)  # one broken spec (and recipe) must not block the new batch
-    context, warnings = _watched(inst, sample_root)
+    context, warnings = _watched(inst, sample_root, first_look(inst, sample_root))
     tick = source_batch_sensor(context)
     assert any("broken-v1.yaml: merge: expected true or false" in w for w in warnings.lines), warnings.lines
     keys = {(r.job_name, r.partition_key) for r in tick.run_requests}

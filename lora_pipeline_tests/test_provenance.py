@@ -19,7 +19,15 @@ from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
 from lora_pipeline.core.models.loading import base_model_hash
-from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, REPORT_JSON, REPORT_MD, SNAPSHOT, DataRoot
+from lora_pipeline.core.paths import (
+    CAPTION_CHECK,
+    CONTACT_SHEET,
+    REPORT_JSON,
+    REPORT_MD,
+    REVIEW_PAGE,
+    SNAPSHOT,
+    DataRoot,
+)
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.recipe import load_recipe
 
@@ -90,7 +98,7 @@ def traced(tmp_path, image_bytes, tiny_model):
     write_json(snap / SNAPSHOT, {"version": VERSION, "manifest_root": manifest_root, "spec_sha256": spec_sha,
                                  "parents": ["hand-v0"], "code_version": "abc", "created_at": "2026-11-01T00:00:00",
                                  "captions_complete": True})
-    for name in (CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET):
+    for name in (CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET, REVIEW_PAGE):
         _write(snap / name, b"{}")  # provenance reads none of them; the seal needs them present
     seal_snapshot(snap)
     recipe = load_recipe(_write(root.recipe_file("r1"), RECIPE.encode()))

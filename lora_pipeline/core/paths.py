@@ -11,6 +11,8 @@ from lora_pipeline.core.settings import settings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
 RIGHTS_FILE = "_RIGHTS.yaml"  # beside _READY: the rights of a batch that lands by sensor (sources/rights.py)
+# A folder whose name ends so is still being copied in (safe arrival: core/datasets/sources/arrival.py).
+IN_TRANSIT_SUFFIXES = (".tmp", ".part", ".partial")
 # The files of datasets/<version>/ besides its images and captions.
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"
@@ -18,6 +20,7 @@ CAPTION_CHECK = "captions.json"  # caption_set's problems, lint and tag frequenc
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CONTACT_SHEET = "contact_sheet.png"
+REVIEW_PAGE = "review.html"  # the captions for a person to review (core/datasets/captions/review.py)
 SEAL = "seal.json"  # written last: the version is whole (see datasets/snapshot/seal.py)
 MLFLOW_DB = "mlflow.db"
 
@@ -117,8 +120,10 @@ class DataRoot:
         return list(folder.glob("*.yaml")) if folder.is_dir() else []
 
     def ready_batches(self) -> list[str]:
-        """Batch ids whose folder holds the `_READY` marker, sorted."""
-        return sorted(p.name for p in self._ready_batch_folders() if is_name(p.name))
+        """Batch ids whose folder holds the `_READY` marker, sorted; a name ending in an IN_TRANSIT_SUFFIXES
+        suffix is a copy still on its way in, never a batch."""
+        return sorted(p.name for p in self._ready_batch_folders()
+                      if is_name(p.name) and not p.name.lower().endswith(IN_TRANSIT_SUFFIXES))
 
     def spec_versions(self) -> list[str]:
         return sorted(p.stem for p in self._yaml_files(self.specs) if is_name(p.stem))

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     train_processes: WholeNumber = Field(1, ge=1, description=(
         "Processes (GPUs) one training runs in when the launcher resource's `num_processes` is 0: more than 1 "
         "trains data-parallel through `accelerate launch`."))
+    arrival_settle_seconds: float = Field(10.0, ge=0, le=3600, allow_inf_nan=False, description=(
+        "Safe arrival: a batch folder under `sources/` is registered only once its listing (names, sizes, "
+        "modification times) has stayed the same between two looks of the batch sensor at least this many "
+        "seconds apart (the sensor ticks every 30 s, so a batch lands on its second tick at the soonest)."))
     pg: str = Field("postgresql://postgres@127.0.0.1:5432", description=(
         "The Postgres server (no database) that `make cluster-demo` makes its two databases on; "
         "deploy/cluster/env.sh builds the cluster's database URLs from it."))
@@ -89,8 +93,12 @@ def _expected(error: dict[str, Any]) -> str:
         return "a whole number"
     if error["type"] == "literal_error":
         return f"one of {ctx['expected']}"
+    if error["type"] in ("float_parsing", "float_type", "finite_number"):
+        return "a number"
     if error["type"] == "greater_than_equal":
         return f"at least {ctx['ge']}"
+    if error["type"] == "less_than_equal":
+        return f"at most {ctx['le']}"
     return error["msg"].lower()
 
 

@@ -23,6 +23,7 @@ from lora_pipeline.core.datasets.problems import errors_in, warnings_in
 from lora_pipeline.core.datasets.snapshot.manifest import record_captions
 from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
+from lora_pipeline.core.datasets.sources.arrival import record_registration
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
 from lora_pipeline.core.datasets.sources.rights import batch_rights
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
@@ -84,6 +85,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
     rights = batch_rights(data_root.data, scan.batch)  # records a new _RIGHTS.yaml
     rows = batch_manifest(scan)
     fingerprint = batch_fingerprint(rows)  # over every file; not snapshot.json's per-source fingerprint (README)
+    registration = record_registration(data_root.data, scan, fingerprint)  # a later change is refused by name
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
     context.log.info(f"batch {scan.batch}: {len(rows)} files, batch fingerprint {fingerprint}")
     return dg.MaterializeResult(
@@ -97,6 +99,7 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
             "skipped": len(scan.problems),
             "rights": rights.label,
             "manifest": table(rows, ["path", "bytes", "sha256"]),
+            "registration": dg.MetadataValue.path(str(registration)),
         },
     )
 
@@ -203,6 +206,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
             "warnings": len(warnings),
             "counts": dg.MetadataValue.json(result.counts),
             "report_json": dg.MetadataValue.path(str(files.report_json)),
+            "review_page": dg.MetadataValue.url(files.review_page.resolve().as_uri()),
             "sealed_files": seal["files"],
         },
         check_results=[

@@ -5,15 +5,18 @@ name is not a valid name, is skipped with a warning in the sensor's log (each ti
 or removed) while everything else is still registered and built.
 """
 
+import time
 from collections.abc import Callable
 
 import dagster as dg
 
 from lora_pipeline.core.datasets.snapshot.autorebuild import write_auto_rebuild_specs
+from lora_pipeline.core.datasets.sources.arrival import ArrivalLook, look_at_arrivals
 from lora_pipeline.core.datasets.sources.retired import retired_batches
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SEAL, DataRoot
+from lora_pipeline.core.settings import settings
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.jobs import build_dataset_job, register_batch_job
 from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches, unknown_keys
@@ -25,10 +28,21 @@ def _warn_misnamed(context: dg.SensorEvaluationContext, root: DataRoot) -> None:
         context.log.warning(f"skipped {path!s}: its name is not a valid name (see core/names.py)")
 
 
+def _settled_batches(context: dg.SensorEvaluationContext, root: DataRoot, ready: list[str]) -> ArrivalLook:
+    """Safe arrival (core/datasets/sources/arrival.py): of the ready batches not registered yet, those whose
+    listing held still since an earlier tick's look, kept in the cursor."""
+    settle = settings().arrival_settle_seconds
+    look = look_at_arrivals(root, ready, context.cursor, time.time(), settle)
+    for batch in look.waiting:
+        context.log.info(f"batch {batch} waits until its files stay unchanged between two looks {settle:g} s apart")
+    return look
+
+
 @dg.sensor(jobs=[register_batch_job, build_dataset_job], minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
-    """A new `sources/<batch>/_READY` registers and fingerprints the batch (a retired batch is skipped).
+    """A new `sources/<batch>/_READY` registers and fingerprints the batch, once its listing held still between
+    two ticks (safe arrival; the first look is kept in the cursor); a retired batch is skipped.
 
     Auto-rebuild specs whose glob source matches it get a new version spec, registered and
     built in the same tick (the spec sensor then sees the version as known).
@@ -36,9 +50,12 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
     root = data_root.data
     _warn_misnamed(context, root)
     retired = retired_batches(root)  # taken out of future versions: neither registered nor rebuilt from
-    new_batches = unknown_keys(context.instance, source_batches, [b for b in root.ready_batches() if b not in retired])
+    ready = [b for b in root.ready_batches() if b not in retired]
+    arrivals = _settled_batches(context, root, unknown_keys(context.instance, source_batches, ready))
+    new_batches = arrivals.settled
     if not new_batches:
-        return dg.SensorResult(skip_reason=dg.SkipReason("no new ready batch"))
+        waiting = f" ({len(arrivals.waiting)} arriving)" if arrivals.waiting else ""
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"no new settled batch{waiting}"), cursor=arrivals.cursor)
     tick = write_auto_rebuild_specs(root, new_batches)
     for error in tick.unreadable:
         context.log.warning(f"auto-rebuild skipped a spec that does not load: {error}")
@@ -54,7 +71,7 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
     requests = [source_batches.build_add_request(new_batches)]
     if new_versions:
         requests.append(dataset_versions.build_add_request(new_versions))
-    return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests)
+    return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests, cursor=arrivals.cursor)
 
 
 def _loadable(

@@ -15,7 +15,7 @@ from pydantic.dataclasses import dataclass
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
-from lora_pipeline.core.names import MAX_NAME_LENGTH
+from lora_pipeline.core.names import MAX_NAME_LENGTH, is_name
 from lora_pipeline.core.schema import (
     ADDED_LATER,
     CONFIG,
@@ -55,6 +55,19 @@ def name_glob(what: str, first_named: str = "") -> Any:
 
 
 BatchPattern = name_glob("batch")
+
+
+def _batch_refs(refs: tuple[str, ...]) -> tuple[str, ...]:
+    for ref in refs:
+        kind, _, name = ref.partition(":")
+        if kind != "batch" or not is_name(name):
+            raise ValueError(f"{ref[:60]!r} is not 'batch:<batch id>'")
+    return refs
+
+
+# `batch:<id>` references, as `captions.overrides` takes them (a single text is a list of one).
+BatchRefs = Annotated[TextList, AfterValidator(_batch_refs),
+                      WithJsonSchema({"type": "array", "items": {"type": "string", "format": "batch:<batch id>"}})]
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -138,6 +151,11 @@ class CaptionSpec:
     shared_caption_limit: Int = Field(
         3, ge=1, description="a caption used by more images than this is reported (`shared_caption`)"
     )
+    overrides: BatchRefs = Field(
+        (), description="caption batches (`batch:<id>`, landed by `lora-pipeline captions import`) layered on top: "
+        "a sidecar `<origin batch>/<origin path>.txt` in one replaces that image's caption; a later entry wins",
+        json_schema_extra=ADDED_LATER,
+    )
 
     @model_validator(mode="after")
     def _needs_table(self) -> CaptionSpec:
@@ -208,6 +226,7 @@ class DatasetSpec:
         added later (ADDED_LATER) while they hold their default: specs written before them keep their hash and
         their built versions stay valid."""
         data = asdict(self)
+        data["captions"] = hashed_values(CaptionSpec, data["captions"])
         data["captions"]["from"] = data["captions"].pop("source")
         data["sources"] = [hashed_values(SourceRef, ref) for ref in data["sources"]]
         return hashed_values(DatasetSpec, data)

@@ -35,7 +35,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
-from lora_pipeline.core.datasets.captions.tags import normalise_caption, place_trigger
+from lora_pipeline.core.datasets.captions.overrides import override_reads
+from lora_pipeline.core.datasets.captions.tags import CAPTION_SUFFIX, caption_path, normalise_caption, place_trigger
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest
 from lora_pipeline.core.datasets.snapshot.seal import read_seal
@@ -60,7 +61,6 @@ from lora_pipeline.core.fileio import atomic_write_all, read_json, write_json
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import CAPTION_CHECK, DataRoot
 
-CAPTION_SUFFIX = ".txt"
 _NOT_READ = {"symlink_not_followed": "symbolic link", "not_a_regular_file": "special file (not a regular file)"}
 
 
@@ -76,11 +76,6 @@ class CaptionPlan:
     problems: list[Problem] = field(default_factory=list)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)  # kohya ss_tag_frequency
     lint: dict[str, Any] = field(default_factory=dict)  # caption_lint stats plus `multiline`
-
-
-def caption_path(image_path: str) -> str:
-    """The caption file that pairs with a snapshot image (kohya: same folder, same stem, .txt)."""
-    return PurePosixPath(image_path).with_suffix(CAPTION_SUFFIX).as_posix()
 
 
 def parse_caption_source(source: str) -> tuple[str, str, str]:
@@ -365,6 +360,11 @@ def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> Capt
     elif from_batches or spec_batches(root, spec):
         _from_table(root, from_batches, out)
     _from_datasets(root, [r for r in images if r.source_dataset is not None], out)
+    overrides, override_problems = override_reads(root, spec, images)  # reviewed captions layered on top
+    out.problems = [p for p in out.problems if not (p["file"] in overrides and p["scope"] == out.scope)]
+    out.problems += override_problems
+    for image, read in overrides.items():
+        out.read_file(image, *read)
     clashing = _stem_collisions(images, out)
 
     plan = CaptionPlan()

@@ -16,8 +16,15 @@ shuffle uses the same split and join, so what the linter checked is what the tra
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 
 _WHITESPACE = re.compile(r"\s+")
+CAPTION_SUFFIX = ".txt"
+
+
+def caption_path(image_path: str) -> str:
+    """The caption file that pairs with an image (kohya: same folder, same stem, .txt)."""
+    return PurePosixPath(image_path).with_suffix(CAPTION_SUFFIX).as_posix()
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path, PurePath
 from typing import Any, Protocol
 
+from lora_pipeline.core.datasets.captions.review import write_review_page
 from lora_pipeline.core.datasets.checks.contact_sheet import MAX_IMAGES, write_contact_sheet
 from lora_pipeline.core.datasets.checks.validation import CaptionPlanLike, ValidationResult
 from lora_pipeline.core.datasets.problems import Problem
@@ -61,6 +62,7 @@ class ReportFiles:
     report_json: Path
     report_md: Path
     contact_sheet: Path
+    review_page: Path  # review.html: captions, thumbnails and findings for a person
     markdown: str  # report.md's text, for Dagster metadata
     passed: bool
 
@@ -105,17 +107,20 @@ def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> Re
 def write_report(
     snapshot_dir: Path, result: ValidationResult, caption_plan: ReportCaptionPlan, max_images: int = MAX_IMAGES
 ) -> ReportFiles:
-    """Write the contact sheet, report.json and report.md into the snapshot folder, each atomically."""
+    """Write the contact sheet, report.json, report.md and the review page into the snapshot folder, each
+    atomically."""
     captions = {str(k): v for k, v in caption_plan.captions.items()}
     sheet = write_contact_sheet(snapshot_dir / CONTACT_SHEET, snapshot_dir, result, captions, max_images)
     report = report_data(result, caption_plan)
     write_json(snapshot_dir / REPORT_JSON, report.to_json_dict(), readonly=True)
     markdown = render_markdown(report, sheet.shown)
     atomic_write_text(snapshot_dir / REPORT_MD, markdown, readonly=True)
+    review_page = write_review_page(snapshot_dir, captions, result.problems)
     return ReportFiles(
         report_json=snapshot_dir / REPORT_JSON,
         report_md=snapshot_dir / REPORT_MD,
         contact_sheet=sheet.path,
+        review_page=review_page,
         markdown=markdown,
         passed=result.passed,
     )

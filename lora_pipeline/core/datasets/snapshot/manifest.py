@@ -35,11 +35,23 @@ from lora_pipeline.core.datasets.sources.rights import BatchRights
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.hashing import merkle_root, sha256_file
-from lora_pipeline.core.paths import CAPTION_CHECK, CONTACT_SHEET, MANIFEST, REPORT_JSON, REPORT_MD, SEAL, SNAPSHOT
+from lora_pipeline.core.paths import (
+    CAPTION_CHECK,
+    CONTACT_SHEET,
+    MANIFEST,
+    REPORT_JSON,
+    REPORT_MD,
+    REVIEW_PAGE,
+    SEAL,
+    SNAPSHOT,
+)
 from lora_pipeline.core.schema import Record, error_line
 
 # Files the pipeline writes into a snapshot besides the manifest's own rows; the seal records their sha256.
-SEALED_FILES = (MANIFEST, SNAPSHOT, CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET)
+SEALED_FILES = (MANIFEST, SNAPSHOT, CAPTION_CHECK, REPORT_JSON, REPORT_MD, CONTACT_SHEET, REVIEW_PAGE)
+# Sealed when present: every build writes the review page, but a snapshot written by hand (or by hand-made
+# tools) may go without it.
+SEALED_IF_PRESENT = (REVIEW_PAGE,)
 NON_CONTENT = {*SEALED_FILES, SEAL}
 
 RowKind = Literal["image", "reg_image", "caption", "reg_caption", "mask"]

@@ -2,9 +2,9 @@
 
 A version is made in three Dagster steps: dataset_snapshot renames the copied images, the manifest and
 snapshot.json into place (atomically), caption_set adds the captions, their manifest rows and captions.json,
-dataset_report adds report.json, report.md and contact_sheet.png. A crash between the steps leaves a
+dataset_report adds report.json, report.md, contact_sheet.png and review.html. A crash between the steps leaves a
 folder under the final name that is not whole. The last step writes `seal.json` (atomically, read-only):
-the sha256 of manifest.jsonl, snapshot.json, captions.json and the three report files, and the manifest root. Every
+the sha256 of manifest.jsonl, snapshot.json, captions.json and the four report files, and the manifest root. Every
 reader of a version requires the seal (`require_sealed`): another version built from it, the training
 gate, `verify`, provenance. A folder without a seal is a build in progress or an interrupted one;
 building the version again completes it (the steps before the seal are idempotent).
@@ -27,6 +27,7 @@ from typing import Any
 
 from lora_pipeline.core.datasets.snapshot.manifest import (
     SEALED_FILES,
+    SEALED_IF_PRESENT,
     VerifyResult,
     read_manifest,
     read_snapshot_info,
@@ -105,12 +106,13 @@ def seal_snapshot(snapshot_dir: Path) -> dict[str, Any]:
         else:
             raise UserError("is not listed in the manifest; a version holds only its own files", path)
     for name in SEALED_FILES:
-        if not (snapshot_dir / name).is_file():
+        if name not in SEALED_IF_PRESENT and not (snapshot_dir / name).is_file():
             raise UserError("cannot seal: file missing", snapshot_dir / name)
+    present = [name for name in SEALED_FILES if (snapshot_dir / name).is_file()]
     seal = {
         "version": info.version,
         "manifest_root": info.manifest_root,
-        "files": {name: sha256_file(snapshot_dir / name) for name in SEALED_FILES},
+        "files": {name: sha256_file(snapshot_dir / name) for name in present},
     }
     atomic_write_text(snapshot_dir / SEAL, json.dumps(seal, indent=2, sort_keys=True) + "\n", readonly=True)
     return seal

@@ -61,6 +61,7 @@ from lora_pipeline.core.datasets.snapshot.snapshot_extras import (
     with_mask,
 )
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
+from lora_pipeline.core.datasets.sources.arrival import require_as_registered
 from lora_pipeline.core.datasets.sources.batches import expand_sources, is_image, locate_table, scan_batch
 from lora_pipeline.core.datasets.sources.copying import fsync_dir
 from lora_pipeline.core.datasets.sources.retired import origin_of, retired_origin_problems
@@ -138,6 +139,7 @@ def _table_in_batch(table: str | None, batch: str) -> str | None:
 
 def _batch_files(root: DataRoot, spec: DatasetSpec, ref: SourceRef) -> tuple[list[PlannedFile], list[Problem]]:
     scan = scan_batch(root, ref.name)
+    require_as_registered(root, scan)
     problems = list(scan.problems)
     table = _table_in_batch(spec.captions.table, ref.name)
     scope = f"batch:{ref.name}"
