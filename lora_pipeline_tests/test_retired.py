@@ -23,6 +23,7 @@ from lora_pipeline.runs.instance import instance
 from lora_pipeline_tests.helpers import (
     captioned_batch,
     finish_version,
+    first_look,
     land_batch,
     sensor_context,
     sensor_tick,
@@ -111,17 +112,18 @@ def test_versions_built_on_a_retired_batch_are_flagged_and_keep_building_as_befo
     assert "first came from batch 'cur-b', retired" in retired_rows[0]["message"]
 
 
-def test_the_batch_sensor_skips_a_retired_batch_until_it_is_unretired(sample_root):
+def test_the_batch_sensor_skips_a_retired_batch_until_it_is_unretired(sample_root, monkeypatch):
+    monkeypatch.setenv("LORA_PIPELINE_ARRIVAL_SETTLE_SECONDS", "0")  # two looks of a tick apart (safe arrival)
     inst = instance()
-    first = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root))
+    first = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root, first_look(inst, sample_root)))
     for request in first.dynamic_partitions_requests or []:
         inst.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     land_batch(sample_root, "curated-2027-01", ["teal"])
     retire(sample_root, "curated-2027-01", "banned word in a caption")
     before = tree_state(sample_root.batch("curated-2027-01"))
-    tick = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root))
+    tick = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root, first_look(inst, sample_root)))
     assert not tick.run_requests and "curated-2027-01" not in inst.get_dynamic_partitions("source_batches")
     assert tree_state(sample_root.batch("curated-2027-01")) == before
     unretire(sample_root, "curated-2027-01", "caption fixed")
-    tick = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root))
+    tick = sensor_tick("source_batch_sensor", sensor_context(inst, sample_root, first_look(inst, sample_root)))
     assert [r.partition_key for r in tick.run_requests] == ["curated-2027-01"]
