@@ -33,7 +33,7 @@ def built(sample_root):
     """v1 built through Dagster."""
     inst = instance()
     partitions.register(inst, partitions.dataset_versions, [VERSION])
-    partitions.register(inst, partitions.recipes, [RECIPE])
+    partitions.register(inst, partitions.training_runs, [training_key(VERSION, RECIPE)])
     run_job("build_dataset_job", VERSION, inst, quiet=True)
     return sample_root, inst
 
