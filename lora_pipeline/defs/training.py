@@ -7,11 +7,12 @@ import dagster as dg
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.lineage.batch_links import version_batches
 from lora_pipeline.core.paths import MANIFEST, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
-from lora_pipeline.defs.lineage_pages import blocked_observation
+from lora_pipeline.defs.lineage_pages import batch_observations, blocked_observation
 from lora_pipeline.defs.metadata import image_markdown, provenance_metadata, table
 from lora_pipeline.defs.partitions import NO_PARTITION_LINKS, split_training_key, training_runs
 from lora_pipeline.defs.placement import GPU, op_tags
@@ -79,6 +80,8 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     from lora_pipeline.core.lineage.provenance import trace_lora
 
     chain = trace_lora(root, result.out_dir / last["file"])  # checks every link, as `lora-pipeline provenance`
+    for observation in batch_observations(root, list(version_batches(root, version))):  # now with this LoRA
+        context.log_event(observation)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(last["sha256"]),
         metadata={
