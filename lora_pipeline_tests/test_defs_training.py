@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import dagster as dg
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -101,6 +102,11 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     with pytest.raises(UserError, match="refusing to train"):
         run_job("train_job", training_key(VERSION, RECIPE), inst, quiet=True)
     assert not list(root.loras(VERSION, RECIPE).glob("*.safetensors"))
+    # the partition's page says it is blocked, why, and links the version's report
+    records = inst.fetch_observations(
+        dg.AssetRecordsFilter(dg.AssetKey("lora_epochs"), asset_partitions=[training_key(VERSION, RECIPE)]), limit=1)
+    text = records.records[0].asset_observation.metadata["blocked"].value
+    assert "refusing to train" in text and f"/assets/dataset_report?partition={VERSION}" in text
 
 
 def test_the_launcher_takes_its_process_count_from_config_then_environment(monkeypatch):
