@@ -85,8 +85,9 @@ def test_a_new_batch_of_a_train_on_family_is_trained_and_a_failed_version_is_not
     # ... and v3's training page says it is blocked and links the report; the failed check names v3
     (blocked,) = inst.fetch_observations(dg.AssetRecordsFilter(LORA_EPOCHS, asset_partitions=[v3]), limit=5).records
     text = blocked.asset_observation.metadata["blocked"].value
-    assert "Blocked" in text and f"/assets/dataset_report?partition={FAMILY}-v3" in text and "min_side" not in text
-    (check,) = [e.asset_check_evaluation_data for e in built.events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+    assert "Blocked" in text and f"/assets/dataset_report?view=partitions&partition={FAMILY}-v3" in text
+    (check,) = [e.asset_check_evaluation_data for e in built.events
+                if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
                 and e.asset_check_evaluation_data.check_name == "no_blocking_problems"]
     assert not check.passed and check.partition == f"{FAMILY}-v3" and check.description.startswith(f"{FAMILY}-v3:")
     assert check.metadata["dataset_version"].value == f"{FAMILY}-v3"

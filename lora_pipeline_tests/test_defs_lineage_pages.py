@@ -39,7 +39,8 @@ def test_pages_link_a_version_to_exactly_its_batches_and_a_batch_to_its_versions
     assert built[V2]["batches"] == [CURATED, TURNTABLE]  # v1's images through v1, and the renders directly
     assert built[MERGE]["batches"] == [CURATED, PROMOTED, TURNTABLE]  # v2's (so v1's) and its own batch
     page = built[V2]["lineage"]
-    assert f"/assets/source_batch?partition={CURATED}" in page and f"/assets/dataset_snapshot?partition={V1}" in page
+    assert f"/assets/source_batch?view=events&partition={CURATED}" in page
+    assert f"/assets/dataset_snapshot?view=partitions&partition={V1}" in page
     assert "class-images" not in page and "masked-closeups" not in page  # no batch it did not take
 
     # each batch's page lists the versions that took it, directly, through a parent or through a merge
@@ -47,8 +48,9 @@ def test_pages_link_a_version_to_exactly_its_batches_and_a_batch_to_its_versions
     assert _batch_page(inst, TURNTABLE)["versions"].value == [V2, MERGE]
     assert _batch_page(inst, PROMOTED)["versions"].value == [MERGE]
     text = _batch_page(inst, CURATED)["lineage"].value
-    assert f"[{MERGE}](/assets/dataset_snapshot?partition={MERGE}) | 8 | [{V2}]" in text  # 8 curated images, via v2
-    assert f"[{V1}](/assets/dataset_snapshot?partition={V1}) | 8 | direct" in text
+    snapshot = "/assets/dataset_snapshot?view=partitions&partition="
+    assert f"[{MERGE}]({snapshot}{MERGE}) | 8 | [{V2}]({snapshot}{V2}) |" in text  # 8 curated images, through v2
+    assert f"[{V1}]({snapshot}{V1}) | 8 | direct |" in text
 
 
 def test_the_asset_graph_claims_no_partition_link_it_cannot_know(sample_root):
@@ -61,8 +63,10 @@ def test_the_asset_graph_claims_no_partition_link_it_cannot_know(sample_root):
     partitions.register(inst, partitions.training_runs, [key])
     graph = definitions().resolve_asset_graph()
     with dg.partition_loading_context(dynamic_partitions_store=inst):
-        for child, partition, parent in (("dataset_snapshot", V2, "source_batch"),
-                                         ("lora_epochs", key, "dataset_report")):
+        for child, partition, parent in (
+            ("dataset_snapshot", V2, "source_batch"),
+            ("lora_epochs", key, "dataset_report"),
+        ):
             parents = graph.get_parent_partition_keys_for_child(partition, dg.AssetKey(parent), dg.AssetKey(child))
             assert list(parents.partitions_subset.get_partition_keys()) == []
         # and a batch's new fingerprint marks no version's snapshot as depending on it

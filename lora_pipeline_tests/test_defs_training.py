@@ -106,7 +106,7 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     records = inst.fetch_observations(
         dg.AssetRecordsFilter(dg.AssetKey("lora_epochs"), asset_partitions=[training_key(VERSION, RECIPE)]), limit=1)
     text = records.records[0].asset_observation.metadata["blocked"].value
-    assert "refusing to train" in text and f"/assets/dataset_report?partition={VERSION}" in text
+    assert "refusing to train" in text and f"/assets/dataset_report?view=partitions&partition={VERSION}" in text
 
 
 def test_the_launcher_takes_its_process_count_from_config_then_environment(monkeypatch):

@@ -124,6 +124,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.image_root),
         metadata={
+            **version_page(spec.name, uses),  # first: the page opens on it
             "path": dg.MetadataValue.path(str(result.dir)),
             "created": result.created,
             "images": len(result.rows),
@@ -136,7 +137,6 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
             "files_hashed": result.hashed,
             "manifest": table(result.rows, ["path", "bytes", "width", "height", "source_batch", "source_dataset",
                                             "source_path", "sha256"]),
-            **version_page(spec.name, uses),
         },
     )
 

@@ -20,11 +20,18 @@ from lora_pipeline.core.paths import REPORT_MD, DataRoot
 from lora_pipeline.defs.partitions import training_key
 
 LINEAGE = "lineage"  # the metadata key of the pages
+OBSERVED = ("source_batch",)
+
+
+def page_url(asset: str, partition: str) -> str:
+    """An asset partition's page in the UI, relative to the webserver's root: its latest event for the pages kept
+    by observations (a batch's, a blocked training's), its latest materialization for the others."""
+    view = "events" if asset in OBSERVED else "partitions"
+    return f"/assets/{asset}?view={view}&partition={quote(partition, safe='')}"
 
 
 def page_link(asset: str, partition: str, text: str | None = None) -> str:
-    """A markdown link to an asset partition's page in the UI (relative to the webserver's root)."""
-    return f"[{text or partition}](/assets/{asset}?partition={quote(partition, safe='')})"
+    return f"[{text or partition}]({page_url(asset, partition)})"
 
 
 def _through(use: BatchUse) -> str:
@@ -51,10 +58,16 @@ def version_page(version: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.Met
 
 def batch_page(root: DataRoot, batch: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
     """`source_batch` metadata: the built versions that took the batch and the LoRAs trained on them."""
-    lines = [f"### Versions that took `{batch}`", "", "| version | images | through | LoRAs trained on it |",
-             "|---|---|---|---|"]
-    lines += [f"| {page_link('dataset_snapshot', v)} | {u.images} | {_through(u)} | {_trained(root, v)} |"
-              for v, u in uses.items()]
+    lines = [
+        f"### Versions that took `{batch}`",
+        "",
+        "| version | images | through | LoRAs trained on it |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {page_link('dataset_snapshot', v)} | {u.images} | {_through(u)} | {_trained(root, v)} |"
+        for v, u in uses.items()
+    ]
     text = "\n".join(lines) if uses else f"No built version took `{batch}` yet."
     return {LINEAGE: dg.MetadataValue.md(text), "versions": dg.MetadataValue.json(sorted(uses))}
 
@@ -66,13 +79,20 @@ def batch_pages(root: DataRoot, batches: list[str]) -> dict[str, dict[str, dg.Me
 
 def batch_observations(root: DataRoot, batches: list[str]) -> list[dg.AssetObservation]:
     """The batches' pages brought up to date, as observations of `source_batch` a run records."""
-    return [dg.AssetObservation(asset_key="source_batch", partition=b, metadata=page)
-            for b, page in batch_pages(root, batches).items()]
+    return [
+        dg.AssetObservation(asset_key="source_batch", partition=b, metadata=page)
+        for b, page in batch_pages(root, batches).items()
+    ]
 
 
 def blocked_observation(root: DataRoot, version: str, recipe: str, reason: str) -> dg.AssetObservation:
     """An observation of the training partition: it is not trained, why, and the version's report."""
-    text = (f"**Blocked: `{version}` is not trained.** {reason}\n\n"
-            f"The report: {page_link('dataset_report', version)} (`{root.dataset(version) / REPORT_MD}`).")
-    return dg.AssetObservation(asset_key="lora_epochs", partition=training_key(version, recipe),
-                               metadata={"blocked": dg.MetadataValue.md(text), "dataset_version": version})
+    text = (
+        f"**Blocked: `{version}` is not trained.** {reason}\n\n"
+        f"The report: {page_link('dataset_report', version)} (`{root.dataset(version) / REPORT_MD}`)."
+    )
+    return dg.AssetObservation(
+        asset_key="lora_epochs",
+        partition=training_key(version, recipe),
+        metadata={"blocked": dg.MetadataValue.md(text), "dataset_version": version},
+    )

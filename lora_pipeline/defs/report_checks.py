@@ -29,8 +29,9 @@ COLUMNS = ["severity", "code", "file", "scope", "message"]
 def _spec(name: str, blocking: bool, description: str) -> dg.AssetCheckSpec:
     with warnings.catch_warnings():  # a preview API, used knowingly: a check result per version
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        return dg.AssetCheckSpec(name, asset="dataset_report", blocking=blocking, description=description,
-                                 partitions_def=dataset_versions)
+        return dg.AssetCheckSpec(
+            name, asset="dataset_report", blocking=blocking, description=description, partitions_def=dataset_versions
+        )
 
 
 REPORT_CHECKS = [
@@ -43,16 +44,20 @@ def report_check_results(
     version: str, errors: Sequence[dict[str, Any]], warnings_: Sequence[dict[str, Any]], report_json: Path
 ) -> list[dg.AssetCheckResult]:
     """The two checks' results for one version, each naming the version."""
+
     def result(name: str, found: Sequence[dict[str, Any]], what: str, severity: dg.AssetCheckSeverity):
         return dg.AssetCheckResult(
-            check_name=name, passed=not found, severity=severity,
+            check_name=name,
+            passed=not found,
+            severity=severity,
             description=f"{version}: {len(found)} {what}" + (f" (see {report_json})" if found else ""),
-            metadata={"dataset_version": version, what: len(found),
-                      **problems_metadata(found, COLUMNS, report_json)},
+            metadata={"dataset_version": version, what: len(found), **problems_metadata(found, COLUMNS, report_json)},
         )
 
-    return [result(NO_ERRORS_CHECK, errors, "errors", dg.AssetCheckSeverity.ERROR),
-            result(NO_WARNINGS_CHECK, warnings_, "warnings", dg.AssetCheckSeverity.WARN)]
+    return [
+        result(NO_ERRORS_CHECK, errors, "errors", dg.AssetCheckSeverity.ERROR),
+        result(NO_WARNINGS_CHECK, warnings_, "warnings", dg.AssetCheckSeverity.WARN),
+    ]
 
 
 def blocked_training(instance: dg.DagsterInstance, root: DataRoot, version: str) -> list[dg.AssetObservation]:
@@ -65,5 +70,8 @@ def blocked_training(instance: dg.DagsterInstance, root: DataRoot, version: str)
     else:
         return []
     prefix = training_key(version, "")
-    return [blocked_observation(root, version, key.removeprefix(prefix), reason)
-            for key in instance.get_dynamic_partitions(training_runs.name) if key.startswith(prefix)]
+    return [
+        blocked_observation(root, version, key.removeprefix(prefix), reason)
+        for key in instance.get_dynamic_partitions(training_runs.name)
+        if key.startswith(prefix)
+    ]
