@@ -24,8 +24,8 @@ OBSERVED = ("source_batch",)
 
 
 def page_url(asset: str, partition: str) -> str:
-    """An asset partition's page in the UI, relative to the webserver's root: its latest event for the pages kept
-    by observations (a batch's, a blocked training's), its latest materialization for the others."""
+    """An asset partition's page in the UI, relative to the webserver's root: its latest event for a batch (whose
+    page the observations keep up to date), its latest materialization for the others."""
     view = "events" if asset in OBSERVED else "partitions"
     return f"/assets/{asset}?view={view}&partition={quote(partition, safe='')}"
 
