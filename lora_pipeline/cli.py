@@ -155,7 +155,7 @@ def train_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> dic
     _require_recipe(root, recipe)
     load_recipe(root.recipe_file(recipe))
     require_passed_report(root, version)
-    _register({"dataset_versions": [version], "recipes": [recipe]})
+    _register({"dataset_versions": [version], "training_runs": [training_key(version, recipe)]})
     outcome = run_job("train_job", training_key(version, recipe), instance(), quiet)
     meta = outcome.metadata("lora_epochs")
     files = sorted(str(p) for p in root.loras(version, recipe).glob("*.safetensors"))
@@ -188,7 +188,7 @@ def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> 
     if not any(root.loras(version, recipe).glob("*.safetensors")):
         raise UserError(f"no trained epochs: run `lora-pipeline train {version} --recipe {recipe}` first",
                         root.loras(version, recipe))
-    _register({"dataset_versions": [version], "recipes": [recipe]})
+    _register({"dataset_versions": [version], "training_runs": [training_key(version, recipe)]})
     outcome = run_job("evaluate_job", training_key(version, recipe), instance(), quiet)
     out = root.evals(version, recipe)
     return {

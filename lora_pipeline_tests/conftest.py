@@ -312,7 +312,7 @@ def demo_root(tmp_path_factory, tiny_model) -> Iterator[DemoRoot]:
             inst = instance()
             partitions.register(inst, partitions.source_batches, demo.root.ready_batches())
             partitions.register(inst, partitions.dataset_versions, [DEMO_V1, DEMO_V2])
-            partitions.register(inst, partitions.recipes, [DEMO_RECIPE])
+            partitions.register(inst, partitions.training_runs, [partitions.training_key(DEMO_V2, DEMO_RECIPE)])
         yield demo
     finally:
         if os.environ.get("UI_SCREENSHOTS"):

@@ -121,7 +121,7 @@ def chain(cluster):
     with environment(running.env()), dg.DagsterInstance.get() as inst:
         built = cli.build_version(root, VERSION, quiet=True)
         partitions.register(inst, partitions.dataset_versions, [VERSION])
-        partitions.register(inst, partitions.recipes, list(RECIPES))
+        partitions.register(inst, partitions.training_runs, [partitions.training_key(VERSION, r) for r in RECIPES])
         run_ids = [queue.submit(inst, "train_job", partitions.training_key(VERSION, r), RUN_CONFIG)
                    for r in RECIPES]
         runs = [queue.wait(inst, run_id, timeout_s=600) for run_id in run_ids]

@@ -67,6 +67,13 @@ def test_spec_sensor_registers_versions_and_recipes(sample_root):
     assert {r.partition_key for r in result.run_requests} == set(FROM_BATCHES)
     _apply(inst, result)
     assert set(inst.get_dynamic_partitions("recipes")) == set(sample_root.recipe_names())
+    # one training partition: the pair demo-tiny's train_on asks for, not every version x every recipe
+    assert inst.get_dynamic_partitions("training_runs") == ["hardware-curated-v1|demo-tiny"]
+    # a new recipe that trains on a known family asks for its known versions
+    sample_root.recipe_file("aesthetic").write_text("base_model: tiny-sd\ntrain_on: ['hardware-design-*']\n")
+    _apply(inst, spec_sensor(sensor_context(inst, sample_root)))
+    assert set(inst.get_dynamic_partitions("training_runs")) == {
+        "hardware-curated-v1|demo-tiny", "hardware-design-aesthetic-v1|aesthetic"}
     again = spec_sensor(sensor_context(inst, sample_root))
     assert not again.run_requests  # known versions are not rebuilt every tick, v2 still waits
     run_job("build_dataset_job", "hardware-design-aesthetic-v1", inst, quiet=True)

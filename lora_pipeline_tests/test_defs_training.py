@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import dagster as dg
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -34,7 +35,7 @@ def built(sample_root):
     """v1 built through Dagster."""
     inst = instance()
     partitions.register(inst, partitions.dataset_versions, [VERSION])
-    partitions.register(inst, partitions.recipes, [RECIPE])
+    partitions.register(inst, partitions.training_runs, [training_key(VERSION, RECIPE)])
     run_job("build_dataset_job", VERSION, inst, quiet=True)
     return sample_root, inst
 
@@ -109,6 +110,11 @@ def test_lora_epochs_refuses_a_failed_dataset_in_a_separate_run(built):
     with pytest.raises(UserError, match="refusing to train"):
         run_job("train_job", training_key(VERSION, RECIPE), inst, quiet=True)
     assert not list(root.loras(VERSION, RECIPE).glob("*.safetensors"))
+    # the partition's page says it is blocked, why, and links the version's report
+    records = inst.fetch_observations(
+        dg.AssetRecordsFilter(dg.AssetKey("lora_epochs"), asset_partitions=[training_key(VERSION, RECIPE)]), limit=1)
+    text = records.records[0].asset_observation.metadata["blocked"].value
+    assert "refusing to train" in text and f"/assets/dataset_report?view=partitions&partition={VERSION}" in text
 
 
 def test_the_launcher_takes_its_process_count_from_config_then_environment(monkeypatch):

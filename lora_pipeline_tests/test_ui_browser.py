@@ -211,3 +211,25 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     assert _rendered(page, _markdown_image(page, "grid_0", "prompt 0")) > 0
     page.screenshot(path=shots / "7-evaluation-grid.png")
     page.keyboard.press("Escape")
+
+
+
+def test_a_batchs_page_shows_its_versions_and_loras_and_a_versions_page_its_batches(ui, page, trained_demo):
+    """The lineage the asset graph cannot draw (defs/lineage_pages.py), rendered as markdown in the metadata: from
+    a batch (its latest event) to the versions and the LoRA that took it, then, by the page's own link, to a
+    version's page and exactly the batches it took."""
+    url, shots = ui
+    batch = "curated-2026-10"  # DEMO_V1's batch, in DEMO_V2 through DEMO_V1
+    _open(page, f"{url}/assets/source_batch?view=events&partition={batch}")
+    lineage = page.locator("tr", has_text=f"Versions that took {batch}")
+    lineage.get_by_role("link", name=DEMO_V1, exact=True).first.wait_for()
+    lineage.get_by_role("link", name=DEMO_RECIPE, exact=True).wait_for()  # the LoRA trained on DEMO_V2
+    page.screenshot(path=shots / "8-batch-lineage.png")
+
+    lineage.get_by_role("link", name=DEMO_V2, exact=True).click()  # the version's page
+    page.wait_for_url(f"**/assets/dataset_snapshot?view=partitions&partition={DEMO_V2}")
+    batches = page.locator("tr", has_text=f"Batches {DEMO_V2} took")
+    batches.get_by_role("link").first.wait_for()
+    names = set(batches.get_by_role("link").all_inner_texts())
+    assert names == {batch, "turntable-renders-2026-11", DEMO_V1}, names  # its two batches, one through DEMO_V1
+    page.screenshot(path=shots / "9-version-batches.png")

@@ -1,8 +1,9 @@
 """Training follows the data: Dagster's declarative automation trains and evaluates new dataset versions.
 
-A recipe's `train_on` names dataset families (names or globs). When a new version of such a family has been
-built and its blocking checks passed, `lora_epochs` is requested for that version x recipe, and once it has
-materialized, `evaluation_grid`. `training_automation_sensor` (on by default, evaluated in the code server
+A recipe's `train_on` names dataset families (names or globs); the sensors register a training partition
+`<version>|<recipe>` for each new version of such a family (and each version of the families a new recipe names).
+When it is new, the version has been built and its blocking checks passed, `lora_epochs` is requested for it, and
+once it has materialized, `evaluation_grid`. `training_automation_sensor` (on by default, evaluated in the code server
 because two conditions here read the data root) evaluates the conditions; pool `gpu` (limit 1, dagster.yaml)
 keeps one training at a time. A version whose blocking checks failed is never requested: the condition
 "dataset_report's blocking checks passed" is false for it in the asset's Automation tab, and the failed check
@@ -19,9 +20,8 @@ from lora_pipeline.core.datasets.checks.gate import require_passed_report
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
+from lora_pipeline.defs.partitions import SEPARATOR
 from lora_pipeline.defs.resources import DATA_ROOT
-
-SEPARATOR = "|"  # multi-partition keys are "<dataset_version>|<recipe>" (partitions.py)
 
 
 def _matching(context: dg.AutomationContext, keep) -> dg.AutomationResult:
@@ -96,12 +96,14 @@ _ready = (
     & ~dg.AutomationCondition.in_progress()
 )
 
-# Train a version x recipe once: when it is missing and newly so (a new version or recipe) or its dataset
-# report was just materialized, the recipe trains on the family, and the blocking checks passed. The custom
-# conditions come last, so they only look at the few partitions the built-in ones let through.
+# Train a version x recipe once: when it is missing and newly so (registered for a new version or recipe; it
+# stays so until requested, so a version registered before it is built is trained once it is), the recipe trains
+# on the family, and the blocking checks passed. Its dataset_report maps to no partition (partitions.py): the
+# gate condition reads the version's report itself. The custom conditions come last, so they only look at the
+# few partitions the built-in ones let through.
 train_on_condition = (
     dg.AutomationCondition.missing()
-    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & dg.AutomationCondition.newly_missing().since_last_handled()
     & _ready
     & RecipeTrainsOnFamily()
     & BlockingChecksPassed()

@@ -28,21 +28,28 @@ from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch
 from lora_pipeline.core.datasets.sources.rights import batch_rights
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.lineage.batch_links import batch_uses
 from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
 from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
+from lora_pipeline.defs.lineage_pages import batch_observations, batch_pages, version_page
 from lora_pipeline.defs.metadata import image_markdown, problems_metadata, table
-from lora_pipeline.defs.partitions import dataset_versions, source_batches
+from lora_pipeline.defs.partitions import NO_PARTITION_LINKS, dataset_versions, source_batches
 from lora_pipeline.defs.placement import CPU, op_tags
+from lora_pipeline.defs.report_checks import (
+    COLUMNS,
+    NO_ERRORS_CHECK,  # noqa: F401 (where the CLI and tests import it)
+    REPORT_CHECKS,
+    blocked_training,
+    report_check_results,
+)
 from lora_pipeline.defs.resources import DataRootResource
 
 GROUP = "datasets"
 # Every asset of a dataset version: partitioned by version, in this group, on a `cpu` worker.
 version_asset = functools.partial(dg.asset, partitions_def=dataset_versions, group_name=GROUP, op_tags=op_tags(CPU))
-NO_ERRORS_CHECK = "no_blocking_problems"
-NO_WARNINGS_CHECK = "no_warnings"
 # A run tagged so executes all its steps in one process (the command line's): dataset_snapshot then starts the
 # decode of the copied images, and dataset_report's validation takes the results (core/datasets/checks/inspection.py).
 EARLY_INSPECTION_TAG = "lora_pipeline/early_inspection"
@@ -100,13 +107,14 @@ def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource)
             "rights": rights.label,
             "manifest": table(rows, ["path", "bytes", "sha256"]),
             "registration": dg.MetadataValue.path(str(registration)),
+            **batch_pages(data_root.data, [scan.batch])[scan.batch],
         },
     )
 
 
 @version_asset(
     kinds={"filesystem"},
-    deps=[dg.AssetDep("source_batch", partition_mapping=dg.AllPartitionMapping())],
+    deps=[dg.AssetDep("source_batch", partition_mapping=NO_PARTITION_LINKS)],
     description="`datasets/<version>/`: copy-only, immutable snapshot of the images named by `specs/<version>.yaml`.",
 )
 @fails_on_user_error
@@ -118,9 +126,13 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     verb = "built" if result.created else "unchanged (rebuild is a no-op)"
     context.log.info(f"dataset {spec.name} {verb}: {len(result.rows)} images, image root {result.image_root}")
     per_source = collections.Counter(r.source_batch or r.source_dataset for r in result.rows)
+    uses = batch_uses(result.rows)
+    for observation in batch_observations(root, list(uses)):  # each batch's page: the versions that took it
+        context.log_event(observation)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.image_root),
         metadata={
+            **version_page(spec.name, uses),  # first: the page opens on it
             "path": dg.MetadataValue.path(str(result.dir)),
             "created": result.created,
             "images": len(result.rows),
@@ -173,12 +185,7 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
 @version_asset(
     kinds={"markdown"},
     deps=[caption_set],
-    check_specs=[
-        dg.AssetCheckSpec(NO_ERRORS_CHECK, asset="dataset_report", blocking=True,
-                          description="No error in report.json: blocks training on a bad dataset."),
-        dg.AssetCheckSpec(NO_WARNINGS_CHECK, asset="dataset_report", blocking=False,
-                          description="Warnings in report.json, for a human to look at."),
-    ],
+    check_specs=REPORT_CHECKS,
     description="Validation before GPU time of the snapshot's images and caption files: report.json/report.md/"
     "contact_sheet.png in the snapshot, then seal.json (the version is whole; readers, verify and the training "
     "gate require it).",
@@ -196,12 +203,13 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     errors, warnings = errors_in(problems), warnings_in(problems)
     whose = f"; buckets of {', '.join(sorted(buckets))}" if buckets else ""  # else the defaults, as before
     context.log.info(f"report for {spec.name}: {len(errors)} errors, {len(warnings)} warnings{whose}")
-    columns = ["severity", "code", "file", "scope", "message"]
+    for observation in blocked_training(context.instance, root, spec.name) if errors else []:  # their pages say so
+        context.log_event(observation)
     return dg.MaterializeResult(
         metadata={
             "report": dg.MetadataValue.md(files.markdown),
             "contact_sheet": image_markdown(files.contact_sheet, "contact sheet", photo=True),
-            **problems_metadata(problems, columns, files.report_json),
+            **problems_metadata(problems, COLUMNS, files.report_json),
             "errors": len(errors),
             "warnings": len(warnings),
             "counts": dg.MetadataValue.json(result.counts),
@@ -209,18 +217,5 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
             "review_page": dg.MetadataValue.url(files.review_page.resolve().as_uri()),
             "sealed_files": seal["files"],
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=NO_ERRORS_CHECK,
-                passed=not errors,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"errors": len(errors), **problems_metadata(errors, columns, files.report_json)},
-            ),
-            dg.AssetCheckResult(
-                check_name=NO_WARNINGS_CHECK,
-                passed=not warnings,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"warnings": len(warnings), **problems_metadata(warnings, columns, files.report_json)},
-            ),
-        ],
+        check_results=report_check_results(spec.name, errors, warnings, files.report_json),
     )

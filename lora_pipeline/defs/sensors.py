@@ -19,7 +19,14 @@ from lora_pipeline.core.paths import SEAL, DataRoot
 from lora_pipeline.core.settings import settings
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.jobs import build_dataset_job, register_batch_job
-from lora_pipeline.defs.partitions import dataset_versions, recipes, source_batches, unknown_keys
+from lora_pipeline.defs.partitions import (
+    asked_by_train_on,
+    dataset_versions,
+    recipes,
+    source_batches,
+    training_runs,
+    unknown_keys,
+)
 from lora_pipeline.defs.resources import DataRootResource
 
 
@@ -71,6 +78,9 @@ def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRoot
     requests = [source_batches.build_add_request(new_batches)]
     if new_versions:
         requests.append(dataset_versions.build_add_request(new_versions))
+    trainings = asked_by_train_on(context.instance, root, new_versions, [])
+    if trainings:
+        requests.append(training_runs.build_add_request(trainings))
     return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests, cursor=arrivals.cursor)
 
 
@@ -101,7 +111,8 @@ def _sources_sealed(context: dg.SensorEvaluationContext, root: DataRoot, version
 
 @dg.sensor(job=build_dataset_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
-    """A new `specs/<version>.yaml` that loads registers the version and builds it; new recipes are registered."""
+    """A new `specs/<version>.yaml` that loads registers the version and builds it; new recipes are registered;
+    the training partitions their recipes' `train_on` asks for are registered."""
     root = data_root.data
     _warn_misnamed(context, root)
     new_versions = _loadable(context, unknown_keys(context.instance, dataset_versions, root.spec_versions()),
@@ -114,6 +125,9 @@ def spec_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource
         requests.append(dataset_versions.build_add_request(new_versions))
     if new_recipes:
         requests.append(recipes.build_add_request(new_recipes))
+    trainings = asked_by_train_on(context.instance, root, new_versions, new_recipes)
+    if trainings:
+        requests.append(training_runs.build_add_request(trainings))
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new spec or recipe that loads"))
     return dg.SensorResult(

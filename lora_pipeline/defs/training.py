@@ -6,13 +6,16 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
+from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.lineage.batch_links import version_batches
 from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import MANIFEST, DataRoot, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
+from lora_pipeline.defs.lineage_pages import batch_observations, blocked_observation
 from lora_pipeline.defs.metadata import image_markdown, provenance_metadata, table
-from lora_pipeline.defs.partitions import by_dataset_version, split_training_key, training_runs
+from lora_pipeline.defs.partitions import NO_PARTITION_LINKS, split_training_key, training_runs
 from lora_pipeline.defs.placement import GPU, op_tags
 from lora_pipeline.defs.resources import DataRootResource, TrainingLauncherResource
 from lora_pipeline.defs.run_health import fail_dead_runs
@@ -29,7 +32,7 @@ def _training_inputs(
 ) -> tuple[DataRoot, str, Recipe]:
     """The data root, dataset version and recipe of the partition `<version>|<recipe>`."""
     root = data_root.data
-    version, recipe_name = split_training_key(context)
+    version, recipe_name = split_training_key(context.partition_key)
     return root, version, load_recipe(root.recipe_file(recipe_name))
 
 
@@ -42,7 +45,7 @@ def _mlflow_link(run_id: str) -> dg.MetadataValue:
 
 
 @training_asset(
-    deps=[dg.AssetDep("dataset_report", partition_mapping=by_dataset_version)],
+    deps=[dg.AssetDep("dataset_report", partition_mapping=NO_PARTITION_LINKS)],  # its version: the key's first half
     automation_condition=train_on_condition,
     description="`loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors`: one kohya-format LoRA per "
     "saved epoch, logged to MLflow. Refuses a dataset whose latest blocking checks failed.",
@@ -55,7 +58,11 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     fail_dead_runs(context.instance, context.log.warning)
     root, version, recipe = _training_inputs(context, data_root)
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
-    require_passed_report(root, version)
+    try:
+        require_passed_report(root, version)
+    except UserError as exc:  # the partition's page says it is blocked, why, and links the report
+        context.log_event(blocked_observation(root, version, recipe.name, str(exc)))
+        raise
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
     from lora_pipeline.core.training.run.distributed import train_distributed
     from lora_pipeline.core.training.run.tracking import TrainingTracker
@@ -79,6 +86,8 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     from lora_pipeline.core.lineage.provenance import trace_lora
 
     chain = trace_lora(root, result.out_dir / last["file"])  # checks every link, as `lora-pipeline provenance`
+    for observation in batch_observations(root, list(version_batches(root, version))):  # now with this LoRA
+        context.log_event(observation)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(last["sha256"]),
         metadata={

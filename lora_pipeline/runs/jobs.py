@@ -25,7 +25,7 @@ def _os_error_class(name: str) -> type[OSError] | None:
 
 def run_job(
     job_name: str,
-    partition_key: str | dg.MultiPartitionKey | None,
+    partition_key: str | None,
     inst: dg.DagsterInstance,
     quiet: bool = False,
     op_config: Mapping[str, Any] | None = None,

@@ -29,17 +29,12 @@ def submits_runs(inst: dg.DagsterInstance) -> bool:
     return isinstance(inst.run_coordinator, dg.QueuedRunCoordinator) and settings().executor != "default"
 
 
-def partition_tags(partition_key: str | dg.MultiPartitionKey | None) -> dict[str, str]:
-    """The run tags that select a partition (and each dimension of a multi-partition key)."""
-    if partition_key is None:
-        return {}
-    tags = {"dagster/partition": str(partition_key)}
-    if isinstance(partition_key, dg.MultiPartitionKey):
-        tags |= {f"dagster/partition/{dim}": key for dim, key in partition_key.keys_by_dimension.items()}
-    return tags
+def partition_tags(partition_key: str | None) -> dict[str, str]:
+    """The run tags that select a partition."""
+    return {} if partition_key is None else {"dagster/partition": partition_key}
 
 
-def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | dg.MultiPartitionKey | None,
+def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
            run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
     """Create a run of `job_name` for the partition and put it in the run queue; return its id."""
     job = located_job(inst, job_name)
@@ -70,7 +65,7 @@ def run_events(inst: dg.DagsterInstance, run_id: str) -> list[dg.DagsterEvent]:
     return [entry.dagster_event for entry in inst.all_logs(run_id) if entry.dagster_event is not None]
 
 
-def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str | dg.MultiPartitionKey | None,
+def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
                     run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None,
                     ) -> tuple[str, bool, list[dg.DagsterEvent]]:
     """(run id, success, events) of a submitted run, once it has finished."""

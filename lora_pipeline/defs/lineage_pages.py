@@ -1,0 +1,98 @@
+"""The lineage the asset graph cannot draw, as markdown pages the UI renders (defs/partitions.py says why).
+
+A version's `dataset_snapshot` page lists the batches it took (images, directly or through which earlier
+version) with links to their `source_batch` pages. A batch's page lists the versions that took it, with links to
+their pages and to the training partitions that trained a LoRA on them: in the batch's own materialization and,
+whenever a version that took it is built later, in an observation of the batch that the version's run records
+(the batch's page shows the latest). A training partition whose version is blocked gets an observation saying so
+and linking the version's report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import quote
+
+import dagster as dg
+
+from lora_pipeline.core.lineage.batch_links import DIRECT, BatchUse, versions_taking
+from lora_pipeline.core.paths import REPORT_MD, DataRoot
+from lora_pipeline.defs.partitions import training_key
+
+LINEAGE = "lineage"  # the metadata key of the pages
+OBSERVED = ("source_batch",)
+
+
+def page_url(asset: str, partition: str) -> str:
+    """An asset partition's page in the UI, relative to the webserver's root: its latest event for a batch (whose
+    page the observations keep up to date), its latest materialization for the others."""
+    view = "events" if asset in OBSERVED else "partitions"
+    return f"/assets/{asset}?view={view}&partition={quote(partition, safe='')}"
+
+
+def page_link(asset: str, partition: str, text: str | None = None) -> str:
+    return f"[{text or partition}]({page_url(asset, partition)})"
+
+
+def _through(use: BatchUse) -> str:
+    return ", ".join(t if t == DIRECT else page_link("dataset_snapshot", t) for t in sorted(use.through))
+
+
+def _trained(root: DataRoot, version: str) -> str:
+    """Links to the training partitions of the version that hold LoRA files."""
+    if not root.loras_root.joinpath(version).is_dir():
+        return ""
+    recipes = sorted(p.name for p in root.loras_root.joinpath(version).iterdir() if any(p.glob("*.safetensors")))
+    return ", ".join(page_link("lora_epochs", training_key(version, r), r) for r in recipes)
+
+
+def version_page(version: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
+    """`dataset_snapshot` metadata: the batches the version took."""
+    lines = [f"### Batches `{version}` took", "", "| batch | images | through |", "|---|---|---|"]
+    lines += [f"| {page_link('source_batch', b)} | {u.images} | {_through(u)} |" for b, u in uses.items()]
+    return {
+        LINEAGE: dg.MetadataValue.md("\n".join(lines) if uses else f"`{version}` took no batch"),
+        "batches": dg.MetadataValue.json(sorted(uses)),
+    }
+
+
+def batch_page(root: DataRoot, batch: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
+    """`source_batch` metadata: the built versions that took the batch and the LoRAs trained on them."""
+    lines = [
+        f"### Versions that took `{batch}`",
+        "",
+        "| version | images | through | LoRAs trained on it |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {page_link('dataset_snapshot', v)} | {u.images} | {_through(u)} | {_trained(root, v)} |"
+        for v, u in uses.items()
+    ]
+    text = "\n".join(lines) if uses else f"No built version took `{batch}` yet."
+    return {LINEAGE: dg.MetadataValue.md(text), "versions": dg.MetadataValue.json(sorted(uses))}
+
+
+def batch_pages(root: DataRoot, batches: list[str]) -> dict[str, dict[str, dg.MetadataValue]]:
+    """{batch: its page} for the batches, the snapshots read once for all of them."""
+    return {b: batch_page(root, b, uses) for b, uses in versions_taking(root, batches).items()}
+
+
+def batch_observations(root: DataRoot, batches: list[str]) -> list[dg.AssetObservation]:
+    """The batches' pages brought up to date, as observations of `source_batch` a run records."""
+    return [
+        dg.AssetObservation(asset_key="source_batch", partition=b, metadata=page)
+        for b, page in batch_pages(root, batches).items()
+    ]
+
+
+def blocked_observation(root: DataRoot, version: str, recipe: str, reason: str) -> dg.AssetObservation:
+    """An observation of the training partition: it is not trained, why, and the version's report."""
+    text = (
+        f"**Blocked: `{version}` is not trained.** {reason}\n\n"
+        f"The report: {page_link('dataset_report', version)} (`{root.dataset(version) / REPORT_MD}`)."
+    )
+    return dg.AssetObservation(
+        asset_key="lora_epochs",
+        partition=training_key(version, recipe),
+        metadata={"blocked": dg.MetadataValue.md(text), "dataset_version": version},
+    )
