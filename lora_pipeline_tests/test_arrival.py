@@ -101,3 +101,15 @@ def test_a_batch_changed_after_registration_is_refused_naming_the_file(sample_ro
     (sample_root.batch("curated-2026-10") / "zz-new.png").write_bytes(b"")
     with pytest.raises(UserError, match="zz-new.png: .*registered \\(added\\)"):
         build_snapshot(sample_root, load_spec(sample_root.spec_file(VERSION)), "test")
+
+
+def test_intake_refuses_a_batch_id_that_ends_like_a_copy_in_transit(tmp_path):
+    from lora_pipeline.core.datasets.sources.batches import intake
+
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "a.png").write_bytes(b"not read: the name is refused first")
+    root = DataRoot(tmp_path / "data")
+    with pytest.raises(UserError, match=r"batch id 'curated-2027-04.part' ends like a copy still in transit"):
+        intake(handoff, root, "curated-2027-04.part")
+    assert not root.sources.exists() or not any(root.sources.iterdir())  # nothing written

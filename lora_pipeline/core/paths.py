@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.names import is_name, require_name
 from lora_pipeline.core.settings import settings
 
@@ -13,6 +14,14 @@ READY_MARKER = "_READY"
 RIGHTS_FILE = "_RIGHTS.yaml"  # beside _READY: the rights of a batch that lands by sensor (sources/rights.py)
 # A folder whose name ends so is still being copied in (safe arrival: core/datasets/sources/arrival.py).
 IN_TRANSIT_SUFFIXES = (".tmp", ".part", ".partial")
+
+
+def require_new_batch_id(batch: str) -> None:
+    """A name for a batch this product writes (intake, caption import): a valid name that does not end like a copy
+    still in transit, which would never become a batch."""
+    require_name(batch, "batch id")
+    if batch.lower().endswith(IN_TRANSIT_SUFFIXES):
+        raise UserError(f"batch id '{batch}' ends like a copy still in transit ({', '.join(IN_TRANSIT_SUFFIXES)})")
 # The files of datasets/<version>/ besides its images and captions.
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"

@@ -44,7 +44,7 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json
 from lora_pipeline.core.names import require_name
-from lora_pipeline.core.paths import IN_TRANSIT_SUFFIXES, READY_MARKER, REPORT_JSON, DataRoot
+from lora_pipeline.core.paths import READY_MARKER, REPORT_JSON, DataRoot, require_new_batch_id
 from lora_pipeline.core.yamlfile import load_yaml_mapping
 
 COLUMNS = ("version", "image", "caption", "source", "findings", "thumbnail")
@@ -188,9 +188,7 @@ def _write_spec(root: DataRoot, version: str, batch: str) -> tuple[str, Path]:
 
 def import_captions(root: DataRoot, csv_path: Path, batch: str) -> ImportResult:
     """Land the edited captions of a review CSV as caption batch `batch` and write the spec that layers it."""
-    require_name(batch, "batch id")
-    if batch.lower().endswith(IN_TRANSIT_SUFFIXES):
-        raise UserError(f"batch id '{batch}' ends like a copy still in transit ({', '.join(IN_TRANSIT_SUFFIXES)})")
+    require_new_batch_id(batch)
     target = root.batch(batch)
     if os.path.lexists(target):
         raise UserError("batch already exists; batches are never overwritten — use a new batch id", target)

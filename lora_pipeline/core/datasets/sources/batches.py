@@ -29,8 +29,7 @@ from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
-from lora_pipeline.core.names import require_name
-from lora_pipeline.core.paths import READY_MARKER, RIGHTS_FILE, DataRoot
+from lora_pipeline.core.paths import READY_MARKER, RIGHTS_FILE, DataRoot, require_new_batch_id
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -174,7 +173,7 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     Its hashes are not put in the hash cache: the copies are brand new, so by the racy rule
     (see hashcache) they could not be trusted; `source_batch` registers the batch soon after.
     """
-    require_name(batch, "batch id")
+    require_new_batch_id(batch)
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise UserError("handoff folder not found (or not a folder)", src_dir)
