@@ -35,7 +35,12 @@ class GroupView(Generic[G]):
     def __get__(self, instance: object | None, owner: type) -> GroupView[G] | G:
         if instance is None:  # read on the class
             return self
-        return self.kind(**{f.name: getattr(instance, f.name) for f in fields(self.kind)})
+        return read_group(self.kind, instance)
+
+
+def read_group(kind: type[G], recipe: object) -> G:
+    """The group `kind` filled from the recipe's fields of the same names."""
+    return kind(**{f.name: getattr(recipe, f.name) for f in fields(kind)})
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lora_pipeline.core.training.recipe import Recipe, RunData, fast_path_blockers
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import RunData, fast_path_blockers
 from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, update
 
 
