@@ -64,12 +64,30 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
         found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
     if recipe.zero_terminal_snr and not recipe.v_parameterization:
         found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
+    found += _t5_conflicts(recipe)
     if recipe.cache_text_encoder_outputs_to_disk and (changing := _changing_captions(recipe)):
         found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
                      f"encoders (as kohya's): not {', '.join(changing)}")
     if recipe.sample_every_n_epochs is not None and not recipe.sample_prompts:
         found.append("sample_every_n_epochs needs sample_prompts")
     return found + _family_conflicts(recipe)
+
+
+def _t5_conflicts(recipe: RecipeFields) -> list[str]:
+    """train_t5xxl: a family with a T5 encoder, the text encoders training, and T5's outputs never cached (kohya's
+    flux_train_network.py refuses cache_text_encoder_outputs with train_t5xxl too)."""
+    if not recipe.train_t5xxl:
+        return []
+    family = model_family(recipe.model_family)
+    if not family.t5_prefix:
+        return [f"train_t5xxl is not an option of {family.label} model (model_family: {recipe.model_family}): it "
+                "has no T5 text encoder; leave it unset"]
+    if recipe.cache_text_encoder_outputs_to_disk:
+        return ["cache_text_encoder_outputs_to_disk cannot be used with train_t5xxl: true (T5's outputs change as "
+                "its LoRA trains; kohya refuses it too)"]
+    if recipe.network_train_unet_only:
+        return ["train_t5xxl needs network_train_unet_only: false (the T5 LoRA trains beside CLIP-L's, as kohya's)"]
+    return []
 
 
 def _changing_captions(recipe: RecipeFields) -> list[str]:

@@ -284,6 +284,11 @@ class RecipeFields:
         None, ge=1, le=512, description="FLUX.1: T5 tokens per caption (kohya's --t5xxl_max_token_length; null: "
         "512 for [dev], 256 for [schnell])", json_schema_extra=ADDED_LATER,
     )
+    train_t5xxl: Bool = Field(
+        False, description="FLUX.1: the T5-XXL text encoder carries a LoRA too, written as `lora_te3_` keys beside "
+        "CLIP-L's `lora_te1_` (kohya's network_args train_t5xxl); needs network_train_unet_only: false, and T5's "
+        "outputs are then encoded at every step (no text-output cache)", json_schema_extra=ADDED_LATER,
+    )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
         "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked",

@@ -54,6 +54,7 @@ class NetworkSettings:
     use_dora: bool
     network_train_unet_only: bool
     train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
+    train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
 
     @property
     def conv_alpha_value(self) -> float:
