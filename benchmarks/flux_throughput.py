@@ -7,7 +7,11 @@
   trainer's target modules (every Linear of the blocks, lora_layout.lora_targets), clip 1.0, the loss read back;
 - plain: the trainer's step (loop.update over StepParts.flow) on cached latents and text outputs, with the
   recipe's memory options through run/memory.py's `lighten_denoiser`: --fp8-base, --blocks-to-swap N,
-  --gradient-checkpointing. The fast path refuses FLUX.1 (recipe.fast_path_blockers), so "fast" is not run.
+  --gradient-checkpointing;
+- fast: the same through the trainer's fast path (fastpath.GraphedSteps: the rectified-flow step replayed as one
+  CUDA graph per shape; refused, with the reason printed, where a memory option blocks it: block swap, checkpointing);
+- fast-compiled: fast with each double- and single-stream block compiled by torch.compile first (inductor, regional
+  compilation: 2 distinct block graphs rather than one 57-block graph), then captured the same way.
 Full size: FLUX.1 [dev]'s transformer (random weights, bf16), its VAE, CLIP-L and T5-XXL (core/models/fullsize.py),
 1024 px, batch 1; --smoke: tiny-flux (core/models/tiny.py) at 64 px.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,25 +41,43 @@ from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.recipe_groups import FlowSettings, NoiseSettings
 from lora_pipeline.core.training.run.memory import lighten_denoiser
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow, latent_image_ids, pack_latents, unpack_latents
 from lora_pipeline.core.training.step.loop import (
     MAX_GRAD_NORM,
     TRAINING_ATTENTION,
     StepBatch,
+    StepNoise,
     StepParts,
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
 FLUX1 = model_family("flux1")
 T5_TOKENS = 512  # [dev]'s max_sequence_length, as the diffusers script and kohya use
 
 
-def fast_path_refusal() -> str:
-    """Why the trainer's fast path does not run FLUX.1 (printed instead of a "fast" row)."""
-    return fast_path_blockers(Recipe(name="bench", base_model="tiny-flux", model_family="flux1"))[0]
+def bench_recipe(args: argparse.Namespace) -> Recipe:
+    """The trainer's recipe of the benchmark: the optimizer and memory options of the command line."""
+    adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
+    return Recipe(name="bench", base_model="tiny-flux", model_family="flux1", optimizer=args.optimizer,
+                  learning_rate=1.0 if adaptive else 1e-4, fp8_base=args.fp8_base,
+                  blocks_to_swap=args.blocks_to_swap, gradient_checkpointing=args.gradient_checkpointing)
+
+
+def fast_path_refusal(args: argparse.Namespace) -> str | None:
+    """Why the trainer's fast path cannot run with these options (printed instead of a "fast" row); None: it can."""
+    blockers = fast_path_blockers(bench_recipe(args))
+    return blockers[0] if blockers else None
+
+
+def compile_blocks(transformer: torch.nn.Module, backend: str) -> None:
+    """Regional compilation: each double- and single-stream block compiled in place (the blocks of a kind share
+    one graph, so the warm-up compiles two graphs, not 57 blocks' worth)."""
+    for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
+        block.compile(backend=backend, dynamic=False)
 
 
 @contextlib.contextmanager
@@ -92,6 +115,7 @@ def flux_parts(smoke: bool, dtype: torch.dtype, device: torch.device) -> dict[st
 
 
 def _add_lora(transformer: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)  # peft draws the gaussian init from the global generator: every variant starts alike
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=lora_targets(FLUX1, transformer)))
     cast_training_params(transformer, dtype=torch.float32)
@@ -164,22 +188,21 @@ def reference_step(args: argparse.Namespace, device: torch.device, pixels: int, 
     return step
 
 
-def trainer_step(args: argparse.Namespace, device: torch.device, pixels: int, batch: int
+def trainer_step(args: argparse.Namespace, device: torch.device, pixels: int, batch: int, variant: str = "plain"
                  ) -> tuple[Callable[[int], torch.Tensor], Callable[[], None], list[torch.nn.Parameter]]:
-    """The trainer's step on cached inputs with the recipe's memory options; the prepare callable does nothing
-    (FLUX.1 has no fast path), the FLOP-counting step runs with the options already on."""
+    """The trainer's step on cached inputs with the recipe's memory options, and the function that switches the
+    variant's fast path on (and compiles the blocks first for fast-compiled) after the FLOP-counting eager step,
+    which runs with the memory options already on."""
     precision = args.precision if device.type == "cuda" else "no"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
     parts = flux_parts(args.smoke, dtype, device)
     transformer = parts["transformer"]
     params = _add_lora(transformer, args.rank)
-    adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
-    recipe = Recipe(name="bench", base_model="tiny-flux", model_family="flux1", optimizer=args.optimizer,
-                    learning_rate=1.0 if adaptive else 1e-4, fp8_base=args.fp8_base,
-                    blocks_to_swap=args.blocks_to_swap, gradient_checkpointing=args.gradient_checkpointing)
+    recipe = bench_recipe(args)
     swap = lighten_denoiser(transformer, FLUX1, recipe, device)
     if precision != "no":
         norms_in_dtype(transformer, dtype)
+        lora_inputs_uncast(transformer)  # as the trainer does
     for name in ("vae", "clip", "t5"):  # cached inputs: the frozen encoders leave the GPU, as in the trainer
         parts[name].to("cpu")
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, device)
@@ -191,13 +214,17 @@ def trainer_step(args: argparse.Namespace, device: torch.device, pixels: int, ba
     flow = RectifiedFlow.of(recipe.flow, transformer)
     step_parts = StepParts(model, None, NoiseSettings(), accelerator, optimizer, params, flow)
     cached = _cached_batch(parts, batch, pixels, device, dtype)
+    updates: list[Callable[[StepBatch, StepNoise], torch.Tensor]] = [functools.partial(update, step_parts)]
 
     def step(index: int) -> torch.Tensor:
-        loss = update(step_parts, cached, step_parts.draw(cached.latents, torch_generator(0, Stream.NOISE, index)))
+        loss = updates[-1](cached, step_parts.draw(cached.latents, torch_generator(0, Stream.NOISE, index)))
         lr_scheduler.step()
         return loss
 
     def prepare() -> None:
-        """Nothing: the memory options are on from the start, and FLUX.1 has no fast path."""
+        if variant == "fast-compiled":
+            compile_blocks(transformer, args.compile_backend)
+        if variant in ("fast", "fast-compiled"):
+            updates.append(GraphedSteps(step_parts, device))
 
     return step, prepare, params

@@ -68,7 +68,8 @@ DEFAULT_IMAGES = {"sd15": 200, "sdxl": 200, "flux1": 100}  # the fewest of the d
 # Why the second process is not run when the first model is this family.
 SECOND_RUN_SKIPPED = {
     "flux1": "it would reload and hash the 34 GB model and train 100 steps again (minutes), and FLUX.1's "
-             "rectified-flow step is not captured, so there is no compile cache to show",
+             "drill recipe checkpoints its blocks (the eager step: nothing captured), so there is no compile cache "
+             "to show",
 }
 
 
@@ -107,15 +108,16 @@ def write_spec(root: DataRoot, min_side: int) -> None:
     root.spec_file(VERSION).write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
 
 
-def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
-           ) -> dict[str, Any]:
-    """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs)."""
+def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None,
+           checkpointing: bool = False) -> dict[str, Any]:
+    """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs);
+    `checkpointing`: gradient checkpointing in the U-Nets' recipes too (FLUX.1's always has it)."""
     resolution = {"sd15": 512, "sdxl": 1024, "flux1": 1024}[family] if not smoke else 64
     settings = _flux_settings(smoke) if family == "flux1" else {
         "train_batch_size": {"sd15": 8, "sdxl": 4}[family],
         "network_dim": 32 if not smoke else 4, "network_alpha": 16 if not smoke else 2,
         "optimizer": "DAdaptAdamW", "learning_rate": 1.0, "shuffle_caption": True, "keep_tokens": 1,
-        "eval_max_epochs": 2,
+        "eval_max_epochs": 2, **({"gradient_checkpointing": True} if checkpointing else {}),
     }
     return {
         "name": name, "base_model": base_model, "model_family": family, "resolution": resolution,
@@ -217,12 +219,13 @@ def check_outputs(root: DataRoot, family: str, base_model: str, trained: dict[st
     return checks
 
 
-def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None
-                ) -> dict[str, Any]:
+def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None,
+                checkpointing: bool = False) -> dict[str, Any]:
     from lora_pipeline.cli import evaluate_version, train_version
 
     name = f"drill-{family}"
-    root.recipe_file(name).write_text(yaml.safe_dump(recipe(name, family, base_model, epochs, smoke, fast_path)),
+    root.recipe_file(name).write_text(yaml.safe_dump(recipe(name, family, base_model, epochs, smoke, fast_path,
+                                                                 checkpointing)),
                                       encoding="utf-8")
     started = time.perf_counter()
     trained = train_version(root, VERSION, name, quiet=True)
@@ -313,7 +316,7 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     for family in args.models:
         _peak_gib()
         report["models"].append(drill_model(root, family, bases[family], epochs[family], args.smoke,
-                                              FAST_PATH[args.fast_path]))
+                                              FAST_PATH[args.fast_path], args.gradient_checkpointing))
         print(json.dumps(report["models"][-1]), flush=True)
     if args.models and args.models[0] in SECOND_RUN_SKIPPED:
         report["second_run_skipped"] = f"no second run of {args.models[0]}: {SECOND_RUN_SKIPPED[args.models[0]]}"
@@ -365,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flux-epochs", type=int, default=1)
     parser.add_argument("--fast-path", choices=tuple(FAST_PATH), default="auto",
                         help="the recipes' fast_path (auto: unset, so on where it can be)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the SD 1.5 and SDXL recipes with gradient checkpointing (the eager step)")
     parser.add_argument("--root", default=None, help="data root to create (default: a new temporary folder)")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, 12 images, 2 epochs (FLUX.1: 1)")

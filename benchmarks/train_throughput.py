@@ -65,6 +65,7 @@ from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_fields import OPTIMIZERS
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
+from lora_pipeline.core.training.run.memory import enable_checkpointing
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step import loop
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
@@ -76,7 +77,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
@@ -221,8 +222,10 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     precision = args.precision if device.type == "cuda" else "no"
     dtype = DTYPES[precision]
     unet = build_unet(shape, device, dtype, args.rank, args.channels_last)
-    if precision != "no" and not args.autocast_norms:
-        norms_in_dtype(unet, dtype)  # as the trainer does
+    if precision != "no":  # as the trainer does
+        lora_inputs_uncast(unet)
+        if not args.autocast_norms:
+            norms_in_dtype(unet, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
@@ -245,7 +248,7 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
 
     def prepare() -> None:
         if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)  # as the trainer does (run/memory.py)
         if variant == "fast-compiled":
             unet.compile(backend=args.compile_backend)
         if variant in ("fast", "fast-compiled"):
@@ -303,7 +306,7 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
                 else functools.partial(reference_step, shape))(args, device)
         precision = ("bf16" if flux else "fp16") if device.type == "cuda" else "no"
     else:
-        step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size) if flux
+        step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size, variant) if flux
                             else trainer_step(shape, args, device, variant))
         precision = args.precision if device.type == "cuda" else "no"
         with FlopCounterMode(display=False) as counter:
@@ -456,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {}
     for shape in shapes:
         for variant in args.variants:
-            if shape.name == "flux1" and variant.startswith("fast"):
-                print(f"flux1 {variant}: not run: {flux_throughput.fast_path_refusal()}", file=sys.stderr)
+            refusal = flux_throughput.fast_path_refusal(args) if shape.name == "flux1" else None
+            if variant.startswith("fast") and refusal:
+                print(f"flux1 {variant}: not run: {refusal}", file=sys.stderr)
                 continue
             try:
                 with contextlib.redirect_stdout(sys.stderr):  # library chatter ("Using decoupled weight decay")

@@ -61,10 +61,14 @@ def _register(version_or_batches: dict[str, list[str]]) -> None:
 
 def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.datasets.sources.batches import intake
+    from lora_pipeline.core.datasets.sources.rights import batch_rights, intake_rights, record_rights
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
 
+    declared, digest = intake_rights(Path(args.src_dir), args.rights, args.licence, args.holder)
     result = intake(Path(args.src_dir), root, args.batch)
+    if declared is not None:
+        record_rights(root, args.batch, declared, "intake", file_sha256=digest)
     _register({"source_batches": [args.batch]})
     outcome = run_job("register_batch_job", args.batch, instance(), args.json)
     meta = outcome.metadata("source_batch")
@@ -73,10 +77,32 @@ def cmd_intake(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "path": str(root.batch(args.batch)),
         "files": meta.get("files"),
         "bytes": meta.get("bytes"),
-        "fingerprint": meta.get("fingerprint"),
+        "batch_fingerprint": meta.get("batch_fingerprint"),
         "skipped": [n for n in getattr(result, "skipped", [])],
+        "rights": batch_rights(root, args.batch).to_json_dict(),
         "dagster_run_id": outcome.run_id,
     })
+
+
+def cmd_rights(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Show a batch's rights and their history; with --rights, first append a new record (never an edit)."""
+    from lora_pipeline.core.datasets.sources.decisions import batch_ref
+    from lora_pipeline.core.datasets.sources.rights import given_rights, record_rights, rights_report
+
+    batch = batch_ref(args.batch)
+    if (declared := given_rights(args.rights, args.licence, args.holder)) is not None:
+        record_rights(root, batch, declared, "command", args.reason)
+    return CommandResult(*rights_report(root, batch))
+
+
+def cmd_retire(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Retire (or with `unretire`, bring back) a batch: a record, never a change to its files."""
+    from lora_pipeline.core.datasets.sources.decisions import batch_ref
+    from lora_pipeline.core.datasets.sources.retired import retire, unretire
+    from lora_pipeline.core.lineage.source_flags import retirement_report
+
+    record = (retire if args.command == "retire" else unretire)(root, batch_ref(args.batch), args.reason)
+    return CommandResult(*retirement_report(root, record))
 
 
 def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
@@ -86,14 +112,16 @@ def _fingerprint_batches(root: DataRoot, spec: Any, quiet: bool) -> None:
 
     import dagster as dg
 
+    from lora_pipeline.core.datasets.sources.retired import retired_batches
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
 
     inst = instance()
     done = inst.get_materialized_partitions(dg.AssetKey("source_batch"))
     patterns = [s.batch for s in spec.sources if s.batch]
+    retired = retired_batches(root)  # a glob skips them; a spec naming one fails in the build with its one line
     for batch in root.ready_batches():
-        if batch not in done and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
+        if batch not in done and batch not in retired and any(fnmatch.fnmatchcase(batch, p) for p in patterns):
             run_job("register_batch_job", batch, inst, quiet)
 
 
@@ -206,11 +234,39 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 
 def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
-    from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+    from lora_pipeline.core.lineage.provenance import trace_lora
+    from lora_pipeline.core.lineage.provenance_text import batch_summary, format_with_summary
 
     chain = trace_lora(root, Path(args.file))
     exit_code = 0 if chain.status == "ok" else 1
-    return CommandResult(chain.to_json_dict(), text=format_provenance(chain), exit_code=exit_code)
+    data = {**chain.to_json_dict(), "batch_summary": batch_summary(chain)}
+    return CommandResult(data, text=format_with_summary(chain, files=args.files), exit_code=exit_code)
+
+
+def cmd_lineage(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    """Reads (and brings up to date) the lineage index only: no Dagster run, like `provenance`."""
+    from lora_pipeline.core.lineage.lineage_index import index_path, rebuild_index
+    from lora_pipeline.core.lineage.lineage_query import TARGETS, lineage
+    from lora_pipeline.core.lineage.lineage_text import format_lineage
+
+    if args.rebuild:
+        started = time.monotonic()
+        files = rebuild_index(root)
+        data = {"index": str(index_path(root)), "files_read": files, "seconds": round(time.monotonic() - started, 2)}
+        if not args.target:
+            return CommandResult(data)
+    if not args.target:
+        raise UserError(f"name what to trace: {TARGETS}")
+    data = lineage(root, args.target)
+    return CommandResult(data, text=format_lineage(data))
+
+
+def cmd_diff(args: argparse.Namespace, root: DataRoot) -> CommandResult:
+    from lora_pipeline.core.lineage.diff import diff_versions
+    from lora_pipeline.core.lineage.diff_text import diff_markdown
+
+    diff = diff_versions(root, args.old, args.new)
+    return CommandResult(diff.to_json_dict(), text=diff_markdown(diff).rstrip("\n"))
 
 
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
@@ -308,6 +364,17 @@ def _key_value_lines(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rights_options(sp: argparse.ArgumentParser) -> None:
+    from typing import get_args
+
+    from lora_pipeline.core.datasets.spec import Rights
+
+    sp.add_argument("--rights", choices=get_args(Rights), help="under which rights the images may be used for training "
+                    "(intake's default: the handoff's _RIGHTS.yaml, else none recorded: unknown)")
+    sp.add_argument("--licence", help="the licence: an SPDX id or a URL (required with --rights licensed)")
+    sp.add_argument("--holder", help="who holds the rights")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lora-pipeline",
@@ -325,6 +392,16 @@ def parser() -> argparse.ArgumentParser:
     sp = add("intake", cmd_intake, "copy an external handoff into sources/ID (copy-only) and mark it _READY")
     sp.add_argument("src_dir", help="the folder of the handoff (only read)")
     sp.add_argument("--batch", required=True, help="the new batch id (a name): sources/ID")
+    _rights_options(sp)
+    sp = add("rights", cmd_rights, "a batch's rights and their history; with --rights, record new rights")
+    sp.add_argument("batch", help="batch:<id>")
+    _rights_options(sp)
+    sp.add_argument("--reason", help="why the rights change (kept in the record)")
+    for name, help_text in (("retire", "take a batch out of future versions (a record; its files stay as they are)"),
+                            ("unretire", "bring a retired batch back into globs and sensors (a record)")):
+        sp = add(name, cmd_retire, help_text)
+        sp.add_argument("batch", help="batch:<id>")
+        sp.add_argument("--reason", required=True, help="why (kept in the record with who and when)")
     sp = add("build", cmd_build, "snapshot + captions + report; exit 1 if a blocking check fails")
     sp.add_argument("version", help="the dataset version: specs/VERSION.yaml")
     for name, fn, help_text in (
@@ -336,6 +413,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--recipe", required=True, help="the recipe name: recipes/NAME.yaml")
     sp = add("provenance", cmd_provenance, "the chain from a LoRA file back to its source files; exit 1 on a finding")
     sp.add_argument("file", help="a LoRA .safetensors file")
+    sp = add("diff", cmd_diff, "what changed from one dataset version to another: images added, removed, replaced, "
+             "captions (word diff), per-batch counts, spec fields")
+    sp.add_argument("old", help="a built dataset version")
+    sp.add_argument("new", help="another built dataset version")
+    sp.add_argument("--files", action="store_true", help="also print every image with its caption and source files")
+    sp = add("lineage", cmd_lineage, "which versions, LoRA files, runs and recommendations a batch, file, version or "
+             "LoRA file belongs to, up and down (from the lineage index)")
+    sp.add_argument("target", nargs="?", help="batch:<id>, file:<path or sha256>, version:<name> or lora:<file>")
+    sp.add_argument("--rebuild", action="store_true", help="derive the lineage index again from the data root first")
     sp = add("verify", cmd_verify, "re-hash snapshots against their manifests; exit 1 on any mismatch")
     sp.add_argument("version", nargs="?", help="one dataset version (default: every built one)")
     add("demo", cmd_demo, "the whole chain on the bundled sample data and the tiny base model")
@@ -369,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         root = DataRoot.from_env()  # a bad setting (environment variable) is a UserError line too
-        if args.fn is not cmd_provenance:  # every other command records a run: the instance must answer first
+        if args.fn not in (cmd_provenance, cmd_diff, cmd_lineage):  # the others record a run: the instance must answer
             from lora_pipeline.runs.postgres import require_instance_database
 
             require_instance_database()

@@ -61,6 +61,44 @@ def land_batch(root, batch: str, colors: list[str]) -> None:
     (folder / "_READY").write_text("")
 
 
+def captioned_batch(root, batch: str, seeds: list[int], rights: str | None = None) -> Path:
+    """sources/<batch>: one 64x64 shape picture and sidecar caption "trg, ..." per seed, _READY, and `rights` (YAML
+    text) as its `_RIGHTS.yaml` when given. Build it with a spec of trigger `trg` and `checks: {min_side: 32}`."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    folder = root.batch(batch)
+    folder.mkdir(parents=True)
+    for seed in seeds:
+        rng = random.Random(seed)
+        im = Image.new("RGB", (64, 64), (250, 250, 250))
+        draw = ImageDraw.Draw(im)
+        for _ in range(5):
+            x, y = rng.randrange(48), rng.randrange(48)
+            draw.rectangle((x, y, x + rng.randrange(8, 30), y + rng.randrange(8, 30)),
+                           fill=tuple(rng.randrange(256) for _ in range(3)))
+        im.save(folder / f"{batch}-{seed}.png")
+        (folder / f"{batch}-{seed}.txt").write_text(f"trg, shape {seed}, front view\n")
+    if rights is not None:
+        (folder / "_RIGHTS.yaml").write_text(rights)
+    (folder / "_READY").write_text("")
+    return folder
+
+
+def write_spec(root, name: str, sources: list[dict[str, Any]], **fields: Any):
+    """specs/<name>.yaml with trigger `trg`, repeats 2, sidecar captions and small images allowed; the loaded spec."""
+    import yaml
+
+    from lora_pipeline.core.datasets.spec import load_spec
+
+    data = {"name": name, "trigger": "trg", "repeats": 2, "sources": sources,
+            "checks": {"min_side": 32, "near_duplicates": "ignore"}, **fields}
+    root.specs.mkdir(parents=True, exist_ok=True)
+    root.spec_file(name).write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_spec(root.spec_file(name))
+
+
 # --- sensors, evaluated as the daemon does -------------------------------------------------------------------
 
 

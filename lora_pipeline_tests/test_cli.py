@@ -31,6 +31,8 @@ def test_intake_build_verify(sample_root, tmp_path):
     before = tree_state(handoff)
     out = json.loads(cli("intake", str(handoff), "--batch", "curated-2026-12", "--json").stdout)
     assert out["files"] == 16 and (sample_root.batch("curated-2026-12") / "_READY").is_file()
+    marker = json.loads((sample_root.batch("curated-2026-12") / "_READY").read_text())
+    assert out["batch_fingerprint"] == marker["fingerprint"]  # the batch fingerprint (README: two fingerprints)
     assert not (sample_root.batch("curated-2026-12") / ".DS_Store").exists()
     assert tree_state(handoff) == before  # the handoff is only read
     assert_one_line_error(cli("intake", str(handoff), "--batch", "curated-2026-12", check=False), "curated-2026-12")

@@ -50,8 +50,9 @@ def test_build_every_sample_version_with_read_only_sources(sample_root):
     before = tree_state(sample_root.sources)  # content, mode and mtime of every source file
     inst = instance()
     partitions.register(inst, partitions.dataset_versions, VERSIONS)
+    outcomes = {}
     for version in VERSIONS:
-        outcome = run_job("build_dataset_job", version, inst)
+        outcome = outcomes[version] = run_job("build_dataset_job", version, inst)
         assert outcome.check_passed(NO_ERRORS_CHECK) is True, read_json(sample_root.dataset(version) / "report.json")
         snapshot_dir = sample_root.dataset(version)
         info = read_json(snapshot_dir / "snapshot.json")
@@ -69,6 +70,12 @@ def test_build_every_sample_version_with_read_only_sources(sample_root):
     v2_rows = [r for r in read_manifest(sample_root.dataset(VERSIONS[1])) if r.kind == "image"]
     assert v1 <= {r.sha256 for r in v2_rows}
     assert {r.source_dataset for r in v2_rows} >= {VERSIONS[0]}
+    # v2's snapshot page says what changed against its parent v1; its caption_set page, the captions
+    changes = outcomes[VERSIONS[1]].metadata("dataset_snapshot")["changes_from_parent"]
+    assert f"Changes from `{VERSIONS[0]}` to `{VERSIONS[1]}`: 12 added, 0 removed, 0 replaced, 0 moved, " \
+        "8 unchanged" in changes and "| `turntable-renders-2026-11` | 0 | 12 | 12 | 0 | 0 |" in changes
+    assert "0 captions changed" in outcomes[VERSIONS[1]].metadata("caption_set")["caption_changes_from_parent"]
+    assert "has no parent version" in outcomes[VERSIONS[0]].metadata("dataset_snapshot")["changes_from_parent"]
     # the masked close-ups carry their masks; the class images sit in kohya's reg/<repeats>_<class>/
     kinds = Counter(r.kind for r in read_manifest(sample_root.dataset(VERSIONS[3])))
     assert kinds == {"image": 11, "caption": 11, "mask": 3, "reg_image": 3, "reg_caption": 3}

@@ -119,10 +119,19 @@ def test_new_batch_registers_and_auto_rebuild_makes_a_new_version(sample_root):
     v3_spec = yaml.safe_load(sample_root.spec_file(f"{STUDY}-v3").read_text())
     assert v3_spec["name"] == f"{STUDY}-v3" and "curated-2026-12" in v3_spec["intent"]
     _apply(inst, tick)
-    for request in tick.run_requests:
-        run_job(request.job_name, request.partition_key, inst)
+    outcomes = {request.job_name: run_job(request.job_name, request.partition_key, inst)
+                for request in tick.run_requests}
 
     assert tree_state(sample_root.dataset(f"{STUDY}-v2")) == v2_before  # the old version is never touched
+    assert read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["parents"] == [f"{STUDY}-v2"]
+    built = outcomes["build_dataset_job"]  # the snapshot's page: what v3 changed against its parent v2
+    assert "Changes from `curated-study-v2` to `curated-study-v3`: 2 added, 0 removed" in \
+        built.metadata("dataset_snapshot")["changes_from_parent"]
+    assert "0 captions changed" in built.metadata("caption_set")["caption_changes_from_parent"]
+    batch = outcomes["register_batch_job"].metadata("source_batch")
+    source = [s for s in read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["sources"]
+              if s["name"] == "curated-2026-12"]
+    assert len(batch["batch_fingerprint"]) == 64 and batch["batch_fingerprint"] != source[0]["fingerprint"]
     v3_sources = {r.source_batch for r in read_manifest(sample_root.dataset(f"{STUDY}-v3"))}
     assert "curated-2026-12" in v3_sources
     assert read_json(sample_root.dataset(f"{STUDY}-v3") / "snapshot.json")["captions_complete"]

@@ -16,6 +16,7 @@ from lora_pipeline.core.hashing import sha256_file
 from lora_pipeline.core.lineage.provenance import trace_lora
 from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.settings import env_name
+from lora_pipeline.core.training.run.tracking import batch_filter
 from lora_pipeline.defs import partitions
 from lora_pipeline.defs.partitions import training_key
 from lora_pipeline.defs.resources import TrainingLauncherResource
@@ -72,7 +73,13 @@ def test_train_evaluate_and_trace_through_dagster(trained_demo):
     assert meta["recipe_sha256"] == header["recipe"]["sha256"]
     assert meta["base_model_hash"] == header["base_model"]["hash"]
     assert meta["manifest_root"] == header["dataset"]["snapshot_manifest_root"] and meta["code_commit"]
-    assert meta["mlflow_run"].endswith(f"/runs/{meta['mlflow_run_id']}")
+    assert meta["mlflow_run"] == f"http://127.0.0.1:5000/#/runs/{meta['mlflow_run_id']}"  # `make mlflow-ui`
+    # MLflow answers "which runs used batch X": v2's run took curated-2026-10 through v1, turntable directly
+    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
+    for batch in ("curated-2026-10", "turntable-renders-2026-11"):
+        found = client.search_runs([run.info.experiment_id], batch_filter(batch))
+        assert meta["mlflow_run_id"] in {r.info.run_id for r in found}
+    assert not client.search_runs([run.info.experiment_id], batch_filter("masked-closeups-2026-12"))
 
     emeta = trained_demo.evaluated.metadata("evaluation_grid")
     assert {"grid_0", "grid_1", "recommendation", "loss_table", "val_loss"} <= set(emeta)
@@ -81,6 +88,7 @@ def test_train_evaluate_and_trace_through_dagster(trained_demo):
     assert rec["recommended_epoch"] in range(1, DEMO_EPOCHS + 1)
     assert emeta["recommended_epoch"] == rec["recommended_epoch"]
     assert emeta["recommended_file"] == str(files[rec["recommended_epoch"] - 1])  # links back to the epoch file
+    assert emeta["mlflow_run"] == f"http://127.0.0.1:5000/#/runs/{emeta['mlflow_run_id']}"  # a link, not text
 
     chain = trace_lora(root, files[-1])
     assert chain["status"] == "ok"

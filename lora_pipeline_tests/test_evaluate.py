@@ -21,7 +21,7 @@ from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample
 from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.run.tracking import TrainingTracker, batch_filter
 from lora_pipeline.core.training.run.trainer import train_lora
 
 PROMPTS = ("trg, red body, matte finish", "trg, blue body, glossy finish")
@@ -101,6 +101,10 @@ def test_grids_losses_recommendation_and_mlflow_on_tiny_sd(train_snapshot, lora_
     assert run.info.run_name == "train-v1/tiny/eval" and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == training_run
     assert run.data.tags["recommended_epoch"] == str(epoch)
+    manifest_root = json.loads((root.dataset("train-v1") / "snapshot.json").read_text())["manifest_root"]
+    assert run.data.tags["lora_pipeline.batch.b1"] == "1" and run.data.tags["manifest_root"] == manifest_root
+    assert result.mlflow_run_id in {r.info.run_id for r in client.search_runs(
+        [run.info.experiment_id], filter_string=batch_filter("b1"))}
     history = client.get_metric_history(result.mlflow_run_id, "val_loss")
     assert sorted((m.step, m.value) for m in history) == [(r["epoch"], r["val_loss"]) for r in rows]
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}

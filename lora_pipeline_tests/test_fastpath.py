@@ -5,7 +5,6 @@ trainer's recipe switch, timings and warm-up bookkeeping."""
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
 
 CPU = torch.device("cpu")
-NO_REG, REG = SimpleNamespace(reg=()), SimpleNamespace(reg=("a class image",))  # what fast_path_blockers reads
 
 
 def _assert_same_tensors(path_a: str, path_b: str) -> None:
@@ -70,7 +68,7 @@ def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):
 
 @pytest.mark.parametrize("override, reason", [
     ({"optimizer": "Prodigy"}, "Prodigy reads values back to the host"),
-    ({"gradient_checkpointing": True}, "gradient checkpointing recomputes"),
+    ({"optimizer": "AdamW8bit"}, "AdamW8bit reads values back to the host"),
 ])
 def test_fast_path_is_refused_where_a_step_cannot_be_captured(tmp_path, override, reason):
     path = tmp_path / "r.yaml"
@@ -92,32 +90,32 @@ def test_the_recipe_hash_counts_the_fast_path_only_when_required():
 def test_unset_fast_path_is_on_for_one_cuda_gpu_wherever_the_step_can_be_captured():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     recipe = tiny_recipe()
-    assert fast_path_choice(recipe, cuda, NO_REG, 1)[0] is True
+    assert fast_path_choice(recipe, cuda, 1)[0] is True
+    for captured in ({"masked_loss": True}, {"ip_noise_gamma": 0.1}, {"gradient_accumulation_steps": 2},
+                     {"gradient_checkpointing": True}):
+        assert fast_path_choice(tiny_recipe(**captured), cuda, 1)[0] is True
     eager = {
-        "a CUDA GPU": fast_path_choice(recipe, cpu, NO_REG, 1),
-        "Prodigy": fast_path_choice(tiny_recipe(optimizer="Prodigy"), cuda, NO_REG, 1),
-        "checkpointing": fast_path_choice(tiny_recipe(gradient_checkpointing=True), cuda, NO_REG, 1),
-        "masked_loss": fast_path_choice(tiny_recipe(masked_loss=True), cuda, NO_REG, 1),
-        "regularisation": fast_path_choice(recipe, cuda, REG, 1),
-        "2 processes": fast_path_choice(recipe, cuda, NO_REG, 2),
+        "a CUDA GPU": fast_path_choice(recipe, cpu, 1),
+        "Prodigy": fast_path_choice(tiny_recipe(optimizer="Prodigy"), cuda, 1),
+        "blocks_to_swap": fast_path_choice(tiny_recipe(base_model="tiny-flux", model_family="flux1",
+                                                       blocks_to_swap=1), cuda, 1),
+        "2 processes": fast_path_choice(recipe, cuda, 2),
     }
     for reason, (on, why) in eager.items():
         assert not on and why.startswith("fast_path unset: the eager step, since") and reason in why
-    assert fast_path_choice(replace(recipe, fast_path=False), cuda, NO_REG, 1) == (
-        False, "fast_path: false (the recipe)")
-    assert fast_path_choice(replace(recipe, fast_path=True), cpu, NO_REG, 1)[0] is True
+    assert fast_path_choice(replace(recipe, fast_path=False), cuda, 1) == (False, "fast_path: false (the recipe)")
+    assert fast_path_choice(replace(recipe, fast_path=True), cpu, 1)[0] is True
 
 
 def test_one_answer_for_the_parser_the_launcher_and_the_unset_choice(tmp_path):
     cuda = torch.device("cuda")
     recipe = tiny_recipe()
-    assert fast_path_blockers(recipe) == fast_path_blockers(recipe, cuda, NO_REG, 1) == []
-    every = fast_path_blockers(tiny_recipe(optimizer="Prodigy"), CPU, REG, 2)
-    assert [reason.split()[:2] for reason in every] == [
-        ["the", "device"], ["Prodigy", "reads"], ["the", "dataset"], ["2", "processes"]]
+    assert fast_path_blockers(recipe) == fast_path_blockers(recipe, cuda, 1) == []
+    every = fast_path_blockers(tiny_recipe(optimizer="Prodigy"), CPU, 2)
+    assert [reason.split()[:2] for reason in every] == [["the", "device"], ["Prodigy", "reads"], ["2", "processes"]]
     (ddp,) = fast_path_blockers(recipe, processes=2)
     assert ddp in refusal(tiny_recipe(fast_path=True), 2, None)
-    assert fast_path_choice(recipe, cuda, NO_REG, 2)[1].endswith(f"since {ddp}")
+    assert fast_path_choice(recipe, cuda, 2)[1].endswith(f"since {ddp}")
     (prodigy,) = fast_path_blockers(tiny_recipe(optimizer="Prodigy"))
     with pytest.raises(UserError, match="impossible here") as caught:
         parse_recipe({**{k: v for k, v in TINY.items() if k != "name"}, "optimizer": "Prodigy", "fast_path": True},

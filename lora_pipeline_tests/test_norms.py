@@ -1,7 +1,7 @@
 import torch
 from diffusers import UNet2DConditionModel
 
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 
 
 def _unet(dtype: torch.dtype) -> UNet2DConditionModel:
@@ -39,3 +39,36 @@ def test_trainable_or_float32_norms_are_left_to_autocast():
     half.conv_norm_out.requires_grad_(True)
     total = sum(isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm) for m in half.modules())
     assert norms_in_dtype(half, torch.bfloat16) == total - 1
+
+
+def _lora_unet() -> UNet2DConditionModel:
+    from peft import LoraConfig
+
+    unet = _unet(torch.bfloat16)
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trained LoRA weights are float32, the frozen base bf16 (as the trainer has them)
+    return unet
+
+
+def test_lora_inputs_left_uncast_give_the_same_loss_and_gradients_without_the_float32_copies():
+    cast, uncast = _lora_unet(), _lora_unet()
+    from peft.tuners.lora import LoraLayer
+
+    assert lora_inputs_uncast(uncast) == sum(isinstance(m, LoraLayer) for m in uncast.modules()) > 10
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    copies: list[int] = []
+    results = []
+    for unet in (cast, uncast):
+        before = len(copies)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            loss = unet(sample, 10, text).sample.float().pow(2).mean()
+        copies.append(sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy") - before)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in unet.parameters() if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert copies[1] < copies[0]  # the input copies to float32 are gone

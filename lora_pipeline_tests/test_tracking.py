@@ -15,9 +15,21 @@ from mlflow.store.db.utils import _get_latest_schema_revision
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from lora_pipeline.core.datasets.snapshot.manifest import (
+    read_manifest,
+    read_snapshot_info,
+    write_manifest,
+    write_snapshot_info,
+)
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import mlflow_tracking_uri
-from lora_pipeline.core.training.run.tracking import EXPERIMENT, TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.run.tracking import (
+    EXPERIMENT,
+    TrainingTracker,
+    batch_filter,
+    loss_curve_png,
+    open_store,
+)
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline_tests.helpers import STARTED_AT, tiny_recipe
 
@@ -64,6 +76,56 @@ def test_training_run_is_recorded_in_mlflow(train_snapshot):
     with open(result.epochs[0]["file"], "rb") as f:
         header = f.read(20000)
     assert result.mlflow_run_id.encode() in header  # the run id was known before the first file was written
+
+
+def _take_from_batch(root, version: str, batch: str, images: set[str]) -> None:
+    """Rewrite a hand-built snapshot's manifest so that `images` (file names) came from `batch`."""
+    snapshot = root.dataset(version)
+    rows = [r.model_copy(update={"source_batch": batch}) if r.path.rsplit("/", 1)[-1] in images else r
+            for r in read_manifest(snapshot)]
+    for name in ("manifest.jsonl", "snapshot.json"):
+        (snapshot / name).chmod(0o644)
+    info = read_snapshot_info(snapshot)
+    write_snapshot_info(snapshot, info.model_copy(update={"manifest_root": write_manifest(snapshot, rows)}))
+
+
+def test_runs_carry_version_recipe_batches_and_manifest_root_and_search_finds_the_runs_of_a_batch(train_snapshot):
+    root = train_snapshot("two-batches-v1", n=4)
+    _take_from_batch(root, "two-batches-v1", "b2", {"im2.png", "im3.png"})
+    train_snapshot("one-batch-v1", n=2)  # all from b1
+    runs = {}
+    for version in ("two-batches-v1", "one-batch-v1"):
+        result = train_lora(root, version, tiny_recipe(epochs=1), out_dir=root.loras(version, "tiny"),
+                            provenance={}, tracker=TrainingTracker(root.mlflow, tags=TAGS), log=lambda _: None,
+                            started_at=STARTED_AT, device="cpu")
+        runs[version] = result.mlflow_run_id
+    client = _client(root)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI mode
+    tags = client.get_run(runs["two-batches-v1"]).data.tags
+    snapshot = read_snapshot_info(root.dataset("two-batches-v1"))
+    assert {"dataset_version": "two-batches-v1", "recipe": "tiny", "manifest_root": snapshot.manifest_root,
+            "lora_pipeline.batch.b1": "1", "lora_pipeline.batch.b2": "1"}.items() <= tags.items()
+    assert sorted(k for k in tags if k.startswith("lora_pipeline.batch.")) == ["lora_pipeline.batch.b1",
+                                                                               "lora_pipeline.batch.b2"]
+
+    def used(batch: str) -> set[str]:
+        return {r.info.run_id for r in client.search_runs([experiment.experiment_id], batch_filter(batch))}
+
+    assert used("b2") == {runs["two-batches-v1"]}
+    assert used("b1") == set(runs.values())
+    assert used("b3") == set()
+    assert {r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], "tags.dataset_version = 'one-batch-v1' and tags.recipe = 'tiny'")} == {
+        runs["one-batch-v1"]}
+
+
+def test_an_experiment_made_before_its_kind_was_tagged_gets_the_tag(tmp_path):
+    client = MlflowClient(tracking_uri=open_store(tmp_path / "mlflow"))
+    made = client.create_experiment(EXPERIMENT)
+    assert "mlflow.experimentKind" not in client.get_experiment(made).tags
+    assert TrainingTracker(tmp_path / "mlflow").experiment_id() == made
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_a_failure_ends_the_run_failed_and_propagates(tmp_path):

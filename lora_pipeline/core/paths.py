@@ -10,6 +10,7 @@ from lora_pipeline.core.settings import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_MARKER = "_READY"
+RIGHTS_FILE = "_RIGHTS.yaml"  # beside _READY: the rights of a batch that lands by sensor (sources/rights.py)
 # The files of datasets/<version>/ besides its images and captions.
 MANIFEST = "manifest.jsonl"
 SNAPSHOT = "snapshot.json"
@@ -78,6 +79,11 @@ class DataRoot:
     @property
     def mlflow(self) -> Path:
         return self.root / "mlflow"
+
+    @property
+    def governance(self) -> Path:
+        """Append-only records of decisions about sources (rights, retirements); never under sources/."""
+        return self.root / "governance"
 
     @property
     def cache(self) -> Path:

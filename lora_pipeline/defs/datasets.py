@@ -24,8 +24,11 @@ from lora_pipeline.core.datasets.snapshot.manifest import record_captions
 from lora_pipeline.core.datasets.snapshot.seal import seal_snapshot
 from lora_pipeline.core.datasets.snapshot.snapshot import build_snapshot
 from lora_pipeline.core.datasets.sources.batches import batch_fingerprint, batch_manifest, scan_batch
+from lora_pipeline.core.datasets.sources.rights import batch_rights
 from lora_pipeline.core.datasets.spec import DatasetSpec, load_spec
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.lineage.diff_text import parent_changes_markdown
+from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import load_recipe
 from lora_pipeline.defs.failures import fails_on_user_error
@@ -78,19 +81,21 @@ def _training_buckets(context: dg.AssetExecutionContext, root: DataRoot, version
 @fails_on_user_error
 def source_batch(context: dg.AssetExecutionContext, data_root: DataRootResource) -> dg.MaterializeResult:
     scan = scan_batch(data_root.data, context.partition_key)
+    rights = batch_rights(data_root.data, scan.batch)  # records a new _RIGHTS.yaml
     rows = batch_manifest(scan)
-    fingerprint = batch_fingerprint(rows)
+    fingerprint = batch_fingerprint(rows)  # over every file; not snapshot.json's per-source fingerprint (README)
     suffixes = collections.Counter((r["path"].rsplit(".", 1)[-1].lower() if "." in r["path"] else "") for r in rows)
-    context.log.info(f"batch {scan.batch}: {len(rows)} files, fingerprint {fingerprint}")
+    context.log.info(f"batch {scan.batch}: {len(rows)} files, batch fingerprint {fingerprint}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(fingerprint),
         metadata={
             "path": dg.MetadataValue.path(str(scan.dir)),
             "files": len(rows),
             "bytes": sum(r["bytes"] for r in rows),
-            "fingerprint": fingerprint,
+            "batch_fingerprint": fingerprint,
             "by_extension": dict(sorted(suffixes.items())),
             "skipped": len(scan.problems),
+            "rights": rights.label,
             "manifest": table(rows, ["path", "bytes", "sha256"]),
         },
     )
@@ -119,6 +124,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
             "per_source": dict(sorted(per_source.items())),
             "image_root": result.image_root,
             "intent": spec.intent,
+            "changes_from_parent": dg.MetadataValue.md(parent_changes_markdown(root, spec.name, captions=False)),
             "spec_sha256": spec.sha256,
             "scan_problems": len(result.problems),
             "copy_methods": result.copy_methods,
@@ -154,6 +160,7 @@ def caption_set(context: dg.AssetExecutionContext, data_root: DataRootResource) 
             "captions": len(caption_rows),
             "manifest_root": manifest_root,
             "caption_problems": len(plan.problems),
+            "caption_changes_from_parent": dg.MetadataValue.md(parent_changes_markdown(root, spec.name, images=False)),
             "captions_table": table(preview, ["image", "caption", "source"]),
             "top_tags": table([{"tag": t, "count": c} for t, c in tags.most_common(30)], ["tag", "count"]),
         },
@@ -181,6 +188,7 @@ def dataset_report(context: dg.AssetExecutionContext, data_root: DataRootResourc
     result = validate_dataset(root, spec, snapshot_dir, captions, buckets=buckets, thumbnails=MAX_IMAGES)
     files = write_report(snapshot_dir, result, captions, MAX_IMAGES)
     seal = seal_snapshot(snapshot_dir)  # the last write: from now on the version is whole
+    update_index(root, spec.name)  # the lineage index learns the sealed version
     problems = list(result.problems)
     errors, warnings = errors_in(problems), warnings_in(problems)
     whose = f"; buckets of {', '.join(sorted(buckets))}" if buckets else ""  # else the defaults, as before

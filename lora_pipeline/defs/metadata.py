@@ -69,27 +69,22 @@ def _cell(value: Any) -> int | float | str:
 def provenance_metadata(chain: "ProvenanceChain", manifest: Path) -> dict[str, Any]:
     """The provenance chain of a LoRA file (lineage/provenance.py `trace_lora`) as metadata a partition page shows:
     the source batches with their counts, every image's source file, and the hashes that tie them together."""
-    per_source: dict[str, dict[str, Any]] = {}
+    from lora_pipeline.core.lineage.provenance_text import batch_summary  # imports torch, as provenance does
+
     files = []
     for image in chain.images:
         origin = image.origin or image.source  # an image reused from a version: the batch it came from
-        key = f"{origin.kind}:{origin.name}"
-        row = per_source.setdefault(key, {"source": key, "images": 0, "captions": 0, "changed_or_missing": 0})
-        row["images"] += 1
-        row["captions"] += image.caption is not None
-        row["changed_or_missing"] += origin.status != "unchanged"
-        files.append({"image": image.path, "source": key, "source_path": origin.path,
+        files.append({"image": image.path, "source": f"{origin.kind}:{origin.name}", "source_path": origin.path,
                       "caption_from": image.caption.caption_source if image.caption else "", "status": origin.status,
                       "sha256": image.sha256})
-    for row in per_source.values():
-        row["manifest"] = str(manifest)
+    per_source = [{**row, "manifest": str(manifest)} for row in batch_summary(chain)]
     dataset, recipe, base = chain.dataset, chain.recipe, chain.base_model
     status = chain.status
     return {
         "provenance": dg.MetadataValue.md(
             "ok: every link of the chain checked" if status == "ok" else "\n".join(f"- {f}" for f in status)
         ),
-        "source_batches": table(list(per_source.values()),
+        "source_batches": table(per_source,
                                 ["source", "images", "captions", "changed_or_missing", "manifest"]),
         "source_files": table(files, ["image", "source", "source_path", "caption_from", "status", "sha256"]),
         "manifest": dg.MetadataValue.path(str(manifest)),

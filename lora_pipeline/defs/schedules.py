@@ -4,6 +4,7 @@
 import dagster as dg
 
 from lora_pipeline.core.datasets.snapshot.seal import verify_versions
+from lora_pipeline.core.lineage.lineage_index import index_findings
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.resources import DataRootResource
 
@@ -32,6 +33,7 @@ def verify_snapshots(context: dg.OpExecutionContext, config: VerifyConfig, data_
             continue
         context.log.info(f"{result.version}: {result.files_checked} files checked, {'ok' if result.ok else 'MISMATCH'}")
         findings += result.problems()
+    findings += index_findings(data_root.data, config.versions)  # the lineage index, derived from the versions
     versions = {r.version: {"ok": r.ok, "sealed": r.sealed, "files_checked": r.files_checked} for r in results}
     summary = {
         "versions": dg.MetadataValue.json(versions),
@@ -40,7 +42,8 @@ def verify_snapshots(context: dg.OpExecutionContext, config: VerifyConfig, data_
         "findings_md": dg.MetadataValue.md("\n".join(f"- {f}" for f in findings + unsealed) or "none"),
     }
     if findings:
-        raise dg.Failure(description=f"{len(findings)} snapshot file(s) no longer match their manifest",
+        raise dg.Failure(description=f"{len(findings)} finding(s): snapshot files that no longer match their manifest "
+                         "or a lineage index that no longer matches the versions",
                          metadata=summary)
     if config.versions and unsealed:
         raise dg.Failure(description=f"{len(unsealed)} named version(s) not sealed yet", metadata=summary)

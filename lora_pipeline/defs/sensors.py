@@ -10,6 +10,7 @@ from collections.abc import Callable
 import dagster as dg
 
 from lora_pipeline.core.datasets.snapshot.autorebuild import write_auto_rebuild_specs
+from lora_pipeline.core.datasets.sources.retired import retired_batches
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import SEAL, DataRoot
@@ -27,14 +28,15 @@ def _warn_misnamed(context: dg.SensorEvaluationContext, root: DataRoot) -> None:
 @dg.sensor(jobs=[register_batch_job, build_dataset_job], minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def source_batch_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
-    """A new `sources/<batch>/_READY` registers and fingerprints the batch.
+    """A new `sources/<batch>/_READY` registers and fingerprints the batch (a retired batch is skipped).
 
     Auto-rebuild specs whose glob source matches it get a new version spec, registered and
     built in the same tick (the spec sensor then sees the version as known).
     """
     root = data_root.data
     _warn_misnamed(context, root)
-    new_batches = unknown_keys(context.instance, source_batches, root.ready_batches())
+    retired = retired_batches(root)  # taken out of future versions: neither registered nor rebuilt from
+    new_batches = unknown_keys(context.instance, source_batches, [b for b in root.ready_batches() if b not in retired])
     if not new_batches:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new ready batch"))
     tick = write_auto_rebuild_specs(root, new_batches)

@@ -6,7 +6,8 @@ import dagster as dg
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.datasets.checks.gate import require_passed_report
-from lora_pipeline.core.paths import MANIFEST, DataRoot, mlflow_tracking_uri
+from lora_pipeline.core.lineage.lineage_index import update_index
+from lora_pipeline.core.paths import MANIFEST, DataRoot, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
@@ -32,8 +33,12 @@ def _training_inputs(
     return root, version, load_recipe(root.recipe_file(recipe_name))
 
 
-def _mlflow_link(experiment_id: str, run_id: str) -> dg.MetadataValue:
-    return dg.MetadataValue.url(f"{MLFLOW_UI}/#/experiments/{experiment_id}/runs/{run_id}")
+def _mlflow_link(run_id: str) -> dg.MetadataValue:
+    """A link to the run's page in the MLflow UI (its direct run route) where the UI's address is known: the
+    tracking server's own over http(s), or `make mlflow-ui`'s for the local store; else the run id as text."""
+    uri = external_mlflow_uri()
+    ui = MLFLOW_UI if uri is None else uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+    return dg.MetadataValue.url(f"{ui}/#/runs/{run_id}") if ui else dg.MetadataValue.text(run_id)
 
 
 @training_asset(
@@ -67,6 +72,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
         num_processes=processes, tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
+    update_index(root, version, recipe.name)  # the lineage index learns the epoch files
     samples = {}
     if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
         samples["latest_samples"] = image_markdown(result.sample_strip, f"samples: {result.sample_strip.stem}")
@@ -79,7 +85,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
             "path": dg.MetadataValue.path(str(result.out_dir)),
             **provenance_metadata(chain, root.dataset(version) / MANIFEST),  # first: where it all came from
             "code_commit": commit,
-            "mlflow_run": _mlflow_link(tracker.experiment_id(), result.mlflow_run_id),
+            "mlflow_run": _mlflow_link(result.mlflow_run_id),
             "epochs": table(result.epochs, ["epoch", "file", "steps", "mean_loss", "sha256"]),
             "epoch_files": len(result.epochs),
             "loss_curve": image_markdown(result.loss_curve, "training loss"),
@@ -118,6 +124,7 @@ def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResour
 
     result = evaluate_lora(root, version, recipe, log=context.log.info)
     recommended = result.recommendation["recommended_epoch"]
+    update_index(root, version, recipe.name)  # the lineage index learns the recommendation
     chosen = root.loras(version, recipe.name) / epoch_file_name(version, recipe.name, recommended)
     metadata: dict = {
         "path": dg.MetadataValue.path(str(result.out_dir)),
@@ -127,6 +134,7 @@ def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResour
         "recommendation": dg.MetadataValue.md(result.summary_markdown),
         "loss_table": table(result.loss_rows, ["epoch", "train_loss", "val_loss"]),
         "val_loss": image_markdown(result.val_loss_plot, "validation and training loss"),
+        "mlflow_run": _mlflow_link(result.mlflow_run_id),
         "mlflow_run_id": result.mlflow_run_id,
         "seconds": round(result.seconds, 1),
     }

@@ -37,6 +37,8 @@ BATCH_PATTERN_RE = re.compile(r"[A-Za-z0-9*?\[][A-Za-z0-9._*?\[\]!-]*")
 CaptionFrom = Literal["sidecar", "table", "attributes"]
 MaskMode = Literal["none", "file", "alpha"]
 Role = Literal["training", "regularisation"]
+# Under which rights a batch's images may be used for training (sources/rights.py); a batch with no record is unknown.
+Rights = Literal["owned", "licensed", "public-domain", "unknown"]
 
 
 def name_glob(what: str, first_named: str = "") -> Any:
@@ -178,9 +180,19 @@ class DatasetSpec:
     auto_rebuild: Bool = Field(
         False, description="with a glob batch source: a matching new batch yields a new version spec"
     )
+    rebuilt_from: Name | None = Field(
+        None, description="the built version of the same family this one was rebuilt from (auto-rebuild writes it); "
+        "snapshot.json records it first among the version's `parents`", json_schema_extra=ADDED_LATER,
+    )
     flip_aug: Bool = Field(
         False, description="kohya's dataset-config flip_aug: every run on this version mirrors images left-right "
         "(chance 1/2 per step); the report warns about captions that mention text or logos",
+        json_schema_extra=ADDED_LATER,
+    )
+    allowed_rights: tuple[Rights, ...] = Field(
+        (), description="the rights a version's images may have, e.g. `[owned, licensed, public-domain]`; an "
+        "image whose batch has other rights (`unknown`: no record) is a blocking error (`rights_not_allowed`). "
+        "Empty: no limit",
         json_schema_extra=ADDED_LATER,
     )
     captions: CaptionSpec = Field(default_factory=CaptionSpec, description="caption source and rules (below)")

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.run.tracking import TrainingTracker, open_store, param_value
+from lora_pipeline.core.training.run.tracking import TrainingTracker, log_tags, open_store, param_value
 
 PARENT_TAG = "mlflow.parentRunId"
 PER_EPOCH_METRICS = ("val_loss", "train_loss", "break_ratio")
@@ -65,10 +65,12 @@ def log_evaluation(
     report: Mapping[str, Any],
     files: Sequence[Path],
     mlflow_dir: Path,
+    lineage: Mapping[str, str],
 ) -> str:
-    """Log the evaluation as a run (nested under the training run when it exists); return the run id."""
+    """Log the evaluation as a run (nested under the training run when it exists); return the run id. `lineage`:
+    the dataset's tags (tracking.dataset_tags: version, manifest root, a tag per batch), as the training run has."""
     parent = _training_run(client, training_run_id)
-    tags = {"dataset_version": str(report["version"]), "recipe": recipe.name,
+    tags = {**lineage, "dataset_version": str(report["version"]), "recipe": recipe.name,
             "recommended_epoch": str(report["recommended_epoch"]), "lora_pipeline.kind": "evaluation"}
     if parent is not None:
         experiment_id = parent.info.experiment_id
@@ -76,8 +78,9 @@ def log_evaluation(
     else:
         experiment_id = TrainingTracker(mlflow_dir).experiment_id()
         tags["training_run"] = f"not found in this MLflow store: {training_run_id or '(none in the LoRA header)'}"
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=name).info.run_id
     try:
+        log_tags(client, run_id, tags)
         client.log_batch(run_id, params=_params(recipe, report))
         metrics = _metrics(report["epochs"])
         for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):

@@ -41,6 +41,7 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.run.tracking import dataset_tags
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"
@@ -193,7 +194,8 @@ def evaluate_lora(
     write_json(out_dir / RECOMMENDATION_JSON, report)
     atomic_write_text(out_dir / RECOMMENDATION_MD, markdown)
     eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,
-                              [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD], root.mlflow)
+                              [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD], root.mlflow,
+                              dataset_tags(data.snapshot_dir))
     log(f"recommended epoch {chosen}: {decision['basis']}")
     return EvaluationResult(
         version=version, recipe=recipe.name, out_dir=out_dir, epochs=epochs, weights=list(recipe.eval_weights),

@@ -9,7 +9,7 @@ checked against what is on disk now, and each break becomes one plain-language f
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lineage.source_flags import BatchFlags, retired_findings, version_flags
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.schema import Record
@@ -124,6 +125,7 @@ class ProvenanceChain(Record):
     code_commit: str | None
     mlflow: MlflowLink
     status: Literal["ok"] | list[str]  # "ok", or one plain-language finding per broken link
+    batches: list[BatchFlags] = []  # the origin batches: rights when built and now, retirement (source_flags.py)
 
     def __getitem__(self, key: str) -> Any:
         """An entry of the JSON document `provenance --json` prints (`chain["images"][0]["source"]`), for readers
@@ -307,12 +309,15 @@ def trace_lora(root: DataRoot, lora_path: Path) -> ProvenanceChain:
     )
     recipe = _recipe_link(chain, meta)
     dataset, images = _dataset_link(chain, meta, version)
+    flags = version_flags(root, root.dataset(version)) if dataset.snapshot_manifest_root is not None else []
+    chain.findings += retired_findings(version, flags)
     base = _base_model_link(chain, meta)
     return ProvenanceChain(
         lora=lora, recipe=recipe, dataset=dataset, images=images, base_model=base,
         code_commit=meta.get(f"{KEY}code_commit"),
         mlflow=MlflowLink(run_id=meta.get(f"{KEY}mlflow_run_id"), tracking_uri=mlflow_tracking_uri(root.mlflow)),
         status=chain.findings or "ok",
+        batches=flags,
     )
 
 
@@ -324,8 +329,9 @@ def _source_line(label: str, link: SourceLink) -> str:
     return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
 
 
-def format_provenance(chain: ProvenanceChain) -> str:
-    """A readable, indented text tree of `trace_lora`'s chain for the command line."""
+def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Sequence[str] = ()) -> str:
+    """A readable, indented text tree of `trace_lora`'s chain for the command line: the `summary` lines (the
+    per-batch summary of provenance_text.py), then, with `files`, every image with its caption and source files."""
     lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
     training = lora.training
     lines = [
@@ -342,8 +348,9 @@ def format_provenance(chain: ProvenanceChain) -> str:
         lines.append(f"  manifest root {dataset.snapshot_manifest_root} (in snapshot.json)")
         state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
         lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
-    lines.append(f"  {len(chain.images)} images")
-    for image in chain.images:
+    lines.append(f"  {len(chain.images)} images, from:")
+    lines += summary
+    for image in chain.images if files else ():
         size = f"{image.width}x{image.height}" if image.width else "size unknown"
         lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")
         caption = image.caption
@@ -355,6 +362,8 @@ def format_provenance(chain: ProvenanceChain) -> str:
         if caption:
             src = caption.source
             lines.append(f"      caption source {caption.caption_source} (sha256 {_short(src.sha256)}, {src.status})")
+    if not summary:  # a summary says the same per batch
+        lines += [line for flags in chain.batches for line in flags.lines]
     lines += [
         f"base model {base.name}: {base.source} (U-Net sha256 {_short(base.hash)}, {base.status})",
         f"code commit {chain.code_commit}",

@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
@@ -115,44 +114,28 @@ def _family_conflicts(recipe: RecipeFields) -> list[str]:
     return found
 
 
-class RunData(Protocol):
-    """What `fast_path_blockers` reads of a run's data (training/inputs/data.py's TrainingData)."""
-
-    @property
-    def reg(self) -> Sequence[object]: ...  # the regularisation images
-
-
-def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None, dataset: RunData | None = None,
-                       processes: int = 1) -> list[str]:
+def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None, processes: int = 1) -> list[str]:
     """Why a run of `recipe` cannot replay its steps as captured CUDA graphs (step/fastpath.py); empty: it can.
 
-    The one answer for every caller: the recipe's validation of `fast_path: true` (no device or data yet), the
-    trainer (with its data) and the DDP launcher (with its process count) refuse a required fast path that has a
-    blocker, and `fastpath.fast_path_choice` turns an unset one on where there is none. `device`: where an unset
-    fast path would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests
-    do), so the refusals leave it out.
+    The one answer for every caller: the recipe's validation of `fast_path: true` (no device yet) and the DDP
+    launcher (with its process count) refuse a required fast path that has a blocker, and
+    `fastpath.fast_path_choice` turns an unset one on where there is none. `device`: where an unset fast path
+    would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests do), so the
+    refusals leave it out. Masks, class images (per-image loss weights), ip_noise_gamma and gradient accumulation
+    (several micro-batches, one graph) are inputs of the captured step like any other; gradient checkpointing
+    recomputes without reading the RNG state (run/memory.py's `recompute`), so it is captured too.
     """
     found = []
     if device is not None and device.type != "cuda":
         found.append("the device is not a CUDA GPU")
-    if model_family(recipe.model_family).objective != DDPM:
-        found.append("the rectified-flow step is not captured yet")
+    if recipe.blocks_to_swap:
+        found.append("blocks_to_swap copies block weights between the CPU and the GPU inside the step (host work "
+                     "a CUDA graph cannot hold)")
     if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
         found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
                      f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
-    if recipe.gradient_checkpointing:
-        found.append("gradient checkpointing recomputes under an RNG state that a CUDA graph cannot capture")
     if not recipe.network_train_unet_only:  # issue 12's options the captured step does not carry
         found.append("the text encoders train outside the captured U-Net step (network_train_unet_only: false)")
-    if recipe.gradient_accumulation_steps > 1:
-        found.append("gradient accumulation runs several micro-batches per step (the graph captures one)")
-    if recipe.ip_noise_gamma:
-        found.append("ip_noise_gamma adds a perturbation input the captured step has no buffer for")
-    if recipe.masked_loss:
-        found.append("masked_loss weights the loss per image, which the captured step does not carry yet")
-    if dataset is not None and dataset.reg:
-        found.append("the dataset has regularisation images (per-image loss weights, which the captured step does "
-                     "not carry yet)")
     if processes > 1:
         found.append(f"{processes} processes train together (DDP: a captured CUDA graph holds one process's step, "
                      "not the gradient all-reduce)")

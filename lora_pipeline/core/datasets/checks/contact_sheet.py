@@ -22,6 +22,7 @@ from lora_pipeline.core.datasets.images import THUMBNAIL, thumbnail
 from lora_pipeline.core.datasets.masks import ALPHA, load_mask
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.snapshot.manifest import read_manifest
+from lora_pipeline.core.datasets.sources.rights import UNKNOWN
 from lora_pipeline.core.fileio import atomic_write_bytes
 
 CELL = THUMBNAIL  # thumbnail box, px
@@ -42,6 +43,8 @@ PNG_LEVEL = 1
 DECODE_THREADS = 2
 COLOURS = {"error": (214, 39, 40), "warning": (245, 140, 0)}
 MASK_COLOUR = (0, 190, 255)  # the outline of an image's loss mask
+RIGHTS_COLOUR = (150, 0, 170)  # the badge of an image whose batch has unknown rights
+RIGHTS_BADGE = "rights?"
 TEXT, MUTED, BOX = (20, 20, 20), (120, 120, 120), (236, 236, 236)
 
 
@@ -55,6 +58,7 @@ class SheetItem:
     thumbnail: Image.Image | None = None  # from the validation decode; else `file` is decoded again
     mask: Path | None = None  # the loss mask's file (the image itself for an alpha mask)
     mask_alpha: bool = False
+    rights: str | None = None  # "unknown" draws the `rights?` badge
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ def select_items(
             thumbnail=result.thumbnails.get(p) if info.decoded else None,
             mask=snapshot_dir / (p if result.masks[p] == ALPHA else result.masks[p]) if p in result.masks else None,
             mask_alpha=result.masks.get(p) == ALPHA,
+            rights=result.rights.get(p),
         )
         for p in paths
         if p in chosen
@@ -195,6 +200,10 @@ def _draw_cell(
         outline = _mask_outline(item, thumb.size)
         if outline is not None:
             sheet.paste(Image.new("RGB", thumb.size, MASK_COLOUR), at, outline)
+    if item.rights == UNKNOWN:
+        width = font.getlength(RIGHTS_BADGE) + 6
+        draw.rectangle((bx, by, bx + width, by + LINE + 2), fill=RIGHTS_COLOUR)
+        draw.text((bx + 3, by + 1), RIGHTS_BADGE, fill=(255, 255, 255), font=font)
     ty = by + CELL + PAD
     dims = f" {item.size[0]}x{item.size[1]}" if item.size else ""
     draw.text((bx + CELL - font.getlength(dims), ty), dims, fill=MUTED, font=font)
@@ -236,6 +245,7 @@ def write_contact_sheet(
     title = (
         f"{result.version}: {total} images, {errors} errors, {warnings} warnings; showing {len(items)}. "
         "Outline: red = error, orange = warning" + ("; light blue line: loss mask edge" if result.masks else "")
+        + (f"; purple '{RIGHTS_BADGE}': rights unknown" if UNKNOWN in result.rights.values() else "")
     )
     buffer = io.BytesIO()
     # zlib level 1: a photo sheet compresses about as well as at the default level 6 (~15% larger), 3-4x faster

@@ -49,6 +49,7 @@ class Report(Record):
     tag_frequency: dict[str, dict[str, int]] = {}
     lint: dict[str, Any] = {}
     contact_sheet: str | None = None
+    rights_by_batch: dict[str, Any] = {}  # origin batch -> its rights when the snapshot was built
 
 
 def read_report(snapshot_dir: Path) -> Report:
@@ -97,6 +98,7 @@ def report_data(result: ValidationResult, caption_plan: ReportCaptionPlan) -> Re
         tag_frequency=to_plain(caption_plan.tag_frequency),
         lint=to_plain(caption_plan.lint),
         contact_sheet=CONTACT_SHEET,
+        rights_by_batch=result.rights_by_batch,
     )
 
 
@@ -172,6 +174,22 @@ def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _rights_lines(report: Report) -> list[str]:
+    """The Rights section: images by rights, then each origin batch's terms when the version was built."""
+    by_rights = report.counts.get("by_rights") or {}
+    if not by_rights:
+        return []
+    out = ["## Rights", "", *_table(["rights", "images"], [[k, v] for k, v in by_rights.items()], "lr"), ""]
+    terms = [[b, t["rights"], t.get("licence", ""), t.get("holder", ""), t.get("record", 0)]
+             for b, t in report.rights_by_batch.items()]
+    if terms:
+        out += [*_table(["batch", "rights", "licence", "holder", "record"], terms, "llllr"), ""]
+    if "unknown" in by_rights:
+        out += [f"{by_rights['unknown']} images have unknown rights (marked `rights?` on the contact sheet): "
+                "record them with `lora-pipeline rights batch:<id> --rights ...` or a `_RIGHTS.yaml`.", ""]
+    return out
+
+
 def render_markdown(report: Report, shown: int) -> str:
     counts = report.counts
     errors, warnings = counts["problems"]["error"], counts["problems"]["warning"]
@@ -190,6 +208,7 @@ def render_markdown(report: Report, shown: int) -> str:
     rows += [[f"regularisation in {folder}", n] for folder, n in counts.get("regularisation_by_folder", {}).items()]
     out += [*_table(["", "count"], rows, "lr"), ""]
 
+    out += _rights_lines(report)
     problems = report.problems
     out += [f"## Problems ({len(problems)})", ""]
     if problems:

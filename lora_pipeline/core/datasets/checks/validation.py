@@ -22,6 +22,7 @@ from PIL import Image
 from lora_pipeline.core.datasets.buckets import DEFAULT_BUCKETS, BucketSettings, select_bucket
 from lora_pipeline.core.datasets.checks.inspection import inspect_batch, inspect_images, take_early
 from lora_pipeline.core.datasets.checks.near_duplicates import near_duplicate_pairs
+from lora_pipeline.core.datasets.checks.rights_check import image_rights, rights_counts, rights_problems
 from lora_pipeline.core.datasets.images import ImageInfo
 from lora_pipeline.core.datasets.masks import ALPHA, mask_problems
 from lora_pipeline.core.datasets.problems import Problem, Severity, errors_in, problem
@@ -62,6 +63,8 @@ class ValidationResult:
     thumbnails: dict[str, Image.Image] = field(default_factory=dict, repr=False)
     masks: dict[str, str] = field(default_factory=dict)  # image path -> its mask's path, or "alpha"
     other_buckets: list[dict[str, Any]] = field(default_factory=list)  # summaries of further bucket settings
+    rights: dict[str, str] = field(default_factory=dict)  # image path -> its rights (rights_check.py)
+    rights_by_batch: dict[str, Any] = field(default_factory=dict)  # snapshot.json's rights: origin batch -> terms
 
     @property
     def passed(self) -> bool:
@@ -137,6 +140,7 @@ def validate_dataset(
         problems += [problem(path, code, "error", message, scope) for code, message in unusable]
     exact, near, duplicate_problems = _duplicates(images, infos, spec, scope)
     orphans = _orphan_captions(snapshot_dir, rows, images)
+    problems += rights_problems(spec, images + regs, scope)
     problems += duplicate_problems + [
         problem(p, "orphan_caption", "warning", "caption file in the snapshot has no image beside it", scope)
         for p in orphans
@@ -160,6 +164,7 @@ def validate_dataset(
         "regularisation_by_folder": dict(sorted(Counter(r.path.rsplit("/", 1)[0] for r in regs).items())),
         "problems": {"error": severities["error"], "warning": severities["warning"]},
         "problems_by_code": dict(sorted(Counter(p["code"] for p in problems).items())),
+        "by_rights": rights_counts(image_rights(images + regs)),
     }
     first, *others = bucket_summaries(infos, buckets or {})
     return ValidationResult(
@@ -176,6 +181,8 @@ def validate_dataset(
         thumbnails={images[i].path: thumb for i, thumb in found.thumbnails.items()},
         masks=masks,
         other_buckets=others,
+        rights=image_rights(images + regs),
+        rights_by_batch={batch: terms.to_json_dict() for batch, terms in info.rights.items()},
     )
 
 

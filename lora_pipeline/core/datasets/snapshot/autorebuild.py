@@ -88,6 +88,7 @@ def write_auto_rebuild_specs(root: DataRoot, new_batches: list[str]) -> AutoRebu
         data = load_yaml_mapping(root.spec_file(spec.name))
         data["name"] = new_version
         data["intent"] = f"auto-rebuild of {spec.name}: batch {', '.join(matching)} landed"
+        data["rebuilt_from"] = spec.name  # its parent in snapshot.json: the v1 -> v2 link is data, not prose
         path = root.spec_file(new_version)
         with open(path, "x", encoding="utf-8") as f:
             yaml.safe_dump(data, f, sort_keys=False, allow_unicode=True)

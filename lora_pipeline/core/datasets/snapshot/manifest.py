@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.sources.hashcache import ImageSize
+from lora_pipeline.core.datasets.sources.rights import BatchRights
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.hashing import merkle_root, sha256_file
@@ -69,6 +70,7 @@ class ManifestRow(Record):
     image: str | None = None  # a caption's or mask's image
     caption_source: str | None = None  # "sidecar:<batch>/<path>", "table:...#<n>", "class_tokens:<class>", ...
     mask: str | None = None  # an image's mask: the mask row's path, or "alpha"
+    rights: str | None = None  # an image's origin batch's rights when built, if it had a record (else unknown)
 
     @property
     def recorded_size(self) -> ImageSize | None:
@@ -95,13 +97,14 @@ class SnapshotInfo(Record):
     spec: dict[str, Any] = {}  # the spec as resolved
     spec_sha256: str | None = None
     image_root: str | None = None  # over the image rows alone, fixed when the images are copied
-    parents: list[str] = []  # the dataset versions it takes images from
+    parents: list[str] = []  # the version it was rebuilt from (spec `rebuilt_from`), then those it takes images from
     sources: list[SourceFingerprint] = []
     sources_fingerprint: str | None = None  # over every source file: an unchanged rebuild compares it
     code_version: str | None = None
     created_at: str | None = None
     problems: list[Problem] = []  # found while scanning the sources
     captions_complete: bool = False
+    rights: dict[str, BatchRights] = {}  # {origin batch with a rights record: its rights when built}
 
 
 def manifest_root(rows: Iterable[ManifestRow]) -> str:

@@ -63,6 +63,8 @@ from lora_pipeline.core.datasets.snapshot.snapshot_extras import (
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import PlannedFile, SnapshotPlan, family, next_free_version
 from lora_pipeline.core.datasets.sources.batches import expand_sources, is_image, locate_table, scan_batch
 from lora_pipeline.core.datasets.sources.copying import fsync_dir
+from lora_pipeline.core.datasets.sources.retired import origin_of, retired_origin_problems
+from lora_pipeline.core.datasets.sources.rights import rights_for_rows
 from lora_pipeline.core.datasets.sources.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
@@ -113,6 +115,18 @@ def _check_sources(spec: DatasetSpec, sources: list[SourceRef], spec_path: Path)
                 "set merge: true to merge on purpose, or make an independent version",
                 spec_path,
             )
+
+
+def _check_rebuilt_from(root: DataRoot, spec: DatasetSpec, spec_path: Path) -> None:
+    """`rebuilt_from` becomes a parent in snapshot.json: it must be a built version of the same family."""
+    parent = spec.rebuilt_from
+    if parent is None:
+        return
+    if parent == spec.name or family(parent) != family(spec.name):
+        raise UserError(f"rebuilt_from: '{parent}' must be an earlier version of the family {family(spec.name)}",
+                        spec_path)
+    if not (root.dataset(parent) / SNAPSHOT).is_file():
+        raise UserError(f"rebuilt_from: dataset version '{parent}' is not built", spec_path)
 
 
 def _table_in_batch(table: str | None, batch: str) -> str | None:
@@ -230,11 +244,13 @@ def _assign_names(files: list[PlannedFile], spec: DatasetSpec) -> tuple[list[Pla
     return named, problems
 
 
-def plan_snapshot(root: DataRoot, spec: DatasetSpec) -> SnapshotPlan:
-    """Resolve the spec's sources, in order, into the list of images to copy; reads only."""
+def plan_snapshot(root: DataRoot, spec: DatasetSpec, include_retired: bool = False) -> SnapshotPlan:
+    """Resolve the spec's sources, in order, into the list of images to copy; reads only. Retired batches are left
+    out (refused when named) unless `include_retired`: an existing version is compared with what it was built from."""
     spec_path = root.spec_file(spec.name)
-    sources = expand_sources(root, spec)
+    sources = expand_sources(root, spec, include_retired)
     _check_sources(spec, sources, spec_path)
+    _check_rebuilt_from(root, spec, spec_path)
     files: list[PlannedFile] = []
     problems: list[Problem] = []
     for ref in sources:
@@ -288,7 +304,7 @@ def _existing(root: DataRoot, spec: DatasetSpec, target: Path, started: float) -
     info = read_snapshot_info(target)
     if info.spec_sha256 != spec.sha256:
         raise _immutable_error(root, spec.name, "the spec changed since it was built")
-    plan = plan_snapshot(root, spec)
+    plan = plan_snapshot(root, spec, include_retired=True)
     shas, hashed = current_hashes(root, plan)
     _, fingerprint = _fingerprints(plan, shas, [f.bytes for f in plan.files])
     if fingerprint != info.sources_fingerprint:
@@ -336,7 +352,11 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
             methods = Counter(copied.method for _, copied, _ in done)
             sources, fingerprint = _fingerprints(plan, [r.sha256 for r in rows], [r.bytes for r in rows])
             rows, extra = add_extras(plan.files, rows, staging)
+            rights = rights_for_rows(root, rows)  # in force now (batches with a record): later ones change nothing
+            rows = [r.model_copy(update={"rights": rights[b].rights}) if (b := origin_of(r)) in rights else r
+                    for r in rows]
             image_root = write_manifest(staging, rows + extra)
+            problems = plan.problems + retired_origin_problems(root, rows, version)
             info = SnapshotInfo(
                 version=version,
                 spec=spec.resolved(),
@@ -348,8 +368,9 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
                 sources_fingerprint=fingerprint,
                 code_version=code_version,
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                problems=plan.problems,
+                problems=problems,
                 captions_complete=False,
+                **({"rights": rights} if rights else {}),  # without records, the files of before
             )
             write_snapshot_info(staging, info)
             record_hashes(root, [(f.source_name, e) for f, (_, _, e) in zip(plan.files, done, strict=True) if e])
@@ -362,7 +383,7 @@ def build_snapshot(root: DataRoot, spec: DatasetSpec, code_version: str) -> Snap
         image_root=image_root,
         rows=sorted(rows, key=lambda r: r.path),  # images and regularisation images
         created=True,
-        problems=plan.problems,
+        problems=problems,
         copy_methods=dict(methods),
         hashed=sum(copied.sha256 is not None for _, copied, _ in done),
         seconds=time.perf_counter() - started,

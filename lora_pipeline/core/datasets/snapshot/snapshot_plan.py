@@ -80,4 +80,6 @@ class SnapshotPlan:
 
     @property
     def parents(self) -> list[str]:
-        return [ref.dataset for ref in self.sources if ref.dataset]
+        """The version it was rebuilt from (if any), then the versions it takes images from."""
+        found = [self.spec.rebuilt_from] if self.spec.rebuilt_from else []
+        return found + [ref.dataset for ref in self.sources if ref.dataset and ref.dataset not in found]

@@ -23,13 +23,14 @@ from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.sources.copying import background_writeback, copy_file, fsync_dir, sync_filesystem
 from lora_pipeline.core.datasets.sources.hashcache import HASH_WORKERS, fingerprint_files, record
 from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, is_regular
+from lora_pipeline.core.datasets.sources.retired import retired_batches, retired_error
 from lora_pipeline.core.datasets.sources.staging import map_in_threads, remove_abandoned, staging_folder
 from lora_pipeline.core.datasets.spec import DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import merkle_root
 from lora_pipeline.core.names import require_name
-from lora_pipeline.core.paths import READY_MARKER, DataRoot
+from lora_pipeline.core.paths import READY_MARKER, RIGHTS_FILE, DataRoot
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -77,7 +78,7 @@ def _undecodable(name: str) -> bool:
 def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
     """Regular, non-junk files under `top` (sorted by path), without following any symlink.
 
-    The top-level `_READY` marker is neither content nor a problem. Everything skipped is
+    The top-level `_READY` marker and `_RIGHTS.yaml` are neither content nor a problem. Everything skipped is
     returned as a warning problem with `file` relative to `top`. A name that is not valid UTF-8
     cannot be written into a manifest or a caption table's `file` column, so it is skipped too.
     """
@@ -104,7 +105,7 @@ def walk_files(top: Path, scope: str) -> tuple[list[BatchFile], list[Problem]]:
         dirnames[:] = kept
         for name in sorted(filenames):
             rel = prefix + name
-            if not prefix and name == READY_MARKER:
+            if not prefix and name in (READY_MARKER, RIGHTS_FILE):
                 continue
             if _undecodable(name):
                 skip(printable_name(rel), "undecodable_name", UNDECODABLE_MESSAGE)
@@ -215,27 +216,35 @@ def intake(src_dir: Path, root: DataRoot, batch: str) -> IntakeResult:
     )
 
 
-def expand_sources(root: DataRoot, spec: DatasetSpec) -> list[SourceRef]:
+def expand_sources(root: DataRoot, spec: DatasetSpec, include_retired: bool = False) -> list[SourceRef]:
     """The spec's sources with every batch pattern ("curated-*") replaced by the ready batches it matches.
 
-    A pattern that matches no ready batch is an error: the spec would silently lose a source.
+    A pattern that matches no ready batch is an error: the spec would silently lose a source. Retired batches
+    (retired.py) are not matched, and a batch named explicitly that is retired is refused, unless
+    `include_retired` (a version already built keeps what it was built from).
     """
     expanded: list[SourceRef] = []
-    ready = root.ready_batches()
+    retired = {} if include_retired else retired_batches(root)
+    ready = [b for b in root.ready_batches() if b not in retired]
     for ref in spec.sources:
+        if ref.batch in retired:
+            raise retired_error(ref.batch, retired[ref.batch], root.spec_file(spec.name))
         if not ref.is_pattern:
             expanded.append(ref)
             continue
         matches = [b for b in ready if fnmatch.fnmatchcase(b, ref.name)]
         if not matches:
-            raise UserError(f"batch pattern '{ref.name}' matches no ready batch", root.spec_file(spec.name))
+            gone = [b for b in retired if fnmatch.fnmatchcase(b, ref.name)]
+            why = f" (retired: {', '.join(gone)})" if gone else ""
+            raise UserError(f"batch pattern '{ref.name}' matches no ready batch{why}", root.spec_file(spec.name))
         expanded += [dataclasses.replace(ref, batch=b) for b in matches]
     return expanded
 
 
 def spec_batches(root: DataRoot, spec: DatasetSpec) -> list[str]:
-    """The batches the spec's sources name, patterns expanded, in order."""
-    return list(dict.fromkeys(ref.batch for ref in expand_sources(root, spec) if ref.batch))
+    """The batches the spec's sources name, patterns expanded, in order; retired batches included, so that the
+    steps after the snapshot of a version built before a retirement still read what they read then."""
+    return list(dict.fromkeys(ref.batch for ref in expand_sources(root, spec, include_retired=True) if ref.batch))
 
 
 def safe_relative(file: str, folder: Path) -> str | None:

@@ -4,6 +4,7 @@ peak memory per training stage."""
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from lora_pipeline.core.models.families.base import ModelFamily
 from lora_pipeline.core.models.offload import BlockSwap, store_linears_in_fp8
@@ -17,7 +18,7 @@ def lighten_denoiser(denoiser: torch.nn.Module, family: ModelFamily, recipe: Rec
     if recipe.fp8_base:
         store_linears_in_fp8(denoiser)
     if recipe.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
+        enable_checkpointing(denoiser)
     if not recipe.blocks_to_swap:
         denoiser.to(device)
         return None
@@ -26,6 +27,19 @@ def lighten_denoiser(denoiser: torch.nn.Module, family: ModelFamily, recipe: Rec
         if id(tensor) not in swap.swapped:
             tensor.data = tensor.data.to(device)
     return swap
+
+
+def recompute(module: torch.nn.Module, *args: object) -> object:
+    """diffusers' checkpointing call (non-reentrant) without saving the RNG state for the recomputation: the
+    denoisers run no random op in their forward (peft's LoRA dropout is 0 here), so there is nothing to replay,
+    and a checkpointed step then reads no generator state on the host, which lets a CUDA graph capture it (the fast
+    path, step/fastpath.py). The gradients are those of the default call."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def enable_checkpointing(denoiser: torch.nn.Module) -> None:
+    """Gradient checkpointing of the denoiser's blocks through `recompute`."""
+    denoiser.enable_gradient_checkpointing(recompute)
 
 
 class PeakMemory:

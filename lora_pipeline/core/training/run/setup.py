@@ -33,7 +33,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
-from lora_pipeline.core.training.step.norms import norms_in_dtype
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.objective import training_objective
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
@@ -103,6 +103,7 @@ def build_context(run: TrainingRun) -> StepContext:
     swap = lighten_denoiser(unet, base.architecture, recipe, device)
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
+        lora_inputs_uncast(unet)  # nor peft's float32 copy of each LoRA layer's input
     base.vae.to(device)
     for encoder in base.text_encoders:
         encoder.to(device)
@@ -143,7 +144,7 @@ def build_context(run: TrainingRun) -> StepContext:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
-    fast_path, why = fast_path_choice(recipe, device, run.data, accelerator.num_processes)
+    fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
     return StepContext(

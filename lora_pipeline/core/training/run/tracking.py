@@ -3,8 +3,14 @@ server of `$LORA_PIPELINE_MLFLOW_URI` (the cluster profile: a server on Postgres
 shared folder; the store and artifact location are then the server's).
 
 One run per training, named `<version>/<recipe>`, in the experiment "lora-pipeline" whose artifact location
-is `<data>/mlflow/artifacts`. Everything goes through an `MlflowClient` bound to an explicit tracking URI,
-so nothing depends on (or leaks into) MLflow's process-global active run or environment.
+is `<data>/mlflow/artifacts`. The experiment is tagged a model-training experiment (`mlflow.experimentKind`), so
+the MLflow UI opens it with runs and metrics, not in its GenAI mode (traces). Runs carry the lineage as tags
+(`dataset_tags`): the dataset version, its manifest root and one tag per batch its images came from,
+`lora_pipeline.batch.<id>` = "1", so `search_runs(filter_string=batch_filter(id))` answers "which runs used batch
+<id>" (directly or through the earlier versions the dataset copied).
+
+Everything goes through an `MlflowClient` bound to an explicit tracking URI, so nothing depends on (or leaks
+into) MLflow's process-global active run or environment.
 
 A resumed training continues its MLflow run (the run id is in every LoRA header of the run) and logs only
 the steps the run does not have yet.
@@ -43,6 +49,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
+from lora_pipeline.core.datasets.snapshot.manifest import IMAGE_KINDS, read_manifest, read_snapshot_info
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import canonical_json
 from lora_pipeline.core.locks import exclusive_lock
@@ -51,6 +58,9 @@ from lora_pipeline.core.plots import line_chart
 
 EXPERIMENT = "lora-pipeline"
 ARTIFACTS = "artifacts"
+# MLflow 3's experiment type (its UI's ExperimentKind): a model-training experiment, not GenAI development
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+BATCH_TAG_PREFIX = "lora_pipeline.batch."
 
 
 STORE_LOCK = f".{MLFLOW_DB}.lock"
@@ -140,6 +150,28 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start:start + size]
 
 
+def batch_filter(batch: str) -> str:
+    """The `MlflowClient.search_runs` filter string of the runs whose dataset took images from `batch`."""
+    return f"tags.`{BATCH_TAG_PREFIX}{batch}` = '1'"
+
+
+def dataset_tags(snapshot_dir: Path) -> dict[str, str]:
+    """The run tags of a dataset version: `dataset_version`, `manifest_root` and `lora_pipeline.batch.<id>` = "1"
+    for every batch its images (and regularisation images) entered the pipeline from."""
+    info = read_snapshot_info(snapshot_dir)
+    rows = [r for r in read_manifest(snapshot_dir) if r.kind in IMAGE_KINDS]
+    batches = sorted({b for r in rows if (b := r.origin_batch or r.source_batch)})
+    return {"dataset_version": info.version, "manifest_root": info.manifest_root,
+            **{BATCH_TAG_PREFIX + b: "1" for b in batches}}
+
+
+def log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set the run's tags, as many log_batch calls as MLflow's per-call limit needs (a batch tag per batch)."""
+    entries = [RunTag(k, str(v)) for k, v in tags.items()]
+    for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=list(chunk))
+
+
 class TrainingTracker:
     """MLflow bookkeeping for one training: `with tracker.run(...) as run_id:` then log steps and files."""
 
@@ -155,18 +187,22 @@ class TrainingTracker:
         self._last_step = 0
 
     def experiment_id(self) -> str:
+        """The experiment's id, created if need be, and tagged a model-training experiment (an experiment made
+        before that tag, or that the UI took for GenAI, gets it now)."""
         found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        # A tracking server puts the experiment under its own artifact root (a shared folder in the cluster profile).
-        location = None if external_mlflow_uri() else str((self.mlflow_dir / ARTIFACTS).resolve())
-        try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
-        except MlflowException:  # created concurrently by another process
-            found = self.client.get_experiment_by_name(self.experiment)
-            if found is None:
-                raise
-            return found.experiment_id
+        if found is None:
+            # A tracking server puts the experiment under its own artifact root (the cluster profile's shared folder).
+            location = None if external_mlflow_uri() else str((self.mlflow_dir / ARTIFACTS).resolve())
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            except MlflowException:  # created concurrently by another process
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return found.experiment_id
 
     def _resumable(self, run_id: str | None, experiment_id: str) -> bool:
         if not run_id:
@@ -194,9 +230,10 @@ class TrainingTracker:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "loss")
             self._last_step = max((m.step for m in history), default=0)
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+            log_tags(self.client, self.run_id, all_tags)
         else:
-            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            log_tags(self.client, self.run_id, all_tags)
             self._last_step = 0
             entries = [Param(k, param_value(v)) for k, v in sorted(params.items())]
             for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):

@@ -38,12 +38,11 @@ from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance
 from lora_pipeline.core.training.progress import training_threads
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.checkpoint import resume_point
 from lora_pipeline.core.training.run.epochs import train_steps
 from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun
-from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.run.tracking import TrainingTracker, dataset_tags
 from lora_pipeline.core.training.timing import StageTimes
 
 DERIVED = ("dataset_version", "manifest_root", "spec_sha256", "recipe_sha256", "base_model_source", "base_model_hash")
@@ -88,9 +87,6 @@ def train_lora(
     if recipe.masked_loss and not data.has_masks:
         raise UserError(f"masked_loss: true but dataset '{version}' has no masks (a spec source's masks: file "
                         "or alpha)", root.recipe_file(recipe.name))
-    if recipe.fast_path and (blockers := fast_path_blockers(recipe, dataset=data)):
-        raise UserError(f"fast_path: true is impossible on dataset '{version}': {blockers[0]}; set fast_path: false",
-                        root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
     target = default_device(device)
@@ -113,8 +109,8 @@ def train_lora(
                target, precision, log, times, called_at)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
-    tags = {"dataset_version": version, "recipe": recipe.name, "manifest_root": data.manifest_root,
-            "recipe_sha256": recipe.sha256}
+    tags = {**dataset_tags(data.snapshot_dir), "dataset_version": version, "recipe": recipe.name,
+            "manifest_root": data.manifest_root, "recipe_sha256": recipe.sha256}  # + a tag per batch (tracking)
     resume_id = state.provenance.get("mlflow_run_id") if state else None
     params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size,
               **({"flip_aug": True} if run.flip_aug else {})}  # the spec's flip_aug counts too

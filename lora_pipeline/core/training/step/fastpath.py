@@ -11,14 +11,22 @@ graph replays fixed shapes and a bucketed dataset has a few:
 - the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
   cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
   and every later one replays, after its inputs are copied into the graph's static buffers;
+- every input of the step is a static buffer: the batch (or the micro-batches of an accumulated step, one graph
+  for all of them), its optional inputs (loss masks, the per-image loss weights of class images, ip_noise_gamma's
+  perturbation, SDXL's conditioning), the noise;
 - the random inputs (noise, timesteps) are still drawn on the host from the step's own generator and copied in,
   and the learning rate is a device tensor filled before each replay: a replayed step runs the eager step's
   kernels on the same values;
 - all graphs share one memory pool (they never run at once, and each step's loss is copied out right after
   its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
+- the step is the model family's (`StepParts.loss`): DDPM for the U-Nets, the rectified flow for FLUX.1 (its
+  token ids made on the device, its sigmas drawn on the host like the timesteps); FLUX.1's block swap copies
+  weights between host and device inside the step, so it takes the eager step;
+- gradient checkpointing is captured too: its recomputation saves no RNG state (run/memory.py's `recompute`: the
+  denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
-  AdamW8bit read values back to the host or keep host state, and gradient checkpointing recomputes under an RNG
-  state a capture cannot save, so those runs take the eager step (`recipe.fast_path_blockers` says why).
+  AdamW8bit read values back to the host or keep host state, so those runs take the eager step
+  (`recipe_checks.fast_path_blockers` says why).
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
@@ -28,8 +36,8 @@ batch 8 and 3.16x at SDXL batch 4. With deterministic kernels the captured step'
 bit for bit over 40 steps, so the capture computes exactly the eager step; with the default (non-deterministic
 flash-attention backward) two eager runs drift apart as much as eager and fast do, and over 200 steps at
 DAdaptAdamW lr 1.0 on one fixed batch an eager run went non-finite too. So the fast path is on by default where
-it can be (`fast_path_choice`): unset in a recipe, a run on one CUDA GPU takes it unless the recipe or the data
-needs the eager step.
+it can be (`fast_path_choice`): unset in a recipe, a run on one CUDA GPU takes it unless the recipe needs the
+eager step.
 
 On a CPU the same code runs with the graph replaced by calling the recorded step again (`CapturedStep`), so the
 static buffers, the copies and the per-shape bookkeeping are exercised by the CPU tests, and the result is
@@ -39,61 +47,74 @@ different, per-tensor code path for a tensor learning rate.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.recipe_checks import RunData, fast_path_blockers
+from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, update
 
 
-def fast_path_choice(recipe: Recipe, device: torch.device, dataset: RunData, processes: int) -> tuple[bool, str]:
+def fast_path_choice(recipe: Recipe, device: torch.device, processes: int) -> tuple[bool, str]:
     """Whether a run replays its steps as CUDA graphs, and a log line saying why.
 
-    `fast_path: true` and `false` are the recipe's word (where true cannot work, the recipe parser, the trainer
-    and the DDP launcher refuse it before this, from the same `fast_path_blockers`). Unset, it is on wherever
-    nothing blocks it: one CUDA device, a recipe that allows it and no regularisation images.
+    `fast_path: true` and `false` are the recipe's word (where true cannot work, the recipe parser and the DDP
+    launcher refuse it before this, from the same `fast_path_blockers`). Unset, it is on wherever nothing blocks
+    it: one CUDA device and a recipe that allows it.
     """
     if recipe.fast_path is not None:
         return recipe.fast_path, f"fast_path: {str(recipe.fast_path).lower()} (the recipe)"
-    blockers = fast_path_blockers(recipe, device, dataset, processes)
+    blockers = fast_path_blockers(recipe, device, processes)
     if blockers:
         return False, f"fast_path unset: the eager step, since {blockers[0]}"
     return True, "fast_path unset: on (each step replayed as a CUDA graph)"
 
 
+def _batch_tensors(batch: StepBatch) -> list[torch.Tensor | None]:
+    return [getattr(batch, f.name) for f in fields(StepBatch)]
+
+
+def _noise_tensors(drawn: StepNoise) -> list[torch.Tensor | None]:
+    return [getattr(drawn, f.name) for f in fields(StepNoise)]
+
+
 @dataclass
 class _Inputs:
-    """A step's tensors, as one flat record (the static buffers of a graph have the same layout)."""
+    """A step's tensors: its batch (or the micro-batches of an accumulated step, `micro`) and its drawn noise, with
+    every optional input (SDXL's conditioning, loss masks, per-image loss weights of regularisation images, the
+    input perturbation of ip_noise_gamma) that the step has. The static buffers of a graph have the same layout."""
 
-    latents: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None
-    time_ids: torch.Tensor | None
-    noise: torch.Tensor
-    timesteps: torch.Tensor
+    batches: list[StepBatch]
+    drawn: StepNoise
+    micro: bool
 
     @classmethod
-    def of(cls, batch: StepBatch, drawn: StepNoise) -> _Inputs:
-        return cls(batch.latents, batch.encoder_hidden_states, batch.text_embeds, batch.time_ids, drawn.noise,
-                   drawn.timesteps)
+    def of(cls, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> _Inputs:
+        micro = not isinstance(batch, StepBatch)
+        return cls(list(batch) if micro else [batch], drawn, micro)
 
     def tensors(self) -> list[torch.Tensor | None]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [t for b in self.batches for t in _batch_tensors(b)] + _noise_tensors(self.drawn)
 
     def key(self) -> tuple:
-        return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in self.tensors())
+        return (self.micro, *(None if t is None else (tuple(t.shape), t.dtype) for t in self.tensors()))
 
     def copy_from(self, other: _Inputs) -> None:
         for mine, theirs in zip(self.tensors(), other.tensors(), strict=True):
             if mine is not None:
                 mine.copy_(theirs, non_blocking=True)
 
-    def batch(self) -> tuple[StepBatch, StepNoise]:
-        return (StepBatch(self.latents, self.encoder_hidden_states, self.text_embeds, self.time_ids),
-                StepNoise(self.noise, self.timesteps))
+    def clone(self) -> _Inputs:
+        def copied(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+
+        batches = [StepBatch(*map(copied, _batch_tensors(b))) for b in self.batches]
+        return _Inputs(batches, StepNoise(*map(copied, _noise_tensors(self.drawn))), self.micro)
+
+    def args(self) -> tuple[StepBatch | list[StepBatch], StepNoise]:
+        return (self.batches if self.micro else self.batches[0]), self.drawn
 
 
 class CapturedStep:
@@ -131,7 +152,7 @@ class GraphedSteps:
         group = parts.optimizer.param_groups[0]
         self.lr = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
-    def __call__(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+    def __call__(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
         if key in self.captured:
@@ -142,12 +163,12 @@ class GraphedSteps:
         if key not in self.eager_done:
             self.eager_done.add(key)
             return self._eager(batch, drawn)
-        static = _Inputs(*[None if t is None else t.clone() for t in inputs.tensors()])
+        static = inputs.clone()
         step = self._capture(static)
         self.captured[key] = (static, step)
         return step.replay()
 
-    def _eager(self, batch: StepBatch, drawn: StepNoise) -> torch.Tensor:
+    def _eager(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         if self.device.type != "cuda":
             return update(self.parts, batch, drawn)
         side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as PyTorch's capture recipe does
@@ -164,13 +185,18 @@ class GraphedSteps:
 
         def step() -> torch.Tensor:
             if self.device.type != "cuda":  # no graph: the float the schedule wrote is read at every call
-                return update(self.parts, *static.batch())
+                return update(self.parts, *static.args())
             host_lr = group["lr"]
             group["lr"] = self.lr
             try:
-                return update(self.parts, *static.batch())
+                return update(self.parts, *static.args())
             finally:
                 group["lr"] = host_lr
 
         self.lr.fill_(float(group["lr"]))
+        if self.device.type == "cuda":
+            # the eager steps' freed activations go back to the driver: the graph's private pool allocates its own,
+            # and at FLUX.1's size (about 34 GiB of activations) the two would not fit side by side
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
         return CapturedStep(step, self.device, self.pool)

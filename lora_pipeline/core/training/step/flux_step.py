@@ -41,11 +41,13 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(h/2 * w/2, 3) ids of the packed tokens: 0, row, column (FluxPipeline's _prepare_latent_image_ids)."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] += torch.arange(height // 2)[:, None]
-    ids[..., 2] += torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device, dtype)
+    """(h/2 * w/2, 3) ids of the packed tokens: 0, row, column (FluxPipeline's _prepare_latent_image_ids).
+
+    Made on `device` directly: a copy from host memory cannot be recorded in a CUDA graph (the fast path)."""
+    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+    ids[..., 1] += torch.arange(height // 2, device=device)[:, None]
+    ids[..., 2] += torch.arange(width // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype)
 
 
 @dataclass(frozen=True)

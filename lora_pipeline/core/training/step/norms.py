@@ -7,6 +7,12 @@ the frozen weights already in bf16 (or fp16), the norm can take the bf16 input d
 compute the mean and variance in float32 either way (their accumulation type), so what changes is only that the
 output is rounded to bf16 once, where the next layer would round it anyway. kohya's `--full_bf16` runs the whole
 U-Net so; here it is only the norms, the rest stays under autocast.
+
+The other round trip is peft's: a LoRA layer casts its input to its weights' dtype before the down projection,
+so with float32 LoRA weights (kept so for the optimizer) every LoRA'd layer's bf16 input is copied to float32, and
+autocast then casts it back to bf16 for the matmul; the gradient takes the same two copies back. At FLUX.1's size
+those copies were 9.8% of the step's GPU time (H100 profile, benchmarks/RESULTS.md). `lora_inputs_uncast` turns
+the cast off where autocast is on: the bf16 values go into the same bf16 matmul, so the result is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +37,20 @@ def norms_in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> int:
         norm.forward = functools.partial(_forward_in, norm, dtype)
         patched += 1
     return patched
+
+
+def lora_inputs_uncast(module: torch.nn.Module) -> int:
+    """Leave the inputs of `module`'s peft LoRA layers in their dtype (autocast casts them for the matmul, as it
+    would the float32 copy); returns how many layers. DoRA layers keep the cast: their norm arithmetic runs
+    outside the matmuls, in the weights' dtype."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    uncast = 0
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer) and not any(getattr(layer, "use_dora", {}).values()):
+            layer.cast_input_dtype_enabled = False
+            uncast += 1
+    return uncast
 
 
 def _forward_in(norm: torch.nn.Module, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
