@@ -36,7 +36,8 @@ from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.lora_layout import lora_targets
 from lora_pipeline.core.models.tiny import ensure_tiny_model
-from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.recipe_groups import FlowSettings, NoiseSettings
 from lora_pipeline.core.training.run.memory import lighten_denoiser
 from lora_pipeline.core.training.seeds import Stream, torch_generator

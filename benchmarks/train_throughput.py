@@ -62,7 +62,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
-from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_fields import OPTIMIZERS
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.run.memory import enable_checkpointing
 from lora_pipeline.core.training.seeds import Stream, torch_generator

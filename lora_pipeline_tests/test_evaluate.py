@@ -11,13 +11,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation import evaluate_lora
 from lora_pipeline.core.evaluation.grid import column_labels, plan_grid
 from lora_pipeline.core.evaluation.recommend import fmt
 from lora_pipeline.core.models.loading import load_base_model
-from lora_pipeline.core.models.sampling import load_pipeline, sample
+from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample
 from lora_pipeline.core.paths import mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.tracking import TrainingTracker, batch_filter
@@ -211,3 +212,28 @@ def test_a_tiny_flux_single_block_lora_is_one_line_naming_train_blocks(train_sna
                tracker=TrainingTracker(root.mlflow), log=lambda _: None, device="cpu")
     with pytest.raises(UserError, match="train_blocks: double"):
         evaluate(root, recipe)
+
+
+def test_a_flux_t5_lora_is_in_the_grid_though_diffusers_drops_it(train_snapshot, tmp_path):
+    """train_t5xxl: diffusers' FLUX loader drops a file's T5 (`lora_te3_`) modules; the grid's weight-1.0 cell is
+    the image with them (core/models/t5_lora.py puts them on T5), which differs from the image without them."""
+    root = train_snapshot(n=4, repeats=1)
+    recipe = tiny_recipe(base_model="tiny-flux", model_family="flux1", epochs=1, optimizer="AdamW",
+                         learning_rate=1e-2, train_blocks="double", network_train_unet_only=False, train_t5xxl=True,
+                         t5xxl_max_token_length=64, sample_prompts=PROMPTS[:1], eval_weights=(1.0,))
+    trained = train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", "tiny"), provenance={},
+                         tracker=TrainingTracker(root.mlflow), log=lambda _: None, device="cpu")
+    result, _ = evaluate(root, recipe)
+    scale = plan_grid((64, 64), ["epoch 1"], column_labels(result.weights), PROMPTS[0]).scale
+    shown = cells(result.grid_paths[0], result, PROMPTS[0])[0][1][::scale, ::scale]
+
+    base = load_base_model(root.models, "tiny-flux", "flux1", t5_max_length=64)
+    pipe = load_pipeline(base, torch.float32)
+    path = Path(trained.epochs[-1]["file"])
+    without_t5 = tmp_path / "without_t5.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("lora_te3_")}, without_t5)
+    images = {}
+    for epoch, file in enumerate((path, without_t5), start=1):
+        with loaded_lora(pipe, file, epoch) as adapter:
+            images[file] = sample(pipe, recipe.sampling, adapter, 1.0, base.pipeline_call_options)[0]
+    assert np.array_equal(shown, images[path]) and not np.array_equal(images[path], images[without_t5])

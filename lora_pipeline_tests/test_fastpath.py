@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import host_to_device
-from lora_pipeline.core.training.recipe import fast_path_blockers, parse_recipe
+from lora_pipeline.core.training.recipe import parse_recipe
+from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train

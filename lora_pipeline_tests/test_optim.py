@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lora_pipeline.core.training.recipe import OPTIMIZERS, SCHEDULERS, Recipe
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_fields import OPTIMIZERS, SCHEDULERS
 from lora_pipeline.core.training.step.optim import effective_lrs, make_lr_scheduler, make_optimizer, step_lr
 
 CPU = torch.device("cpu")

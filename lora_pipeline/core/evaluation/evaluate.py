@@ -36,7 +36,7 @@ from lora_pipeline.core.evaluation.val_loss import (
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model
-from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype
+from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype, set_lora_weight
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
@@ -125,7 +125,7 @@ def _sample_epochs(
         with loaded_lora(pipe, files[epoch], epoch) as adapter:
             images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w, options)
                                       for w in recipe.eval_weights])
-            pipe.set_adapters([adapter], adapter_weights=[1.0])
+            set_lora_weight(pipe, adapter, 1.0)
             val[epoch] = validation_loss(base.denoiser, base, validation, dtype)
         log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
     return baseline, images, val

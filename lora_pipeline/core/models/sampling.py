@@ -32,6 +32,7 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.models.t5_lora import delete_t5_lora, load_t5_lora, weigh_t5_lora
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
     """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards.
 
     Text-encoder keys go through kohya_names.for_diffusers (diffusers 0.42 misses kohya's `text_model` level in
-    transformers 5's CLIP models)."""
+    transformers 5's CLIP models); FLUX.1's T5 modules, which diffusers drops, go on through t5_lora.py."""
     name = f"e{epoch}"
     encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
     tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
@@ -123,9 +124,17 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
                         "single blocks' linear1 at FLUX.1's full widths; a tiny model's LoRA loads when trained "
                         "with train_blocks: double", path) from None
     try:
+        load_t5_lora(pipe, tensors, name)  # the T5 modules diffusers' loader drops
         yield name
     finally:
         pipe.delete_adapters([name])
+        delete_t5_lora(pipe, name)
+
+
+def set_lora_weight(pipe: DiffusionPipeline, adapter: str, weight: float) -> None:
+    """Make a loaded LoRA the active one at `weight`: set_adapters for what diffusers loaded, and T5's part."""
+    pipe.set_adapters([adapter], adapter_weights=[weight])
+    weigh_t5_lora(pipe, adapter, weight)
 
 
 @torch.no_grad()
@@ -137,7 +146,7 @@ def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | N
     `options`: the family's further arguments of the pipeline's call (`BaseModel.pipeline_call_options`).
     """
     if adapter is not None:
-        pipe.set_adapters([adapter], adapter_weights=[weight])
+        set_lora_weight(pipe, adapter, weight)
     prompts = list(settings.prompts)
     generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(len(prompts))]
     with deterministic(pipe.device), quiet_diffusers():

@@ -35,7 +35,12 @@ class GroupView(Generic[G]):
     def __get__(self, instance: object | None, owner: type) -> GroupView[G] | G:
         if instance is None:  # read on the class
             return self
-        return self.kind(**{f.name: getattr(instance, f.name) for f in fields(self.kind)})
+        return read_group(self.kind, instance)
+
+
+def read_group(kind: type[G], recipe: object) -> G:
+    """The group `kind` filled from the recipe's fields of the same names."""
+    return kind(**{f.name: getattr(recipe, f.name) for f in fields(kind)})
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class NetworkSettings:
     use_dora: bool
     network_train_unet_only: bool
     train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
+    train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
 
     @property
     def conv_alpha_value(self) -> float:

@@ -43,6 +43,14 @@ class ModelFamily(ABC):
     pixel_multiple: int = 8  # image sides must be multiples of this (the VAE factor, x2 where latents are packed)
     kohya_layout: str = "per_module"  # how its LoRA modules are chosen and named (models/lora_layout.py)
     max_blocks_to_swap: int = 0  # the most blocks `blocks_to_swap` may keep on the CPU (0: no block swapping)
+    # kohya's key prefix of the T5 encoder's LoRA (`train_t5xxl`), the text encoder after those of text_prefixes;
+    # "": the family has no T5 encoder
+    t5_prefix: str = ""
+
+    def lora_text_prefixes(self, train_t5xxl: bool) -> tuple[str, ...]:
+        """kohya's prefix of each text encoder, in order, that carries a LoRA when the text encoders train:
+        those of `text_prefixes`, then T5's with `train_t5xxl`."""
+        return self.text_prefixes + ((self.t5_prefix,) if train_t5xxl and self.t5_prefix else ())
 
     def token_lengths(self, tokenizers: Sequence[Any], denoiser: Any, t5_max_length: int | None) -> list[int]:
         """The token length of each text encoder's input: the tokenizers' own (CLIP: 77)."""

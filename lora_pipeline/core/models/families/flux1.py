@@ -3,8 +3,8 @@
 A FluxTransformer2DModel denoiser in `transformer/`, conditioned on CLIP-L's pooled output and T5-XXL's last hidden
 state (as FluxPipeline feeds it), trained on the rectified-flow objective (core/training/step/flux_step.py). Its
 LoRA files are kohya's FLUX layout (flux_names.py): `lora_unet_double_blocks_…` / `lora_unet_single_blocks_…`, CLIP-L
-as `lora_te1_`; like kohya's default (`train_t5xxl` off) the T5 encoder never carries a LoRA, so text-encoder
-training (network_train_unet_only: false) trains CLIP-L only.
+as `lora_te1_`, T5 as `lora_te3_`. Text-encoder training (network_train_unet_only: false) trains CLIP-L, and T5 as
+well only with `train_t5xxl` (kohya's network_args of that name, off by default).
 """
 
 from __future__ import annotations
@@ -77,6 +77,6 @@ FLUX1 = Flux1(
     modelspec_architecture="flux-1-dev/lora", modelspec_implementation="https://github.com/black-forest-labs/flux",
     tokenizers=("CLIPTokenizer", "T5Tokenizer"), denoiser_subfolder="transformer",
     denoiser_class="FluxTransformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler",
-    objective=RECTIFIED_FLOW, pixel_multiple=16, kohya_layout="bfl_fused",
+    objective=RECTIFIED_FLOW, pixel_multiple=16, kohya_layout="bfl_fused", t5_prefix="lora_te3_",
     max_blocks_to_swap=35,  # kohya's limit: at least two blocks of each kind stay on the GPU (19 double, 38 single)
 )

@@ -8,7 +8,7 @@ and so does the dataset report when the spec sets `flip_aug` (caption_lint.py).
 `flip_aug` can be set in the recipe (kohya's `--flip_aug`) or in the dataset spec (kohya's dataset config, where
 it is a subset option); a run flips when either says so.
 
-Latents: kohya refuses `cache_latents` with `random_crop` (recipe.py does the same); with `flip_aug` and
+Latents: kohya refuses `cache_latents` with `random_crop` (recipe_checks.py does the same); with `flip_aug` and
 `cache_latents` it caches each image twice, as it is and mirrored, and picks one per step (encode.py).
 """
 

@@ -4,13 +4,15 @@ U-Net: every Linear / Conv2d inside the transformer blocks (kohya's UNET_TARGET_
 network_dim / network_alpha. With `conv_dim` (LoCon, kohya's network_args conv_dim / conv_alpha) also every
 Linear / Conv2d inside ResnetBlock2D, Downsample2D and Upsample2D: the 3x3 convolutions at conv_dim /
 conv_alpha, the time-embedding projection and 1x1 shortcuts at network_dim / network_alpha (kohya's rule).
-Text encoders (network_train_unet_only: false): every Linear of CLIPAttention and CLIPMLP.
+Text encoders (network_train_unet_only: false): every Linear of CLIPAttention and CLIPMLP, and of FLUX.1's T5
+(with `train_t5xxl`) every Linear of T5Attention and T5DenseGatedActDense (kohya's lora_flux.py targets).
 
-Keys are `lora_unet_…`, `lora_te_…` (SD 1.x) or `lora_te1_…` / `lora_te2_…` (SDXL), then the module path
-with dots as underscores, then `.lora_down.weight`, `.lora_up.weight`, `.alpha`. SD 1.x U-Net paths are the
-diffusers ones; SDXL U-Net paths are Stability's sgm names (`input_blocks_4_1_…`, `input_blocks_4_0_in_layers_2`
-for a ResNet's conv1, `…_out_layers_3` conv2, `…_emb_layers_1` time_emb_proj, `…_skip_connection` conv_shortcut,
-`input_blocks_3_0_op` a downsampler, `output_blocks_2_2_conv` an upsampler) as kohya's SDXL U-Net names them.
+Keys are `lora_unet_…`, `lora_te_…` (SD 1.x), `lora_te1_…` / `lora_te2_…` (SDXL) or `lora_te3_…` (FLUX.1's T5),
+then the module path with dots as underscores, then `.lora_down.weight`, `.lora_up.weight`, `.alpha`. SD 1.x
+U-Net paths are the diffusers ones; SDXL U-Net paths are Stability's sgm names (`input_blocks_4_1_…`,
+`input_blocks_4_0_in_layers_2` for a ResNet's conv1, `…_out_layers_3` conv2, `…_emb_layers_1` time_emb_proj,
+`…_skip_connection` conv_shortcut, `input_blocks_3_0_op` a downsampler, `output_blocks_2_2_conv` an upsampler) as
+kohya's SDXL U-Net names them.
 
 DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module,
 shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with wd_on_out; diffusers reads it into peft's
@@ -36,7 +38,8 @@ if TYPE_CHECKING:  # loading imports diffusers; `lora-pipeline provenance` reads
     from lora_pipeline.core.models.loading import BaseModel
 
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
-TEXT_BLOCKS = ("CLIPAttention", "CLIPMLP")  # kohya's TEXT_ENCODER_TARGET_REPLACE_MODULE
+# kohya's TEXT_ENCODER_TARGET_REPLACE_MODULE (networks/lora.py, and lora_flux.py's T5 ones)
+TEXT_BLOCKS = ("CLIPAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
 
 
 def _is_target_child(module: Any) -> bool:
@@ -91,7 +94,7 @@ def text_targets(encoder: Any) -> list[str]:
 
 def add_text_encoder_lora(encoder: Any, rank: int, alpha: float, adapter_name: str = "default", *,
                           use_dora: bool = False) -> None:
-    """kohya's text-encoder LoRA: every Linear of the CLIP attention and MLP blocks."""
+    """kohya's text-encoder LoRA: every Linear of the CLIP (or T5) attention and MLP blocks."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=text_targets(encoder), init_lora_weights=True,
@@ -137,17 +140,19 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     if not modules:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
     tensors = denoiser_kohya_tensors(architecture, unet, modules)
-    for prefix, encoder in zip(architecture.text_prefixes, text_encoders or [], strict=False):
-        # kohya's names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
-        level = "" if hasattr(encoder, "text_model") else TEXT_MODEL
+    # an encoder without an adapter (FLUX.1's T5 without train_t5xxl) writes nothing
+    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders or [], strict=False):
+        # kohya's CLIP names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
+        level = "" if hasattr(encoder, "text_model") or prefix == architecture.t5_prefix else TEXT_MODEL
         for name, module in _adapter_modules(encoder, adapter_name):
             tensors.update(_module_tensors(module, adapter_name, prefix + level + name.replace(".", "_")))
     return tensors
 
 
-def lora_text_encoders(base: BaseModel) -> list[Any]:
-    """The text encoders that carry a LoRA when they train: those with a kohya prefix (FLUX.1: CLIP-L, not T5)."""
-    return base.text_encoders[:len(base.architecture.text_prefixes)]
+def lora_text_encoders(base: BaseModel, train_t5xxl: bool = False) -> list[Any]:
+    """The text encoders that carry a LoRA when they train: those with a kohya prefix (FLUX.1: CLIP-L, and T5
+    with `train_t5xxl`)."""
+    return base.text_encoders[:len(base.architecture.lora_text_prefixes(train_t5xxl))]
 
 
 def trainable(base: BaseModel) -> dict[str, torch.nn.Parameter]:
@@ -170,7 +175,7 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
                       conv_alpha=network.conv_alpha_value, use_dora=network.use_dora,
                       target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks))
         if not network.network_train_unet_only:
-            for encoder in lora_text_encoders(base):
+            for encoder in lora_text_encoders(base, network.train_t5xxl):
                 add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora)
     for module in (base.denoiser, *base.text_encoders):
         cast_training_params(module, dtype=torch.float32)
@@ -191,8 +196,11 @@ def param_groups(base: BaseModel, text_encoder_lr: float | None) -> list[Any]:
 
 
 def network_args(network: NetworkSettings) -> dict[str, str]:
-    """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA)."""
+    """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA; FLUX.1's
+    train_t5xxl as kohya's "True")."""
     args: dict[str, str] = {}
+    if network.train_t5xxl:
+        args.update(train_t5xxl="True")
     if network.conv_dim is not None:
         args.update(conv_dim=str(network.conv_dim), conv_alpha=str(network.conv_alpha_value))
     if network.use_dora:

@@ -33,7 +33,8 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.loading import default_device, resolve_base_model
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.result import TrainResult, environment_error, own_output
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora

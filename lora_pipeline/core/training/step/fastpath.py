@@ -26,7 +26,7 @@ graph replays fixed shapes and a bucketed dataset has a few:
   denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
   AdamW8bit read values back to the host or keep host state, so those runs take the eager step
-  (`recipe.fast_path_blockers` says why).
+  (`recipe_checks.fast_path_blockers` says why).
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
@@ -52,7 +52,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lora_pipeline.core.training.recipe import Recipe, fast_path_blockers
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, update
 
 

@@ -1,0 +1,63 @@
+"""What a run writes as it goes: LoRA files in kohya's format (epoch and step files, from the first process only)
+and, with each epoch file, the resume state that a later call continues from (checkpoint.py)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from lora_pipeline.core.training.inputs.data import steps_per_epoch
+from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
+from lora_pipeline.core.training.kohya.network import kohya_state_dict, trainable
+from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
+from lora_pipeline.core.training.run.checkpoint import (
+    ResumeState,
+    epoch_file_name,
+    save_state,
+)
+from lora_pipeline.core.training.run.setup import TrainingRun
+from lora_pipeline.core.training.step.loop import StepContext
+from lora_pipeline.core.training.step.optim import averaged_weights
+
+
+def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
+                   global_step: int, path: Path) -> str:
+    """Write the LoRA as it stands (for a schedule-free optimizer: its averaged weights) to `path`."""
+    recipe = run.recipe
+    unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
+    metadata = build_metadata(
+        recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=run.total,
+        num_train_images=run.data.num_train_images,
+        num_batches_per_epoch=steps_per_epoch(run.data.images, run.data.image_repeats, recipe.train_batch_size),
+        num_reg_images=run.data.num_reg_images, reg_dataset_dirs=run.data.reg_dataset_dirs(),
+        tag_frequency=run.data.tag_frequency(recipe.caption_separator), dataset_dirs=run.data.dataset_dirs(),
+        training_started_at=run.started_at,
+        prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
+        flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
+    ) | rights_metadata(run.data.snapshot_dir)
+    encoders = None if recipe.network_train_unet_only else run.base.text_encoders
+    with averaged_weights(ctx.parts.optimizer):
+        tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
+    return save_lora(path, tensors, metadata)
+
+
+def writes(ctx: StepContext) -> bool:
+    """Whether this process writes the run's files: the only one, or the first of several (DDP)."""
+    return ctx.parts.accelerator.is_main_process
+
+
+def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
+               mean_loss: float, history: tuple[list[dict], list[float], list[float]]) -> None:
+    """Write the epoch file and the resume state after it; `history` is (saved, losses, lrs) of the run so far,
+    and `saved` gains the epoch file's record."""
+    saved, losses, lrs = history
+    path = run.out_dir / epoch_file_name(run.version, run.recipe.name, epoch)
+    sha = save_lora_file(run, ctx, provenance, epoch, global_step, path)
+    saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss, "sha256": sha})
+    save_state(run.out_dir, ResumeState(
+        key=run.key,
+        epoch=epoch, global_step=global_step, started_at=run.started_at, provenance=asdict(provenance),
+        saved=saved, losses=losses, lrs=lrs,
+        lora={n: p.detach().cpu().clone() for n, p in trainable(run.base).items()},
+        optimizer=ctx.parts.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
+    ))

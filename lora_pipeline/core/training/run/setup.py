@@ -1,0 +1,158 @@
+"""Setting up a run: `TrainingRun` (what `train_lora` was given and what it derived: the data, the base model, the
+resume state, the step counts) and `build_context`, which puts the LoRA on the base model, moves the frozen parts
+where they train, fills the latent and text caches and builds the optimizer, schedule and step (the captured fast
+path where it can) into the epoch loop's `StepContext`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.models.model_hash import weights_hash
+from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.inputs.data import TrainingData, steps_per_epoch
+from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
+from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
+from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
+from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
+from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.run.checkpoint import ResumeState
+from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
+from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
+from lora_pipeline.core.training.step.loop import (
+    Shard,
+    StepContext,
+    StepParts,
+    make_accelerator,
+    update,
+)
+from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
+from lora_pipeline.core.training.step.objective import training_objective
+from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.timing import StageTimes
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LATENT_CACHE = "latents"  # under the data root's .cache/ (latent_cache.py)
+TEXT_CACHE = "text"  # under the data root's .cache/ (text_cache.py)
+
+
+@dataclass
+class TrainingRun:
+    """A run as train_lora set it up: what the epoch loop needs besides the step context."""
+
+    root: DataRoot
+    version: str
+    recipe: Recipe
+    out_dir: Path
+    data: TrainingData
+    base: BaseModel
+    derived: dict[str, str]
+    key: dict[str, str]  # what a resume state must match
+    state: ResumeState | None
+    started_at: float
+    device: torch.device
+    precision: str
+    log: Callable[[str], None]
+    times: StageTimes
+    called_at: float  # perf_counter at train_lora's start
+    peak: PeakMemory = field(init=False)  # the GPU's peak memory: "caching" (up to training) and "training"
+
+    def __post_init__(self) -> None:
+        self.peak = PeakMemory(self.device)
+
+    @property
+    def flip_aug(self) -> bool:
+        """Whether images are mirrored: the recipe's flip_aug or the dataset spec's (kohya's two places)."""
+        return self.recipe.flip_aug or self.data.flip_aug
+
+    @property
+    def per_epoch(self) -> int:
+        """Optimizer steps per epoch (batches of train_batch_size x gradient_accumulation_steps)."""
+        return steps_per_epoch(self.data.images, self.data.image_repeats, self.recipe.effective_batch_size)
+
+    @property
+    def total(self) -> int:
+        """Optimizer steps of the whole run: `epochs`, cut at max_train_steps."""
+        return min(self.per_epoch * self.recipe.epochs, self.recipe.max_train_steps or self.per_epoch * 10**7)
+
+    @property
+    def last_epoch(self) -> int:
+        return -(-self.total // self.per_epoch)
+
+
+def build_context(run: TrainingRun) -> StepContext:
+    """The step context of the run (see the module docstring); the text encoders and the VAE leave the GPU where
+    the caches made them unnecessary."""
+    recipe, base, device = run.recipe, run.base, run.device
+    dtype = DTYPES[run.precision]
+    unet = base.denoiser
+    noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
+    add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
+    flow = training_objective(base, noise, recipe.flow)
+    train_text = not recipe.network_train_unet_only
+    unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
+    moving = time.perf_counter()
+    # default memory format: channels-last weights were 5-6% slower (benchmarks/RESULTS.md)
+    swap = lighten_denoiser(unet, base.architecture, recipe, device)
+    if run.precision != "no":
+        norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
+        lora_inputs_uncast(unet)  # nor peft's float32 copy of each LoRA layer's input
+    base.vae.to(device)
+    for encoder in base.text_encoders:
+        encoder.to(device)
+    run.times.add("load", time.perf_counter() - moving)
+    images = run.data.images
+    dropout = augmentation.caption_dropout
+    disk = None
+    if recipe.cache_latents_to_disk:
+        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
+    with run.times.stage("latent_caching"):
+        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk)
+    if train_text:
+        run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "
+                "(network_train_unet_only: false)")
+    # whole captions (or "") recur, and the text encoders are frozen
+    fixed_captions = not augmentation.shuffle_caption and not dropout.tag_rate and not train_text
+    cached = [i.caption for i in images] + ([""] if dropout.on else []) if fixed_captions else ()
+    text_disk = None
+    if recipe.cache_text_encoder_outputs_to_disk:  # the recipe made sure that captions are fixed
+        text_disk = TextDiskCache.for_model(base, run.root.cache / TEXT_CACHE, run.log)
+    text = TextSource(base, dtype, device, cached, run.times, train=train_text, disk=text_disk)
+    if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
+        if recipe.cache_latents:
+            base.vae.to("cpu")
+        if fixed_captions:
+            for encoder in base.text_encoders:
+                encoder.to("cpu")
+    run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
+    params = list(trainable(base).values())
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, param_groups(base, recipe.text_encoder_lr),
+                               device)
+    lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, run.total)
+    accelerator = make_accelerator(device, run.precision)
+    # the denoiser is on the device already, but for the swapped blocks' weights, which must stay on the CPU
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler,
+                                                        device_placement=[swap is None, True, True])
+    if run.state is not None:
+        optimizer.load_state_dict(run.state.optimizer)
+        lr_scheduler.load_state_dict(run.state.lr_scheduler)
+    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
+    fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
+    if device.type == "cuda":  # on a CPU there is nothing to choose
+        run.log(why)
+    return StepContext(
+        parts=parts, update=GraphedSteps(parts, device) if fast_path else functools.partial(update, parts),
+        lr_scheduler=lr_scheduler, images=images, latents=latents, text=text, seed=recipe.seed,
+        augmentation=augmentation, micro_conditioning=base.architecture.micro_conditioning, dtype=dtype,
+        warmup_steps_per_shape=2 if fast_path else 1,
+        masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
+        micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
+        shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
+    )
