@@ -215,8 +215,7 @@ def cmd_provenance(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
-    not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
-    listed under `unsealed` without failing the run."""
+    not sealed is not checked (a build may be writing it) and fails the run, listed under `unsealed`."""
     from lora_pipeline.defs.schedules import VERIFY_STEP
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
