@@ -193,35 +193,30 @@ def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None =
     result = VerifyResult(version=snapshot_dir.name, manifest_root=info.manifest_root)
     result.root_mismatch = manifest_root(rows) != info.manifest_root
     expected = {r.path: r for r in rows}
-    irregular = irregular_entries(snapshot_dir)
     for rel, row in sorted(expected.items()):
-        digest = _rehash(snapshot_dir, rel, result, irregular)
+        digest = _rehash(snapshot_dir, rel, result)
         if digest is not None and digest != row.sha256:
             result.mismatched.append(rel)
     for name, digest in sorted((sealed_files or {}).items()):
-        current = _rehash(snapshot_dir, name, result, irregular)
+        current = _rehash(snapshot_dir, name, result)
         if current is not None and current != digest:
             result.mismatched.append(name)
     for parent, _, files in os.walk(snapshot_dir):  # never enters a linked folder
         for name in files:
             rel = (Path(parent) / name).relative_to(snapshot_dir).as_posix()
-            if rel not in expected and rel not in NON_CONTENT and rel not in irregular:
+            if rel not in expected and rel not in NON_CONTENT and (Path(parent) / name).is_file():
                 result.extra.append(rel)
-    result.irregular = sorted(irregular)
+    result.irregular = [rel for rel in irregular_entries(snapshot_dir) if rel not in expected]
     return result
 
 
-def _rehash(snapshot_dir: Path, rel: str, result: VerifyResult, irregular: list[str]) -> str | None:
+def _rehash(snapshot_dir: Path, rel: str, result: VerifyResult) -> str | None:
     """The sha256 of one listed file, read without following a link on the way down; None (and the file listed
-    as missing or irregular) when it cannot be read as a regular file of the version."""
+    as missing) when it cannot be read as a regular file of the version."""
     try:
         digest = sha256_regular(snapshot_dir / rel, beneath=snapshot_dir)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, NotRegularFile):
         result.missing.append(rel)
-        return None
-    except (NotRegularFile, NotADirectoryError):
-        if rel not in irregular:
-            irregular.append(rel)
         return None
     result.files_checked += 1
     return digest
