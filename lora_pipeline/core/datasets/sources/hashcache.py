@@ -143,7 +143,7 @@ def _key(root: DataRoot, create: bool) -> bytes | None:
         if not create:
             return None
     except NotRegularFile:
-        raise UserError("the hash caches' key is not a regular file; delete it (the caches are rebuilt)", path) from None
+        raise UserError("not a regular file; delete it (the hash caches are rebuilt)", path) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=path.parent)  # mode 0600
     try:

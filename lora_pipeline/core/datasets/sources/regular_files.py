@@ -22,9 +22,8 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from lora_pipeline.core.hashing import sha256_stream
-
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.hashing import sha256_stream
 
 CAPTION_LIMIT = 64 * 1024  # bytes of one caption file; kohya captions are a line of tags
 TABLE_LIMIT = 64 * 1024 * 1024  # bytes of a caption or attribute table
