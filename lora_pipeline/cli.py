@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.errors import UserError, one_line
+from lora_pipeline.core.errors import UserError, one_line, printable
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.runtime import prepare_runtime
 
@@ -293,7 +293,7 @@ DEMO_RECIPE = "demo-tiny"
 
 def _say(args: argparse.Namespace, line: str) -> None:
     if not args.json:
-        print(line, flush=True)
+        print(printable(line), flush=True)
 
 
 def _key_value_lines(data: dict[str, Any]) -> str:
@@ -352,7 +352,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     if args.json:
         print(json.dumps({"ok": False, "error": message}))
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.data, indent=2, sort_keys=True, default=str))
     else:
-        print(result.text if result.text is not None else _key_value_lines(result.data))
+        text = result.text if result.text is not None else _key_value_lines(result.data)
+        print(printable(text, keep="\n\t"))  # file names, captions and header values are untrusted text
     return result.exit_code
 
 
