@@ -153,11 +153,12 @@ class _Chain:
         self._hashes: dict[Path, tuple[str | None, str | None]] = {}
 
     def rel(self, path: Path) -> str:
-        """A path as the user knows it: relative to the data root when it lies inside."""
-        try:
-            return path.resolve().relative_to(self.root.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        """A path as the user knows it: relative to the data root when it lies inside (lexically: a link in the
+        path is not followed)."""
+        for root in (self.root.root.absolute(), self.root.root.resolve()):
+            if path.absolute().is_relative_to(root):
+                return path.absolute().relative_to(root).as_posix()
+        return str(path)
 
     def file_status(self, path: Path, expected: str, what: str, since: str, beneath: Path) -> FileStatus:
         """"unchanged", "changed" or "missing"; a finding for the latter two. `path` is read as a regular file of
