@@ -75,8 +75,16 @@ def trained(tmp_path_factory, tiny_model) -> Trained:
             build_snapshot(root, spec, "test")
             finish_version(root, spec)
     recipe = load_recipe(root.recipe_file(RECIPE))
-    train_lora(root, VERSION, recipe, out_dir=root.loras(VERSION, RECIPE), provenance={"code_commit": "test"},
-               tracker=TrainingTracker(root.mlflow), log=lambda _: None, device="cpu")
+    train_lora(
+        root,
+        VERSION,
+        recipe,
+        out_dir=root.loras(VERSION, RECIPE),
+        provenance={"code_commit": "test"},
+        tracker=TrainingTracker(root.mlflow),
+        log=lambda _: None,
+        device="cpu",
+    )
     return Trained(root, outside)
 
 
@@ -106,7 +114,7 @@ def replaced(path: Path, by: Path | bytes | None = None) -> Iterator[Path]:
 
 def _flip_byte(path: Path, offset: int = 100) -> bytes:
     data = path.read_bytes()
-    return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
+    return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :]
 
 
 # --- provenance ----------------------------------------------------------------------------------------------------
@@ -118,7 +126,10 @@ def test_provenance_covers_class_images_masks_and_their_captions_and_flags_each_
     kinds = [image.kind for image in chain.images]
     assert kinds.count("image") == 11 and kinds.count("reg_image") == 3
     assert sorted(image.mask.source.path for image in chain.images if image.mask) == [
-        "close-01-teal.mask.png", "close-02-mustard.mask.png", "close-03-charcoal.mask.png"]
+        "close-01-teal.mask.png",
+        "close-02-mustard.mask.png",
+        "close-03-charcoal.mask.png",
+    ]
     reg = next(image for image in chain.images if image.kind == "reg_image")
     assert reg.caption.caption_source == "class_tokens:appliance" and reg.caption.text == "appliance"
     assert reg.source.name == "class-images-2026-12" and reg.source.status == "unchanged"
@@ -143,8 +154,10 @@ def test_a_snapshot_caption_linked_outside_the_root_is_a_finding_and_its_target_
         chain = trace_lora(trained.root, trained.epoch(3))
         text, document = format_provenance(chain), json.dumps(chain.to_json_dict())
     assert SECRET.decode() not in text and SECRET.decode() not in document
-    assert ("caption datasets/hardware-masked-reg-v1/img/1_hdaesth/close-01-teal.txt is a symbolic link, not "
-            "followed; its text was not read") in chain.status
+    assert (
+        "caption datasets/hardware-masked-reg-v1/img/1_hdaesth/close-01-teal.txt is a symbolic link, not "
+        "followed; its text was not read"
+    ) in chain.status
     linked = next(image for image in chain.images if image.path == "img/1_hdaesth/close-01-teal.png")
     assert linked.caption.text is None
 
@@ -166,17 +179,22 @@ def test_renamed_epoch_files_are_found_by_provenance_and_refused_by_evaluate(tra
     try:
         chain = trace_lora(trained.root, e2)
         with pytest.raises(UserError) as refused:
-            evaluate_lora(trained.root, VERSION, load_recipe(trained.root.recipe_file(RECIPE)), log=lambda _: None,
-                          device="cpu")
+            evaluate_lora(
+                trained.root, VERSION, load_recipe(trained.root.recipe_file(RECIPE)), log=lambda _: None, device="cpu"
+            )
     finally:
         os.rename(e2, swap)
         os.rename(e3, e2)
         os.rename(swap, e3)
     assert chain.lora.epoch == "3"
-    assert chain.status == [f"LoRA file {e2.relative_to(trained.root.root)}: its name says epoch 2 but its header "
-                            "holds epoch 3 (renamed?); its weights are that epoch's"]
-    assert str(refused.value) in (f"{e}: its name says epoch {a} but its header holds epoch {b} (renamed?); rename "
-                                  "it back or retrain" for e, a, b in ((e2, 2, 3), (e3, 3, 2)))
+    assert chain.status == [
+        f"LoRA file {e2.relative_to(trained.root.root)}: its name says epoch 2 but its header "
+        "holds epoch 3 (renamed?); its weights are that epoch's"
+    ]
+    assert str(refused.value) in (
+        f"{e}: its name says epoch {a} but its header holds epoch {b} (renamed?); rename it back or retrain"
+        for e, a, b in ((e2, 2, 3), (e3, 3, 2))
+    )
 
 
 def _doctored(trained: Trained, name: str, **header: str) -> Path:
@@ -214,24 +232,36 @@ def test_a_doctored_header_reads_nothing_outside_the_root_or_the_model_folders(t
         findings[name] = [f for f in chain.status if f.startswith("base model cannot be checked")]
     index = listing / "unet/diffusion_pytorch_model.safetensors.index.json"
     assert findings == {
-        "listing": [f"base model cannot be checked: {index}: names the shard '{secret}', not a file name inside "
-                    "unet/; not read"],
-        "linked": [f"base model cannot be checked: {linked}/unet/model-00001.safetensors: lies outside the data root "
-                   "and the model folders; not read"],
-        "outside": [f"base model cannot be checked: {trained.outside}/model/unet/diffusion_pytorch_model.safetensors: "
-                    "lies outside the data root and the model folders; not read"],
+        "listing": [
+            f"base model cannot be checked: {index}: names the shard '{secret}', not a file name inside unet/; not read"
+        ],
+        "linked": [
+            f"base model cannot be checked: {linked}/unet/model-00001.safetensors: lies outside the data root "
+            "and the model folders; not read"
+        ],
+        "outside": [
+            f"base model cannot be checked: {trained.outside}/model/unet/diffusion_pytorch_model.safetensors: "
+            "lies outside the data root and the model folders; not read"
+        ],
     }
 
 
 def test_a_header_whose_model_names_dev_zero_finishes_at_once(trained):
     zero = _model_in_a_batch(trained, "zero", {"model-00001.safetensors": "/dev/zero"})
     lora = _doctored(trained, "zero", base_model_source=str(zero))
-    script = ("import sys; from pathlib import Path; from lora_pipeline.core.paths import DataRoot; "
-              "from lora_pipeline.core.lineage.provenance import trace_lora; "
-              "print(trace_lora(DataRoot(Path(sys.argv[1])), Path(sys.argv[2])).base_model.status)")
+    script = (
+        "import sys; from pathlib import Path; from lora_pipeline.core.paths import DataRoot; "
+        "from lora_pipeline.core.lineage.provenance import trace_lora; "
+        "print(trace_lora(DataRoot(Path(sys.argv[1])), Path(sys.argv[2])).base_model.status)"
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", script, str(trained.root.root), str(lora)], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(trained.root.root), str(lora)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("provenance was still reading /dev/zero after 120 s")
     assert done.returncode == 0 and done.stdout.strip() == "unavailable", done.stderr
@@ -289,8 +319,10 @@ def test_a_poisoned_hash_cache_entry_never_reaches_a_seal(trained, monkeypatch):
     poisoned = "".join(json.dumps(row) + "\n" for row in rows).encode()
     with replaced(cache, poisoned), pytest.raises(UserError) as refused:
         build_snapshot(trained.root, spec, "test")
-    assert str(refused.value) == (f"{cache}: hash cache line 1 does not match its check (edited?); it is not "
-                                  "trusted: delete the file (it is rebuilt)")
+    assert str(refused.value) == (
+        f"{cache}: hash cache line 1 does not match its check (edited?); it is not "
+        "trusted: delete the file (it is rebuilt)"
+    )
     assert not trained.root.dataset("poisoned-v1").exists()
     rows[0].pop("check")  # a row without a check is not trusted either: the file is hashed again
     with replaced(cache, "".join(json.dumps(row) + "\n" for row in rows).encode()):
@@ -312,8 +344,9 @@ def test_a_latent_cache_entry_that_is_a_link_is_not_followed(trained):
     assert cache.get(entry.stem, shape) is not None
     with replaced(entry, copy):
         assert cache.get(entry.stem, shape) is None
-    assert cache.stats.rejected == 1 and lines == [f"latent cache: {entry.name} does not match what it should hold; "
-                                                   "encoding it again"]
+    assert cache.stats.rejected == 1 and lines == [
+        f"latent cache: {entry.name} does not match what it should hold; encoding it again"
+    ]
 
 
 # --- captions, evaluation ------------------------------------------------------------------------------------------
@@ -322,8 +355,10 @@ def test_a_latent_cache_entry_that_is_a_link_is_not_followed(trained):
 def test_control_characters_in_a_sidecar_are_a_blocking_lint_error_and_crlf_is_not(trained):
     batch = trained.root.batch("control-2026-12")
     batch.mkdir()
-    image = trained.root.batch("curated-2026-10") / sorted(
-        p.name for p in trained.root.batch("curated-2026-10").glob("*.png"))[0]
+    image = (
+        trained.root.batch("curated-2026-10")
+        / sorted(p.name for p in trained.root.batch("curated-2026-10").glob("*.png"))[0]
+    )
     for stem, caption in (("esc", b"hdaesth, front view\x1b[31m, teal body\x00\n"), ("crlf", b"hdaesth, top view\r\n")):
         shutil.copyfile(image, batch / f"{stem}.png")
         (batch / f"{stem}.txt").write_bytes(caption)
@@ -340,13 +375,19 @@ def test_control_characters_in_a_sidecar_are_a_blocking_lint_error_and_crlf_is_n
 
 def test_a_kill_during_evaluation_leaves_no_half_folder_and_the_next_run_completes(trained):
     out = trained.root.evals(VERSION, RECIPE)
-    script = ("import sys; from pathlib import Path; from lora_pipeline.core.paths import DataRoot; "
-              "from lora_pipeline.core.training.recipe import load_recipe; "
-              "from lora_pipeline.core.evaluation.evaluate import evaluate_lora; "
-              "root = DataRoot(Path(sys.argv[1])); "
-              "evaluate_lora(root, sys.argv[2], load_recipe(root.recipe_file(sys.argv[3])), device='cpu')")
-    child = subprocess.Popen([sys.executable, "-c", script, str(trained.root.root), VERSION, RECIPE], cwd=REPO_ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = (
+        "import sys; from pathlib import Path; from lora_pipeline.core.paths import DataRoot; "
+        "from lora_pipeline.core.training.recipe import load_recipe; "
+        "from lora_pipeline.core.evaluation.evaluate import evaluate_lora; "
+        "root = DataRoot(Path(sys.argv[1])); "
+        "evaluate_lora(root, sys.argv[2], load_recipe(root.recipe_file(sys.argv[3])), device='cpu')"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(trained.root.root), VERSION, RECIPE],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not any(out.parent.rglob("grid_0.png")) and child.poll() is None and time.monotonic() < deadline:
@@ -357,7 +398,8 @@ def test_a_kill_during_evaluation_leaves_no_half_folder_and_the_next_run_complet
     assert child.returncode == -signal.SIGKILL
     assert not out.exists() or (out / RECOMMENDATION_JSON).is_file()
 
-    result = evaluate_lora(trained.root, VERSION, load_recipe(trained.root.recipe_file(RECIPE)), log=lambda _: None,
-                           device="cpu")
+    result = evaluate_lora(
+        trained.root, VERSION, load_recipe(trained.root.recipe_file(RECIPE)), log=lambda _: None, device="cpu"
+    )
     assert result.out_dir == out and (out / RECOMMENDATION_JSON).is_file() and (out / "grid_0.png").is_file()
     assert [p.name for p in out.parent.iterdir()] == [RECIPE]  # the killed run's staging folder is gone

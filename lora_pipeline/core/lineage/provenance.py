@@ -308,12 +308,7 @@ def _caption_link(chain: _Chain, folder: Path, caption: ManifestRow, since: str)
 
 def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
     source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
-    recipe_file = chain.root.recipe_file(meta.get(f"{KEY}recipe", ""))
-    try:
-        configured = load_recipe(recipe_file).base_model if recipe_file.is_file() else None
-    except UserError:
-        configured = None
-    within = model_folders(chain.root, configured)
+    within = model_folders(chain.root, chain.root.recipe_file(meta.get(f"{KEY}recipe", "")))
     status = _compare(
         chain, lambda: base_model_hash(source, within), recorded,
         ("unavailable", "base model cannot be checked"),

@@ -20,10 +20,15 @@ from lora_pipeline.core.datasets.sources.regular_files import (
     read_regular,
     sha256_regular,
 )
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.recipe import load_recipe
 
-_NOT_READ = {"symlink_not_followed": "is a symbolic link, not followed", "not_a_regular_file": "is not a regular file",
-             "outside_the_folder": "lies outside its folder"}
+_NOT_READ = {
+    "symlink_not_followed": "is a symbolic link, not followed",
+    "not_a_regular_file": "is not a regular file",
+    "outside_the_folder": "lies outside its folder",
+}
 
 
 def rehash(path: Path, beneath: Path) -> tuple[str | None, str | None]:
@@ -49,15 +54,19 @@ def caption_text(path: Path, beneath: Path) -> tuple[str | None, str | None]:
     return data.decode("utf-8", errors="replace").strip(), None
 
 
-def model_folders(root: DataRoot, recipe_base_model: str | None) -> list[Path]:
+def model_folders(root: DataRoot, recipe_file: Path) -> list[Path]:
     """Where a header's base model may be read: the data root, each `models/<name>` (followed: a user links their
-    model folders there), the folder the recipe file names (`recipe_base_model`, when it is a path) and the
+    model folders there), the folder the recipe file names as its `base_model` (when it is a path) and the
     Hugging Face hub cache."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     folders = [root.root, Path(HF_HUB_CACHE)]
     if root.models.is_dir():
         folders += [Path(os.path.realpath(entry)) for entry in sorted(root.models.iterdir())]
-    if recipe_base_model and Path(recipe_base_model).expanduser().is_absolute():
-        folders.append(Path(recipe_base_model).expanduser())
+    try:
+        configured = load_recipe(recipe_file).base_model if recipe_file.is_file() else ""
+    except UserError:
+        configured = ""  # provenance reports a recipe that no longer loads
+    if configured and Path(configured).expanduser().is_absolute():
+        folders.append(Path(configured).expanduser())
     return folders
