@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lora_pipeline.core.datasets.checks.report import Report, read_report
 from lora_pipeline.core.datasets.problems import errors_in
-from lora_pipeline.core.datasets.snapshot.manifest import read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.snapshot.manifest import irregular_in, read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.seal import changed_sealed_files, require_sealed
-from lora_pipeline.core.datasets.sources.regular_files import irregular_entries, is_regular
+from lora_pipeline.core.datasets.sources.regular_files import is_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.names import closest_names
 from lora_pipeline.core.paths import REPORT_JSON, SNAPSHOT, DataRoot
@@ -64,9 +64,10 @@ def require_passed_report(root: DataRoot, version: str) -> Report:
 def _require_own_files(snapshot_dir: Path, version: str) -> None:
     """UserError naming the first manifest file that is not a regular file of the version (lstat of every folder
     on the way down: no link is followed) or the first link, FIFO or empty folder in it."""
-    irregular = [snapshot_dir / rel for rel in irregular_entries(snapshot_dir)]
-    irregular += [snapshot_dir / r.path for r in read_manifest(snapshot_dir)
-                  if not is_regular(snapshot_dir / r.path, beneath=snapshot_dir)]
+    rows = read_manifest(snapshot_dir)
+    irregular = [snapshot_dir / rel for rel in irregular_in(snapshot_dir, read_snapshot_info(snapshot_dir),
+                                                             (r.path for r in rows))]
+    irregular += [snapshot_dir / r.path for r in rows if not is_regular(snapshot_dir / r.path, beneath=snapshot_dir)]
     if irregular:
         raise UserError(
             f"not a regular file of the version (a link, FIFO or device, or missing); refusing to train "
