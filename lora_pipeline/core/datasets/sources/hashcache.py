@@ -25,7 +25,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from PIL import Image
 
 from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation
 from lora_pipeline.core.datasets.sources.copying import StatKey, stat_key
-from lora_pipeline.core.datasets.sources.regular_files import TABLE_LIMIT, NotRegularFile, open_regular, read_regular
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, open_regular, read_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_stream
@@ -45,6 +45,7 @@ from lora_pipeline.core.paths import DataRoot
 # import: a test that makes files and registers them at once sets it to 0 rather than waiting the window out.
 RACY_NS = 2_000_000_000
 HASH_WORKERS = min(4, os.cpu_count() or 1)
+CACHE_LIMIT = 1 << 30  # bytes of one batch's cache (a row is about 300 bytes)
 STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
 
@@ -158,9 +159,20 @@ def _key(root: DataRoot, create: bool) -> bytes | None:
     return read_regular(path, 64)
 
 
-def _check(key: bytes, row: dict[str, Any]) -> str:
-    body = json.dumps({k: v for k, v in row.items() if k != "check"}, sort_keys=True, separators=(",", ":"))
-    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+_CHECK = ', "check": "'  # a row's line: its JSON without the check, then this, the check's 64 hex digits, '"}'
+_CHECKED_END = len(_CHECK) + 64 + 2
+
+
+def _signer(key: bytes) -> Callable[[str], str]:
+    """HMAC-SHA256 of a row's JSON text (the line without its check), keyed once for every row."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def sign(body: str) -> str:
+        mac = keyed.copy()
+        mac.update(body.encode())
+        return mac.hexdigest()
+
+    return sign
 
 
 def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
@@ -168,12 +180,13 @@ def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
     not match is a UserError; one without a check (or with no key to check it) is left out: hashed again."""
     path = cache_file(root, batch)
     try:
-        text = read_regular(path, TABLE_LIMIT).decode("utf-8")
+        text = read_regular(path, CACHE_LIMIT).decode("utf-8")
     except FileNotFoundError:
         return {}
     except UnicodeDecodeError:
         raise UserError("hash cache is not UTF-8 text; delete the file (it is rebuilt)", path) from None
     key = _key(root, create=False)
+    sign = None if key is None else _signer(key)
     entries = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
@@ -181,9 +194,9 @@ def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
             entry = Entry.from_json(row)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"hash cache line {lineno} is damaged; delete the file (it is rebuilt)", path) from None
-        if entry is None or key is None or "check" not in row:
+        if entry is None or sign is None or "check" not in row:
             continue
-        if not hmac.compare_digest(str(row["check"]), _check(key, row)):
+        if not hmac.compare_digest(line[-_CHECKED_END:], f'{_CHECK}{sign(line[:-_CHECKED_END] + "}")}"}}'):
             raise UserError(f"hash cache line {lineno} does not match its check (edited?); it is not trusted: "
                             "delete the file (it is rebuilt)", path)
         entries[entry.path] = entry
@@ -198,7 +211,7 @@ def record(root: DataRoot, batch: str, entries: Iterable[Entry], replace: bool =
     if not new and not replace:
         return
     merged = new if replace else load_cache(root, batch) | new
-    key = _key(root, create=True)
-    rows = [merged[p].to_json() for p in sorted(merged)]
-    text = "".join(json.dumps(row | {"check": _check(key, row)}, sort_keys=True) + "\n" for row in rows)
+    sign = _signer(_key(root, create=True))
+    bodies = [json.dumps(merged[p].to_json(), sort_keys=True) for p in sorted(merged)]
+    text = "".join(f'{body[:-1]}{_CHECK}{sign(body)}"}}\n' for body in bodies)
     atomic_write_text(cache_file(root, batch), text)
