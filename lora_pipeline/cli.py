@@ -22,7 +22,7 @@ from lora_pipeline.cli_records import (
     add_record_commands,
     rights_options,
 )
-from lora_pipeline.core.errors import UserError, one_line
+from lora_pipeline.core.errors import UserError, one_line, printable
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.runtime import prepare_runtime
 
@@ -207,8 +207,7 @@ def cmd_evaluate(args: argparse.Namespace, root: DataRoot) -> CommandResult:
 
 def cmd_verify(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     """Runs `verify_snapshots_job`, the job of the nightly schedule, for one version or all. A version that is
-    not sealed yet is not checked (a build may be writing it): named alone it fails, among all versions it is
-    listed under `unsealed` without failing the run."""
+    not sealed is not checked (a build may be writing it) and fails the run, listed under `unsealed`."""
     from lora_pipeline.defs.schedules import VERIFY_STEP
     from lora_pipeline.runs.instance import instance
     from lora_pipeline.runs.jobs import run_job
@@ -303,7 +302,7 @@ DEMO_RECIPE = "demo-tiny"
 
 def _say(args: argparse.Namespace, line: str) -> None:
     if not args.json:
-        print(line, flush=True)
+        print(printable(line), flush=True)
 
 
 def _key_value_lines(data: dict[str, Any]) -> str:
@@ -369,7 +368,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     if args.json:
         print(json.dumps({"ok": False, "error": message}))
     else:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
     return code
 
 
@@ -401,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.data, indent=2, sort_keys=True, default=str))
     else:
-        print(result.text if result.text is not None else _key_value_lines(result.data))
+        text = result.text if result.text is not None else _key_value_lines(result.data)
+        print(printable(text, keep="\n\t"))  # file names, captions and header values are untrusted text
     return result.exit_code
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,9 @@ def traced(tmp_path, image_bytes, tiny_model):
         _write(snap / name, b"{}")  # provenance reads none of them; the seal needs them present
     seal_snapshot(snap)
     recipe = load_recipe(_write(root.recipe_file("r1"), RECIPE.encode()))
-    base = str(tiny_model("tiny-sd"))
+    root.models.mkdir()
+    os.symlink(tiny_model("tiny-sd"), root.models / "tiny-sd")  # as training records it: a model folder of the root
+    base = str(root.models / "tiny-sd")
 
     def save(name: str = "hand-v1-r1-e002.safetensors", **overrides: str) -> Path:
         provenance = LoraProvenance(**{

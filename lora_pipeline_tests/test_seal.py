@@ -72,14 +72,15 @@ def test_a_build_killed_after_the_rename_is_never_whole_and_building_again_compl
     assert code == 1
     out = json.loads(stdout)
     assert out["findings"] == [] and out["ok"] is False
-    assert out["unsealed"] == [f"{VERSION}: not sealed yet (being built, or its build was interrupted: "
-                               f"run `lora-pipeline build {VERSION}`); not verified"]
+    assert out["unsealed"] == [f"{VERSION}: not sealed yet (being built, or its build was interrupted, or its seal "
+                               f"was removed: run `lora-pipeline build {VERSION}`); not verified"]
     code, stdout, _ = main("verify", "--json")
-    assert code == 0  # verifying everything (as the nightly schedule does): skipped, not failed
+    assert code == 1  # verifying everything (as the nightly schedule does): a version without a seal is not ok
     everything = json.loads(stdout)
     assert everything["versions"][VERSION] == {"ok": False, "sealed": False, "files_checked": 0}
     nightly = definitions().resolve_job_def("verify_snapshots_job")
-    assert nightly.execute_in_process(instance=dg.DagsterInstance.ephemeral()).success  # logs a warning
+    ran = nightly.execute_in_process(instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not ran.success
     # the gate
     one_line(main("train", VERSION, "--recipe", "demo-tiny"), VERSION, "not sealed")
     with pytest.raises(UserError, match="is not sealed"):

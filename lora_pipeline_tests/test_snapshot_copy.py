@@ -112,6 +112,7 @@ def test_a_warm_build_copies_unread_and_equals_a_cold_build(aged: DataRoot, no_r
             assert st.st_ino not in source_inodes
     assert tree_state(top) == before  # nothing under sources/ was written, not even a cache
     assert sorted(p.relative_to(aged.cache).as_posix() for p in aged.cache.rglob("*")) == [
+        ".hashcache.key",  # the key of the rows' checks
         "batches",
         "batches/edited.jsonl",
         "batches/hit.jsonl",

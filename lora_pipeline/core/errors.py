@@ -7,6 +7,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 
@@ -28,3 +29,23 @@ def one_line(error: BaseException | str, empty: str | None = None) -> str:
     if empty is not None:
         return empty
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+# Bidirectional overrides and isolates: they reorder what a terminal shows (a file name that reads backwards).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def is_control(ch: str) -> bool:
+    """A character a terminal acts on instead of showing: C0 and C1 controls (ESC, CR, NUL, DEL ...), line and
+    paragraph separators, and bidirectional overrides."""
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` safe to write to a terminal: each control character (`is_control`) becomes a visible escape
+    (`\\x1b`, `\\r`), except those in `keep` (the CLI keeps its own newlines). Everything read from a user's file
+    (captions, header values, file names) is printed through this."""
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if is_control(ch) and ch not in keep else ch
+                   for ch in text)

@@ -18,9 +18,10 @@ class VerifyConfig(dg.Config):
 @dg.op(
     name=VERIFY_STEP,
     out=dg.Out(dg.Nothing),
-    description="Re-hash sealed snapshots; fail naming each flipped, missing or extra file. A version that is not "
-    "sealed yet is not checked: named, it fails; among all, it is listed under `unsealed`. The summary is the "
-    "output's metadata (or the failure's): `versions`, `findings`, `unsealed`.",
+    description="Re-hash sealed snapshots; fail naming each flipped, missing, extra or irregular (link, FIFO, empty "
+    "folder) entry. A version that is not sealed is not checked and fails the run (listed under `unsealed`): a "
+    "removed seal must not pass. The summary is the output's metadata (or the failure's): `versions`, `findings`, "
+    "`unsealed`.",
 )
 @fails_on_user_error
 def verify_snapshots(context: dg.OpExecutionContext, config: VerifyConfig, data_root: DataRootResource):
@@ -45,8 +46,9 @@ def verify_snapshots(context: dg.OpExecutionContext, config: VerifyConfig, data_
         raise dg.Failure(description=f"{len(findings)} finding(s): snapshot files that no longer match their manifest "
                          "or a lineage index that no longer matches the versions",
                          metadata=summary)
-    if config.versions and unsealed:
-        raise dg.Failure(description=f"{len(unsealed)} named version(s) not sealed yet", metadata=summary)
+    if unsealed:
+        named = "named " if config.versions else ""
+        raise dg.Failure(description=f"{len(unsealed)} {named}version(s) not sealed yet", metadata=summary)
     return dg.Output(None, metadata=summary)
 
 

@@ -2,7 +2,8 @@
 
 Reads `loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors` and writes to `evals/<version>/<recipe>/`:
 `grid_<i>.png` per sample prompt, `val_loss.png`, `recommendation.json` and `recommendation.md`; the same
-files and the per-epoch losses go to an MLflow run nested under the training run.
+files and the per-epoch losses go to an MLflow run nested under the training run. The files are written into a
+hidden staging folder beside it and the whole folder renamed into place: a kill leaves no half evaluation.
 
 The base model is loaded once; each evaluated epoch's file is loaded once, sampled at every eval weight
 and measured for validation loss at weight 1, then deleted again. On CPU the outputs are byte-identical
@@ -11,7 +12,10 @@ from run to run.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +26,9 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from lora_pipeline.core.datasets.sources.copying import fsync_dir
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, is_regular
+from lora_pipeline.core.datasets.sources.staging import remove_abandoned, staging_folder
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation.eval_tracking import log_evaluation, training_run_client
 from lora_pipeline.core.evaluation.grid import write_grids
@@ -39,14 +46,13 @@ from lora_pipeline.core.models.loading import BaseModel, default_device, load_ba
 from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype, set_lora_weight
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
-from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
+from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, header_epoch, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.tracking import dataset_tags
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"
 RECOMMENDATION_MD = "recommendation.md"
-GRID_RE = re.compile(r"grid_\d+\.png")
 
 
 @dataclass
@@ -68,13 +74,21 @@ class EvaluationResult:
 
 
 def epoch_files(folder: Path, version: str, recipe: str) -> dict[int, Path]:
-    """The saved epochs of a training: {epoch: file}, from the trainer's file names."""
+    """The saved epochs of a training: {epoch: file}, found by the trainer's file names and each checked against
+    its own header (a renamed or swapped file is a UserError: its weights are another epoch's). A link in place of
+    an epoch file is refused, never followed."""
     pattern = re.compile(re.escape(f"{version}-{recipe}-e") + r"(\d{3,})\.safetensors")
     found = {}
     if folder.is_dir():
         for path in folder.iterdir():
-            if (m := pattern.fullmatch(path.name)) and path.is_file():
-                found[int(m[1])] = path
+            if not pattern.fullmatch(path.name):
+                continue
+            if not is_regular(path):
+                raise NotRegularFile(path, "symlink_not_followed" if path.is_symlink() else "not_a_regular_file")
+            meta = read_lora_metadata(path)
+            if (mismatch := epoch_mismatch(path, meta)) is not None:
+                raise UserError(f"{mismatch}; rename it back or retrain", path)
+            found[header_epoch(meta) or int(pattern.fullmatch(path.name)[1])] = path
     if not found:
         raise UserError(f"no trained epochs of {version}/{recipe}; train first (lora-pipeline train "
                         f"{version} --recipe {recipe})", folder)
@@ -104,6 +118,20 @@ def _check_headers(headers: Mapping[int, Mapping[str, str]], files: Mapping[int,
     if len(runs) > 1:
         raise UserError(f"epoch files come from {len(runs)} different training runs; retrain", files[min(files)])
     return runs.pop()
+
+
+def _replace_folder(staged: Path, final: Path) -> None:
+    """Put the complete `staged` folder in place of `final`: the earlier folder is first moved aside under a
+    staging name (which `remove_abandoned` clears should a kill land between the two renames), so `final` is
+    at every moment either the whole earlier evaluation, the whole new one, or absent; never half of one."""
+    displaced = None
+    if final.exists():
+        displaced = final.parent / f".{final.name}.tmp-replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        final.rename(displaced)
+    staged.rename(final)
+    fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced)
 
 
 def _subtitle(version: str, recipe: Recipe, base: BaseModel) -> str:
@@ -172,27 +200,28 @@ def evaluate_lora(
     decision = recommend(rows, recipe.eval_weights)
     chosen = decision["recommended_epoch"]
     out_dir = root.evals(version, recipe.name)
-    grids = write_grids(out_dir, recipe, baseline, images, chosen, _subtitle(version, recipe, base))
-    for stale in out_dir.iterdir():
-        if GRID_RE.fullmatch(stale.name) and stale not in grids:
-            stale.unlink()
-    plot = loss_plot(epochs, [r["train_loss"] for r in rows], [r["val_loss"] for r in rows], chosen,
-                     out_dir / VAL_LOSS_PNG, f"{version}/{recipe.name}: loss per epoch", validation.held_out)
-    report = {
-        **decision,
-        "version": version, "recipe": recipe.name, "recipe_sha256": recipe.sha256, "training_run_id": run_id,
-        "recommended_file": files[chosen].relative_to(root.root).as_posix(),
-        "epochs": rows, "saved_epochs": list(files), "weights": [0.0, *recipe.eval_weights],
-        "prompts": list(recipe.sample_prompts), "grids": [p.name for p in grids],
-        "validation": validation.describe(), "train_loss_source": train_note,
-        "sampling": {
-            "seed": recipe.sample_seed, "steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale,
-            "resolution": recipe.resolution, "device": target.type, "dtype": str(dtype).removeprefix("torch."),
-        },
-    }
-    markdown = render_markdown(report)
-    write_json(out_dir / RECOMMENDATION_JSON, report)
-    atomic_write_text(out_dir / RECOMMENDATION_MD, markdown)
+    remove_abandoned(out_dir.parent)
+    with staging_folder(out_dir.parent, out_dir.name) as staged:
+        grids = write_grids(staged, recipe, baseline, images, chosen, _subtitle(version, recipe, base))
+        loss_plot(epochs, [r["train_loss"] for r in rows], [r["val_loss"] for r in rows], chosen,
+                  staged / VAL_LOSS_PNG, f"{version}/{recipe.name}: loss per epoch", validation.held_out)
+        report = {
+            **decision,
+            "version": version, "recipe": recipe.name, "recipe_sha256": recipe.sha256, "training_run_id": run_id,
+            "recommended_file": files[chosen].relative_to(root.root).as_posix(),
+            "epochs": rows, "saved_epochs": list(files), "weights": [0.0, *recipe.eval_weights],
+            "prompts": list(recipe.sample_prompts), "grids": [p.name for p in grids],
+            "validation": validation.describe(), "train_loss_source": train_note,
+            "sampling": {
+                "seed": recipe.sample_seed, "steps": recipe.sample_steps, "guidance_scale": recipe.guidance_scale,
+                "resolution": recipe.resolution, "device": target.type, "dtype": str(dtype).removeprefix("torch."),
+            },
+        }
+        markdown = render_markdown(report)
+        write_json(staged / RECOMMENDATION_JSON, report)
+        atomic_write_text(staged / RECOMMENDATION_MD, markdown)
+        _replace_folder(staged, out_dir)
+    grids, plot = [out_dir / p.name for p in grids], out_dir / VAL_LOSS_PNG
     eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,
                               [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD], root.mlflow,
                               dataset_tags(data.snapshot_dir))

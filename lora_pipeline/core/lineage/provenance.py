@@ -1,9 +1,11 @@
 """From a LoRA file back to everything that made it: `lora-pipeline provenance FILE`.
 
 Only the file's header is read (plus its sha256); the rest comes from the data root. The chain is:
-LoRA -> recipe -> dataset version (its manifest, re-verified) -> every image with its caption and the
-source files they were copied from (re-hashed) -> base model -> code commit -> MLflow run. Every link is
-checked against what is on disk now, and each break becomes one plain-language finding in `status`.
+LoRA -> recipe -> dataset version (its manifest, re-verified) -> every input training read (training and
+regularisation images, their captions and loss masks) with the source files they were copied from (re-hashed)
+-> base model -> code commit -> MLflow run. Every link is checked against what is on disk now, and each break
+becomes one plain-language finding in `status`. The header is untrusted input: its epoch is checked against the
+file's name, and every file is read through reads.py (no link followed, nothing outside its folder).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pydantic import Field
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
-from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.errors import UserError, printable
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lineage.reads import caption_text, model_folders, rehash
 from lora_pipeline.core.lineage.source_flags import BatchFlags, retired_findings, version_flags
 from lora_pipeline.core.models.model_hash import base_model_hash
 from lora_pipeline.core.paths import SNAPSHOT, DataRoot, mlflow_tracking_uri
 from lora_pipeline.core.schema import Record
-from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata, tensors_match_header
+from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, read_lora_metadata, tensors_match_header
 from lora_pipeline.core.training.recipe import load_recipe
 
 KEY = "lora_pipeline."
@@ -54,13 +57,22 @@ class SourceLink(Record):
 class CaptionLink(Record):
     path: str
     sha256: str
-    text: str | None  # the snapshot's caption file as it reads now; null when it is gone
+    text: str | None  # the snapshot's caption file as it reads now; null when it is gone (or is not a regular file)
     caption_source: str | None = Field(alias="from")  # the manifest row's caption_source
+    source: SourceLink | None  # null for a caption written from the source's class tokens (a regularisation image)
+
+
+class MaskLink(Record):
+    """An image's loss mask file (kind "mask" in the manifest) and the source file it was copied from."""
+
+    path: str
+    sha256: str
     source: SourceLink
 
 
 class ImageLink(Record):
     path: str
+    kind: Literal["image", "reg_image"] = Field("image", exclude_if=lambda kind: kind == "image")
     sha256: str
     bytes: int
     width: int | None
@@ -68,6 +80,7 @@ class ImageLink(Record):
     source: SourceLink
     origin: SourceLink | None = _left_out()  # an image of an earlier version: the batch file it first came from
     caption: CaptionLink | None = _left_out()  # none when the manifest has no caption for the image (a finding)
+    mask: MaskLink | None = _left_out()  # the loss mask file, when the image has one
 
 
 class LoraLink(Record):
@@ -139,22 +152,24 @@ class _Chain:
     def __init__(self, root: DataRoot) -> None:
         self.root = root
         self.findings: list[str] = []
-        self._hashes: dict[Path, str | None] = {}
+        self._hashes: dict[Path, tuple[str | None, str | None]] = {}
 
     def rel(self, path: Path) -> str:
-        """A path as the user knows it: relative to the data root when it lies inside."""
-        try:
-            return path.resolve().relative_to(self.root.root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
+        """A path as the user knows it: relative to the data root when it lies inside (lexically: a link in the
+        path is not followed)."""
+        for root in (self.root.root.absolute(), self.root.root.resolve()):
+            if path.absolute().is_relative_to(root):
+                return path.absolute().relative_to(root).as_posix()
+        return str(path)
 
-    def file_status(self, path: Path, expected: str, what: str, since: str) -> FileStatus:
-        """"unchanged", "changed" or "missing"; a finding for the latter two."""
+    def file_status(self, path: Path, expected: str, what: str, since: str, beneath: Path) -> FileStatus:
+        """"unchanged", "changed" or "missing"; a finding for the latter two. `path` is read as a regular file of
+        `beneath` (a link is "missing", never followed)."""
         if path not in self._hashes:
-            self._hashes[path] = sha256_file(path) if path.is_file() and not path.is_symlink() else None
-        actual = self._hashes[path]
+            self._hashes[path] = rehash(path, beneath)
+        actual, why = self._hashes[path]
         if actual is None:
-            self.findings.append(f"{what} {self.rel(path)} no longer exists")
+            self.findings.append(f"{what} {self.rel(path)} {why}")
             return "missing"
         if actual != expected:
             self.findings.append(f"{what} {self.rel(path)} changed since {since}")
@@ -166,14 +181,16 @@ class _Chain:
         """A file a snapshot row was copied or derived from: a batch file or an earlier dataset's file."""
         where = self.root.batch(name) if kind == "batch" else self.root.dataset(name)
         what = "source file" if kind == "batch" else f"file of dataset {name}"
-        status = self.file_status(where / path, sha, what, since)
+        status = self.file_status(where / path, sha, what, since, where)
         return SourceLink(kind=kind, name=name, path=path, sha256=sha, status=status)
 
-    def row_source(self, row: ManifestRow, since: str) -> SourceLink:
-        """The source file a manifest row was copied from."""
+    def row_source(self, row: ManifestRow, since: str) -> SourceLink | None:
+        """The source file a manifest row was copied from; None for a file written from no source file."""
         if row.source_batch is not None:
             return self.source_link("batch", row.source_batch, row.source_path, row.source_sha256, since)
-        return self.source_link("dataset", row.source_dataset, row.source_path, row.source_sha256, since)
+        if row.source_dataset is not None:
+            return self.source_link("dataset", row.source_dataset, row.source_path, row.source_sha256, since)
+        return None
 
 
 def _recipe_link(chain: _Chain, meta: dict[str, str]) -> RecipeLink:
@@ -253,38 +270,49 @@ def _dataset_link(chain: _Chain, meta: dict[str, str], version: str) -> tuple[Da
 
 
 def _images(chain: _Chain, folder: Path, version: str) -> list[ImageLink]:
+    """Every image training read (training and regularisation images), with its caption and loss mask."""
     rows = read_manifest(folder)
-    captions = {r.image: r for r in rows if r.kind == "caption"}
+    captions = {r.image: r for r in rows if r.kind in ("caption", "reg_caption")}
+    masks = {r.image: r for r in rows if r.kind == "mask"}
     since = f"the snapshot {version}"
     images = []
-    for row in sorted((r for r in rows if r.kind == "image"), key=lambda r: r.path):
+    for row in sorted((r for r in rows if r.kind in ("image", "reg_image")), key=lambda r: r.path):
         source = chain.row_source(row, since)
+        if source is None:
+            raise UserError(f"manifest row {row.path} names no source file", folder / "manifest.jsonl")
         origin = None
         if row.source_batch is None and row.origin_batch is not None:  # copied from an earlier version
             origin = chain.source_link("batch", row.origin_batch, row.origin_path, row.origin_sha256, since)
         caption = captions.get(row.path)
         if caption is None:
             chain.findings.append(f"{chain.rel(folder / row.path)} has no caption in the manifest")
+        mask = masks.get(row.path)
+        mask_source = None if mask is None else chain.row_source(mask, since)
         images.append(ImageLink(
-            path=row.path, sha256=row.sha256, bytes=row.bytes, width=row.width, height=row.height, source=source,
-            origin=origin, caption=None if caption is None else _caption_link(chain, folder, caption, since),
+            path=row.path, kind=row.kind, sha256=row.sha256, bytes=row.bytes, width=row.width, height=row.height,
+            source=source, origin=origin,
+            caption=None if caption is None else _caption_link(chain, folder, caption, since),
+            mask=None if mask is None or mask_source is None else MaskLink(path=mask.path, sha256=mask.sha256,
+                                                                          source=mask_source),
         ))
     return images
 
 
 def _caption_link(chain: _Chain, folder: Path, caption: ManifestRow, since: str) -> CaptionLink:
-    text_path = folder / caption.path
+    text, why = caption_text(folder / caption.path, folder)
+    if why is not None:
+        chain.findings.append(f"caption {chain.rel(folder / caption.path)} {why}")
     return CaptionLink(
-        path=caption.path, sha256=caption.sha256,
-        text=text_path.read_text(encoding="utf-8").strip() if text_path.is_file() else None,
+        path=caption.path, sha256=caption.sha256, text=text,
         caption_source=caption.caption_source, source=chain.row_source(caption, since),
     )
 
 
 def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
     source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
+    within = model_folders(chain.root, chain.root.recipe_file(meta.get(f"{KEY}recipe", "")))
     status = _compare(
-        chain, lambda: base_model_hash(source), recorded,
+        chain, lambda: base_model_hash(source, within), recorded,
         ("unavailable", "base model cannot be checked"),
         f"base model {source} changed since training (its U-Net hash differs)",
     )
@@ -298,6 +326,8 @@ def trace_lora(root: DataRoot, lora_path: Path) -> ProvenanceChain:
     if not version:
         raise UserError("has no lora_pipeline provenance in its header (not trained by this pipeline)", lora_path)
     chain = _Chain(root)
+    if (mismatch := epoch_mismatch(lora_path, meta)) is not None:
+        chain.findings.append(f"LoRA file {chain.rel(lora_path)}: {mismatch}; its weights are that epoch's")
     if tensors_match_header(lora_path) is False:
         chain.findings.append(
             f"LoRA file {chain.rel(lora_path)}: its tensors changed since it was written "
@@ -359,9 +389,11 @@ def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Seque
         lines.append("      " + _source_line("from", image.source))
         if image.origin:
             lines.append("      " + _source_line("origin", image.origin))
-        if caption:
+        if caption and caption.source:
             src = caption.source
             lines.append(f"      caption source {caption.caption_source} (sha256 {_short(src.sha256)}, {src.status})")
+        if image.mask:
+            lines.append("      " + _source_line(f"mask {image.mask.path}", image.mask.source))
     if not summary:  # a summary says the same per batch
         lines += [line for flags in chain.batches for line in flags.lines]
     lines += [
@@ -374,4 +406,4 @@ def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Seque
     else:
         lines.append(f"status: {len(chain.status)} finding(s)")
         lines += [f"  - {finding}" for finding in chain.status]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # captions and header values are untrusted text

@@ -17,6 +17,7 @@ from typing import Any
 from lora_pipeline.core.datasets.captions.tags import is_trigger, split_tags
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.spec import DatasetSpec
+from lora_pipeline.core.errors import is_control, printable
 
 _WORD = re.compile(r"\w+(?:[-']\w+)*")
 
@@ -24,6 +25,18 @@ _WORD = re.compile(r"\w+(?:[-']\w+)*")
 TEXT_WORDS = re.compile(r"\b(text|texts|logo|logos|lettering|letters?|words?|writing|written|label|labels|"
                         r"signage|sign|typography|font|wordmark|brand name|inscription|numbers?|digits?)\b",
                         re.IGNORECASE)
+
+
+def control_problem(image: str, text: str, scope: str) -> Problem | None:
+    """A blocking `caption_control_character` error when a caption file's text (as read, before it is joined into
+    one line) holds a control character (errors.is_control: ESC, CR, NUL ...): it would stay in the trained
+    caption and act on the terminal of whoever prints it. Line ends (LF, CRLF) and tabs are plain text."""
+    found = sorted({ch for ch in text.replace("\r\n", "\n") if ch not in "\n\t" and is_control(ch)})
+    if not found:
+        return None
+    shown = ", ".join(printable(ch) for ch in found)
+    message = f"the caption holds control characters ({shown}); remove them from the caption file"
+    return problem(image, "caption_control_character", "error", message, scope)
 
 
 def words(text: str) -> list[str]:

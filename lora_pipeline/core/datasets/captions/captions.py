@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
+from lora_pipeline.core.datasets.captions.caption_lint import control_problem, lint_captions
 from lora_pipeline.core.datasets.captions.overrides import override_reads
 from lora_pipeline.core.datasets.captions.tags import CAPTION_SUFFIX, caption_path, normalise_caption, place_trigger
 from lora_pipeline.core.datasets.problems import Problem, problem
@@ -372,6 +372,8 @@ def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> Capt
     for image, found in sorted(out.found.items()):
         if image in clashing:
             continue
+        if (control := control_problem(image, found.text, out.scope)) is not None:
+            out.problems.append(control)
         text, was_multiline = normalise_caption(found.text)
         if was_multiline:
             multiline += 1

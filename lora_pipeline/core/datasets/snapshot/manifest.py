@@ -22,6 +22,7 @@ it was written with and no others, so manifest.jsonl, read and written again, is
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,11 @@ from pydantic import ValidationError
 
 from lora_pipeline.core.datasets.problems import Problem
 from lora_pipeline.core.datasets.sources.hashcache import ImageSize
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, irregular_entries, sha256_regular
 from lora_pipeline.core.datasets.sources.rights import BatchRights
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, write_json
-from lora_pipeline.core.hashing import merkle_root, sha256_file
+from lora_pipeline.core.hashing import merkle_root
 from lora_pipeline.core.paths import (
     CAPTION_CHECK,
     CONTACT_SHEET,
@@ -170,18 +172,20 @@ class VerifyResult:
     mismatched: list[str] = field(default_factory=list)  # content changed (a flipped byte)
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    irregular: list[str] = field(default_factory=list)  # links, FIFOs, devices, empty folders: never read
     root_mismatch: bool = False  # manifest rows no longer hash to snapshot.json's root
     sealed: bool = True  # False: the version is not whole yet, and nothing was checked (see seal.py)
 
     @property
     def ok(self) -> bool:
-        return self.sealed and not (self.mismatched or self.missing or self.extra or self.root_mismatch)
+        return self.sealed and not (self.mismatched or self.missing or self.extra or self.irregular
+                                    or self.root_mismatch)
 
     def problems(self) -> list[str]:
         if not self.sealed:
             return [
-                f"{self.version}: not sealed yet (being built, or its build was interrupted: "
-                f"run `lora-pipeline build {self.version}`); not verified"
+                f"{self.version}: not sealed yet (being built, or its build was interrupted, or its seal was "
+                f"removed: run `lora-pipeline build {self.version}`); not verified"
             ]
         out = [
             f"{self.version}/{p}: content changed (sha256 differs from {'seal' if p in SEALED_FILES else 'manifest'})"
@@ -189,6 +193,8 @@ class VerifyResult:
         ]
         out += [f"{self.version}/{p}: missing" for p in self.missing]
         out += [f"{self.version}/{p}: extra file not in manifest" for p in self.extra]
+        out += [f"{self.version}/{p}: not a regular file (a link, FIFO or device) or an empty folder; not read"
+                for p in self.irregular]
         if self.root_mismatch:
             out.append(f"{self.version}/{MANIFEST}: rows do not match manifest_root in {SNAPSHOT}")
         return out
@@ -203,26 +209,40 @@ def verify_snapshot(snapshot_dir: Path, sealed_files: Mapping[str, str] | None =
     result.root_mismatch = manifest_root(rows) != info.manifest_root
     expected = {r.path: r for r in rows}
     for rel, row in sorted(expected.items()):
-        path = snapshot_dir / rel
-        if not path.is_file() or path.is_symlink():
-            result.missing.append(rel)
-            continue
-        result.files_checked += 1
-        if path.stat().st_size != row.bytes or sha256_file(path) != row.sha256:
+        digest = _rehash(snapshot_dir, rel, result)
+        if digest is not None and digest != row.sha256:
             result.mismatched.append(rel)
     for name, digest in sorted((sealed_files or {}).items()):
-        path = snapshot_dir / name
-        if not path.is_file() or path.is_symlink():
-            result.missing.append(name)
-            continue
-        result.files_checked += 1
-        if sha256_file(path) != digest:
+        current = _rehash(snapshot_dir, name, result)
+        if current is not None and current != digest:
             result.mismatched.append(name)
-    for path in sorted(snapshot_dir.rglob("*")):
-        rel = path.relative_to(snapshot_dir).as_posix()
-        if (path.is_file() or path.is_symlink()) and rel not in expected and rel not in NON_CONTENT:
-            result.extra.append(rel)
+    for parent, _, files in os.walk(snapshot_dir):  # never enters a linked folder
+        for name in files:
+            rel = (Path(parent) / name).relative_to(snapshot_dir).as_posix()
+            if rel not in expected and rel not in NON_CONTENT and (Path(parent) / name).is_file():
+                result.extra.append(rel)
+    result.irregular = irregular_in(snapshot_dir, info, expected)
     return result
+
+
+def irregular_in(snapshot_dir: Path, info: SnapshotInfo, listed: Iterable[str]) -> list[str]:
+    """The links, FIFOs, devices and empty folders in a version that its manifest does not list; the spec's own
+    class folder, which the build makes even when every image goes to another folder, may be empty."""
+    made = snapshot_dir / f"img/{info.spec.get('repeats')}_{info.spec.get('trigger')}"
+    allowed = set(listed) | ({made.relative_to(snapshot_dir).as_posix()} if not os.path.islink(made) else set())
+    return [rel for rel in irregular_entries(snapshot_dir) if rel not in allowed]
+
+
+def _rehash(snapshot_dir: Path, rel: str, result: VerifyResult) -> str | None:
+    """The sha256 of one listed file, read without following a link on the way down; None (and the file listed
+    as missing) when it cannot be read as a regular file of the version."""
+    try:
+        digest = sha256_regular(snapshot_dir / rel, beneath=snapshot_dir)
+    except (FileNotFoundError, NotADirectoryError, NotRegularFile):
+        result.missing.append(rel)
+        return None
+    result.files_checked += 1
+    return digest
 
 
 def record_captions(snapshot_dir: Path, caption_rows: list[ManifestRow]) -> str:

@@ -33,6 +33,7 @@ from lora_pipeline.core.datasets.snapshot.manifest import (
     read_snapshot_info,
     verify_snapshot,
 )
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, sha256_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text, read_json
 from lora_pipeline.core.hashing import sha256_file
@@ -74,8 +75,11 @@ def changed_sealed_files(snapshot_dir: Path, seal: dict[str, Any]) -> list[str]:
     """The sealed files (manifest, snapshot.json, report files) whose bytes differ from the seal's record."""
     changed = []
     for name, digest in sorted(seal["files"].items()):
-        path = snapshot_dir / name
-        if not path.is_file() or path.is_symlink() or sha256_file(path) != digest:
+        try:
+            same = sha256_regular(snapshot_dir / name, beneath=snapshot_dir) == digest
+        except (FileNotFoundError, NotRegularFile):
+            same = False
+        if not same:
             changed.append(name)
     return changed
 

@@ -18,10 +18,14 @@ and losing it costs only time.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ from PIL import Image
 
 from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation
 from lora_pipeline.core.datasets.sources.copying import StatKey, stat_key
-from lora_pipeline.core.datasets.sources.regular_files import open_regular
+from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, open_regular, read_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
 from lora_pipeline.core.hashing import sha256_stream
@@ -41,6 +45,7 @@ from lora_pipeline.core.paths import DataRoot
 # import: a test that makes files and registers them at once sets it to 0 rather than waiting the window out.
 RACY_NS = 2_000_000_000
 HASH_WORKERS = min(4, os.cpu_count() or 1)
+CACHE_LIMIT = 1 << 30  # bytes of one batch's cache (a row is about 300 bytes)
 STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
 
@@ -130,21 +135,71 @@ def cache_file(root: DataRoot, batch: str) -> Path:
     return root.cache / "batches" / f"{batch}.jsonl"
 
 
+def _key(root: DataRoot, create: bool) -> bytes | None:
+    """The caches' HMAC key; made (owner-readable only) when `create` and there is none; None when missing."""
+    path = root.cache / ".hashcache.key"
+    try:
+        return read_regular(path, 64)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except NotRegularFile:
+        raise UserError("not a regular file; delete it (the hash caches are rebuilt)", path) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=path.parent)  # mode 0600
+    try:
+        os.write(fd, secrets.token_bytes(32))
+        os.fsync(fd)
+        os.link(tmp, path)  # never over a key another process made meanwhile: theirs is kept
+    except FileExistsError:
+        pass
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+    return read_regular(path, 64)
+
+
+_CHECK = ', "check": "'  # a row's line: its JSON without the check, then this, the check's 64 hex digits, '"}'
+_CHECKED_END = len(_CHECK) + 64 + 2
+
+
+def _signer(key: bytes) -> Callable[[str], str]:
+    """HMAC-SHA256 of a row's JSON text (the line without its check), keyed once for every row."""
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+
+    def sign(body: str) -> str:
+        mac = keyed.copy()
+        mac.update(body.encode())
+        return mac.hexdigest()
+
+    return sign
+
+
 def load_cache(root: DataRoot, batch: str) -> dict[str, Entry]:
-    """The recorded entries of a batch by path; empty when nothing was recorded yet."""
+    """The recorded entries of a batch by path; empty when nothing was recorded yet. A row whose `check` does
+    not match is a UserError; one without a check (or with no key to check it) is left out: hashed again."""
     path = cache_file(root, batch)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, CACHE_LIMIT).decode("utf-8")
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError:
+        raise UserError("hash cache is not UTF-8 text; delete the file (it is rebuilt)", path) from None
+    key = _key(root, create=False)
+    sign = None if key is None else _signer(key)
     entries = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         try:
-            entry = Entry.from_json(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            row = json.loads(line)
+            entry = Entry.from_json(row)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             raise UserError(f"hash cache line {lineno} is damaged; delete the file (it is rebuilt)", path) from None
-        if entry is not None:
-            entries[entry.path] = entry
+        if entry is None or sign is None or "check" not in row:
+            continue
+        if not hmac.compare_digest(line[-_CHECKED_END:], f'{_CHECK}{sign(line[:-_CHECKED_END] + "}")}"}}'):
+            raise UserError(f"hash cache line {lineno} does not match its check (edited?); it is not trusted: "
+                            "delete the file (it is rebuilt)", path)
+        entries[entry.path] = entry
     return entries
 
 
@@ -156,5 +211,7 @@ def record(root: DataRoot, batch: str, entries: Iterable[Entry], replace: bool =
     if not new and not replace:
         return
     merged = new if replace else load_cache(root, batch) | new
-    text = "".join(json.dumps(merged[p].to_json(), sort_keys=True) + "\n" for p in sorted(merged))
+    sign = _signer(_key(root, create=True))
+    bodies = [json.dumps(merged[p].to_json(), sort_keys=True) for p in sorted(merged)]
+    text = "".join(f'{body[:-1]}{_CHECK}{sign(body)}"}}\n' for body in bodies)
     atomic_write_text(cache_file(root, batch), text)

@@ -32,8 +32,9 @@ from lora_pipeline.core.datasets.captions.tags import split_tags
 from lora_pipeline.core.datasets.images import load_rgb
 from lora_pipeline.core.datasets.masks import ALPHA, load_mask
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, manifest_root, read_manifest, read_snapshot_info
+from lora_pipeline.core.datasets.sources.regular_files import CAPTION_LIMIT, read_regular, sha256_regular
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import sha256_bytes, sha256_file
+from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import MANIFEST, SNAPSHOT
 from lora_pipeline.core.training.inputs.augment import View
 from lora_pipeline.core.training.seeds import Stream, numpy_rng
@@ -194,10 +195,14 @@ def split_train_validation(
     return ordered[n_val:], ordered[:n_val]
 
 
-def _checked_bytes(path: Path, row: ManifestRow) -> None:
-    if not path.is_file():
-        raise UserError("missing from the snapshot (listed in its manifest)", path)
-    if path.stat().st_size != row.bytes or sha256_file(path) != row.sha256:
+def _checked_bytes(snapshot_dir: Path, rel: str, row: ManifestRow) -> None:
+    """The file must be a regular file of the snapshot (no link on the way down) holding the row's bytes."""
+    path = snapshot_dir / rel
+    try:
+        digest = sha256_regular(path, beneath=snapshot_dir)
+    except FileNotFoundError:
+        raise UserError("missing from the snapshot (listed in its manifest)", path) from None
+    if digest != row.sha256:
         raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
 
 
@@ -208,21 +213,21 @@ def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, Ma
         raise UserError(f"no caption for {image_rel} in the manifest; materialize caption_set first",
                         snapshot_dir / MANIFEST)
     path = snapshot_dir / rel
-    text = snapshot_caption(path)
-    if sha256_bytes(path.read_bytes()) != row.sha256:
+    data = read_regular(path, CAPTION_LIMIT, beneath=snapshot_dir)
+    if sha256_bytes(data) != row.sha256:
         raise UserError("content differs from the manifest; run `lora-pipeline verify`", path)
-    return text
+    return snapshot_caption(path)
 
 
 def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, resos: list[tuple[int, int]] | None,
                  mask_rows: dict[str, ManifestRow]) -> TrainImage:
     path = snapshot_dir / row.path
-    _checked_bytes(path, row)
+    _checked_bytes(snapshot_dir, row.path, row)
     mask = row.mask
     if mask and mask != ALPHA:
         if mask not in mask_rows:
             raise UserError(f"the mask {mask} of {row.path} is not in the manifest", snapshot_dir / MANIFEST)
-        _checked_bytes(snapshot_dir / mask, mask_rows[mask])
+        _checked_bytes(snapshot_dir, mask, mask_rows[mask])
     try:
         size = load_rgb(path).size
     except (OSError, ValueError) as exc:

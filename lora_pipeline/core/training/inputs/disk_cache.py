@@ -3,13 +3,17 @@ file per content key, checked on read, written whole.
 
 An entry's header names its key and the sha256 of its payload (its tensors' bytes, in name order); a file whose
 key, tensor names, shapes, dtype (float32) or payload do not match is a miss (encoded again and rewritten, with
-one log line). Files are written to a temp name and renamed, so a killed run leaves no half entry.
+one log line). Files are written to a temp name and renamed, so a killed run leaves no half entry. An entry is
+read through the one no-follow reader (regular_files): a symbolic link or a FIFO in its place is a miss and is
+never followed, and no entry is read past ENTRY_LIMIT.
 
     <folder>/<key[:2]>/<key>.safetensors
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +21,18 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from lora_pipeline.core.datasets.sources.regular_files import read_regular
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.hashing import sha256_bytes
+
+ENTRY_LIMIT = 1 << 30  # bytes of one entry (an SDXL latent is 0.5 MB, a FLUX.1 T5 embedding 8 MB)
+
+
+def _header(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (an 8-byte little-endian length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 @dataclass
@@ -48,19 +62,18 @@ class EntryFiles:
         """The stored tensors of `key` (those `shapes` names, but for `optional` ones that may be absent, shaped as
         it says; a None shape is not checked) if the file is there and checks out; None (a miss) otherwise."""
         path = self.path(key)
-        if not path.is_file():
+        if not os.path.lexists(path):
             self.stats.misses += 1
             return None
         try:
-            data = path.read_bytes()
-            with safetensors.safe_open(str(path), "pt") as f:  # header only; the tensors come from `data`
-                header = f.metadata() or {}
+            data = read_regular(path, ENTRY_LIMIT, beneath=self.folder)
+            header = _header(data)
             tensors = safetensors.torch.load(data)
             ok = (header.get("key") == key and shapes.keys() - optional <= tensors.keys() <= shapes.keys()
                   and all(shapes[n] is None or tuple(t.shape) == shapes[n] for n, t in tensors.items())
                   and all(t.dtype == torch.float32 for t in tensors.values())
                   and header.get("payload_sha256") == payload_sha256(tensors))
-        except (OSError, ValueError, KeyError, RuntimeError, safetensors.SafetensorError):
+        except (OSError, ValueError, KeyError, AttributeError, RuntimeError, UserError, safetensors.SafetensorError):
             ok = False
         if not ok:
             self.stats.misses += 1

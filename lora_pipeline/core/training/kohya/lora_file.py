@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,29 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except SafetensorError:
         raise UserError("not a safetensors file (its header cannot be read)", path) from None
+
+
+EPOCH_IN_NAME = re.compile(r"-e(\d{3,})\.safetensors")
+
+
+def header_epoch(meta: dict[str, str]) -> int | None:
+    """The epoch a file's own header records (`lora_pipeline.epoch`, else kohya's `ss_epoch`); None without one."""
+    found = meta.get("lora_pipeline.epoch", meta.get("ss_epoch"))
+    return int(found) if found is not None and found.isdigit() else None
+
+
+def epoch_mismatch(path: Path, meta: dict[str, str]) -> str | None:
+    """A finding when the epoch in the file's name (`...-eNNN.safetensors`) is not the epoch its header records,
+    or the header's two epoch keys disagree (a renamed or swapped file); None when they agree or there is no
+    epoch to compare. A file's name is only a label: its weights are the header's epoch."""
+    recorded = {meta[k] for k in ("lora_pipeline.epoch", "ss_epoch") if k in meta}
+    if len(recorded) > 1:
+        return (f"its header's epoch keys disagree (lora_pipeline.epoch {meta['lora_pipeline.epoch']}, "
+                f"ss_epoch {meta['ss_epoch']})")
+    named, held = EPOCH_IN_NAME.search(path.name), header_epoch(meta)
+    if named is None or held is None or int(named[1]) == held:
+        return None
+    return f"its name says epoch {int(named[1])} but its header holds epoch {held} (renamed?)"
 
 
 def tensors_match_header(path: Path) -> bool | None:
