@@ -284,7 +284,7 @@ def _caption_link(chain: _Chain, folder: Path, caption: ManifestRow, since: str)
 def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
     source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
     status = _compare(
-        chain, lambda: base_model_hash(source), recorded,
+        chain, lambda: base_model_hash(source, cache=chain.root.cache), recorded,
         ("unavailable", "base model cannot be checked"),
         f"base model {source} changed since training (its U-Net hash differs)",
     )

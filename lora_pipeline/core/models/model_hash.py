@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.hashing import sha256_bytes, sha256_file
+from lora_pipeline.core.hashing import sha256_bytes
+from lora_pipeline.core.models.model_hash_cache import file_sha256
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
 
@@ -43,28 +44,29 @@ def _unet_weight_files(unet_dir: Path) -> list[Path]:
     raise UserError(f"no {'U-Net' if unet_dir.name == 'unet' else unet_dir.name.upper()} weights found", unet_dir)
 
 
-def base_model_hash(source: str) -> str:
+def base_model_hash(source: str, *, cache: Path | None = None) -> str:
     """sha256 identifying the base model's denoiser (the part its LoRA patches): the U-Net, or FLUX.1's
     transformer in a model without `unet/`.
 
     One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
-    "name  sha256" lines of the shards, in name order. Stable for a given model folder.
+    "name  sha256" lines of the shards, in name order. Stable for a given model folder. `cache`: a data root's
+    `.cache` folder, where each file's sha256 is kept while the file is unchanged (model_hash_cache.py).
     """
     folder = _model_folder(source, "unet")
     flux = not (folder / "unet").is_dir() and (folder / "transformer").is_dir()
-    return weights_hash(source, "transformer" if flux else "unet")  # neither: "no U-Net weights found"
+    return weights_hash(source, "transformer" if flux else "unet", cache=cache)  # neither: "no U-Net weights found"
 
 
-def weights_hash(source: str, component: str) -> str:
+def weights_hash(source: str, component: str, *, cache: Path | None = None) -> str:
     """`base_model_hash`'s rule for any weights folder of the model (`unet`, `vae`)."""
     files = _unet_weight_files(_model_folder(source, component) / component)
     if len(files) == 1:
-        return sha256_file(files[0])
-    lines = "".join(f"{f.name}  {sha256_file(f)}\n" for f in files)
+        return file_sha256(files[0], cache)
+    lines = "".join(f"{f.name}  {file_sha256(f, cache)}\n" for f in files)
     return sha256_bytes(lines.encode())
 
 
-def folders_hash(source: str, components: list[str]) -> str:
+def folders_hash(source: str, components: list[str], *, cache: Path | None = None) -> str:
     """sha256 over "component/path  sha256" lines of every file of the model's `components` folders (weights,
     configs, tokenizer files), in path order: what a cached output of those components depends on."""
     lines = []
@@ -72,6 +74,6 @@ def folders_hash(source: str, components: list[str]) -> str:
         folder = _model_folder(source, component) / component
         if not folder.is_dir():
             raise UserError(f"no {component} folder found", folder.parent)
-        lines += [f"{component}/{f.relative_to(folder).as_posix()}  {sha256_file(f)}\n"
+        lines += [f"{component}/{f.relative_to(folder).as_posix()}  {file_sha256(f, cache)}\n"
                   for f in sorted(folder.rglob("*")) if f.is_file()]
     return sha256_bytes("".join(lines).encode())

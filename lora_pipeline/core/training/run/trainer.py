@@ -173,7 +173,7 @@ def train_lora(
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
         "recipe_sha256": recipe.sha256, "base_model_source": base.source,
-        "base_model_hash": base_model_hash(base.source),
+        "base_model_hash": base_model_hash(base.source, cache=root.cache),
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
     with PartialState().main_process_first():  # in several processes the first one removes stale files
@@ -234,7 +234,8 @@ def _build_context(run: _Run) -> StepContext:
     dropout = augmentation.caption_dropout
     disk = None
     if recipe.cache_latents_to_disk:
-        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
+        vae_hash = weights_hash(base.source, "vae", cache=run.root.cache)
+        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, vae_hash, run.log)
     with run.times.stage("latent_caching"):
         latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk)
     if train_text:
