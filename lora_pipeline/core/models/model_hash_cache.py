@@ -30,6 +30,7 @@ import secrets
 import stat
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from lora_pipeline.core.datasets.sources import hashcache
@@ -65,7 +66,8 @@ def file_sha256(path: Path, cache: Path | None) -> str:
         after = os.fstat(f.fileno())
     if key is not None and entry is not None and hashcache.trustworthy(before, after, started, RACY_NS):
         row = {"path": str(real), "sha256": sha, **dict(zip(FIELDS, stat_key(before), strict=True))}
-        atomic_write_text(entry, json.dumps(row | {"check": _check(key, row)}, sort_keys=True) + "\n")
+        with suppress(PermissionError):  # a data root this user may only read (`provenance`): hashed, not recorded
+            atomic_write_text(entry, json.dumps(row | {"check": _check(key, row)}, sort_keys=True) + "\n")
     return sha
 
 
@@ -91,11 +93,14 @@ def _cached(entry: Path, key: bytes, path: str, current: tuple[int, ...]) -> str
 
 def _key(folder: Path) -> bytes | None:
     """The entries' HMAC key, made when there is none; None when the key file is not a private regular file of this
-    user (another user, or anyone who could write it, could forge entries with it)."""
+    user (another user, or anyone who could write it, could forge entries with it), or when it cannot be made."""
     path = folder / KEY_FILE
     if not path.exists() and not path.is_symlink():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=folder)  # mode 0600
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=folder)  # mode 0600
+        except PermissionError:
+            return None  # a data root this user may only read: no cache
         try:
             os.write(fd, secrets.token_bytes(32))
             os.fsync(fd)
