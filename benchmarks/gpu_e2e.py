@@ -22,9 +22,9 @@ tiny-flux, 1 epoch, its double-stream blocks only, since diffusers' converter as
 single block's linear1).
 
 FLUX.1 [dev] fits one H100 in a few minutes (batch 1 at 1024 px, rank 16, AdamW, fp8 base weights, gradient
-checkpointing: about 1.1 s a step and 15 GiB): 31 s to write the 34 GB model, about 10 s per sha256 of its 24 GB
-transformer (the trainer's base_model_hash, the asset's and the drill's provenance check), 100 steps, and the
-evaluation of 1 prompt at 8 steps with the whole pipeline in bf16 on the GPU.
+checkpointing: about 1.1 s a step and 15 GiB): 31 s to write the 34 GB model, about 10 s for the sha256 of its 24 GB
+transformer (once, by the trainer's base_model_hash; the asset's and the drill's provenance checks find it in
+data/.cache/models/), 100 steps, and the evaluation of 1 prompt at 8 steps with the whole pipeline in bf16 on the GPU.
 """
 
 from __future__ import annotations

@@ -312,7 +312,7 @@ def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
     source, recorded = meta.get(f"{KEY}base_model_source", ""), meta.get(f"{KEY}base_model_hash", "")
     within = model_folders(chain.root, chain.root.recipe_file(meta.get(f"{KEY}recipe", "")))
     status = _compare(
-        chain, lambda: base_model_hash(source, within), recorded,
+        chain, lambda: base_model_hash(source, within, cache=chain.root.cache), recorded,
         ("unavailable", "base model cannot be checked"),
         f"base model {source} changed since training (its U-Net hash differs)",
     )

@@ -16,9 +16,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_pipeline.core.datasets.sources.regular_files import read_regular, sha256_regular
+from lora_pipeline.core.datasets.sources.regular_files import read_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_bytes
+from lora_pipeline.core.models.model_hash_cache import file_sha256
 
 UNET_WEIGHTS = "diffusion_pytorch_model"
 INDEX_LIMIT = 16 << 20  # bytes of a shard index (a real one is a few hundred KB)
@@ -32,8 +33,9 @@ def _confined(path: Path, within: Sequence[Path]) -> Path:
     return real
 
 
-def _hash_file(path: Path, within: Sequence[Path]) -> str:
-    return sha256_regular(_confined(path, within))
+def _hash_file(path: Path, within: Sequence[Path], cache: Path | None) -> str:
+    """The file's sha256 (through the hash cache when given: it reads regular files only, no link followed)."""
+    return file_sha256(_confined(path, within), cache)
 
 
 def _shard(unet_dir: Path, name: object, index: Path) -> Path:
@@ -76,29 +78,30 @@ def _unet_weight_files(unet_dir: Path, within: Sequence[Path] = ()) -> list[Path
     raise UserError(f"no {'U-Net' if unet_dir.name == 'unet' else unet_dir.name.upper()} weights found", unet_dir)
 
 
-def base_model_hash(source: str, within: Sequence[Path] = ()) -> str:
+def base_model_hash(source: str, within: Sequence[Path] = (), *, cache: Path | None = None) -> str:
     """sha256 identifying the base model's denoiser (the part its LoRA patches): the U-Net, or FLUX.1's
     transformer in a model without `unet/`.
 
     One weights file: the file's sha256 (what A1111 calls a model's new hash). Sharded weights: sha256 over
     "name  sha256" lines of the shards, in name order. Stable for a given model folder. `within`: the folders
-    every file read must lie in (see the module docstring).
+    every file read must lie in (see the module docstring). `cache`: a data root's `.cache` folder, where each
+    file's sha256 is kept while the file is unchanged (model_hash_cache.py).
     """
     folder = _model_folder(source, "unet")
     flux = not (folder / "unet").is_dir() and (folder / "transformer").is_dir()
-    return weights_hash(source, "transformer" if flux else "unet", within)  # neither: "no U-Net weights found"
+    return weights_hash(source, "transformer" if flux else "unet", within, cache=cache)  # neither: "no U-Net weights"
 
 
-def weights_hash(source: str, component: str, within: Sequence[Path] = ()) -> str:
+def weights_hash(source: str, component: str, within: Sequence[Path] = (), *, cache: Path | None = None) -> str:
     """`base_model_hash`'s rule for any weights folder of the model (`unet`, `vae`)."""
     files = _unet_weight_files(_model_folder(source, component) / component, within)
     if len(files) == 1:
-        return _hash_file(files[0], within)
-    lines = "".join(f"{f.name}  {_hash_file(f, within)}\n" for f in files)
+        return _hash_file(files[0], within, cache)
+    lines = "".join(f"{f.name}  {_hash_file(f, within, cache)}\n" for f in files)
     return sha256_bytes(lines.encode())
 
 
-def folders_hash(source: str, components: list[str]) -> str:
+def folders_hash(source: str, components: list[str], *, cache: Path | None = None) -> str:
     """sha256 over "component/path  sha256" lines of every file of the model's `components` folders (weights,
     configs, tokenizer files), in path order: what a cached output of those components depends on."""
     lines = []
@@ -106,6 +109,6 @@ def folders_hash(source: str, components: list[str]) -> str:
         folder = _model_folder(source, component) / component
         if not folder.is_dir():
             raise UserError(f"no {component} folder found", folder.parent)
-        lines += [f"{component}/{f.relative_to(folder).as_posix()}  {_hash_file(f, ())}\n"
+        lines += [f"{component}/{f.relative_to(folder).as_posix()}  {_hash_file(f, (), cache)}\n"
                   for f in sorted(folder.rglob("*")) if f.is_file()]
     return sha256_bytes("".join(lines).encode())

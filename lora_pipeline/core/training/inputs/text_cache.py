@@ -46,7 +46,8 @@ class TextDiskCache:
         """The cache of `base`'s text encoders as they are now (their dtype and device)."""
         encoder = base.text_encoders[0]
         components = [name for pair in text_folders(base.architecture) for name in pair]
-        encoders = {"family": base.family, "files_sha256": folders_hash(base.source, components),
+        files_sha256 = folders_hash(base.source, components, cache=folder.parent)  # folder: <data root>/.cache/text
+        encoders = {"family": base.family, "files_sha256": files_sha256,
                     "token_lengths": list(base.token_lengths), "dtype": str(encoder.dtype),
                     "device": encoder.device.type}
         return cls(folder, encoders, log)

@@ -112,7 +112,8 @@ def build_context(run: TrainingRun) -> StepContext:
     dropout = augmentation.caption_dropout
     disk = None
     if recipe.cache_latents_to_disk:
-        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, weights_hash(base.source, "vae"), run.log)
+        vae_hash = weights_hash(base.source, "vae", cache=run.root.cache)
+        disk = LatentDiskCache(run.root.cache / LATENT_CACHE, vae_hash, run.log)
     with run.times.stage("latent_caching"):
         latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk)
     if train_text:

@@ -99,7 +99,7 @@ def train_lora(
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
         "recipe_sha256": recipe.sha256, "base_model_source": base.source,
-        "base_model_hash": base_model_hash(base.source),
+        "base_model_hash": base_model_hash(base.source, cache=root.cache),
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
     with PartialState().main_process_first():  # in several processes the first one removes stale files
