@@ -90,7 +90,9 @@ def store(tmp_path_factory, tiny_model) -> DataRoot:
         spec = load_spec(root.spec_file(version))
         build_snapshot(root, spec, "test-commit")
         finish_version(root, spec)
-    base = str(tiny_model("tiny-sd"))
+    root.models.mkdir(parents=True)
+    (root.models / "tiny-sd").symlink_to(tiny_model("tiny-sd"))  # as a user links a model folder, and training finds it
+    base = str(root.models / "tiny-sd")
     files = _write_loras(root, DEMO_V2, 3, "run-v2", base)
     _write_loras(root, MERGE, 2, "run-merge", base)
     write_json(
