@@ -7,6 +7,7 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
+from lora_pipeline.core.datasets.sources.retired import retire
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.defs import partitions
 from lora_pipeline.runs.instance import definitions, instance
@@ -51,6 +52,31 @@ def test_pages_link_a_version_to_exactly_its_batches_and_a_batch_to_its_versions
     snapshot = "/assets/dataset_snapshot?view=partitions&partition="
     assert f"[{MERGE}]({snapshot}{MERGE}) | 8 | [{V2}]({snapshot}{V2}) |" in text  # 8 curated images, through v2
     assert f"[{V1}]({snapshot}{V1}) | 8 | direct |" in text
+
+
+def test_a_retired_batch_is_flagged_on_its_page_and_on_the_page_of_a_version_built_on_it(sample_root):
+    """v2 built after v1's batch was retired (through v1, a retired batch's images still come along and the report
+    blocks them): v2's page names the batch RETIRED, and the batch's page, refreshed by v2's run, says who retired
+    it, when and why above the versions built on it."""
+    inst = instance()
+    partitions.register(inst, partitions.source_batches, sample_root.ready_batches())
+    partitions.register(inst, partitions.dataset_versions, [V1, V2])
+    run_job("build_dataset_job", V1, inst, quiet=True)
+    assert "retired" not in _batch_page(inst, CURATED)
+    record = retire(sample_root, CURATED, "licence withdrawn by the studio")
+    v2 = run_job("build_dataset_job", V2, inst, quiet=True).metadata("dataset_snapshot")
+    assert v2["retired_batches"] == [CURATED]
+    assert f"**RETIRED: `{CURATED}`** was {record.line}; `{V2}` is built on it." in v2["lineage"]
+    assert f"[{CURATED}](/assets/source_batch?view=events&partition={CURATED}) RETIRED | 8 |" in v2["lineage"]
+    assert f"[{TURNTABLE}](/assets/source_batch?view=events&partition={TURNTABLE}) |" in v2["lineage"]
+
+    page = _batch_page(inst, CURATED)
+    assert page["retired"].value["reason"] == "licence withdrawn by the studio"
+    text = page["lineage"].value
+    assert f"**RETIRED: `{CURATED}`** was {record.line}; every version below" in text
+    assert text.index("RETIRED") < text.index("| version |") < text.index(V1) < text.index(V2)
+    renders = _batch_page(inst, TURNTABLE)
+    assert "retired" not in renders and "RETIRED" not in renders["lineage"].value
 
 
 def test_the_asset_graph_claims_no_partition_link_it_cannot_know(sample_root):

@@ -258,6 +258,45 @@ def test_cli_lineage_exit_codes_and_verify(own_store, tmp_path, monkeypatch):
     assert any("table parents" in f for f in json.loads(result.stdout)["findings"])
 
 
+def test_a_retired_batch_is_flagged_on_every_version_training_and_lora_built_on_it(own_store, tmp_path, monkeypatch):
+    from lora_pipeline.core.datasets.sources.retired import retire, unretire
+
+    root = own_store
+    assert lineage(root, f"batch:{CURATED}")["retired"] == {}
+    record = retire(root, TURNTABLE, "licence withdrawn by the render studio")
+    answer = lineage(root, f"batch:{TURNTABLE}")
+    assert answer["retired"][TURNTABLE]["reason"] == "licence withdrawn by the render studio"
+    on_it = {DEMO_V2: [TURNTABLE], MERGE: [TURNTABLE]}
+    assert {v["version"]: v["retired_batches"] for v in answer["versions"]} == on_it
+    assert [t["retired_batches"] for t in answer["trainings"]] == [[TURNTABLE], [TURNTABLE]]
+    text = format_lineage(answer)
+    assert text.splitlines()[0] == f"RETIRED batch {TURNTABLE}: {record.line}"
+    assert f"{DEMO_V2} x {DEMO_RECIPE}: epochs 1-3 (3 files), MLflow run run-v2; built on RETIRED batch(es) " in text
+
+    v1 = lineage(root, f"version:{DEMO_V1}")  # v1 holds none of it; its descendants do
+    assert v1["version"]["retired_batches"] == [] and v1["retired"].keys() == {TURNTABLE}
+    assert {d["version"]: d["retired_batches"] for d in v1["descendants"]} == on_it
+    merge = lineage(root, f"version:{MERGE}")
+    assert {b["batch"]: (b["retired"] or {}).get("action") for b in merge["batches"]} == {
+        CURATED: None, TURNTABLE: "retire", PROMOTED: None
+    }
+    assert f"  {TURNTABLE} RETIRED: " in format_lineage(merge)
+
+    monkeypatch.setenv("LORA_PIPELINE_DATA", str(root.root))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    lora = next(root.loras(DEMO_V2, DEMO_RECIPE).glob("*.safetensors"))
+    data = json.loads(cli("lineage", f"lora:{lora}", "--json").stdout)
+    assert data["lora"]["retired_batches"] == data["version"]["retired_batches"] == [TURNTABLE]
+    assert data["retired"][TURNTABLE]["recorded_by"] == record.recorded_by
+    text = cli("lineage", f"lora:{lora}").stdout
+    assert f"RETIRED batch {TURNTABLE}: retired " in text and f"built on RETIRED batch(es) {TURNTABLE}" in text
+
+    unretire(root, TURNTABLE, "licence renewed")
+    again = lineage(root, f"lora:{lora}")
+    assert again["retired"] == {} and again["lora"]["retired_batches"] == [] and "RETIRED" not in format_lineage(again)
+
+
 @pytest.mark.xdist_group(DEMO_GROUP)
 def test_the_assets_keep_the_index_up_to_date(trained_demo):
     """The demo partition was built, trained and evaluated through Dagster: each asset updated the index, so a

@@ -233,3 +233,44 @@ def test_a_batchs_page_shows_its_versions_and_loras_and_a_versions_page_its_batc
     names = set(batches.get_by_role("link").all_inner_texts())
     assert names == {batch, "turntable-renders-2026-11", DEMO_V1}, names  # its two batches, one through DEMO_V1
     page.screenshot(path=shots / "9-version-batches.png")
+
+
+def _markdown_text(page, key: str) -> str:
+    """The rendered text of a markdown metadata row: inline when short (the UI renders under 1,000 characters in
+    the table), else in the dialog of its `[Show Markdown]`."""
+    row = page.locator("tr", has_text=key).first
+    row.wait_for()
+    button = row.get_by_text("[Show Markdown]")
+    if not button.count():
+        return row.inner_text()
+    button.first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_role("button", name="Close").wait_for()
+    page.wait_for_timeout(400)  # the dialog's fade-in, so the screenshot shows it whole
+    return dialog.inner_text()
+
+
+def test_a_versions_page_shows_its_diff_against_its_parent(ui, page, trained_demo):
+    """DEMO_V2 copies DEMO_V1 (its parent in snapshot.json) and adds the turntable renders: its `dataset_snapshot`
+    page renders the diff against DEMO_V1 (counts and the added images, per batch) and its `caption_set` page the
+    caption comparison, as `lora-pipeline diff` computes them."""
+    from lora_pipeline.core.lineage.diff import diff_files, load_version
+
+    url, shots = ui
+    old, new = load_version(trained_demo.root, DEMO_V1), load_version(trained_demo.root, DEMO_V2)
+    assert new.info.parents == [DEMO_V1]
+    diff = diff_files(old, new)
+    assert diff.added and diff.captions_compared  # the renders; both versions' captions recorded
+
+    _open(page, f"{url}/assets/dataset_snapshot?view=partitions&partition={DEMO_V2}")
+    text = _markdown_text(page, "changes_from_parent")
+    assert f"Changes from {DEMO_V1} to {DEMO_V2}: {len(diff.added)} added, {len(diff.removed)} removed" in text
+    assert "turntable-renders-2026-11" in text and diff.added[0].path in text  # per batch, and the images listed
+    page.screenshot(path=shots / "10-version-diff.png")
+    page.keyboard.press("Escape")
+
+    _open(page, f"{url}/assets/caption_set?view=partitions&partition={DEMO_V2}")
+    text = _markdown_text(page, "caption_changes_from_parent")
+    assert f"{diff.unchanged} unchanged; {len(diff.captions_changed)} captions changed" in text  # compared
+    page.screenshot(path=shots / "11-caption-changes.png")
+    page.keyboard.press("Escape")

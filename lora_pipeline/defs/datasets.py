@@ -132,7 +132,7 @@ def dataset_snapshot(context: dg.AssetExecutionContext, data_root: DataRootResou
     return dg.MaterializeResult(
         data_version=dg.DataVersion(result.image_root),
         metadata={
-            **version_page(spec.name, uses),  # first: the page opens on it
+            **version_page(root, spec.name, uses),  # first: the page opens on it
             "path": dg.MetadataValue.path(str(result.dir)),
             "created": result.created,
             "images": len(result.rows),

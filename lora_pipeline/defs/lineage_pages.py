@@ -6,6 +6,13 @@ their pages and to the training partitions that trained a LoRA on them: in the b
 whenever a version that took it is built later, in an observation of the batch that the version's run records
 (the batch's page shows the latest). A training partition whose version is blocked gets an observation saying so
 and linking the version's report.
+
+A retired batch (core/datasets/sources/retired.py) is flagged: its page says who retired it, when and why, above
+every version (and LoRA) built on it, and the page of a version built on it names it. Pages are written when
+they are recorded: a batch's page when it is fingerprinted and whenever a version that took it is built or
+trained, a version's page when it is built. A retirement after that shows on the batch's page from its next
+refresh, and on a version's page built before it not at all; `lora-pipeline lineage` reads the retirement
+records at every query.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from urllib.parse import quote
 
 import dagster as dg
 
+from lora_pipeline.core.datasets.sources.retired import RetirementRecord, retired_batches, retirement
 from lora_pipeline.core.lineage.batch_links import DIRECT, BatchUse, versions_taking
 from lora_pipeline.core.paths import REPORT_MD, DataRoot
 from lora_pipeline.defs.partitions import training_key
@@ -46,30 +54,43 @@ def _trained(root: DataRoot, version: str) -> str:
     return ", ".join(page_link("lora_epochs", training_key(version, r), r) for r in recipes)
 
 
-def version_page(version: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
-    """`dataset_snapshot` metadata: the batches the version took."""
-    lines = [f"### Batches `{version}` took", "", "| batch | images | through |", "|---|---|---|"]
-    lines += [f"| {page_link('source_batch', b)} | {u.images} | {_through(u)} |" for b, u in uses.items()]
+def _retired_line(batch: str, record: RetirementRecord) -> str:
+    return f"**RETIRED: `{batch}`** was {record.line}"
+
+
+def version_page(root: DataRoot, version: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
+    """`dataset_snapshot` metadata: the batches the version took, the retired ones flagged."""
+    retired = {b: r for b, r in retired_batches(root).items() if b in uses}
+    lines = [f"### Batches `{version}` took", ""]
+    lines += [f"{_retired_line(b, r)}; `{version}` is built on it.\n" for b, r in retired.items()]
+    lines += ["| batch | images | through |", "|---|---|---|"]
+    lines += [
+        f"| {page_link('source_batch', b)}{' RETIRED' if b in retired else ''} | {u.images} | {_through(u)} |"
+        for b, u in uses.items()
+    ]
     return {
         LINEAGE: dg.MetadataValue.md("\n".join(lines) if uses else f"`{version}` took no batch"),
         "batches": dg.MetadataValue.json(sorted(uses)),
+        "retired_batches": dg.MetadataValue.json(sorted(retired)),
     }
 
 
 def batch_page(root: DataRoot, batch: str, uses: Mapping[str, BatchUse]) -> dict[str, dg.MetadataValue]:
-    """`source_batch` metadata: the built versions that took the batch and the LoRAs trained on them."""
-    lines = [
-        f"### Versions that took `{batch}`",
-        "",
-        "| version | images | through | LoRAs trained on it |",
-        "|---|---|---|---|",
-    ]
+    """`source_batch` metadata: the built versions that took the batch and the LoRAs trained on them; a retired
+    batch's page says so first."""
+    record = retirement(root, batch)
+    flag = [_retired_line(batch, record), ""] if record else []
+    lines = [f"### Versions that took `{batch}`", ""]
+    if record:
+        flag[0] += "; every version below and the LoRAs trained on them are built on it."
+    lines += [*flag, "| version | images | through | LoRAs trained on it |", "|---|---|---|---|"]
     lines += [
         f"| {page_link('dataset_snapshot', v)} | {u.images} | {_through(u)} | {_trained(root, v)} |"
         for v, u in uses.items()
     ]
-    text = "\n".join(lines) if uses else f"No built version took `{batch}` yet."
-    return {LINEAGE: dg.MetadataValue.md(text), "versions": dg.MetadataValue.json(sorted(uses))}
+    text = "\n".join(lines if uses else [*flag, f"No built version took `{batch}` yet."])
+    page = {LINEAGE: dg.MetadataValue.md(text), "versions": dg.MetadataValue.json(sorted(uses))}
+    return {**page, **({"retired": dg.MetadataValue.json(record.to_json_dict())} if record else {})}
 
 
 def batch_pages(root: DataRoot, batches: list[str]) -> dict[str, dict[str, dg.MetadataValue]]:

@@ -15,6 +15,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from lora_pipeline.core.datasets.sources.retired import retired_batches
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.lineage.lineage_index import index_errors, open_index
 from lora_pipeline.core.lineage.lineage_sources import lora_header
@@ -244,10 +245,42 @@ QUERIES: dict[str, Callable[[sqlite3.Connection, DataRoot, str], dict[str, Any]]
 }
 
 
+def _answer_versions(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every version and training entry of an answer (each carries a `version` name)."""
+    found = [*answer.get("versions", []), *answer.get("ancestors", []), *answer.get("descendants", [])]
+    found += [*answer.get("trainings", []), *[answer[k] for k in ("version", "lora") if k in answer]]
+    return [item for item in found if item]
+
+
+def _flag_retired(conn: sqlite3.Connection, root: DataRoot, answer: dict[str, Any]) -> dict[str, Any]:
+    """Flag what a retired batch touches (issue 24): `retired` maps each retired batch the answer involves to its
+    record (who, when, why); every version, training and LoRA entry gets `retired_batches`, the retired batches it
+    was built on (directly or through earlier versions), and each upstream batch its `retired` record or None."""
+    retired = retired_batches(root)
+    entries = _answer_versions(answer)
+    names = sorted({e["version"] for e in entries})
+    built_on: dict[str, list[str]] = {}
+    if retired and names:
+        for version, batch in conn.execute(
+            f"SELECT version, batch FROM uses WHERE version IN ({_marks(names)}) AND batch IN ({_marks(retired)}) "
+            "ORDER BY version, batch",
+            [*names, *retired],
+        ):
+            built_on.setdefault(version, []).append(batch)
+    for entry in entries:
+        entry["retired_batches"] = built_on.get(entry["version"], [])
+    for batch in answer.get("batches", []):
+        batch["retired"] = retired[batch["batch"]].to_json_dict() if batch["batch"] in retired else None
+    involved = {b for e in entries for b in e["retired_batches"]}
+    involved |= {b for b in (answer.get("batch"), answer.get("file", {}).get("batch")) if b in retired}
+    answer["retired"] = {b: retired[b].to_json_dict() for b in sorted(involved)}
+    return answer
+
+
 def lineage(root: DataRoot, target: str) -> dict[str, Any]:
     """The answer to `lineage TARGET` (see the module docstring); a one-line UserError for an unknown target."""
     kind, sep, value = target.partition(":")
     if not sep or kind not in QUERIES or not value:
         raise UserError(f"'{target}' is not a lineage target: give {TARGETS}")
     with closing(open_index(root)) as conn, index_errors(root):
-        return QUERIES[kind](conn, root, value)
+        return _flag_retired(conn, root, QUERIES[kind](conn, root, value))
