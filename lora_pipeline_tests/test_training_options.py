@@ -23,6 +23,8 @@ from lora_pipeline.core.training.optimizer_args import OPTIMIZER_ARGS
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_groups import FlowSettings, NoiseSettings
 from lora_pipeline.core.training.run.checkpoint import load_state
+from lora_pipeline.core.training.run.tracking import TrainingTracker
+from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loss import conditional_loss, huber_threshold
@@ -57,7 +59,9 @@ def options_run(root):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(UNet2DConditionModel, "forward", recording)
-        result, _ = train(root, OPTIONS, "options")
+        result = train_lora(root, "train-v1", OPTIONS, out_dir=root.root / "options", device="cpu",
+                            provenance={"code_commit": "test-commit"}, tracker=TrainingTracker(root.mlflow),
+                            log=lambda line: None)
     return result, torch.cat(seen)
 
 
@@ -87,6 +91,35 @@ def test_optimizer_args_reach_the_optimizer_of_the_run(options_run):
     (group,) = load_state(result.out_dir).optimizer["param_groups"]
     assert tuple(group["betas"]) == (0.8, 0.95) and group["eps"] == 1e-6 and group["weight_decay"] == 0.02
     assert group["amsgrad"] is True
+
+
+def test_the_options_are_mlflow_params(root, options_run):
+    result, _ = options_run
+    params = TrainingTracker(root.mlflow).client.get_run(result.mlflow_run_id).data.params
+    assert (params["min_timestep"], params["max_timestep"], params["loss_type"]) == ("600", "620", "huber")
+    assert (params["huber_schedule"], params["huber_c"], params["huber_scale"]) == ("exponential", "0.2", "1.0")
+    assert params["optimizer_args"] == '{"amsgrad":true,"betas":[0.8,0.95],"eps":1e-06,"weight_decay":0.02}'
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_run_with_the_options_resumes_to_the_same_files(root, options_run):
+    clean, _ = options_run
+
+    def crash(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Crash(line)
+
+    with pytest.raises(Crash):
+        train(root, OPTIONS, "options-resumed", log=crash)
+    resumed, _ = train(root, OPTIONS, "options-resumed")
+    assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
+    for a, b in zip(clean.epochs, resumed.epochs, strict=True):
+        assert Path(a["file"]).name == Path(b["file"]).name
+        ta, tb = load_file(a["file"]), load_file(b["file"])
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_the_fast_path_trains_the_options_byte_identically(root, options_run):
