@@ -1,7 +1,7 @@
 """Issue 25's first group of trainer options, kohya's names: min_timestep / max_timestep, loss_type with the Huber
 threshold (huber_schedule, huber_c, huber_scale) and optimizer_args. Trained for real on tiny-sd (one shared run
-with every option, replayed on the fast path, and one-step runs per loss type); the loss functions against kohya's
-formulas; FLUX.1's flow loss with Huber; the recipe's refusals, each one line."""
+with every option, replayed on the fast path and resumed, and one-step runs per loss type) and tiny-sdxl (one-step
+runs); the loss functions against kohya's formulas; FLUX.1's flow loss with Huber; the recipe's refusals, each one line."""
 
 from __future__ import annotations
 
@@ -129,6 +129,15 @@ def test_the_fast_path_trains_the_options_byte_identically(root, options_run):
     for a, b in zip(plain.epochs, fast.epochs, strict=True):
         ta, tb = load_file(a["file"]), load_file(b["file"])
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_huber_on_sdxl_is_the_mse_for_small_residuals_and_less_for_large(root):
+    sdxl = {**ONE_STEP, "base_model": "tiny-sdxl", "model_family": "sdxl", "min_timestep": 100, "max_timestep": 900}
+    l2 = train(root, tiny_recipe(**sdxl), "sdxl-l2")[0].loss_history[0]
+    constant = {"loss_type": "huber", "huber_schedule": "constant", "huber_c": 1.0, "huber_scale": 100.0}
+    wide = train(root, tiny_recipe(**sdxl, **constant), "sdxl-huber-wide")[0].loss_history[0]
+    snr = train(root, tiny_recipe(**sdxl, loss_type="huber"), "sdxl-huber-snr")[0].loss_history[0]
+    assert wide == pytest.approx(l2, rel=1e-3) and snr < 0.9 * l2
 
 
 def test_each_loss_type_changes_the_first_step_loss_as_stated(root):
