@@ -1,7 +1,8 @@
 """Issue 25's first group of trainer options, kohya's names: min_timestep / max_timestep, loss_type with the Huber
 threshold (huber_schedule, huber_c, huber_scale) and optimizer_args. Trained for real on tiny-sd (one shared run
 with every option, replayed on the fast path and resumed, and one-step runs per loss type) and tiny-sdxl (one-step
-runs); the loss functions against kohya's formulas; FLUX.1's flow loss with Huber; the recipe's refusals, each one line."""
+runs); the loss functions against kohya's formulas; FLUX.1's flow loss with Huber; the recipe's refusals, each one
+line."""
 
 from __future__ import annotations
 
