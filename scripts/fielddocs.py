@@ -46,7 +46,8 @@ def _cell(text: str) -> str:
 def _type(prop: dict[str, Any]) -> str:
     if "anyOf" in prop:
         kinds = [_type(p) for p in prop["anyOf"] if p.get("type") != "null"]
-        return " or ".join(kinds) + " or null"
+        nullable = any(p.get("type") == "null" for p in prop["anyOf"])
+        return " or ".join(kinds) + (" or null" if nullable else "")
     if "$ref" in prop:
         return "mapping (below)"
     if "enum" in prop:
@@ -54,6 +55,8 @@ def _type(prop: dict[str, Any]) -> str:
     if prop.get("type") == "array":
         items = prop.get("items", {})
         return "list of " + ("mappings (below)" if "$ref" in items else _type(items))
+    if prop.get("type") == "object":  # a mapping of text keys (a recipe's optimizer_args)
+        return f"mapping of text to ({_type(prop.get('additionalProperties', {}))})"
     if "format" in prop:
         return str(prop["format"])
     return {"string": "text", "integer": "integer", "number": "number", "boolean": "boolean"}[prop["type"]]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
+from lora_pipeline.core.training.optimizer_args import optimizer_args_problem
 from lora_pipeline.core.training.recipe_fields import RecipeFields
 from lora_pipeline.core.training.recipe_groups import OptimizerSettings, read_group
 
@@ -22,7 +23,7 @@ ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weight
 # of the other objective they are refused. DoRA and ip_noise_gamma are not implemented for the flow step yet.
 OBJECTIVE_ONLY = {
     DDPM: ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss", "conv_dim",
-           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora"),
+           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep"),
     RECTIFIED_FLOW: ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
                      "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "train_blocks",
                      "t5xxl_max_token_length", "flux_guidance_scale"),
@@ -46,7 +47,8 @@ def recipe_problems(recipe: RecipeFields) -> list[str]:
 
 
 def _conflicts(recipe: RecipeFields) -> list[str]:
-    found = []
+    found = [problem for problem in (optimizer_args_problem(recipe.optimizer, recipe.optimizer_args),
+                                     _timestep_problem(recipe)) if problem]
     if recipe.conv_alpha is not None and recipe.conv_dim is None:
         found.append("conv_alpha needs conv_dim")
     if recipe.text_encoder_lr is not None and recipe.network_train_unet_only:
@@ -70,6 +72,13 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
     if recipe.sample_every_n_epochs is not None and not recipe.sample_prompts:
         found.append("sample_every_n_epochs needs sample_prompts")
     return found + _family_conflicts(recipe)
+
+
+def _timestep_problem(recipe: RecipeFields) -> str | None:
+    low, high = recipe.min_timestep, recipe.max_timestep
+    if low is not None and high is not None and low > high:
+        return "min_timestep must not be larger than max_timestep"
+    return None
 
 
 def _t5_conflicts(recipe: RecipeFields) -> list[str]:
@@ -106,6 +115,9 @@ def _family_conflicts(recipe: RecipeFields) -> list[str]:
     found = [f"{name} is not an option of {family.label} model (model_family: {recipe.model_family}); leave it "
              "unset" for objective, names in OBJECTIVE_ONLY.items() if objective != family.objective
              for name in names if getattr(recipe, name) != infos[name].default]
+    if family.objective != DDPM and recipe.loss_type in ("huber", "smooth_l1") and recipe.huber_schedule == "snr":
+        found.append(f"huber_schedule: snr needs a DDPM noise schedule, which {family.label} model does not train on "
+                     "(kohya's FLUX.1 trainer fails on it too); use huber_schedule: exponential or constant")
     if recipe.blocks_to_swap > family.max_blocks_to_swap:
         found.append(f"blocks_to_swap must be at most {family.max_blocks_to_swap} for {family.label} model")
     steps = {"resolution": recipe.resolution, "bucket_reso_steps": recipe.bucket_reso_steps}

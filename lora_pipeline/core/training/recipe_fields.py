@@ -27,7 +27,13 @@ from lora_pipeline.core.schema import (
     Text,
     non_empty,
 )
-from lora_pipeline.core.training.recipe_groups import PredictionType, TimestepSampling, WeightingScheme
+from lora_pipeline.core.training.recipe_groups import (
+    HuberSchedule,
+    LossType,
+    PredictionType,
+    TimestepSampling,
+    WeightingScheme,
+)
 
 MAX_RESOLUTION = 2048  # the square side: buckets hold at most MAX_RESOLUTION**2 (about 4.2 megapixels)
 MAX_BUCKET_SIDE = 4096
@@ -43,6 +49,8 @@ FAMILIES, OPTIMIZERS = get_args(Family), get_args(OptimizerName)
 SCHEDULERS, PRECISIONS = get_args(SchedulerName), get_args(Precision)
 EvalWeight = Annotated[Float, Field(ge=-10.0, le=10.0)]
 TrainBlocks = Literal["all", "double", "single"]
+# kohya's --optimizer_args values (ast.literal_eval of key=value): a flag, a number or a tuple of numbers (betas)
+OptimizerArg = Bool | Int | Float | tuple[Float, ...]
 
 FamilyPattern = name_glob("family", first_named="dataset family")
 
@@ -111,6 +119,12 @@ class RecipeFields:
         True, description="Adafactor sets its own step size (kohya's default relative_step=True; learning_rate is "
         "its initial_lr)", json_schema_extra=ADDED_LATER,
     )
+    optimizer_args: dict[Annotated[Text, Field(max_length=40)], OptimizerArg] | None = Field(
+        None, max_length=32, description="more arguments of the optimizer's constructor, kohya's --optimizer_args as a "
+        "mapping (e.g. {betas: [0.9, 0.99], eps: 1e-8, decouple: true, d_coef: 1.0}); a key the optimizer does not "
+        "take is refused; weight_decay here replaces the weight_decay field (null: none)",
+        json_schema_extra=ADDED_LATER,
+    )
     lr_scheduler: SchedulerName = Field(
         "constant", description="learning-rate schedule over all steps"
     )
@@ -174,6 +188,33 @@ class RecipeFields:
     v_parameterization: Bool = Field(
         False, description="train v-prediction (false: the base model's own prediction type)",
         json_schema_extra=ADDED_LATER,
+    )
+    # kohya's timestep bounds and loss function (issue 25); step/loss.py, noise.py
+    min_timestep: Int | None = Field(
+        None, ge=0, le=999, description="smallest drawn DDPM timestep (kohya's --min_timestep; null: 0)",
+        json_schema_extra=ADDED_LATER,
+    )
+    max_timestep: Int | None = Field(
+        None, ge=1, le=1000, description="timesteps are drawn below this one (kohya's --max_timestep; null: the "
+        "schedule's 1000); equal to min_timestep: every step at that timestep", json_schema_extra=ADDED_LATER,
+    )
+    loss_type: LossType = Field(
+        "l2", description="the loss against the target (kohya's --loss_type): l2 (MSE), l1, huber (2c(sqrt(r^2 + "
+        "c^2) - c): r^2 for small residuals r, linear for large) or smooth_l1 (2(sqrt(r^2 + c^2) - c))",
+        json_schema_extra=ADDED_LATER,
+    )
+    huber_schedule: HuberSchedule = Field(
+        "snr", description="the threshold c of huber and smooth_l1 per timestep t (kohya's --huber_schedule): snr "
+        "((1 - huber_c) / (1 + sigma_t)^2 + huber_c; DDPM only), exponential (huber_scale x huber_c^(t/1000)) or "
+        "constant (huber_scale x huber_c)", json_schema_extra=ADDED_LATER,
+    )
+    huber_c: Float = Field(
+        0.1, gt=0.0, le=1.0, description="the Huber threshold of huber_schedule (kohya's --huber_c)",
+        json_schema_extra=ADDED_LATER,
+    )
+    huber_scale: Float = Field(
+        1.0, gt=0.0, le=100.0, description="scale of the exponential and constant Huber thresholds (kohya's "
+        "--huber_scale)", json_schema_extra=ADDED_LATER,
     )
     seed: Int = Field(42, ge=0, le=MAX_SEED, description="seed of initialisation, shuffling and noise")
     sample_prompts: tuple[Text, ...] = Field((), max_length=100, description="prompts of the evaluation grid")

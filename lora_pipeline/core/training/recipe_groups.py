@@ -20,6 +20,9 @@ G = TypeVar("G")
 TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
 WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
+LossType = Literal["l2", "l1", "huber", "smooth_l1"]
+HuberSchedule = Literal["snr", "exponential", "constant"]
+OptimizerArgValue = bool | int | float | tuple[float, ...]
 
 
 class GroupView(Generic[G]):
@@ -71,6 +74,7 @@ class OptimizerSettings:
     weight_decay: float
     adafactor_relative_step: bool
     text_encoder_lr: float | None
+    optimizer_args: dict[str, OptimizerArgValue] | None = None  # kohya's --optimizer_args, given to the constructor
 
     @property
     def relative_step(self) -> bool:
@@ -90,8 +94,11 @@ class ScheduleSettings:
 
 @dataclass(frozen=True)
 class NoiseSettings:
-    """kohya's noise options of a step and the loss weights that depend on the noise (noise.py, loop.py), and the
-    training noise schedule (`v_parameterization`, `zero_terminal_snr`). The defaults are all off."""
+    """kohya's noise options of a step and the loss weights that depend on the noise (noise.py, loop.py), the
+    training noise schedule (`v_parameterization`, `zero_terminal_snr`), the drawn timesteps' bounds
+    (`min_timestep`, `max_timestep`; null: 0 and the schedule's num_train_timesteps) and the loss function
+    (`loss_type`, the Huber threshold's `huber_schedule`, `huber_c`, `huber_scale`; step/loss.py). The defaults
+    are all off (MSE at uniform timesteps)."""
 
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
@@ -101,6 +108,12 @@ class NoiseSettings:
     debiased_estimation_loss: bool = False
     v_parameterization: bool = False
     zero_terminal_snr: bool = False
+    min_timestep: int | None = None
+    max_timestep: int | None = None
+    loss_type: LossType = "l2"
+    huber_schedule: HuberSchedule = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-export
     kohya_state_dict,
     network_args,
 )
+from lora_pipeline.core.training.optimizer_args import kohya_optimizer_args
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import OptimizerSettings
 
@@ -154,9 +155,10 @@ def _flag(value: bool) -> str:
 
 
 def _optimizer(settings: OptimizerSettings) -> str:
-    """kohya's ss_optimizer: the optimizer and its arguments."""
-    extra = f"relative_step={settings.adafactor_relative_step}," if settings.optimizer == "Adafactor" else ""
-    return f"{settings.optimizer}({extra}weight_decay={settings.weight_decay})"
+    """kohya's ss_optimizer: the optimizer and its arguments (`optimizer_args` as kohya joins them)."""
+    extra = {"relative_step": settings.adafactor_relative_step} if settings.optimizer == "Adafactor" else {}
+    args = {**extra, "weight_decay": settings.weight_decay, **(settings.optimizer_args or {})}
+    return f"{settings.optimizer}({kohya_optimizer_args(args)})"
 
 
 def build_metadata(
@@ -227,6 +229,10 @@ def build_metadata(
         "ss_zero_terminal_snr": _flag(recipe.zero_terminal_snr),
         "ss_debiased_estimation": _flag(recipe.debiased_estimation_loss),
         "ss_min_snr_gamma": recipe.min_snr_gamma,
+        "ss_loss_type": recipe.loss_type,
+        "ss_huber_schedule": recipe.huber_schedule,
+        "ss_huber_scale": recipe.huber_scale,
+        "ss_huber_c": recipe.huber_c,
         "ss_optimizer": _optimizer(recipe.optimizer_settings),
         "ss_batch_size_per_device": recipe.train_batch_size,
         "ss_total_batch_size": recipe.effective_batch_size,
@@ -263,6 +269,8 @@ def build_metadata(
         "modelspec.date": started.isoformat(),
         "modelspec.prediction_type": MODELSPEC_PREDICTION.get(prediction_type, "epsilon"),
     }
+    if recipe.min_timestep is not None or recipe.max_timestep is not None:  # kohya's get_sai_model_spec
+        modelspec["modelspec.timestep_range"] = f"{recipe.min_timestep or 0},{recipe.max_timestep or 1000}"
     ours = {
         "lora_pipeline.dataset_version": provenance.dataset_version,
         "lora_pipeline.manifest_root": provenance.manifest_root,

@@ -140,8 +140,10 @@ def _create_store(db: Path) -> None:
 
 
 def param_value(value: Any) -> str:
-    """A run parameter as MLflow stores it: text (lists as canonical JSON), cut to MLflow's length limit."""
-    text = value if isinstance(value, str) else canonical_json(value) if isinstance(value, list | tuple) else str(value)
+    """A run parameter as MLflow stores it: text (lists and mappings as canonical JSON), cut to MLflow's length
+    limit."""
+    structured = isinstance(value, list | tuple | dict)
+    text = value if isinstance(value, str) else canonical_json(value) if structured else str(value)
     return text[:MAX_PARAM_VAL_LENGTH]
 
 

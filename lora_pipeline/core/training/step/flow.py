@@ -25,6 +25,7 @@ from lora_pipeline.core.training.recipe_groups import (  # noqa: F401 (re-export
     TimestepSampling,
     WeightingScheme,
 )
+from lora_pipeline.core.training.step.loss import conditional_loss
 
 # flux_shift's mu grows linearly from BASE_SHIFT at 256 image tokens to MAX_SHIFT at 4096 (kohya's get_lin_function)
 BASE_SEQ_LEN, BASE_SHIFT, MAX_SEQ_LEN, MAX_SHIFT = 256, 0.5, 4096, 1.15
@@ -143,13 +144,14 @@ def loss_weighting(settings: FlowSettings, sigmas: torch.Tensor) -> torch.Tensor
 
 
 def flow_loss(
-    pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None, mask: torch.Tensor | None = None
+    pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None, mask: torch.Tensor | None = None,
+    loss_type: str = "l2", huber_c: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-image MSE as kohya's train_network computes it: elementwise in float32, times the weighting, times the
-    loss mask area-averaged to the latent size (apply_masked_loss; `mask` (b, 1, H, W) in [0, 1] at pixel
-    resolution), then the mean over all but the batch dimension. Per-image weights and the batch mean are the
-    caller's."""
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    """Per-image loss as kohya's train_network computes it: elementwise in float32 (MSE, or kohya's `loss_type`
+    with its Huber threshold per image, step/loss.py), times the weighting, times the loss mask area-averaged to
+    the latent size (apply_masked_loss; `mask` (b, 1, H, W) in [0, 1] at pixel resolution), then the mean over
+    all but the batch dimension. Per-image weights and the batch mean are the caller's."""
+    loss = conditional_loss(pred.float(), target.float(), loss_type, huber_c)
     if weighting is not None:
         loss = loss * weighting
     if mask is not None:

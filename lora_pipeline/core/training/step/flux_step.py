@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.step.flow import (
     FlowSettings,
     draw_sigmas,
@@ -22,6 +23,7 @@ from lora_pipeline.core.training.step.flow import (
     flow_target,
     model_prediction,
 )
+from lora_pipeline.core.training.step.loss import huber_threshold
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -52,17 +54,20 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
 
 @dataclass(frozen=True)
 class RectifiedFlow:
-    """The flow objective of one run: its settings, whether the transformer embeds guidance ([dev]) and the
-    shifted scheduler sigmas that "sigma" sampling reads."""
+    """The flow objective of one run: its settings, whether the transformer embeds guidance ([dev]), the
+    shifted scheduler sigmas that "sigma" sampling reads, and the loss function (`noise`'s loss_type and Huber
+    threshold, kohya's train_network applies them to FLUX.1 too; the threshold's timestep is sigma x 1000)."""
 
     settings: FlowSettings
     guidance_embeds: bool
     scheduler_sigmas: torch.Tensor
+    noise: NoiseSettings = NoiseSettings()
 
     @classmethod
-    def of(cls, settings: FlowSettings, transformer: torch.nn.Module) -> RectifiedFlow:
+    def of(cls, settings: FlowSettings, transformer: torch.nn.Module,
+           noise: NoiseSettings | None = None) -> RectifiedFlow:
         return cls(settings, bool(transformer.config.guidance_embeds),
-                   flow_match_sigmas(settings, NUM_TRAIN_TIMESTEPS))
+                   flow_match_sigmas(settings, NUM_TRAIN_TIMESTEPS), noise or NoiseSettings())
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(noise, sigmas) of `shape` latents on the host, all from `generator`: the noise first, as kohya draws."""
@@ -88,7 +93,8 @@ class RectifiedFlow:
             img_ids=latent_image_ids(h, w, device, dtype), return_dict=False,
         )[0]
         pred, weighting = model_prediction(unpack_latents(out, h, w), noisy, s, self.settings)
-        loss = flow_loss(pred, flow_target(noise, latents), weighting, mask)
+        huber_c = huber_threshold(self.noise, s.view(-1) * NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, None)
+        loss = flow_loss(pred, flow_target(noise, latents), weighting, mask, self.noise.loss_type, huber_c)
         if loss_weights is not None:
             loss = loss * loss_weights.to(loss.device)
         return loss.mean()

@@ -1,14 +1,14 @@
 """One training step (shared with benchmarks/train_throughput.py) and one epoch of steps.
 
-The step follows kohya's train_network: DDPM noise on the latents at uniform timesteps with kohya's noise
-options (noise.py: offset, multi-resolution and input-perturbation noise), MSE against epsilon (or v for
-v-prediction), the loss mask (`apply_masked_loss`) and per-image weights (`prior_loss_weight` on
-class images), min-SNR-gamma weighting (`apply_snr_weight`) or the debiased estimation loss, gradient-norm
-clipping at kohya's default 1.0. With gradient accumulation a step is several micro-batches of one bucket whose
-noise is drawn as for one batch of all their images, each loss weighted by its share of those images: the
-step equals one batch of train_batch_size x gradient_accumulation_steps images (up to float summation order).
-FLUX.1 trains the rectified-flow objective instead (flux_step.py, `StepParts.flow`); everything around the
-objective (captions, views, masks, per-image weights, accumulation, DDP shares) is the same.
+The step follows kohya's train_network: DDPM noise on the latents at uniform timesteps (within min/max_timestep)
+with kohya's noise options (noise.py: offset, multi-resolution and input-perturbation noise), kohya's loss_type
+(loss.py: MSE, L1, Huber) against epsilon (or v for v-prediction), the loss mask (`apply_masked_loss`) and per-image
+weights (`prior_loss_weight` on class images), min-SNR-gamma weighting (`apply_snr_weight`) or the debiased
+estimation loss, gradient-norm clipping at kohya's default 1.0. With gradient accumulation a step is several micro-
+batches of one bucket whose noise is drawn as for one batch of all their images, each loss weighted by its share of
+those images: the step equals one batch of train_batch_size x gradient_accumulation_steps images (up to float
+summation order). FLUX.1 trains the rectified-flow objective instead (flux_step.py, `StepParts.flow`); everything
+around the objective (captions, views, masks, per-image weights, accumulation, DDP shares) is the same.
 
 In several processes (DDP, distributed.py) every process prepares each step as one process would (same images,
 captions, views, noise and timesteps) and trains on its contiguous share of the step's images (`Shard`), its
@@ -42,6 +42,7 @@ from lora_pipeline.core.training.progress import Progress
 from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
+from lora_pipeline.core.training.step.loss import conditional_loss, huber_threshold
 from lora_pipeline.core.training.step.noise import debiased_weight
 from lora_pipeline.core.training.step.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
@@ -129,7 +130,8 @@ def denoising_loss(
     if batch.text_embeds is not None:
         added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
     pred = unet(noisy, timesteps, batch.encoder_hidden_states, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    huber_c = huber_threshold(settings, timesteps, scheduler.config.num_train_timesteps, scheduler.alphas_cumprod)
+    loss = conditional_loss(pred.float(), target.float(), settings.loss_type, huber_c)
     if batch.mask is not None:  # kohya's apply_masked_loss: the mask area-averaged to the latent size
         loss = loss * F.interpolate(batch.mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
     loss = loss.mean(dim=[1, 2, 3])

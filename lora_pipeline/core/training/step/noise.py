@@ -3,9 +3,10 @@
 `draw_noise` follows train_util.get_noise_noisy_latents_and_timesteps: Gaussian noise, kohya's noise offset
 (`noise += offset * randn(b, c, 1, 1)`), multi-resolution (pyramid) noise (custom_train_functions.
 pyramid_noise_like: `iterations` upsampled levels at a random 2-4x scale each, weighted `discount ** i`, then
-scaled back to unit deviation), uniform timesteps, and input-perturbation noise (`ip_noise_gamma`: the
-noised latents get `noise + gamma * randn` while the target stays `noise`). Every draw comes from one CPU
-generator in that order, so the same generator gives the same step on any device.
+scaled back to unit deviation), uniform timesteps in [min_timestep, max_timestep) (get_timesteps), and
+input-perturbation noise (`ip_noise_gamma`: the noised latents get `noise + gamma * randn` while the target stays
+`noise`). Every draw comes from one CPU generator in that order, so the same generator gives the same step on any
+device.
 
 `zero_terminal_snr` rescales the DDPM betas so the last timestep has zero SNR (Lin et al. 2023; kohya's
 fix_noise_scheduler_betas_for_zero_terminal_snr); `v_parameterization` makes the target v. The debiased
@@ -65,11 +66,22 @@ def draw_noise(
         noise = noise + settings.noise_offset * torch.randn((b, c, 1, 1), generator=generator)
     if settings.multires_noise_iterations:
         noise = pyramid_noise(noise, generator, settings.multires_noise_iterations, settings.multires_noise_discount)
-    timesteps = torch.randint(0, num_train_timesteps, (b,), generator=generator)
+    timesteps = draw_timesteps(b, num_train_timesteps, generator, settings)
     perturbation = None
     if settings.ip_noise_gamma:
         perturbation = settings.ip_noise_gamma * torch.randn(shape, generator=generator)
     return NoiseDraw(noise, perturbation, timesteps)
+
+
+def draw_timesteps(images: int, num_train_timesteps: int, generator: torch.Generator, settings: NoiseSettings
+                   ) -> torch.Tensor:
+    """kohya's get_timesteps: uniform in [min_timestep, max_timestep) (null: 0 and `num_train_timesteps`), or all
+    at max_timestep when the two are equal (drawing nothing)."""
+    low = 0 if settings.min_timestep is None else settings.min_timestep
+    high = num_train_timesteps if settings.max_timestep is None else settings.max_timestep
+    if low < high:
+        return torch.randint(low, high, (images,), generator=generator)
+    return torch.full((images,), high, dtype=torch.int64)
 
 
 def debiased_weight(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:

@@ -10,10 +10,10 @@ from lora_pipeline.core.training.step.noise import training_scheduler
 
 
 def training_objective(base: BaseModel, noise: NoiseSettings, flow: FlowSettings) -> RectifiedFlow | None:
-    """The rectified-flow objective (`flow`'s settings) when the family trains on it; otherwise None, the DDPM
-    objective, after replacing the model's scheduler by the training one of `noise` (v-prediction, zero terminal
-    SNR)."""
+    """The rectified-flow objective (`flow`'s settings, `noise`'s loss function) when the family trains on it;
+    otherwise None, the DDPM objective, after replacing the model's scheduler by the training one of `noise`
+    (v-prediction, zero terminal SNR)."""
     if base.architecture.objective == RECTIFIED_FLOW:
-        return RectifiedFlow.of(flow, base.denoiser)
+        return RectifiedFlow.of(flow, base.denoiser, noise)
     base.noise_scheduler = training_scheduler(base.noise_scheduler, noise)
     return None

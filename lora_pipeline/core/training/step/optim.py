@@ -25,42 +25,44 @@ def make_optimizer(settings: OptimizerSettings, schedule: ScheduleSettings, para
     As kohya: Lion is lion-pytorch's; Adafactor is transformers' with relative_step (its own step size,
     learning_rate only the schedule's initial_lr) unless `adafactor_relative_step: false`; AdamWScheduleFree is
     the schedulefree package's (no schedule; lr_warmup_steps is its warmup). `params` may be parameter groups
-    (a text-encoder group with its own lr)."""
+    (a text-encoder group with its own lr). `optimizer_args` (kohya's --optimizer_args, keys checked by the recipe,
+    optimizer_args.py) go to the constructor and replace these defaults and the weight_decay field."""
     params = list(params)
-    lr, decay, name = settings.learning_rate, settings.weight_decay, settings.optimizer
+    lr, name = settings.learning_rate, settings.optimizer
+    args = {"weight_decay": settings.weight_decay, **(settings.optimizer_args or {})}  # kohya's --optimizer_args
     if name == "Lion":
         import lion_pytorch
 
-        return lion_pytorch.Lion(params, lr=lr, weight_decay=decay)
+        return lion_pytorch.Lion(params, lr=lr, **args)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
 
         relative = settings.adafactor_relative_step
-        return Adafactor(params, lr=None if relative else lr, relative_step=relative, scale_parameter=relative,
-                         warmup_init=False, weight_decay=decay)
+        return Adafactor(params, lr=None if relative else lr, relative_step=relative,
+                         **{"scale_parameter": relative, "warmup_init": False, **args})
     if name == "AdamWScheduleFree":
         import schedulefree
 
-        optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, weight_decay=decay,
-                                                   warmup_steps=schedule.lr_warmup_steps, foreach=device.type == "cuda")
+        optimizer = schedulefree.AdamWScheduleFree(params, lr=lr, warmup_steps=schedule.lr_warmup_steps,
+                                                   foreach=device.type == "cuda", **args)
         optimizer.train()
         return optimizer
     if name == "DAdaptAdamW":
         # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
-        return DAdaptAdamW(params, lr=lr, weight_decay=decay)
+        return DAdaptAdamW(params, lr=lr, **args)
     if name == "Prodigy":
         import prodigyopt
 
-        return prodigyopt.Prodigy(params, lr=lr, decouple=True, weight_decay=decay)
+        return prodigyopt.Prodigy(params, lr=lr, **{"decouple": True, **args})
     if name == "AdamW8bit":
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=decay, min_8bit_size=0)
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, **{"min_8bit_size": 0, **args})
     if name == "AdamW":
         # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
         # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
         cuda = device.type == "cuda"
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=cuda, capturable=cuda)
+        return torch.optim.AdamW(params, lr=lr, fused=cuda, capturable=cuda, **args)
     raise ValueError(f"unknown optimizer {name!r}")  # parse_recipe only lets known names through
 
 
