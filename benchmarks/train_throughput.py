@@ -64,6 +64,7 @@ from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
 from lora_pipeline.core.training.recipe import OPTIMIZERS, Recipe
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
+from lora_pipeline.core.training.run.memory import enable_checkpointing
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step import loop
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
@@ -244,7 +245,7 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
 
     def prepare() -> None:
         if args.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet)  # as the trainer: the recomputation under the forward's attention kernels
         if variant == "fast-compiled":
             unet.compile(backend=args.compile_backend)
         if variant in ("fast", "fast-compiled"):
