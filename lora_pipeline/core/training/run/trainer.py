@@ -356,6 +356,8 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     saved = list(state.saved) if state else []
     if state:
         run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
+        if not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it rendered:
+            _sample(run, ctx, renderer, start, tracker)  # the restored weights and optimizer are that epoch's
     if ctx.shard:
         require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
     trained_images, seconds, warmup, first_step_done, step_files = 0, 0.0, 0.0, None, []
