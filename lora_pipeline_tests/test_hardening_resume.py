@@ -35,3 +35,54 @@ def test_a_strip_whose_rendering_was_interrupted_is_rendered_on_resume(train_sna
     clean_first = strip_path(root.root / "clean", "train-v1", "tiny", 1)
     assert first.read_bytes() == clean_first.read_bytes()  # before the fix: never rendered
     assert resumed.sample_strip is not None and resumed.sample_strip.read_bytes() == clean.sample_strip.read_bytes()
+
+
+def test_a_training_the_automation_asked_for_and_that_was_killed_is_asked_for_again(sample_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import dagster as dg
+
+    from lora_pipeline.core.training.run.checkpoint import state_path
+    from lora_pipeline.defs.partitions import training_key
+    from lora_pipeline.defs.run_health import fail_dead_runs
+    from lora_pipeline.runs.instance import definitions, instance
+    from lora_pipeline.runs.jobs import run_job
+
+    family, recipe = "hardware-curated", "demo-tiny"  # the demo-tiny recipe has train_on: [hardware-curated]
+    version = f"{family}-v1"
+    inst, defs = instance(), definitions()
+
+    def requested(cursor):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=inst, cursor=cursor)
+        return {str(p) for p in result.get_requested_partitions(dg.AssetKey("lora_epochs"))}, result.cursor
+
+    inst.add_dynamic_partitions("source_batches", sample_root.ready_batches())
+    inst.add_dynamic_partitions("recipes", sample_root.recipe_names())
+    _, cursor = requested(None)
+    inst.add_dynamic_partitions("dataset_versions", [version])  # a new version of the family, built
+    run_job("build_dataset_job", version, inst, quiet=True)
+    key = str(training_key(version, recipe))
+    asked, cursor = requested(cursor)
+    assert asked == {key}
+    asked, cursor = requested(cursor)  # the daemon's next tick, while the run starts: asked once
+    assert asked == set()
+
+    # the requested training, killed once it saved its first epoch (2 epochs)
+    command = [sys.executable, "-m", "lora_pipeline.cli", "train", version, "--recipe", recipe]
+    child = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = state_path(sample_root.loras(version, recipe))
+    deadline = time.monotonic() + 300
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL and state.exists()
+    assert fail_dead_runs(inst, lambda line: None)  # as the next command or the daemon's run monitoring does
+
+    asked, cursor = requested(cursor)
+    assert asked == {key}  # before the fix: never again, until a person ran `train`
+    asked, cursor = requested(cursor)
+    assert asked == set()  # once per stop, not every tick

@@ -2,7 +2,8 @@
 
 A recipe's `train_on` names dataset families (names or globs). When a new version of such a family has been
 built and its blocking checks passed, `lora_epochs` is requested for that version x recipe, and once it has
-materialized, `evaluation_grid`. `training_automation_sensor` (on by default, evaluated in the code server
+materialized, `evaluation_grid`. A requested training whose run failed after saving epochs (killed) is requested
+once more, and resumes. `training_automation_sensor` (on by default, evaluated in the code server
 because two conditions here read the data root) evaluates the conditions; pool `gpu` (limit 1, dagster.yaml)
 keeps one training at a time. A version whose blocking checks failed is never requested: the condition
 "dataset_report's blocking checks passed" is false for it in the asset's Automation tab, and the failed check
@@ -90,6 +91,20 @@ class BlockingChecksPassed(_PartitionPredicate):
     explanation = "dataset_report's blocking checks passed (sealed version, report without errors)"
 
 
+def _left_epochs(root: DataRoot, version: str, recipe: str) -> bool:
+    from lora_pipeline.core.training.run.checkpoint import state_path  # torch: not at the code location's load
+
+    return state_path(root.loras(version, recipe)).is_file()
+
+
+class LeftEpochsToResume(_PartitionPredicate):
+    """True for `<version>|<recipe>` when a training saved epochs it can resume from (its `.resume/` state)."""
+
+    keep = staticmethod(_left_epochs)
+    label = "left_epochs_to_resume"
+    explanation = "a stopped training left saved epochs to resume from"
+
+
 _ready = (
     ~dg.AutomationCondition.any_deps_missing()
     & ~dg.AutomationCondition.any_deps_in_progress()
@@ -97,11 +112,15 @@ _ready = (
 )
 
 # Train a version x recipe once: when it is missing and newly so (a new version or recipe) or its dataset
-# report was just materialized, the recipe trains on the family, and the blocking checks passed. The custom
-# conditions come last, so they only look at the few partitions the built-in ones let through.
+# report was just materialized, the recipe trains on the family, and the blocking checks passed. A training
+# that was stopped part-way (its run killed, its machine gone) is asked for once more when its run is seen to
+# have failed, if it saved epochs to resume from; one that failed before any epoch would fail the same way again.
+# The custom conditions come last, so they only look at the few partitions the built-in ones let through.
+_stopped_part_way = dg.AutomationCondition.execution_failed().newly_true() & LeftEpochsToResume()
 train_on_condition = (
     dg.AutomationCondition.missing()
-    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+    & (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()
+       | _stopped_part_way).since_last_handled()
     & _ready
     & RecipeTrainsOnFamily()
     & BlockingChecksPassed()
