@@ -35,7 +35,13 @@ from lora_pipeline.core.models.loading import BaseModel, base_model_hash, defaul
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.augment import flip_warning
-from lora_pipeline.core.training.inputs.data import TrainingData, epoch_batches, load_training_data, steps_per_epoch
+from lora_pipeline.core.training.inputs.data import (
+    TrainingData,
+    accumulation_in_effect,
+    epoch_batches,
+    load_training_data,
+    steps_per_epoch,
+)
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
@@ -126,6 +132,13 @@ class _Run:
     def per_epoch(self) -> int:
         """Optimizer steps per epoch (batches of train_batch_size x gradient_accumulation_steps)."""
         return steps_per_epoch(self.data.images, self.data.image_repeats, self.recipe.effective_batch_size)
+
+    @property
+    def accumulation(self) -> int:
+        """The batches a step accumulates at most (`accumulation_in_effect`): the header records this."""
+        recipe = self.recipe
+        return accumulation_in_effect(self.data.images, self.data.image_repeats, recipe.train_batch_size,
+                                      recipe.gradient_accumulation_steps)
 
     @property
     def total(self) -> int:
@@ -295,6 +308,7 @@ def _save_lora(run: _Run, ctx: StepContext, provenance: LoraProvenance, epoch: i
         training_started_at=run.started_at,
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
+        gradient_accumulation_steps=run.accumulation,
     )
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):
@@ -345,6 +359,11 @@ def _train_steps(run: _Run, provenance: LoraProvenance, tracker: TrainingTracker
     ctx = _build_context(run)
     flip = flip_warning([i.caption for i in run.data.train]) if run.flip_aug else None
     warnings = [flip] if flip else []
+    if run.accumulation < recipe.gradient_accumulation_steps:
+        warnings.append(f"gradient_accumulation_steps: {recipe.gradient_accumulation_steps} accumulates at most "
+                        f"{run.accumulation} batch(es) of {recipe.train_batch_size} here: a step stays inside one "
+                        "aspect-ratio bucket and no bucket holds more images (the LoRA header records "
+                        f"{run.accumulation})")
     for line in warnings:
         run.log(f"warning: {line}")
     renderer = SampleRenderer(run.base, recipe.sampling, recipe.v_parameterization, run.device, DTYPES[run.precision])
