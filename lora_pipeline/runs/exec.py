@@ -75,8 +75,8 @@ def require_variables(command: list[str]) -> None:
                 raise UserError(f"reads ${name}, which is not set (deploy/cluster/env.sh sets it)", path)
 
 
-def exec_checked(args: list[str]) -> int:
-    """Check `[--postgres URL] -- COMMAND...` as the module doc says, then replace this process with COMMAND."""
+def prepare(args: list[str]) -> tuple[str, list[str]]:
+    """(executable, command) of `[--postgres URL] -- COMMAND...` once every check of the module doc passed."""
     database, command = parse(args)
     executable = shutil.which(command[0])
     if executable is None:
@@ -85,6 +85,12 @@ def exec_checked(args: list[str]) -> int:
     database = database or settings().dagster_pg_url
     if database:
         require_postgres(database)
+    return executable, command
+
+
+def exec_checked(args: list[str]) -> int:
+    """Check `[--postgres URL] -- COMMAND...` (`prepare`), then replace this process with COMMAND."""
+    executable, command = prepare(args)
     try:
         os.execv(executable, command)
     except OSError as exc:  # e.g. a file that is not a program
