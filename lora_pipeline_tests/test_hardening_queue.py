@@ -77,3 +77,32 @@ def test_ctrl_c_while_the_run_is_queued_cancels_it(queued_instance):
     child.communicate(timeout=60)
     (run,) = queued_instance.get_runs()
     assert run.status == dg.DagsterRunStatus.CANCELED  # before the fix: left QUEUED
+
+
+def test_a_waiter_hears_the_progress_lines_the_steps_logged(sample_root):
+    """What `build` and `train` print through the cluster while the workers run the steps (they were silent)."""
+    from lora_pipeline.runs import queue
+    from lora_pipeline.runs.instance import instance
+    from lora_pipeline.runs.jobs import run_job
+
+    inst = instance()
+    inst.add_dynamic_partitions("source_batches", ["curated-2026-10"])
+    outcome = run_job("register_batch_job", "curated-2026-10", inst, quiet=True)
+    heard: list[str] = []
+    queue.wait(inst, outcome.run_id, say=heard.append)
+    logged = [e.user_message for e in inst.all_logs(outcome.run_id)
+              if e.dagster_event is None and e.level >= 20 and e.user_message]
+    assert heard == logged and heard  # every INFO line of the steps, in order, once
+
+
+def test_each_cluster_demo_has_databases_of_its_own_and_checked_ports(monkeypatch):
+    from lora_pipeline.core.errors import UserError
+    from scripts.cluster import _port, demo_database_names
+
+    first, second = demo_database_names(), demo_database_names()
+    assert first != second and all(n.startswith("lora_demo_") and n.replace("_", "").isalnum() for n in first)
+    monkeypatch.setenv("CLUSTER_WEB_PORT", "3031")
+    assert _port("CLUSTER_WEB_PORT", 3030) == 3031
+    monkeypatch.setenv("CLUSTER_WEB_PORT", "web")
+    with pytest.raises(UserError, match=r"\$CLUSTER_WEB_PORT must be a port number"):
+        _port("CLUSTER_WEB_PORT", 3030)

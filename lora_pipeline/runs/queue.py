@@ -8,6 +8,7 @@ run's code where they load it themselves.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,17 +64,35 @@ def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | dg.Mult
     return run.run_id
 
 
+def _say_new_messages(inst: dg.DagsterInstance, run_id: str, cursor: str | None, say: Callable[[str], None]
+                      ) -> str | None:
+    """`say` each message the run's steps logged (INFO and above) since `cursor`; the new cursor."""
+    connection = inst.get_records_for_run(run_id, cursor=cursor)
+    for record in connection.records:
+        entry = record.event_log_entry
+        if entry.dagster_event is None and entry.level >= logging.INFO and entry.user_message:
+            say(entry.user_message)
+    return connection.cursor or cursor
+
+
 def wait(inst: dg.DagsterInstance, run_id: str, timeout_s: float | None = None,
-         while_queued: Callable[[], str | None] | None = None) -> dg.DagsterRun:
+         while_queued: Callable[[], str | None] | None = None, say: Callable[[str], None] | None = None,
+         ) -> dg.DagsterRun:
     """The run once it has finished (success, failure or canceled). `while_queued`, asked every few seconds while
-    the run is still queued, may give a reason to stop waiting: a UserError then."""
+    the run is still queued, may give a reason to stop waiting: a UserError then. `say` hears the steps' progress
+    lines as the workers log them (the epoch lines of a training), as a run in this process prints them."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     next_check = time.monotonic()
+    cursor: str | None = None
     while True:
         run = inst.get_run_by_id(run_id)
         if run is None:
             raise RuntimeError(f"run {run_id} is not in the instance")
+        if say is not None:
+            cursor = _say_new_messages(inst, run_id, cursor, say)
         if run.is_finished:
+            if say is not None:
+                _say_new_messages(inst, run_id, cursor, say)
             return run
         if while_queued is not None and run.status == dg.DagsterRunStatus.QUEUED and time.monotonic() >= next_check:
             next_check = time.monotonic() + QUEUED_CHECK_S
@@ -113,15 +132,15 @@ def give_up(inst: dg.DagsterInstance, run_id: str) -> None:
 
 def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str | dg.MultiPartitionKey | None,
                     run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-                    ) -> tuple[str, bool, list[dg.DagsterEvent]]:
+                    say: Callable[[str], None] | None = None) -> tuple[str, bool, list[dg.DagsterEvent]]:
     """(run id, success, events) of a submitted run, once it has finished. Refused in one line, before a run is
     made, when no daemon consumes the queue; a run this call stops waiting for (Ctrl-C, the daemon gone while
-    the run is still queued) is canceled."""
+    the run is still queued) is canceled. `say` hears the steps' progress lines (see `wait`)."""
     if problem := queue_consumer_problem(inst):
         raise UserError(problem)
     run_id = submit(inst, job_name, partition_key, run_config, tags)
     try:
-        run = wait(inst, run_id, while_queued=lambda: queue_consumer_problem(inst))
+        run = wait(inst, run_id, while_queued=lambda: queue_consumer_problem(inst), say=say)
     except BaseException:
         give_up(inst, run_id)
         raise
