@@ -2,7 +2,7 @@
 images of any mode and size, as a mask file or an alpha channel) and the arguments and environment of the
 `python -m lora_pipeline.runs.exec` wrapper. A mask check returns findings of one line each, never raises, never
 decodes more than the pixel limit; the wrapper either finds the command or refuses in one UserError line.
-`make fuzz` runs them with the config fuzz tests (test_schema.py's `_fuzz` shares the time out)."""
+`make fuzz` runs them with the config fuzz tests (test_schema.py's `run_fuzz` shares the time out)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ from lora_pipeline.core.datasets.masks import mask_problems
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.settings import env_name
 from lora_pipeline.runs.exec import prepare
-from lora_pipeline_tests.test_schema import EXAMPLES_PER_RUN, ODD_TEXT, PER_EXAMPLE_SECONDS, _fuzz, _settings
+from lora_pipeline_tests.test_schema import (
+    EXAMPLES_PER_RUN,
+    ODD_TEXT,
+    PER_EXAMPLE_SECONDS,
+    fuzz_settings,
+    run_fuzz,
+)
 
 MAX_PIXELS = 1_000_000
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "F", "CMYK"]
@@ -67,7 +73,7 @@ def test_fuzz_masks(tmp_path_factory):
     folder, counter = tmp_path_factory.mktemp("fuzz-masks"), [0]
     image, mask = folder / "i.png", folder / "i.mask.png"
 
-    @_settings()
+    @fuzz_settings()
     @given(mask_bytes, mask_bytes, st.booleans(), st.one_of(st.none(), st.tuples(st.integers(1, 80),
                                                                                  st.integers(1, 80))))
     def one(image_data: bytes, mask_data: bytes, alpha: bool, size: tuple[int, int] | None) -> None:
@@ -80,7 +86,7 @@ def test_fuzz_masks(tmp_path_factory):
             assert code.startswith("mask_") and message and len(message.splitlines()) == 1, (code, message)
         counter[0] += 1
 
-    _fuzz(one, counter, "masks")
+    run_fuzz(one, counter, "masks")
     assert counter[0] >= EXAMPLES_PER_RUN
 
 
@@ -112,7 +118,7 @@ def exec_env(tmp_path, monkeypatch) -> Path:
 def test_fuzz_exec_arguments(exec_env, monkeypatch):
     counter = [0]
 
-    @_settings()
+    @fuzz_settings()
     @given(st.lists(st.one_of(words, urls), max_size=6), st.booleans(), st.one_of(st.none(), urls),
            st.one_of(st.none(), st.sampled_from(["", " ", "redis://127.0.0.1:6379/0"])))
     def one(args: list[str], separated: bool, instance_url: str | None, backend: str | None) -> None:
@@ -134,5 +140,5 @@ def test_fuzz_exec_arguments(exec_env, monkeypatch):
         assert time.monotonic() - started < PER_EXAMPLE_SECONDS + 3  # a Postgres check may wait for its timeout
         counter[0] += 1
 
-    _fuzz(one, counter, "exec arguments")
+    run_fuzz(one, counter, "exec arguments")
     assert counter[0] >= EXAMPLES_PER_RUN

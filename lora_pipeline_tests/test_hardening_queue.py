@@ -97,12 +97,12 @@ def test_a_waiter_hears_the_progress_lines_the_steps_logged(sample_root):
 
 def test_each_cluster_demo_has_databases_of_its_own_and_checked_ports(monkeypatch):
     from lora_pipeline.core.errors import UserError
-    from scripts.cluster import _port, demo_database_names
+    from scripts.cluster import demo_database_names, port_setting
 
     first, second = demo_database_names(), demo_database_names()
     assert first != second and all(n.startswith("lora_demo_") and n.replace("_", "").isalnum() for n in first)
     monkeypatch.setenv("CLUSTER_WEB_PORT", "3031")
-    assert _port("CLUSTER_WEB_PORT", 3030) == 3031
+    assert port_setting("CLUSTER_WEB_PORT", 3030) == 3031
     monkeypatch.setenv("CLUSTER_WEB_PORT", "web")
     with pytest.raises(UserError, match=r"\$CLUSTER_WEB_PORT must be a port number"):
-        _port("CLUSTER_WEB_PORT", 3030)
+        port_setting("CLUSTER_WEB_PORT", 3030)

@@ -211,8 +211,8 @@ def demo(hold: bool = False) -> int:
     try:
         cluster = Cluster(home=DEMO_DIR / "dagster_home", data=DEMO_DIR / "data",
                           dagster_db=create_database(server, names[0]), mlflow_db=create_database(server, names[1]),
-                          mlflow_port=_port("CLUSTER_MLFLOW_PORT", 5050), web_port=_port("CLUSTER_WEB_PORT", 3030),
-                          automation=False)
+                          mlflow_port=port_setting("CLUSTER_MLFLOW_PORT", 5050),
+                          web_port=port_setting("CLUSTER_WEB_PORT", 3030), automation=False)
         return _demo(cluster, started, hold)
     finally:  # this run's own databases: nobody else's are touched, and none is left behind
         for name in names:
@@ -227,7 +227,7 @@ def demo_database_names() -> tuple[str, str]:
     return f"lora_demo_{run}_dagster", f"lora_demo_{run}_mlflow"
 
 
-def _port(variable: str, default: int) -> int:
+def port_setting(variable: str, default: int) -> int:
     value = os.environ.get(variable, "").strip() or str(default)
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise UserError(f"${variable} must be a port number (1-65535), got {value!r}")
