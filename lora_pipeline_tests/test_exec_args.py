@@ -61,11 +61,12 @@ def test_no_command_after_the_separator(env):
 
 
 def test_a_command_that_does_not_exist(env, tmp_path):
-    assert_one_line_error(_exec(["--", "lora-no-such-program", "run"], env), "command not found: lora-no-such-program")
+    assert_one_line_error(_exec(["--", "lora-no-such-program", "run"], env), "command not found: 'lora-no-such-program'")
+    assert_one_line_error(_exec(["--", "\r0"], env), "command not found: '\\r0'")  # found by the fuzz test
     not_a_program = tmp_path / "script"
     not_a_program.write_text("#!/no/such/interpreter\n")
     not_a_program.chmod(0o755)
-    assert_one_line_error(_exec(["--", str(not_a_program)], env), f"cannot run {not_a_program}")
+    assert_one_line_error(_exec(["--", str(not_a_program)], env), f"cannot run '{not_a_program}'")
 
 
 @pytest.mark.parametrize("variable, config", [

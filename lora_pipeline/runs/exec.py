@@ -80,7 +80,7 @@ def prepare(args: list[str]) -> tuple[str, list[str]]:
     database, command = parse(args)
     executable = shutil.which(command[0])
     if executable is None:
-        raise UserError(f"command not found: {command[0]}")
+        raise UserError(f"command not found: {command[0]!r}")
     require_variables(command)
     database = database or settings().dagster_pg_url
     if database:
@@ -94,7 +94,7 @@ def exec_checked(args: list[str]) -> int:
     try:
         os.execv(executable, command)
     except OSError as exc:  # e.g. a file that is not a program
-        raise UserError(f"cannot run {command[0]}: {exc.strerror}") from None
+        raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
     return 1  # not reached
 
 
