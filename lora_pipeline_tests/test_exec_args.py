@@ -61,7 +61,8 @@ def test_no_command_after_the_separator(env):
 
 
 def test_a_command_that_does_not_exist(env, tmp_path):
-    assert_one_line_error(_exec(["--", "lora-no-such-program", "run"], env), "command not found: 'lora-no-such-program'")
+    missing = _exec(["--", "lora-no-such-program", "run"], env)
+    assert_one_line_error(missing, "command not found: 'lora-no-such-program'")
     assert_one_line_error(_exec(["--", "\r0"], env), "command not found: '\\r0'")  # found by the fuzz test
     not_a_program = tmp_path / "script"
     not_a_program.write_text("#!/no/such/interpreter\n")
