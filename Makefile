@@ -69,11 +69,12 @@ docs: $(STAMP)
 	$(BIN)/python scripts/fielddocs.py docs/fields.md
 	$(BIN)/python scripts/settingsdocs.py README.md
 
-# The config fuzz test for FUZZ_SECONDS (default 600) instead of make test's few hundred examples.
+# The fuzz tests (configs, masks, the exec wrapper's arguments) for FUZZ_SECONDS (default 600) in all instead of
+# make test's few hundred examples each.
 FUZZ_SECONDS ?= 600
 fuzz: $(STAMP)
 	FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -p no:xdist -p no:cacheprovider -s \
-	  lora_pipeline_tests/test_schema.py -k fuzz
+	  lora_pipeline_tests/test_schema.py lora_pipeline_tests/test_fuzz_inputs.py -k fuzz
 
 lint: $(STAMP)
 	$(BIN)/ruff check lora_pipeline lora_pipeline_tests benchmarks scripts

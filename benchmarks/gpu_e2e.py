@@ -263,8 +263,14 @@ def retrain(root: DataRoot, family: str) -> dict[str, Any]:
 
 
 def _environment(root: Path) -> None:
+    """The drill's settings. Its Dagster home gets the repository's dagster.yaml (telemetry off) before anything
+    opens an instance: without it every process opening one warned "No dagster instance configuration file" and
+    printed Dagster's telemetry banner."""
+    from lora_pipeline.runs.instance import ensure_dagster_home
+
     os.environ["LORA_PIPELINE_DATA"] = str(root)
     os.environ["DAGSTER_HOME"] = str(root / ".dagster_home")
+    ensure_dagster_home()
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("DO_NOT_TRACK", "1"),
                        ("MLFLOW_ENABLE_TELEMETRY", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):

@@ -248,7 +248,7 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
 
     def prepare() -> None:
         if args.gradient_checkpointing:
-            enable_checkpointing(unet)  # as the trainer does (run/memory.py)
+            enable_checkpointing(unet)  # as the trainer: the recomputation under the forward's attention kernels
         if variant == "fast-compiled":
             unet.compile(backend=args.compile_backend)
         if variant in ("fast", "fast-compiled"):

@@ -270,7 +270,8 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "lora-pipeline demo: done",
         *(f"  dataset     {v}: {b['dataset']} (report {b['report']})" for v, b in built.items()),
         f"  epochs      {len(trained['epoch_files'])} files in {Path(trained['epoch_files'][-1]).parent}",
-        f"  mlflow      run {trained['mlflow_run_id']} in {trained['mlflow_tracking_uri']} (make mlflow-ui)",
+        f"  mlflow      run {trained['mlflow_run_id']} in {trained['mlflow_tracking_uri']}"
+        + (" (make mlflow-ui)" if trained["mlflow_tracking_uri"].startswith("sqlite:") else ""),
         *(f"  grid        {g}" for g in evaluated["grids"]),
         f"  val loss    {evaluated['val_loss_png']}",
         f"  recommended epoch {rec['recommended_epoch']}: {chosen}",

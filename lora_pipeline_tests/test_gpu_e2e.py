@@ -72,3 +72,15 @@ def test_flux_smoke_drill_runs_the_chain_on_cpu(tmp_path, capsys):
     checks = model["checks"]
     assert checks["epoch_files"] == 1 and checks["diffusers_lora_layers"] > 0 and checks["provenance"] == "ok"
     assert checks["mlflow_status"] == "FINISHED" and checks["mlflow_epoch_artifacts"]
+
+
+def test_the_drill_gives_its_dagster_home_a_config_with_telemetry_off(tmp_path, monkeypatch, caplog):
+    import dagster as dg
+
+    for key in ("LORA_PIPELINE_DATA", "DAGSTER_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    _drill()._environment(tmp_path)  # before the fix: a DAGSTER_HOME that did not exist yet, without dagster.yaml
+    assert (tmp_path / ".dagster_home" / "dagster.yaml").is_file()
+    with caplog.at_level("WARNING", logger="dagster"), dg.DagsterInstance.get() as inst:
+        assert not inst.telemetry_enabled
+    assert "No dagster instance configuration file" not in caplog.text

@@ -4,7 +4,7 @@ The fuzz test writes generated files (valid samples mutated with wrong types, hu
 numbers, NaN, odd and unicode strings, nesting, unknown keys; and raw text) and asserts that loading
 either returns a valid object or raises the one-line UserError naming the file: never another
 exception, never more than PER_EXAMPLE_SECONDS. `make test` runs a few hundred examples; `make fuzz`
-runs for FUZZ_SECONDS in all (a third for each fuzz test).
+runs for FUZZ_SECONDS in all (a share for each of the FUZZ_TESTS fuzz tests, here and in test_fuzz_inputs.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ REPO_DATA = committed_data()
 SPEC_TEXT = (REPO_DATA / "specs" / "hardware-design-aesthetic-v2.yaml").read_text()
 RECIPE_TEXT = (REPO_DATA / "recipes" / "style-sdxl.yaml").read_text()
 SPEC_NAME, RECIPE_NAME = "hardware-design-aesthetic-v2", "style-sdxl"
-FUZZ_SECONDS_EACH = float(os.environ.get("FUZZ_SECONDS", "0")) / 3
+FUZZ_TESTS = 5  # three here, two in test_fuzz_inputs.py (masks, the exec wrapper's arguments)
+FUZZ_SECONDS_EACH = float(os.environ.get("FUZZ_SECONDS", "0")) / FUZZ_TESTS
 EXAMPLES_PER_RUN = 120  # per fuzz test in `make test` (three tests); `make fuzz` repeats runs until time is up
 PER_EXAMPLE_SECONDS = 3.0
 
@@ -126,7 +127,7 @@ def _check_load(path: Path, text: str, load: Callable[[Path], Any], kind: type, 
     counter[0] += 1
 
 
-def _fuzz(run: Callable[[], None], counter: list[int], label: str) -> None:
+def run_fuzz(run: Callable[[], None], counter: list[int], label: str) -> None:
     """One Hypothesis run (make test), or fresh runs until FUZZ_SECONDS_EACH are spent (make fuzz)."""
     started = time.monotonic()
     run()
@@ -136,7 +137,7 @@ def _fuzz(run: Callable[[], None], counter: list[int], label: str) -> None:
     print(f"\n{label}: {counter[0]} examples in {time.monotonic() - started:.1f} s{valid}")
 
 
-def _settings() -> settings:
+def fuzz_settings() -> settings:
     return settings(
         max_examples=EXAMPLES_PER_RUN if not FUZZ_SECONDS_EACH else 500, deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
@@ -154,12 +155,12 @@ def test_fuzz_config_files(tmp_path_factory, target):
     text, paths, name, load, kind = FUZZ_TARGETS[target]
     folder, counter = tmp_path_factory.mktemp(f"fuzz-{target}"), [0, 0]
 
-    @_settings()
+    @fuzz_settings()
     @given(documents(text, paths))
     def one(document: str) -> None:
         _check_load(folder / f"{name}.yaml", document, load, kind, counter)
 
-    _fuzz(one, counter, target)
+    run_fuzz(one, counter, target)
     assert counter[0] >= EXAMPLES_PER_RUN
 
 
@@ -167,7 +168,7 @@ def test_fuzz_raw_bytes(tmp_path_factory):
     """Bytes that may not be UTF-8 at all, for both loaders."""
     folder, counter = tmp_path_factory.mktemp("fuzz-bytes"), [0]
 
-    @_settings()
+    @fuzz_settings()
     @given(st.binary(max_size=300), st.booleans())
     def one(data: bytes, as_spec: bool) -> None:
         path = folder / (f"{SPEC_NAME}.yaml" if as_spec else f"{RECIPE_NAME}.yaml")
@@ -178,7 +179,7 @@ def test_fuzz_raw_bytes(tmp_path_factory):
             assert len(str(exc).splitlines()) == 1
         counter[0] += 1
 
-    _fuzz(one, counter, "raw bytes")
+    run_fuzz(one, counter, "raw bytes")
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ deployment runs on each machine (README, "Running on several machines").
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,18 +204,39 @@ def _fresh_data_root(data: Path) -> None:
 
 def demo(hold: bool = False) -> int:
     """`make cluster-demo`: the demo chain through the cluster profile on this machine; see the module doc."""
-    from lora_pipeline import cli
-
     started = time.monotonic()
     server = libpq_url(settings().pg)
     require_postgres(f"{server}/postgres")
-    for name in ("lora_demo_dagster", "lora_demo_mlflow"):
-        drop_database(server, name)
-    cluster = Cluster(home=DEMO_DIR / "dagster_home", data=DEMO_DIR / "data",
-                      dagster_db=create_database(server, "lora_demo_dagster"),
-                      mlflow_db=create_database(server, "lora_demo_mlflow"),
-                      mlflow_port=int(os.environ.get("CLUSTER_MLFLOW_PORT", "5050")),
-                      web_port=int(os.environ.get("CLUSTER_WEB_PORT", "3030")), automation=False)
+    names = demo_database_names()
+    try:
+        cluster = Cluster(home=DEMO_DIR / "dagster_home", data=DEMO_DIR / "data",
+                          dagster_db=create_database(server, names[0]), mlflow_db=create_database(server, names[1]),
+                          mlflow_port=port_setting("CLUSTER_MLFLOW_PORT", 5050),
+                          web_port=port_setting("CLUSTER_WEB_PORT", 3030), automation=False)
+        return _demo(cluster, started, hold)
+    finally:  # this run's own databases: nobody else's are touched, and none is left behind
+        for name in names:
+            drop_database(server, name)
+
+
+def demo_database_names() -> tuple[str, str]:
+    """The Dagster and MLflow databases of one `make cluster-demo`: named after the user and the run, so that two
+    people (or two runs) on one Postgres server never drop each other's."""
+    user = "".join(c for c in getpass.getuser().lower() if c.isalnum())[:16] or "user"
+    run = f"{user}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    return f"lora_demo_{run}_dagster", f"lora_demo_{run}_mlflow"
+
+
+def port_setting(variable: str, default: int) -> int:
+    value = os.environ.get(variable, "").strip() or str(default)
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise UserError(f"${variable} must be a port number (1-65535), got {value!r}")
+    return int(value)
+
+
+def _demo(cluster: Cluster, started: float, hold: bool) -> int:
+    from lora_pipeline import cli
+
     _fresh_data_root(cluster.data)
     shutil.rmtree(cluster.home, ignore_errors=True)
     print("starting:", flush=True)
@@ -223,12 +246,14 @@ def demo(hold: bool = False) -> int:
         ready = time.monotonic() - started
         print(f"all processes ready after {ready:.0f} s; running `lora-pipeline demo` through them", flush=True)
         code = cli.main(["demo"])
+        up = "" if hold else " (stopped with the demo; HOLD=1 keeps it up)"
         print("\n".join([
             "",
             f"cluster-demo: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.monotonic() - started:.0f} s",
-            f"  Dagster UI  http://127.0.0.1:{cluster.web_port} (instance on Postgres: {cluster.dagster_db})",
-            f"  MLflow UI   {cluster.mlflow_uri} (store on Postgres: {cluster.mlflow_db}; "
-            f"artifacts in {cluster.data / 'mlflow' / 'artifacts'})",
+            f"  Dagster UI  http://127.0.0.1:{cluster.web_port}{up}",
+            f"  MLflow UI   {cluster.mlflow_uri}{up}; artifacts in {cluster.data / 'mlflow' / 'artifacts'}",
+            f"  databases   {cluster.dagster_db.rsplit('/', 1)[-1]}, {cluster.mlflow_db.rsplit('/', 1)[-1]} "
+            "(this run's own, dropped when it stops)",
             f"  data root   {cluster.data}",
             f"  logs        {cluster.logs}/ (one per process; the Celery workers log each step they ran)",
         ]), flush=True)

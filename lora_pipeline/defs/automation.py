@@ -3,7 +3,8 @@
 A recipe's `train_on` names dataset families (names or globs); the sensors register a training partition
 `<version>|<recipe>` for each new version of such a family (and each version of the families a new recipe names).
 When it is new, the version has been built and its blocking checks passed, `lora_epochs` is requested for it, and
-once it has materialized, `evaluation_grid`. `training_automation_sensor` (on by default, evaluated in the code server
+once it has materialized, `evaluation_grid`. A requested training whose run failed after saving epochs (killed) is
+requested once more, and resumes. `training_automation_sensor` (on by default, evaluated in the code server
 because two conditions here read the data root) evaluates the conditions; pool `gpu` (limit 1, dagster.yaml)
 keeps one training at a time. A version whose blocking checks failed is never requested: the condition
 "dataset_report's blocking checks passed" is false for it in the asset's Automation tab, and the failed check
@@ -90,6 +91,20 @@ class BlockingChecksPassed(_PartitionPredicate):
     explanation = "dataset_report's blocking checks passed (sealed version, report without errors)"
 
 
+def _left_epochs(root: DataRoot, version: str, recipe: str) -> bool:
+    from lora_pipeline.core.training.run.checkpoint import state_path  # torch: not at the code location's load
+
+    return state_path(root.loras(version, recipe)).is_file()
+
+
+class LeftEpochsToResume(_PartitionPredicate):
+    """True for `<version>|<recipe>` when a training saved epochs it can resume from (its `.resume/` state)."""
+
+    keep = staticmethod(_left_epochs)
+    label = "left_epochs_to_resume"
+    explanation = "a stopped training left saved epochs to resume from"
+
+
 _ready = (
     ~dg.AutomationCondition.any_deps_missing()
     & ~dg.AutomationCondition.any_deps_in_progress()
@@ -99,11 +114,14 @@ _ready = (
 # Train a version x recipe once: when it is missing and newly so (registered for a new version or recipe; it
 # stays so until requested, so a version registered before it is built is trained once it is), the recipe trains
 # on the family, and the blocking checks passed. Its dataset_report maps to no partition (partitions.py): the
-# gate condition reads the version's report itself. The custom conditions come last, so they only look at the
-# few partitions the built-in ones let through.
+# gate condition reads the version's report itself. A training that was stopped part-way (its run killed, its
+# machine gone) is asked for once more when its run is seen to have failed, if it saved epochs to resume from;
+# one that failed before any epoch would fail the same way again. The custom conditions come last, so they only
+# look at the few partitions the built-in ones let through.
+_stopped_part_way = dg.AutomationCondition.execution_failed().newly_true() & LeftEpochsToResume()
 train_on_condition = (
     dg.AutomationCondition.missing()
-    & dg.AutomationCondition.newly_missing().since_last_handled()
+    & (dg.AutomationCondition.newly_missing() | _stopped_part_way).since_last_handled()
     & _ready
     & RecipeTrainsOnFamily()
     & BlockingChecksPassed()

@@ -73,8 +73,23 @@ def unknown_keys(
 
 
 def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
-    """Add the keys not yet known; return those that were new."""
+    """Add the keys not yet known; return those that this call added.
+
+    Idempotent when processes race (two builds of one new version at the same moment): a key another process
+    added between the look and the insert fails the insert on the storage's unique constraint; the keys still
+    unknown are then added again. The same failure with no key added meanwhile is not a race and propagates.
+    """
+    from sqlalchemy.exc import IntegrityError
+
+    assert partitions.name is not None
     new = unknown_keys(instance, partitions, keys)
-    if new:
-        instance.add_dynamic_partitions(partitions.name, new)
+    while new:
+        try:
+            instance.add_dynamic_partitions(partitions.name, new)
+            break
+        except IntegrityError:
+            still = unknown_keys(instance, partitions, new)
+            if still == new:
+                raise
+            new = still
     return new

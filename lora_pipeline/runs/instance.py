@@ -9,12 +9,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import shutil
+from pathlib import Path
 
 import dagster as dg
 
+from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.paths import REPO_ROOT
 from lora_pipeline.runs.dagster_internals import DEFINITIONS_MODULE
+
+INSTANCE_LOCK = ".instance.lock"  # in $DAGSTER_HOME
 
 
 def ensure_dagster_home() -> str:
@@ -24,7 +28,7 @@ def ensure_dagster_home() -> str:
     os.makedirs(home, exist_ok=True)
     config = os.path.join(home, "dagster.yaml")
     if not os.path.exists(config) and (REPO_ROOT / "dagster.yaml").is_file():
-        shutil.copyfile(REPO_ROOT / "dagster.yaml", config)
+        atomic_write_bytes(Path(config), (REPO_ROOT / "dagster.yaml").read_bytes())  # never read half-written
     return home
 
 
@@ -32,9 +36,12 @@ def instance() -> dg.DagsterInstance:
     """The instance of $DAGSTER_HOME; in the cluster profile its Postgres database must answer (one line if not)."""
     from lora_pipeline.runs.postgres import require_instance_database
 
-    ensure_dagster_home()
+    home = ensure_dagster_home()
     require_instance_database()
-    return dg.DagsterInstance.get()
+    # Opening the instance creates its storage on first use (tables, alembic stamp, indexes), which two processes
+    # starting at once on a fresh home would both try: one process at a time (the kernel drops a dead holder's).
+    with exclusive_lock(Path(home) / INSTANCE_LOCK):
+        return dg.DagsterInstance.get()
 
 
 @functools.cache

@@ -53,7 +53,8 @@ def run_job(
     if op_config:
         run_config["ops"] = dict(op_config)
     if submits_runs(inst):
-        run_id, success, events = submit_and_wait(inst, job_name, partition_key, run_config, tags)
+        run_id, success, events = submit_and_wait(inst, job_name, partition_key, run_config, tags,
+                                                  say=None if quiet else lambda line: print(line, flush=True))
     else:
         result = definitions().resolve_job_def(job_name).execute_in_process(
             run_config=run_config, instance=inst, partition_key=partition_key, raise_on_error=False,

@@ -22,13 +22,27 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+psycopg2://" + libpq_url(url).partition("://")[2]
 
 
+def url_problem(url: str) -> str | None:
+    """None for a Postgres URL (`postgresql[+driver]://[user@]host[:port][/database]`); else one line why not."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        return f"not a Postgres URL: {url!r} ({one_line(exc)})"
+    if parts.scheme.split("+")[0] not in ("postgresql", "postgres") or not parts.hostname:
+        return f"not a Postgres URL: {url!r} (expected postgresql://[user@]host[:port]/database)"
+    return None
+
+
 def postgres_problem(url: str) -> str | None:
     """None when the Postgres database at `url` answers; else one line saying why not."""
     import psycopg2
 
+    if problem := url_problem(url):
+        return problem
     try:
         psycopg2.connect(libpq_url(url), connect_timeout=3).close()
-    except psycopg2.OperationalError as exc:
+    except psycopg2.Error as exc:  # OperationalError: no answer; ProgrammingError: a parameter libpq refuses
         parts = urlsplit(url)
         return f"Postgres at {parts.hostname}:{parts.port or 5432}{parts.path} is unreachable: {one_line(exc)}"
     return None

@@ -8,17 +8,25 @@ run's code where they load it themselves.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dagster as dg
 
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.settings import settings
 from lora_pipeline.defs.run_health import HOST_TAG
 from lora_pipeline.runs.dagster_internals import located_job
 
 POLL_S = 0.5
+QUEUED_CHECK_S = 5.0  # how often a queued run's waiter checks that a daemon still consumes the queue
+# The daemon's run queue beats every 30 s: none for longer than this means no daemon consumes the queue.
+HEARTBEAT_TOLERANCE_S = 120.0
+QUEUE_DAEMON = "QUEUED_RUN_COORDINATOR"
+START_DAEMON = ("start the cluster's daemon: `python -m lora_pipeline.runs.exec -- dagster-daemon run -w "
+                "workspace.yaml` with deploy/cluster/env.sh sourced, or `make cluster-demo` on one machine")
 # Not a process of this host: the daemon's run monitoring watches the run worker it started.
 QUEUED_HOST = "run-queue"
 
@@ -43,19 +51,48 @@ def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
         tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
         remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
     )
-    inst.submit_run(run.run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
+    try:
+        inst.submit_run(run.run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
+    except BaseException:  # Ctrl-C between creating the run and queueing it
+        give_up(inst, run.run_id)
+        raise
     return run.run_id
 
 
-def wait(inst: dg.DagsterInstance, run_id: str, timeout_s: float | None = None) -> dg.DagsterRun:
-    """The run once it has finished (success, failure or canceled)."""
+def _say_new_messages(inst: dg.DagsterInstance, run_id: str, cursor: str | None, say: Callable[[str], None]
+                      ) -> str | None:
+    """`say` each message the run's steps logged (INFO and above) since `cursor`; the new cursor."""
+    connection = inst.get_records_for_run(run_id, cursor=cursor)
+    for record in connection.records:
+        entry = record.event_log_entry
+        if entry.dagster_event is None and entry.level >= logging.INFO and entry.user_message:
+            say(entry.user_message)
+    return connection.cursor or cursor
+
+
+def wait(inst: dg.DagsterInstance, run_id: str, timeout_s: float | None = None,
+         while_queued: Callable[[], str | None] | None = None, say: Callable[[str], None] | None = None,
+         ) -> dg.DagsterRun:
+    """The run once it has finished (success, failure or canceled). `while_queued`, asked every few seconds while
+    the run is still queued, may give a reason to stop waiting: a UserError then. `say` hears the steps' progress
+    lines as the workers log them (the epoch lines of a training), as a run in this process prints them."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    next_check = time.monotonic()
+    cursor: str | None = None
     while True:
         run = inst.get_run_by_id(run_id)
         if run is None:
             raise RuntimeError(f"run {run_id} is not in the instance")
+        if say is not None:
+            cursor = _say_new_messages(inst, run_id, cursor, say)
         if run.is_finished:
+            if say is not None:
+                _say_new_messages(inst, run_id, cursor, say)
             return run
+        if while_queued is not None and run.status == dg.DagsterRunStatus.QUEUED and time.monotonic() >= next_check:
+            next_check = time.monotonic() + QUEUED_CHECK_S
+            if problem := while_queued():
+                raise UserError(f"run {run_id} of {run.job_name} is still queued: {problem}")
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} of {run.job_name} still {run.status.value} after {timeout_s:.0f} s")
         time.sleep(POLL_S)
@@ -65,10 +102,41 @@ def run_events(inst: dg.DagsterInstance, run_id: str) -> list[dg.DagsterEvent]:
     return [entry.dagster_event for entry in inst.all_logs(run_id) if entry.dagster_event is not None]
 
 
+def queue_consumer_problem(inst: dg.DagsterInstance) -> str | None:
+    """One line when no daemon consumes the instance's run queue (its heartbeat is missing or stale); else None."""
+    beat = inst.get_daemon_heartbeats().get(QUEUE_DAEMON)
+    if beat is None:
+        return f"nothing consumes the instance's run queue: no dagster-daemon has ever run on it ({START_DAEMON})"
+    silent = time.time() - beat.timestamp
+    if silent > HEARTBEAT_TOLERANCE_S:
+        return (f"nothing consumes the instance's run queue: its dagster-daemon has not beaten for {silent:.0f} s "
+                f"({START_DAEMON})")
+    return None
+
+
+def give_up(inst: dg.DagsterInstance, run_id: str) -> None:
+    """Cancel a run this process stops waiting for, so that no run it gave up on stays queued (or running)."""
+    run = inst.get_run_by_id(run_id)
+    if run is None or run.is_finished:
+        return
+    if run.status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED):
+        inst.report_run_canceled(run, message="canceled by the command that submitted it, which stopped waiting")
+    else:
+        inst.run_coordinator.cancel_run(run_id)
+
+
 def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
                     run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None,
-                    ) -> tuple[str, bool, list[dg.DagsterEvent]]:
-    """(run id, success, events) of a submitted run, once it has finished."""
+                    say: Callable[[str], None] | None = None) -> tuple[str, bool, list[dg.DagsterEvent]]:
+    """(run id, success, events) of a submitted run, once it has finished. Refused in one line, before a run is
+    made, when no daemon consumes the queue; a run this call stops waiting for (Ctrl-C, the daemon gone while
+    the run is still queued) is canceled. `say` hears the steps' progress lines (see `wait`)."""
+    if problem := queue_consumer_problem(inst):
+        raise UserError(problem)
     run_id = submit(inst, job_name, partition_key, run_config, tags)
-    run = wait(inst, run_id)
+    try:
+        run = wait(inst, run_id, while_queued=lambda: queue_consumer_problem(inst), say=say)
+    except BaseException:
+        give_up(inst, run_id)
+        raise
     return run_id, run.status == dg.DagsterRunStatus.SUCCESS, run_events(inst, run_id)

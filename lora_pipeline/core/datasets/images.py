@@ -15,7 +15,7 @@ palette converted). The snapshot keeps the original bytes; conversions only ever
 from __future__ import annotations
 
 import struct
-import warnings
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,21 +126,55 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-@contextmanager
-def _strict_pillow() -> Iterator[None]:
-    """Refuse truncated files and silence Pillow's own bomb warning (our max_pixels check replaces it).
+class PixelLimitError(ValueError):
+    """An image whose header claims more pixels than the limit: refused before any pixel is decoded."""
 
-    `LOAD_TRUNCATED_IMAGES` is module state in Pillow; it is forced off only for the duration of the
-    call and restored afterwards, so code that relies on it elsewhere is unaffected.
+
+def pixel_limit_problem(width: int, height: int, max_pixels: int) -> str | None:
+    """One line when a header's size is above checks.max_pixels; None when it is within."""
+    if width * height <= max_pixels:
+        return None
+    return f"header claims {width}x{height} = {width * height:,} pixels, above checks.max_pixels {max_pixels:,}"
+
+
+_pillow_lock = threading.Lock()
+_pillow_users = 0  # threads inside strict_pillow: the first saves Pillow's module settings, the last restores them
+_pillow_saved: tuple[bool, int | None] = (False, None)
+
+
+@contextmanager
+def strict_pillow() -> Iterator[None]:
+    """Refuse truncated files, and take Pillow's own pixel limit off: the one limit is the spec's
+    checks.max_pixels, checked on the header (`open_limited`, `inspect_image`) for images and masks alike.
+    Pillow's would refuse anything above 178,956,970 pixels whatever the spec allows, and warn below that.
+
+    Both are module state in Pillow: set for the duration of the outermost call (in any thread) and restored
+    afterwards, so code that relies on them elsewhere is unaffected.
     """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    global _pillow_users, _pillow_saved
+    with _pillow_lock:
+        if _pillow_users == 0:
+            _pillow_saved = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS)
+            ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
+        _pillow_users += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+        with _pillow_lock:
+            _pillow_users -= 1
+            if _pillow_users == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = _pillow_saved
+
+
+@contextmanager
+def open_limited(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
+    """The image (or mask) at `path` opened under `strict_pillow`; PixelLimitError, before anything is decoded,
+    when its header claims more than `max_pixels`. None: no limit, for the files of a validated version (the
+    limit was checked then, and the training gate checks their bytes since)."""
+    with strict_pillow(), Image.open(path) as im:
+        if max_pixels is not None and (problem := pixel_limit_problem(*im.size, max_pixels)):
+            raise PixelLimitError(problem)
+        yield im
 
 
 # EXIF orientations that turn the picture by 90 degrees: training sees width and height swapped.
@@ -203,15 +237,12 @@ def inspect_with_thumbnail(path: Path, max_pixels: int, want: Thumbnails) -> Ins
     base = {"path": str(path), "bytes": size}
     if size == 0:
         return ImageInfo(**base, problems=(ImageProblem("zero_byte", "error", "file is empty (0 bytes)"),)), None
-    with path.open("rb") as fh, _strict_pillow():  # file-system errors raise here, not as image problems
+    with path.open("rb") as fh, strict_pillow():  # file-system errors raise here, not as image problems
         try:
             im = Image.open(fh)
         except UnidentifiedImageError:
             msg = "not a readable image: Pillow cannot identify the file format"
             return ImageInfo(**base, problems=(ImageProblem("not_an_image", "error", msg),)), None
-        except Image.DecompressionBombError as exc:
-            msg = f"refused before decoding: {exc}"
-            return ImageInfo(**base, problems=(ImageProblem("decompression_bomb", "error", msg),)), None
         except DECODE_ERRORS as exc:
             msg = f"the image header is cut short or damaged ({exc})"
             return ImageInfo(**base, problems=(ImageProblem("truncated_image", "error", msg),)), None
@@ -236,8 +267,7 @@ def _inspect_open(
     problems: list[ImageProblem] = []
     if note := _extension_note(path, im.format):
         problems.append(ImageProblem("extension_mismatch", "warning", note))
-    if raw_w * raw_h > max_pixels:
-        msg = f"header claims {raw_w}x{raw_h} = {raw_w * raw_h:,} pixels, above checks.max_pixels {max_pixels:,}"
+    if msg := pixel_limit_problem(raw_w, raw_h, max_pixels):
         problems.append(ImageProblem("decompression_bomb", "error", f"refused before decoding: {msg}"))
         return ImageInfo(**header, problems=tuple(problems)), None
     try:
@@ -279,9 +309,10 @@ def _shrink(rgb: Image.Image) -> Image.Image:
     return thumb
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """The image as training sees it: EXIF orientation applied, 8-bit RGB. Raises on damaged files."""
-    with Image.open(path) as im:
+def load_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """The image as training sees it: EXIF orientation applied, 8-bit RGB. Raises on damaged files, and
+    PixelLimitError above `max_pixels` (None: a validated version's file, see `open_limited`)."""
+    with open_limited(path, max_pixels) as im:
         im.load()
         return to_rgb(ImageOps.exif_transpose(im))
 

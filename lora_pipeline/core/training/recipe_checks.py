@@ -135,7 +135,7 @@ def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None,
     would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests do), so the
     refusals leave it out. Masks, class images (per-image loss weights), ip_noise_gamma and gradient accumulation
     (several micro-batches, one graph) are inputs of the captured step like any other; gradient checkpointing
-    recomputes without reading the RNG state (run/memory.py's `recompute`), so it is captured too.
+    recomputes without reading the RNG state (run/memory.py's `checkpoint`), so it is captured too.
     """
     found = []
     if device is not None and device.type != "cuda":

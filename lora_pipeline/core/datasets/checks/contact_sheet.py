@@ -225,8 +225,8 @@ def _draw_cell(
 def _mask_outline(item: SheetItem, size: tuple[int, int]) -> Image.Image | None:
     """Where the loss mask's edge (grey level 128) runs on a thumbnail of `size`, 2 px wide; None without a
     usable mask (validation reports why)."""
-    if item.mask is None:
-        return None
+    if item.mask is None or any(p["code"].startswith("mask_") for p in item.problems):
+        return None  # a mask validation found unusable (too many pixels, say) is not decoded again
     try:
         grey = load_mask(item.mask, item.mask_alpha)
     except (OSError, ValueError):

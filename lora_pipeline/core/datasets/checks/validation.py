@@ -3,9 +3,10 @@
 `validate_dataset` gathers, in one `problems` list: the snapshot's scan problems (snapshot.json),
 the caption plan's problems, and its own checks on the copied images: readability (see images.py),
 dimensions against the spec's `checks`, exact duplicates (manifest sha256), near duplicates
-(perceptual hash), caption files without an image, loss masks (masks.py), and decodes and sizes of the
-regularisation images. It also counts pairs per source and predicts the kohya aspect-ratio buckets under the
-bucket settings of the recipes that train on the version (`bucket_summaries`; the recipe defaults when none does).
+(perceptual hash), caption files without an image, loss masks (masks.py), decodes and sizes of the
+regularisation images, and that there is a training image at all. It also counts pairs per source and predicts
+the kohya aspect-ratio buckets under the bucket settings of the recipes that train on the version
+(`bucket_summaries`; the recipe defaults when none does).
 Errors block training (`problems.errors_in`); warnings are for a person.
 """
 
@@ -136,8 +137,11 @@ def validate_dataset(
     for path, mask in masks.items():
         size = (infos[path].width, infos[path].height) if infos[path].decoded and infos[path].width else None
         unusable = mask_problems(snapshot_dir / path, None if mask == ALPHA else snapshot_dir / mask,
-                                 mask == ALPHA, size)
+                                 mask == ALPHA, size, spec.checks.max_pixels)
         problems += [problem(path, code, "error", message, scope) for code, message in unusable]
+    if not images:  # e.g. a spec of regularisation sources only: there would be nothing to learn the concept from
+        problems.append(problem("", "no_training_images", "error", "the version has no training images (only "
+                                f"{len(regs)} regularisation images): add a source with role: training", scope))
     exact, near, duplicate_problems = _duplicates(images, infos, spec, scope)
     orphans = _orphan_captions(snapshot_dir, rows, images)
     problems += rights_problems(spec, images + regs, scope)

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from PIL import Image
 
-from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation
+from lora_pipeline.core.datasets.images import TRANSPOSING_ORIENTATIONS, header_orientation, strict_pillow
 from lora_pipeline.core.datasets.sources.copying import StatKey, stat_key
 from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, open_regular, read_regular
 from lora_pipeline.core.errors import UserError
@@ -65,12 +65,12 @@ def image_size(source: Path | BinaryIO) -> ImageSize:
     """The size from the header alone, no decode; UNKNOWN_SIZE if Pillow cannot read it —
     not hidden: validation decodes every image and reports the unreadable ones."""
     try:
-        with Image.open(source) as im:
+        with strict_pillow(), Image.open(source) as im:  # a header's size, whatever Pillow's own limit says
             width, height = im.size
             if header_orientation(im) in TRANSPOSING_ORIENTATIONS:
                 return ImageSize(height, width, width, height)
             return ImageSize(width, height, width, height)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError):
         return UNKNOWN_SIZE
 
 

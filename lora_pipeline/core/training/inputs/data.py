@@ -306,3 +306,14 @@ def epoch_batches(
         items = [by_bucket[bucket][j] for j in rng.permutation(len(by_bucket[bucket]))]
         batches.extend(items[k:k + batch_size] for k in range(0, len(items), batch_size))
     return [batches[j] for j in rng.permutation(len(batches))]
+
+
+def accumulation_in_effect(images: Sequence[TrainImage], repeats: int | Sequence[int], batch_size: int,
+                           accumulation: int) -> int:
+    """The most batches of `batch_size` any step accumulates: a step stays inside one bucket (`epoch_batches` of
+    batch_size x accumulation), so where every bucket holds at most `batch_size` images (repeats counted) each
+    step is one batch, whatever `accumulation` says. kohya accumulates across buckets instead."""
+    sizes: Counter[tuple[int, int]] = Counter()
+    for image, n in zip(images, _repeats_of(images, repeats), strict=True):
+        sizes[image.bucket] += n
+    return max(1, min(accumulation, max((math.ceil(size / batch_size) for size in sizes.values()), default=1)))

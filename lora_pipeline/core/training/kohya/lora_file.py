@@ -178,6 +178,7 @@ def build_metadata(
     reg_dataset_dirs: dict[str, dict[str, int]] | None = None,
     flip_aug: bool | None = None,
     architecture: str | None = None,
+    gradient_accumulation_steps: int | None = None,
 ) -> dict[str, str]:
     """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
 
@@ -185,6 +186,8 @@ def build_metadata(
     `dataset_dirs` {image dir: {"n_repeats": r, "img_count": n}}, the image dir being e.g. "10_hdaesth".
     `training_started_at` is a unix timestamp, `steps` the optimizer steps done when this epoch was saved.
     `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
+    `gradient_accumulation_steps`: the accumulation the run had (default the recipe's; see
+    `data.accumulation_in_effect`).
     `architecture`: modelspec.architecture (default the family's; FLUX.1's names [dev] or [schnell]). A family
     trained on the rectified-flow objective also gets kohya's FLUX keys (ss_guidance_scale, ss_timestep_sampling,
     ...); `prediction_type` is then the objective's name.
@@ -208,7 +211,7 @@ def build_metadata(
         "ss_steps": steps,
         "ss_max_train_steps": max_train_steps,
         "ss_gradient_checkpointing": _flag(recipe.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": recipe.gradient_accumulation_steps,
+        "ss_gradient_accumulation_steps": gradient_accumulation_steps or recipe.gradient_accumulation_steps,
         "ss_lr_warmup_steps": recipe.lr_warmup_steps,
         "ss_lr_scheduler": recipe.kohya_lr_scheduler,
         "ss_network_module": "lycoris.kohya" if recipe.use_dora else "networks.lora",

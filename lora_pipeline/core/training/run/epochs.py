@@ -67,6 +67,11 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
     ctx = build_context(run)
     flip = flip_warning([i.caption for i in run.data.train]) if run.flip_aug else None
     warnings = [flip] if flip else []
+    if run.accumulation < recipe.gradient_accumulation_steps:
+        warnings.append(f"gradient_accumulation_steps: {recipe.gradient_accumulation_steps} accumulates at most "
+                        f"{run.accumulation} batch(es) of {recipe.train_batch_size} here: a step stays inside one "
+                        "aspect-ratio bucket and no bucket holds more images (the LoRA header records "
+                        f"{run.accumulation})")
     for line in warnings:
         run.log(f"warning: {line}")
     renderer = SampleRenderer(run.base, recipe.sampling, recipe.v_parameterization, run.device, DTYPES[run.precision])
@@ -78,6 +83,8 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
     saved = list(state.saved) if state else []
     if state:
         run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
+        if not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it rendered:
+            _sample(run, ctx, renderer, start, tracker)  # the restored weights and optimizer are that epoch's
     if ctx.shard:
         require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
     trained_images, seconds, warmup, first_step_done, step_files = 0, 0.0, 0.0, None, []

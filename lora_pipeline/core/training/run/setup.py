@@ -17,7 +17,7 @@ import torch
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.inputs.data import TrainingData, steps_per_epoch
+from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_in_effect, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
@@ -71,6 +71,13 @@ class TrainingRun:
     def flip_aug(self) -> bool:
         """Whether images are mirrored: the recipe's flip_aug or the dataset spec's (kohya's two places)."""
         return self.recipe.flip_aug or self.data.flip_aug
+
+    @property
+    def accumulation(self) -> int:
+        """The batches a step accumulates at most (`accumulation_in_effect`): the header records this."""
+        recipe = self.recipe
+        return accumulation_in_effect(self.data.images, self.data.image_repeats, recipe.train_batch_size,
+                                      recipe.gradient_accumulation_steps)
 
     @property
     def per_epoch(self) -> int:

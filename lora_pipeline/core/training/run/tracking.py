@@ -19,11 +19,14 @@ MLflow creates its SQLite schema by running dozens of migrations, some of which 
 killed half-way used to leave a store that every later run failed on ("duplicate column name: step").
 `open_store` therefore lets MLflow create the store in a temp file and renames it into place (under a lock),
 so `mlflow.db` is whole or absent; a store whose schema is not MLflow's current one is reported in one line,
-or replaced when it provably holds nothing (no runs, no experiment but MLflow's default).
+or replaced when it provably holds nothing (no runs, no experiment but MLflow's default). A full disk under the
+store is an OSError naming it, so training stops in one line as on any other full disk.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import sqlite3
@@ -139,6 +142,43 @@ def _create_store(db: Path) -> None:
         raise
 
 
+def _store_full(exc: BaseException) -> bool:
+    """Whether SQLite said "database or disk is full" anywhere in an error's chain (MLflow wraps SQLAlchemy's
+    error, which wraps sqlite3's)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, sqlite3.OperationalError) and error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _StoreClient:
+    """An MlflowClient whose calls raise a full disk under the SQLite store as OSError(ENOSPC) naming `mlflow.db`:
+    the trainer reports it in one line like every other full disk (result.py's `environment_error`)."""
+
+    def __init__(self, client: MlflowClient, db: Path | None):
+        self._client, self._db = client, db
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or self._db is None:
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as exc:
+                if _store_full(exc):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._db)) from None
+                raise
+
+        return call
+
+
 def param_value(value: Any) -> str:
     """A run parameter as MLflow stores it: text (lists and mappings as canonical JSON), cut to MLflow's length
     limit."""
@@ -184,7 +224,8 @@ class TrainingTracker:
         self.mlflow_dir = mlflow_dir
         self.tags = dict(tags or {})
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=open_store(mlflow_dir, log))
+        store = None if external_mlflow_uri() else mlflow_dir / MLFLOW_DB
+        self.client: Any = _StoreClient(MlflowClient(tracking_uri=open_store(mlflow_dir, log)), store)
         self.run_id: str | None = None
         self._last_step = 0
 

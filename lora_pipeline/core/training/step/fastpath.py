@@ -22,7 +22,7 @@ graph replays fixed shapes and a bucketed dataset has a few:
 - the step is the model family's (`StepParts.loss`): DDPM for the U-Nets, the rectified flow for FLUX.1 (its
   token ids made on the device, its sigmas drawn on the host like the timesteps); FLUX.1's block swap copies
   weights between host and device inside the step, so it takes the eager step;
-- gradient checkpointing is captured too: its recomputation saves no RNG state (run/memory.py's `recompute`: the
+- gradient checkpointing is captured too: its recomputation saves no RNG state (run/memory.py's `checkpoint`: the
   denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
   AdamW8bit read values back to the host or keep host state, so those runs take the eager step
