@@ -310,7 +310,8 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     generate_images(handoff, args.images, SMOKE_SIZES if args.smoke else FULL_SIZES)
     _stage_done(stages, "generate_images", started)
     started = time.perf_counter()
-    cmd_intake(argparse.Namespace(src_dir=str(handoff), batch=BATCH, json=True), root)
+    cmd_intake(argparse.Namespace(src_dir=str(handoff), batch=BATCH, json=True, rights="owned", licence=None,
+                                   holder=None), root)
     write_spec(root, 32 if args.smoke else 512)
     built = build_version(root, VERSION, quiet=True)
     _stage_done(stages, "intake_and_build", started)

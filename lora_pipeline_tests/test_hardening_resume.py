@@ -64,6 +64,8 @@ def test_a_training_the_automation_asked_for_and_that_was_killed_is_asked_for_ag
     inst.add_dynamic_partitions("recipes", sample_root.recipe_names())
     _, cursor = requested(None)
     inst.add_dynamic_partitions("dataset_versions", [version])  # a new version of the family, built
+    # the training partition train_on asks for, as the sensors register it
+    inst.add_dynamic_partitions("training_runs", [training_key(version, recipe)])
     run_job("build_dataset_job", version, inst, quiet=True)
     key = str(training_key(version, recipe))
     asked, cursor = requested(cursor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,19 +45,21 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
 
 def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
            run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
-    """Create a run of `job_name` for the partition and put it in the run queue; return its id."""
+    """Create a run of `job_name` for the partition and put it in the run queue; return its id. The id is chosen
+    here, so that a Ctrl-C anywhere after the run's row is written (inside Dagster's creation too) cancels it."""
     job = located_job(inst, job_name)
-    run = inst.create_run_for_job(
-        job.definition, run_config=dict(run_config),
-        tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
-        remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
-    )
+    run_id = str(uuid.uuid4())  # a run id as Dagster makes them
     try:
-        inst.submit_run(run.run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
-    except BaseException:  # Ctrl-C between creating the run and queueing it
-        give_up(inst, run.run_id)
+        inst.create_run_for_job(
+            job.definition, run_id=run_id, run_config=dict(run_config),
+            tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
+            remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
+        )
+        inst.submit_run(run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
+    except BaseException:  # Ctrl-C while creating the run or before it is queued
+        give_up(inst, run_id)
         raise
-    return run.run_id
+    return run_id
 
 
 def _say_new_messages(inst: dg.DagsterInstance, run_id: str, cursor: str | None, say: Callable[[str], None]
