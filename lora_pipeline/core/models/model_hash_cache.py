@@ -26,9 +26,7 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import stat
-import tempfile
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -97,19 +95,9 @@ def _key(folder: Path) -> bytes | None:
     path = folder / KEY_FILE
     if not path.exists() and not path.is_symlink():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=folder)  # mode 0600
+            hashcache.create_key_file(path)
         except PermissionError:
             return None  # a data root this user may only read: no cache
-        try:
-            os.write(fd, secrets.token_bytes(32))
-            os.fsync(fd)
-            os.link(tmp, path)  # never over a key another process made meanwhile: theirs is kept
-        except FileExistsError:
-            pass
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
     try:
         with open_regular(path) as f:
             st = os.fstat(f.fileno())

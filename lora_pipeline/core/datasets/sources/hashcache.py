@@ -145,18 +145,24 @@ def _key(root: DataRoot, create: bool) -> bytes | None:
             return None
     except NotRegularFile:
         raise UserError("not a regular file; delete it (the hash caches are rebuilt)", path) from None
+    create_key_file(path)
+    return read_regular(path, 64)
+
+
+def create_key_file(path: Path) -> None:
+    """Write 32 random bytes to `path` (mode 0600) unless a key is there: one another process made meanwhile is
+    kept, never overwritten (the HMAC keys of this cache and of the base-model hash cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".key.", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
         os.write(fd, secrets.token_bytes(32))
         os.fsync(fd)
-        os.link(tmp, path)  # never over a key another process made meanwhile: theirs is kept
+        os.link(tmp, path)
     except FileExistsError:
         pass
     finally:
         os.close(fd)
         os.unlink(tmp)
-    return read_regular(path, 64)
 
 
 _CHECK = ', "check": "'  # a row's line: its JSON without the check, then this, the check's 64 hex digits, '"}'

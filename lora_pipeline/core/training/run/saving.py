@@ -9,7 +9,6 @@ from pathlib import Path
 from lora_pipeline.core.training.inputs.data import steps_per_epoch
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import kohya_state_dict, trainable
-from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.run.checkpoint import (
     ResumeState,
     epoch_file_name,
@@ -35,7 +34,7 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
         gradient_accumulation_steps=run.accumulation,
-    ) | rights_metadata(run.data.snapshot_dir)
+    ) | run.rights_keys
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):
         tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)

@@ -22,6 +22,7 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
+from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
@@ -66,6 +67,11 @@ class TrainingRun:
 
     def __post_init__(self) -> None:
         self.peak = PeakMemory(self.device)
+
+    @functools.cached_property
+    def rights_keys(self) -> dict[str, str]:
+        """The header's rights keys (kohya/rights_keys.py), read from the version's manifest once a run."""
+        return rights_metadata(self.data.snapshot_dir)
 
     @property
     def flip_aug(self) -> bool:
