@@ -26,9 +26,6 @@ class CommandResult:
 
 
 Command = Callable[[argparse.Namespace, DataRoot], CommandResult]
-
-
-Command = Callable[[argparse.Namespace, DataRoot], CommandResult]
 Add = Callable[..., argparse.ArgumentParser]  # cli.parser's `add(name, fn, help_text[, within])`
 
 
