@@ -64,7 +64,9 @@ def file_sha256(path: Path, cache: Path | None) -> str:
         after = os.fstat(f.fileno())
     if key is not None and entry is not None and hashcache.trustworthy(before, after, started, RACY_NS):
         row = {"path": str(real), "sha256": sha, **dict(zip(FIELDS, stat_key(before), strict=True))}
-        with suppress(PermissionError):  # a data root this user may only read (`provenance`): hashed, not recorded
+        # a data root this user may only read (`provenance`): hashed, not recorded; another process writing the
+        # same entry at once (its equal row wins): not recorded twice
+        with suppress(PermissionError, FileNotFoundError):
             atomic_write_text(entry, json.dumps(row | {"check": _check(key, row)}, sort_keys=True) + "\n")
     return sha
 
