@@ -204,6 +204,7 @@ def test_the_ui_shows_the_graph_materializes_a_report_and_renders_the_pictures(u
     _open(page, f"{url}/assets/evaluation_grid?partition={DEMO_V2}|{DEMO_RECIPE}")
     recommended = Path(trained_demo.evaluated.metadata("evaluation_grid")["recommended_file"]).name
     page.locator("tr", has_text="recommended_file").get_by_text(recommended, exact=False).wait_for()
+    page.get_by_text("evals/<version>/<recipe>/", exact=False).first.wait_for()  # the description renders last
     body = page.inner_text("body")
     # the description as markdown: <version> and <recipe> kept (not read as HTML), the code span's backticks gone
     assert "evals/<version>/<recipe>/" in body and "`evals/" not in body

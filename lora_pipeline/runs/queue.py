@@ -9,9 +9,12 @@ run's code where they load it themselves.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
@@ -43,19 +46,41 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
     return {} if partition_key is None else {"dagster/partition": partition_key}
 
 
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has ended, then raise KeyboardInterrupt. Dagster's `submit_run`
+    reports any exception inside it as the run's failure, so an interrupt there would leave a FAILURE where the
+    user asked for a cancel; held, it cancels the queued run instead (see `submit`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    heard: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, _frame: heard.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if heard:
+        raise KeyboardInterrupt
+
+
 def submit(inst: dg.DagsterInstance, job_name: str, partition_key: str | None,
            run_config: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
     """Create a run of `job_name` for the partition and put it in the run queue; return its id. The id is chosen
-    here, so that a Ctrl-C anywhere after the run's row is written (inside Dagster's creation too) cancels it."""
+    here, and interrupts are held while the run is created and queued, so that a Ctrl-C at any moment after its
+    row is written cancels it (Dagster itself would mark a run interrupted inside `submit_run` as failed)."""
     job = located_job(inst, job_name)
     run_id = str(uuid.uuid4())  # a run id as Dagster makes them
     try:
-        inst.create_run_for_job(
-            job.definition, run_id=run_id, run_config=dict(run_config),
-            tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
-            remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
-        )
-        inst.submit_run(run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
+        with _interrupts_held():
+            inst.create_run_for_job(
+                job.definition, run_id=run_id, run_config=dict(run_config),
+                tags={**partition_tags(partition_key), HOST_TAG: QUEUED_HOST, **(tags or {})},
+                remote_job_origin=job.remote_origin, job_code_origin=job.python_origin,
+            )
+            inst.submit_run(run_id, None)  # type: ignore[arg-type]  # the QueuedRunCoordinator needs no workspace
     except BaseException:  # Ctrl-C while creating the run or before it is queued
         give_up(inst, run_id)
         raise
