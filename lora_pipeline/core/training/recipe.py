@@ -19,6 +19,8 @@ from pydantic.dataclasses import dataclass
 from lora_pipeline.core.datasets.buckets import BucketSettings
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
+from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.families.base import DDPM
 from lora_pipeline.core.schema import CONFIG, hashed_values, validate
 from lora_pipeline.core.training.recipe_checks import recipe_problems
 from lora_pipeline.core.training.recipe_fields import RecipeFields
@@ -97,6 +99,8 @@ class Recipe(RecipeFields):
         values = self.resolved()
         if values["fast_path"] is False:  # unset and false train the same tensors, and hashed alike before
             values["fast_path"] = None
+        if values["timestep_sampling"] == "uniform" and model_family(self.model_family).objective == DDPM:
+            values["timestep_sampling"] = "sigma"  # a U-Net draws both alike (step/noise.py)
         return sha256_json(hashed_values(Recipe, values))
 
 

@@ -30,6 +30,7 @@ from lora_pipeline.core.schema import (
 from lora_pipeline.core.training.recipe_groups import (
     HuberSchedule,
     LossType,
+    NetworkAlgo,
     PredictionType,
     TimestepSampling,
     WeightingScheme,
@@ -278,12 +279,15 @@ class RecipeFields:
     )
     # FLUX.1 (model_family: flux1): kohya's flux_train_network.py options of the rectified-flow step (step/flow.py)
     timestep_sampling: TimestepSampling = Field(
-        "sigma", description="FLUX.1: how a step's noise level is drawn (kohya's --timestep_sampling): sigma (the "
+        "sigma", description="how a step's noise level is drawn. FLUX.1 (kohya's --timestep_sampling): sigma (the "
         "shifted scheduler's sigmas, at weighting_scheme's density), uniform, sigmoid, shift (sigmoid shifted by "
-        "discrete_flow_shift) or flux_shift (shifted by the image size)", json_schema_extra=ADDED_LATER,
+        "discrete_flow_shift) or flux_shift (shifted by the image size). SD 1.x / SDXL (OneTrainer's "
+        "timestep_distribution): sigma or uniform (the schedule's timesteps uniformly, kohya's draw), sigmoid "
+        "(sigmoid(sigmoid_scale·N(0,1))) or logit_normal (sigmoid(N(logit_mean, logit_std))), as a share of "
+        "[min_timestep, max_timestep)", json_schema_extra=ADDED_LATER,
     )
     sigmoid_scale: Float = Field(
-        1.0, gt=0.0, le=100.0, description="FLUX.1: scale of the normal draw of sigmoid, shift and flux_shift "
+        1.0, gt=0.0, le=100.0, description="scale of the normal draw of sigmoid (and FLUX.1's shift and flux_shift) "
         "sampling (kohya's --sigmoid_scale)", json_schema_extra=ADDED_LATER,
     )
     discrete_flow_shift: Float = Field(
@@ -301,11 +305,13 @@ class RecipeFields:
         json_schema_extra=ADDED_LATER,
     )
     logit_mean: Float = Field(
-        0.0, ge=-10.0, le=10.0, description="FLUX.1: mean of the logit_normal density (kohya's --logit_mean)",
+        0.0, ge=-10.0, le=10.0, description="mean of the logit_normal density (FLUX.1's weighting_scheme, the U-Nets' "
+        "timestep_sampling; kohya's --logit_mean)",
         json_schema_extra=ADDED_LATER,
     )
     logit_std: Float = Field(
-        1.0, gt=0.0, le=10.0, description="FLUX.1: deviation of the logit_normal density (kohya's --logit_std)",
+        1.0, gt=0.0, le=10.0, description="deviation of the logit_normal density (FLUX.1's "
+        "weighting_scheme, the U-Nets' timestep_sampling; kohya's --logit_std)",
         json_schema_extra=ADDED_LATER,
     )
     mode_scale: Float = Field(
@@ -329,6 +335,18 @@ class RecipeFields:
         False, description="FLUX.1: the T5-XXL text encoder carries a LoRA too, written as `lora_te3_` keys beside "
         "CLIP-L's `lora_te1_` (kohya's network_args train_t5xxl); needs network_train_unet_only: false, and T5's "
         "outputs are then encoded at every step (no text-output cache)", json_schema_extra=ADDED_LATER,
+    )
+    # LyCORIS' LoHa / LoKr (issue 25; core/models/lycoris.py). The U-Nets' timestep sampling (issue 25 too) reuses
+    # the fields timestep_sampling, sigmoid_scale, logit_mean and logit_std above (step/noise.py)
+    network_algo: NetworkAlgo = Field(
+        "lora", description="the network trained on the LoRA's modules: lora, loha (LyCORIS' LoHa: ΔW = (w1_a w1_b) "
+        "∘ (w2_a w2_b) · alpha/dim) or lokr (LyCORIS' LoKr: ΔW = w1 ⊗ w2, w2 low-rank at dim where it is large); "
+        "kohya's --network_module lycoris.kohya with network_args algo=loha|lokr. SD 1.x and SDXL only",
+        json_schema_extra=ADDED_LATER,
+    )
+    lokr_factor: Int = Field(
+        -1, ge=-1, le=1024, description="LoKr: the side of the Kronecker product's small factor (LyCORIS' network_args "
+        "factor; -1: the most square split of each side)", json_schema_extra=ADDED_LATER,
     )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "

@@ -17,7 +17,8 @@ from typing import Generic, Literal, TypeVar, get_args, overload
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 
 G = TypeVar("G")
-TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "logit_normal"]  # per family: recipe_checks
+NetworkAlgo = Literal["lora", "loha", "lokr"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
 WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
@@ -58,6 +59,8 @@ class NetworkSettings:
     network_train_unet_only: bool
     train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
     train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
+    network_algo: NetworkAlgo = "lora"  # LyCORIS' loha / lokr instead of the LoRA (core/models/lycoris.py)
+    lokr_factor: int = -1  # LoKr's Kronecker factor (LyCORIS' factor)
 
     @property
     def conv_alpha_value(self) -> float:
@@ -96,7 +99,9 @@ class ScheduleSettings:
 class NoiseSettings:
     """kohya's noise options of a step and the loss weights that depend on the noise (noise.py, loop.py), the
     training noise schedule (`v_parameterization`, `zero_terminal_snr`), the drawn timesteps' bounds
-    (`min_timestep`, `max_timestep`; null: 0 and the schedule's num_train_timesteps) and the loss function
+    (`min_timestep`, `max_timestep`; null: 0 and the schedule's num_train_timesteps) and their density
+    (`timestep_sampling`: sigma / uniform, sigmoid with `sigmoid_scale`, logit_normal with `logit_mean`,
+    `logit_std`; noise.py) and the loss function
     (`loss_type`, the Huber threshold's `huber_schedule`, `huber_c`, `huber_scale`; step/loss.py). The defaults
     are all off (MSE at uniform timesteps)."""
 
@@ -114,6 +119,10 @@ class NoiseSettings:
     huber_schedule: HuberSchedule = "snr"
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    timestep_sampling: TimestepSampling = "sigma"  # the U-Nets' modes: sigma / uniform, sigmoid, logit_normal
+    sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass(frozen=True)

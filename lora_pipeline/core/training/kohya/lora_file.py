@@ -161,6 +161,15 @@ def _optimizer(settings: OptimizerSettings) -> str:
     return f"{settings.optimizer}({kohya_optimizer_args(args)})"
 
 
+def _sampling_keys(recipe: Recipe) -> dict[str, float]:
+    """The ss_* keys of the parameters a U-Net timestep_sampling mode reads (kohya's names of them)."""
+    if recipe.timestep_sampling == "sigmoid":
+        return {"ss_sigmoid_scale": recipe.sigmoid_scale}
+    if recipe.timestep_sampling == "logit_normal":
+        return {"ss_logit_mean": recipe.logit_mean, "ss_logit_std": recipe.logit_std}
+    return {}
+
+
 def build_metadata(
     *,
     recipe: Recipe,
@@ -214,7 +223,7 @@ def build_metadata(
         "ss_gradient_accumulation_steps": gradient_accumulation_steps or recipe.gradient_accumulation_steps,
         "ss_lr_warmup_steps": recipe.lr_warmup_steps,
         "ss_lr_scheduler": recipe.kohya_lr_scheduler,
-        "ss_network_module": "lycoris.kohya" if recipe.use_dora else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if recipe.use_dora or recipe.network_algo != "lora" else "networks.lora",
         "ss_network_dim": recipe.network_dim,
         "ss_network_alpha": float(recipe.network_alpha),
         "ss_network_train_unet_only": _flag(recipe.network_train_unet_only),
@@ -261,6 +270,8 @@ def build_metadata(
         ss.update(ss_guidance_scale=flow.guidance_scale, ss_timestep_sampling=flow.timestep_sampling,
                   ss_sigmoid_scale=flow.sigmoid_scale, ss_model_prediction_type=flow.model_prediction_type,
                   ss_discrete_flow_shift=flow.discrete_flow_shift, ss_weighting_scheme=flow.weighting_scheme)
+    elif recipe.timestep_sampling != "sigma":  # the U-Nets' modes (step/noise.py), only when set
+        ss.update(ss_timestep_sampling=recipe.timestep_sampling, **_sampling_keys(recipe))
     if network_args(recipe.network):
         ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
