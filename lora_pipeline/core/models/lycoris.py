@@ -107,10 +107,17 @@ def _module_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 def kohya_module_paths(family: ModelFamily, denoiser: Any) -> dict[str, str]:
     """{kohya module key (`lora_unet_…`): the denoiser's module path} of every Linear / Conv2d of a per-module
-    family (SD 1.x, SDXL)."""
+    family (SD 1.x, SDXL), a module wrapped by a peft adapter included (by its own path, not its base layer's)."""
     namer = family.kohya_module_namer(denoiser)
-    return {UNET_PREFIX + namer(name).replace(".", "_"): name for name, module in denoiser.named_modules()
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
+    paths = [name.removesuffix(".base_layer") for name, module in denoiser.named_modules()  # a wrapped one: its own
+             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and ".lora_" not in name]
+    found = {}
+    for name in paths:
+        try:
+            found[UNET_PREFIX + namer(name).replace(".", "_")] = name
+        except ValueError:  # a module kohya's names leave out (SDXL's conv_in): never a LoRA module
+            continue
+    return found
 
 
 def load_lycoris(denoiser: Any, family: ModelFamily, tensors: Mapping[str, torch.Tensor], adapter_name: str,
@@ -137,6 +144,7 @@ def load_lycoris(denoiser: Any, family: ModelFamily, tensors: Mapping[str, torch
         alphas[pattern] = float(ranks[pattern]) if full else float(tensors[key + ALPHA])
     denoiser.add_adapter(peft_config(algo, 1, 1.0, targets, ranks=ranks, alphas=alphas, factor=factor),
                          adapter_name=adapter_name)
+    modules = dict(denoiser.named_modules())  # now the peft layers around them
     with torch.no_grad():
         for key in _module_keys(tensors):
             module = modules[kohya_names[key]]

@@ -17,7 +17,8 @@ from typing import Generic, Literal, TypeVar, get_args, overload
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 
 G = TypeVar("G")
-TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "logit_normal"]  # per family: recipe_checks
+# the modes of every family; which a family takes: its `timestep_samplings` (recipe_checks.timestep_problems)
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "logit_normal"]
 NetworkAlgo = Literal["lora", "loha", "lokr"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
 WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]

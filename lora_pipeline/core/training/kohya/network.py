@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_pipeline.core.models import lycoris
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.kohya_names import TEXT_MODEL
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
-from lora_pipeline.core.models import lycoris
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
