@@ -4,7 +4,8 @@ and the samples while training.
 Each epoch's kohya file is loaded through `load_lora_weights` and weighted with `set_adapters` — exactly how a
 user loads the LoRA — so the images show what users will get. A LoHa / LoKr file, which diffusers' loader does not
 read for the U-Nets, goes on as a peft adapter of the same weight delta (lycoris.py) and is weighted alike.
-Every image of one prompt starts from the same noise (a generator seeded from `seed + prompt index`), so only the epoch and the weight differ between them.
+Every image of one prompt starts from the same noise (a generator seeded from `seed + prompt index`), so only the
+epoch and the weight differ between them.
 The family names the pipeline (FluxPipeline for FLUX.1, whose `guidance_scale` is [dev]'s embedded guidance)
 and its further call arguments (FLUX's T5 length).
 The settings are plain values (`SamplingSettings`; a recipe gives its own as `Recipe.sampling`), so neither
