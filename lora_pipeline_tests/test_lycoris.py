@@ -9,6 +9,7 @@ recipe's refusals, each one line."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,21 @@ def test_the_hash_counts_network_algo_only_when_set_and_the_refusals_are_one_lin
         with pytest.raises(UserError, match=needle) as caught:
             parse_recipe({**TINY, **fields}, Path("tiny.yaml"))
         assert "\n" not in str(caught.value)
+
+
+def test_a_loha_run_gets_its_grid_and_recommendation(root):
+    """The whole evaluation on a trained LoHa: both epochs load, the weight columns show it, a recommendation."""
+    from lora_pipeline.core.evaluation import evaluate_lora
+    from lora_pipeline.core.training.run.tracking import TrainingTracker
+    from lora_pipeline.core.training.run.trainer import train_lora
+
+    recipe = tiny_recipe(name="loha-grid", epochs=2, validation_split=0.0, optimizer="AdamW", learning_rate=5e-2,
+                         network_algo="loha", sample_prompts=("trg, red body",), sample_steps=1,
+                         eval_weights=(1.0, 2.0))
+    train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", recipe.name), device="cpu",
+               provenance={"code_commit": "test-commit"}, tracker=TrainingTracker(root.mlflow), log=lambda _: None)
+    result = evaluate_lora(root, "train-v1", recipe, log=lambda _: None, device="cpu")
+    assert result.epochs == [1, 2] and result.grid_paths[0].is_file()
+    assert result.recommendation["recommended_epoch"] in (1, 2)
+    losses = [row["val_loss"] for row in result.loss_rows]
+    assert all(math.isfinite(v) for v in losses) and losses[0] != losses[1]
