@@ -2,9 +2,9 @@
 the epoch file holds LyCORIS' keys and metadata, every module's weight delta rebuilt from the file by the loaders'
 own formula (ComfyUI's weight_adapter/loha.py and lokr.py `calculate_weight`, which A1111's network_hada.py and
 network_lokr.py share) equals peft's delta of the trained adapter, the evaluation grid loads the file back with the
-same deltas and weighs it. The trained adapter is put back from the run's resume state (network.add_network's
-`resume_from`, what a resumed run does), so the deltas compared are also what a resume continues from. The
-recipe's refusals, each one line."""
+same deltas and weighs it, and a LoHa run gets its grid and recommendation. The trained adapter is put back from
+the run's resume state (network.add_network's `resume_from`), and an interrupted LoKr run resumes to the same
+file. The recipe's refusals, each one line."""
 
 from __future__ import annotations
 
@@ -146,6 +146,25 @@ def test_the_evaluation_refuses_a_lycoris_text_encoder_in_one_line(root, trained
     with pytest.raises(UserError, match=needle) as caught, loaded_lora(pipe, Path(result.epochs[0]["file"]), 1):
         pass
     assert "\n" not in str(caught.value)
+
+
+def test_a_lokr_run_resumes_to_the_same_files(root):
+    """Two one-step epochs, interrupted after the first and resumed: the same losses and the same last file."""
+    class Crash(Exception):
+        pass
+
+    def crash(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Crash(line)
+
+    recipe = tiny_recipe(epochs=2, validation_split=0.0, optimizer="AdamW", learning_rate=1e-2, network_algo="lokr")
+    clean, _ = train(root, recipe, "lokr-clean")
+    with pytest.raises(Crash):
+        train(root, recipe, "lokr-resumed", log=crash)
+    resumed, _ = train(root, recipe, "lokr-resumed")
+    assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
+    a, b = load_file(clean.epochs[-1]["file"]), load_file(resumed.epochs[-1]["file"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_hash_counts_network_algo_only_when_set_and_the_refusals_are_one_line():
