@@ -193,8 +193,11 @@ def test_a_loha_run_gets_its_grid_and_recommendation(root):
     recipe = tiny_recipe(name="loha-grid", epochs=2, validation_split=0.0, optimizer="AdamW", learning_rate=5e-2,
                          network_algo="loha", sample_prompts=("trg, red body",), sample_steps=1,
                          eval_weights=(1.0, 2.0))
-    train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", recipe.name), device="cpu",
-               provenance={"code_commit": "test-commit"}, tracker=TrainingTracker(root.mlflow), log=lambda _: None)
+    trained = train_lora(root, "train-v1", recipe, out_dir=root.loras("train-v1", recipe.name), device="cpu",
+                         provenance={"code_commit": "test-commit"}, tracker=TrainingTracker(root.mlflow),
+                         log=lambda _: None)
+    params = TrainingTracker(root.mlflow).client.get_run(trained.mlflow_run_id).data.params
+    assert (params["network_algo"], params["lokr_factor"]) == ("loha", "-1")  # MLflow params, as every field
     result = evaluate_lora(root, "train-v1", recipe, log=lambda _: None, device="cpu")
     assert result.epochs == [1, 2] and result.grid_paths[0].is_file()
     assert result.recommendation["recommended_epoch"] in (1, 2)

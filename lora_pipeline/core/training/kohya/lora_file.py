@@ -1,8 +1,9 @@
 """LoRA files in kohya's format, so diffusers' `load_lora_weights`, A1111 and ComfyUI all load them.
 
 Keys are `lora_unet_<module path, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}` (and
-`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py), where `alpha`
-holds the recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
+`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py; LoHa / LoKr
+write LyCORIS' `.hada_…` / `.lokr_…` keys on the same names, core/models/lycoris.py), where `alpha` holds the
+recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
 diffusers module paths (kohya trains SD 1.x on a diffusers-layout U-Net); SDXL LoRAs use the original sgm
 names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_…`) that kohya's SDXL U-Net has and
 A1111/ComfyUI expect. The header carries kohya's `ss_*` keys, `modelspec.*` and our
