@@ -174,6 +174,7 @@ def test_the_hash_counts_network_algo_only_when_set_and_the_refusals_are_one_lin
     refused = {
         "use_dora is a LoRA option": {"network_algo": "loha", "use_dora": True},
         "lokr_factor needs network_algo: lokr": {"lokr_factor": 2},
+        "lokr_factor must be -1": {"network_algo": "lokr", "lokr_factor": 0},
         "network_algo is not an option of a FLUX.1": {"base_model": "tiny-flux", "model_family": "flux1",
                                                        "network_algo": "lokr"},
         "fast_path: true is impossible here: network_algo: lokr": {"network_algo": "lokr", "fast_path": True},

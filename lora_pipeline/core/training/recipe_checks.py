@@ -91,6 +91,8 @@ def _algo_problem(recipe: RecipeFields) -> str | None:
         return f"use_dora is a LoRA option; this trainer has no DoRA form of network_algo: {recipe.network_algo}"
     if recipe.network_algo != "lokr" and recipe.lokr_factor != -1:
         return "lokr_factor needs network_algo: lokr"
+    if recipe.lokr_factor == 0:
+        return "lokr_factor must be -1 (the most square split) or a side of at least 1"
     return None
 
 
