@@ -65,7 +65,7 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
         found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
     if recipe.zero_terminal_snr and not recipe.v_parameterization:
         found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
-    found += _t5_conflicts(recipe)
+    found += _t5_conflicts(recipe) + _ema_conflicts(recipe)
     if recipe.cache_text_encoder_outputs_to_disk and (changing := _changing_captions(recipe)):
         found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
                      f"encoders (as kohya's): not {', '.join(changing)}")
@@ -79,6 +79,17 @@ def _timestep_problem(recipe: RecipeFields) -> str | None:
     if low is not None and high is not None and low > high:
         return "min_timestep must not be larger than max_timestep"
     return None
+
+
+def _ema_conflicts(recipe: RecipeFields) -> list[str]:
+    """The EMA's settings need `use_ema`; a schedule-free optimizer already saves averaged weights."""
+    infos = type(recipe).__pydantic_fields__
+    settings = ("ema_decay", "ema_update_after_step", "ema_warmup", "ema_power")
+    if not recipe.use_ema:
+        return [f"{name} needs use_ema: true" for name in settings if getattr(recipe, name) != infos[name].default]
+    if recipe.optimizer == "AdamWScheduleFree":
+        return ["use_ema cannot be used with AdamWScheduleFree (its files already hold its averaged weights)"]
+    return []
 
 
 def _t5_conflicts(recipe: RecipeFields) -> list[str]:

@@ -26,6 +26,7 @@ from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
+from lora_pipeline.core.training.step.ema import LoraEma
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
 from lora_pipeline.core.training.step.loop import (
     Shard,
@@ -158,6 +159,8 @@ def build_context(run: TrainingRun) -> StepContext:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
+    state = run.state
+    ema = LoraEma(recipe.ema, trainable(base), state.ema if state else None) if recipe.use_ema else None
     fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
@@ -169,4 +172,5 @@ def build_context(run: TrainingRun) -> StepContext:
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
         shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
+        ema=ema,
     )
