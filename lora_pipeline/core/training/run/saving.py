@@ -36,7 +36,7 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
         gradient_accumulation_steps=run.accumulation,
-    ) | run.rights_keys | recipe.ema.metadata()
+    ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):
         tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)

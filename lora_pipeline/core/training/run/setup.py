@@ -23,6 +23,7 @@ from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
+from lora_pipeline.core.training.kohya.start_lora import StartLora, load_start_lora
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
@@ -64,6 +65,7 @@ class TrainingRun:
     log: Callable[[str], None]
     times: StageTimes
     called_at: float  # perf_counter at train_lora's start
+    start: StartLora | None = None  # from_lora: the LoRA the adapters start from (a resumed run: its state)
     peak: PeakMemory = field(init=False)  # the GPU's peak memory: "caching" (up to training) and "training"
 
     def __post_init__(self) -> None:
@@ -109,6 +111,9 @@ def build_context(run: TrainingRun) -> StepContext:
     unet = base.denoiser
     noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
     add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
+    if run.start is not None and run.state is None:
+        load_start_lora(base, recipe, run.start)
+        run.log(f"starting from LoRA {run.start.named} (sha256 {run.start.sha256[:12]}…)")
     flow = training_objective(base, noise, recipe.flow)
     train_text = not recipe.network_train_unet_only
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
