@@ -1,4 +1,4 @@
-"""Issue 25's start from an existing LoRA (`from_lora`, kohya's --network_weights; kohya/start_lora.py): a tiny-sd
+"""Issue 25's start from an existing LoRA (`from_lora`, kohya's --network_weights; run/start_lora.py): a tiny-sd
 LoRA trained for one epoch (two steps), loaded exactly into a fresh network before the first step, continued by a
 one-step run named by its pipeline reference, whose header and provenance name the starting file and trace both
 chains; and every mismatch refused in one line naming the file."""
@@ -19,8 +19,8 @@ from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.schema import hashed_values
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict
-from lora_pipeline.core.training.kohya.start_lora import load_start_lora, resolve_start
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.run.start_lora import load_start_lora, resolve_start
 from lora_pipeline_tests.helpers import tiny_recipe, train
 
 pytestmark = pytest.mark.xdist_group("from_lora")

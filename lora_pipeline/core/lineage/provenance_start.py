@@ -1,4 +1,4 @@
-"""The provenance link of a LoRA that started from another one (`from_lora`, kohya/start_lora.py): the starting
+"""The provenance link of a LoRA that started from another one (`from_lora`, run/start_lora.py): the starting
 file as the header names it, re-hashed against the sha256 the header recorded, and, when it is a LoRA of this
 pipeline, its own chain (traced the same way, so a LoRA continued several times shows every start). The
 starting file is read as a regular file of its own folder (no link followed), like every other file of the chain.
@@ -15,7 +15,7 @@ from pydantic import Field
 from lora_pipeline.core.lineage.reads import rehash
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.schema import Record
-from lora_pipeline.core.training.kohya.start_lora import FROM_LORA, FROM_LORA_SHA256, start_path
+from lora_pipeline.core.training.run.start_lora import FROM_LORA, FROM_LORA_SHA256, start_path
 
 MAX_STARTS = 16  # starting LoRAs followed back from one file
 

@@ -330,7 +330,7 @@ class RecipeFields:
         "CLIP-L's `lora_te1_` (kohya's network_args train_t5xxl); needs network_train_unet_only: false, and T5's "
         "outputs are then encoded at every step (no text-output cache)", json_schema_extra=ADDED_LATER,
     )
-    # EMA of the LoRA weights and starting from an existing LoRA (issue 25); step/ema.py, kohya/start_lora.py.
+    # EMA of the LoRA weights and starting from an existing LoRA (issue 25); step/ema.py, run/start_lora.py.
     # The EMA fields are diffusers' EMAModel's (and SimpleTuner's, which trains LoRA with it).
     use_ema: Bool = Field(
         False, description="keep a float32 exponential moving average of the LoRA weights, updated after every "

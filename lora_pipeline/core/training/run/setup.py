@@ -23,10 +23,10 @@ from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
-from lora_pipeline.core.training.kohya.start_lora import StartLora, load_start_lora
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
+from lora_pipeline.core.training.run.start_lora import StartLora, load_start_lora
 from lora_pipeline.core.training.step.ema import LoraEma
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
 from lora_pipeline.core.training.step.loop import (

@@ -11,7 +11,7 @@ deterministic algorithms, so the same inputs give byte-identical files; see seed
 reproducibility and resume. Launched in several processes (distributed.py) every process trains its share
 of each batch (loop.Shard) and only the first one writes files, samples and the MLflow run.
 
-With `from_lora` the adapters start from an existing LoRA's weights (kohya/start_lora.py).
+With `from_lora` the adapters start from an existing LoRA's weights (run/start_lora.py).
 
 This module reads the inputs and the resume point and opens the MLflow run; setup.py builds the step context,
 epochs.py runs the epochs, saving.py writes the files.
@@ -38,13 +38,13 @@ from lora_pipeline.core.models.loading import base_model_hash, default_device, l
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance
-from lora_pipeline.core.training.kohya.start_lora import resolve_start
 from lora_pipeline.core.training.progress import training_threads
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import resume_point
 from lora_pipeline.core.training.run.epochs import train_steps
 from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun
+from lora_pipeline.core.training.run.start_lora import resolve_start
 from lora_pipeline.core.training.run.tracking import TrainingTracker, dataset_tags
 from lora_pipeline.core.training.timing import StageTimes
 

@@ -4,7 +4,8 @@ optimizer step, that the epoch and step files (and the samples) hold instead of 
 The decay follows diffusers' `EMAModel.get_decay` (SimpleTuner's EMA is diffusers'): at optimizer step s (1-based),
 n = max(0, s - ema_update_after_step - 1); n = 0 copies the weights (decay 0); otherwise the decay is
 (1 + n) / (10 + n), or with `ema_warmup` 1 - (1 + n)^-ema_power (inv_gamma 1), at most `ema_decay`. The update
-is shadow += (1 - decay) * (weights - shadow), one foreach lerp on the weights' device.
+is shadow += (1 - decay) * (weights - shadow), torch's EMA of several tensors (one foreach lerp on the
+weights' device).
 
 The update runs after the step, outside it: on the fast path the captured graph updates the weights in place and
 the EMA reads them after each replay, so the fast path takes EMA as it is (its decay is a host float; nothing is
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from lora_pipeline.core.training.recipe_groups import EmaSettings
 
@@ -40,14 +42,10 @@ class LoraEma:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Move the shadow toward the weights after optimizer step `step` (1-based)."""
-        weight = 1.0 - self.settings.decay(step)
         names = list(self.params)
-        shadow = [self.shadow[n] for n in names]
-        current = [self.params[n].detach().float() for n in names]
-        if weight == 1.0:
-            torch._foreach_copy_(shadow, current)
-        else:
-            torch._foreach_lerp_(shadow, current, weight)
+        # torch's foreach lerp: shadow + (1 - decay)(weights - shadow), exactly the weights at decay 0
+        get_ema_multi_avg_fn(self.settings.decay(step))([self.shadow[n] for n in names],
+                                                        [self.params[n].detach().float() for n in names], None)
 
     def state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the shadow, for the resume state."""
