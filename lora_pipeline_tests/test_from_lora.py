@@ -5,6 +5,8 @@ chains; and every mismatch refused in one line naming the file."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,8 +44,14 @@ def first(root) -> Path:
     return Path(result.epochs[-1]["file"])
 
 
+@functools.cache
+def _base(models: Path):
+    return load_base_model(models, "tiny-sd", "sd15", "cpu", torch.float32)
+
+
 def _network(root, recipe, seed: int = 7):
-    base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", torch.float32)
+    """tiny-sd with the recipe's freshly built network (a copy of one loaded model: loading is the slow part)."""
+    base = copy.deepcopy(_base(root.models))
     add_network(base, recipe.network, seed)
     return base
 
