@@ -86,6 +86,10 @@ def test_a_run_continues_from_the_lora_and_provenance_traces_both_chains(root, f
     assert chain.from_lora.chain["recipe"]["name"] == "tiny" and "from_lora" not in chain.from_lora.chain
     text = format_provenance(chain)
     assert f"started from LoRA {named}" in text and "  | recipe tiny" in text
+    from lora_pipeline.defs.metadata import provenance_metadata  # the training partition's page records it
+
+    shown = provenance_metadata(chain, root.dataset("train-v1") / "manifest.jsonl")["from_lora"]
+    assert shown == f"{named} (sha256 {sha256_file(first)}, unchanged)"
     first.write_bytes(first.read_bytes()[:-4] + b"\0\0\0\0")  # the starting file changes afterwards
     later = trace_lora(root, out)
     assert later.from_lora.status == "changed"
