@@ -129,3 +129,29 @@ def test_from_lora_counts_in_the_recipe_hash_only_when_set():
     plain = replace(NEXT, from_lora=None)
     assert "from_lora" not in hashed_values(Recipe, plain.resolved())
     assert hashed_values(Recipe, NEXT.resolved())["from_lora"] == START and NEXT.sha256 != plain.sha256
+
+
+@pytest.mark.parametrize(("model", "fields"), [
+    ("tiny-sdxl", {"network_train_unet_only": False, "use_dora": True}),  # sgm names, lora_te1_/te2_, dora_scale
+    ("tiny-flux", {"network_train_unet_only": False}),  # BFL's fused Linears, CLIP-L's lora_te1_
+])
+def test_every_layout_loads_exactly(root, tmp_path, model, fields):
+    from lora_pipeline_tests.helpers import FAMILIES
+
+    recipe = replace(NEXT, base_model=model, model_family=FAMILIES[model], from_lora=None, **fields)
+    trained = load_base_model(root.models, model, recipe.model_family, "cpu", torch.float32)
+    add_network(trained, recipe.network, recipe.seed)
+    with torch.no_grad():  # weights as training leaves them: every tensor away from its init
+        for i, param in enumerate(p for m in (trained.denoiser, *trained.text_encoders) for p in m.parameters()
+                                  if p.requires_grad):
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)))
+    file = tmp_path / "trained.safetensors"
+    save_file(kohya_state_dict(trained.denoiser, recipe.model_family, text_encoders=trained.text_encoders), file)
+    recipe = replace(recipe, from_lora=str(file))
+    fresh = load_base_model(root.models, model, recipe.model_family, "cpu", torch.float32)
+    add_network(fresh, recipe.network, seed=3)
+    load_start_lora(fresh, recipe, resolve_start(root, recipe))
+    held = load_file(file)
+    loaded = kohya_state_dict(fresh.denoiser, recipe.model_family, text_encoders=fresh.text_encoders)
+    assert loaded.keys() == held.keys() and all(torch.equal(loaded[k], held[k]) for k in held)
+    assert any(k.startswith("lora_te") for k in held)
