@@ -2,9 +2,9 @@
 
 After each saved epoch the trainer writes the epoch file (atomically), then `out_dir/.resume/state.pt`
 (atomically): LoRA weights (with use_ema also their EMA shadow), optimizer and LR-scheduler state, epoch and
-global step, the loss history,
-the records of the files saved so far, the start time and provenance written into every header, and the
-key (recipe sha256, manifest root, base model hash) that must match for a run to resume. No RNG state is
+global step, the loss history, the records of the files saved so far, the start time and provenance written into
+every header, and the key (recipe sha256, manifest root, base model hash, and with from_lora the starting file's
+sha256) that must match for a run to resume. No RNG state is
 kept: every random draw comes from generators seeded by (seed, epoch/step) (see seeds.py).
 
 On start, epoch files that the state does not vouch for (beyond its epoch, or all of them when there is
