@@ -3,8 +3,8 @@
 The fields are recipe_fields.py's (docs/fields.md lists every field with its range; `make docs`), the checks of
 their combinations recipe_checks.py's. The recipe is one flat file, as kohya's arguments are; code reads it by
 concern through its groups (`Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.flow`,
-`.augmentation`, `.automation`, `.buckets`, `.sampling`; recipe_groups.py). `recipe_checks.fast_path_blockers` is
-the one answer to whether a run's steps can be captured as CUDA graphs.
+`.augmentation`, `.automation`, `.buckets`, `.ema`, `.sampling`; recipe_groups.py).
+`recipe_checks.fast_path_blockers` is the one answer to whether a run's steps can be captured as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lora_pipeline.core.training.recipe_fields import RecipeFields
 from lora_pipeline.core.training.recipe_groups import (
     AugmentationSettings,
     AutomationSettings,
+    EmaSettings,
     FlowSettings,
     GroupView,
     NetworkSettings,
@@ -71,6 +72,7 @@ class Recipe(RecipeFields):
     augmentation = GroupView(AugmentationSettings)
     automation = GroupView(AutomationSettings)
     buckets = GroupView(BucketSettings)
+    ema = GroupView(EmaSettings)
 
     @property
     def flow(self) -> FlowSettings:

@@ -70,7 +70,7 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
         found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
     if recipe.zero_terminal_snr and not recipe.v_parameterization:
         found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
-    found += _t5_conflicts(recipe)
+    found += _t5_conflicts(recipe) + _ema_conflicts(recipe)
     if recipe.cache_text_encoder_outputs_to_disk and (changing := _changing_captions(recipe)):
         found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
                      f"encoders (as kohya's): not {', '.join(changing)}")
@@ -93,6 +93,8 @@ def _algo_problem(recipe: RecipeFields) -> str | None:
         return "lokr_factor needs network_algo: lokr"
     if recipe.lokr_factor == 0:
         return "lokr_factor must be -1 (the most square split) or a side of at least 1"
+    if recipe.network_algo != "lora" and recipe.from_lora is not None:
+        return f"from_lora starts from a LoRA's weights; it has no form for network_algo: {recipe.network_algo}"
     return None
 
 
@@ -110,6 +112,15 @@ def timestep_problems(recipe: RecipeFields) -> list[str]:
     return [f"{name} is read only by timestep_sampling: {' or '.join(modes)}; leave it unset"
             for name, modes in DDPM_SAMPLING_FIELDS.items()
             if getattr(recipe, name) != infos[name].default and recipe.timestep_sampling not in modes]
+def _ema_conflicts(recipe: RecipeFields) -> list[str]:
+    """The EMA's settings need `use_ema`; a schedule-free optimizer already saves averaged weights."""
+    infos = type(recipe).__pydantic_fields__
+    settings = ("ema_decay", "ema_update_after_step", "ema_warmup", "ema_power")
+    if not recipe.use_ema:
+        return [f"{name} needs use_ema: true" for name in settings if getattr(recipe, name) != infos[name].default]
+    if recipe.optimizer == "AdamWScheduleFree":
+        return ["use_ema cannot be used with AdamWScheduleFree (its files already hold its averaged weights)"]
+    return []
 
 
 def _t5_conflicts(recipe: RecipeFields) -> list[str]:

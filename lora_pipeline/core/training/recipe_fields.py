@@ -348,6 +348,38 @@ class RecipeFields:
         -1, ge=-1, le=1024, description="LoKr: the side of the Kronecker product's small factor (LyCORIS' network_args "
         "factor; -1: the most square split of each side)", json_schema_extra=ADDED_LATER,
     )
+    # EMA of the LoRA weights and starting from an existing LoRA (issue 25); step/ema.py, run/start_lora.py.
+    # The EMA fields are diffusers' EMAModel's (and SimpleTuner's, which trains LoRA with it).
+    use_ema: Bool = Field(
+        False, description="keep a float32 exponential moving average of the LoRA weights, updated after every "
+        "optimizer step; the epoch and step files (and the samples) hold it instead of the raw weights "
+        "(SimpleTuner's --use_ema, OneTrainer's ema; header ss_ema)", json_schema_extra=ADDED_LATER,
+    )
+    ema_decay: Float = Field(
+        0.995, gt=0.0, lt=1.0, description="the EMA's largest decay (SimpleTuner's --ema_decay default; diffusers' "
+        "EMAModel decay). A step's decay is min(ema_decay, (1 + n) / (10 + n)), or with ema_warmup "
+        "min(ema_decay, 1 - (1 + n)^-ema_power), n the EMA updates after ema_update_after_step; n = 0 copies the "
+        "weights", json_schema_extra=ADDED_LATER,
+    )
+    ema_update_after_step: Int = Field(
+        0, ge=0, le=10_000_000, description="until this optimizer step the EMA only copies the weights (diffusers' "
+        "update_after_step)", json_schema_extra=ADDED_LATER,
+    )
+    ema_warmup: Bool = Field(
+        False, description="diffusers' use_ema_warmup: the decay ramps as 1 - (1 + n)^-ema_power (inv_gamma 1) "
+        "instead of (1 + n) / (10 + n)", json_schema_extra=ADDED_LATER,
+    )
+    ema_power: Float = Field(
+        2 / 3, gt=0.0, le=10.0, description="exponent of the ema_warmup ramp (diffusers' power: 2/3 reaches 0.999 "
+        "after about 31,000 steps, 3/4 after 10,000)", json_schema_extra=ADDED_LATER,
+    )
+    from_lora: Annotated[Text, Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="start from this LoRA's weights instead of a fresh init (kohya's --network_weights): a "
+        "safetensors file (absolute, or relative to the data root) or a LoRA of this pipeline as "
+        "`<version>/<recipe>/e<NNN>`. Its family, rank, alpha and modules must be the recipe's; its path and "
+        "sha256 go into the header (ss_network_weights) and provenance traces its chain",
+        json_schema_extra=ADDED_LATER,
+    )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
         "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked",

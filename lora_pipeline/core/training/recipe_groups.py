@@ -127,6 +127,33 @@ class NoiseSettings:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """The EMA of the LoRA weights (`use_ema`; step/ema.py keeps it)."""
+
+    use_ema: bool = False
+    ema_decay: float = 0.995
+    ema_update_after_step: int = 0
+    ema_warmup: bool = False
+    ema_power: float = 2 / 3
+
+    def decay(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based), as diffusers' EMAModel.get_decay."""
+        n = max(0, step - self.ema_update_after_step - 1)
+        if n <= 0:
+            return 0.0
+        ramp = 1 - (1 + n) ** -self.ema_power if self.ema_warmup else (1 + n) / (10 + n)
+        return min(ramp, self.ema_decay)
+
+    def metadata(self) -> dict[str, str]:
+        """The header keys of an EMA run (none when off: files of runs without EMA keep their bytes)."""
+        if not self.use_ema:
+            return {}
+        return {"ss_ema": "True", "ss_ema_decay": str(self.ema_decay),
+                "ss_ema_update_after_step": str(self.ema_update_after_step),
+                "ss_ema_warmup": str(self.ema_warmup), "ss_ema_power": str(self.ema_power)}
+
+
+@dataclass(frozen=True)
 class FlowSettings:
     """kohya's flux_train_network.py options of the flow objective, with kohya's defaults; each field is the kohya
     argument of the same name (`--timestep_sampling`, `--sigmoid_scale`, `--discrete_flow_shift`,

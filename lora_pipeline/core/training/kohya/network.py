@@ -132,7 +132,8 @@ def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tens
     return out
 
 
-def _adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
+def adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
+    """(module path, peft LoRA layer) of every module of `model` that carries `adapter`."""
     from peft.tuners.lora import LoraLayer
 
     return [(name, module) for name, module in model.named_modules()
@@ -150,7 +151,7 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
     architecture = model_family(family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in _adapter_modules(unet, adapter_name):
+    for name, module in adapter_modules(unet, adapter_name):
         alpha = _alpha(module, adapter_name)
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
@@ -159,13 +160,22 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     if not modules:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
     tensors = denoiser_kohya_tensors(architecture, unet, modules)
-    # an encoder without an adapter (FLUX.1's T5 without train_t5xxl) writes nothing
-    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders or [], strict=False):
+    for key, module in text_encoder_modules(family, text_encoders or [], adapter_name).items():
+        tensors.update(_module_tensors(module, adapter_name, key))
+    return tensors
+
+
+def text_encoder_modules(family: str, text_encoders: Sequence[Any], adapter_name: str = "default") -> dict[str, Any]:
+    """{kohya module key: peft LoRA layer} of the text encoders' adapters (an encoder without one, FLUX.1's T5
+    without train_t5xxl, has none)."""
+    architecture = model_family(family)
+    found: dict[str, Any] = {}
+    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders, strict=False):
         # kohya's CLIP names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
         level = "" if hasattr(encoder, "text_model") or prefix == architecture.t5_prefix else TEXT_MODEL
-        for name, module in _adapter_modules(encoder, adapter_name):
-            tensors.update(_module_tensors(module, adapter_name, prefix + level + name.replace(".", "_")))
-    return tensors
+        found.update({prefix + level + name.replace(".", "_"): module
+                      for name, module in adapter_modules(encoder, adapter_name)})
+    return found
 
 
 def lora_text_encoders(base: BaseModel, train_t5xxl: bool = False) -> list[Any]:
