@@ -29,10 +29,15 @@ KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "pro
 ModuleTensors = dict[str, dict[str, torch.Tensor]]  # {diffusers module path: {key suffix: tensor}}
 
 
-def _per_module_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:
+def denoiser_key_namer(family: ModelFamily, denoiser: Any) -> Callable[[str], str]:
+    """The kohya module key (`lora_unet_…`, no suffix) of a denoiser module path, for a "per_module" family."""
     kohya_path = family.kohya_module_namer(denoiser)
-    return {UNET_PREFIX + kohya_path(name).replace(".", "_") + suffix: tensor
-            for name, tensors in modules.items() for suffix, tensor in tensors.items()}
+    return lambda name: UNET_PREFIX + kohya_path(name).replace(".", "_")
+
+
+def _per_module_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:
+    key = denoiser_key_namer(family, denoiser)
+    return {key(name) + suffix: tensor for name, tensors in modules.items() for suffix, tensor in tensors.items()}
 
 
 def _fused_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_pipeline.core.models.dora import adapter_modules
 from lora_pipeline.core.models.families import model_family
-from lora_pipeline.core.models.kohya_names import TEXT_MODEL
+from lora_pipeline.core.models.kohya_names import text_key_prefixes
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
@@ -118,20 +119,13 @@ def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tens
     return out
 
 
-def _adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and adapter in module.lora_A]
-
-
 def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None, adapter_name: str = "default",
                      text_encoders: list[Any] | None = None) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the adapters' weights under kohya key names, with each module's alpha (and
     dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
     architecture = model_family(family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in _adapter_modules(unet, adapter_name):
+    for name, module in adapter_modules(unet, adapter_name):
         alpha = module.lora_alpha[adapter_name]
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
@@ -141,11 +135,10 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
     tensors = denoiser_kohya_tensors(architecture, unet, modules)
     # an encoder without an adapter (FLUX.1's T5 without train_t5xxl) writes nothing
-    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders or [], strict=False):
-        # kohya's CLIP names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
-        level = "" if hasattr(encoder, "text_model") or prefix == architecture.t5_prefix else TEXT_MODEL
-        for name, module in _adapter_modules(encoder, adapter_name):
-            tensors.update(_module_tensors(module, adapter_name, prefix + level + name.replace(".", "_")))
+    for prefix, encoder in text_key_prefixes(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders or [],
+                                             architecture.t5_prefix):
+        for name, module in adapter_modules(encoder, adapter_name):
+            tensors.update(_module_tensors(module, adapter_name, prefix + name.replace(".", "_")))
     return tensors
 
 
