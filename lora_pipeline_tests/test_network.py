@@ -185,7 +185,7 @@ def test_dora_adafactor_accumulation_and_noise_options_on_sdxl(root, dora):
     path = Path(result.epochs[-1]["file"])
     meta = read_lora_metadata(path)
     assert meta["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"}
+    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
     assert (meta["ss_gradient_accumulation_steps"], meta["ss_total_batch_size"]) == ("2", "2")
     assert (meta["ss_lr_scheduler"], meta["ss_optimizer"]) == (
         "adafactor:0.001", "Adafactor(relative_step=True,weight_decay=0.01)")

@@ -14,9 +14,13 @@ U-Net paths are the diffusers ones; SDXL U-Net paths are Stability's sgm names (
 `…_skip_connection` conv_shortcut, `input_blocks_3_0_op` a downsampler, `output_blocks_2_2_conv` an upsampler) as
 kohya's SDXL U-Net names them.
 
-DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module,
-shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with wd_on_out; diffusers reads it into peft's
-magnitude vector, ComfyUI recognises the output axis by that shape.
+DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module: peft's
+magnitude m, shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with `wd_on_output` (its default), so that
+LyCORIS (kohya's `--network_module lycoris.kohya`) rebuilds the trained weight m * (W + dW) / ||W + dW|| exactly.
+The other loaders do not (README, "Where the files load"; measured in test_dora): diffusers' `load_lora_weights`
+drops dora_scale with a warning and kohya's networks.lora ignores it (both: the plain LoRA), ComfyUI normalises by
+||W|| instead of ||W + dW||, and A1111 normalises per input column. The evaluation puts dora_scale back itself
+(core/models/dora.py).
 """
 
 from __future__ import annotations
@@ -197,5 +201,5 @@ def network_args(network: NetworkSettings) -> dict[str, str]:
     if network.conv_dim is not None:
         args.update(conv_dim=str(network.conv_dim), conv_alpha=str(network.conv_alpha_value))
     if network.use_dora:
-        args.update(algo="lora", dora_wd="True", wd_on_out="True")
+        args.update(algo="lora", dora_wd="True", wd_on_output="True")  # LyCORIS' create_network kwargs
     return args
