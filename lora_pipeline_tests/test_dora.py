@@ -133,6 +133,9 @@ def test_each_loader_on_the_written_dora_file_against_the_trained_adapter(traine
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0", "algo": "lora",
                                                    "dora_wd": "True", "wd_on_output": "True"}
     assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (32, 1, 1, 1)
+    # kohya's run keys as the trainer fills them: one of the four images held out, no buckets, the save time
+    assert (meta["ss_num_validation_images"], meta["ss_bucket_info"]) == ("1", "null")
+    assert float(meta["ss_training_finished_at"]) > float(meta["ss_training_started_at"])
     errors = _errors(model, tensors)
     print({name: f"{value:.3g}" for name, value in errors.items()})
     assert errors["LyCORIS / kohya lycoris.kohya"] < 1e-5  # exact (float32 rounding)
