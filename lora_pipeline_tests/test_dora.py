@@ -111,13 +111,16 @@ LOADERS = {"LyCORIS / kohya lycoris.kohya": lycoris, "ComfyUI": comfyui, "A1111"
            "diffusers / kohya networks.lora": plain}
 
 
-def _errors(model, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per loader, ||W_loader - W_trained|| / ||W_trained - W|| over all DoRA modules together."""
+def _errors(model, tensors: dict[str, torch.Tensor], for_comfyui: bool = False) -> dict[str, float]:
+    """Per loader, ||W_loader - W_trained|| / ||W_trained - W|| over all DoRA modules together. `for_comfyui`: the
+    layout not chosen, dora_scale = m * ||W|| / ||W + dW|| (what ComfyUI's norm of W would need)."""
     wrong = dict.fromkeys(LOADERS, 0.0)
     change = 0.0
     for key, layer in _keyed_layers(model).items():
         t = {s: tensors[f"{key}.{s}"] for s in ("lora_up.weight", "lora_down.weight", "alpha", "dora_scale")}
         w = layer.get_base_layer().weight.detach()
+        if for_comfyui:
+            t["dora_scale"] = t["dora_scale"] * _row_norm(w) / _row_norm(w + _delta(t, w))
         want = w + merged_delta(layer, "default")  # peft's own merge of its trained DoRA adapter
         change += float((want - w).square().sum())
         for name, loader in LOADERS.items():
@@ -144,6 +147,11 @@ def test_each_loader_on_the_written_dora_file_against_the_trained_adapter(traine
     assert 0.02 < errors["ComfyUI"] < 0.5
     assert errors["A1111"] > 2
     assert 0.3 < errors["diffusers / kohya networks.lora"] < 3
+    # the other layout would make ComfyUI exact and LyCORIS as wrong as ComfyUI is now: one exact loader either way,
+    # and the chosen one is the definition (peft, LyCORIS, the DoRA paper)
+    other = _errors(model, tensors, for_comfyui=True)
+    print({name: f"{value:.3g}" for name, value in other.items()})
+    assert other["ComfyUI"] < 1e-5 and other["LyCORIS / kohya lycoris.kohya"] > 0.02
 
 
 def test_a_dora_run_gets_its_grid_and_recommendation(trained):
