@@ -79,7 +79,7 @@ def lycoris(w: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def comfyui(w: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ComfyUI comfy/weight_adapter/base.py weight_decompose (v0.3.77 on): dora_scale.shape[0] == out picks the
+    """ComfyUI comfy/weight_adapter/base.py weight_decompose (as of v0.3.77): dora_scale.shape[0] == out picks the
     output axis, whose norm is taken of the base weight W, not of W + dW: (W + dW) * dora_scale / (||W||_row + eps)."""
     merged = w + _delta(t, w)
     if t["dora_scale"].shape[0] == w.shape[0]:
