@@ -288,6 +288,7 @@ def finish_version(root, spec):
 
 PROVENANCE = {"code_commit": "test-commit", "mlflow_run_id": "test-run"}
 STARTED_AT = 1_700_000_000.0
+FINISHED_AT = STARTED_AT + 60  # the save time `train` gives (ss_training_finished_at): files are reproducible
 TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
         "bucket_reso_steps": 16, "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0,
         "mixed_precision": "no", "validation_split": 0.2}
@@ -306,6 +307,7 @@ def train(root, recipe: Recipe, out: str, version: str = "train-v1", **kwargs: A
 
     lines: list[str] = []
     kwargs.setdefault("log", lines.append)
+    kwargs.setdefault("clock", lambda: FINISHED_AT)
     result = train_lora(root, version, recipe, out_dir=root.root / out, provenance=PROVENANCE,
                         started_at=STARTED_AT, device="cpu", **kwargs)
     return result, lines

@@ -37,8 +37,10 @@ SERVER = "postgresql://postgres@127.0.0.1:5432"
 REPO_DATA = committed_data()  # the samples as git has them, never the working folder's data/
 VERSION, RECIPES, BIG = "tiny-v1", ("r1", "r2"), "big-v1"
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-# Header keys that name the run itself: its MLflow run and start time (and the file hash, which covers them).
-RUN_KEYS = {"lora_pipeline.mlflow_run_id", "ss_training_started_at", "modelspec.date", "sshs_model_hash"}
+# Header keys that name the run itself: its MLflow run, start and save times, the session id derived from them (and
+# the file hash, which covers them).
+RUN_KEYS = {"lora_pipeline.mlflow_run_id", "ss_training_started_at", "ss_training_finished_at", "ss_session_id",
+            "modelspec.date", "sshs_model_hash"}
 
 
 def _data_root(path: Path, tiny_model) -> DataRoot:

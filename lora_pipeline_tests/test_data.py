@@ -54,6 +54,12 @@ def test_snapshot_is_read_split_and_bucketed(train_snapshot):
     frequency = data.tag_frequency(",")["3_trg"]
     assert frequency["trg"] == 5 and sum(frequency.values()) == sum(len(i.caption.split(",")) for i in data.train)
 
+    # kohya's ss_bucket_info: training images with their repeats, by the bucket's index in kohya's order
+    info = data.bucket_info(True, resos)
+    assert sum(b["count"] for b in info["buckets"].values()) == 15
+    assert all(resos[i] == b["resolution"] and b["count"] % 3 == 0 for i, b in info["buckets"].items())
+    assert 0 < info["mean_img_ar_error"] < 1 and data.bucket_info(False, resos) is None
+
     square = load_training_data(root.dataset("train-v1"), replace(RECIPE, enable_bucket=False).buckets,
                                 RECIPE.validation_split)
     assert {image.bucket for image in square.train} == {(64, 64)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,76 @@ def test_build_metadata_writes_kohya_modelspec_and_provenance_keys():
     )
     assert sd15["ss_base_model_version"] == "sd_v1" and sd15["modelspec.implementation"] == "diffusers"
     assert sd15["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+
+# kohya sd-scripts train_network.py (train(), the metadata dict, the dataset branch without a dataset config, and
+# save_model) writes these keys into every file, each str() of the value; the format each value must have:
+INT, FLOAT, BOOL = r"-?\d+", r"-?\d+(\.\d+)?(e-?\d+)?", r"True|False"
+
+
+def _opt(pattern: str) -> str:
+    return f"{pattern}|None"
+
+
+KOHYA_ALWAYS = {
+    "ss_session_id": INT, "ss_training_started_at": FLOAT, "ss_output_name": r".+", "ss_learning_rate": FLOAT,
+    "ss_text_encoder_lr": _opt(FLOAT), "ss_unet_lr": _opt(FLOAT), "ss_num_train_images": INT,
+    "ss_num_validation_images": INT, "ss_num_reg_images": INT, "ss_num_batches_per_epoch": INT,
+    "ss_num_epochs": INT, "ss_gradient_checkpointing": BOOL, "ss_gradient_accumulation_steps": INT,
+    "ss_max_train_steps": INT, "ss_lr_warmup_steps": INT, "ss_lr_scheduler": r"[\w:.]+",
+    "ss_network_module": r"[\w.]+", "ss_network_dim": INT, "ss_network_alpha": FLOAT,
+    "ss_network_dropout": _opt(FLOAT), "ss_mixed_precision": r"no|fp16|bf16", "ss_full_fp16": BOOL, "ss_v2": BOOL,
+    "ss_base_model_version": r"[\w.-]+", "ss_clip_skip": _opt(INT), "ss_max_token_length": _opt(INT),
+    "ss_cache_latents": BOOL, "ss_seed": INT, "ss_lowram": BOOL, "ss_noise_offset": _opt(FLOAT),
+    "ss_multires_noise_iterations": _opt(INT), "ss_multires_noise_discount": FLOAT,
+    "ss_adaptive_noise_scale": _opt(FLOAT), "ss_zero_terminal_snr": BOOL, "ss_training_comment": r".*",
+    "ss_sd_scripts_commit_hash": r".+", "ss_optimizer": r"[a-z_][\w]*(\.\w+)+\.[A-Z]\w*(\(.*\))?",
+    "ss_max_grad_norm": FLOAT, "ss_caption_dropout_rate": FLOAT, "ss_caption_dropout_every_n_epochs": _opt(INT),
+    "ss_caption_tag_dropout_rate": FLOAT, "ss_face_crop_aug_range": r"None|\(.*\)", "ss_prior_loss_weight": FLOAT,
+    "ss_min_snr_gamma": _opt(FLOAT), "ss_scale_weight_norms": _opt(FLOAT), "ss_ip_noise_gamma": _opt(FLOAT),
+    "ss_debiased_estimation": BOOL, "ss_noise_offset_random_strength": BOOL,
+    "ss_ip_noise_gamma_random_strength": BOOL, "ss_loss_type": r"l1|l2|huber|smooth_l1",
+    "ss_huber_schedule": r"snr|exponential|constant", "ss_huber_scale": FLOAT, "ss_huber_c": FLOAT,
+    "ss_fp8_base": BOOL, "ss_fp8_base_unet": BOOL, "ss_validation_seed": _opt(INT), "ss_validation_split": FLOAT,
+    "ss_max_validation_steps": _opt(INT), "ss_validate_every_n_epochs": _opt(INT),
+    "ss_validate_every_n_steps": _opt(INT), "ss_resize_interpolation": _opt(r"\w+"),
+    "ss_batch_size_per_device": INT, "ss_total_batch_size": INT, "ss_resolution": r"\(\d+, \d+\)",
+    "ss_color_aug": BOOL, "ss_flip_aug": BOOL, "ss_random_crop": BOOL, "ss_shuffle_caption": BOOL,
+    "ss_enable_bucket": BOOL, "ss_bucket_no_upscale": BOOL, "ss_min_bucket_reso": INT, "ss_max_bucket_reso": INT,
+    "ss_keep_tokens": INT, "ss_dataset_dirs": "json", "ss_reg_dataset_dirs": "json", "ss_tag_frequency": "json",
+    "ss_bucket_info": "json", "ss_sd_model_name": r".+", "ss_training_finished_at": FLOAT, "ss_steps": INT,
+    "ss_epoch": INT,
+}
+
+
+def test_every_key_kohya_always_writes_is_there_in_kohyas_format():
+    recipe = Recipe(name="r", base_model="tiny-sd", resolution=64, optimizer="DAdaptAdamW")
+    buckets = {"buckets": {3: {"resolution": (64, 48), "count": 4}}, "mean_img_ar_error": 0.05}
+    meta = build_metadata(
+        recipe=recipe, provenance=PROVENANCE, epoch=2, steps=8, max_train_steps=16, num_train_images=8,
+        num_batches_per_epoch=4, tag_frequency={"2_trg": {"trg": 4}}, dataset_dirs={"2_trg": {"n_repeats": 2,
+        "img_count": 4}}, training_started_at=1_700_000_000.5, training_finished_at=1_700_000_123.25,
+        num_validation_images=2, bucket_info=buckets,
+    )
+    for key, pattern in KOHYA_ALWAYS.items():
+        assert key in meta, key
+        if pattern == "json":
+            json.loads(meta[key])
+        else:
+            assert re.fullmatch(pattern, meta[key]), (key, meta[key])
+    assert meta["ss_optimizer"] == "dadaptation.dadapt_adam.DAdaptAdam(decouple=True,weight_decay=0.01)"
+    assert (meta["ss_training_finished_at"], meta["ss_num_validation_images"]) == ("1700000123.25", "2")
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"3": {"resolution": [64, 48], "count": 4}},
+                                                  "mean_img_ar_error": 0.05}
+    assert (meta["ss_max_grad_norm"], meta["ss_clip_skip"], meta["ss_lowram"]) == ("1.0", "None", "False")
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.implementation_version"] == "lora-pipeline/0123abc"
+    # one session id per run: the same for every epoch of it, another for another run
+    again = build_metadata(recipe=recipe, provenance=PROVENANCE, epoch=1, steps=4, max_train_steps=16,
+                           num_train_images=8, num_batches_per_epoch=4, tag_frequency={}, dataset_dirs={},
+                           training_started_at=1_700_000_000.5)
+    other = build_metadata(recipe=recipe, provenance=replace(PROVENANCE, mlflow_run_id="run43"), epoch=1, steps=4,
+                           max_train_steps=16, num_train_images=8, num_batches_per_epoch=4, tag_frequency={},
+                           dataset_dirs={}, training_started_at=1_700_000_000.5)
+    assert again["ss_session_id"] == meta["ss_session_id"] != other["ss_session_id"]
+    assert 0 <= int(meta["ss_session_id"]) < 2**32

@@ -154,7 +154,7 @@ CHILD = textwrap.dedent(
     torch.set_num_threads(int(threads))  # CPU float sums may depend on the thread count; match the parent's
     train_lora(DataRoot(Path(root)), "train-v1", Recipe(**json.loads(recipe)), out_dir=Path(out),
                provenance=json.loads(provenance), started_at=float(started), device="cpu",
-               log=lambda line: print(line, flush=True))
+               log=lambda line: print(line, flush=True), clock=lambda: float(started) + 60)
     """
 )
 

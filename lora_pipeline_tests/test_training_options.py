@@ -84,7 +84,7 @@ def test_the_options_are_in_the_header_as_kohya_writes_them(options_run):
     assert meta["ss_loss_type"] == "huber" and meta["ss_huber_schedule"] == "exponential"
     assert meta["ss_huber_c"] == "0.2" and meta["ss_huber_scale"] == "1.0"
     assert meta["modelspec.timestep_range"] == "600,620"
-    assert meta["ss_optimizer"] == "AdamW(weight_decay=0.02,betas=(0.8, 0.95),eps=1e-06,amsgrad=True)"
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.02,betas=(0.8, 0.95),eps=1e-06,amsgrad=True)"
 
 
 def test_optimizer_args_reach_the_optimizer_of_the_run(options_run):

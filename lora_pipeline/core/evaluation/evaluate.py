@@ -112,9 +112,6 @@ def _check_headers(headers: Mapping[int, Mapping[str, str]], files: Mapping[int,
         if trained_on is not None and trained_on != recipe.base_model:
             raise UserError(f"trained on base model '{trained_on}' but recipe {recipe.name} now says "
                             f"'{recipe.base_model}'; retrain", files[epoch])
-        if "dora_wd" in header.get("ss_network_args", ""):
-            raise UserError("a DoRA LoRA: diffusers' load_lora_weights drops its dora_scale tensors, so a grid would "
-                            "not show it (the samples rendered while training do)", files[epoch])
     if len(runs) > 1:
         raise UserError(f"epoch files come from {len(runs)} different training runs; retrain", files[min(files)])
     return runs.pop()
@@ -150,7 +147,7 @@ def _sample_epochs(
     images: dict[int, np.ndarray] = {}
     val: dict[int, float] = {}
     for epoch in epochs:
-        with loaded_lora(pipe, files[epoch], epoch) as adapter:
+        with loaded_lora(pipe, files[epoch], epoch, base.architecture) as adapter:
             images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w, options)
                                       for w in recipe.eval_weights])
             set_lora_weight(pipe, adapter, 1.0)

@@ -29,15 +29,21 @@ KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "pro
 ModuleTensors = dict[str, dict[str, torch.Tensor]]  # {diffusers module path: {key suffix: tensor}}
 
 
+def denoiser_key_namer(family: ModelFamily, denoiser: Any) -> Callable[[str], str]:
+    """The kohya module key (`lora_unet_…`, no suffix) of a denoiser module path, for a "per_module" family."""
+    kohya_path = family.kohya_module_namer(denoiser)
+    return lambda name: UNET_PREFIX + kohya_path(name).replace(".", "_")
+
+
 def per_module_keys(family: ModelFamily, denoiser: Any, names: list[str]) -> dict[str, str]:
     """{diffusers module path: its kohya module key} of a "per_module" family's denoiser modules."""
-    kohya_path = family.kohya_module_namer(denoiser)
-    return {name: UNET_PREFIX + kohya_path(name).replace(".", "_") for name in names}
+    key = denoiser_key_namer(family, denoiser)
+    return {name: key(name) for name in names}
 
 
 def _per_module_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:
-    keys = per_module_keys(family, denoiser, list(modules))
-    return {keys[name] + suffix: tensor for name, tensors in modules.items() for suffix, tensor in tensors.items()}
+    key = denoiser_key_namer(family, denoiser)
+    return {key(name) + suffix: tensor for name, tensors in modules.items() for suffix, tensor in tensors.items()}
 
 
 def _fused_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:

@@ -32,6 +32,8 @@ from PIL import Image
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.models.dora import attach_file_dora, split_dora
+from lora_pipeline.core.models.families import ModelFamily
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.lycoris import file_algo, load_lycoris
@@ -111,18 +113,23 @@ def quiet_diffusers() -> Iterator[None]:
 
 
 @contextmanager
-def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str]:
+def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int, family: ModelFamily | None = None) -> Iterator[str]:
     """Load one epoch's kohya file as adapter `e<epoch>`; delete it again afterwards.
 
     Text-encoder keys go through kohya_names.for_diffusers (diffusers 0.42 misses kohya's `text_model` level in
-    transformers 5's CLIP models); FLUX.1's T5 modules, which diffusers drops, go on through t5_lora.py."""
+    transformers 5's CLIP models); FLUX.1's T5 modules, which diffusers drops, go on through t5_lora.py. A DoRA
+    file's `dora_scale` tensors, which diffusers drops too, go back on the placed modules through dora.py (which
+    names modules by the `family`, needed then)."""
     name = f"e{epoch}"
     encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
-    tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
+    tensors, scales = split_dora(safetensors.torch.load_file(str(path)))  # scales keep the file's keys
+    tensors = for_diffusers(tensors, encoders)
     if file_algo(tensors) != "lora":  # LoHa / LoKr, which diffusers' loader does not read for the U-Nets
         with _lycoris_loaded(pipe, path, tensors, name):
             yield name
         return
+    if scales and family is None:
+        raise ValueError(f"{path.name} is a DoRA file: loading it needs its model family")
     try:
         with quiet_diffusers():
             pipe.load_lora_weights(tensors, adapter_name=name)
@@ -131,6 +138,8 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
                         "single blocks' linear1 at FLUX.1's full widths; a tiny model's LoRA loads when trained "
                         "with train_blocks: double", path) from None
     try:
+        if scales and family is not None:
+            attach_file_dora(family, getattr(pipe, family.denoiser_subfolder), encoders, name, scales)
         load_t5_lora(pipe, tensors, name)  # the T5 modules diffusers' loader drops
         yield name
     finally:

@@ -13,6 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+# kohya's ss_optimizer names the class as `module.Class`; DAdaptAdamW is dadaptation's DAdaptAdam with decouple=True
+# (step/dadapt.py), which kohya calls DAdaptAdam
+OPTIMIZER_CLASSES = {
+    "AdamW": "torch.optim.adamw.AdamW", "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+    "Lion": "lion_pytorch.lion_pytorch.Lion", "Adafactor": "transformers.optimization.Adafactor",
+    "AdamWScheduleFree": "schedulefree.adamw_schedulefree.AdamWScheduleFree", "Prodigy": "prodigyopt.prodigy.Prodigy",
+    "DAdaptAdamW": "dadaptation.dadapt_adam.DAdaptAdam",
+}
+MAX_GRAD_NORM = 1.0  # kohya's --max_grad_norm default: the gradient norm every step clips to (step/loop.py)
+
 _ADAM = ("betas", "eps", "weight_decay")
 OPTIMIZER_ARGS: dict[str, tuple[str, ...]] = {
     "DAdaptAdamW": (*_ADAM, "d0", "growth_rate"),

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,6 +132,20 @@ class TrainingData:
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's ss_dataset_dirs over the training images."""
         return _kohya_dirs(self.train, lambda _folder: self.repeats)
+
+    def bucket_info(self, bucketing: bool, resolutions: Sequence[tuple[int, int]]) -> dict[str, Any] | None:
+        """kohya's ss_bucket_info (None without `bucketing`): {"buckets": {index of the bucket in `resolutions`
+        (kohya's order): {"resolution": (w, h), "count": images with their repeats}}, "mean_img_ar_error": the
+        mean |bucket's aspect ratio - image's|, each image once}; the buckets no image lands in are left out."""
+        if not bucketing:
+            return None
+        counts: Counter[tuple[int, int]] = Counter()
+        for image, repeats in zip(self.images, self.image_repeats, strict=True):
+            counts[image.bucket] += repeats
+        errors = [abs(i.bucket[0] / i.bucket[1] - i.size[0] / i.size[1]) for i in self.images]
+        return {"buckets": {index: {"resolution": reso, "count": counts[reso]}
+                            for index, reso in enumerate(resolutions) if counts[reso]},
+                "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
     def tag_frequency(self, separator: str) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency over the training captions: {image dir: {lower-cased tag: count}}."""

@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -34,7 +35,7 @@ from lora_pipeline.core.training.kohya.network import (  # noqa: F401 (re-export
     kohya_state_dict,
     network_args,
 )
-from lora_pipeline.core.training.optimizer_args import kohya_optimizer_args
+from lora_pipeline.core.training.optimizer_args import MAX_GRAD_NORM, OPTIMIZER_CLASSES, kohya_optimizer_args
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import OptimizerSettings
 
@@ -156,10 +157,30 @@ def _flag(value: bool) -> str:
 
 
 def _optimizer(settings: OptimizerSettings) -> str:
-    """kohya's ss_optimizer: the optimizer and its arguments (`optimizer_args` as kohya joins them)."""
-    extra = {"relative_step": settings.adafactor_relative_step} if settings.optimizer == "Adafactor" else {}
+    """kohya's ss_optimizer: the optimizer's class as `module.Class` and its arguments (`optimizer_args` as kohya
+    joins them), e.g. `torch.optim.adamw.AdamW(weight_decay=0.01)`."""
+    extra = {"Adafactor": {"relative_step": settings.adafactor_relative_step},
+             "DAdaptAdamW": {"decouple": True}}.get(settings.optimizer, {})
     args = {**extra, "weight_decay": settings.weight_decay, **(settings.optimizer_args or {})}
-    return f"{settings.optimizer}({kohya_optimizer_args(args)})"
+    return f"{OPTIMIZER_CLASSES[settings.optimizer]}({kohya_optimizer_args(args)})"
+
+
+def session_id(mlflow_run_id: str, training_started_at: float, output_name: str) -> int:
+    """kohya's ss_session_id, an integer in [0, 2**32) naming the run an epoch file came from: kohya draws it at
+    random per start; here it is derived from the run, so a resumed run keeps it and its files stay reproducible."""
+    return int(sha256_bytes(f"{mlflow_run_id}|{training_started_at}|{output_name}".encode())[:8], 16)
+
+
+# kohya's train_network.py keys for options this pipeline does not have: the value kohya writes when the option is
+# not given (str() of the argparse default)
+NOT_APPLICABLE = {
+    "ss_network_dropout": None, "ss_clip_skip": None, "ss_max_token_length": None, "ss_lowram": False,
+    "ss_adaptive_noise_scale": None, "ss_training_comment": None, "ss_face_crop_aug_range": None,
+    "ss_scale_weight_norms": None, "ss_noise_offset_random_strength": False,
+    "ss_ip_noise_gamma_random_strength": False, "ss_fp8_base_unet": False, "ss_validation_seed": None,
+    "ss_max_validation_steps": None, "ss_validate_every_n_epochs": None, "ss_validate_every_n_steps": None,
+    "ss_resize_interpolation": None, "ss_color_aug": False, "ss_bucket_no_upscale": False,
+}
 
 
 def _sampling_keys(recipe: Recipe) -> dict[str, float]:
@@ -189,6 +210,9 @@ def build_metadata(
     flip_aug: bool | None = None,
     architecture: str | None = None,
     gradient_accumulation_steps: int | None = None,
+    training_finished_at: float | None = None,
+    num_validation_images: int = 0,
+    bucket_info: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Header metadata for one saved epoch: kohya ss_* keys, modelspec.* and lora_pipeline.* (all strings).
 
@@ -198,6 +222,9 @@ def build_metadata(
     `flip_aug`: whether the run mirrored images (the recipe's or the dataset spec's; default the recipe's).
     `gradient_accumulation_steps`: the accumulation the run had (default the recipe's; see
     `data.accumulation_in_effect`).
+    `training_finished_at`: the unix time the file is saved (kohya's ss_training_finished_at; default
+    `training_started_at`). `num_validation_images` (held out, with repeats) and `bucket_info`
+    (`TrainingData.bucket_info`) are kohya's ss_num_validation_images and ss_bucket_info.
     `architecture`: modelspec.architecture (default the family's; FLUX.1's names [dev] or [schnell]). A family
     trained on the rectified-flow objective also gets kohya's FLUX keys (ss_guidance_scale, ss_timestep_sampling,
     ...); `prediction_type` is then the objective's name.
@@ -207,7 +234,10 @@ def build_metadata(
     reso = recipe.resolution
     started = datetime.datetime.fromtimestamp(int(training_started_at), tz=datetime.UTC)
     ss = {
+        **NOT_APPLICABLE,
+        "ss_session_id": session_id(provenance.mlflow_run_id, training_started_at, output_name),
         "ss_training_started_at": training_started_at,
+        "ss_training_finished_at": training_started_at if training_finished_at is None else training_finished_at,
         "ss_output_name": output_name,
         "ss_learning_rate": recipe.learning_rate,
         "ss_unet_lr": recipe.learning_rate,
@@ -215,6 +245,8 @@ def build_metadata(
                                                                             recipe.learning_rate),
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
+        "ss_num_validation_images": num_validation_images,
+        "ss_validation_split": recipe.validation_split,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": recipe.epochs,
         "ss_epoch": epoch,
@@ -229,6 +261,9 @@ def build_metadata(
         "ss_network_alpha": float(recipe.network_alpha),
         "ss_network_train_unet_only": _flag(recipe.network_train_unet_only),
         "ss_mixed_precision": recipe.mixed_precision,
+        "ss_fp8_base": _flag(recipe.fp8_base),
+        "ss_max_grad_norm": MAX_GRAD_NORM,
+        "ss_sd_scripts_commit_hash": provenance.code_commit,  # this pipeline's commit (there is no sd-scripts)
         "ss_full_fp16": _flag(False),
         "ss_v2": _flag(False),
         "ss_base_model_version": family.kohya_base_model_version,
@@ -265,6 +300,7 @@ def build_metadata(
         "ss_dataset_dirs": json.dumps(dataset_dirs, sort_keys=True),
         "ss_reg_dataset_dirs": json.dumps(reg_dataset_dirs or {}, sort_keys=True),
         "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True, ensure_ascii=False),
+        "ss_bucket_info": json.dumps(bucket_info),
     }
     if family.objective == RECTIFIED_FLOW:
         flow = recipe.flow
@@ -276,7 +312,8 @@ def build_metadata(
     if network_args(recipe.network):
         ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.implementation_version": f"lora-pipeline/{provenance.code_commit}",  # kohya: sd-scripts/<commit>
         "modelspec.architecture": architecture or family.modelspec_architecture,
         "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": f"{output_name}-e{epoch:03d}",

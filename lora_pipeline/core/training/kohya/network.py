@@ -14,9 +14,13 @@ U-Net paths are the diffusers ones; SDXL U-Net paths are Stability's sgm names (
 `…_skip_connection` conv_shortcut, `input_blocks_3_0_op` a downsampler, `output_blocks_2_2_conv` an upsampler) as
 kohya's SDXL U-Net names them.
 
-DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module,
-shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with wd_on_out; diffusers reads it into peft's
-magnitude vector, ComfyUI recognises the output axis by that shape.
+DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module: peft's
+magnitude m, shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with `wd_on_output` (its default), so that
+LyCORIS (kohya's `--network_module lycoris.kohya`) rebuilds the trained weight m * (W + dW) / ||W + dW|| exactly.
+The other loaders do not (README, "Where the files load"; measured in test_dora): diffusers' `load_lora_weights`
+drops dora_scale with a warning and kohya's networks.lora ignores it (both: the plain LoRA), ComfyUI normalises by
+||W|| instead of ||W + dW||, and A1111 normalises per input column. The evaluation puts dora_scale back itself
+(core/models/dora.py).
 
 `network_algo: loha | lokr` trains peft's LoHa / LoKr adapters on the same modules instead, written with
 LyCORIS' keys (`.hada_w1_a`…, `.lokr_w1`…; core/models/lycoris.py).
@@ -32,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_pipeline.core.models import lycoris
+from lora_pipeline.core.models.dora import adapter_modules
 from lora_pipeline.core.models.families import model_family
-from lora_pipeline.core.models.kohya_names import TEXT_MODEL
+from lora_pipeline.core.models.kohya_names import text_key_prefixes
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
@@ -132,15 +137,6 @@ def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tens
     return out
 
 
-def adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
-    """(module path, peft LoRA layer) of every module of `model` that carries `adapter`."""
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, module) for name, module in model.named_modules()
-            if (isinstance(module, LoraLayer) and adapter in module.lora_A)
-            or (lycoris.is_lycoris_layer(module) and adapter in module.r)]
-
-
 def _alpha(module: Any, adapter: str) -> float:
     return float((module.alpha if lycoris.is_lycoris_layer(module) else module.lora_alpha)[adapter])
 
@@ -169,13 +165,10 @@ def text_encoder_modules(family: str, text_encoders: Sequence[Any], adapter_name
     """{kohya module key: peft LoRA layer} of the text encoders' adapters (an encoder without one, FLUX.1's T5
     without train_t5xxl, has none)."""
     architecture = model_family(family)
-    found: dict[str, Any] = {}
-    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders, strict=False):
-        # kohya's CLIP names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
-        level = "" if hasattr(encoder, "text_model") or prefix == architecture.t5_prefix else TEXT_MODEL
-        found.update({prefix + level + name.replace(".", "_"): module
-                      for name, module in adapter_modules(encoder, adapter_name)})
-    return found
+    return {prefix + name.replace(".", "_"): module
+            for prefix, encoder in text_key_prefixes(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders,
+                                                     architecture.t5_prefix)
+            for name, module in adapter_modules(encoder, adapter_name)}
 
 
 def lora_text_encoders(base: BaseModel, train_t5xxl: bool = False) -> list[Any]:
@@ -239,5 +232,5 @@ def network_args(network: NetworkSettings) -> dict[str, str]:
     if network.conv_dim is not None:
         args.update(conv_dim=str(network.conv_dim), conv_alpha=str(network.conv_alpha_value))
     if network.use_dora:
-        args.update(algo="lora", dora_wd="True", wd_on_out="True")
+        args.update(algo="lora", dora_wd="True", wd_on_output="True")  # LyCORIS' create_network kwargs
     return args

@@ -35,7 +35,9 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         training_started_at=run.started_at,
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
-        gradient_accumulation_steps=run.accumulation,
+        gradient_accumulation_steps=run.accumulation, training_finished_at=run.clock(),
+        num_validation_images=len(run.data.validation) * run.data.repeats,
+        bucket_info=run.data.bucket_info(recipe.enable_bucket, recipe.buckets.resolutions()),
     ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):

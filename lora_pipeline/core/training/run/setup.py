@@ -66,6 +66,7 @@ class TrainingRun:
     times: StageTimes
     called_at: float  # perf_counter at train_lora's start
     start: StartLora | None = None  # from_lora: the LoRA the adapters start from (a resumed run: its state)
+    clock: Callable[[], float] = time.time  # unix time of a file's save (kohya's ss_training_finished_at)
     peak: PeakMemory = field(init=False)  # the GPU's peak memory: "caching" (up to training) and "training"
 
     def __post_init__(self) -> None:

@@ -79,11 +79,13 @@ def train_lora(
     log: Callable[[str], None] = print,
     device: str | None = None,
     started_at: float | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> TrainResult:
     """Train (or resume) a LoRA of `recipe` on dataset `version`; see the module docstring.
 
     `started_at` (unix time, default now) goes into every header as kohya's ss_training_started_at; a
-    resumed run keeps the one of the run it continues.
+    resumed run keeps the one of the run it continues. `clock` gives the unix time a file is saved at
+    (ss_training_finished_at); a fixed one makes runs byte-reproducible.
     """
     called_at = time.perf_counter()
     data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
@@ -112,7 +114,7 @@ def train_lora(
         state = resume_point(out_dir, version, recipe.name, key, log)
     run = TrainingRun(root, version, recipe, out_dir, data, base, derived, key, state,
                state.started_at if state else started_at if started_at is not None else time.time(),
-               target, precision, log, times, called_at, start)
+               target, precision, log, times, called_at, start, clock)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
     tags = {**dataset_tags(data.snapshot_dir), "dataset_version": version, "recipe": recipe.name,

@@ -38,6 +38,7 @@ from lora_pipeline.core.training.inputs.augment import View, step_views
 from lora_pipeline.core.training.inputs.caption_shuffle import step_captions
 from lora_pipeline.core.training.inputs.data import TrainImage
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, time_ids
+from lora_pipeline.core.training.optimizer_args import MAX_GRAD_NORM
 from lora_pipeline.core.training.progress import Progress
 from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
@@ -48,7 +49,6 @@ from lora_pipeline.core.training.step.noise import debiased_weight
 from lora_pipeline.core.training.step.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
 
-MAX_GRAD_NORM = 1.0  # kohya's --max_grad_norm default
 # Attention kernels the step may use: not cuDNN's, whose backward returns NaN for some shapes on Hopper GPUs
 # (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#160); flash attention is as fast at the U-Net's shapes.
 TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
