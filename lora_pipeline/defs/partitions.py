@@ -72,6 +72,21 @@ def unknown_keys(
     return [k for k in dict.fromkeys(keys) if k not in known]
 
 
+FEW_KEYS = 32  # up to this many keys are looked up one by one; more, against one listing of the partitions
+
+
+def unknown_keys_of(
+    instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]
+) -> list[str]:
+    """`unknown_keys`, at a cost proportional to the keys asked about while they are few (the sensors' ticks):
+    a lookup per key instead of reading every partition of a year's history."""
+    assert partitions.name is not None
+    keys = list(dict.fromkeys(keys))
+    if len(keys) > FEW_KEYS:
+        return unknown_keys(instance, partitions, keys)
+    return [k for k in keys if not instance.has_dynamic_partition(partitions.name, k)]
+
+
 def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:
     """Add the keys not yet known; return those that this call added.
 
