@@ -172,14 +172,12 @@ def build_history(root: DataRoot, inst: dg.DagsterInstance, batches: int, versio
             started = time.monotonic()
             new = [f"fam{family:03d}-b{gen * per_version + i:05d}" for i in range(per_version)]
             for i, batch in enumerate(new):
-                land_batch(root, batch, seed=hash((family, gen, i)) & 0xFFFF)
+                land_batch(root, batch, seed=hash((family, gen, i)) & 0xFFFF, images=2 if build else 1)
             history.batches += new
             history.timed("batches", started)
             started = time.monotonic()
             if build:
                 register_batches(inst, root, new)
-            else:
-                register(inst, source_batches, new)
             history.timed("register", started)
             blocked = (family * FAMILY_LENGTH + gen) % 20 == 7
             version = _next_spec(root, family, gen, new, families, blocked)
@@ -187,9 +185,10 @@ def build_history(root: DataRoot, inst: dg.DagsterInstance, batches: int, versio
             started = time.monotonic()
             if build:
                 build_version(inst, root, version)
-            else:
-                register(inst, dataset_versions, [version])
             history.timed("build", started)
+    if not build:  # the sensors' view only: the partitions, in one call each
+        register(inst, source_batches, history.batches)
+        register(inst, dataset_versions, history.versions)
     started = time.monotonic()
     keys = [training_key(v, r) for r in RECIPES for v in history.versions][:trainings]
     register(inst, training_runs, keys)

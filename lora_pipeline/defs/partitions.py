@@ -58,9 +58,11 @@ def asked_by_train_on(
     """The training keys `train_on` asks for that the instance does not know yet: each new version with every
     recipe that trains on its family, each new recipe with every known version of its families."""
     assert dataset_versions.name is not None
-    known = [v for v in instance.get_dynamic_partitions(dataset_versions.name) if v not in new_versions]
-    keys = train_on_keys(root, new_versions, root.recipe_names()) + train_on_keys(root, known, new_recipes)
-    return unknown_keys(instance, training_runs, keys)
+    keys = train_on_keys(root, new_versions, root.recipe_names()) if new_versions else []
+    if new_recipes:  # every known version: a new recipe is rare, and asks about the whole history once
+        known = [v for v in instance.get_dynamic_partitions(dataset_versions.name) if v not in new_versions]
+        keys += train_on_keys(root, known, new_recipes)
+    return unknown_keys_of(instance, training_runs, keys)
 
 
 def unknown_keys(
