@@ -6,7 +6,8 @@
 Builds the synthetic history (benchmarks/year_history.py: every record written by the product's own code, the
 slow parts skipped) under `--workdir` (reused when it already holds one of that size), on the embedded SQLite
 instance or on a database of the cluster profile's Postgres server ($LORA_PIPELINE_PG, default
-postgresql://postgres@127.0.0.1:5432; `year_bench_<pid>`, created here and dropped at the end). Then measures and
+postgresql://postgres@127.0.0.1:5432; `year_bench_<sizes>`, created here and dropped at the end unless
+`--keep`). Then measures and
 prints, in seconds: one tick of each sensor (first tick without a cursor, steady tick, the ticks after one new
 batch and one new spec), the automation condition evaluation, loading the definitions, the webserver's start and
 GraphQL queries (benchmarks/year_ui.py), `build` of one new version here and on an empty instance, `verify` of one
@@ -30,8 +31,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-
-PG_NAME = f"year_bench_{os.getpid()}"
 
 
 def _env(workdir: Path, pg_url: str | None) -> dict[str, str]:
@@ -186,26 +185,32 @@ def main() -> None:
     p.add_argument("--skip-ui", action="store_true")
     p.add_argument("--skip-cli", action="store_true")
     p.add_argument("--build-only", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep (and reuse) the Postgres database and its workdir")
     args = p.parse_args()
     sizes = [max(1, round(n * args.scale)) for n in (args.batches, args.versions, args.trainings)]
     workdir = Path(args.workdir) / f"{args.storage}-{'-'.join(map(str, sizes))}"
     pg_url = None
     if args.storage == "postgres":
         from lora_pipeline.core.settings import settings
-        from lora_pipeline.runs.postgres import create_database, drop_database, libpq_url
+        from lora_pipeline.runs.postgres import create_database, drop_database, libpq_url, sqlalchemy_url
 
         server = libpq_url(settings().pg)
-        drop_database(server, PG_NAME)
-        pg_url = create_database(server, PG_NAME)
-        shutil.rmtree(workdir, ignore_errors=True)  # its instance was a dropped database
+        name = f"year_bench_{'_'.join(map(str, sizes))}"
+        if (workdir / "history.json").is_file() and args.keep:  # the database a --keep run left
+            pg_url = sqlalchemy_url(f"{server}/{name}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)  # its instance was a dropped database
+            drop_database(server, name)
+            pg_url = create_database(server, name)
     env = _env(workdir, pg_url)
     os.environ.update(env)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         run(args, sizes, workdir, env, pg_url)
     finally:
-        if pg_url:
-            drop_database(server, PG_NAME)
+        if pg_url and not args.keep:
+            drop_database(server, name)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, sizes: list[int], workdir: Path, env: dict[str, str], pg_url: str | None) -> None:
