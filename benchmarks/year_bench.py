@@ -117,7 +117,7 @@ def measure_sensors(root, inst, out: dict[str, float]) -> None:
     out["dead_run_sensor: tick"], _ = tick("dead_run_sensor", None)
 
 
-def measure_automation(inst, out: dict[str, float]) -> None:
+def measure_automation(inst, out: dict[str, float], profile: bool = False) -> None:
     import dagster as dg
 
     from lora_pipeline.runs.instance import definitions
@@ -126,6 +126,13 @@ def measure_automation(inst, out: dict[str, float]) -> None:
         dg.evaluate_automation_conditions, defs=definitions(), instance=inst)
     out["automation: next evaluation (cursor)"], _ = _timed(
         dg.evaluate_automation_conditions, defs=definitions(), instance=inst, cursor=first.cursor)
+    if profile:  # where the time goes: Dagster's own evaluation, or this code location's conditions
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(dg.evaluate_automation_conditions, defs=definitions(), instance=inst, cursor=first.cursor)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)
 
 
 def measure_cli(env: dict[str, str], root, workdir: Path, history, out: dict[str, float]) -> None:
@@ -185,10 +192,15 @@ def main() -> None:
     p.add_argument("--skip-ui", action="store_true")
     p.add_argument("--skip-cli", action="store_true")
     p.add_argument("--build-only", action="store_true")
+    p.add_argument("--sources-only", action="store_true",
+                   help="the sensors' view only (sources, specs, recipes, partitions; nothing built): sensor ticks and "
+                        "the automation evaluation at a size whose builds would take too long")
+    p.add_argument("--profile", action="store_true", help="print the automation evaluation's profile")
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the Postgres database and its workdir")
     args = p.parse_args()
     sizes = [max(1, round(n * args.scale)) for n in (args.batches, args.versions, args.trainings)]
-    workdir = Path(args.workdir) / f"{args.storage}-{'-'.join(map(str, sizes))}"
+    kind = f"{args.storage}{'-sources' if args.sources_only else ''}"
+    workdir = Path(args.workdir) / f"{kind}-{'-'.join(map(str, sizes))}"
     pg_url = None
     if args.storage == "postgres":
         from lora_pipeline.core.settings import settings
@@ -226,7 +238,8 @@ def run(args: argparse.Namespace, sizes: list[int], workdir: Path, env: dict[str
     else:
         shutil.rmtree(workdir, ignore_errors=True)
         _home(workdir, pg_url)
-        history = build_history(root, instance(), *sizes, template=REPO_ROOT / "data/recipes/demo-tiny.yaml")
+        history = build_history(root, instance(), *sizes, template=REPO_ROOT / "data/recipes/demo-tiny.yaml",
+                                build=not args.sources_only)
         record.write_text(json.dumps(history.__dict__))
         print(f"built {workdir}: {sizes} in {history.seconds}")
     if args.build_only:
@@ -234,10 +247,10 @@ def run(args: argparse.Namespace, sizes: list[int], workdir: Path, env: dict[str
     inst = instance()
     out: dict[str, float] = {}
     measure_sensors(root, inst, out)
-    measure_automation(inst, out)
-    if not args.skip_cli:
+    measure_automation(inst, out, args.profile)
+    if not (args.skip_cli or args.sources_only):
         measure_cli(env, root, workdir, history, out)
-    if not args.skip_ui:
+    if not (args.skip_ui or args.sources_only):
         from benchmarks.year_ui import measure_ui
 
         keys = {"source_batch": history.batches[0], "dataset_snapshot": history.versions[0],
