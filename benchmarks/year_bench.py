@@ -102,6 +102,17 @@ def measure_sensors(root, inst, out: dict[str, float]) -> None:
             land_batch(root, "fam000-b99999", seed=99999)  # an auto-rebuild family: a new spec is written
             out[f"{name}: tick seeing a new batch (first look)"], looked = tick(name, steady.cursor)
             out[f"{name}: tick registering it (+ auto-rebuild spec)"], done = tick(name, looked.cursor)
+            _apply(inst, done)
+            land_batch(root, "fam000-b99998", seed=99998)  # the next one: the specs were read once already
+            _, looked = tick(name, done.cursor)
+            out[f"{name}: tick registering the next batch"], again = tick(name, looked.cursor)
+            for r in again.run_requests:
+                if r.job_name == "build_dataset_job":
+                    root.spec_file(r.partition_key).unlink()
+            shutil.rmtree(root.batch("fam000-b99998"))
+            for request in done.dynamic_partitions_requests or []:  # the history as it was, for the next run
+                for key in request.partition_keys:
+                    inst.delete_dynamic_partition(request.partitions_def_name, key)
             print(f"  new batch tick: {len(done.run_requests)} run requests")
             for r in done.run_requests:
                 if r.job_name == "build_dataset_job":
@@ -115,6 +126,9 @@ def measure_sensors(root, inst, out: dict[str, float]) -> None:
             print(f"  new spec tick: {[r.partition_key for r in done.run_requests]}")
             root.spec_file("newfam-v1").unlink()
     out["dead_run_sensor: tick"], _ = tick("dead_run_sensor", None)
+    # the automation as its sensor evaluates it in the code server (use_user_code_server): Dagster's own tick
+    out["training_automation_sensor: first tick (no cursor)"], first = tick("training_automation_sensor", None)
+    out["training_automation_sensor: next tick"], _ = tick("training_automation_sensor", first.cursor)
 
 
 def measure_automation(inst, out: dict[str, float], profile: bool = False) -> None:
@@ -122,9 +136,9 @@ def measure_automation(inst, out: dict[str, float], profile: bool = False) -> No
 
     from lora_pipeline.runs.instance import definitions
 
-    out["automation: first evaluation (no cursor)"], first = _timed(
+    out["automation (evaluate_automation_conditions): first (no cursor)"], first = _timed(
         dg.evaluate_automation_conditions, defs=definitions(), instance=inst)
-    out["automation: next evaluation (cursor)"], _ = _timed(
+    out["automation (evaluate_automation_conditions): next (cursor)"], _ = _timed(
         dg.evaluate_automation_conditions, defs=definitions(), instance=inst, cursor=first.cursor)
     if profile:  # where the time goes: Dagster's own evaluation, or this code location's conditions
         import cProfile
