@@ -1,7 +1,8 @@
 """A year of handoffs (issue 26): sensors, pages and commands at 5,000 batches, 1,000 versions, 2,000 trainings.
 
     .venv/bin/python benchmarks/year_bench.py [--batches 5000 --versions 1000 --trainings 2000] [--scale 0.1]
-        [--workdir DIR] [--storage sqlite|postgres] [--skip-ui] [--skip-cli]
+        [--workdir DIR] [--storage sqlite|postgres [--keep]] [--skip-ui] [--skip-cli] [--build-only]
+        [--sources-only] [--profile]
 
 Builds the synthetic history (benchmarks/year_history.py: every record written by the product's own code, the
 slow parts skipped) under `--workdir` (reused when it already holds one of that size), on the embedded SQLite

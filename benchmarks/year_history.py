@@ -12,7 +12,9 @@ Every record is the product's: a batch is registered by the `source_batch` asset
 by the `dataset_snapshot`, `caption_set` and `dataset_report` asset functions (invoked directly, so the files are
 the ones a run writes; `verify` checks them), each result recorded in the instance as a materialization of its
 partition (a runless one: no Dagster run per partition, which is the slow part skipped). The dynamic partitions
-are registered as the sensors register them. Trainings: training partitions `<version>|style-a` (and `style-b`),
+are registered as the sensors register them. Trainings: training partitions `<version>|style-a`, then
+`<version>|style-b` (style-a's `train_on` names every family, style-b's half of them: its partitions on the other
+half are pairs asked for by hand, as `lora-pipeline train` or the Materialize dialog asks),
 each with two tiny kohya epoch files written by `save_lora` with `build_metadata`'s header, and its MLflow run
 (params, tags, losses) through `TrainingTracker`, as the trainer logs it. With `build=False` only the sources,
 specs, recipes and partitions are written (the sensors' view; the test uses it).
