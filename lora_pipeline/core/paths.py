@@ -120,10 +120,20 @@ class DataRoot:
     def evals(self, version: str, recipe: str) -> Path:
         return self.evals_root / require_name(version, "dataset version") / require_name(recipe, "recipe")
 
+    def ready_folder(self, entry: str) -> bool:
+        """Whether `sources/<entry>` is a folder (not a link) holding the `_READY` marker, whatever its name."""
+        p = self.sources / entry
+        return p.is_dir() and not p.is_symlink() and (p / READY_MARKER).is_file()
+
+    @staticmethod
+    def batch_named(entry: str) -> bool:
+        """Whether a ready folder's name makes it a batch: a valid name, not a copy still in transit."""
+        return is_name(entry) and not entry.lower().endswith(IN_TRANSIT_SUFFIXES)
+
     def _ready_batch_folders(self) -> list[Path]:
         if not self.sources.is_dir():
             return []
-        return [p for p in self.sources.iterdir() if p.is_dir() and not p.is_symlink() and (p / READY_MARKER).is_file()]
+        return [p for p in self.sources.iterdir() if self.ready_folder(p.name)]
 
     def _yaml_files(self, folder: Path) -> list[Path]:
         return list(folder.glob("*.yaml")) if folder.is_dir() else []
@@ -131,8 +141,7 @@ class DataRoot:
     def ready_batches(self) -> list[str]:
         """Batch ids whose folder holds the `_READY` marker, sorted; a name ending in an IN_TRANSIT_SUFFIXES
         suffix is a copy still on its way in, never a batch."""
-        return sorted(p.name for p in self._ready_batch_folders()
-                      if is_name(p.name) and not p.name.lower().endswith(IN_TRANSIT_SUFFIXES))
+        return sorted(p.name for p in self._ready_batch_folders() if self.batch_named(p.name))
 
     def spec_versions(self) -> list[str]:
         return sorted(p.stem for p in self._yaml_files(self.specs) if is_name(p.stem))

@@ -58,9 +58,11 @@ def asked_by_train_on(
     """The training keys `train_on` asks for that the instance does not know yet: each new version with every
     recipe that trains on its family, each new recipe with every known version of its families."""
     assert dataset_versions.name is not None
-    known = [v for v in instance.get_dynamic_partitions(dataset_versions.name) if v not in new_versions]
-    keys = train_on_keys(root, new_versions, root.recipe_names()) + train_on_keys(root, known, new_recipes)
-    return unknown_keys(instance, training_runs, keys)
+    keys = train_on_keys(root, new_versions, root.recipe_names()) if new_versions else []
+    if new_recipes:  # every known version: a new recipe is rare, and asks about the whole history once
+        known = [v for v in instance.get_dynamic_partitions(dataset_versions.name) if v not in new_versions]
+        keys += train_on_keys(root, known, new_recipes)
+    return unknown_keys_of(instance, training_runs, keys)
 
 
 def unknown_keys(
@@ -70,6 +72,21 @@ def unknown_keys(
     assert partitions.name is not None
     known = set(instance.get_dynamic_partitions(partitions.name))
     return [k for k in dict.fromkeys(keys) if k not in known]
+
+
+FEW_KEYS = 32  # up to this many keys are looked up one by one; more, against one listing of the partitions
+
+
+def unknown_keys_of(
+    instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]
+) -> list[str]:
+    """`unknown_keys`, at a cost proportional to the keys asked about while they are few (the sensors' ticks):
+    a lookup per key instead of reading every partition of a year's history."""
+    assert partitions.name is not None
+    keys = list(dict.fromkeys(keys))
+    if len(keys) > FEW_KEYS:
+        return unknown_keys(instance, partitions, keys)
+    return [k for k in keys if not instance.has_dynamic_partition(partitions.name, k)]
 
 
 def register(instance: dg.DagsterInstance, partitions: dg.DynamicPartitionsDefinition, keys: list[str]) -> list[str]:

@@ -37,6 +37,26 @@ class AutoRebuildTick:
     unreadable: list[UserError] = field(default_factory=list)
 
 
+_loaded: dict[Path, tuple[tuple[int, int, int], DatasetSpec | UserError]] = {}
+
+
+def _load_cached(path: Path) -> DatasetSpec:
+    """`load_spec`, remembered in this process while the file's inode, size and modification time stay the same
+    (the sensor's code server looks at every spec whenever a batch lands: a year holds a thousand of them)."""
+    st = path.stat()
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _loaded.get(path)
+    if cached is None or cached[0] != key:
+        try:
+            cached = (key, load_spec(path))
+        except UserError as exc:
+            cached = (key, exc)
+        _loaded[path] = cached
+    if isinstance(cached[1], UserError):
+        raise cached[1]
+    return cached[1]
+
+
 def latest_auto_rebuild_specs(root: DataRoot) -> tuple[list[DatasetSpec], list[UserError]]:
     """Per dataset family, the newest spec that asks for auto-rebuild with a glob batch source.
 
@@ -48,7 +68,7 @@ def latest_auto_rebuild_specs(root: DataRoot) -> tuple[list[DatasetSpec], list[U
     newest_unreadable: dict[str, int] = {}
     for version in root.spec_versions():
         try:
-            spec = load_spec(root.spec_file(version))
+            spec = _load_cached(root.spec_file(version))
         except UserError as exc:
             unreadable.append(exc)
             name = family(version)
