@@ -37,7 +37,8 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
     ) | run.rights_keys
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer):
-        tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
+        alpha = recipe.network_alpha if recipe.block_alphas is None else None  # block_alphas: each block's own
+        tensors = kohya_state_dict(unet, recipe.model_family, alpha, text_encoders=encoders)
     return save_lora(path, tensors, metadata)
 
 
