@@ -26,7 +26,7 @@ from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
-from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe, train
+from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe
 
 pytestmark = pytest.mark.xdist_group("network_args")
 
