@@ -171,11 +171,15 @@ def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
     hist = buckets["histogram"]
     peak = max((b["count"] for b in hist), default=0)
     bar_rows = [
-        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
+        [*([b["resolution"]] if "resolution" in b else []), f"{b['width']}x{b['height']}", b["count"],
+         "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
     ]
+    multi = buckets.get("resolutions")  # multi-resolution: each image once per side
+    side = f"resolutions {', '.join(map(str, multi))}" if multi else f"resolution {buckets['resolution']}"
+    head, align = (["side", "bucket", "images", ""], "rlrl") if multi else (["bucket", "images", ""], "lrl")
     return [
-        "", f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})", "",
-        whose, "", *(_table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]),
+        "", f"## Aspect-ratio buckets ({side}, step {buckets['bucket_reso_steps']})", "",
+        whose, "", *(_table(head, bar_rows, align) if hist else ["No decodable images."]),
     ]
 
 
