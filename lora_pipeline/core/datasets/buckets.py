@@ -3,7 +3,8 @@
 Mirrors kohya's `make_bucket_resolutions` and `BucketManager.select_bucket` (enable_bucket on,
 no_upscale off), so the histogram in the dataset report is the one the trainer will produce.
 With `resolutions` (multi-resolution training, as ai-toolkit's resolution list) every image has a bucket at each
-side, chosen among that side's buckets. `BucketSettings` holds a recipe's bucket options; its defaults are the recipe defaults (recipe_fields.py reads
+side, chosen among that side's buckets.
+`BucketSettings` holds a recipe's bucket options; its defaults are the recipe defaults (recipe_fields.py reads
 them from here), so the report of a version that no recipe trains on shows what a recipe would use.
 """
 
