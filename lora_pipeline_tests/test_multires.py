@@ -8,7 +8,7 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from lora_pipeline.core.datasets.buckets import BucketSettings, select_bucket
-from lora_pipeline.core.datasets.checks.report import _bucket_lines
+from lora_pipeline.core.datasets.checks.report import bucket_lines
 from lora_pipeline.core.datasets.checks.validation import bucket_summary
 from lora_pipeline.core.datasets.images import ImageInfo
 from lora_pipeline.core.training.inputs.data import load_training_data, steps_per_epoch
@@ -75,7 +75,7 @@ def test_the_report_histogram_counts_each_side():
     for side in (64, 128):
         for info in infos.values():
             assert (side, *select_bucket(info.width, info.height, multi.buckets(side))) in rows
-    lines = _bucket_lines(summary)
+    lines = bucket_lines(summary)
     assert "## Aspect-ratio buckets (resolutions 64, 128, step 16)" in lines
     assert "| side | bucket | images |  |" in lines and "| 128 | 128x128 | 1 | " in "\n".join(lines)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import load_base_model
-from lora_pipeline.core.training.kohya.blocks import block_index, block_lr_weights
+from lora_pipeline.core.training.blocks import block_index, block_lr_weights
 from lora_pipeline.core.training.kohya.dropout import ATTRIBUTE, reseed_dropout
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict

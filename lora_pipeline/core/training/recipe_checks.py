@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
-from lora_pipeline.core.training.kohya.blocks import BLOCK_LISTS, LAYOUTS, LR_WEIGHTS, block_problems
+from lora_pipeline.core.training.blocks import BLOCK_LISTS, LAYOUTS, LR_WEIGHTS, block_problems
 from lora_pipeline.core.training.optimizer_args import optimizer_args_problem
 from lora_pipeline.core.training.recipe_fields import RecipeFields
 from lora_pipeline.core.training.recipe_groups import NetworkSettings, OptimizerSettings, read_group
@@ -25,7 +25,7 @@ ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weight
 OBJECTIVE_ONLY = {
     DDPM: ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss", "conv_dim",
            "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep",
-           *BLOCK_LISTS, *LR_WEIGHTS, "block_lr_zero_threshold"),  # kohya's U-Net blocks (kohya/blocks.py)
+           *BLOCK_LISTS, *LR_WEIGHTS, "block_lr_zero_threshold"),  # kohya's U-Net blocks (training/blocks.py)
     RECTIFIED_FLOW: ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
                      "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "train_blocks",
                      "t5xxl_max_token_length", "flux_guidance_scale"),

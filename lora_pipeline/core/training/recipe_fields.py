@@ -27,7 +27,7 @@ from lora_pipeline.core.schema import (
     Text,
     non_empty,
 )
-from lora_pipeline.core.training.kohya.blocks import LR_PRESET_PATTERN
+from lora_pipeline.core.training.blocks import LR_PRESET_PATTERN
 from lora_pipeline.core.training.recipe_groups import (
     HuberSchedule,
     LossType,
@@ -54,7 +54,7 @@ TrainBlocks = Literal["all", "double", "single"]
 OptimizerArg = Bool | Int | Float | tuple[Float, ...]
 
 FamilyPattern = name_glob("family", first_named="dataset family")
-# kohya's block-wise network_args (kohya/blocks.py) and dropouts
+# kohya's block-wise network_args (training/blocks.py) and dropouts
 BlockInts = Annotated[tuple[Annotated[Int, Field(ge=0, le=1024)], ...], Field(max_length=25)]
 BlockFloats = Annotated[tuple[Annotated[Float, Field(gt=0.0, le=1024.0)], ...], Field(max_length=25)]
 LrWeight = Annotated[Float, Field(ge=0.0, le=100.0)]
@@ -345,7 +345,7 @@ class RecipeFields:
         "outputs are then encoded at every step (no text-output cache)", json_schema_extra=ADDED_LATER,
     )
     # kohya's network_args of networks/lora.py (issue 25): block-wise ranks, alphas and learning rates of the SD 1.x
-    # and SDXL U-Nets (25 / 23 kohya blocks; kohya/blocks.py) and the LoRA dropouts (kohya/dropout.py)
+    # and SDXL U-Nets (25 / 23 kohya blocks; training/blocks.py) and the LoRA dropouts (kohya/dropout.py)
     block_dims: BlockInts | None = Field(
         None, description="U-Net LoRA rank per kohya block, 0: none there (25 for SD 1.x: IN00-11, MID, OUT00-11; "
         "23 for SDXL: 0, IN00-08, MID00-02, OUT00-08, OUT; kohya's block_dims, a list here)",

@@ -58,7 +58,7 @@ class NetworkSettings:
     network_train_unet_only: bool
     train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
     train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
-    # kohya's block-wise network_args (kohya/blocks.py) and dropouts (kohya/dropout.py); None: off
+    # kohya's block-wise network_args (training/blocks.py) and dropouts (kohya/dropout.py); None: off
     block_dims: tuple[int, ...] | None = None
     block_alphas: tuple[float, ...] | None = None
     conv_block_dims: tuple[int, ...] | None = None

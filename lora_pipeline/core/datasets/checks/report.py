@@ -161,7 +161,7 @@ def _lint_lines(name: str, value: Any) -> list[str]:
     return ["", f"**{name}**: {value}"]
 
 
-def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
+def bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
     """A bucket summary (validation.bucket_summary) as a section: whose settings, then the histogram."""
     sides = (f"sides {buckets['min_bucket_reso']}-{buckets['max_bucket_reso']} px" if buckets["enable_bucket"]
              else "enable_bucket: false, every image square")
@@ -232,7 +232,7 @@ def render_markdown(report: Report, shown: int) -> str:
         out.append("None.")
 
     for buckets in [report.buckets, *report.other_buckets]:
-        out += _bucket_lines(buckets)
+        out += bucket_lines(buckets)
 
     tags: Counter[str] = Counter()
     for folder_tags in report.tag_frequency.values():

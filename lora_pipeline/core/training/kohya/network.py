@@ -15,7 +15,7 @@ U-Net paths are the diffusers ones; SDXL U-Net paths are Stability's sgm names (
 kohya's SDXL U-Net names them.
 
 Block-wise ranks, alphas and learning rates (kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas,
-down/mid/up_lr_weight) follow kohya/blocks.py; the dropouts (network_dropout, rank_dropout, module_dropout) are
+down/mid/up_lr_weight) follow training/blocks.py; the dropouts (network_dropout, rank_dropout, module_dropout) are
 hooks on the LoRA layers (kohya/dropout.py) and change nothing in the file.
 
 DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module,
@@ -35,7 +35,7 @@ import torch
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.kohya_names import TEXT_MODEL
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
-from lora_pipeline.core.training.kohya.blocks import (
+from lora_pipeline.core.training.blocks import (
     LAYOUTS,
     BlockRanks,
     block_index,
@@ -80,7 +80,7 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
                   blocks: tuple[str, BlockRanks] | None = None, locon: bool | None = None) -> None:
     """Wrap kohya's target modules (default: the U-Net's; a family's `lora_targets`) in a peft LoRA: down
     kaiming-uniform, up zero (as kohya), scale alpha/rank. `blocks`: (family, its block-wise ranks): every
-    module's rank and alpha from its kohya block, no LoRA where that rank is 0 (kohya/blocks.py); `locon`: the
+    module's rank and alpha from its kohya block, no LoRA where that rank is 0 (training/blocks.py); `locon`: the
     3x3 convolutions train too (default: when conv_dim is set)."""
     from peft import LoraConfig  # imported here: peft takes seconds to import, provenance never needs it
 
@@ -213,7 +213,7 @@ def unet_blocks(network: NetworkSettings, family: str) -> tuple[str, BlockRanks]
 
 
 def block_lr(network: NetworkSettings, family: str) -> list[float] | None:
-    """The learning-rate weight of each kohya block (kohya/blocks.py); None: no weights set."""
+    """The learning-rate weight of each kohya block (training/blocks.py); None: no weights set."""
     return block_lr_weights(family, network.down_lr_weight, network.mid_lr_weight, network.up_lr_weight,
                             network.block_lr_zero_threshold)
 

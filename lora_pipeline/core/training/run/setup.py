@@ -17,11 +17,11 @@ import torch
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
+from lora_pipeline.core.training.blocks import LAYOUTS
 from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_in_effect, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
-from lora_pipeline.core.training.kohya.blocks import LAYOUTS
 from lora_pipeline.core.training.kohya.network import add_network, block_lr, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
