@@ -22,9 +22,11 @@ from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
+from lora_pipeline.core.training.recipe_groups import FlowSettings
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
 from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe
 
@@ -169,6 +171,32 @@ def test_dropout_changes_the_training_loss_only_while_training(tiny_model):
     assert trained[0] == trained[1] and trained[2] != trained[0]  # the masks are drawn from (seed, step)
     plain_file = kohya_state_dict(unet, "sd15", 2.0)
     assert file.keys() == plain_file.keys() and all(file[k].shape == plain_file[k].shape for k in file)
+
+
+def test_flux_takes_the_dropouts_on_its_lora_layers(tiny_model):
+    """FLUX.1 (kohya's lora_flux.py has the same dropouts): the hooks sit on every LoRA layer, training only."""
+    base = load_base_model(tiny_model("tiny-flux").parent, "tiny-flux", "flux1")
+    recipe = tiny_recipe(base_model="tiny-flux", model_family="flux1", rank_dropout=0.5, module_dropout=0.3)
+    add_network(base, recipe.network, 0)
+    with torch.no_grad():
+        for _, layer in lora_layers(base.denoiser, "default"):
+            layer.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    assert len(getattr(base.denoiser, ATTRIBUTE).handles) == len(lora_layers(base.denoiser, "default"))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    text, pooled = torch.randn(2, 7, 32, generator=generator), torch.randn(2, 32, generator=generator)
+    flow = RectifiedFlow.of(FlowSettings(), base.denoiser, recipe.noise)
+    noise, sigmas = flow.draw(tuple(latents.shape), torch.Generator().manual_seed(1))
+
+    def loss() -> torch.Tensor:
+        reseed_dropout(base.denoiser, recipe.seed, 1)
+        return flow.loss(base.denoiser, latents, noise, sigmas, text, pooled).detach()
+
+    base.denoiser.train()
+    dropped = loss()
+    with torch.no_grad():
+        plain = loss()
+    assert torch.equal(dropped, loss()) and not torch.equal(dropped, plain)
 
 
 def test_the_options_keep_old_hashes_and_say_why_there_is_no_fast_path():

@@ -15,8 +15,9 @@
   with 1.0 as kohya's, weights at or below `block_lr_zero_threshold` become 0, and a block of weight 0 gets no
   LoRA at all (kohya's remove_block_dims_and_alphas).
 
-Departures: the lists are YAML lists, not kohya's comma-separated text, and a list longer than the family's blocks is
-refused (kohya cuts it with a warning).
+Departures: the lists are YAML lists, not kohya's comma-separated text; a list longer than the family's blocks is
+refused (kohya cuts it with a warning); `conv_block_dims` alone takes effect (kohya ignores it without block_dims
+or an lr weight), with every other module at network_dim.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ class BlockRanks:
 
 def block_ranks(family: str, network_dim: int, network_alpha: float, conv_dim: int | None, conv_alpha: float,
                 lists: dict[str, Sequence[float] | None], lr_weights: list[float] | None) -> BlockRanks | None:
-    """kohya's get_block_dims_and_alphas and remove_block_dims_and_alphas: None unless block_dims or a learning-rate
-    weight is set (then every module's rank comes from its block)."""
-    if lists.get("block_dims") is None and lr_weights is None:
+    """kohya's get_block_dims_and_alphas and remove_block_dims_and_alphas: None unless block_dims, conv_block_dims or
+    a learning-rate weight is set (then every module's rank comes from its block)."""
+    if lists.get("block_dims") is None and lists.get("conv_block_dims") is None and lr_weights is None:
         return None
     total = LAYOUTS[family].total
 
