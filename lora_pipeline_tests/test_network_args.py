@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
+from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.loading import load_base_model
-from lora_pipeline.core.training.blocks import block_index, block_lr_weights
+from lora_pipeline.core.training.blocks import block_lr_weights
 from lora_pipeline.core.training.kohya.dropout import ATTRIBUTE, reseed_dropout
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict
@@ -31,6 +32,10 @@ from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, dra
 from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe
 
 pytestmark = pytest.mark.xdist_group("network_args")
+
+SD15, SDXL = model_family("sd15"), model_family("sdxl")
+SD15_BLOCKS = SD15.kohya_blocks
+assert SD15_BLOCKS is not None and SD15_BLOCKS.total == 25 and SDXL.kohya_blocks and SDXL.kohya_blocks.total == 23
 
 SD_DIMS = [0, 2, 3, 0, 1, 2, 3, 4, 1, 2, 3, 4, 0, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1]  # 25: IN00-11, MID, OUT00-11
 SD_ALPHAS = [float(d or 1) / 2 for d in SD_DIMS]
@@ -73,17 +78,17 @@ def _ranks(tensors: dict[str, torch.Tensor], family: str) -> dict[str, tuple[int
 def test_block_dims_give_each_module_its_blocks_rank_in_the_written_file(blocks_run):
     tensors = load_file(blocks_run.epochs[-1]["file"])
     ranks = _ranks(tensors, "sd15")
-    weights = block_lr_weights("sd15", [0.5, 2.0], 3.0, "linear+0.1", 0.15)
+    weights = block_lr_weights(SD15_BLOCKS, [0.5, 2.0], 3.0, "linear+0.1", 0.15)
     assert weights[13] == 0.0 and weights[14] > 0  # OUT00's weight 0.1 is at the threshold: no LoRA there
     seen = set()
     for module, (rank, is_3x3, alpha) in ranks.items():
-        index = block_index(module, "sd15")
+        index = SD15.kohya_block_index(module)
         seen.add(index)
         want = (3, 1.0) if is_3x3 else (SD_DIMS[index], SD_ALPHAS[index])  # conv_block_alphas: conv_alpha's 1.0
         assert (rank, alpha) == want, module
         assert SD_DIMS[index] or is_3x3, module  # block_dims 0: only the 3x3 convolutions' LoRA in that block
     assert 13 not in seen  # OUT00: lr weight 0, not even its convolutions
-    assert {is_3x3 for module, (_, is_3x3, _) in ranks.items() if block_index(module, "sd15") == 12} == {True}
+    assert {is_3x3 for module, (_, is_3x3, _) in ranks.items() if SD15.kohya_block_index(module) == 12} == {True}
     assert {1, 2, 5, 11, 14, 24} <= seen
     assert any(is_3x3 for _, is_3x3, _ in ranks.values())  # conv_block_dims turned LoCon on
     assert tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape[0] == 2  # IN01
@@ -92,7 +97,7 @@ def test_block_dims_give_each_module_its_blocks_rank_in_the_written_file(blocks_
 
 def test_lr_weights_reach_the_optimizers_param_groups(blocks_run):
     groups = load_state(blocks_run.out_dir).optimizer["param_groups"]
-    weights = block_lr_weights("sd15", [0.5, 2.0], 3.0, "linear+0.1", 0.15)
+    weights = block_lr_weights(SD15_BLOCKS, [0.5, 2.0], 3.0, "linear+0.1", 0.15)
     by_name = {group["name"]: group["lr"] for group in groups}
     assert by_name["unet_block1"] == pytest.approx(2e-2)  # down_lr_weight[0] is IN00 (conv_in: no LoRA)
     assert by_name["unet_block2"] == pytest.approx(1e-2)  # a short list is filled with 1.0
@@ -122,9 +127,9 @@ def test_sdxl_block_dims_use_kohyas_23_blocks(tiny_model):
                          mid_lr_weight=[1.0, 0.0, 1.0], conv_dim=2)
     add_network(base, recipe.network, 0)
     ranks = _ranks(kohya_state_dict(base.denoiser, "sdxl", None), "sdxl")
-    indices = {block_index(module, "sdxl") for module in ranks}
+    indices = {SDXL.kohya_block_index(module) for module in ranks}
     for module, (rank, is_3x3, _) in ranks.items():
-        assert rank == (2 if is_3x3 else dims[block_index(module, "sdxl")]), module  # conv_dim: every block's
+        assert rank == (2 if is_3x3 else dims[SDXL.kohya_block_index(module)]), module  # conv_dim: every block's
     # MID01 (the middle transformer) has weight 0: neither its attention nor anything else has a LoRA
     assert 11 not in indices and {10, 12} <= indices and min(indices) >= 2 and max(indices) <= 21
     assert "lora_unet_input_blocks_4_1_proj_in" in ranks and ranks["lora_unet_input_blocks_4_1_proj_in"][0] == 2
@@ -213,7 +218,9 @@ def test_the_options_keep_old_hashes_and_say_why_there_is_no_fast_path():
 
 def test_the_recipe_refuses_what_cannot_train_in_one_line(tmp_path):
     flux = {"base_model": "tiny-flux", "model_family": "flux1"}
-    assert "block_dims is not an option of a FLUX.1 model" in _refusal(tmp_path, **flux, block_dims=[1] * 25)
+    assert "block_dims is not an option of a FLUX.1 model (model_family: flux1): it has no kohya U-Net blocks" in (
+        _refusal(tmp_path, **flux, block_dims=[1] * 25))
+    assert "rank_dropout" not in _refusal(tmp_path, **flux, rank_dropout=0.1, up_lr_weight="sine")
     assert "block_dims must have 25 values" in _refusal(tmp_path, optimizer="AdamW", block_dims=[1] * 23)
     sdxl = {"base_model": "tiny-sdxl", "model_family": "sdxl", "optimizer": "AdamW"}
     assert "block_dims must have 23 values" in _refusal(tmp_path, **sdxl, block_dims=[1] * 25)

@@ -4,8 +4,9 @@
 
 - The U-Net is cut into kohya's blocks: SD 1.x has 25 (IN00-IN11, MID, OUT00-OUT11; IN00 is conv_in, which has no
   LoRA), SDXL 23 (0 for the time/label embeddings, IN00-IN08 at 1-9, MID00-MID02 at 10-12, OUT00-OUT08 at 13-21,
-  22 for the output layers; 0 and 22 have no LoRA). `block_index` is kohya's `get_block_index` on kohya's module
-  name (`lora_unet_down_blocks_1_attentions_0_…` for SD 1.x, `lora_unet_input_blocks_4_1_…` for SDXL).
+  22 for the output layers; 0 and 22 have no LoRA): the family's `kohya_blocks`, and its `kohya_block_index` is
+  kohya's `get_block_index` on kohya's module name (`lora_unet_down_blocks_1_attentions_0_…` for SD 1.x,
+  `lora_unet_input_blocks_4_1_…` for SDXL). FLUX.1 has none, and refuses these fields.
 - `block_dims` / `block_alphas` give the rank / alpha of every Linear and 1x1 Conv2d LoRA of a block (0: no LoRA
   there); `conv_block_dims` / `conv_block_alphas` those of the 3x3 convolutions (LoCon), which they turn on as
   kohya's do. Unset lists take network_dim / network_alpha (conv_dim / conv_alpha) for every block.
@@ -23,50 +24,15 @@ or an lr weight), with every other module at network_dim.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lora_pipeline.core.models.families.base import KohyaBlocks
+
 BLOCK_LISTS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 LR_WEIGHTS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
-LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+BLOCK_FIELDS = (*BLOCK_LISTS, *LR_WEIGHTS, "block_lr_zero_threshold")  # refused by a family without kohya blocks
 LR_PRESET_PATTERN = r"^(cosine|sine|linear|reverse_linear|zeros)(\+[0-9]*\.?[0-9]+)?$"
-_RE_UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """A U-Net family's kohya blocks: `down` down (= up) blocks and `mid` middle blocks, `edges` extra blocks of
-    weight 1.0 at both ends (SDXL's embeddings and output layers)."""
-
-    down: int
-    mid: int
-    edges: bool
-
-    @property
-    def total(self) -> int:
-        return 2 * self.down + self.mid + (2 if self.edges else 0)
-
-
-LAYOUTS = {"sd15": BlockLayout(12, 1, False), "sdxl": BlockLayout(9, 3, True)}  # kohya's NUM_OF_BLOCKS and SDXL's
-
-
-def block_index(lora_name: str, family: str) -> int:
-    """kohya's get_block_index: the block of the U-Net module `lora_name` (`lora_unet_…`); -1: none."""
-    if family == "sdxl":
-        name = lora_name.removeprefix("lora_unet_")
-        parts = name.split("_")
-        starts = {"time_embed_": 0, "label_emb_": 0, "input_blocks_": 1, "middle_block_": 10, "output_blocks_": 13}
-        for start, first in starts.items():
-            if name.startswith(start):
-                return first if first == 0 else first + int(parts[2])
-        return 22 if name.startswith("out_") else -1
-    match = _RE_UPDOWN.search(lora_name)
-    if match:
-        side, i, kind, j = match.group(1), int(match.group(2)), match.group(3), int(match.group(4))
-        idx = 3 * i + 2 if kind in ("upsamplers", "downsamplers") else 3 * i + j
-        return 1 + idx if side == "down" else LAYOUTS["sd15"].down + 1 + idx
-    return LAYOUTS["sd15"].down if "mid_block_" in lora_name else -1
 
 
 def _preset(text: str, count: int) -> list[float]:
@@ -90,12 +56,11 @@ def _weights(given: str | float | Sequence[float] | None, count: int, threshold:
     return [w if w > threshold else 0.0 for w in values]
 
 
-def block_lr_weights(family: str, down: str | Sequence[float] | None, mid: float | Sequence[float] | None,
+def block_lr_weights(layout: KohyaBlocks, down: str | Sequence[float] | None, mid: float | Sequence[float] | None,
                      up: str | Sequence[float] | None, threshold: float = 0.0) -> list[float] | None:
     """kohya's get_block_lr_weight: the learning-rate weight of every block; None when no weight is set."""
     if down is None and mid is None and up is None:
         return None
-    layout = LAYOUTS[family]
     weights = (_weights(down, layout.down, threshold) + _weights(mid, layout.mid, threshold)
                + _weights(up, layout.down, threshold))
     return [1.0, *weights, 1.0] if layout.edges else weights
@@ -119,13 +84,13 @@ class BlockRanks:
         return self.dims[index], self.alphas[index]
 
 
-def block_ranks(family: str, network_dim: int, network_alpha: float, conv_dim: int | None, conv_alpha: float,
+def block_ranks(layout: KohyaBlocks, network_dim: int, network_alpha: float, conv_dim: int | None, conv_alpha: float,
                 lists: dict[str, Sequence[float] | None], lr_weights: list[float] | None) -> BlockRanks | None:
     """kohya's get_block_dims_and_alphas and remove_block_dims_and_alphas: None unless block_dims, conv_block_dims or
     a learning-rate weight is set (then every module's rank comes from its block)."""
     if lists.get("block_dims") is None and lists.get("conv_block_dims") is None and lr_weights is None:
         return None
-    total = LAYOUTS[family].total
+    total = layout.total
 
     def given(name: str, default: float | None) -> list[float] | None:
         value = lists.get(name)
@@ -144,10 +109,9 @@ def block_ranks(family: str, network_dim: int, network_alpha: float, conv_dim: i
     return BlockRanks(dims, alphas, None if conv_dims is None else [int(d) for d in conv_dims], conv_alphas)
 
 
-def block_problems(family: str, lists: dict[str, Sequence[float] | None],
+def block_problems(layout: KohyaBlocks, lists: dict[str, Sequence[float] | None],
                    lr_weights: dict[str, str | float | Sequence[float] | None]) -> list[str]:
-    """Lists of the wrong length for the family's blocks (the family must have kohya blocks)."""
-    layout = LAYOUTS[family]
+    """Lists of the wrong length for the family's blocks."""
     found = [f"{name} must have {layout.total} values for this model family (kohya's blocks), not {len(value)}"
              for name, value in lists.items() if value is not None and len(value) != layout.total]
     if lists.get("block_alphas") is not None and lists.get("block_dims") is None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
-from lora_pipeline.core.training.blocks import BLOCK_LISTS, LAYOUTS, LR_WEIGHTS, block_problems
+from lora_pipeline.core.training.blocks import BLOCK_FIELDS, block_problems
 from lora_pipeline.core.training.optimizer_args import optimizer_args_problem
 from lora_pipeline.core.training.recipe_fields import RecipeFields
 from lora_pipeline.core.training.recipe_groups import NetworkSettings, OptimizerSettings, read_group
@@ -24,8 +24,7 @@ ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weight
 # of the other objective they are refused. DoRA and ip_noise_gamma are not implemented for the flow step yet.
 OBJECTIVE_ONLY = {
     DDPM: ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss", "conv_dim",
-           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep",
-           *BLOCK_LISTS, *LR_WEIGHTS, "block_lr_zero_threshold"),  # kohya's U-Net blocks (training/blocks.py)
+           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep"),
     RECTIFIED_FLOW: ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
                      "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "train_blocks",
                      "t5xxl_max_token_length", "flux_guidance_scale"),
@@ -79,10 +78,15 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
 def _network_args_conflicts(recipe: RecipeFields) -> list[str]:
     """kohya's block-wise lists of the family's length; lr weights with an optimizer of one step size; dropouts
     without gradient checkpointing (its recomputed forward would draw other masks); resolutions of the family."""
-    network = read_group(NetworkSettings, recipe)
+    network, family = read_group(NetworkSettings, recipe), model_family(recipe.model_family)
+    infos = type(recipe).__pydantic_fields__
     found = []
-    if recipe.model_family in LAYOUTS:
-        found += block_problems(recipe.model_family, dict(network.block_lists), network.lr_weights)
+    if family.kohya_blocks is not None:
+        found += block_problems(family.kohya_blocks, dict(network.block_lists), network.lr_weights)
+    else:
+        found += [f"{name} is not an option of {family.label} model (model_family: {recipe.model_family}): it has "
+                  "no kohya U-Net blocks; leave it unset"
+                  for name in BLOCK_FIELDS if getattr(recipe, name) != infos[name].default][:1]
     lr_weights = [name for name, value in network.lr_weights.items() if value is not None]
     if lr_weights and recipe.optimizer in ADAPTIVE:
         found.append(f"{recipe.optimizer} adapts one step size for every LoRA weight; leave {lr_weights[0]} unset "

@@ -35,19 +35,13 @@ import torch
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.kohya_names import TEXT_MODEL
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
-from lora_pipeline.core.training.blocks import (
-    LAYOUTS,
-    BlockRanks,
-    block_index,
-    block_lr_weights,
-    block_network_args,
-    block_ranks,
-)
+from lora_pipeline.core.training.blocks import BlockRanks, block_lr_weights, block_network_args, block_ranks
 from lora_pipeline.core.training.kohya.dropout import DropoutSettings, add_dropout
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # loading imports diffusers; `lora-pipeline provenance` reads files without it
+    from lora_pipeline.core.models.families.base import ModelFamily
     from lora_pipeline.core.models.loading import BaseModel
 
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
@@ -77,7 +71,7 @@ def conv_targets(unet: Any) -> dict[str, bool]:
 def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "default", *, conv_dim: int | None = None,
                   conv_alpha: float = 1.0, use_dora: bool = False,
                   target_modules: Sequence[str] = tuple(KOHYA_UNET_TARGET_MODULES),
-                  blocks: tuple[str, BlockRanks] | None = None, locon: bool | None = None) -> None:
+                  blocks: tuple[ModelFamily, BlockRanks] | None = None, locon: bool | None = None) -> None:
     """Wrap kohya's target modules (default: the U-Net's; a family's `lora_targets`) in a peft LoRA: down
     kaiming-uniform, up zero (as kohya), scale alpha/rank. `blocks`: (family, its block-wise ranks): every
     module's rank and alpha from its kohya block, no LoRA where that rank is 0 (training/blocks.py); `locon`: the
@@ -108,11 +102,11 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
             module.cast_input_dtype_enabled = False
 
 
-def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family: str, ranks: BlockRanks
+def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family: ModelFamily, ranks: BlockRanks
                    ) -> tuple[list[str], dict[str, int], dict[str, float]]:
     """(the modules' full paths, their rank_pattern, their alpha_pattern) under block-wise ranks: kohya's
     create_modules with block_dims (a module of rank 0 gets no LoRA)."""
-    namer = model_family(family).kohya_module_namer(unet)
+    namer = family.kohya_module_namer(unet)
     chosen: list[str] = []
     rank_of: dict[str, int] = {}
     alpha_of: dict[str, float] = {}
@@ -121,7 +115,7 @@ def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family
             continue
         if name not in convs and not any(name == t or name.endswith("." + t) for t in targets):
             continue
-        index = block_index("lora_unet_" + namer(name).replace(".", "_"), family)
+        index = family.kohya_block_index("lora_unet_" + namer(name).replace(".", "_"))
         dim, alpha = ranks.of(index, _is_3x3(module))
         if dim:
             chosen.append(name)
@@ -205,17 +199,22 @@ def trainable(base: BaseModel) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def unet_blocks(network: NetworkSettings, family: str) -> tuple[str, BlockRanks] | None:
-    """(family, block-wise ranks) when the recipe sets block_dims or a learning-rate weight; else None."""
-    ranks = block_ranks(family, network.network_dim, network.network_alpha, network.conv_dim,
+def unet_blocks(network: NetworkSettings, family: ModelFamily) -> tuple[ModelFamily, BlockRanks] | None:
+    """(family, block-wise ranks) when the recipe sets block_dims, conv_block_dims or a learning-rate weight on a
+    family with kohya blocks; else None."""
+    if family.kohya_blocks is None:
+        return None
+    ranks = block_ranks(family.kohya_blocks, network.network_dim, network.network_alpha, network.conv_dim,
                         network.conv_alpha_value, dict(network.block_lists), block_lr(network, family))
     return None if ranks is None else (family, ranks)
 
 
-def block_lr(network: NetworkSettings, family: str) -> list[float] | None:
-    """The learning-rate weight of each kohya block (training/blocks.py); None: no weights set."""
-    return block_lr_weights(family, network.down_lr_weight, network.mid_lr_weight, network.up_lr_weight,
-                            network.block_lr_zero_threshold)
+def block_lr(network: NetworkSettings, family: ModelFamily) -> list[float] | None:
+    """The learning-rate weight of each kohya block (training/blocks.py); None: no weights set, or no blocks."""
+    if family.kohya_blocks is None:
+        return None
+    return block_lr_weights(family.kohya_blocks, network.down_lr_weight, network.mid_lr_weight,
+                            network.up_lr_weight, network.block_lr_zero_threshold)
 
 
 def add_network(base: BaseModel, network: NetworkSettings, seed: int,
@@ -224,13 +223,12 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
     optionally set to the weights of a resume state."""
     from diffusers.training_utils import cast_training_params
 
-    family = base.architecture.name
     with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
         torch.manual_seed(derive_seed(seed, Stream.INIT))
         add_unet_lora(base.denoiser, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
                       conv_alpha=network.conv_alpha_value, use_dora=network.use_dora,
                       target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks),
-                      blocks=unet_blocks(network, family) if family in LAYOUTS else None, locon=network.locon)
+                      blocks=unet_blocks(network, base.architecture), locon=network.locon)
         if not network.network_train_unet_only:
             for encoder in lora_text_encoders(base, network.train_t5xxl):
                 add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora)
@@ -261,11 +259,11 @@ def param_groups(base: BaseModel, text_encoder_lr: float | None, learning_rate: 
 
 
 def _block_groups(base: BaseModel, learning_rate: float, weights: list[float]) -> list[dict[str, Any]]:
-    family = base.architecture.name
-    namer = base.architecture.kohya_module_namer(base.denoiser)
+    family = base.architecture
+    namer = family.kohya_module_namer(base.denoiser)
     by_block: dict[int, list[torch.nn.Parameter]] = {}
     for name, module in _adapter_modules(base.denoiser, "default"):
-        index = block_index("lora_unet_" + namer(name).replace(".", "_"), family)
+        index = family.kohya_block_index("lora_unet_" + namer(name).replace(".", "_"))
         by_block.setdefault(index, []).extend(p for p in module.parameters() if p.requires_grad)
     return [{"params": params, "lr": learning_rate * weights[index], "name": f"unet_block{index}"}
             for index, params in sorted(by_block.items()) if params]

@@ -17,7 +17,6 @@ import torch
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.blocks import LAYOUTS
 from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_in_effect, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
@@ -148,8 +147,8 @@ def build_context(run: TrainingRun) -> StepContext:
                 encoder.to("cpu")
     run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
     params = list(trainable(base).values())
-    weights = block_lr(recipe.network, recipe.model_family) if recipe.model_family in LAYOUTS else None
-    groups = param_groups(base, recipe.text_encoder_lr, recipe.learning_rate, weights)
+    groups = param_groups(base, recipe.text_encoder_lr, recipe.learning_rate,
+                          block_lr(recipe.network, base.architecture))
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, groups, device)
     lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, run.total)
     accelerator = make_accelerator(device, run.precision)
