@@ -83,7 +83,7 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
     alphas: dict[str, float] = {}
     convs = conv_targets(unet) if (conv_dim is not None if locon is None else locon) else {}
     if blocks is not None:
-        targets, ranks, alphas = _block_targets(unet, targets, convs, *blocks)
+        targets, ranks, alphas = _block_targets(unet, targets, convs, *blocks, default=(rank, alpha))
     else:
         for name, is_3x3 in convs.items():
             targets.append(name)
@@ -102,10 +102,11 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
             module.cast_input_dtype_enabled = False
 
 
-def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family: ModelFamily, ranks: BlockRanks
-                   ) -> tuple[list[str], dict[str, int], dict[str, float]]:
+def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family: ModelFamily, ranks: BlockRanks,
+                   default: tuple[int, float]) -> tuple[list[str], dict[str, int], dict[str, float]]:
     """(the modules' full paths, their rank_pattern, their alpha_pattern) under block-wise ranks: kohya's
-    create_modules with block_dims (a module of rank 0 gets no LoRA)."""
+    create_modules with block_dims (a module of rank 0 gets no LoRA). Patterns only where a module's (rank, alpha)
+    is not `default` (peft matches every pattern against every module)."""
     namer = family.kohya_module_namer(unet)
     chosen: list[str] = []
     rank_of: dict[str, int] = {}
@@ -119,7 +120,8 @@ def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family
         dim, alpha = ranks.of(index, _is_3x3(module))
         if dim:
             chosen.append(name)
-            rank_of[re.escape(name)], alpha_of[re.escape(name)] = dim, alpha
+            if (dim, alpha) != default:
+                rank_of[re.escape(name)], alpha_of[re.escape(name)] = dim, alpha
     return chosen, rank_of, alpha_of
 
 
