@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
@@ -19,7 +20,7 @@ from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.training.blocks import block_lr_weights
 from lora_pipeline.core.training.kohya.dropout import ATTRIBUTE, reseed_dropout
-from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
+from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
@@ -30,6 +31,7 @@ from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
 from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe
+from lora_pipeline_tests.test_lora_file import unet_inputs, unet_out
 
 pytestmark = pytest.mark.xdist_group("network_args")
 
@@ -120,19 +122,45 @@ def test_the_network_args_are_in_the_header_and_mlflow(root, blocks_run):
     assert (params["network_dropout"], params["up_lr_weight"]) == ("0.1", "linear+0.1")
 
 
-def test_sdxl_block_dims_use_kohyas_23_blocks(tiny_model):
-    base = load_base_model(tiny_model("tiny-sdxl").parent, "tiny-sdxl", "sdxl")
+def test_sdxl_block_dims_use_kohyas_23_blocks_and_load_in_diffusers(tiny_model, tmp_path):
+    folder, recipe_alpha = tiny_model("tiny-sdxl"), tiny_recipe().network_alpha
+    base = load_base_model(folder.parent, "tiny-sdxl", "sdxl")
     dims = [(i % 4) + 1 for i in range(23)]
     recipe = tiny_recipe(base_model="tiny-sdxl", model_family="sdxl", block_dims=dims, optimizer="AdamW",
-                         mid_lr_weight=[1.0, 0.0, 1.0], conv_dim=2)
+                         block_alphas=[0.5 * d for d in dims], mid_lr_weight=[1.0, 0.0, 1.0], conv_dim=2,
+                         conv_alpha=recipe_alpha)
     add_network(base, recipe.network, 0)
-    ranks = _ranks(kohya_state_dict(base.denoiser, "sdxl", None), "sdxl")
+    unet = base.denoiser
+    tensors = kohya_state_dict(unet, "sdxl", None)
+    ranks = _ranks(tensors, "sdxl")
     indices = {SDXL.kohya_block_index(module) for module in ranks}
-    for module, (rank, is_3x3, _) in ranks.items():
-        assert rank == (2 if is_3x3 else dims[SDXL.kohya_block_index(module)]), module  # conv_dim: every block's
+    for module, (rank, is_3x3, alpha) in ranks.items():
+        index = SDXL.kohya_block_index(module)
+        assert (rank, alpha) == ((2, recipe_alpha) if is_3x3 else (dims[index], 0.5 * dims[index])), module
     # MID01 (the middle transformer) has weight 0: neither its attention nor anything else has a LoRA
     assert 11 not in indices and {10, 12} <= indices and min(indices) >= 2 and max(indices) <= 21
-    assert "lora_unet_input_blocks_4_1_proj_in" in ranks and ranks["lora_unet_input_blocks_4_1_proj_in"][0] == 2
+    assert ranks["lora_unet_input_blocks_4_1_proj_in"][0] == 2  # IN04 (index 5): dims[5] = 2
+    # block-wise ranks load exactly in diffusers' kohya loader (the evaluation grid's); its alphas per module do not:
+    # diffusers gives every module the most common alpha (evaluate refuses such files)
+    with torch.no_grad():
+        for _, layer in lora_layers(unet, "default"):
+            layer.lora_B["default"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(7))
+    unet.eval()
+    inputs = unet_inputs(unet)
+    assert _diffusers_error(folder, unet, inputs, tmp_path) > 1e-3
+    for _, layer in lora_layers(unet, "default"):  # the same ranks at network_alpha
+        layer.lora_alpha["default"] = recipe.network_alpha
+        layer.scaling["default"] = recipe.network_alpha / layer.r["default"]
+    assert _diffusers_error(folder, unet, inputs, tmp_path) < 1e-5
+
+
+def _diffusers_error(folder: Path, unet: torch.nn.Module, inputs: dict, tmp_path: Path) -> float:
+    """The largest difference of the U-Net's output with the file of its LoRA loaded by diffusers."""
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, kohya_state_dict(unet, "sdxl", None), {})
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.load_lora_weights(path)
+    return float((unet_out(pipe.unet, inputs) - unet_out(unet, inputs)).abs().max())
 
 
 def _batch(base) -> tuple[StepBatch, torch.Tensor]:
