@@ -1,7 +1,8 @@
 """Issue 25's network_args, kohya's names: block-wise ranks, alphas and learning rates (block_dims, block_alphas,
 conv_block_dims, down/mid/up_lr_weight) and the LoRA dropouts (network_dropout, rank_dropout, module_dropout).
 One shared two-epoch run on tiny-sd with all of them (the file's shapes, the optimizer's groups, the header and
-MLflow); tiny-sdxl's blocks without training; the dropouts against the plain LoRA on one batch; the refusals."""
+MLflow, a resume); tiny-sdxl's blocks without training (and in diffusers); the dropouts against the plain LoRA
+on one batch; tiny-flux's dropouts; the refusals."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
-from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe
+from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe, train
 from lora_pipeline_tests.test_lora_file import unet_inputs, unet_out
 
 pytestmark = pytest.mark.xdist_group("network_args")
@@ -122,6 +123,25 @@ def test_the_network_args_are_in_the_header_and_mlflow(root, blocks_run):
     assert (params["network_dropout"], params["up_lr_weight"]) == ("0.1", "linear+0.1")
 
 
+class Crash(Exception):
+    pass
+
+
+def test_a_run_with_blocks_and_dropouts_resumes_to_the_same_file(root, blocks_run):
+    """The per-block optimizer groups come back from the state, the dropout masks from (seed, step)."""
+    def crash(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Crash(line)
+
+    with pytest.raises(Crash):
+        train(root, BLOCKS, "blocks-resumed", log=crash)
+    resumed, _ = train(root, BLOCKS, "blocks-resumed")
+    assert resumed.resumed_from_epoch == 1 and resumed.loss_history == blocks_run.loss_history
+    a, b = load_file(blocks_run.epochs[-1]["file"]), load_file(resumed.epochs[-1]["file"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")  # diffusers' loader, below
 def test_sdxl_block_dims_use_kohyas_23_blocks_and_load_in_diffusers(tiny_model, tmp_path):
     folder, recipe_alpha = tiny_model("tiny-sdxl"), tiny_recipe().network_alpha
     base = load_base_model(folder.parent, "tiny-sdxl", "sdxl")
