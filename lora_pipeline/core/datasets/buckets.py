@@ -2,6 +2,8 @@
 
 Mirrors kohya's `make_bucket_resolutions` and `BucketManager.select_bucket` (enable_bucket on,
 no_upscale off), so the histogram in the dataset report is the one the trainer will produce.
+With `resolutions` (multi-resolution training, as ai-toolkit's resolution list) every image has a bucket at each
+side, chosen among that side's buckets.
 `BucketSettings` holds a recipe's bucket options; its defaults are the recipe defaults (recipe_fields.py reads
 them from here), so the report of a version that no recipe trains on shows what a recipe would use.
 """
@@ -21,13 +23,20 @@ class BucketSettings:
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
+    resolutions: tuple[int, ...] = ()  # multi-resolution training: every image at each of these sides (empty: one)
 
-    def resolutions(self) -> list[tuple[int, int]]:
-        """Every bucket an image may land in: kohya's buckets, or the one square without enable_bucket."""
+    @property
+    def sides(self) -> tuple[int, ...]:
+        """The square sides an epoch trains every image at: `resolutions`, or `resolution` alone."""
+        return tuple(self.resolutions) or (self.resolution,)
+
+    def buckets(self, side: int | None = None) -> list[tuple[int, int]]:
+        """Every bucket an image may land in at `side` (default: `resolution`): kohya's buckets, or the one square
+        without enable_bucket."""
+        side = self.resolution if side is None else side
         if not self.enable_bucket:
-            return [(self.resolution, self.resolution)]
-        return bucket_resolutions(self.resolution, self.min_bucket_reso, self.max_bucket_reso,
-                                  self.bucket_reso_steps)
+            return [(side, side)]
+        return bucket_resolutions(side, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps)
 
 
 DEFAULT_BUCKETS = BucketSettings()

@@ -112,6 +112,10 @@ def _check_headers(headers: Mapping[int, Mapping[str, str]], files: Mapping[int,
         if trained_on is not None and trained_on != recipe.base_model:
             raise UserError(f"trained on base model '{trained_on}' but recipe {recipe.name} now says "
                             f"'{recipe.base_model}'; retrain", files[epoch])
+        if "block_alphas" in header.get("ss_network_args", ""):  # block_alphas or conv_block_alphas
+            raise UserError("a LoRA with per-block alphas: diffusers' load_lora_weights gives every module the most "
+                            "common alpha (its alpha_pattern keys miss the modules), so a grid would not show it (the "
+                            "samples rendered while training do)", files[epoch])
     if len(runs) > 1:
         raise UserError(f"epoch files come from {len(runs)} different training runs; retrain", files[min(files)])
     return runs.pop()

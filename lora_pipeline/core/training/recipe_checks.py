@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.families.base import DDPM, RECTIFIED_FLOW
+from lora_pipeline.core.training.blocks import BLOCK_FIELDS, block_problems
 from lora_pipeline.core.training.optimizer_args import optimizer_args_problem
 from lora_pipeline.core.training.recipe_fields import RecipeFields
-from lora_pipeline.core.training.recipe_groups import OptimizerSettings, read_group
+from lora_pipeline.core.training.recipe_groups import NetworkSettings, OptimizerSettings, read_group
 
 if TYPE_CHECKING:  # reading a recipe must not import torch
     import torch
@@ -70,13 +71,38 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
         found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
     if recipe.zero_terminal_snr and not recipe.v_parameterization:
         found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
-    found += _t5_conflicts(recipe) + _ema_conflicts(recipe)
+    found += _t5_conflicts(recipe) + _ema_conflicts(recipe) + _network_args_conflicts(recipe)
     if recipe.cache_text_encoder_outputs_to_disk and (changing := _changing_captions(recipe)):
         found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
                      f"encoders (as kohya's): not {', '.join(changing)}")
     if recipe.sample_every_n_epochs is not None and not recipe.sample_prompts:
         found.append("sample_every_n_epochs needs sample_prompts")
     return found + _family_conflicts(recipe)
+
+
+def _network_args_conflicts(recipe: RecipeFields) -> list[str]:
+    """kohya's block-wise lists of the family's length; lr weights with an optimizer of one step size; dropouts
+    without gradient checkpointing (its recomputed forward would draw other masks); resolutions of the family."""
+    network, family = read_group(NetworkSettings, recipe), model_family(recipe.model_family)
+    infos = type(recipe).__pydantic_fields__
+    found = []
+    if family.kohya_blocks is not None:
+        found += block_problems(family.kohya_blocks, dict(network.block_lists), network.lr_weights)
+    else:
+        found += [f"{name} is not an option of {family.label} model (model_family: {recipe.model_family}): it has "
+                  "no kohya U-Net blocks; leave it unset"
+                  for name in BLOCK_FIELDS if getattr(recipe, name) != infos[name].default][:1]
+    lr_weights = [name for name, value in network.lr_weights.items() if value is not None]
+    if lr_weights and recipe.optimizer in ADAPTIVE:
+        found.append(f"{recipe.optimizer} adapts one step size for every LoRA weight; leave {lr_weights[0]} unset "
+                     "or use AdamW")
+    dropouts = [name for name in ("network_dropout", "rank_dropout", "module_dropout") if getattr(recipe, name)]
+    if dropouts and recipe.gradient_checkpointing:
+        found.append(f"{dropouts[0]} cannot be used with gradient_checkpointing yet (the recomputed forward would "
+                     "draw other dropout masks)")
+    if len(set(recipe.resolutions)) != len(recipe.resolutions):
+        found.append("resolutions must not repeat a side")
+    return found
 
 
 def _timestep_problem(recipe: RecipeFields) -> str | None:
@@ -163,7 +189,8 @@ def _family_conflicts(recipe: RecipeFields) -> list[str]:
                      "(kohya's FLUX.1 trainer fails on it too); use huber_schedule: exponential or constant")
     if recipe.blocks_to_swap > family.max_blocks_to_swap:
         found.append(f"blocks_to_swap must be at most {family.max_blocks_to_swap} for {family.label} model")
-    steps = {"resolution": recipe.resolution, "bucket_reso_steps": recipe.bucket_reso_steps}
+    steps = {"resolution": recipe.resolution, "bucket_reso_steps": recipe.bucket_reso_steps,
+             **{f"resolutions[{i}]": side for i, side in enumerate(recipe.resolutions)}}
     found += [f"{name} must be a multiple of {family.pixel_multiple} for {family.label} model"
               for name, value in steps.items() if value % family.pixel_multiple]
     return found
@@ -194,6 +221,12 @@ def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None,
                      "LoHa/LoKr yet)")
     if not recipe.network_train_unet_only:  # issue 12's options the captured step does not carry
         found.append("the text encoders train outside the captured U-Net step (network_train_unet_only: false)")
+    if any(value is not None for value in read_group(NetworkSettings, recipe).lr_weights.values()):
+        found.append("down/mid/up_lr_weight give the U-Net's blocks their own learning rates (the captured step "
+                     "fills one)")
+    if recipe.network_dropout or recipe.rank_dropout or recipe.module_dropout:
+        found.append("the LoRA dropouts draw their masks inside the step from a generator reseeded on the host each "
+                     "step, which a captured graph would replay unchanged")
     if processes > 1:
         found.append(f"{processes} processes train together (DDP: a captured CUDA graph holds one process's step, "
                      "not the gradient all-reduce)")

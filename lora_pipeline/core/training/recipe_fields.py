@@ -27,6 +27,7 @@ from lora_pipeline.core.schema import (
     Text,
     non_empty,
 )
+from lora_pipeline.core.training.blocks import LR_PRESET_PATTERN
 from lora_pipeline.core.training.recipe_groups import (
     HuberSchedule,
     LossType,
@@ -54,6 +55,13 @@ TrainBlocks = Literal["all", "double", "single"]
 OptimizerArg = Bool | Int | Float | tuple[Float, ...]
 
 FamilyPattern = name_glob("family", first_named="dataset family")
+# kohya's block-wise network_args (training/blocks.py) and dropouts
+BlockInts = Annotated[tuple[Annotated[Int, Field(ge=0, le=1024)], ...], Field(max_length=25)]
+BlockFloats = Annotated[tuple[Annotated[Float, Field(gt=0.0, le=1024.0)], ...], Field(max_length=25)]
+LrWeight = Annotated[Float, Field(ge=0.0, le=100.0)]
+LrWeights = Annotated[tuple[LrWeight, ...], Field(min_length=1, max_length=12)]
+LrPreset = Annotated[Text, Field(pattern=LR_PRESET_PATTERN)]
+Dropout = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -71,6 +79,11 @@ class RecipeFields:
     resolution: Int = Field(
         DEFAULT_BUCKETS.resolution, ge=64, le=MAX_RESOLUTION, multiple_of=8,
         description="training side in px; buckets keep the area at most resolution²",
+    )
+    resolutions: tuple[Annotated[Int, Field(ge=64, le=MAX_RESOLUTION, multiple_of=8)], ...] = Field(
+        (), max_length=8, description="multi-resolution training (ai-toolkit's resolution list): each image is "
+        "trained at every one of these sides each epoch, bucketed per side, its latents cached per side (empty: "
+        "`resolution` only; `resolution` stays the side of the evaluation images)", json_schema_extra=ADDED_LATER,
     )
     enable_bucket: Bool = Field(
         DEFAULT_BUCKETS.enable_bucket, description="kohya aspect-ratio buckets (false: every image is square)"
@@ -236,7 +249,8 @@ class RecipeFields:
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
     fast_path: Bool | None = Field(
         None, description="replay each training step as a CUDA graph, one per batch shape. Unset: on when training on "
-        "one CUDA GPU and the recipe allows it (DAdaptAdamW or AdamW, no text-encoder LoRA, no blocks_to_swap), "
+        "one CUDA GPU and the recipe allows it (DAdaptAdamW or AdamW, no text-encoder LoRA, no blocks_to_swap, no "
+        "lr weights or LoRA dropout), "
         "else the eager step (the log says why); true: required; false: never",
         json_schema_extra=ADDED_LATER,
     )
@@ -380,6 +394,43 @@ class RecipeFields:
         "sha256 go into the header (ss_network_weights) and provenance traces its chain",
         json_schema_extra=ADDED_LATER,
     )
+    # kohya's network_args of networks/lora.py (issue 25): block-wise ranks, alphas and learning rates of the SD 1.x
+    # and SDXL U-Nets (25 / 23 kohya blocks; training/blocks.py) and the LoRA dropouts (kohya/dropout.py)
+    block_dims: BlockInts | None = Field(
+        None, description="U-Net LoRA rank per kohya block, 0: none there (25 for SD 1.x: IN00-11, MID, OUT00-11; "
+        "23 for SDXL: 0, IN00-08, MID00-02, OUT00-08, OUT; kohya's block_dims, a list here)",
+        json_schema_extra=ADDED_LATER)
+    block_alphas: BlockFloats | None = Field(
+        None, description="alpha per block of block_dims (kohya's block_alphas; null: network_alpha)",
+        json_schema_extra=ADDED_LATER)
+    conv_block_dims: BlockInts | None = Field(
+        None, description="LoCon: rank of the 3x3 convolutions per block, which it turns on (kohya's "
+        "conv_block_dims; null: conv_dim)", json_schema_extra=ADDED_LATER)
+    conv_block_alphas: BlockFloats | None = Field(
+        None, description="alpha per block of conv_block_dims (kohya's conv_block_alphas; null: conv_alpha)",
+        json_schema_extra=ADDED_LATER)
+    down_lr_weight: LrWeights | LrPreset | None = Field(
+        None, description="learning-rate weight of each down block, shallow to deep (12 for SD 1.x, 9 for SDXL; "
+        "fewer: the rest 1.0), or a preset cosine/sine/linear/reverse_linear/zeros with an optional +<base> "
+        "(kohya's down_lr_weight)", json_schema_extra=ADDED_LATER)
+    mid_lr_weight: LrWeight | LrWeights | None = Field(
+        None, description="learning-rate weight of the middle block(s) (1 for SD 1.x, 3 for SDXL; kohya's "
+        "mid_lr_weight)", json_schema_extra=ADDED_LATER)
+    up_lr_weight: LrWeights | LrPreset | None = Field(
+        None, description="as down_lr_weight for the up blocks, deep to shallow (kohya's up_lr_weight)",
+        json_schema_extra=ADDED_LATER)
+    block_lr_zero_threshold: Float = Field(
+        0.0, ge=0.0, le=10.0, description="lr weights at or below this are 0, and a block of weight 0 gets no LoRA "
+        "(kohya's block_lr_zero_threshold)", json_schema_extra=ADDED_LATER)
+    network_dropout: Dropout | None = Field(
+        None, description="neuron dropout on each LoRA down projection's output while training (kohya's "
+        "--network_dropout; null: off)", json_schema_extra=ADDED_LATER)
+    rank_dropout: Dropout | None = Field(
+        None, description="chance that each rank of a LoRA is dropped per image while training, the rest scaled up "
+        "(kohya's network_args rank_dropout; null: off)", json_schema_extra=ADDED_LATER)
+    module_dropout: Dropout | None = Field(
+        None, description="chance that a module's whole LoRA is left out of a forward while training (kohya's "
+        "network_args module_dropout; null: off)", json_schema_extra=ADDED_LATER)
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "
         "evaluated automatically once their blocking checks pass (`make ui`); empty: only when asked",

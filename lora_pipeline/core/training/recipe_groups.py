@@ -62,11 +62,40 @@ class NetworkSettings:
     train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
     network_algo: NetworkAlgo = "lora"  # LyCORIS' loha / lokr instead of the LoRA (core/models/lycoris.py)
     lokr_factor: int = -1  # LoKr's Kronecker factor (LyCORIS' factor)
+    # kohya's block-wise network_args (training/blocks.py) and dropouts (kohya/dropout.py); None: off
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    down_lr_weight: str | tuple[float, ...] | None = None
+    mid_lr_weight: float | tuple[float, ...] | None = None
+    up_lr_weight: str | tuple[float, ...] | None = None
+    block_lr_zero_threshold: float = 0.0
+    network_dropout: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
 
     @property
     def conv_alpha_value(self) -> float:
         """kohya's conv_alpha default: 1.0 when conv_dim is set without it."""
         return 1.0 if self.conv_alpha is None else self.conv_alpha
+
+    @property
+    def block_lists(self) -> dict[str, tuple[float, ...] | None]:
+        """block_dims, block_alphas, conv_block_dims, conv_block_alphas by name."""
+        return {"block_dims": self.block_dims, "block_alphas": self.block_alphas,
+                "conv_block_dims": self.conv_block_dims, "conv_block_alphas": self.conv_block_alphas}
+
+    @property
+    def lr_weights(self) -> dict[str, str | float | tuple[float, ...] | None]:
+        """down_lr_weight, mid_lr_weight, up_lr_weight by name."""
+        return {"down_lr_weight": self.down_lr_weight, "mid_lr_weight": self.mid_lr_weight,
+                "up_lr_weight": self.up_lr_weight}
+
+    @property
+    def locon(self) -> bool:
+        """The 3x3 convolutions train too: conv_dim, or conv_block_dims (as kohya's)."""
+        return self.conv_dim is not None or self.conv_block_dims is not None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ class Stream(IntEnum):
     LATENTS = 4  # VAE posterior samples
     INIT = 5  # LoRA down-projection initialisation
     AUGMENT = 6  # flips and random crops of one step
+    DROPOUT = 7  # the LoRA's network, rank and module dropout masks of one step (kohya/dropout.py)
 
 
 def derive_seed(seed: int, stream: Stream, *parts: int) -> int:

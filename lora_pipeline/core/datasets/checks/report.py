@@ -161,7 +161,7 @@ def _lint_lines(name: str, value: Any) -> list[str]:
     return ["", f"**{name}**: {value}"]
 
 
-def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
+def bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
     """A bucket summary (validation.bucket_summary) as a section: whose settings, then the histogram."""
     sides = (f"sides {buckets['min_bucket_reso']}-{buckets['max_bucket_reso']} px" if buckets["enable_bucket"]
              else "enable_bucket: false, every image square")
@@ -171,11 +171,15 @@ def _bucket_lines(buckets: Mapping[str, Any]) -> list[str]:
     hist = buckets["histogram"]
     peak = max((b["count"] for b in hist), default=0)
     bar_rows = [
-        [f"{b['width']}x{b['height']}", b["count"], "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
+        [*([b["resolution"]] if "resolution" in b else []), f"{b['width']}x{b['height']}", b["count"],
+         "#" * max(1, round(BAR_WIDTH * b["count"] / peak))] for b in hist
     ]
+    multi = buckets.get("resolutions")  # multi-resolution: each image once per side
+    side = f"resolutions {', '.join(map(str, multi))}" if multi else f"resolution {buckets['resolution']}"
+    head, align = (["side", "bucket", "images", ""], "rlrl") if multi else (["bucket", "images", ""], "lrl")
     return [
-        "", f"## Aspect-ratio buckets (resolution {buckets['resolution']}, step {buckets['bucket_reso_steps']})", "",
-        whose, "", *(_table(["bucket", "images", ""], bar_rows, "lrl") if hist else ["No decodable images."]),
+        "", f"## Aspect-ratio buckets ({side}, step {buckets['bucket_reso_steps']})", "",
+        whose, "", *(_table(head, bar_rows, align) if hist else ["No decodable images."]),
     ]
 
 
@@ -228,7 +232,7 @@ def render_markdown(report: Report, shown: int) -> str:
         out.append("None.")
 
     for buckets in [report.buckets, *report.other_buckets]:
-        out += _bucket_lines(buckets)
+        out += bucket_lines(buckets)
 
     tags: Counter[str] = Counter()
     for folder_tags in report.tag_frequency.values():

@@ -222,16 +222,24 @@ def bucket_summaries(infos: Mapping[str, ImageInfo], recipes: Mapping[str, Bucke
 def bucket_summary(infos: Mapping[str, ImageInfo], settings: BucketSettings, recipes: Sequence[str] = ()
                    ) -> dict[str, Any]:
     """The kohya bucket of every decodable image and the histogram of bucket sizes under `settings`, and the
-    `recipes` that train with them (empty: the recipe defaults)."""
-    resos = settings.resolutions()
-    chosen = {
-        p: select_bucket(i.width, i.height, resos) for p, i in infos.items() if i.decoded and i.width and i.height
-    }
+    `recipes` that train with them (empty: the recipe defaults). Multi-resolution settings (`resolutions`) count
+    every image once per side, each histogram row naming its side; `images` holds the buckets of the first side."""
+    sizes = {p: (i.width, i.height) for p, i in infos.items() if i.decoded and i.width and i.height}
+    by_side = {side: {p: select_bucket(*size, settings.buckets(side)) for p, size in sizes.items()}
+               for side in settings.sides}
+    multi = bool(settings.resolutions)
+    histogram = [{**({"resolution": side} if multi else {}), "width": w, "height": h, "count": n}
+                 for side, chosen in by_side.items() for (w, h), n in sorted(Counter(chosen.values()).items())]
+    fields = asdict(settings)
+    if not multi:  # the reports of single-resolution settings stay as they were
+        del fields["resolutions"]
+    else:
+        fields["resolutions"] = list(settings.resolutions)
     return {
-        **asdict(settings),
+        **fields,
         "recipes": list(recipes),
-        "histogram": [{"width": w, "height": h, "count": n} for (w, h), n in sorted(Counter(chosen.values()).items())],
-        "images": {p: list(bucket) for p, bucket in chosen.items()},
+        "histogram": histogram,
+        "images": {p: list(bucket) for p, bucket in by_side[settings.sides[0]].items()},
     }
 
 

@@ -15,6 +15,20 @@ DDPM, RECTIFIED_FLOW = "ddpm", "rectified_flow"  # the training objectives (core
 
 
 @dataclass(frozen=True)
+class KohyaBlocks:
+    """kohya's U-Net blocks of block_dims and the block lr weights (networks/lora.py): `down` down (= up) blocks,
+    `mid` middle blocks and, with `edges`, one block of weight 1.0 at each end (SDXL's embeddings and output)."""
+
+    down: int
+    mid: int
+    edges: bool
+
+    @property
+    def total(self) -> int:
+        return 2 * self.down + self.mid + (2 if self.edges else 0)
+
+
+@dataclass(frozen=True)
 class ModelFamily(ABC):
     """One architecture the trainer supports; a module per family (sd15.py, sdxl.py) makes its instance.
 
@@ -48,6 +62,11 @@ class ModelFamily(ABC):
     t5_prefix: str = ""
     # the recipe's timestep_sampling modes its step draws (U-Nets: step/noise.py; FLUX.1: step/flow.py)
     timestep_samplings: tuple[str, ...] = ("sigma", "uniform", "sigmoid", "logit_normal")
+    kohya_blocks: KohyaBlocks | None = None  # kohya's U-Net blocks (block_dims, lr weights); None: not an option
+
+    def kohya_block_index(self, lora_name: str) -> int:
+        """kohya's get_block_index: the block of the U-Net LoRA module `lora_name` (`lora_unet_…`); -1: none."""
+        raise ValueError(f"{self.label} model has no kohya U-Net blocks")
 
     def lora_text_prefixes(self, train_t5xxl: bool) -> tuple[str, ...]:
         """kohya's prefix of each text encoder, in order, that carries a LoRA when the text encoders train:

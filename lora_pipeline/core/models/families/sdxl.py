@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lora_pipeline.core.models.families.base import ModelFamily
+from lora_pipeline.core.models.families.base import KohyaBlocks, ModelFamily
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,16 @@ class StableDiffusionXL(ModelFamily):
         up_attention = _up_levels_with_attention(denoiser)
         return lambda name: sgm_module_name(name, layers_per_block, up_attention)
 
+    def kohya_block_index(self, lora_name: str) -> int:
+        """kohya's get_block_index on sgm names: 0 the embeddings, input_blocks_N at 1+N, middle_block_N at 10+N,
+        output_blocks_N at 13+N, 22 the output layers."""
+        name = lora_name.removeprefix("lora_unet_")
+        for start, first in (("time_embed_", 0), ("label_emb_", 0), ("input_blocks_", 1), ("middle_block_", 10),
+                             ("output_blocks_", 13)):
+            if name.startswith(start):
+                return first if first == 0 else first + int(name.split("_")[2])
+        return 22 if name.startswith("out_") else -1
+
 
 SDXL = StableDiffusionXL(
     name="sdxl", label="an SDXL", text_encoders=("CLIPTextModel", "CLIPTextModelWithProjection"),
@@ -90,5 +100,5 @@ SDXL = StableDiffusionXL(
     pipeline_options=(), kohya_base_model_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
-    tokenizers=("CLIPTokenizer", "CLIPTokenizer"),
+    tokenizers=("CLIPTokenizer", "CLIPTokenizer"), kohya_blocks=KohyaBlocks(down=9, mid=3, edges=True),
 )

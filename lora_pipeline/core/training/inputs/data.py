@@ -8,7 +8,9 @@ Validation split: image rows in sha256 order (a content-derived, stable shuffle)
 `round(n * validation_split)` (at least one when the split is positive, never all) are held out.
 
 Buckets follow kohya (enable_bucket, no_upscale off): the recipe's `BucketSettings` and
-`buckets.select_bucket`; each image is resized to cover its bucket (the side that is short for the bucket's
+`buckets.select_bucket`; with multi-resolution training (`resolutions`) every image is listed once per side, with
+that side's bucket, so an epoch trains it at each side and the latent cache (keyed by bucket and crop) holds one
+latent per side; each image is resized to cover its bucket (the side that is short for the bucket's
 aspect ratio fits exactly) and center-cropped. Without buckets every image goes to a square
 `resolution` bucket the same way. Each epoch repeats every image `repeats` times (the spec's repeats),
 shuffles within each bucket, cuts batches inside a bucket and shuffles the batches.
@@ -127,11 +129,11 @@ class TrainingData:
 
     def reg_dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's ss_reg_dataset_dirs."""
-        return _kohya_dirs(self.reg, folder_repeats)
+        return _kohya_dirs(_once(self.reg), folder_repeats)
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
-        """kohya's ss_dataset_dirs over the training images."""
-        return _kohya_dirs(self.train, lambda _folder: self.repeats)
+        """kohya's ss_dataset_dirs over the training images (each once, whatever the sides it trains at)."""
+        return _kohya_dirs(_once(self.train), lambda _folder: self.repeats)
 
     def bucket_info(self, bucketing: bool, resolutions: Sequence[tuple[int, int]]) -> dict[str, Any] | None:
         """kohya's ss_bucket_info (None without `bucketing`): {"buckets": {index of the bucket in `resolutions`
@@ -150,12 +152,17 @@ class TrainingData:
     def tag_frequency(self, separator: str) -> dict[str, dict[str, int]]:
         """kohya's ss_tag_frequency over the training captions: {image dir: {lower-cased tag: count}}."""
         frequency: dict[str, Counter[str]] = defaultdict(Counter)
-        for image in self.train:
+        for image in _once(self.train):
             frequency[image.folder].update(tag.lower() for tag in split_tags(image.caption, separator))
         return {
             folder: dict(sorted(tags.items(), key=lambda item: (-item[1], item[0])))
             for folder, tags in sorted(frequency.items())
         }
+
+
+def _once(images: Sequence[TrainImage]) -> list[TrainImage]:
+    """Each image once: multi-resolution training lists an image at each side."""
+    return list({image.rel: image for image in images}.values())
 
 
 def _kohya_dirs(images: Sequence[TrainImage], repeats: Callable[[str], int]) -> dict[str, dict[str, int]]:
@@ -278,13 +285,13 @@ def load_training_data(snapshot_dir: Path, buckets: BucketSettings, validation_s
     mask_rows = {r.path: r for r in rows if r.kind == "mask"}
     reg_rows = sorted((r for r in rows if r.kind == "reg_image"), key=lambda r: r.path)
     train_rows, val_rows = split_train_validation(image_rows, validation_split)
-    resos = buckets.resolutions()
+    bucket_lists = [buckets.buckets(side) for side in buckets.sides]
 
     def images(selected: list[ManifestRow]) -> tuple[TrainImage, ...]:
-        return tuple(
-            _train_image(snapshot_dir, row, _read_caption(snapshot_dir, row.path, caption_rows), resos, mask_rows)
-            for row in selected
-        )
+        """Each row at every side (multi-resolution): all rows at the first side, then at the next."""
+        once = [(row, _read_caption(snapshot_dir, row.path, caption_rows)) for row in selected]
+        return tuple(_train_image(snapshot_dir, row, caption, resos, mask_rows)
+                     for resos in bucket_lists for row, caption in once)
 
     return TrainingData(
         version=info.version, snapshot_dir=snapshot_dir,

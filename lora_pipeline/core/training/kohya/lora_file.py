@@ -270,6 +270,7 @@ def build_metadata(
         "ss_sd_model_name": _model_name(recipe.base_model),
         "ss_cache_latents": _flag(recipe.cache_latents),
         "ss_seed": recipe.seed,
+        "ss_network_dropout": recipe.network_dropout,  # kohya writes its --network_dropout ("None" when unset)
         "ss_noise_offset": recipe.noise_offset,
         "ss_multires_noise_iterations": recipe.multires_noise_iterations,
         "ss_multires_noise_discount": recipe.multires_noise_discount,

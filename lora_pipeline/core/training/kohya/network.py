@@ -14,6 +14,11 @@ U-Net paths are the diffusers ones; SDXL U-Net paths are Stability's sgm names (
 `…_skip_connection` conv_shortcut, `input_blocks_3_0_op` a downsampler, `output_blocks_2_2_conv` an upsampler) as
 kohya's SDXL U-Net names them.
 
+Block-wise ranks, alphas and learning rates (kohya's block_dims, block_alphas, conv_block_dims, conv_block_alphas,
+down/mid/up_lr_weight) follow training/blocks.py; the dropouts (network_dropout, rank_dropout, module_dropout) are
+hooks on the LoRA layers (kohya/dropout.py) and change nothing in the file.
+
+
 DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module: peft's
 magnitude m, shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with `wd_on_output` (its default), so that
 LyCORIS (kohya's `--network_module lycoris.kohya`) rebuilds the trained weight m * (W + dW) / ||W + dW|| exactly.
@@ -40,10 +45,13 @@ from lora_pipeline.core.models.dora import adapter_modules
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.kohya_names import text_key_prefixes
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
+from lora_pipeline.core.training.blocks import BlockRanks, block_lr_weights, block_network_args, block_ranks
+from lora_pipeline.core.training.kohya.dropout import DropoutSettings, add_dropout
 from lora_pipeline.core.training.recipe_groups import NetworkSettings
 from lora_pipeline.core.training.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # loading imports diffusers; `lora-pipeline provenance` reads files without it
+    from lora_pipeline.core.models.families.base import ModelFamily
     from lora_pipeline.core.models.loading import BaseModel
 
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # kohya's UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
@@ -73,20 +81,28 @@ def conv_targets(unet: Any) -> dict[str, bool]:
 def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "default", *, conv_dim: int | None = None,
                   conv_alpha: float = 1.0, use_dora: bool = False,
                   target_modules: Sequence[str] = tuple(KOHYA_UNET_TARGET_MODULES), algo: str = "lora",
-                  factor: int = -1) -> None:
+                  factor: int = -1, blocks: tuple[ModelFamily, BlockRanks] | None = None,
+                  locon: bool | None = None) -> None:
     """Wrap kohya's target modules (default: the U-Net's; a family's `lora_targets`) in a peft LoRA: down
     kaiming-uniform, up zero (as kohya), scale alpha/rank; or, with `algo` loha / lokr, in peft's LoHa / LoKr
-    (LoKr's Kronecker `factor`, -1: as square as the sides allow)."""
+    (LoKr's Kronecker `factor`, -1: as square as the sides allow). `blocks`: (family, its block-wise ranks): every
+    module's rank and alpha from its kohya block, no LoRA where that rank is 0 (training/blocks.py); `locon`: the
+    3x3 convolutions train too (default: when conv_dim is set)."""
     from peft import LoraConfig  # imported here: peft takes seconds to import, provenance never needs it
 
     targets: list[str] = list(target_modules)
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    if conv_dim is not None:
-        for name, is_3x3 in conv_targets(unet).items():
+    convs = conv_targets(unet) if (conv_dim is not None if locon is None else locon) else {}
+    if blocks is not None:
+        targets, ranks, alphas = _block_targets(unet, targets, convs, *blocks, default=(rank, alpha))
+    else:
+        for name, is_3x3 in convs.items():
             targets.append(name)
-            if is_3x3:
+            if is_3x3 and conv_dim is not None:
                 ranks[re.escape(name)], alphas[re.escape(name)] = conv_dim, conv_alpha
+    if not targets:
+        raise ValueError("block_dims / lr weights leave no U-Net module with a LoRA")
     if algo != "lora":
         config = lycoris.peft_config(algo, rank, alpha, targets, ranks=ranks, alphas=alphas, factor=factor)
     else:
@@ -99,6 +115,29 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
     for module in unet.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
             module.cast_input_dtype_enabled = False
+
+
+def _block_targets(unet: Any, targets: list[str], convs: dict[str, bool], family: ModelFamily, ranks: BlockRanks,
+                   default: tuple[int, float]) -> tuple[list[str], dict[str, int], dict[str, float]]:
+    """(the modules' full paths, their rank_pattern, their alpha_pattern) under block-wise ranks: kohya's
+    create_modules with block_dims (a module of rank 0 gets no LoRA). Patterns only where a module's (rank, alpha)
+    is not `default` (peft matches every pattern against every module)."""
+    namer = family.kohya_module_namer(unet)
+    chosen: list[str] = []
+    rank_of: dict[str, int] = {}
+    alpha_of: dict[str, float] = {}
+    for name, module in unet.named_modules():
+        if not _is_target_child(module):
+            continue
+        if name not in convs and not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        index = family.kohya_block_index("lora_unet_" + namer(name).replace(".", "_"))
+        dim, alpha = ranks.of(index, _is_3x3(module))
+        if dim:
+            chosen.append(name)
+            if (dim, alpha) != default:
+                rank_of[re.escape(name)], alpha_of[re.escape(name)] = dim, alpha
+    return chosen, rank_of, alpha_of
 
 
 def text_targets(encoder: Any) -> list[str]:
@@ -150,7 +189,7 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     for name, module in adapter_modules(unet, adapter_name):
         alpha = _alpha(module, adapter_name)
         locon = _is_3x3(module.get_base_layer())
-        if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
+        if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):  # off block-wise
             raise ValueError(f"{name}: adapter alpha {alpha} is not {network_alpha}")
         modules[name] = _module_tensors(module, adapter_name, "")
     if not modules:
@@ -185,10 +224,28 @@ def trainable(base: BaseModel) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+def unet_blocks(network: NetworkSettings, family: ModelFamily) -> tuple[ModelFamily, BlockRanks] | None:
+    """(family, block-wise ranks) when the recipe sets block_dims, conv_block_dims or a learning-rate weight on a
+    family with kohya blocks; else None."""
+    if family.kohya_blocks is None:
+        return None
+    ranks = block_ranks(family.kohya_blocks, network.network_dim, network.network_alpha, network.conv_dim,
+                        network.conv_alpha_value, dict(network.block_lists), block_lr(network, family))
+    return None if ranks is None else (family, ranks)
+
+
+def block_lr(network: NetworkSettings, family: ModelFamily) -> list[float] | None:
+    """The learning-rate weight of each kohya block (training/blocks.py); None: no weights set, or no blocks."""
+    if family.kohya_blocks is None:
+        return None
+    return block_lr_weights(family.kohya_blocks, network.down_lr_weight, network.mid_lr_weight,
+                            network.up_lr_weight, network.block_lr_zero_threshold)
+
+
 def add_network(base: BaseModel, network: NetworkSettings, seed: int,
                 resume_from: dict[str, torch.Tensor] | None = None) -> None:
-    """The recipe's adapters on the base model (float32 weights, init from the recipe's `seed`), optionally set to
-    the weights of a resume state."""
+    """The recipe's adapters on the base model (float32 weights, init from the recipe's `seed`) with its dropouts,
+    optionally set to the weights of a resume state."""
     from diffusers.training_utils import cast_training_params
 
     with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global RNG
@@ -196,13 +253,16 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
         add_unet_lora(base.denoiser, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
                       conv_alpha=network.conv_alpha_value, use_dora=network.use_dora,
                       target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks),
-                      algo=network.network_algo, factor=network.lokr_factor)
+                      algo=network.network_algo, factor=network.lokr_factor,
+                      blocks=unet_blocks(network, base.architecture), locon=network.locon)
         if not network.network_train_unet_only:
             for encoder in lora_text_encoders(base, network.train_t5xxl):
                 add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora,
                                       algo=network.network_algo, factor=network.lokr_factor)
     for module in (base.denoiser, *base.text_encoders):
         cast_training_params(module, dtype=torch.float32)
+    add_dropout([base.denoiser, *base.text_encoders],
+                DropoutSettings(network.network_dropout, network.rank_dropout, network.module_dropout))
     if resume_from is not None:
         named = trainable(base)
         with torch.no_grad():
@@ -210,18 +270,36 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
                 named[name].copy_(tensor)
 
 
-def param_groups(base: BaseModel, text_encoder_lr: float | None) -> list[Any]:
-    """One group, or the U-Net's and the text encoders' (text_encoder_lr) as kohya's prepare_optimizer_params."""
+def param_groups(base: BaseModel, text_encoder_lr: float | None, learning_rate: float | None = None,
+                 block_weights: list[float] | None = None) -> list[Any]:
+    """One group, or the U-Net's and the text encoders' (text_encoder_lr) as kohya's prepare_optimizer_params;
+    with `block_weights` (kohya's block lr weights) one U-Net group per kohya block at learning_rate x its
+    weight, named `unet_block<i>` as kohya's lr descriptions."""
     unet = [p for p in base.denoiser.parameters() if p.requires_grad]
     text = [p for e in base.text_encoders for p in e.parameters() if p.requires_grad]
+    if block_weights is not None and learning_rate is not None:
+        groups = _block_groups(base, learning_rate, block_weights)
+        return groups + ([{"params": text, "lr": text_encoder_lr or learning_rate}] if text else [])
     if text_encoder_lr is None:
         return unet + text
     return [{"params": unet}, {"params": text, "lr": text_encoder_lr}]
 
 
+def _block_groups(base: BaseModel, learning_rate: float, weights: list[float]) -> list[dict[str, Any]]:
+    family = base.architecture
+    namer = family.kohya_module_namer(base.denoiser)
+    by_block: dict[int, list[torch.nn.Parameter]] = {}
+    for name, module in adapter_modules(base.denoiser, "default"):
+        index = family.kohya_block_index("lora_unet_" + namer(name).replace(".", "_"))
+        by_block.setdefault(index, []).extend(p for p in module.parameters() if p.requires_grad)
+    return [{"params": params, "lr": learning_rate * weights[index], "name": f"unet_block{index}"}
+            for index, params in sorted(by_block.items()) if params]
+
+
 def network_args(network: NetworkSettings) -> dict[str, str]:
     """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA, algo
-    (and LoKr's factor) for LoHa / LoKr; FLUX.1's train_t5xxl as kohya's "True")."""
+    (and LoKr's factor) for LoHa / LoKr; FLUX.1's train_t5xxl as kohya's "True"; the block-wise lists
+    comma-separated; the dropouts but network_dropout, which is kohya's own argument)."""
     args: dict[str, str] = {}
     if network.network_algo != "lora":
         args.update(algo=network.network_algo)
@@ -233,4 +311,8 @@ def network_args(network: NetworkSettings) -> dict[str, str]:
         args.update(conv_dim=str(network.conv_dim), conv_alpha=str(network.conv_alpha_value))
     if network.use_dora:
         args.update(algo="lora", dora_wd="True", wd_on_output="True")  # LyCORIS' create_network kwargs
+    args.update(block_network_args({**network.block_lists, **network.lr_weights}))
+    if network.block_lr_zero_threshold:
+        args.update(block_lr_zero_threshold=str(network.block_lr_zero_threshold))
+    args.update(block_network_args({"rank_dropout": network.rank_dropout, "module_dropout": network.module_dropout}))
     return args

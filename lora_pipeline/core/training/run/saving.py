@@ -37,11 +37,13 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
         gradient_accumulation_steps=run.accumulation, training_finished_at=run.clock(),
         num_validation_images=len(run.data.validation) * run.data.repeats,
-        bucket_info=run.data.bucket_info(recipe.enable_bucket, recipe.buckets.resolutions()),
+        bucket_info=run.data.bucket_info(recipe.enable_bucket,
+                                          [b for side in recipe.buckets.sides() for b in recipe.buckets.buckets(side)]),
     ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):
-        tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
+        alpha = recipe.network_alpha if recipe.block_alphas is None else None  # block_alphas: each block's own
+        tensors = kohya_state_dict(unet, recipe.model_family, alpha, text_encoders=encoders)
     return save_lora(path, tensors, metadata)
 
 

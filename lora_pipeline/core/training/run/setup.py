@@ -21,7 +21,7 @@ from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_i
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
-from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
+from lora_pipeline.core.training.kohya.network import add_network, block_lr, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import ResumeState
@@ -154,8 +154,9 @@ def build_context(run: TrainingRun) -> StepContext:
                 encoder.to("cpu")
     run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
     params = list(trainable(base).values())
-    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, param_groups(base, recipe.text_encoder_lr),
-                               device)
+    groups = param_groups(base, recipe.text_encoder_lr, recipe.learning_rate,
+                          block_lr(recipe.network, base.architecture))
+    optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, groups, device)
     lr_scheduler = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, run.total)
     accelerator = make_accelerator(device, run.precision)
     # the denoiser is on the device already, but for the swapped blocks' weights, which must stay on the CPU

@@ -28,7 +28,10 @@ graph replays fixed shapes and a bucketed dataset has a few:
   weights the graph updated in place: the fast path takes it as it is;
 - the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
   AdamW8bit read values back to the host or keep host state, so those runs take the eager step
-  (`recipe_checks.fast_path_blockers` says why).
+  (`recipe_checks.fast_path_blockers` says why);
+- kohya's block lr weights (one optimizer group per U-Net block, where the captured step fills one learning rate)
+  and the LoRA dropouts (masks drawn inside the forward from a generator reseeded on the host each step) take the
+  eager step too; block-wise ranks and multi-resolution training (more batch shapes, one graph each) are captured.
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).

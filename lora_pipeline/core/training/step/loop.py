@@ -38,6 +38,7 @@ from lora_pipeline.core.training.inputs.augment import View, step_views
 from lora_pipeline.core.training.inputs.caption_shuffle import step_captions
 from lora_pipeline.core.training.inputs.data import TrainImage
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, time_ids
+from lora_pipeline.core.training.kohya.dropout import reseed_dropout
 from lora_pipeline.core.training.optimizer_args import MAX_GRAD_NORM
 from lora_pipeline.core.training.progress import Progress
 from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
@@ -392,6 +393,7 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
         ]
         batch = micro if ctx.micro_batch else micro[0]
         generator = torch_generator(ctx.seed, Stream.NOISE, step)
+        reseed_dropout(parts.unet, ctx.seed, step)  # kohya's LoRA dropouts, when the recipe sets them
         drawn = parts.draw(micro[0].latents, generator, size)
         drawn = drawn.part(first, end - first)  # drawn for the whole step: an image gets the same draws in any process
         shape = tuple(micro[0].latents.shape)
