@@ -38,7 +38,7 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         gradient_accumulation_steps=run.accumulation, training_finished_at=run.clock(),
         num_validation_images=len(run.data.validation) * run.data.repeats,
         bucket_info=run.data.bucket_info(recipe.enable_bucket,
-                                          [b for side in recipe.buckets.sides() for b in recipe.buckets.buckets(side)]),
+                                          [b for side in recipe.buckets.sides for b in recipe.buckets.buckets(side)]),
     ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
     with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):
