@@ -77,3 +77,21 @@ def test_prodigy_resumes_from_a_reference_state():
     assert float(ours.param_groups[0]["d"]) == pytest.approx(reference.param_groups[0]["d"], rel=RTOL)
     for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=RTOL, atol=ATOL)
+
+
+def test_sync_free_adamw8bit_equals_bitsandbytes_byte_for_byte():
+    import bitsandbytes
+
+    from lora_pipeline.core.training.step.adamw8bit import AdamW8bit
+
+    mine, theirs = _params(), _params()
+    ours, reference = (AdamW8bit(mine, lr=1e-2, min_8bit_size=0),
+                       bitsandbytes.optim.AdamW8bit(theirs, lr=1e-2, min_8bit_size=0))
+    for step in range(3):
+        for optimizer, params in ((ours, mine), (reference, theirs)):
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = g
+            optimizer.step()
+    for a, b in zip(mine, theirs, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, _params()[0] if a.shape == (8, 16) else _params()[1])
+    assert torch.equal(ours.state[mine[0]]["state1"], reference.state[theirs[0]]["state1"])

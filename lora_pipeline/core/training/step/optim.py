@@ -51,13 +51,15 @@ def make_optimizer(settings: OptimizerSettings, schedule: ScheduleSettings, para
         # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
         return DAdaptAdamW(params, lr=lr, **args)
     if name == "Prodigy":
-        import prodigyopt
+        # prodigyopt.Prodigy's algorithm with its state on the device (prodigy.py): no host syncs, capturable
+        from lora_pipeline.core.training.step.prodigy import Prodigy
 
-        return prodigyopt.Prodigy(params, lr=lr, **{"decouple": True, **args})
+        return Prodigy(params, lr=lr, **{"decouple": True, **args})
     if name == "AdamW8bit":
-        import bitsandbytes
+        # bitsandbytes' AdamW8bit without its device sync after every parameter (adamw8bit.py)
+        from lora_pipeline.core.training.step.adamw8bit import AdamW8bit
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, **{"min_8bit_size": 0, **args})
+        return AdamW8bit(params, lr=lr, **{"min_8bit_size": 0, **args})
     if name == "AdamW":
         # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
         # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
