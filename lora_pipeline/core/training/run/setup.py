@@ -24,6 +24,7 @@ from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.network import add_network, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import GRAPH_SAFE_OPTIMIZERS
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
@@ -157,7 +158,9 @@ def build_context(run: TrainingRun) -> StepContext:
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
-    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
+    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
+                      text_encode=text.encode_ids if train_text else None,
+                      optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
     fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)

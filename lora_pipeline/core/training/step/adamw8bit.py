@@ -2,18 +2,18 @@
 
 `bitsandbytes.optim.Optimizer8bit.step` (0.50) calls `torch.cuda.synchronize()` after every parameter's update
 (`sync_gpu(p)`): for a rank-32 SD1.5 LoRA, hundreds of full device syncs per step, which leave the GPU idle
-between the step's kernels. The syncs serve paged state only (its prefetches run on another stream); this
-subclass keeps them for `is_paged` and otherwise queues the same update kernels, in the same order, on the
-current stream, so the result is the reference's exactly.
+between the step's kernels and keep the host from queueing ahead. The syncs serve paged state only (its
+prefetches run on another stream); this subclass keeps them for `is_paged` and otherwise queues the same update
+kernels in the same order, so the result is the reference's exactly (lora_pipeline_tests/test_prodigy.py).
 
 The 8-bit update cannot be captured in a CUDA graph: each call passes the step count (bias correction) and the
 learning rate to the kernel by value (`ct.c_int32(step)`, `ct.c_float(lr)` in bitsandbytes/backends/cuda/ops.py),
 so a replay would repeat the recorded step's count and learning rate forever; and csrc/ops.cu launches the kernel
 with `<<<blocks, threads>>>`, no stream: on the legacy default stream, which a capture on PyTorch's capture stream
-refuses (cudaErrorStreamCaptureImplicit) and which does not wait for PyTorch's non-blocking side streams. So this
-step orders itself after the current stream's work when that is not the default stream. So the fast path captures forward, backward
-and clipping and runs this step eagerly after each replay (fastpath.py, `optimizer_in_graph`); the host queues
-its kernels while the GPU still replays the graph, with no sync in between.
+refuses (cudaErrorStreamCaptureImplicit) and which does not wait for PyTorch's non-blocking side streams (so this
+step orders itself after the current stream's work where that is not the default stream). The fast path
+therefore captures forward, backward and clipping and runs this step eagerly after each replay (fastpath.py,
+`StepParts.optimizer_in_graph`): the host queues its kernels behind the replay, with no sync in between.
 """
 
 from __future__ import annotations

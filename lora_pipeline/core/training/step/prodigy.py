@@ -49,7 +49,7 @@ class Prodigy(torch.optim.Optimizer):
         growth_rate: float = float("inf"),
         slice_p: int = 1,
     ) -> None:
-        if not 0.0 < d0 or not 0.0 < lr or not 0.0 < eps or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+        if min(d0, lr, eps) <= 0.0 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid Prodigy arguments: lr={lr}, betas={betas}, eps={eps}, d0={d0}")
         defaults = dict(lr=lr, betas=betas, beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
