@@ -24,9 +24,14 @@ graph replays fixed shapes and a bucketed dataset has a few:
   weights between host and device inside the step, so it takes the eager step;
 - gradient checkpointing is captured too: its recomputation saves no RNG state (run/memory.py's `checkpoint`: the
   denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
-- the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
-  AdamW8bit read values back to the host or keep host state, so those runs take the eager step
-  (`recipe_checks.fast_path_blockers` says why).
+- text encoders that carry a training LoRA are part of the step: its input is the captions' token ids
+  (`StepBatch.input_ids`), the encoders' forward and backward are captured with the denoiser's;
+- the optimizer keeps its state in place on the device (DAdaptAdamW and Prodigy here, torch's fused AdamW), and
+  every parameter group reads its learning rate from a device tensor; AdamW8bit cannot be captured (its kernels
+  take the step count and learning rate by value, on the legacy stream: adamw8bit.py), so for it the graph holds
+  forward, backward and clipping, and its step runs after each replay on the gradients the graph wrote
+  (`StepParts.optimizer_in_graph`); Lion, Adafactor and AdamWScheduleFree keep host state, so those runs take the
+  eager step (`recipe_checks.fast_path_blockers` says why).
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
