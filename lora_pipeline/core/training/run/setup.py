@@ -37,7 +37,7 @@ from lora_pipeline.core.training.step.loop import (
 )
 from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.objective import training_objective
-from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.step.optim import groups_to_device, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,6 +157,7 @@ def build_context(run: TrainingRun) -> StepContext:
                                                         device_placement=[swap is None, True, True])
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
+        groups_to_device(optimizer, device)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
                       text_encode=text.encode_ids if train_text else None,

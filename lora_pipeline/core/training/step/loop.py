@@ -105,13 +105,14 @@ class StepParts:
 
     def conditioned(self, batch: StepBatch) -> StepBatch:
         """The batch with its text conditioning: given, or encoded from its token ids (with gradients, outside
-        autocast, as the text encoders ran before they moved into the step)."""
+        autocast, as the text encoders ran before they moved into the step), with the step's attention kernels."""
         ids = batch.token_ids()
         if not ids:
             return batch
         if self.text_encode is None:
             raise ValueError("a batch of token ids needs StepParts.text_encode")
-        hidden, pooled = self.text_encode(ids)
+        with sdpa_kernel(TRAINING_ATTENTION):
+            hidden, pooled = self.text_encode(ids)
         return replace(batch, encoder_hidden_states=hidden, text_embeds=pooled)
 
 

@@ -68,6 +68,17 @@ def make_optimizer(settings: OptimizerSettings, schedule: ScheduleSettings, para
     raise ValueError(f"unknown optimizer {name!r}")  # parse_recipe only lets known names through
 
 
+def groups_to_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After `load_state_dict` of a resume state (read onto the CPU): the device-side scalars of the parameter groups
+    (DAdaptAdamW's and Prodigy's d, numerator, step count) back on the training device. torch moves the per-parameter
+    state but not these; left on the CPU, every step would copy them back (a host sync) and the fast path could not
+    capture the step."""
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, torch.Tensor) and value.device != device:
+                group[key] = value.to(device)
+
+
 def make_lr_scheduler(settings: OptimizerSettings, schedule: ScheduleSettings, optimizer: torch.optim.Optimizer,
                       total_steps: int) -> LRScheduler:
     """diffusers' schedules as kohya's get_scheduler_fix calls them (warm-up for all but constant; num_cycles for

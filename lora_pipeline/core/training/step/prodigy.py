@@ -65,7 +65,8 @@ class Prodigy(torch.optim.Optimizer):
             group.update(shared)
 
     def _device_scalars(self) -> dict[str, torch.Tensor]:
-        """The shared scalars as device tensors (a resume state of prodigyopt's Prodigy holds Python numbers)."""
+        """The shared scalars as tensors on the parameters' device, one object for all groups (a resume state holds
+        them on the CPU, one copy per group, or, written by prodigyopt's Prodigy, as Python numbers)."""
         group = self.param_groups[0]
         device = group["params"][0].device
         for name in (*_SCALARS, "k"):
@@ -73,6 +74,8 @@ class Prodigy(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor):
                 dtype = torch.int64 if name == "k" else torch.float32
                 value = torch.tensor(value, dtype=dtype, device=device)
+            elif value.device != device:  # a resume state is read onto the CPU (checkpoint.load_state)
+                value = value.to(device)
             for other in self.param_groups:
                 other[name] = value
         return {name: group[name] for name in (*_SCALARS, "k")}
