@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import shlex
 import sys
@@ -84,6 +83,7 @@ from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
 import flux_throughput  # noqa: E402
+import train_compare  # noqa: E402
 import train_options  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
@@ -267,45 +267,6 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     return step, prepare, params
 
 
-def _first_non_finite(losses: torch.Tensor) -> int | None:
-    return next((i + 1 for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
-
-
-def compare(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """--compare N: N steps eager, N eager again (the GPU's own run-to-run spread) and N through the fast path,
-    from the same weights, noise and batch."""
-    runs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, variant in [("plain", "plain"), *args.compare_runs]:
-        torch.manual_seed(0)  # the same random U-Net and LoRA initialisation for all
-        step, prepare, params = trainer_step(shape, args, device, variant)
-        prepare()
-        losses = torch.stack([step(1 + index) for index in range(args.compare)]).float().cpu()
-        print(f"[{shape.name} {name}] losses every 20 steps: {losses[::20].tolist()}", file=sys.stderr)
-        runs[name] = (losses, torch.cat([p.detach().float().reshape(-1) for p in params]).cpu())
-        del step, prepare, params
-        _release(device)
-    plain, plain_lora = runs["plain"]
-
-    def differences(other: str) -> dict[str, Any]:
-        losses, lora = runs[other]
-        differing = (plain != losses).nonzero()
-        return {"first_differing_step": int(differing[0]) + 1 if len(differing) else None,
-                "first_10_max_abs_difference": float((plain[:10] - losses[:10]).abs().max()),
-                "max_abs_loss_difference": float((plain - losses).abs().max()),
-                "mean_abs_loss_difference": float((plain - losses).abs().mean()),
-                "identical_losses": bool(torch.equal(plain, losses)),
-                "lora_rel_l2_difference": float((plain_lora - lora).norm() / plain_lora.norm())}
-
-    return {
-        "model": shape.name, "steps": args.compare, "batch": args.batch or shape.batch,
-        "attention": ("math only, deterministic kernels" if args.deterministic else
-                      "cuDNN allowed" if args.cudnn_attention else "flash / efficient / math (the trainer's)"),
-        "mean_loss": {name: float(losses.mean()) for name, (losses, _) in runs.items()},
-        "first_non_finite_step": {name: _first_non_finite(losses) for name, (losses, _) in runs.items()},
-        **{f"plain_vs_{name}": differences(name) for name, _ in args.compare_runs},
-    }
-
-
 def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.device
           ) -> tuple[dict[str, Any], Callable[[int], torch.Tensor]]:
     batch_size = args.batch or shape.batch
@@ -443,6 +404,11 @@ def memory_options(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with train_options.cpu_threads(args.device):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.cudnn_attention:
         loop.TRAINING_ATTENTION.append(SDPBackend.CUDNN_ATTENTION)
     if args.deterministic:
@@ -465,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.compare:
         with contextlib.redirect_stdout(sys.stderr):
-            compared = [compare(shape, args, device) for shape in shapes]
+            compared = [train_compare.compare(shape, args, device, trainer_step, _release) for shape in shapes]
         print(json.dumps({**header, "compare": compared}, indent=2))
         return 0
     if args.options:

@@ -34,8 +34,8 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, 
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
-from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.denoising import StepBatch, compute_loss
+from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.objective import training_objective
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image
