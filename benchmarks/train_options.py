@@ -140,6 +140,7 @@ def run_options(bench: Callable, shapes: list[Any], args: argparse.Namespace, de
             release(device)
         for option in args.options:
             for variant in [v for v in args.variants if v in ("plain", "fast")]:
+                torch.manual_seed(0)  # the same random weights and LoRA init for the plain and the fast step
                 try:
                     result, step = bench(shape, variant, option_args(args, option), device)
                     results.append({**result, "option": option, "captured": captured(step.updates[-1])})
