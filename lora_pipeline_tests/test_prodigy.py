@@ -95,3 +95,23 @@ def test_sync_free_adamw8bit_equals_bitsandbytes_byte_for_byte():
     for a, b in zip(mine, theirs, strict=True):
         assert torch.equal(a, b) and not torch.equal(a, _params()[0] if a.shape == (8, 16) else _params()[1])
     assert torch.equal(ours.state[mine[0]]["state1"], reference.state[theirs[0]]["state1"])
+
+
+def test_prodigy_resumed_from_its_own_state_continues_byte_for_byte():
+    whole, cut = _params(), _params()
+    uninterrupted, first = Prodigy(whole, lr=1.0), Prodigy(cut, lr=1.0)
+    for step in range(3):
+        for optimizer, params in ((uninterrupted, whole), (first, cut)):
+            if optimizer is first and step == 2:
+                continue
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    saved = copy.deepcopy(first.state_dict())  # as checkpoint.py writes and reads it
+    resumed = Prodigy(cut, lr=1.0)
+    resumed.load_state_dict(saved)
+    for p, g in zip(cut, _grads(2), strict=True):
+        p.grad = g.clone()
+    resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(whole, cut, strict=True))
+    assert torch.equal(resumed.param_groups[0]["d"], uninterrupted.param_groups[0]["d"])

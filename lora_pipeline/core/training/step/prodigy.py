@@ -5,7 +5,7 @@ Numerically the algorithm of `prodigyopt.Prodigy` (Mishchenko & Defazio, 2023) w
 d, d_max, the running numerator and the step count k as Python floats and calls `.item()` twice per tensor
 (768 device synchronisations per step for a rank-32 SD1.5 LoRA), and its `p.any()` picks the state's layout on the
 host; a CUDA graph can hold none of that. Here d, d_max, d_numerator, d_hat, d_denom and k are 0-dim float32 /
-int64 tensors updated in place, the per-tensor work is fused `torch._foreach_*` launches, and the reference's
+int64 tensors updated in place, the per-tensor work is fused foreach launches (foreach.py), and the reference's
 host branches become `torch.where` on the device:
 
 - `group_lr > 0` (the reference skips the statistics, and so the step, at learning rate 0, e.g. the first step of
@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+from lora_pipeline.core.training.step import foreach
 
 _SCALARS = ("d", "d_max", "d_numerator", "d_hat", "d_denom")
 
@@ -104,7 +106,7 @@ class Prodigy(torch.optim.Optimizer):
 
         grads = [p.grad for p in params]
         if decay != 0 and not decouple:
-            torch._foreach_add_(grads, params, alpha=decay)
+            foreach.add_(grads, params, alpha=decay)
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if "s" in state:
@@ -122,19 +124,19 @@ class Prodigy(torch.optim.Optimizer):
 
         # statistics of this step (all zero where lr is 0, as the reference skips them)
         gate = _where(active, 1.0, 0.0)
-        delta = torch._foreach_sub([st["p0"] for st in states], [p.flatten()[::slice_p] for p in params])
-        delta_numerator = (d / d0) * dlr * _dot(sliced, delta) * gate
+        delta = foreach.sub([st["p0"] for st in states], [p.flatten()[::slice_p] for p in params])
+        delta_numerator = (d / d0) * dlr * foreach.dot(sliced, delta) * gate
         if beta1 > 0:
             exp_avg = [st["exp_avg"] for st in states]
-            torch._foreach_mul_(exp_avg, _where(active, beta1, 1.0))
-            torch._foreach_add_(exp_avg, torch._foreach_mul(grads, d * (1 - beta1) * gate))
-        torch._foreach_mul_(exp_avg_sq, _where(active, beta2, 1.0))
-        torch._foreach_add_(exp_avg_sq, torch._foreach_mul(torch._foreach_mul(grads, grads),
+            foreach.mul_(exp_avg, _where(active, beta1, 1.0))
+            foreach.add_(exp_avg, foreach.mul(grads, d * (1 - beta1) * gate))
+        foreach.mul_(exp_avg_sq, _where(active, beta2, 1.0))
+        foreach.add_(exp_avg_sq, foreach.mul(foreach.mul(grads, grads),
                                                           d * d * (1 - beta2) * gate))
-        torch._foreach_mul_(s, _where(active, beta3, 1.0))
+        foreach.mul_(s, _where(active, beta3, 1.0))
         s_rate = (d / d0) * (d if group["safeguard_warmup"] else dlr) * gate
-        torch._foreach_add_(s, torch._foreach_mul(sliced, s_rate))
-        d_denom = torch.stack(torch._foreach_norm(s, 1)).sum() * gate
+        foreach.add_(s, foreach.mul(sliced, s_rate))
+        d_denom = torch.stack(foreach.norm(s, 1)).sum() * gate
 
         # d's update, skipped where the reference returns early (d_denom == 0)
         progressed = d_denom > 0
@@ -148,20 +150,20 @@ class Prodigy(torch.optim.Optimizer):
         scalars["d"].copy_(torch.where(progressed, d_new, d))  # the same tensor as `d`: read after, the new one
 
         # the step with the new d in the denominator and the step size of the old one (dlr), as the reference
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_add_(denom, d * eps)
+        denom = foreach.sqrt(exp_avg_sq)
+        foreach.add_(denom, d * eps)
         step_size = dlr * progressed.to(torch.float32)
         if decay != 0 and decouple:
-            torch._foreach_add_(params, torch._foreach_mul(params, -decay * step_size))
+            foreach.add_(params, foreach.mul(params, -decay * step_size))
         if beta1 > 0:
-            update = torch._foreach_div([st["exp_avg"] for st in states], denom)
-            torch._foreach_mul_(update, step_size)
+            update = foreach.div([st["exp_avg"] for st in states], denom)
+            foreach.mul_(update, step_size)
         else:
-            update = torch._foreach_div(grads, denom)
-            torch._foreach_mul_(update, step_size * d)
-        torch._foreach_sub_(params, update)
+            update = foreach.div(grads, denom)
+            foreach.mul_(update, step_size * d)
+        foreach.sub_(params, update)
         taken = progressed.to(torch.int64)
-        torch._foreach_add_([st["step"] for st in states], [taken] * len(states))
+        foreach.add_([st["step"] for st in states], [taken] * len(states))
         k.add_(taken)
         return loss
 
@@ -181,8 +183,3 @@ def _from_reference(state: dict[str, Any], p: torch.Tensor, slice_p: int) -> Non
     shape = p.flatten()[::slice_p].shape
     if state["p0"].shape != shape:
         state["p0"] = torch.zeros(shape, dtype=p.dtype, device=p.device) + state["p0"]
-
-
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """sum_i <a_i, b_i> as one reduction over the concatenated products."""
-    return torch.cat([x.reshape(-1) for x in torch._foreach_mul(a, b)]).sum()
