@@ -93,4 +93,8 @@ def provenance_metadata(chain: "ProvenanceChain", manifest: Path) -> dict[str, A
         "recipe_sha256": recipe.sha256,
         "base_model": f"{base.name} ({base.source})",
         "base_model_hash": base.hash,
+        # from_lora: the LoRA (of another training partition, or a file) the run started from; recorded, not a
+        # Dagster dependency (lora-pipeline provenance traces its own chain)
+        **({"from_lora": f"{start.path} (sha256 {start.sha256}, {start.status})"}
+           if (start := chain.from_lora) is not None else {}),
     }

@@ -3,7 +3,8 @@
 Only the file's header is read (plus its sha256); the rest comes from the data root. The chain is:
 LoRA -> recipe -> dataset version (its manifest, re-verified) -> every input training read (training and
 regularisation images, their captions and loss masks) with the source files they were copied from (re-hashed)
--> base model -> code commit -> MLflow run. Every link is checked against what is on disk now, and each break
+-> base model -> code commit -> MLflow run -> the LoRA its run started from (`from_lora`), with that LoRA's own
+chain (provenance_start.py). Every link is checked against what is on disk now, and each break
 becomes one plain-language finding in `status`. The header is untrusted input: its epoch is checked against the
 file's name, and every file is read through reads.py (no link followed, nothing outside its folder).
 """
@@ -22,6 +23,7 @@ from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError, printable
 from lora_pipeline.core.hashing import sha256_file
+from lora_pipeline.core.lineage.provenance_start import StartLink, start_lines, start_link
 from lora_pipeline.core.lineage.reads import caption_text, model_folders, rehash
 from lora_pipeline.core.lineage.source_flags import BatchFlags, retired_findings, version_flags
 from lora_pipeline.core.models.model_hash import base_model_hash
@@ -139,6 +141,7 @@ class ProvenanceChain(Record):
     mlflow: MlflowLink
     status: Literal["ok"] | list[str]  # "ok", or one plain-language finding per broken link
     batches: list[BatchFlags] = []  # the origin batches: rights when built and now, retirement (source_flags.py)
+    from_lora: StartLink | None = _left_out()  # the LoRA its run started from, with that LoRA's own chain
 
     def __getitem__(self, key: str) -> Any:
         """An entry of the JSON document `provenance --json` prints (`chain["images"][0]["source"]`), for readers
@@ -319,8 +322,9 @@ def _base_model_link(chain: _Chain, meta: dict[str, str]) -> BaseModelLink:
     return BaseModelLink(name=meta.get(f"{KEY}base_model"), source=source, hash=recorded, status=status)
 
 
-def trace_lora(root: DataRoot, lora_path: Path) -> ProvenanceChain:
-    """The provenance chain of one LoRA file, each link checked; `status` is "ok" or a list of findings."""
+def trace_lora(root: DataRoot, lora_path: Path, _starts: int = 0) -> ProvenanceChain:
+    """The provenance chain of one LoRA file, each link checked; `status` is "ok" or a list of findings.
+    `_starts`: how many starting LoRAs (from_lora) were followed to reach this file."""
     meta = read_lora_metadata(lora_path)
     version = meta.get(f"{KEY}dataset_version")
     if not version:
@@ -342,12 +346,14 @@ def trace_lora(root: DataRoot, lora_path: Path) -> ProvenanceChain:
     flags = version_flags(root, root.dataset(version)) if dataset.snapshot_manifest_root is not None else []
     chain.findings += retired_findings(version, flags)
     base = _base_model_link(chain, meta)
+    start, found = start_link(root, meta, lambda path: trace_lora(root, path, _starts + 1).to_json_dict(), _starts)
+    chain.findings += found
     return ProvenanceChain(
         lora=lora, recipe=recipe, dataset=dataset, images=images, base_model=base,
         code_commit=meta.get(f"{KEY}code_commit"),
         mlflow=MlflowLink(run_id=meta.get(f"{KEY}mlflow_run_id"), tracking_uri=mlflow_tracking_uri(root.mlflow)),
         status=chain.findings or "ok",
-        batches=flags,
+        batches=flags, **({"from_lora": start} if start is not None else {}),
     )
 
 
@@ -401,6 +407,7 @@ def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Seque
         f"code commit {chain.code_commit}",
         f"MLflow run {chain.mlflow.run_id} in {chain.mlflow.tracking_uri}",
     ]
+    lines += start_lines(chain.from_lora, lambda sub: format_provenance(ProvenanceChain.model_validate(sub), False))
     if chain.status == "ok":
         lines.append("status: ok, every link checks out")
     else:

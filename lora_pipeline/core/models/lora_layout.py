@@ -29,10 +29,15 @@ KOHYA_UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "pro
 ModuleTensors = dict[str, dict[str, torch.Tensor]]  # {diffusers module path: {key suffix: tensor}}
 
 
-def _per_module_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:
+def per_module_keys(family: ModelFamily, denoiser: Any, names: list[str]) -> dict[str, str]:
+    """{diffusers module path: its kohya module key} of a "per_module" family's denoiser modules."""
     kohya_path = family.kohya_module_namer(denoiser)
-    return {UNET_PREFIX + kohya_path(name).replace(".", "_") + suffix: tensor
-            for name, tensors in modules.items() for suffix, tensor in tensors.items()}
+    return {name: UNET_PREFIX + kohya_path(name).replace(".", "_") for name in names}
+
+
+def _per_module_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:
+    keys = per_module_keys(family, denoiser, list(modules))
+    return {keys[name] + suffix: tensor for name, tensors in modules.items() for suffix, tensor in tensors.items()}
 
 
 def _fused_tensors(family: ModelFamily, denoiser: Any, modules: ModuleTensors) -> dict[str, torch.Tensor]:

@@ -2,8 +2,10 @@
 and the samples while training.
 
 Each epoch's kohya file is loaded through `load_lora_weights` and weighted with `set_adapters` — exactly how a
-user loads the LoRA — so the images show what users will get. Every image of one prompt starts from the same
-noise (a generator seeded from `seed + prompt index`), so only the epoch and the weight differ between them.
+user loads the LoRA — so the images show what users will get. A LoHa / LoKr file, which diffusers' loader does not
+read for the U-Nets, goes on as a peft adapter of the same weight delta (lycoris.py) and is weighted alike.
+Every image of one prompt starts from the same noise (a generator seeded from `seed + prompt index`), so only the
+epoch and the weight differ between them.
 The family names the pipeline (FluxPipeline for FLUX.1, whose `guidance_scale` is [dev]'s embedded guidance)
 and its further call arguments (FLUX's T5 length).
 The settings are plain values (`SamplingSettings`; a recipe gives its own as `Recipe.sampling`), so neither
@@ -32,6 +34,7 @@ from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_bytes
 from lora_pipeline.core.models.kohya_names import for_diffusers
 from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.models.lycoris import file_algo, load_lycoris
 from lora_pipeline.core.models.t5_lora import delete_t5_lora, load_t5_lora, weigh_t5_lora
 
 
@@ -116,6 +119,10 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
     name = f"e{epoch}"
     encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
     tensors = for_diffusers(safetensors.torch.load_file(str(path)), encoders)
+    if file_algo(tensors) != "lora":  # LoHa / LoKr, which diffusers' loader does not read for the U-Nets
+        with _lycoris_loaded(pipe, path, tensors, name):
+            yield name
+        return
     try:
         with quiet_diffusers():
             pipe.load_lora_weights(tensors, adapter_name=name)
@@ -129,6 +136,25 @@ def loaded_lora(pipe: DiffusionPipeline, path: Path, epoch: int) -> Iterator[str
     finally:
         pipe.delete_adapters([name])
         delete_t5_lora(pipe, name)
+
+
+@contextmanager
+def _lycoris_loaded(pipe: DiffusionPipeline, path: Path, tensors: dict[str, torch.Tensor], name: str) -> Iterator[None]:
+    from safetensors import safe_open
+
+    from lora_pipeline.core.models.families import FAMILIES
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    family = next(f for f in FAMILIES.values() if f.pipeline == type(pipe).__name__)
+    try:
+        load_lycoris(getattr(pipe, family.denoiser_subfolder), family, tensors, name, metadata)
+    except ValueError as exc:
+        raise UserError(f"this LoHa/LoKr file cannot be evaluated: {exc}", path) from None
+    try:
+        yield
+    finally:
+        pipe.delete_adapters([name])
 
 
 def set_lora_weight(pipe: DiffusionPipeline, adapter: str, weight: float) -> None:

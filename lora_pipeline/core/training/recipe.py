@@ -3,8 +3,8 @@
 The fields are recipe_fields.py's (docs/fields.md lists every field with its range; `make docs`), the checks of
 their combinations recipe_checks.py's. The recipe is one flat file, as kohya's arguments are; code reads it by
 concern through its groups (`Recipe.network`, `.optimizer_settings`, `.schedule`, `.noise`, `.flow`,
-`.augmentation`, `.automation`, `.buckets`, `.sampling`; recipe_groups.py). `recipe_checks.fast_path_blockers` is
-the one answer to whether a run's steps can be captured as CUDA graphs.
+`.augmentation`, `.automation`, `.buckets`, `.ema`, `.sampling`; recipe_groups.py).
+`recipe_checks.fast_path_blockers` is the one answer to whether a run's steps can be captured as CUDA graphs.
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from pydantic.dataclasses import dataclass
 from lora_pipeline.core.datasets.buckets import BucketSettings
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_json
+from lora_pipeline.core.models.families import model_family
+from lora_pipeline.core.models.families.base import DDPM
 from lora_pipeline.core.schema import CONFIG, hashed_values, validate
 from lora_pipeline.core.training.recipe_checks import recipe_problems
 from lora_pipeline.core.training.recipe_fields import RecipeFields
 from lora_pipeline.core.training.recipe_groups import (
     AugmentationSettings,
     AutomationSettings,
+    EmaSettings,
     FlowSettings,
     GroupView,
     NetworkSettings,
@@ -69,6 +72,7 @@ class Recipe(RecipeFields):
     augmentation = GroupView(AugmentationSettings)
     automation = GroupView(AutomationSettings)
     buckets = GroupView(BucketSettings)
+    ema = GroupView(EmaSettings)
 
     @property
     def flow(self) -> FlowSettings:
@@ -97,6 +101,8 @@ class Recipe(RecipeFields):
         values = self.resolved()
         if values["fast_path"] is False:  # unset and false train the same tensors, and hashed alike before
             values["fast_path"] = None
+        if values["timestep_sampling"] == "uniform" and model_family(self.model_family).objective == DDPM:
+            values["timestep_sampling"] = "sigma"  # a U-Net draws both alike (step/noise.py)
         return sha256_json(hashed_values(Recipe, values))
 
 

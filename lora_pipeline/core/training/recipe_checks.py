@@ -25,13 +25,18 @@ OUTSIDE_GRAPH_OPTIMIZERS = ("AdamW8bit",)
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
 # The fields only one training objective reads (the family's `objective`): set away from their defaults on a model
 # of the other objective they are refused. DoRA and ip_noise_gamma are not implemented for the flow step yet.
+# LoHa / LoKr are not written in FLUX.1's fused layout (a fused q/k/v is no LoHa of its parts). timestep_sampling,
+# sigmoid_scale, logit_mean and logit_std are both objectives' (their modes per family: `timestep_problems`).
 OBJECTIVE_ONLY = {
     DDPM: ("v_parameterization", "zero_terminal_snr", "min_snr_gamma", "debiased_estimation_loss", "conv_dim",
-           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep"),
-    RECTIFIED_FLOW: ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "model_prediction_type",
-                     "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "train_blocks",
-                     "t5xxl_max_token_length", "flux_guidance_scale"),
+           "noise_offset", "multires_noise_iterations", "ip_noise_gamma", "use_dora", "min_timestep", "max_timestep",
+           "network_algo", "lokr_factor"),
+    RECTIFIED_FLOW: ("discrete_flow_shift", "model_prediction_type", "weighting_scheme", "mode_scale",
+                     "train_blocks", "t5xxl_max_token_length", "flux_guidance_scale"),
 }
+# the fields each U-Net timestep_sampling mode reads (FLUX.1's read them as kohya's flux_train_network does)
+DDPM_SAMPLING_FIELDS = {"sigmoid_scale": ("sigmoid",), "logit_mean": ("logit_normal",),
+                        "logit_std": ("logit_normal",)}
 
 
 def recipe_problems(recipe: RecipeFields) -> list[str]:
@@ -52,7 +57,7 @@ def recipe_problems(recipe: RecipeFields) -> list[str]:
 
 def _conflicts(recipe: RecipeFields) -> list[str]:
     found = [problem for problem in (optimizer_args_problem(recipe.optimizer, recipe.optimizer_args),
-                                     _timestep_problem(recipe)) if problem]
+                                     _timestep_problem(recipe), _algo_problem(recipe)) if problem]
     if recipe.conv_alpha is not None and recipe.conv_dim is None:
         found.append("conv_alpha needs conv_dim")
     if recipe.text_encoder_lr is not None and recipe.network_train_unet_only:
@@ -69,7 +74,7 @@ def _conflicts(recipe: RecipeFields) -> list[str]:
         found.append("relative-step Adafactor has no warm-up (kohya refuses it too); set lr_warmup_steps: 0")
     if recipe.zero_terminal_snr and not recipe.v_parameterization:
         found.append("zero_terminal_snr needs v_parameterization: true (epsilon cannot be predicted at zero SNR)")
-    found += _t5_conflicts(recipe)
+    found += _t5_conflicts(recipe) + _ema_conflicts(recipe)
     if recipe.cache_text_encoder_outputs_to_disk and (changing := _changing_captions(recipe)):
         found.append(f"cache_text_encoder_outputs_to_disk needs captions that never change and frozen text "
                      f"encoders (as kohya's): not {', '.join(changing)}")
@@ -83,6 +88,43 @@ def _timestep_problem(recipe: RecipeFields) -> str | None:
     if low is not None and high is not None and low > high:
         return "min_timestep must not be larger than max_timestep"
     return None
+
+
+def _algo_problem(recipe: RecipeFields) -> str | None:
+    if recipe.network_algo != "lora" and recipe.use_dora:
+        return f"use_dora is a LoRA option; this trainer has no DoRA form of network_algo: {recipe.network_algo}"
+    if recipe.network_algo != "lokr" and recipe.lokr_factor != -1:
+        return "lokr_factor needs network_algo: lokr"
+    if recipe.lokr_factor == 0:
+        return "lokr_factor must be -1 (the most square split) or a side of at least 1"
+    if recipe.network_algo != "lora" and recipe.from_lora is not None:
+        return f"from_lora starts from a LoRA's weights; it has no form for network_algo: {recipe.network_algo}"
+    return None
+
+
+def timestep_problems(recipe: RecipeFields) -> list[str]:
+    """The timestep_sampling mode the family takes, and (on a U-Net) no field of another mode set."""
+    family = model_family(recipe.model_family)
+    if recipe.timestep_sampling not in family.timestep_samplings:
+        hint = " (FLUX.1's logit-normal density is weighting_scheme: logit_normal)" \
+            if recipe.timestep_sampling == "logit_normal" else ""
+        return [f"timestep_sampling: {recipe.timestep_sampling} is not a mode of {family.label} model (one of "
+                f"{', '.join(family.timestep_samplings)}){hint}"]
+    if family.objective != DDPM:
+        return []
+    infos = type(recipe).__pydantic_fields__
+    return [f"{name} is read only by timestep_sampling: {' or '.join(modes)}; leave it unset"
+            for name, modes in DDPM_SAMPLING_FIELDS.items()
+            if getattr(recipe, name) != infos[name].default and recipe.timestep_sampling not in modes]
+def _ema_conflicts(recipe: RecipeFields) -> list[str]:
+    """The EMA's settings need `use_ema`; a schedule-free optimizer already saves averaged weights."""
+    infos = type(recipe).__pydantic_fields__
+    settings = ("ema_decay", "ema_update_after_step", "ema_warmup", "ema_power")
+    if not recipe.use_ema:
+        return [f"{name} needs use_ema: true" for name in settings if getattr(recipe, name) != infos[name].default]
+    if recipe.optimizer == "AdamWScheduleFree":
+        return ["use_ema cannot be used with AdamWScheduleFree (its files already hold its averaged weights)"]
+    return []
 
 
 def _t5_conflicts(recipe: RecipeFields) -> list[str]:
@@ -119,6 +161,7 @@ def _family_conflicts(recipe: RecipeFields) -> list[str]:
     found = [f"{name} is not an option of {family.label} model (model_family: {recipe.model_family}); leave it "
              "unset" for objective, names in OBJECTIVE_ONLY.items() if objective != family.objective
              for name in names if getattr(recipe, name) != infos[name].default]
+    found += timestep_problems(recipe)
     if family.objective != DDPM and recipe.loss_type in ("huber", "smooth_l1") and recipe.huber_schedule == "snr":
         found.append(f"huber_schedule: snr needs a DDPM noise schedule, which {family.label} model does not train on "
                      "(kohya's FLUX.1 trainer fails on it too); use huber_schedule: exponential or constant")
@@ -152,6 +195,9 @@ def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None,
     if recipe.optimizer not in (*GRAPH_SAFE_OPTIMIZERS, *OUTSIDE_GRAPH_OPTIMIZERS):
         found.append(f"{recipe.optimizer} reads values back to the host or keeps host state inside its step (the "
                      f"captured step needs {', '.join((*GRAPH_SAFE_OPTIMIZERS, *OUTSIDE_GRAPH_OPTIMIZERS))})")
+    if recipe.network_algo != "lora":
+        found.append(f"network_algo: {recipe.network_algo} has not been run under the captured step (no CUDA test of "
+                     "LoHa/LoKr yet)")
     if processes > 1:
         found.append(f"{processes} processes train together (DDP: a captured CUDA graph holds one process's step, "
                      "not the gradient all-reduce)")

@@ -30,6 +30,7 @@ from lora_pipeline.core.schema import (
 from lora_pipeline.core.training.recipe_groups import (
     HuberSchedule,
     LossType,
+    NetworkAlgo,
     PredictionType,
     TimestepSampling,
     WeightingScheme,
@@ -278,12 +279,15 @@ class RecipeFields:
     )
     # FLUX.1 (model_family: flux1): kohya's flux_train_network.py options of the rectified-flow step (step/flow.py)
     timestep_sampling: TimestepSampling = Field(
-        "sigma", description="FLUX.1: how a step's noise level is drawn (kohya's --timestep_sampling): sigma (the "
+        "sigma", description="how a step's noise level is drawn. FLUX.1 (kohya's --timestep_sampling): sigma (the "
         "shifted scheduler's sigmas, at weighting_scheme's density), uniform, sigmoid, shift (sigmoid shifted by "
-        "discrete_flow_shift) or flux_shift (shifted by the image size)", json_schema_extra=ADDED_LATER,
+        "discrete_flow_shift) or flux_shift (shifted by the image size). SD 1.x / SDXL (OneTrainer's "
+        "timestep_distribution): sigma or uniform (the schedule's timesteps uniformly, kohya's draw), sigmoid "
+        "(sigmoid(sigmoid_scale·N(0,1))) or logit_normal (sigmoid(N(logit_mean, logit_std))), as a share of "
+        "[min_timestep, max_timestep)", json_schema_extra=ADDED_LATER,
     )
     sigmoid_scale: Float = Field(
-        1.0, gt=0.0, le=100.0, description="FLUX.1: scale of the normal draw of sigmoid, shift and flux_shift "
+        1.0, gt=0.0, le=100.0, description="scale of the normal draw of sigmoid (and FLUX.1's shift and flux_shift) "
         "sampling (kohya's --sigmoid_scale)", json_schema_extra=ADDED_LATER,
     )
     discrete_flow_shift: Float = Field(
@@ -301,11 +305,13 @@ class RecipeFields:
         json_schema_extra=ADDED_LATER,
     )
     logit_mean: Float = Field(
-        0.0, ge=-10.0, le=10.0, description="FLUX.1: mean of the logit_normal density (kohya's --logit_mean)",
+        0.0, ge=-10.0, le=10.0, description="mean of the logit_normal density (FLUX.1's weighting_scheme, the U-Nets' "
+        "timestep_sampling; kohya's --logit_mean)",
         json_schema_extra=ADDED_LATER,
     )
     logit_std: Float = Field(
-        1.0, gt=0.0, le=10.0, description="FLUX.1: deviation of the logit_normal density (kohya's --logit_std)",
+        1.0, gt=0.0, le=10.0, description="deviation of the logit_normal density (FLUX.1's "
+        "weighting_scheme, the U-Nets' timestep_sampling; kohya's --logit_std)",
         json_schema_extra=ADDED_LATER,
     )
     mode_scale: Float = Field(
@@ -329,6 +335,50 @@ class RecipeFields:
         False, description="FLUX.1: the T5-XXL text encoder carries a LoRA too, written as `lora_te3_` keys beside "
         "CLIP-L's `lora_te1_` (kohya's network_args train_t5xxl); needs network_train_unet_only: false, and T5's "
         "outputs are then encoded at every step (no text-output cache)", json_schema_extra=ADDED_LATER,
+    )
+    # LyCORIS' LoHa / LoKr (issue 25; core/models/lycoris.py). The U-Nets' timestep sampling (issue 25 too) reuses
+    # the fields timestep_sampling, sigmoid_scale, logit_mean and logit_std above (step/noise.py)
+    network_algo: NetworkAlgo = Field(
+        "lora", description="the network trained on the LoRA's modules: lora, loha (LyCORIS' LoHa: ΔW = (w1_a w1_b) "
+        "∘ (w2_a w2_b) · alpha/dim) or lokr (LyCORIS' LoKr: ΔW = w1 ⊗ w2, w2 low-rank at dim where it is large); "
+        "kohya's --network_module lycoris.kohya with network_args algo=loha|lokr. SD 1.x and SDXL only",
+        json_schema_extra=ADDED_LATER,
+    )
+    lokr_factor: Int = Field(
+        -1, ge=-1, le=1024, description="LoKr: the side of the Kronecker product's small factor (LyCORIS' network_args "
+        "factor; -1: the most square split of each side)", json_schema_extra=ADDED_LATER,
+    )
+    # EMA of the LoRA weights and starting from an existing LoRA (issue 25); step/ema.py, run/start_lora.py.
+    # The EMA fields are diffusers' EMAModel's (and SimpleTuner's, which trains LoRA with it).
+    use_ema: Bool = Field(
+        False, description="keep a float32 exponential moving average of the LoRA weights, updated after every "
+        "optimizer step; the epoch and step files (and the samples) hold it instead of the raw weights "
+        "(SimpleTuner's --use_ema, OneTrainer's ema; header ss_ema)", json_schema_extra=ADDED_LATER,
+    )
+    ema_decay: Float = Field(
+        0.995, gt=0.0, lt=1.0, description="the EMA's largest decay (SimpleTuner's --ema_decay default; diffusers' "
+        "EMAModel decay). A step's decay is min(ema_decay, (1 + n) / (10 + n)), or with ema_warmup "
+        "min(ema_decay, 1 - (1 + n)^-ema_power), n the EMA updates after ema_update_after_step; n = 0 copies the "
+        "weights", json_schema_extra=ADDED_LATER,
+    )
+    ema_update_after_step: Int = Field(
+        0, ge=0, le=10_000_000, description="until this optimizer step the EMA only copies the weights (diffusers' "
+        "update_after_step)", json_schema_extra=ADDED_LATER,
+    )
+    ema_warmup: Bool = Field(
+        False, description="diffusers' use_ema_warmup: the decay ramps as 1 - (1 + n)^-ema_power (inv_gamma 1) "
+        "instead of (1 + n) / (10 + n)", json_schema_extra=ADDED_LATER,
+    )
+    ema_power: Float = Field(
+        2 / 3, gt=0.0, le=10.0, description="exponent of the ema_warmup ramp (diffusers' power: 2/3 reaches 0.999 "
+        "after about 31,000 steps, 3/4 after 10,000)", json_schema_extra=ADDED_LATER,
+    )
+    from_lora: Annotated[Text, Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="start from this LoRA's weights instead of a fresh init (kohya's --network_weights): a "
+        "safetensors file (absolute, or relative to the data root) or a LoRA of this pipeline as "
+        "`<version>/<recipe>/e<NNN>`. Its family, rank, alpha and modules must be the recipe's; its path and "
+        "sha256 go into the header (ss_network_weights) and provenance traces its chain",
+        json_schema_extra=ADDED_LATER,
     )
     train_on: tuple[FamilyPattern, ...] = Field(
         (), max_length=100, description="dataset families (names or globs) whose new versions are trained and "

@@ -17,7 +17,9 @@ from typing import Generic, Literal, TypeVar, get_args, overload
 from lora_pipeline.core.datasets.snapshot.snapshot_plan import family
 
 G = TypeVar("G")
-TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+# the modes of every family; which a family takes: its `timestep_samplings` (recipe_checks.timestep_problems)
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift", "logit_normal"]
+NetworkAlgo = Literal["lora", "loha", "lokr"]
 PredictionType = Literal["raw", "additive", "sigma_scaled"]
 WeightingScheme = Literal["none", "uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap"]
 LossType = Literal["l2", "l1", "huber", "smooth_l1"]
@@ -58,6 +60,8 @@ class NetworkSettings:
     network_train_unet_only: bool
     train_blocks: str = "all"  # FLUX.1's blocks that carry the LoRA (all, double, single)
     train_t5xxl: bool = False  # FLUX.1's T5 encoder carries a LoRA too, when the text encoders train
+    network_algo: NetworkAlgo = "lora"  # LyCORIS' loha / lokr instead of the LoRA (core/models/lycoris.py)
+    lokr_factor: int = -1  # LoKr's Kronecker factor (LyCORIS' factor)
 
     @property
     def conv_alpha_value(self) -> float:
@@ -96,7 +100,9 @@ class ScheduleSettings:
 class NoiseSettings:
     """kohya's noise options of a step and the loss weights that depend on the noise (noise.py, loop.py), the
     training noise schedule (`v_parameterization`, `zero_terminal_snr`), the drawn timesteps' bounds
-    (`min_timestep`, `max_timestep`; null: 0 and the schedule's num_train_timesteps) and the loss function
+    (`min_timestep`, `max_timestep`; null: 0 and the schedule's num_train_timesteps) and their density
+    (`timestep_sampling`: sigma / uniform, sigmoid with `sigmoid_scale`, logit_normal with `logit_mean`,
+    `logit_std`; noise.py) and the loss function
     (`loss_type`, the Huber threshold's `huber_schedule`, `huber_c`, `huber_scale`; step/loss.py). The defaults
     are all off (MSE at uniform timesteps)."""
 
@@ -114,6 +120,37 @@ class NoiseSettings:
     huber_schedule: HuberSchedule = "snr"
     huber_c: float = 0.1
     huber_scale: float = 1.0
+    timestep_sampling: TimestepSampling = "sigma"  # the U-Nets' modes: sigma / uniform, sigmoid, logit_normal
+    sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass(frozen=True)
+class EmaSettings:
+    """The EMA of the LoRA weights (`use_ema`; step/ema.py keeps it)."""
+
+    use_ema: bool = False
+    ema_decay: float = 0.995
+    ema_update_after_step: int = 0
+    ema_warmup: bool = False
+    ema_power: float = 2 / 3
+
+    def decay(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based), as diffusers' EMAModel.get_decay."""
+        n = max(0, step - self.ema_update_after_step - 1)
+        if n <= 0:
+            return 0.0
+        ramp = 1 - (1 + n) ** -self.ema_power if self.ema_warmup else (1 + n) / (10 + n)
+        return min(ramp, self.ema_decay)
+
+    def metadata(self) -> dict[str, str]:
+        """The header keys of an EMA run (none when off: files of runs without EMA keep their bytes)."""
+        if not self.use_ema:
+            return {}
+        return {"ss_ema": "True", "ss_ema_decay": str(self.ema_decay),
+                "ss_ema_update_after_step": str(self.ema_update_after_step),
+                "ss_ema_warmup": str(self.ema_warmup), "ss_ema_power": str(self.ema_power)}
 
 
 @dataclass(frozen=True)

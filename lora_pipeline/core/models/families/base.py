@@ -46,6 +46,8 @@ class ModelFamily(ABC):
     # kohya's key prefix of the T5 encoder's LoRA (`train_t5xxl`), the text encoder after those of text_prefixes;
     # "": the family has no T5 encoder
     t5_prefix: str = ""
+    # the recipe's timestep_sampling modes its step draws (U-Nets: step/noise.py; FLUX.1: step/flow.py)
+    timestep_samplings: tuple[str, ...] = ("sigma", "uniform", "sigmoid", "logit_normal")
 
     def lora_text_prefixes(self, train_t5xxl: bool) -> tuple[str, ...]:
         """kohya's prefix of each text encoder, in order, that carries a LoRA when the text encoders train:

@@ -78,5 +78,6 @@ FLUX1 = Flux1(
     tokenizers=("CLIPTokenizer", "T5Tokenizer"), denoiser_subfolder="transformer",
     denoiser_class="FluxTransformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler",
     objective=RECTIFIED_FLOW, pixel_multiple=16, kohya_layout="bfl_fused", t5_prefix="lora_te3_",
+    timestep_samplings=("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
     max_blocks_to_swap=35,  # kohya's limit: at least two blocks of each kind stay on the GPU (19 double, 38 single)
 )

@@ -1,8 +1,9 @@
 """LoRA files in kohya's format, so diffusers' `load_lora_weights`, A1111 and ComfyUI all load them.
 
 Keys are `lora_unet_<module path, dots as underscores>.{lora_down.weight, lora_up.weight, alpha}` (and
-`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py), where `alpha`
-holds the recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
+`lora_te_…` / `lora_te1_…`, `lora_te2_…` for text encoders, `.dora_scale` for DoRA; network.py; LoHa / LoKr
+write LyCORIS' `.hada_…` / `.lokr_…` keys on the same names, core/models/lycoris.py), where `alpha` holds the
+recipe's real alpha (the loaders scale by alpha / rank, as training did). SD 1.x LoRAs use the
 diffusers module paths (kohya trains SD 1.x on a diffusers-layout U-Net); SDXL LoRAs use the original sgm
 names (`input_blocks_4_1_…`, `middle_block_1_…`, `output_blocks_…`) that kohya's SDXL U-Net has and
 A1111/ComfyUI expect. The header carries kohya's `ss_*` keys, `modelspec.*` and our
@@ -161,6 +162,15 @@ def _optimizer(settings: OptimizerSettings) -> str:
     return f"{settings.optimizer}({kohya_optimizer_args(args)})"
 
 
+def _sampling_keys(recipe: Recipe) -> dict[str, float]:
+    """The ss_* keys of the parameters a U-Net timestep_sampling mode reads (kohya's names of them)."""
+    if recipe.timestep_sampling == "sigmoid":
+        return {"ss_sigmoid_scale": recipe.sigmoid_scale}
+    if recipe.timestep_sampling == "logit_normal":
+        return {"ss_logit_mean": recipe.logit_mean, "ss_logit_std": recipe.logit_std}
+    return {}
+
+
 def build_metadata(
     *,
     recipe: Recipe,
@@ -214,7 +224,7 @@ def build_metadata(
         "ss_gradient_accumulation_steps": gradient_accumulation_steps or recipe.gradient_accumulation_steps,
         "ss_lr_warmup_steps": recipe.lr_warmup_steps,
         "ss_lr_scheduler": recipe.kohya_lr_scheduler,
-        "ss_network_module": "lycoris.kohya" if recipe.use_dora else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if recipe.use_dora or recipe.network_algo != "lora" else "networks.lora",
         "ss_network_dim": recipe.network_dim,
         "ss_network_alpha": float(recipe.network_alpha),
         "ss_network_train_unet_only": _flag(recipe.network_train_unet_only),
@@ -261,6 +271,8 @@ def build_metadata(
         ss.update(ss_guidance_scale=flow.guidance_scale, ss_timestep_sampling=flow.timestep_sampling,
                   ss_sigmoid_scale=flow.sigmoid_scale, ss_model_prediction_type=flow.model_prediction_type,
                   ss_discrete_flow_shift=flow.discrete_flow_shift, ss_weighting_scheme=flow.weighting_scheme)
+    elif recipe.timestep_sampling != "sigma":  # the U-Nets' modes (step/noise.py), only when set
+        ss.update(ss_timestep_sampling=recipe.timestep_sampling, **_sampling_keys(recipe))
     if network_args(recipe.network):
         ss["ss_network_args"] = json.dumps(network_args(recipe.network))
     modelspec = {

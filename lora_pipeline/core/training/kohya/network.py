@@ -17,6 +17,9 @@ kohya's SDXL U-Net names them.
 DoRA (`use_dora`, peft's weight decomposition: magnitude per output channel) adds `.dora_scale` per module,
 shaped (out, 1) / (out, 1, 1, 1) as LyCORIS writes it with wd_on_out; diffusers reads it into peft's
 magnitude vector, ComfyUI recognises the output axis by that shape.
+
+`network_algo: loha | lokr` trains peft's LoHa / LoKr adapters on the same modules instead, written with
+LyCORIS' keys (`.hada_w1_a`…, `.lokr_w1`…; core/models/lycoris.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_pipeline.core.models import lycoris
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.kohya_names import TEXT_MODEL
 from lora_pipeline.core.models.lora_layout import KOHYA_UNET_TARGET_MODULES, denoiser_kohya_tensors, lora_targets
@@ -63,9 +67,11 @@ def conv_targets(unet: Any) -> dict[str, bool]:
 
 def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "default", *, conv_dim: int | None = None,
                   conv_alpha: float = 1.0, use_dora: bool = False,
-                  target_modules: Sequence[str] = tuple(KOHYA_UNET_TARGET_MODULES)) -> None:
+                  target_modules: Sequence[str] = tuple(KOHYA_UNET_TARGET_MODULES), algo: str = "lora",
+                  factor: int = -1) -> None:
     """Wrap kohya's target modules (default: the U-Net's; a family's `lora_targets`) in a peft LoRA: down
-    kaiming-uniform, up zero (as kohya), scale alpha/rank."""
+    kaiming-uniform, up zero (as kohya), scale alpha/rank; or, with `algo` loha / lokr, in peft's LoHa / LoKr
+    (LoKr's Kronecker `factor`, -1: as square as the sides allow)."""
     from peft import LoraConfig  # imported here: peft takes seconds to import, provenance never needs it
 
     targets: list[str] = list(target_modules)
@@ -76,8 +82,11 @@ def add_unet_lora(unet: Any, rank: int, alpha: float, adapter_name: str = "defau
             targets.append(name)
             if is_3x3:
                 ranks[re.escape(name)], alphas[re.escape(name)] = conv_dim, conv_alpha
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
-                        rank_pattern=ranks, alpha_pattern=alphas, use_dora=use_dora)
+    if algo != "lora":
+        config = lycoris.peft_config(algo, rank, alpha, targets, ranks=ranks, alphas=alphas, factor=factor)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True,
+                            rank_pattern=ranks, alpha_pattern=alphas, use_dora=use_dora)
     unet.add_adapter(config, adapter_name=adapter_name)
     # peft casts each LoRA input to the (float32) LoRA weight dtype: under bf16 autocast that is a full copy of
     # every activation, cast straight back by autocast for the matmul (30% of H100 time in a profile). The
@@ -93,16 +102,21 @@ def text_targets(encoder: Any) -> list[str]:
 
 
 def add_text_encoder_lora(encoder: Any, rank: int, alpha: float, adapter_name: str = "default", *,
-                          use_dora: bool = False) -> None:
-    """kohya's text-encoder LoRA: every Linear of the CLIP (or T5) attention and MLP blocks."""
+                          use_dora: bool = False, algo: str = "lora", factor: int = -1) -> None:
+    """kohya's text-encoder LoRA (or LoHa / LoKr): every Linear of the CLIP (or T5) attention and MLP blocks."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=text_targets(encoder), init_lora_weights=True,
-                        use_dora=use_dora)
+    if algo != "lora":
+        config = lycoris.peft_config(algo, rank, alpha, text_targets(encoder), factor=factor)
+    else:
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=text_targets(encoder), init_lora_weights=True,
+                            use_dora=use_dora)
     inject_adapter_in_model(config, encoder, adapter_name=adapter_name)
 
 
 def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tensor]:
+    if lycoris.is_lycoris_layer(module):
+        return lycoris.module_tensors(module, adapter, key)
     alpha = float(module.lora_alpha[adapter])
     if not math.isclose(module.scaling[adapter], alpha / module.r[adapter]):
         raise ValueError(f"{key}: only the plain scale alpha/rank (no rsLoRA) has a kohya form")
@@ -118,11 +132,17 @@ def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tens
     return out
 
 
-def _adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
+def adapter_modules(model: Any, adapter: str) -> list[tuple[str, Any]]:
+    """(module path, peft LoRA layer) of every module of `model` that carries `adapter`."""
     from peft.tuners.lora import LoraLayer
 
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and adapter in module.lora_A]
+            if (isinstance(module, LoraLayer) and adapter in module.lora_A)
+            or (lycoris.is_lycoris_layer(module) and adapter in module.r)]
+
+
+def _alpha(module: Any, adapter: str) -> float:
+    return float((module.alpha if lycoris.is_lycoris_layer(module) else module.lora_alpha)[adapter])
 
 
 def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None, adapter_name: str = "default",
@@ -131,8 +151,8 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
     architecture = model_family(family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for name, module in _adapter_modules(unet, adapter_name):
-        alpha = module.lora_alpha[adapter_name]
+    for name, module in adapter_modules(unet, adapter_name):
+        alpha = _alpha(module, adapter_name)
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):
             raise ValueError(f"{name}: adapter alpha {alpha} is not {network_alpha}")
@@ -140,13 +160,22 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
     if not modules:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
     tensors = denoiser_kohya_tensors(architecture, unet, modules)
-    # an encoder without an adapter (FLUX.1's T5 without train_t5xxl) writes nothing
-    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders or [], strict=False):
+    for key, module in text_encoder_modules(family, text_encoders or [], adapter_name).items():
+        tensors.update(_module_tensors(module, adapter_name, key))
+    return tensors
+
+
+def text_encoder_modules(family: str, text_encoders: Sequence[Any], adapter_name: str = "default") -> dict[str, Any]:
+    """{kohya module key: peft LoRA layer} of the text encoders' adapters (an encoder without one, FLUX.1's T5
+    without train_t5xxl, has none)."""
+    architecture = model_family(family)
+    found: dict[str, Any] = {}
+    for prefix, encoder in zip(architecture.lora_text_prefixes(train_t5xxl=True), text_encoders, strict=False):
         # kohya's CLIP names have transformers 4's `text_model` level, which transformers 5's CLIP models dropped
         level = "" if hasattr(encoder, "text_model") or prefix == architecture.t5_prefix else TEXT_MODEL
-        for name, module in _adapter_modules(encoder, adapter_name):
-            tensors.update(_module_tensors(module, adapter_name, prefix + level + name.replace(".", "_")))
-    return tensors
+        found.update({prefix + level + name.replace(".", "_"): module
+                      for name, module in adapter_modules(encoder, adapter_name)})
+    return found
 
 
 def lora_text_encoders(base: BaseModel, train_t5xxl: bool = False) -> list[Any]:
@@ -173,10 +202,12 @@ def add_network(base: BaseModel, network: NetworkSettings, seed: int,
         torch.manual_seed(derive_seed(seed, Stream.INIT))
         add_unet_lora(base.denoiser, network.network_dim, network.network_alpha, conv_dim=network.conv_dim,
                       conv_alpha=network.conv_alpha_value, use_dora=network.use_dora,
-                      target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks))
+                      target_modules=lora_targets(base.architecture, base.denoiser, network.train_blocks),
+                      algo=network.network_algo, factor=network.lokr_factor)
         if not network.network_train_unet_only:
             for encoder in lora_text_encoders(base, network.train_t5xxl):
-                add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora)
+                add_text_encoder_lora(encoder, network.network_dim, network.network_alpha, use_dora=network.use_dora,
+                                      algo=network.network_algo, factor=network.lokr_factor)
     for module in (base.denoiser, *base.text_encoders):
         cast_training_params(module, dtype=torch.float32)
     if resume_from is not None:
@@ -196,9 +227,13 @@ def param_groups(base: BaseModel, text_encoder_lr: float | None) -> list[Any]:
 
 
 def network_args(network: NetworkSettings) -> dict[str, str]:
-    """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA; FLUX.1's
-    train_t5xxl as kohya's "True")."""
+    """kohya's ss_network_args: the `key=value` network_args as strings (LyCORIS' algo/dora_wd for DoRA, algo
+    (and LoKr's factor) for LoHa / LoKr; FLUX.1's train_t5xxl as kohya's "True")."""
     args: dict[str, str] = {}
+    if network.network_algo != "lora":
+        args.update(algo=network.network_algo)
+    if network.network_algo == "lokr":
+        args.update(factor=str(network.lokr_factor))
     if network.train_t5xxl:
         args.update(train_t5xxl="True")
     if network.conv_dim is not None:

@@ -1,9 +1,10 @@
 """Resume state: a run killed at any point continues from its last saved epoch and ends byte-identical.
 
 After each saved epoch the trainer writes the epoch file (atomically), then `out_dir/.resume/state.pt`
-(atomically): LoRA weights, optimizer and LR-scheduler state, epoch and global step, the loss history,
-the records of the files saved so far, the start time and provenance written into every header, and the
-key (recipe sha256, manifest root, base model hash) that must match for a run to resume. No RNG state is
+(atomically): LoRA weights (with use_ema also their EMA shadow), optimizer and LR-scheduler state, epoch and
+global step, the loss history, the records of the files saved so far, the start time and provenance written into
+every header, and the key (recipe sha256, manifest root, base model hash, and with from_lora the starting file's
+sha256) that must match for a run to resume. No RNG state is
 kept: every random draw comes from generators seeded by (seed, epoch/step) (see seeds.py).
 
 On start, epoch files that the state does not vouch for (beyond its epoch, or all of them when there is
@@ -53,6 +54,7 @@ class ResumeState:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     format: int = field(default=FORMAT)
+    ema: dict[str, torch.Tensor] | None = None  # use_ema: the shadow of the LoRA weights (step/ema.py)
 
 
 def state_path(out_dir: Path) -> Path:

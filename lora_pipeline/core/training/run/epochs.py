@@ -16,6 +16,7 @@ from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip
 from lora_pipeline.core.training.run.saving import save_epoch, save_lora_file, writes
 from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun, build_context
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.step.ema import ema_applied
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.loop import (
     EpochStats,
@@ -55,7 +56,7 @@ def _sample(run: TrainingRun, ctx: StepContext, renderer: SampleRenderer, epoch:
     every = run.recipe.sample_every_n_epochs
     if not every or (epoch % every and epoch != run.last_epoch) or not writes(ctx):
         return
-    with averaged_weights(ctx.parts.optimizer), run.times.stage("sampling"):
+    with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema), run.times.stage("sampling"):
         path = renderer.render(strip_path(run.out_dir, run.version, run.recipe.name, epoch))
     if tracker is not None:
         tracker.log_image(path, "samples", epoch)

@@ -15,13 +15,15 @@ from lora_pipeline.core.training.run.checkpoint import (
     save_state,
 )
 from lora_pipeline.core.training.run.setup import TrainingRun
+from lora_pipeline.core.training.step.ema import ema_applied
 from lora_pipeline.core.training.step.loop import StepContext
 from lora_pipeline.core.training.step.optim import averaged_weights
 
 
 def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
                    global_step: int, path: Path) -> str:
-    """Write the LoRA as it stands (for a schedule-free optimizer: its averaged weights) to `path`."""
+    """Write the LoRA as it stands (for a schedule-free optimizer: its averaged weights; with use_ema: the EMA
+    shadow) to `path`."""
     recipe = run.recipe
     unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
@@ -34,9 +36,9 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
         prediction_type=run.base.noise_scheduler.config.get("prediction_type", run.base.architecture.objective),
         flip_aug=run.flip_aug, architecture=run.base.architecture.lora_architecture(unet),
         gradient_accumulation_steps=run.accumulation,
-    ) | run.rights_keys
+    ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
-    with averaged_weights(ctx.parts.optimizer):
+    with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):
         tensors = kohya_state_dict(unet, recipe.model_family, recipe.network_alpha, text_encoders=encoders)
     return save_lora(path, tensors, metadata)
 
@@ -60,4 +62,5 @@ def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, e
         saved=saved, losses=losses, lrs=lrs,
         lora={n: p.detach().cpu().clone() for n, p in trainable(run.base).items()},
         optimizer=ctx.parts.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
+        ema=ctx.ema.state() if ctx.ema is not None else None,
     ))

@@ -27,6 +27,8 @@ from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_checks import GRAPH_SAFE_OPTIMIZERS
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
+from lora_pipeline.core.training.run.start_lora import StartLora, load_start_lora
+from lora_pipeline.core.training.step.ema import LoraEma
 from lora_pipeline.core.training.step.fastpath import GraphedSteps, fast_path_choice
 from lora_pipeline.core.training.step.loop import (
     Shard,
@@ -64,6 +66,7 @@ class TrainingRun:
     log: Callable[[str], None]
     times: StageTimes
     called_at: float  # perf_counter at train_lora's start
+    start: StartLora | None = None  # from_lora: the LoRA the adapters start from (a resumed run: its state)
     peak: PeakMemory = field(init=False)  # the GPU's peak memory: "caching" (up to training) and "training"
 
     def __post_init__(self) -> None:
@@ -109,6 +112,9 @@ def build_context(run: TrainingRun) -> StepContext:
     unet = base.denoiser
     noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
     add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
+    if run.start is not None and run.state is None:
+        load_start_lora(base, recipe, run.start)
+        run.log(f"starting from LoRA {run.start.named} (sha256 {run.start.sha256[:12]}…)")
     flow = training_objective(base, noise, recipe.flow)
     train_text = not recipe.network_train_unet_only
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
@@ -162,6 +168,8 @@ def build_context(run: TrainingRun) -> StepContext:
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
                       text_encode=text.encode_ids if train_text else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
+    state = run.state
+    ema = LoraEma(recipe.ema, trainable(base), state.ema if state else None) if recipe.use_ema else None
     fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
@@ -173,4 +181,5 @@ def build_context(run: TrainingRun) -> StepContext:
         masked_loss=recipe.masked_loss, prior_loss_weight=recipe.prior_loss_weight if run.data.reg else None,
         micro_batch=recipe.train_batch_size if recipe.gradient_accumulation_steps > 1 else 0,
         shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
+        ema=ema,
     )

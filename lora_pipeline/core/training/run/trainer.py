@@ -11,6 +11,8 @@ deterministic algorithms, so the same inputs give byte-identical files; see seed
 reproducibility and resume. Launched in several processes (distributed.py) every process trains its share
 of each batch (loop.Shard) and only the first one writes files, samples and the MLflow run.
 
+With `from_lora` the adapters start from an existing LoRA's weights (run/start_lora.py).
+
 This module reads the inputs and the resume point and opens the MLflow run; setup.py builds the step context,
 epochs.py runs the epochs, saving.py writes the files.
 
@@ -42,6 +44,7 @@ from lora_pipeline.core.training.run.checkpoint import resume_point
 from lora_pipeline.core.training.run.epochs import train_steps
 from lora_pipeline.core.training.run.result import TrainResult, own_output
 from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun
+from lora_pipeline.core.training.run.start_lora import resolve_start
 from lora_pipeline.core.training.run.tracking import TrainingTracker, dataset_tags
 from lora_pipeline.core.training.timing import StageTimes
 
@@ -89,6 +92,7 @@ def train_lora(
                         "or alpha)", root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
+    start = resolve_start(root, recipe)  # from_lora: its file, family checked before the model loads
     target = default_device(device)
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
     times = StageTimes(target)
@@ -102,11 +106,13 @@ def train_lora(
         "base_model_hash": base_model_hash(base.source, cache=root.cache),
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
+    if start is not None:  # a changed starting file starts the run over
+        key["from_lora_sha256"] = start.sha256
     with PartialState().main_process_first():  # in several processes the first one removes stale files
         state = resume_point(out_dir, version, recipe.name, key, log)
     run = TrainingRun(root, version, recipe, out_dir, data, base, derived, key, state,
                state.started_at if state else started_at if started_at is not None else time.time(),
-               target, precision, log, times, called_at)
+               target, precision, log, times, called_at, start)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
     tags = {**dataset_tags(data.snapshot_dir), "dataset_version": version, "recipe": recipe.name,

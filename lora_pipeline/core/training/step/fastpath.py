@@ -24,6 +24,8 @@ graph replays fixed shapes and a bucketed dataset has a few:
   weights between host and device inside the step, so it takes the eager step;
 - gradient checkpointing is captured too: its recomputation saves no RNG state (run/memory.py's `checkpoint`: the
   denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
+- the EMA of the LoRA weights (`use_ema`, ema.py) is updated after each replay, outside the graph, from the
+  weights the graph updated in place: the fast path takes it as it is;
 - text encoders that carry a training LoRA are part of the step: its input is the captions' token ids
   (`StepBatch.input_ids`), the encoders' forward and backward are captured with the denoiser's;
 - the optimizer keeps its state in place on the device (DAdaptAdamW and Prodigy here, torch's fused AdamW), and

@@ -47,6 +47,7 @@ from lora_pipeline.core.training.step.denoising import (
     draw_noise,
     flow_batch_loss,
 )
+from lora_pipeline.core.training.step.ema import LoraEma
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
 
@@ -231,6 +232,7 @@ class StepContext:
     prior_loss_weight: float | None = None  # None: no regularisation images in the run
     micro_batch: int = 0  # gradient accumulation: micro-batches of this many images per step (0: none)
     shard: Shard | None = None  # this process's rows of each step when training runs in several processes
+    ema: LoraEma | None = None  # use_ema: the shadow updated after every optimizer step (ema.py)
     shapes_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
@@ -333,6 +335,8 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
             _sync(device)
             step_started = time.perf_counter()
         losses.append(ctx.update(batch, drawn))
+        if ctx.ema is not None:
+            ctx.ema.update(step)
         ctx.lr_scheduler.step()
         lrs.append(step_lr(parts.optimizer))
         ctx.shapes_seen[shape] = seen + 1

@@ -3,7 +3,8 @@
 `draw_noise` follows train_util.get_noise_noisy_latents_and_timesteps: Gaussian noise, kohya's noise offset
 (`noise += offset * randn(b, c, 1, 1)`), multi-resolution (pyramid) noise (custom_train_functions.
 pyramid_noise_like: `iterations` upsampled levels at a random 2-4x scale each, weighted `discount ** i`, then
-scaled back to unit deviation), uniform timesteps in [min_timestep, max_timestep) (get_timesteps), and
+scaled back to unit deviation), uniform timesteps in [min_timestep, max_timestep) (get_timesteps; or, with
+`timestep_sampling` sigmoid / logit_normal, OneTrainer's and SimpleTuner's densities over the same range), and
 input-perturbation noise (`ip_noise_gamma`: the noised latents get `noise + gamma * randn` while the target stays
 `noise`). Every draw comes from one CPU generator in that order, so the same generator gives the same step on any
 device.
@@ -73,15 +74,33 @@ def draw_noise(
     return NoiseDraw(noise, perturbation, timesteps)
 
 
+def timestep_share(images: int, generator: torch.Generator, settings: NoiseSettings) -> torch.Tensor | None:
+    """Where in the timestep range each image lands, in (0, 1), for the non-uniform modes (None: uniform):
+    sigmoid(sigmoid_scale * N(0, 1)) (kohya's FLUX.1 "sigmoid") or sigmoid(N(logit_mean, logit_std)) (SD3's
+    logit-normal, OneTrainer's LOGIT_NORMAL); both put most timesteps in the middle of the range."""
+    if settings.timestep_sampling == "sigmoid":
+        return torch.sigmoid(settings.sigmoid_scale * torch.randn((images,), generator=generator))
+    if settings.timestep_sampling == "logit_normal":
+        normal = torch.randn((images,), generator=generator)
+        return torch.sigmoid(normal * settings.logit_std + settings.logit_mean)
+    if settings.timestep_sampling in ("sigma", "uniform"):
+        return None
+    raise ValueError(f"timestep_sampling {settings.timestep_sampling!r} is not a mode of the DDPM step")
+
+
 def draw_timesteps(images: int, num_train_timesteps: int, generator: torch.Generator, settings: NoiseSettings
                    ) -> torch.Tensor:
     """kohya's get_timesteps: uniform in [min_timestep, max_timestep) (null: 0 and `num_train_timesteps`), or all
-    at max_timestep when the two are equal (drawing nothing)."""
+    at max_timestep when the two are equal (drawing nothing). The sigmoid and logit_normal modes place each
+    timestep at its drawn share of the same range: low + floor(share * (high - low))."""
     low = 0 if settings.min_timestep is None else settings.min_timestep
     high = num_train_timesteps if settings.max_timestep is None else settings.max_timestep
-    if low < high:
+    if low >= high:
+        return torch.full((images,), high, dtype=torch.int64)
+    share = timestep_share(images, generator, settings)
+    if share is None:
         return torch.randint(low, high, (images,), generator=generator)
-    return torch.full((images,), high, dtype=torch.int64)
+    return (low + (share.double() * (high - low)).long()).clamp(low, high - 1)
 
 
 def debiased_weight(loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler) -> torch.Tensor:
