@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--model sd15|sdxl|both|flux1] [--steps 20] [--warmup 5]
         [--batch N] [--rank 32] [--variants reference,plain,fast] [--gradient-checkpointing]
-        [--fp8-base] [--blocks-to-swap N] [--peak-tflops 989] [--json] [--smoke]
+        [--fp8-base] [--blocks-to-swap N] [--peak-tflops 989] [--options all|LIST] [--json] [--smoke]
 
 FLUX.1 (`--model flux1`, 1024 px, batch 1; its reference step and options: benchmarks/flux_throughput.py).
 
@@ -33,6 +33,8 @@ achieved FLOP/s / the dense bf16 peak given by --peak-tflops (default 989: H100 
 Timed steps run after the warm-up (which also absorbs compilation, reported as warmup_s), between
 torch.cuda.synchronize calls.
 --smoke runs tiny shapes for 2 steps on whatever device there is (CPU included), for tests.
+--options times the trainer's step with each option of issue 22 (masks, class images, accumulation, checkpointing,
+text-encoder LoRA, ip noise, Prodigy, AdamW8bit), plain and fast, beside the reference (benchmarks/train_options.py).
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import shlex
 import sys
@@ -63,8 +64,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from lora_pipeline.core.models import fullsize
 from lora_pipeline.core.training.kohya.lora_file import add_unet_lora
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import GRAPH_SAFE_OPTIMIZERS
 from lora_pipeline.core.training.recipe_fields import OPTIMIZERS
-from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.run.memory import enable_checkpointing
 from lora_pipeline.core.training.seeds import Stream, torch_generator
 from lora_pipeline.core.training.step import loop
@@ -82,6 +83,8 @@ from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optim
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
 import flux_throughput  # noqa: E402
+import train_compare  # noqa: E402
+import train_options  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -226,7 +229,9 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
         lora_inputs_uncast(unet)
         if not args.autocast_norms:
             norms_in_dtype(unet, dtype)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    option = getattr(args, "option", None)  # --options (train_options.py)
+    encoders, text_encode = train_options.trainer_pieces(shape, args, device, dtype, _frozen_parts)
+    params = [p for p in unet.parameters() if p.requires_grad] + train_options.lora_params(encoders)
     adaptive = args.optimizer in ("DAdaptAdamW", "Prodigy")
     recipe = Recipe(name="bench", base_model="tiny-sd", optimizer=args.optimizer,
                     learning_rate=1.0 if adaptive else 1e-4)
@@ -236,15 +241,20 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
     accelerator = make_accelerator(device, precision)
     model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    batch = _batch(shape, args.batch or shape.batch, device, dtype)
-    parts = StepParts(model, scheduler, NoiseSettings(), accelerator, optimizer, params)
+    plain_batch = _batch(shape, args.batch or shape.batch, device, dtype)
+    batch = train_options.option_batch(option, plain_batch, shape, encoders)
+    parts = StepParts(model, scheduler, train_options.noise_settings(option), accelerator, optimizer, params,
+                      text_encode=text_encode, optimizer_in_graph=args.optimizer in GRAPH_SAFE_OPTIMIZERS)
     updates: list[Callable[[StepBatch, StepNoise], torch.Tensor]] = [functools.partial(update, parts)]
 
     def step(index: int) -> torch.Tensor:
-        drawn = draw_noise(batch.latents, scheduler, torch_generator(0, Stream.NOISE, index), parts.settings)
+        generator = torch_generator(0, Stream.NOISE, index)
+        drawn = draw_noise(plain_batch.latents, scheduler, generator, parts.settings)
         loss = updates[-1](batch, drawn)
         lr_scheduler.step()
         return loss
+
+    step.updates = updates  # type: ignore[attr-defined]  # --options reports whether the fast variant captured
 
     def prepare() -> None:
         if args.gradient_checkpointing:
@@ -255,45 +265,6 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
             updates.append(GraphedSteps(parts, device))
 
     return step, prepare, params
-
-
-def _first_non_finite(losses: torch.Tensor) -> int | None:
-    return next((i + 1 for i, v in enumerate(losses.tolist()) if not math.isfinite(v)), None)
-
-
-def compare(shape: Shape, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """--compare N: N steps eager, N eager again (the GPU's own run-to-run spread) and N through the fast path,
-    from the same weights, noise and batch."""
-    runs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, variant in [("plain", "plain"), *args.compare_runs]:
-        torch.manual_seed(0)  # the same random U-Net and LoRA initialisation for all
-        step, prepare, params = trainer_step(shape, args, device, variant)
-        prepare()
-        losses = torch.stack([step(1 + index) for index in range(args.compare)]).float().cpu()
-        print(f"[{shape.name} {name}] losses every 20 steps: {losses[::20].tolist()}", file=sys.stderr)
-        runs[name] = (losses, torch.cat([p.detach().float().reshape(-1) for p in params]).cpu())
-        del step, prepare, params
-        _release(device)
-    plain, plain_lora = runs["plain"]
-
-    def differences(other: str) -> dict[str, Any]:
-        losses, lora = runs[other]
-        differing = (plain != losses).nonzero()
-        return {"first_differing_step": int(differing[0]) + 1 if len(differing) else None,
-                "first_10_max_abs_difference": float((plain[:10] - losses[:10]).abs().max()),
-                "max_abs_loss_difference": float((plain - losses).abs().max()),
-                "mean_abs_loss_difference": float((plain - losses).abs().mean()),
-                "identical_losses": bool(torch.equal(plain, losses)),
-                "lora_rel_l2_difference": float((plain_lora - lora).norm() / plain_lora.norm())}
-
-    return {
-        "model": shape.name, "steps": args.compare, "batch": args.batch or shape.batch,
-        "attention": ("math only, deterministic kernels" if args.deterministic else
-                      "cuDNN allowed" if args.cudnn_attention else "flash / efficient / math (the trainer's)"),
-        "mean_loss": {name: float(losses.mean()) for name, (losses, _) in runs.items()},
-        "first_non_finite_step": {name: _first_non_finite(losses) for name, (losses, _) in runs.items()},
-        **{f"plain_vs_{name}": differences(name) for name, _ in args.compare_runs},
-    }
 
 
 def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.device
@@ -386,6 +357,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deterministic", action="store_true",
                         help="--compare: deterministic kernels (math attention, cuDNN and cuBLAS deterministic), so "
                              "two eager runs agree bit for bit and any fast-path difference is the capture's own")
+    parser.add_argument("--options", type=train_options.parse_options, default=None, metavar="all|LIST",
+                        help=f"each option ({', '.join(train_options.OPTIONS)}) plain and fast beside the reference "
+                             "(benchmarks/train_options.py)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps, 1 warm-up (tests, CPU)")
     args = parser.parse_args(argv)
@@ -430,6 +404,11 @@ def memory_options(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with train_options.cpu_threads(args.device):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.cudnn_attention:
         loop.TRAINING_ATTENTION.append(SDPBackend.CUDNN_ATTENTION)
     if args.deterministic:
@@ -452,9 +431,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.compare:
         with contextlib.redirect_stdout(sys.stderr):
-            compared = [compare(shape, args, device) for shape in shapes]
+            compared = [train_compare.compare(shape, args, device, trainer_step, _release) for shape in shapes]
         print(json.dumps({**header, "compare": compared}, indent=2))
         return 0
+    if args.options:
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = train_options.run_options(bench, shapes, args, device, _release)
+        if args.json:
+            print(json.dumps({**header, "results": rows}, indent=2))
+        else:
+            print(f"{header['device']} | torch {header['torch']} | {header['date']}\n$ {header['command']}")
+            print(train_options.options_table(rows))
+        return 1 if any("error" in r for r in rows) else 0
     results = []
     profiles = {}
     for shape in shapes:

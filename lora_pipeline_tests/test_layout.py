@@ -209,7 +209,7 @@ def test_private_names_of_each_library_are_used_by_one_adapter_module_at_most():
 
 
 def test_torchs_private_names_are_used_by_its_adapter_module_alone():
-    assert private_uses(CHECKOUT)["torch"] == {"lora_pipeline.core.training.step.dadapt"}  # torch._foreach_*
+    assert private_uses(CHECKOUT)["torch"] == {"lora_pipeline.core.training.step.foreach"}  # torch._foreach_*
 
 
 def readme_layout(text: str) -> dict[str, str]:

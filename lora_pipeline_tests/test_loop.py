@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
-from lora_pipeline.core.training.step.loop import StepBatch, apply_snr_weight, compute_loss
+from lora_pipeline.core.training.step.denoising import StepBatch, apply_snr_weight, compute_loss
 from lora_pipeline_tests.helpers import tiny_recipe, train
 
 

@@ -22,7 +22,7 @@ from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import epoch_batches, load_training_data, mix_reg_repeats
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
-from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
+from lora_pipeline.core.training.step.denoising import StepBatch, compute_loss
 from lora_pipeline_tests.helpers import FAMILIES, finish_version, tiny_recipe, train
 
 

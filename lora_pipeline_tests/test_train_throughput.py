@@ -72,3 +72,24 @@ def test_flux_fast_variant_replays_the_rectified_flow_step(capsys):
     # the same steps from the same seeds and LoRA init: on a CPU the recorded step is called again, so the losses
     # agree bit for bit (fast-compiled is run on the device only: inductor's warm-up takes a minute on this CPU)
     assert by_variant["fast"]["final_loss"] == by_variant["plain"]["final_loss"]
+
+
+def test_options_smoke_run_times_each_option_plain_and_fast_beside_the_reference(capsys):
+    benchmark = _benchmark()
+    argv = ["--smoke", "--model", "sd15", "--options", "te-lora,adamw8bit,accumulation", "--json", "--device", "cpu"]
+    assert benchmark.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    by_run = {(r["option"], r["variant"]): r for r in rows}
+    assert set(by_run) == {(None, "reference")} | {(o, v) for o in ("te-lora", "adamw8bit", "accumulation")
+                                                   for v in ("plain", "fast")}
+    assert by_run[("adamw8bit", "fast")]["optimizer"] == "AdamW8bit"
+    assert by_run[("adamw8bit", "fast")]["captured"] == "forward/backward (optimizer after the replay)"
+    assert by_run[("te-lora", "fast")]["captured"] == "yes" and by_run[("te-lora", "plain")]["captured"] == "no (eager)"
+    for option in ("te-lora", "adamw8bit", "accumulation"):
+        plain, fast = by_run[(option, "plain")], by_run[(option, "fast")]
+        assert plain["images_per_second"] > 0 and fast["images_per_second"] > 0
+        # the same steps from the same seeds and LoRA init; on a CPU the recording is called again: equal losses
+        assert fast["final_loss"] == plain["final_loss"]
+    assert by_run[("te-lora", "plain")]["final_loss"] != by_run[("adamw8bit", "plain")]["final_loss"]
+    table = benchmark.train_options.options_table(rows)
+    assert "| sd15 | te-lora |" in table and "x) |" in table  # each step's ratio to the reference

@@ -215,6 +215,10 @@ def test_every_listed_optimizer_argument_is_one_the_constructor_takes(name):
     import schedulefree
     from transformers.optimization import Adafactor
 
+    from lora_pipeline.core.training.step.prodigy import Prodigy
+
+    if name == "Prodigy":  # the device-side Prodigy takes every key kohya passes to prodigyopt's
+        assert set(OPTIMIZER_ARGS[name]) <= set(inspect.signature(Prodigy.__init__).parameters)
     classes = {"DAdaptAdamW": DAdaptAdamW, "AdamW": torch.optim.AdamW, "AdamW8bit": bitsandbytes.optim.AdamW8bit,
                "Prodigy": prodigyopt.Prodigy, "Lion": lion_pytorch.Lion, "Adafactor": Adafactor,
                "AdamWScheduleFree": schedulefree.AdamWScheduleFree}

@@ -1,6 +1,6 @@
 """Validation and training loss per epoch, and the loss-curve PNG.
 
-Validation loss is the training objective (training.step.loop.compute_loss: for DDPM the recipe's noise options
+Validation loss is the training objective (training.step.denoising.compute_loss: for DDPM the recipe's noise options
 and loss weighting, its prediction type; for the rectified flow of FLUX.1 the recipe's timestep sampling, prediction
 type and weighting, training.step.flux_step) on the images the training split held out (training.data: same split,
 same images every time).
@@ -34,8 +34,8 @@ from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource, 
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.denoising import StepBatch, compute_loss
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
-from lora_pipeline.core.training.step.loop import StepBatch, compute_loss
 from lora_pipeline.core.training.step.objective import training_objective
 
 NOISE_DRAWS = 8  # noised copies (noise + timestep) of each validation image, one batch per image

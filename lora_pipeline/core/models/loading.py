@@ -9,6 +9,7 @@ local cache only when HF_HUB_OFFLINE=1, which the Makefile and tests set: nothin
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from lora_pipeline.core.models.tiny import TINY_MODELS, ensure_tiny_model
 diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." of a tiny model: our own lines say more
 
 __all__ = [
-    "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "ensure_tiny_model", "host_to_device",
+    "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "encode_token_ids", "ensure_tiny_model",
+    "host_to_device", "prompt_token_ids",
     "load_base_model", "resolve_base_model", "sdxl_add_time_ids", "text_folders",
 ]
 
@@ -188,9 +190,21 @@ def encode_prompts(
 
 
 def _encode_prompts(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    inputs = zip(base.tokenizers, base.text_encoders, base.token_lengths, strict=True)
-    outputs = [encoder(host_to_device(_token_ids(tokenizer, prompts, length), encoder.device),
-                       output_hidden_states=True) for tokenizer, encoder, length in inputs]
+    ids = [host_to_device(t, e.device) for t, e in zip(prompt_token_ids(base, prompts), base.text_encoders,
+                                                         strict=True)]
+    return encode_token_ids(base, ids)
+
+
+def prompt_token_ids(base: BaseModel, prompts: list[str]) -> list[torch.Tensor]:
+    """Each text encoder's token ids of the prompts (on the CPU): the host half of `encode_prompts`."""
+    return [_token_ids(tokenizer, prompts, length) for tokenizer, length in zip(base.tokenizers, base.token_lengths,
+                                                                                  strict=True)]
+
+
+def encode_token_ids(base: BaseModel, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The device half of `encode_prompts`: the conditioning of each encoder's token ids (on its device), with
+    gradients where grad mode is on; no host work, so a captured training step can hold it."""
+    outputs = [encoder(t, output_hidden_states=True) for encoder, t in zip(base.text_encoders, ids, strict=True)]
     return base.architecture.conditioning(outputs)
 
 

@@ -18,7 +18,11 @@ from lora_pipeline.core.training.recipe_groups import NetworkSettings, Optimizer
 if TYPE_CHECKING:  # reading a recipe must not import torch
     import torch
 
-GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW")  # keep their state on the device and update it in place
+# Keep their state on the device and update it in place: captured with the step (Prodigy: step/prodigy.py).
+GRAPH_SAFE_OPTIMIZERS = ("DAdaptAdamW", "AdamW", "Prodigy")
+# Cannot be captured (step count and lr passed to its kernel by value, step/adamw8bit.py) but reads nothing back:
+# the fast path captures forward, backward and clipping and runs this optimizer's step after each replay.
+OUTSIDE_GRAPH_OPTIMIZERS = ("AdamW8bit",)
 ADAPTIVE = ("DAdaptAdamW", "Prodigy")  # adapt one step size for all LoRA weights
 # The fields only one training objective reads (the family's `objective`): set away from their defaults on a model
 # of the other objective they are refused. DoRA and ip_noise_gamma are not implemented for the flow step yet.
@@ -205,7 +209,9 @@ def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None,
     would run; a required one runs on a CPU too (the recorded step is called again, as the CPU tests do), so the
     refusals leave it out. Masks, class images (per-image loss weights), ip_noise_gamma and gradient accumulation
     (several micro-batches, one graph) are inputs of the captured step like any other; gradient checkpointing
-    recomputes without reading the RNG state (run/memory.py's `checkpoint`), so it is captured too.
+    recomputes without reading the RNG state (run/memory.py's `checkpoint`), so it is captured too; training text
+    encoders are captured with the denoiser (their token ids are the step's input); Prodigy keeps its state on the
+    device, and AdamW8bit's step runs after each replay (OUTSIDE_GRAPH_OPTIMIZERS).
     """
     found = []
     if device is not None and device.type != "cuda":
@@ -213,14 +219,12 @@ def fast_path_blockers(recipe: RecipeFields, device: torch.device | None = None,
     if recipe.blocks_to_swap:
         found.append("blocks_to_swap copies block weights between the CPU and the GPU inside the step (host work "
                      "a CUDA graph cannot hold)")
-    if recipe.optimizer not in GRAPH_SAFE_OPTIMIZERS:
-        found.append(f"{recipe.optimizer} reads values back to the host inside its step (the captured step needs "
-                     f"{' or '.join(GRAPH_SAFE_OPTIMIZERS)})")
+    if recipe.optimizer not in (*GRAPH_SAFE_OPTIMIZERS, *OUTSIDE_GRAPH_OPTIMIZERS):
+        found.append(f"{recipe.optimizer} reads values back to the host or keeps host state inside its step (the "
+                     f"captured step needs {', '.join((*GRAPH_SAFE_OPTIMIZERS, *OUTSIDE_GRAPH_OPTIMIZERS))})")
     if recipe.network_algo != "lora":
         found.append(f"network_algo: {recipe.network_algo} has not been run under the captured step (no CUDA test of "
                      "LoHa/LoKr yet)")
-    if not recipe.network_train_unet_only:  # issue 12's options the captured step does not carry
-        found.append("the text encoders train outside the captured U-Net step (network_train_unet_only: false)")
     if any(value is not None for value in read_group(NetworkSettings, recipe).lr_weights.values()):
         found.append("down/mid/up_lr_weight give the U-Net's blocks their own learning rates (the captured step "
                      "fills one)")

@@ -249,8 +249,8 @@ class RecipeFields:
     validation_split: Float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for validation loss")
     fast_path: Bool | None = Field(
         None, description="replay each training step as a CUDA graph, one per batch shape. Unset: on when training on "
-        "one CUDA GPU and the recipe allows it (DAdaptAdamW or AdamW, no text-encoder LoRA, no blocks_to_swap, no "
-        "lr weights or LoRA dropout), "
+        "one CUDA GPU and the recipe allows it (DAdaptAdamW, AdamW, Prodigy or AdamW8bit, no blocks_to_swap, no lr "
+        "weights or LoRA dropout), "
         "else the eager step (the log says why); true: required; false: never",
         json_schema_extra=ADDED_LATER,
     )

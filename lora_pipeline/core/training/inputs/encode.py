@@ -4,8 +4,9 @@ Latents are cached once per image when `cache_latents` is on (kohya's default fo
 mirrored) with `flip_aug`, and kept on disk across runs with `cache_latents_to_disk` (latent_cache.py); text embeddings
 are cached per caption only when captions are not shuffled, since a shuffled caption is new at every step
 and is encoded then, without gradients; `cache_text_encoder_outputs_to_disk` keeps them on disk across runs
-(text_cache.py). When the text encoders carry a LoRA being trained nothing is cached
-and every step encodes its captions with gradients.
+(text_cache.py). When the text encoders carry a LoRA being trained nothing is cached: a batch is its captions'
+token ids, which the training step encodes with gradients (`TextSource.encode_ids`, inside the fast path's
+captured step).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from typing import TypeVar
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from lora_pipeline.core.models.loading import BaseModel, encode_prompts, host_to_device, sdxl_add_time_ids
+from lora_pipeline.core.models.loading import (
+    BaseModel,
+    encode_prompts,
+    encode_token_ids,
+    host_to_device,
+    prompt_token_ids,
+    sdxl_add_time_ids,
+)
 from lora_pipeline.core.training.inputs.augment import View
 from lora_pipeline.core.training.inputs.data import TrainImage
 from lora_pipeline.core.training.inputs.latent_cache import CacheStats, LatentDiskCache, entry_key
@@ -132,8 +140,9 @@ class LatentSource:
 
 @dataclass
 class TextConditioning:
-    hidden: torch.Tensor  # encoder_hidden_states (b, 77, cross_attention_dim)
+    hidden: torch.Tensor | None  # encoder_hidden_states (b, 77, cross_attention_dim); None: `ids` instead
     pooled: torch.Tensor | None  # SDXL text_embeds (b, projection_dim); None for SD 1.5
+    ids: list[torch.Tensor] | None = None  # each encoder's token ids (on the device), where the encoders train
 
 
 class TextSource:
@@ -171,7 +180,18 @@ class TextSource:
             hidden, pooled = found[0][None], None if found[1] is None else found[1][None]
         return self._conditioning(hidden, pooled)
 
+    def encode_ids(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning of token ids made by `batch` for training encoders: device work only, with gradients
+        (StepParts.text_encode)."""
+        hidden, pooled = encode_token_ids(self.base, ids)
+        return hidden.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype)
+
     def batch(self, captions: list[str]) -> TextConditioning:
+        """The captions' conditioning; where the encoders train, their token ids for the step to encode."""
+        if self.train:
+            ids = [host_to_device(t, e.device) for t, e in zip(prompt_token_ids(self.base, captions),
+                                                                 self.base.text_encoders, strict=True)]
+            return TextConditioning(None, None, ids)
         if not all(c in self.cache for c in captions):
             return self._encode(captions)
         parts = [self.cache[c] for c in captions]

@@ -24,6 +24,7 @@ from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.kohya.network import add_network, block_lr, param_groups, trainable
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
+from lora_pipeline.core.training.recipe_checks import GRAPH_SAFE_OPTIMIZERS
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
 from lora_pipeline.core.training.run.start_lora import StartLora, load_start_lora
@@ -38,7 +39,7 @@ from lora_pipeline.core.training.step.loop import (
 )
 from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.objective import training_objective
-from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
+from lora_pipeline.core.training.step.optim import groups_to_device, make_lr_scheduler, make_optimizer
 from lora_pipeline.core.training.timing import StageTimes
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -164,8 +165,11 @@ def build_context(run: TrainingRun) -> StepContext:
                                                         device_placement=[swap is None, True, True])
     if run.state is not None:
         optimizer.load_state_dict(run.state.optimizer)
+        groups_to_device(optimizer, device)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
-    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow)
+    parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
+                      text_encode=text.encode_ids if train_text else None,
+                      optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
     state = run.state
     ema = LoraEma(recipe.ema, trainable(base), state.ema if state else None) if recipe.use_ema else None
     fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)

@@ -26,12 +26,17 @@ graph replays fixed shapes and a bucketed dataset has a few:
   denoisers have no random op in their forward), so the checkpointed step reads nothing on the host;
 - the EMA of the LoRA weights (`use_ema`, ema.py) is updated after each replay, outside the graph, from the
   weights the graph updated in place: the fast path takes it as it is;
-- the optimizer must keep its state in place on the device (DAdaptAdamW here, torch's fused AdamW): Prodigy and
-  AdamW8bit read values back to the host or keep host state, so those runs take the eager step
-  (`recipe_checks.fast_path_blockers` says why);
-- kohya's block lr weights (one optimizer group per U-Net block, where the captured step fills one learning rate)
-  and the LoRA dropouts (masks drawn inside the forward from a generator reseeded on the host each step) take the
-  eager step too; block-wise ranks and multi-resolution training (more batch shapes, one graph each) are captured.
+- text encoders that carry a training LoRA are part of the step: its input is the captions' token ids
+  (`StepBatch.input_ids`), the encoders' forward and backward are captured with the denoiser's;
+- the optimizer keeps its state in place on the device (DAdaptAdamW and Prodigy here, torch's fused AdamW), and
+  every parameter group reads its learning rate from a device tensor; AdamW8bit cannot be captured (its kernels
+  take the step count and learning rate by value, on the legacy stream: adamw8bit.py), so for it the graph holds
+  forward, backward and clipping, and its step runs after each replay on the gradients the graph wrote
+  (`StepParts.optimizer_in_graph`); Lion, Adafactor and AdamWScheduleFree keep host state, so those runs take the
+  eager step (`recipe_checks.fast_path_blockers` says why).
+- kohya's block lr weights (one optimizer group per U-Net block; not yet run captured) and the LoRA dropouts
+  (masks drawn inside the forward from a generator reseeded on the host each step) take the eager step; block-wise
+  ranks and multi-resolution training (more batch shapes, one graph each) are captured.
 
 Nothing is compiled, so there is no warm-up to cache across runs: the first step at each shape costs two
 eager steps' time (the eager one and the capture).
@@ -59,7 +64,7 @@ import torch
 
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
-from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, update
+from lora_pipeline.core.training.step.loop import StepBatch, StepNoise, StepParts, gradients, optimizer_step, update
 
 
 def fast_path_choice(recipe: Recipe, device: torch.device, processes: int) -> tuple[bool, str]:
@@ -122,28 +127,34 @@ class _Inputs:
         return (self.batches if self.micro else self.batches[0]), self.drawn
 
 
-class CapturedStep:
-    """One recorded step: on CUDA a graph replayed with one launch, on a CPU the recorded call made again."""
+Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and the gradients it leaves (if kept)
 
-    def __init__(self, run: Callable[[], torch.Tensor], device: torch.device, pool: object | None):
+
+class CapturedStep:
+    """One recorded step: on CUDA a graph replayed with one launch, on a CPU the recorded call made again. The
+    step returns its loss and, where the optimizer runs after the graph, the gradients it wrote (on CUDA the
+    graph's own tensors, which every replay overwrites)."""
+
+    def __init__(self, run: Callable[[], Recorded], device: torch.device, pool: object | None):
         self._run = run
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda":
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.loss = run()
+                self.out = run()
         else:
-            self.loss = run()  # executes the step: the call that recording stands for on a GPU
+            self.out = run()  # executes the step: the call that recording stands for on a GPU
             self._ran = True
 
-    def replay(self) -> torch.Tensor:
+    def replay(self) -> Recorded:
         if self.graph is not None:
             self.graph.replay()
         elif self._ran:
             self._ran = False  # the recording call already took this step
         else:
-            self.loss = self._run()
-        return self.loss.clone()
+            self.out = self._run()
+        loss, grads = self.out
+        return loss.clone(), grads
 
 
 class GraphedSteps:
@@ -154,8 +165,9 @@ class GraphedSteps:
         self.eager_done: set[tuple] = set()
         self.captured: dict[tuple, tuple[_Inputs, CapturedStep]] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
-        group = parts.optimizer.param_groups[0]
-        self.lr = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        # one learning rate per parameter group (the text encoders' text_encoder_lr is a group of its own)
+        self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+                    for group in parts.optimizer.param_groups]
 
     def __call__(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         inputs = _Inputs.of(batch, drawn)
@@ -163,42 +175,66 @@ class GraphedSteps:
         if key in self.captured:
             static, step = self.captured[key]
             static.copy_from(inputs)
-            self.lr.fill_(float(self.parts.optimizer.param_groups[0]["lr"]))
-            return step.replay()
+            self._fill_lrs()
+            return self._replay(step)
         if key not in self.eager_done:
             self.eager_done.add(key)
             return self._eager(batch, drawn)
         static = inputs.clone()
         step = self._capture(static)
         self.captured[key] = (static, step)
-        return step.replay()
+        return self._replay(step)
+
+    def _fill_lrs(self) -> None:
+        for lr, group in zip(self.lrs, self.parts.optimizer.param_groups, strict=True):
+            lr.fill_(float(group["lr"]))
+
+    def _replay(self, step: CapturedStep) -> torch.Tensor:
+        """A replay, then, for an optimizer outside the graph, its step on the gradients the graph wrote."""
+        loss, grads = step.replay()
+        if not self.parts.optimizer_in_graph:
+            for param, grad in zip(self.parts.params, grads, strict=True):
+                param.grad = grad
+            optimizer_step(self.parts)  # queued behind the replay: no sync
+        return loss
 
     def _eager(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
+        run = update if self.parts.optimizer_in_graph else gradients
         if self.device.type != "cuda":
-            return update(self.parts, batch, drawn)
-        side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as PyTorch's capture recipe does
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            loss = update(self.parts, batch, drawn)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+            loss = run(self.parts, batch, drawn)
+        else:
+            side = torch.cuda.Stream(self.device)  # warm-up on a side stream, as PyTorch's capture recipe does
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss = run(self.parts, batch, drawn)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        if not self.parts.optimizer_in_graph:
+            optimizer_step(self.parts)  # on the current stream, as after a replay
         return loss
 
     def _capture(self, static: _Inputs) -> CapturedStep:
-        """Record `update` on the static buffers; in a CUDA graph the optimizer reads its learning rate from
-        `self.lr`, which is filled before each replay (a float would be frozen into the graph)."""
-        group = self.parts.optimizer.param_groups[0]
+        """Record `update` (or, for an optimizer outside the graph, `gradients`) on the static buffers; in a CUDA
+        graph the optimizer reads each group's learning rate from `self.lrs`, filled before each replay (a float
+        would be frozen into the graph)."""
+        groups = self.parts.optimizer.param_groups
+        in_graph = self.parts.optimizer_in_graph
 
-        def step() -> torch.Tensor:
+        def step() -> Recorded:
+            if not in_graph:
+                loss = gradients(self.parts, *static.args())
+                return loss, [p.grad for p in self.parts.params]
             if self.device.type != "cuda":  # no graph: the float the schedule wrote is read at every call
-                return update(self.parts, *static.args())
-            host_lr = group["lr"]
-            group["lr"] = self.lr
+                return update(self.parts, *static.args()), []
+            host_lrs = [group["lr"] for group in groups]
+            for group, lr in zip(groups, self.lrs, strict=True):
+                group["lr"] = lr
             try:
-                return update(self.parts, *static.args())
+                return update(self.parts, *static.args()), []
             finally:
-                group["lr"] = host_lr
+                for group, lr in zip(groups, host_lrs, strict=True):
+                    group["lr"] = lr
 
-        self.lr.fill_(float(group["lr"]))
+        self._fill_lrs()
         if self.device.type == "cuda":
             # the eager steps' freed activations go back to the driver: the graph's private pool allocates its own,
             # and at FLUX.1's size (about 34 GiB of activations) the two would not fit side by side

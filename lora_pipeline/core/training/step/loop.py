@@ -21,15 +21,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -43,11 +41,16 @@ from lora_pipeline.core.training.optimizer_args import MAX_GRAD_NORM
 from lora_pipeline.core.training.progress import Progress
 from lora_pipeline.core.training.recipe_groups import AugmentationSettings, NoiseSettings
 from lora_pipeline.core.training.seeds import Stream, torch_generator
+from lora_pipeline.core.training.step.denoising import (
+    StepBatch,
+    StepNoise,
+    denoising_loss,
+    draw_flow_noise,
+    draw_noise,
+    flow_batch_loss,
+)
 from lora_pipeline.core.training.step.ema import LoraEma
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
-from lora_pipeline.core.training.step.loss import conditional_loss, huber_threshold
-from lora_pipeline.core.training.step.noise import debiased_weight
-from lora_pipeline.core.training.step.noise import draw_noise as draw_host_noise
 from lora_pipeline.core.training.step.optim import effective_lrs, step_lr
 
 # Attention kernels the step may use: not cuDNN's, whose backward returns NaN for some shapes on Hopper GPUs
@@ -72,113 +75,10 @@ def make_accelerator(device: torch.device, precision: str) -> Accelerator:
 
 
 @dataclass
-class StepBatch:
-    latents: torch.Tensor  # scaled latents (b, c, h, w)
-    encoder_hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None = None  # SDXL pooled text embeddings
-    time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
-    mask: torch.Tensor | None = None  # (b, 1, H, W) loss masks in [0, 1] at pixel resolution (masked_loss)
-    loss_weights: torch.Tensor | None = None  # (b,) per-image weights (prior_loss_weight on class images)
-
-
-def apply_snr_weight(
-    loss: torch.Tensor, timesteps: torch.Tensor, scheduler: DDPMScheduler, gamma: float, v_prediction: bool
-) -> torch.Tensor:
-    """kohya's min-SNR weighting: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
-    snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    return loss * (clipped / (snr + 1 if v_prediction else snr)).to(loss.device)
-
-
-@dataclass
-class StepNoise:
-    """The random inputs of one step, on the latents' device: noise (latents' dtype) and timesteps;
-    `perturbation` (ip_noise_gamma) is added to the noise of the noised latents only, the target keeps `noise`."""
-
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-    perturbation: torch.Tensor | None = None
-
-    def part(self, start: int, size: int) -> StepNoise:
-        """The noise of images [start, start + size) (a micro-batch of an accumulated step)."""
-        end = start + size
-        extra = None if self.perturbation is None else self.perturbation[start:end]
-        return StepNoise(self.noise[start:end], self.timesteps[start:end], extra)
-
-
-def draw_noise(
-    latents: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator, settings: NoiseSettings,
-    images: int | None = None,
-) -> StepNoise:
-    """Noise and timesteps drawn from `generator` (CPU, so a run is reproducible on any device; noise.draw_noise),
-    then moved: for `images` images of the latents' shape (default: as many as `latents` has)."""
-    shape = (latents.shape[0] if images is None else images, *latents.shape[1:])
-    host = draw_host_noise(shape, scheduler.config.num_train_timesteps, generator, settings)
-    device, dtype = latents.device, latents.dtype
-    extra = None if host.perturbation is None else host_to_device(host.perturbation, device).to(dtype)
-    return StepNoise(host_to_device(host.noise, device).to(dtype), host_to_device(host.timesteps, device), extra)
-
-
-def denoising_loss(
-    unet: torch.nn.Module, scheduler: DDPMScheduler, batch: StepBatch, drawn: StepNoise, settings: NoiseSettings
-) -> torch.Tensor:
-    """The loss of one batch from its drawn noise: device work only (no host sync), so it can be graph-captured."""
-    latents, noise, timesteps = batch.latents, drawn.noise, drawn.timesteps
-    noised = noise if drawn.perturbation is None else noise + drawn.perturbation
-    noisy = scheduler.add_noise(latents, noised, timesteps)
-    v_prediction = scheduler.config.prediction_type == "v_prediction"
-    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    added = None
-    if batch.text_embeds is not None:
-        added = {"text_embeds": batch.text_embeds, "time_ids": batch.time_ids}
-    pred = unet(noisy, timesteps, batch.encoder_hidden_states, added_cond_kwargs=added).sample
-    huber_c = huber_threshold(settings, timesteps, scheduler.config.num_train_timesteps, scheduler.alphas_cumprod)
-    loss = conditional_loss(pred.float(), target.float(), settings.loss_type, huber_c)
-    if batch.mask is not None:  # kohya's apply_masked_loss: the mask area-averaged to the latent size
-        loss = loss * F.interpolate(batch.mask.to(loss.device, loss.dtype), size=loss.shape[2:], mode="area")
-    loss = loss.mean(dim=[1, 2, 3])
-    if batch.loss_weights is not None:
-        loss = loss * batch.loss_weights.to(loss.device)
-    if settings.min_snr_gamma:
-        loss = apply_snr_weight(loss, timesteps, scheduler, settings.min_snr_gamma, v_prediction)
-    if settings.debiased_estimation_loss:
-        loss = debiased_weight(loss, timesteps, scheduler)
-    return loss.mean()
-
-
-def draw_flow_noise(flow: RectifiedFlow, latents: torch.Tensor, generator: torch.Generator,
-                    images: int | None = None) -> StepNoise:
-    """The flow objective's noise and sigmas (in `timesteps`) for `images` images of the latents' shape (default: as
-    many as `latents` has), drawn from `generator` (CPU) then moved."""
-    noise, sigmas = flow.draw((latents.shape[0] if images is None else images, *latents.shape[1:]), generator)
-    return StepNoise(host_to_device(noise, latents.device).to(latents.dtype), host_to_device(sigmas, latents.device))
-
-
-def flow_batch_loss(transformer: torch.nn.Module, flow: RectifiedFlow, batch: StepBatch, drawn: StepNoise
-                    ) -> torch.Tensor:
-    """The flow objective's loss of one batch from its drawn noise and sigmas."""
-    return flow.loss(transformer, batch.latents, drawn.noise, drawn.timesteps, batch.encoder_hidden_states,
-                     batch.text_embeds, batch.mask, batch.loss_weights)
-
-
-def compute_loss(
-    unet: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    batch: StepBatch,
-    generator: torch.Generator,
-    settings: NoiseSettings,
-    flow: RectifiedFlow | None = None,
-) -> torch.Tensor:
-    """The loss of one batch, DDPM's or (with `flow`) the rectified flow's; all randomness drawn from `generator`
-    (CPU) then moved."""
-    if flow is not None:
-        return flow_batch_loss(unet, flow, batch, draw_flow_noise(flow, batch.latents, generator))
-    return denoising_loss(unet, scheduler, batch, draw_noise(batch.latents, scheduler, generator, settings), settings)
-
-
-@dataclass
 class StepParts:
-    """What a step updates besides the batch: the (prepared) U-Net, its noise schedule and the optimizer."""
+    """What a step updates besides the batch: the (prepared) U-Net, its noise schedule and the optimizer; with
+    `text_encode` (token ids of each encoder -> hidden states and pooled embeddings, in the step's dtype) the text
+    encoders that carry a training LoRA, run inside the step."""
 
     unet: torch.nn.Module
     scheduler: DDPMScheduler
@@ -187,6 +87,10 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     params: Sequence[torch.nn.Parameter]
     flow: RectifiedFlow | None = None  # FLUX.1's objective; None: the DDPM one of `scheduler` and `settings`
+    text_encode: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # False: the optimizer cannot be captured (AdamW8bit, adamw8bit.py); the fast path replays `gradients` and
+    # runs `optimizer_step` after each replay
+    optimizer_in_graph: bool = True
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator, images: int | None = None) -> StepNoise:
         """The step's noise for `images` images of the latents' shape (default: as many as `latents` has); for the
@@ -201,12 +105,37 @@ class StepParts:
             return denoising_loss(self.unet, self.scheduler, batch, drawn, self.settings)
         return flow_batch_loss(self.unet, self.flow, batch, drawn)
 
+    def conditioned(self, batch: StepBatch) -> StepBatch:
+        """The batch with its text conditioning: given, or encoded from its token ids (with gradients, outside
+        autocast, as the text encoders ran before they moved into the step), with the step's attention kernels."""
+        ids = batch.token_ids()
+        if not ids:
+            return batch
+        if self.text_encode is None:
+            raise ValueError("a batch of token ids needs StepParts.text_encode")
+        with sdpa_kernel(TRAINING_ATTENTION):
+            hidden, pooled = self.text_encode(ids)
+        return replace(batch, encoder_hidden_states=hidden, text_embeds=pooled)
+
 
 def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
     """Forward, backward, clip and optimizer step; the learning-rate schedule is the caller's. Device work only:
     the fast path captures exactly this as a CUDA graph (fastpath.py). `batch` may be the micro-batches of an
     accumulated step, `drawn` then the noise of all their images (see the module docstring)."""
+    loss = gradients(parts, batch, drawn)
+    optimizer_step(parts)
+    return loss
+
+
+def optimizer_step(parts: StepParts) -> None:
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+
+
+def gradients(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
+    """Forward, backward and clip of `update`: the gradients are in the parameters' `.grad`; the detached loss."""
     if isinstance(batch, StepBatch):
+        batch = parts.conditioned(batch)
         with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
             loss = parts.loss(batch, drawn)
         with sdpa_kernel(TRAINING_ATTENTION):  # a checkpointed block recomputes its attention with the same kernel
@@ -214,8 +143,6 @@ def update(parts: StepParts, batch: StepBatch | Sequence[StepBatch], drawn: Step
     else:
         loss = _accumulate(parts, batch, drawn)
     parts.accelerator.clip_grad_norm_(parts.params, MAX_GRAD_NORM)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
@@ -228,6 +155,7 @@ def _accumulate(parts: StepParts, micro: Sequence[StepBatch], drawn: StepNoise) 
     for n, (part, size) in enumerate(zip(micro, sizes, strict=True)):
         last = n == len(micro) - 1
         with contextlib.nullcontext() if last else parts.accelerator.no_sync(parts.unet):
+            part = parts.conditioned(part)
             with parts.accelerator.autocast(), sdpa_kernel(TRAINING_ATTENTION):
                 loss = parts.loss(part, drawn.part(start, size))
                 loss = loss * (size / total)
@@ -343,20 +271,26 @@ def _step_batch(ctx: StepContext, step: int, indices: list[int], captions: list[
     `weight` (Shard.rows) and its prior_loss_weight."""
     (start, stop), (a, b) = cut, rows
     picked = [ctx.images[i] for i in indices[a:b]]
-    text = ctx.text.batch(captions[a:b])
-    weights = None
+    device = ctx.parts.accelerator.device
+    text = ctx.text.batch(captions[a:b])  # token ids where the text encoders train (encoded in the step)
+    ids = [*(text.ids or []), None, None]
+    weights, mask = None, None
     if ctx.prior_loss_weight is not None or ctx.shard is not None:
         prior = ctx.prior_loss_weight
         weights = torch.tensor([weight * (prior if prior is not None and image.is_reg else 1.0) for image in picked])
+        weights = host_to_device(weights, device)  # a plain .to() would wait for the GPU (and cannot be captured)
+    if ctx.masked_loss:
+        mask = torch.stack([image.mask_pixels(view) for image, view in zip(picked, views[a:b], strict=True)])
+        mask = host_to_device(mask, device)
     return StepBatch(
         latents=ctx.latents.batch(indices[start:stop], step, views[start:stop], slice(a - start, b - start)),
         encoder_hidden_states=text.hidden,
         text_embeds=text.pooled,
-        time_ids=(time_ids(picked, ctx.dtype, ctx.parts.accelerator.device, views[a:b]) if ctx.micro_conditioning
-                  else None),
-        mask=torch.stack([image.mask_pixels(view) for image, view in zip(picked, views[a:b], strict=True)])
-        if ctx.masked_loss else None,
+        time_ids=time_ids(picked, ctx.dtype, device, views[a:b]) if ctx.micro_conditioning else None,
+        mask=mask,
         loss_weights=weights,
+        input_ids=ids[0],
+        input_ids_2=ids[1],
     )
 
 

@@ -51,19 +51,32 @@ def make_optimizer(settings: OptimizerSettings, schedule: ScheduleSettings, para
         # dadaptation.DAdaptAdam(decouple=True)'s algorithm without its per-tensor host syncs (see dadapt.py)
         return DAdaptAdamW(params, lr=lr, **args)
     if name == "Prodigy":
-        import prodigyopt
+        # prodigyopt.Prodigy's algorithm with its state on the device (prodigy.py): no host syncs, capturable
+        from lora_pipeline.core.training.step.prodigy import Prodigy
 
-        return prodigyopt.Prodigy(params, lr=lr, **{"decouple": True, **args})
+        return Prodigy(params, lr=lr, **{"decouple": True, **args})
     if name == "AdamW8bit":
-        import bitsandbytes
+        # bitsandbytes' AdamW8bit without its device sync after every parameter (adamw8bit.py)
+        from lora_pipeline.core.training.step.adamw8bit import AdamW8bit
 
-        return bitsandbytes.optim.AdamW8bit(params, lr=lr, **{"min_8bit_size": 0, **args})
+        return AdamW8bit(params, lr=lr, **{"min_8bit_size": 0, **args})
     if name == "AdamW":
         # The fused kernel only exists on accelerators; on CPU the plain loop keeps runs bit-reproducible.
         # capturable: the step count stays on the device, so the fast path can capture the step (fastpath.py).
         cuda = device.type == "cuda"
         return torch.optim.AdamW(params, lr=lr, fused=cuda, capturable=cuda, **args)
     raise ValueError(f"unknown optimizer {name!r}")  # parse_recipe only lets known names through
+
+
+def groups_to_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After `load_state_dict` of a resume state (read onto the CPU): the device-side scalars of the parameter groups
+    (DAdaptAdamW's and Prodigy's d, numerator, step count) back on the training device. torch moves the per-parameter
+    state but not these; left on the CPU, every step would copy them back (a host sync) and the fast path could not
+    capture the step."""
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, torch.Tensor) and value.device != device:
+                group[key] = value.to(device)
 
 
 def make_lr_scheduler(settings: OptimizerSettings, schedule: ScheduleSettings, optimizer: torch.optim.Optimizer,
