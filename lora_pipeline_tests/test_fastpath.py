@@ -17,6 +17,7 @@ from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
+from lora_pipeline_tests.test_trainer import Crash, _crash_after
 
 CPU = torch.device("cpu")
 
@@ -41,8 +42,10 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
     recipe = tiny_recipe(epochs=3, save_every_n_epochs=1, optimizer="AdamW", learning_rate=1e-2,
                          lr_scheduler="cosine", validation_split=0.0)
     plain, _ = train(root, recipe, "plain")
-    fast, _ = train(root, replace(recipe, fast_path=True), "fast")
+    fast, lines = train(root, replace(recipe, fast_path=True), "fast")
     assert (plain.fast_path, fast.fast_path) == (False, True)
+    # every shape's eager step and recording are taken before the first epoch, and undone (run/warmup.py)
+    assert [line for line in lines if line.startswith("warm-up of 4 batch shape(s) took ")]
     assert len({lr for lr in plain.lr_history}) == len(plain.lr_history)  # the schedule moved every step
     assert fast.loss_history == plain.loss_history and fast.lr_history == plain.lr_history
     for fast_epoch, plain_epoch in zip(fast.epochs, plain.epochs, strict=True):
@@ -52,9 +55,9 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
         assert {"load", "latent_caching", "text_encoding", "training_steps", "shape_warmup", "saving",
                 "time_to_first_step"} <= set(timings)
         assert all(value >= 0 for value in timings.values())
-        assert 0 < timings["shape_warmup"] <= timings["training_steps"] + timings["text_encoding"]
-    # 4 shapes x 3 epochs: eager warms up 4 steps, the fast path 8 (each shape's eager step and its recording)
-    assert fast.timings["shape_warmup"] > plain.timings["shape_warmup"]
+    # eager: the first step at each shape, part of the steps; the fast path: the warm-up ahead, before them
+    assert 0 < plain.timings["shape_warmup"] <= plain.timings["training_steps"] + plain.timings["text_encoding"]
+    assert fast.timings["shape_warmup"] > 0
 
 
 def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):
@@ -64,6 +67,13 @@ def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):
     fast, _ = train(root, replace(recipe, fast_path=True), "fast")
     assert fast.lr_history == plain.lr_history and plain.lr_history[-1] > plain.lr_history[0]
     _assert_same_tensors(fast.epochs[-1]["file"], plain.epochs[-1]["file"])
+    # resumed after epoch 1, the warm-up ahead puts back the loaded optimizer state (d, moments), not zeros
+    with pytest.raises(Crash):
+        train(root, replace(recipe, fast_path=True), "resumed", log=_crash_after(1))
+    resumed, lines = train(root, replace(recipe, fast_path=True), "resumed")
+    assert resumed.resumed_from_epoch == 1 and any(line.startswith("warm-up of 4 batch shape(s)") for line in lines)
+    assert resumed.lr_history == plain.lr_history
+    _assert_same_tensors(resumed.epochs[-1]["file"], plain.epochs[-1]["file"])
 
 
 @pytest.mark.parametrize("override, reason", [

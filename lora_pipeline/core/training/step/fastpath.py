@@ -131,6 +131,11 @@ class CapturedStep:
             self.loss = run()  # executes the step: the call that recording stands for on a GPU
             self._ran = True
 
+    def forget_recording(self) -> None:
+        """The recording's step was undone (a warm-up ahead of training, run/warmup.py): on a CPU, where recording
+        ran the step, the next replay runs it again."""
+        self._ran = False
+
     def replay(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
@@ -167,6 +172,22 @@ class GraphedSteps:
         step = self._capture(static)
         self.captured[key] = (static, step)
         return step.replay()
+
+    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> bool:
+        """Take the eager step and the capture of this input shape now, ahead of training (False: done already).
+        Both change the LoRA and the optimizer state: the caller puts them back (run/warmup.py)."""
+        inputs = _Inputs.of(batch, drawn)
+        key = inputs.key()
+        if key in self.captured:
+            return False
+        if key not in self.eager_done:
+            self.eager_done.add(key)
+            self._eager(batch, drawn)
+        static = inputs.clone()
+        step = self._capture(static)
+        step.forget_recording()
+        self.captured[key] = (static, step)
+        return True
 
     def _eager(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         if self.device.type != "cuda":
