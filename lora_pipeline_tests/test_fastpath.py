@@ -55,9 +55,10 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
         assert {"load", "latent_caching", "text_encoding", "training_steps", "shape_warmup", "saving",
                 "time_to_first_step"} <= set(timings)
         assert all(value >= 0 for value in timings.values())
-    # eager: the first step at each shape, part of the steps; the fast path: the warm-up ahead, before them
+    # eager: the first step at each shape, part of the steps; the fast path: every shape warmed up ahead of them
     assert 0 < plain.timings["shape_warmup"] <= plain.timings["training_steps"] + plain.timings["text_encoding"]
-    assert fast.timings["shape_warmup"] > 0
+    assert plain.timings["warmup_ahead"] == 0 and fast.timings["warmup_ahead"] > 0
+    assert fast.timings["shape_warmup"] == 0
 
 
 def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from lora_pipeline.core.evaluation.lora_batch import epoch_adapter, per_image_weights, sample_weights, weight_chunks
 from lora_pipeline.core.models.loading import load_base_model
-from lora_pipeline.core.models.lora_batch import epoch_adapter, per_image_weights, sample_weights, weight_chunks
 from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample
 from lora_pipeline.core.training.recipe import Recipe
 
@@ -35,8 +35,9 @@ def test_sampling_shares_noise_per_prompt_and_the_lora_weight_changes_the_image(
 def test_the_batched_grid_equals_one_call_per_epoch_and_weight(train_snapshot, lora_epochs):
     # The evaluation grid's way (lora_batch.py): one adapter refilled per epoch file, every weight of an epoch in
     # one pipeline call, each image scaled by its own weight. Against the way before it (a load_lora_weights per
-    # file, a call per weight). Tolerance: on this CPU float32 the images are the same bytes; on a GPU a larger
-    # batch may pick other kernels, so the same call there is held to 2/255 per pixel.
+    # file, a call per weight). The per-image weight itself is exact (peft's own float32 product); what differs is
+    # the batch: CPU kernels block a batch of 16 other than one of 4, which moved 2 of 24,576 channel values by
+    # 1/255 here. Tolerance: at most 1/255 anywhere and under 0.1% of the values (on a GPU: gpu_e2e.py).
     root = train_snapshot()
     recipe = Recipe(name="r", base_model="tiny-sd", resolution=64, network_dim=4, network_alpha=2.0,
                     sample_prompts=("trg, red body", "trg, blue body"), sample_steps=2)
@@ -60,6 +61,6 @@ def test_the_batched_grid_equals_one_call_per_epoch_and_weight(train_snapshot, l
     assert pipe.get_list_adapters() == {}
     for epoch in files:
         assert after[epoch].shape == (4, 2, 64, 64, 3)
-        difference = np.abs(after[epoch].astype(int) - before[epoch].astype(int)).max()
-        assert difference == 0, f"epoch {epoch}: up to {difference}/255 apart"
+        difference = np.abs(after[epoch].astype(int) - before[epoch].astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
     assert (after[2] != after[1]).any() and (after[1][1] != after[1][0]).any()

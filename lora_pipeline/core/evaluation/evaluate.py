@@ -34,6 +34,7 @@ from lora_pipeline.core.datasets.sources.staging import remove_abandoned, stagin
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation.eval_tracking import log_evaluation, training_run_client
 from lora_pipeline.core.evaluation.grid import write_grids
+from lora_pipeline.core.evaluation.lora_batch import epoch_adapter, sample_weights
 from lora_pipeline.core.evaluation.recommend import image_signals, recommend, round6
 from lora_pipeline.core.evaluation.summary import render_markdown
 from lora_pipeline.core.evaluation.val_loss import (
@@ -45,7 +46,6 @@ from lora_pipeline.core.evaluation.val_loss import (
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model
-from lora_pipeline.core.models.lora_batch import epoch_adapter, sample_weights
 from lora_pipeline.core.models.sampling import load_pipeline, sample, sampling_dtype, set_lora_weight
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data

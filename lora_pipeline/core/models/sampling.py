@@ -145,7 +145,7 @@ def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | N
     `adapter` None samples the base model alone (the weight-0 column); otherwise the adapter is set to `weight`.
     `options`: the family's further arguments of the pipeline's call (`BaseModel.pipeline_call_options`).
     `copies`: the prompts that many times over in the one call, [copy x prompt, H, W, 3], image (c, i) from the
-    noise of seed + i (lora_batch.py weighs the copies differently).
+    noise of seed + i (evaluation/lora_batch.py weighs the copies differently).
     """
     if adapter is not None:
         set_lora_weight(pipe, adapter, weight)

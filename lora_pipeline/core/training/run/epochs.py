@@ -96,7 +96,7 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
                 _sample(run, ctx, renderer, start, tracker, writer)  # the restored weights are that epoch's
         if ctx.shard:
             require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
-        warmup += warm_up_shapes(run, ctx, start + 1, global_step)  # the fast path's shapes, captured up front
+        run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
         for epoch in range(start + 1, run.last_epoch + 1):
             stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files, writer)
             global_step += steps
@@ -156,6 +156,7 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
     timings = {
         "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
         "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
+        "warmup_ahead": stages.get("warmup_ahead", 0.0),
         "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),
         "sampling": stages.get("sampling", 0.0),
     }

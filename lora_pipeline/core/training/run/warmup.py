@@ -16,7 +16,8 @@ the optimizer state, so they are put back afterwards, in place (a graph reads it
 - the host RNG state is put back.
 
 So the steps that follow are those of a run without the warm-up: on a CPU the files are byte-identical
-(test_fastpath.py). The time goes to the run's `shape_warmup` timing and into one log line.
+(test_fastpath.py). The time goes to the run's `warmup_ahead` timing and into one log line; the shapes it
+warmed take no warm-up steps in the epochs (`shape_warmup` stays 0 for them).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from diffusers import DiffusionPipeline
 
 from lora_pipeline.core.models.loading import BaseModel
 from lora_pipeline.core.models.sampling import SamplingSettings, loaded_lora, sample, set_lora_weight
+from lora_pipeline.core.training.kohya.network import kohya_state_dict
 
 BATCHED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 MAX_BATCH_PIXELS = 32 * 512 * 512  # images of one call at most: 32 at 512 px, 8 at 1024 px (before guidance's 2x)
@@ -110,8 +111,6 @@ def sample_weights(pipe: DiffusionPipeline, base: BaseModel, settings: SamplingS
 
 def _live_weights(pipe: DiffusionPipeline, base: BaseModel, adapter: str) -> dict[str, torch.Tensor]:
     """{kohya key: the loaded adapter's own parameter (or alpha value)}; empty where the layout joins tensors."""
-    from lora_pipeline.core.training.kohya.network import kohya_state_dict
-
     if base.architecture.kohya_layout != "per_module":
         return {}
     encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
