@@ -10,7 +10,9 @@ graph replays fixed shapes and a bucketed dataset has a few:
 
 - the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
   cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
-  and every later one replays, after its inputs are copied into the graph's static buffers;
+  and every later one replays, after its inputs are copied into the graph's static buffers (the trainer takes
+  the eager step and the capture of every shape of its batch plan before the first epoch, `warm_up`, and puts
+  the LoRA and the optimizer state back: run/warmup.py);
 - every input of the step is a static buffer: the batch (or the micro-batches of an accumulated step, one graph
   for all of them), its optional inputs (loss masks, the per-image loss weights of class images, ip_noise_gamma's
   perturbation, SDXL's conditioning), the noise;
