@@ -36,13 +36,14 @@ def test_the_batched_grid_equals_one_call_per_epoch_and_weight(train_snapshot, l
     # The evaluation grid's way (lora_batch.py): one adapter refilled per epoch file, every weight of an epoch in
     # one pipeline call, each image scaled by its own weight. Against the way before it (a load_lora_weights per
     # file, a call per weight). The per-image weight itself is exact (peft's own float32 product); what differs is
-    # the batch: CPU kernels block a batch of 16 other than one of 4, which moved 2 of 24,576 channel values by
-    # 1/255 here. Tolerance: at most 1/255 anywhere and under 0.1% of the values (on a GPU: gpu_e2e.py).
+    # the batch: CPU kernels block a larger batch other than one of 4 (2 prompts x guidance), which moved 2 of a
+    # weight's 24,576 channel values by 1/255 when measured. Tolerance: at most 1/255 anywhere and under 0.1% of
+    # the values (on a GPU the lead compares the drill's grids: see the branch's notes).
     root = train_snapshot()
     recipe = Recipe(name="r", base_model="tiny-sd", resolution=64, network_dim=4, network_alpha=2.0,
                     sample_prompts=("trg, red body", "trg, blue body"), sample_steps=2)
     lora_epochs(root, recipe, epochs=2)
-    weights = (0.0, 0.5, 1.0, 1.3)
+    weights = (0.0, 0.5, 1.3)
     base = load_base_model(root.models, "tiny-sd", "sd15", "cpu", torch.float32)
     pipe = load_pipeline(base, torch.float32)
     files = {e: root.loras("train-v1", "r") / f"train-v1-r-e{e:03d}.safetensors" for e in (1, 2)}
@@ -60,7 +61,7 @@ def test_the_batched_grid_equals_one_call_per_epoch_and_weight(train_snapshot, l
         after = {e: sample_weights(pipe, base, recipe.sampling, load(path, e), weights) for e, path in files.items()}
     assert pipe.get_list_adapters() == {}
     for epoch in files:
-        assert after[epoch].shape == (4, 2, 64, 64, 3)
+        assert after[epoch].shape == (3, 2, 64, 64, 3)
         difference = np.abs(after[epoch].astype(int) - before[epoch].astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
     assert (after[2] != after[1]).any() and (after[1][1] != after[1][0]).any()
