@@ -13,8 +13,9 @@ loaded by FluxPipeline's `load_lora_weights` into a FluxTransformer2DModel of th
 finished with one loss per step and every epoch file as an artifact, the provenance chain is ok. Then a
 second process trains the first model again for one epoch under another recipe name, to show what the
 persistent compile cache leaves of the warm-up (not for FLUX.1: see SECOND_RUN_SKIPPED). It prints the
-wall-time split per model (load, latent caching, text encoding, training steps, first steps per bucket shape,
-saving, the rest of the training asset, evaluation, the checks), images/s of the whole training asset and of its
+wall-time split per model (load, latent caching, text encoding, the warm-up of all batch shapes ahead of the
+epochs, training steps, first steps per bucket shape, saving on the training thread and the background writer's
+time, the rest of the training asset, evaluation, the checks), images/s of the whole training asset and of its
 steps, and peak GPU memory.
 
 --smoke runs the same chain on CPU with the tiny models (test-sized: a dozen small images, 2 epochs; FLUX.1:
@@ -341,12 +342,15 @@ def print_report(report: dict[str, Any]) -> None:
     print("setup: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stages"].items()))
     for m in report["models"]:
         t = m["timings"]
-        timed = sum(t[k] for k in ("load", "latent_caching", "text_encoding", "training_steps", "saving"))
+        timed = sum(t.get(k, 0.0) for k in ("load", "latent_caching", "text_encoding", "warmup_ahead",
+                                            "training_steps", "saving"))
         print(f"{m['family']}: {m['epochs']} epochs, {m['images_trained']} images, fast path "
               f"{'on' if m['fast_path'] else 'off'}\n  split: load {t['load']:.1f} s | latent caching "
-              f"{t['latent_caching']:.1f} s | text encoding {t['text_encoding']:.1f} s | training steps "
-              f"{t['training_steps']:.1f} s (first step per shape {t['shape_warmup']:.1f} s of it) | saving "
-              f"{t['saving']:.1f} s | rest of the lora_epochs asset (base_model_hash, MLflow, provenance) "
+              f"{t['latent_caching']:.1f} s | text encoding {t['text_encoding']:.1f} s | warm-up of all shapes "
+              f"ahead {t.get('warmup_ahead', 0.0):.1f} s | training steps {t['training_steps']:.1f} s (first "
+              f"steps per shape {t['shape_warmup']:.1f} s of it) | saving on the training thread "
+              f"{t['saving']:.1f} s (background writer {t.get('saving_background', 0.0):.1f} s, overlapped) | "
+              f"rest of the lora_epochs asset (base_model_hash, MLflow, provenance) "
               f"{m['train_asset_seconds'] - timed:.1f} s | evaluation {m['evaluation_seconds']:.1f} s | "
               f"lora_epochs asset {m['train_asset_seconds']:.1f} s\n  images/s: whole asset "
               f"{m['images_per_second_whole_asset']:.2f}"
@@ -358,7 +362,8 @@ def print_report(report: dict[str, Any]) -> None:
     if "second_run" in report:
         s = report["second_run"]
         print(f"second run of {s['family']} (new process, 1 epoch): time to first step "
-              f"{s['timings'].get('time_to_first_step', 0):.1f} s, first steps per shape "
+              f"{s['timings'].get('time_to_first_step', 0):.1f} s, warm-up ahead "
+              f"{s['timings'].get('warmup_ahead', 0.0):.1f} s, first steps per shape "
               f"{s['timings']['shape_warmup']:.1f} s, whole process {s['process_seconds']:.1f} s")
     if "second_run_skipped" in report:
         print(report["second_run_skipped"])

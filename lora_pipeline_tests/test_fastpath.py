@@ -4,6 +4,7 @@ trainer's recipe switch, timings and warm-up bookkeeping."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
 from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
+from lora_pipeline_tests.test_trainer import Crash, crash_after
 
 CPU = torch.device("cpu")
 
@@ -41,8 +43,10 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
     recipe = tiny_recipe(epochs=3, save_every_n_epochs=1, optimizer="AdamW", learning_rate=1e-2,
                          lr_scheduler="cosine", validation_split=0.0)
     plain, _ = train(root, recipe, "plain")
-    fast, _ = train(root, replace(recipe, fast_path=True), "fast")
+    fast, lines = train(root, replace(recipe, fast_path=True), "fast")
     assert (plain.fast_path, fast.fast_path) == (False, True)
+    # every shape's eager step and recording are taken before the first epoch, and undone (run/warmup.py)
+    assert [line for line in lines if re.match(r"warm-up of [34] batch shape\(s\) took ", line)], lines
     assert len({lr for lr in plain.lr_history}) == len(plain.lr_history)  # the schedule moved every step
     assert fast.loss_history == plain.loss_history and fast.lr_history == plain.lr_history
     for fast_epoch, plain_epoch in zip(fast.epochs, plain.epochs, strict=True):
@@ -52,18 +56,25 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
         assert {"load", "latent_caching", "text_encoding", "training_steps", "shape_warmup", "saving",
                 "time_to_first_step"} <= set(timings)
         assert all(value >= 0 for value in timings.values())
-        assert 0 < timings["shape_warmup"] <= timings["training_steps"] + timings["text_encoding"]
-    # 4 shapes x 3 epochs: eager warms up 4 steps, the fast path 8 (each shape's eager step and its recording)
-    assert fast.timings["shape_warmup"] > plain.timings["shape_warmup"]
+    # eager: the first step at each shape, part of the steps; the fast path: every shape warmed up ahead of them
+    assert 0 < plain.timings["shape_warmup"] <= plain.timings["training_steps"] + plain.timings["text_encoding"]
+    assert plain.timings["warmup_ahead"] == 0 and fast.timings["warmup_ahead"] > 0
+    assert fast.timings["shape_warmup"] == 0
 
 
 def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):
+    # Killed after epoch 1 and resumed: the first call's warm-up ahead puts DAdaptAdamW's fresh state back (zeros,
+    # d0), the second's the state it loaded (d, moments); both runs' steps then equal the eager run's.
     root = train_snapshot(n=4, repeats=2)
     recipe = tiny_recipe(epochs=3, validation_split=0.0)  # DAdaptAdamW, lr 1.0: d grows in place
     plain, _ = train(root, recipe, "plain")
-    fast, _ = train(root, replace(recipe, fast_path=True), "fast")
+    with pytest.raises(Crash):
+        train(root, replace(recipe, fast_path=True), "fast", log=crash_after(1))
+    fast, lines = train(root, replace(recipe, fast_path=True), "fast")
+    assert fast.resumed_from_epoch == 1 and any(line.startswith("warm-up of ") for line in lines)
     assert fast.lr_history == plain.lr_history and plain.lr_history[-1] > plain.lr_history[0]
-    _assert_same_tensors(fast.epochs[-1]["file"], plain.epochs[-1]["file"])
+    for fast_epoch, plain_epoch in zip(fast.epochs, plain.epochs, strict=True):
+        _assert_same_tensors(fast_epoch["file"], plain_epoch["file"])
 
 
 @pytest.mark.parametrize("override, reason", [

@@ -106,7 +106,7 @@ class Crash(Exception):
     pass
 
 
-def _crash_after(epoch: int):
+def crash_after(epoch: int):
     def log(line: str) -> None:
         if line.startswith(f"epoch {epoch}/"):
             raise Crash(line)
@@ -121,7 +121,7 @@ def test_resume_restores_optimizer_and_schedule_exactly(train_snapshot, optimize
     recipe = tiny_recipe(optimizer=optimizer, learning_rate=lr, lr_scheduler="cosine", lr_warmup_steps=2, epochs=2)
     clean, _ = train(root, recipe, "clean")
     with pytest.raises(Crash):
-        train(root, recipe, "resumed", log=_crash_after(1))
+        train(root, recipe, "resumed", log=crash_after(1))
     out = root.root / "resumed"
     (out / "train-v1-tiny-e002.safetensors").write_bytes(b"written after the state: not trusted")
     (out / ".train-v1-tiny-e002.safetensors.x1y2.tmp").write_bytes(b"an interrupted write")

@@ -5,8 +5,10 @@ Reads `loras/<version>/<recipe>/<version>-<recipe>-eNNN.safetensors` and writes 
 files and the per-epoch losses go to an MLflow run nested under the training run. The files are written into a
 hidden staging folder beside it and the whole folder renamed into place: a kill leaves no half evaluation.
 
-The base model is loaded once; each evaluated epoch's file is loaded once, sampled at every eval weight
-and measured for validation loss at weight 1, then deleted again. On CPU the outputs are byte-identical
+The base model and its pipeline are loaded once; each evaluated epoch's file is put into the one adapter
+(models/lora_batch.py: the first loaded as users load it, the later ones copied into its weights), sampled at
+every eval weight in as few pipeline calls as memory allows (each image its own weight; classifier-free guidance
+batched by the pipeline) and measured for validation loss at weight 1. On CPU the outputs are byte-identical
 from run to run.
 """
 
@@ -32,6 +34,7 @@ from lora_pipeline.core.datasets.sources.staging import remove_abandoned, stagin
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation.eval_tracking import log_evaluation, training_run_client
 from lora_pipeline.core.evaluation.grid import write_grids
+from lora_pipeline.core.evaluation.lora_batch import epoch_adapter, sample_weights
 from lora_pipeline.core.evaluation.recommend import image_signals, recommend, round6
 from lora_pipeline.core.evaluation.summary import render_markdown
 from lora_pipeline.core.evaluation.val_loss import (
@@ -43,7 +46,7 @@ from lora_pipeline.core.evaluation.val_loss import (
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
 from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model
-from lora_pipeline.core.models.sampling import load_pipeline, loaded_lora, sample, sampling_dtype, set_lora_weight
+from lora_pipeline.core.models.sampling import load_pipeline, sample, sampling_dtype, set_lora_weight
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, header_epoch, read_lora_metadata
@@ -145,18 +148,19 @@ def _sample_epochs(
     pipe: DiffusionPipeline, base: BaseModel, validation: ValidationSet, recipe: Recipe, files: Mapping[int, Path],
     epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None],
 ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, float]]:
-    """Base images, then per epoch (its file loaded once) the images at every weight and the validation loss."""
+    """Base images, then per epoch (its weights put in the one adapter, lora_batch.py) the images at every weight,
+    as few pipeline calls as memory allows, and the validation loss."""
     options = base.pipeline_call_options
     baseline = sample(pipe, recipe.sampling, options=options)
     images: dict[int, np.ndarray] = {}
     val: dict[int, float] = {}
-    for epoch in epochs:
-        with loaded_lora(pipe, files[epoch], epoch, base.architecture) as adapter:
-            images[epoch] = np.stack([sample(pipe, recipe.sampling, adapter, w, options)
-                                      for w in recipe.eval_weights])
+    with epoch_adapter(pipe, base) as load:
+        for epoch in epochs:
+            adapter = load(files[epoch], epoch)
+            images[epoch] = sample_weights(pipe, base, recipe.sampling, adapter, recipe.eval_weights, options)
             set_lora_weight(pipe, adapter, 1.0)
             val[epoch] = validation_loss(base.denoiser, base, validation, dtype)
-        log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
+            log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
     return baseline, images, val
 
 

@@ -174,16 +174,19 @@ def set_lora_weight(pipe: DiffusionPipeline, adapter: str, weight: float) -> Non
 
 @torch.no_grad()
 def sample(pipe: DiffusionPipeline, settings: SamplingSettings, adapter: str | None = None, weight: float = 0.0,
-           options: Mapping[str, Any] | None = None) -> np.ndarray:
+           options: Mapping[str, Any] | None = None, copies: int = 1) -> np.ndarray:
     """One image per sample prompt (one batched call) as uint8 [prompt, H, W, 3].
 
     `adapter` None samples the base model alone (the weight-0 column); otherwise the adapter is set to `weight`.
     `options`: the family's further arguments of the pipeline's call (`BaseModel.pipeline_call_options`).
+    `copies`: the prompts that many times over in the one call, [copy x prompt, H, W, 3], image (c, i) from the
+    noise of seed + i (evaluation/lora_batch.py weighs the copies differently).
     """
     if adapter is not None:
         set_lora_weight(pipe, adapter, weight)
-    prompts = list(settings.prompts)
-    generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(len(prompts))]
+    prompts = list(settings.prompts) * copies
+    generators = [torch.Generator("cpu").manual_seed(settings.seed + i % len(settings.prompts))
+                  for i in range(len(prompts))]
     with deterministic(pipe.device), quiet_diffusers():
         images = pipe(
             prompts, height=settings.resolution, width=settings.resolution, num_inference_steps=settings.steps,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -158,21 +158,27 @@ def add_text_encoder_lora(encoder: Any, rank: int, alpha: float, adapter_name: s
     inject_adapter_in_model(config, encoder, adapter_name=adapter_name)
 
 
-def _module_tensors(module: Any, adapter: str, key: str) -> dict[str, torch.Tensor]:
+def host_clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy (kohya_state_dict's default `copy`)."""
+    return tensor.detach().cpu().clone()
+
+
+def _module_tensors(module: Any, adapter: str, key: str,
+                    copy: Callable[[torch.Tensor], torch.Tensor] = host_clone) -> dict[str, torch.Tensor]:
     if lycoris.is_lycoris_layer(module):
         return lycoris.module_tensors(module, adapter, key)
     alpha = float(module.lora_alpha[adapter])
     if not math.isclose(module.scaling[adapter], alpha / module.r[adapter]):
         raise ValueError(f"{key}: only the plain scale alpha/rank (no rsLoRA) has a kohya form")
     out = {
-        f"{key}.lora_down.weight": module.lora_A[adapter].weight.detach().cpu().clone(),
-        f"{key}.lora_up.weight": module.lora_B[adapter].weight.detach().cpu().clone(),
+        f"{key}.lora_down.weight": copy(module.lora_A[adapter].weight),
+        f"{key}.lora_up.weight": copy(module.lora_B[adapter].weight),
         f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32),
     }
     if module.use_dora.get(adapter):
-        magnitude = module.lora_magnitude_vector[adapter].weight.detach().cpu()
+        magnitude = copy(module.lora_magnitude_vector[adapter].weight)
         weight = module.get_base_layer().weight
-        out[f"{key}.dora_scale"] = magnitude.reshape(weight.shape[0], *[1] * (weight.ndim - 1)).clone()
+        out[f"{key}.dora_scale"] = magnitude.reshape(weight.shape[0], *[1] * (weight.ndim - 1))
     return out
 
 
@@ -181,9 +187,12 @@ def _alpha(module: Any, adapter: str) -> float:
 
 
 def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None, adapter_name: str = "default",
-                     text_encoders: list[Any] | None = None) -> dict[str, torch.Tensor]:
+                     text_encoders: list[Any] | None = None,
+                     copy: Callable[[torch.Tensor], torch.Tensor] = host_clone) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the adapters' weights under kohya key names, with each module's alpha (and
-    dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha."""
+    dora_scale). `network_alpha`, when given, is checked against every non-LoCon module's alpha. `copy` makes
+    each weight's copy (the trainer's background saving keeps them on the device, then copies them over at once:
+    run/writer.py)."""
     architecture = model_family(family)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for name, module in adapter_modules(unet, adapter_name):
@@ -191,12 +200,12 @@ def kohya_state_dict(unet: Any, family: str, network_alpha: float | None = None,
         locon = _is_3x3(module.get_base_layer())
         if network_alpha is not None and not locon and not math.isclose(alpha, network_alpha):  # off block-wise
             raise ValueError(f"{name}: adapter alpha {alpha} is not {network_alpha}")
-        modules[name] = _module_tensors(module, adapter_name, "")
+        modules[name] = _module_tensors(module, adapter_name, "", copy)
     if not modules:
         raise ValueError(f"the U-Net has no LoRA adapter named '{adapter_name}'")
     tensors = denoiser_kohya_tensors(architecture, unet, modules)
     for key, module in text_encoder_modules(family, text_encoders or [], adapter_name).items():
-        tensors.update(_module_tensors(module, adapter_name, key))
+        tensors.update(_module_tensors(module, adapter_name, key, copy))
     return tensors
 
 

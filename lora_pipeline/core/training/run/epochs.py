@@ -1,8 +1,11 @@
-"""The epoch loop of a run: each epoch's steps (cut into chunks where step files are written), the epoch file and
-resume state, the sample strips, the MLflow logging, and at the end the loss curve and the `TrainResult`."""
+"""The epoch loop of a run: the shapes warmed up ahead (warmup.py), each epoch's steps (cut into chunks where step
+files are written), the epoch file and resume state, the sample strips, the MLflow logging, and at the end the loss
+curve and the `TrainResult`. Files and MLflow calls of the loop are jobs of a `BackgroundWriter` (writer.py): the
+next epoch trains while the last one is written; the run waits for them before it returns."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -16,6 +19,8 @@ from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip
 from lora_pipeline.core.training.run.saving import save_epoch, save_lora_file, writes
 from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun, build_context
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
+from lora_pipeline.core.training.run.warmup import warm_up_shapes
+from lora_pipeline.core.training.run.writer import BackgroundWriter
 from lora_pipeline.core.training.step.ema import ema_applied
 from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.loop import (
@@ -30,7 +35,7 @@ LOSS_CURVE = "loss_curve.png"
 
 
 def _epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
-           step_files: list[str]) -> tuple[EpochStats, int]:
+           step_files: list[str], writer: BackgroundWriter) -> tuple[EpochStats, int]:
     """Train one epoch (cut at the run's last step), writing step files on the way; (stats, its steps)."""
     recipe = run.recipe
     batches = epoch_batches(run.data.images, run.data.image_repeats, recipe.effective_batch_size, recipe.seed,
@@ -46,20 +51,22 @@ def _epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch
         done += len(chunk)
         if recipe.save_every_n_steps and (global_step + done) % every == 0 and writes(ctx):
             path = run.out_dir / step_file_name(run.version, recipe.name, global_step + done)
-            save_lora_file(run, ctx, provenance, epoch, global_step + done, path)
+            saving = time.perf_counter()
+            save_lora_file(run, ctx, provenance, epoch, global_step + done, path, writer)
+            run.times.add("saving", time.perf_counter() - saving)
             step_files.append(str(path))
     return EpochStats.merged(stats), len(batches)
 
 
 def _sample(run: TrainingRun, ctx: StepContext, renderer: SampleRenderer, epoch: int,
-            tracker: TrainingTracker | None) -> None:
+            tracker: TrainingTracker | None, writer: BackgroundWriter) -> None:
     every = run.recipe.sample_every_n_epochs
     if not every or (epoch % every and epoch != run.last_epoch) or not writes(ctx):
         return
     with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema), run.times.stage("sampling"):
         path = renderer.render(strip_path(run.out_dir, run.version, run.recipe.name, epoch))
     if tracker is not None:
-        tracker.log_image(path, "samples", epoch)
+        writer.submit(lambda: tracker.log_image(path, "samples", epoch))
 
 
 def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
@@ -82,35 +89,41 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
     global_step = state.global_step if state else 0
     losses, lrs = (list(state.losses), list(state.lrs)) if state else ([], [])
     saved = list(state.saved) if state else []
-    if state:
-        run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
-        if not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it rendered:
-            _sample(run, ctx, renderer, start, tracker)  # the restored weights and optimizer are that epoch's
-    if ctx.shard:
-        require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
     trained_images, seconds, warmup, first_step_done, step_files = 0, 0.0, 0.0, None, []
-    for epoch in range(start + 1, run.last_epoch + 1):
-        stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files)
-        global_step += steps
-        losses += stats.losses
-        lrs += stats.lrs
-        trained_images += stats.images
-        seconds += stats.seconds
-        warmup += stats.warmup_seconds
-        first_step_done = first_step_done or stats.first_step_done
-        mean_loss = statistics.fmean(stats.losses)
-        saving = time.perf_counter()
-        if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and writes(ctx):
-            save_epoch(run, ctx, provenance, epoch, global_step, mean_loss, (saved, losses, lrs))
-        _sample(run, ctx, renderer, epoch, tracker)
-        if tracker is not None:
-            tracker.log_steps(losses, lrs)
-            tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
-        run.times.add("saving", time.perf_counter() - saving)
-        run.log(
-            f"epoch {epoch}/{run.last_epoch}: {steps} steps, mean loss {mean_loss:.4f}, "
-            f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
-        )
+    with BackgroundWriter(run.device) as writer:
+        if state:
+            run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
+            if not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it rendered:
+                _sample(run, ctx, renderer, start, tracker, writer)  # the restored weights are that epoch's
+        if ctx.shard:
+            require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
+        run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
+        for epoch in range(start + 1, run.last_epoch + 1):
+            stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files, writer)
+            global_step += steps
+            losses += stats.losses
+            lrs += stats.lrs
+            trained_images += stats.images
+            seconds += stats.seconds
+            warmup += stats.warmup_seconds
+            first_step_done = first_step_done or stats.first_step_done
+            mean_loss = statistics.fmean(stats.losses)
+            saving = time.perf_counter()
+            if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and writes(ctx):
+                save_epoch(run, ctx, provenance, epoch, global_step, mean_loss, (saved, losses, lrs), writer)
+            if tracker is not None:
+                writer.submit(functools.partial(tracker.log_steps, list(losses), list(lrs)))
+                writer.submit(lambda: tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs"))
+            run.times.add("saving", time.perf_counter() - saving)
+            _sample(run, ctx, renderer, epoch, tracker, writer)
+            run.log(
+                f"epoch {epoch}/{run.last_epoch}: {steps} steps, mean loss {mean_loss:.4f}, "
+                f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
+            )
+        draining = time.perf_counter()
+        writer.wait()  # the last epoch's files and logging; raises a failed write's error
+        run.times.add("saving", time.perf_counter() - draining)
+        run.times.add("saving_background", writer.busy_seconds)
     timings = _timings(run, seconds, warmup, first_step_done)
     run.peak.mark("training")
     curve = run.out_dir / LOSS_CURVE
@@ -144,7 +157,9 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
     timings = {
         "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
         "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
-        "saving": stages.get("saving", 0.0), "sampling": stages.get("sampling", 0.0),
+        "warmup_ahead": stages.get("warmup_ahead", 0.0),
+        "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),
+        "sampling": stages.get("sampling", 0.0),
     }
     if first_step_done is not None:
         timings["time_to_first_step"] = first_step_done - run.called_at

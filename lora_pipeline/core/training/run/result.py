@@ -42,7 +42,10 @@ class TrainResult:
     sample_strip: Path | None  # the latest sample strip (sample_every_n_epochs), None without samples
     # Seconds per stage of this call: load, latent_caching, text_encoding, training_steps (without the text
     # encoding inside them), shape_warmup (the warm-up steps at each new batch shape, part of training_steps;
-    # with the fast path, the eager step and the capture), saving; and time_to_first_step, from the call's
+    # with the fast path, the eager step and the capture), warmup_ahead (the fast path's shapes all warmed up and
+    # captured before the first epoch instead: run/warmup.py; not part of training_steps), saving (on the
+    # training thread: snapshots, and the wait for the last writes), saving_background (the background writer's
+    # own time: files, resume state, MLflow; run/writer.py), sampling; and time_to_first_step, from the call's
     # start to the end of its first training step.
     timings: dict[str, float]
     # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).

@@ -1,5 +1,8 @@
 """What a run writes as it goes: LoRA files in kohya's format (epoch and step files, from the first process only)
-and, with each epoch file, the resume state that a later call continues from (checkpoint.py)."""
+and, with each epoch file, the resume state that a later call continues from (checkpoint.py).
+
+The training thread only takes the snapshot (`to_host`); the files are written by the run's `BackgroundWriter`
+(writer.py), the epoch file before its resume state, in one job."""
 
 from __future__ import annotations
 
@@ -15,15 +18,17 @@ from lora_pipeline.core.training.run.checkpoint import (
     save_state,
 )
 from lora_pipeline.core.training.run.setup import TrainingRun
+from lora_pipeline.core.training.run.writer import BackgroundWriter, to_host
 from lora_pipeline.core.training.step.ema import ema_applied
 from lora_pipeline.core.training.step.loop import StepContext
 from lora_pipeline.core.training.step.optim import averaged_weights
 
 
-def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
-                   global_step: int, path: Path) -> str:
-    """Write the LoRA as it stands (for a schedule-free optimizer: its averaged weights; with use_ema: the EMA
-    shadow) to `path`."""
+def lora_snapshot(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
+                  global_step: int) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of the LoRA as it stands (for a schedule-free optimizer: its averaged weights; with use_ema:
+    the EMA shadow), the
+    tensors on the host (`to_host`: on CUDA pinned copies still in flight, which the writer waits for)."""
     recipe = run.recipe
     unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
@@ -41,10 +46,18 @@ def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenanc
                                           [b for side in recipe.buckets.sides for b in recipe.buckets.buckets(side)]),
     ) | run.rights_keys | recipe.ema.metadata() | (run.start.metadata() if run.start else {})
     encoders = None if recipe.network_train_unet_only else run.base.text_encoders
-    with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):
+    with averaged_weights(ctx.parts.optimizer), ema_applied(ctx.ema):  # device-side clones first: the layout may join
         alpha = recipe.network_alpha if recipe.block_alphas is None else None  # block_alphas: each block's own
-        tensors = kohya_state_dict(unet, recipe.model_family, alpha, text_encoders=encoders)
-    return save_lora(path, tensors, metadata)
+        tensors = kohya_state_dict(unet, recipe.model_family, alpha, text_encoders=encoders,
+                                   copy=lambda t: t.detach().clone())
+    return to_host(tensors, pinned=run.device.type == "cuda"), metadata
+
+
+def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
+                   global_step: int, path: Path, writer: BackgroundWriter) -> None:
+    """Write the LoRA as it stands to `path`, on the writer's thread."""
+    tensors, metadata = lora_snapshot(run, ctx, provenance, epoch, global_step)
+    writer.submit(lambda: save_lora(path, tensors, metadata))
 
 
 def writes(ctx: StepContext) -> bool:
@@ -53,18 +66,28 @@ def writes(ctx: StepContext) -> bool:
 
 
 def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
-               mean_loss: float, history: tuple[list[dict], list[float], list[float]]) -> None:
-    """Write the epoch file and the resume state after it; `history` is (saved, losses, lrs) of the run so far,
-    and `saved` gains the epoch file's record."""
+               mean_loss: float, history: tuple[list[dict], list[float], list[float]],
+               writer: BackgroundWriter) -> None:
+    """Write the epoch file and the resume state after it, on the writer's thread; `history` is (saved, losses,
+    lrs) of the run so far, and `saved` gains the epoch file's record once the file is written (read it after
+    the writer's `wait`)."""
     saved, losses, lrs = history
     path = run.out_dir / epoch_file_name(run.version, run.recipe.name, epoch)
-    sha = save_lora_file(run, ctx, provenance, epoch, global_step, path)
-    saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss, "sha256": sha})
-    save_state(run.out_dir, ResumeState(
-        key=run.key,
-        epoch=epoch, global_step=global_step, started_at=run.started_at, provenance=asdict(provenance),
-        saved=saved, losses=losses, lrs=lrs,
-        lora={n: p.detach().cpu().clone() for n, p in trainable(run.base).items()},
-        optimizer=ctx.parts.optimizer.state_dict(), lr_scheduler=ctx.lr_scheduler.state_dict(),
-        ema=ctx.ema.state() if ctx.ema is not None else None,
-    ))
+    tensors, metadata = lora_snapshot(run, ctx, provenance, epoch, global_step)
+    pinned = run.device.type == "cuda"
+    lora = to_host(dict(trainable(run.base)), pinned)
+    optimizer = to_host(ctx.parts.optimizer.state_dict(), pinned)
+    lr_scheduler = to_host(ctx.lr_scheduler.state_dict(), pinned)
+    ema = ctx.ema.state() if ctx.ema is not None else None  # host copies already
+    losses, lrs = list(losses), list(lrs)  # training goes on appending to the run's lists
+
+    def write() -> None:
+        sha = save_lora(path, tensors, metadata)
+        saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss, "sha256": sha})
+        save_state(run.out_dir, ResumeState(
+            key=run.key, epoch=epoch, global_step=global_step, started_at=run.started_at,
+            provenance=asdict(provenance), saved=list(saved), losses=losses, lrs=lrs, lora=lora,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        ))
+
+    writer.submit(write)

@@ -10,7 +10,9 @@ graph replays fixed shapes and a bucketed dataset has a few:
 
 - the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
   cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
-  and every later one replays, after its inputs are copied into the graph's static buffers;
+  and every later one replays, after its inputs are copied into the graph's static buffers (the trainer takes
+  the eager step and the capture of every shape of its batch plan before the first epoch, `warm_up`, and puts
+  the LoRA and the optimizer state back: run/warmup.py);
 - every input of the step is a static buffer: the batch (or the micro-batches of an accumulated step, one graph
   for all of them), its optional inputs (loss masks, the per-image loss weights of class images, ip_noise_gamma's
   perturbation, SDXL's conditioning), the noise;
@@ -146,6 +148,11 @@ class CapturedStep:
             self.out = run()  # executes the step: the call that recording stands for on a GPU
             self._ran = True
 
+    def forget_recording(self) -> None:
+        """The recording's step was undone (a warm-up ahead of training, run/warmup.py): on a CPU, where recording
+        ran the step, the next replay runs it again."""
+        self._ran = False
+
     def replay(self) -> Recorded:
         if self.graph is not None:
             self.graph.replay()
@@ -197,6 +204,22 @@ class GraphedSteps:
                 param.grad = grad
             optimizer_step(self.parts)  # queued behind the replay: no sync
         return loss
+
+    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> bool:
+        """Take the eager step and the capture of this input shape now, ahead of training (False: done already).
+        Both change the LoRA and the optimizer state: the caller puts them back (run/warmup.py)."""
+        inputs = _Inputs.of(batch, drawn)
+        key = inputs.key()
+        if key in self.captured:
+            return False
+        if key not in self.eager_done:
+            self.eager_done.add(key)
+            self._eager(batch, drawn)
+        static = inputs.clone()
+        step = self._capture(static)
+        step.forget_recording()
+        self.captured[key] = (static, step)
+        return True
 
     def _eager(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         run = update if self.parts.optimizer_in_graph else gradients

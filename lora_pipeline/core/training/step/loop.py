@@ -294,6 +294,33 @@ def _step_batch(ctx: StepContext, step: int, indices: list[int], captions: list[
     )
 
 
+def step_inputs(ctx: StepContext, epoch: int, step: int, indices: list[int]
+                ) -> tuple[StepBatch | list[StepBatch], StepNoise]:
+    """The batch (with accumulation: this process's micro-batches) and the drawn noise of global step `step`,
+    which trains the images `indices` in `epoch`."""
+    augment = ctx.augmentation
+    picked = [ctx.images[i] for i in indices]
+    captions = step_captions(
+        [image.caption for image in picked], augment.caption_separator, augment.keep_tokens,
+        augment.shuffle_caption, ctx.seed, epoch, step, augment.caption_dropout,
+    )
+    views = step_views(picked, augment.flip_aug, augment.random_crop, ctx.seed, step)
+    size = len(indices)
+    first, end, weight = ctx.shard.rows(size) if ctx.shard else (0, size, 1.0)
+    cuts = [(0, size)]
+    if ctx.micro_batch:
+        cuts = [(k, min(size, k + ctx.micro_batch)) for k in range(0, size, ctx.micro_batch)]
+    micro = [  # this process's part of each micro-batch
+        _step_batch(ctx, step, indices, captions, views, (start, stop), (max(start, first), min(stop, end)), weight)
+        for start, stop in cuts if max(start, first) < min(stop, end)
+    ]
+    generator = torch_generator(ctx.seed, Stream.NOISE, step)
+    reseed_dropout(ctx.parts.unet, ctx.seed, step)  # kohya's LoRA dropouts, when the recipe sets them
+    drawn = ctx.parts.draw(micro[0].latents, generator, size)
+    drawn = drawn.part(first, end - first)  # drawn for the whole step: an image gets the same draws in any process
+    return (micro if ctx.micro_batch else micro[0]), drawn
+
+
 def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step: int) -> EpochStats:
     """Train one epoch; global steps are numbered from `first_step` (1-based).
 
@@ -303,34 +330,15 @@ def run_epoch(ctx: StepContext, epoch: int, batches: list[list[int]], first_step
     losses: list[torch.Tensor] = []
     lrs: list[tuple[float, torch.Tensor | float]] = []
     images = 0
-    parts, augment = ctx.parts, ctx.augmentation
+    parts = ctx.parts
     device = parts.accelerator.device
     warmup, first_done = 0.0, None
     started = time.perf_counter()
     for offset, indices in enumerate(batches):
         step = first_step + offset
-        picked = [ctx.images[i] for i in indices]
-        captions = step_captions(
-            [image.caption for image in picked], augment.caption_separator, augment.keep_tokens,
-            augment.shuffle_caption, ctx.seed, epoch, step, augment.caption_dropout,
-        )
-        views = step_views(picked, augment.flip_aug, augment.random_crop, ctx.seed, step)
+        batch, drawn = step_inputs(ctx, epoch, step, indices)
         size = len(indices)
-        first, end, weight = ctx.shard.rows(size) if ctx.shard else (0, size, 1.0)
-        cuts = [(0, size)]
-        if ctx.micro_batch:
-            cuts = [(k, min(size, k + ctx.micro_batch)) for k in range(0, size, ctx.micro_batch)]
-        micro = [  # this process's part of each micro-batch
-            _step_batch(ctx, step, indices, captions, views, (start, stop), (max(start, first), min(stop, end)),
-                        weight)
-            for start, stop in cuts if max(start, first) < min(stop, end)
-        ]
-        batch = micro if ctx.micro_batch else micro[0]
-        generator = torch_generator(ctx.seed, Stream.NOISE, step)
-        reseed_dropout(parts.unet, ctx.seed, step)  # kohya's LoRA dropouts, when the recipe sets them
-        drawn = parts.draw(micro[0].latents, generator, size)
-        drawn = drawn.part(first, end - first)  # drawn for the whole step: an image gets the same draws in any process
-        shape = tuple(micro[0].latents.shape)
+        shape = tuple((batch[0] if isinstance(batch, list) else batch).latents.shape)
         seen = ctx.shapes_seen.get(shape, 0)
         warming = seen < ctx.warmup_steps_per_shape
         if warming:

@@ -1,0 +1,106 @@
+"""Saving off the training thread: the epoch and step files, the resume state and the MLflow logging of a run are
+jobs of one background thread (`BackgroundWriter`), so the next epoch trains while the last one is written.
+
+- The training thread takes a snapshot of what a job writes (`to_host`: the LoRA tensors, the optimizer and
+  schedule state), so training can change its tensors at once. On CUDA the copies go into pinned host memory
+  with `non_blocking=True`, queued behind the epoch's last step; `submit` records a CUDA event after them and
+  the writer waits for that event before it reads the copies. On a CPU they are plain clones.
+- Jobs run one at a time in the order they were submitted: an epoch file lands (temp file, then rename) before
+  the resume state that vouches for it, and both before anything of the next epoch (checkpoint.py).
+- A job that fails fails the run with its own exception (a full disk stays the OSError that `own_output` turns
+  into one line): `submit` and `close` raise it on the training thread, and the jobs after it are dropped, so no
+  resume state is written after a failed epoch file. Leaving the `with` block waits for the jobs submitted so
+  far, also when training itself failed (a resume then starts from the last state written).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+
+
+def to_host(value: Any, pinned: bool) -> Any:
+    """A copy of `value` (nested dicts, lists and tuples of tensors and plain values) whose tensors live on the
+    host and are not shared with training: pinned, non-blocking copies of device tensors when `pinned` (valid
+    once the stream reaches them: BackgroundWriter waits for that), clones of host tensors."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.device.type == "cpu":
+            return tensor.clone()
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
+        return host.copy_(tensor, non_blocking=pinned)
+    if isinstance(value, dict):
+        return {key: to_host(item, pinned) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        copied = [to_host(item, pinned) for item in value]
+        return copied if isinstance(value, list) else tuple(copied)
+    return value
+
+
+class BackgroundWriter:
+    """One thread running submitted jobs in order (module docstring); use as a context manager."""
+
+    def __init__(self, device: torch.device, name: str = "lora-writer"):
+        self.cuda = device.type == "cuda"
+        self.busy_seconds = 0.0  # the jobs' own time, on the writer's thread
+        self._jobs: queue.Queue[tuple[Callable[[], Any], torch.cuda.Event | None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, ready = item
+            if self._error is not None:  # nothing is written after a failed write
+                continue
+            started = time.perf_counter()
+            try:
+                if ready is not None:
+                    ready.synchronize()  # the non-blocking copies of the job's snapshot have landed
+                job()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+                self._error = exc
+            self.busy_seconds += time.perf_counter() - started
+
+    def check(self) -> None:
+        """Raise the exception of a job that failed, if one did."""
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        """Queue `job` behind the jobs submitted before it (after raising an earlier job's failure)."""
+        self.check()
+        if not self._thread.is_alive():
+            raise RuntimeError("the background writer is closed")
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        self._jobs.put((job, ready))
+
+    def wait(self) -> None:
+        """Run every job submitted so far, stop the thread, and raise a failed job's exception."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self.check()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if exc is None:
+            self.wait()
+            return
+        try:
+            self.wait()
+        except BaseException as failed:  # noqa: BLE001 - the training's own error is the one raised
+            if failed is not exc:
+                exc.add_note(f"the background writer failed too: {failed!r}")
