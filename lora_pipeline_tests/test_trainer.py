@@ -211,7 +211,7 @@ def test_a_full_disk_stops_training_in_one_line_with_nothing_half_written(train_
     try:
         with pytest.raises(UserError) as stopped:  # an epoch file is about 360 kB
             train(root, tiny_recipe(epochs=1), "small-disk")
-        first = out / ".resume" / "state.pt"  # epoch 1 saved and vouched for: the kill lands in epoch 2 or later
+        first = out / "train-v1-tiny-e001.safetensors"
         assert str(stopped.value) == (f"{first}: No space left on device "
                                       "(training stopped; a rerun resumes after the last saved epoch)")
         assert sorted(p.name for p in out.rglob("*")) == [".lock"]  # no epoch file, no temp file
