@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ def state_path(out_dir: Path) -> Path:
 
 
 def save_state(out_dir: Path, state: ResumeState) -> None:
-    buffer = io.BytesIO()
-    torch.save(asdict(state), buffer)
+    buffer = io.BytesIO()  # the fields as they are: `asdict` would deep-copy every tensor first
+    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, buffer)
     atomic_write_bytes(state_path(out_dir), buffer.getvalue())
 
 
