@@ -16,7 +16,6 @@ import dagster as dg
 import pytest
 
 from lora_pipeline.core.datasets.snapshot.manifest import SEALED_FILES
-from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.runs.instance import instance
 from lora_pipeline_tests.helpers import assert_one_line_error, cli, tree_state
 
@@ -256,32 +255,3 @@ def test_names_that_are_not_utf8_are_problems_at_intake_and_build(sample_root, t
     assert [(p["file"], p["severity"]) for p in report["problems"] if p["code"] == "undecodable_name"] == [
         ("caf\\xe9-01.png", "warning")
     ]
-
-
-FLUX_RECIPE = """\
-base_model: tiny-flux
-model_family: flux1
-resolution: 64
-min_bucket_reso: 32
-max_bucket_reso: 128
-bucket_reso_steps: 16
-epochs: 1
-train_batch_size: 2
-network_dim: 4
-network_alpha: 2
-optimizer: AdamW
-learning_rate: 0.001
-mixed_precision: "no"
-train_blocks: double
-validation_split: 0.2
-"""
-
-
-def test_train_a_flux_recipe_and_trace_its_file(sample_root):
-    (sample_root.recipe_file("flux-tiny")).write_text(FLUX_RECIPE, encoding="utf-8")
-    cli("build", VERSION, "--json")
-    trained = json.loads(cli("train", VERSION, "--recipe", "flux-tiny", "--json").stdout)
-    assert [Path(f).name for f in trained["epoch_files"]] == [f"{VERSION}-flux-tiny-e001.safetensors"]
-    assert read_lora_metadata(Path(trained["epoch_files"][0]))["ss_base_model_version"] == "flux1"
-    chain = json.loads(cli("provenance", trained["epoch_files"][0], "--json").stdout)
-    assert chain["status"] == "ok" and chain["base_model"]["status"] == "unchanged" and len(chain["images"]) > 0

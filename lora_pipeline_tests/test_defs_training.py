@@ -146,3 +146,4 @@ def test_flux_demo_trains_evaluates_and_traces_through_the_cli(sample_root, tiny
     assert len(files) == 2
     chain = json.loads(cli("provenance", str(files[-1]), "--json").stdout)
     assert chain["status"] == "ok" and chain["lora"]["training"]["ss_base_model_version"] == "flux1"
+    assert chain["base_model"]["status"] == "unchanged" and len(chain["images"]) > 0
