@@ -40,30 +40,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from PIL import Image
 
 from lora_pipeline.core.paths import DataRoot
 
-TRIGGER = "hdaesth"
-BATCH = "drill-renders"
-VERSION = "drill-v1"
-PROMPT = f"{TRIGGER}, three-quarter view, coral red body, glossy finish, dome lid, lit round screen, two buttons"
-TAGS = {
-    "view": ["front view", "side view", "three-quarter view", "top view"],
-    "body": [f"{c} body" for c in ("sage green", "coral red", "slate blue", "cream white", "charcoal gray",
-                                    "mustard yellow", "dusty pink", "teal")],
-    "finish": ["matte finish", "glossy finish"],
-    "lid": ["dome lid", "flat lid", "transparent reservoir"],
-    "screen": ["lit round screen", "dark round screen", "lit wide screen", "dark wide screen"],
-    "buttons": ["two buttons", "three buttons"],
-}
-# (width, height): SDXL's training sizes and their SD 1.5 halves, so buckets differ per image.
-FULL_SIZES = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
-              (768, 768), (640, 896)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test alike
+from gpu_e2e_checks import check_outputs  # noqa: E402
+from gpu_e2e_inputs import BATCH, FULL_SIZES, SMOKE_SIZES, VERSION, generate_images, recipe, write_spec  # noqa: E402
+
 FAST_PATH = {"auto": None, "on": True, "off": False}  # auto: the recipe leaves it unset
-SMOKE_SIZES = [(64, 64), (96, 64), (64, 96), (80, 64)]
 SMOKE_BASES = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "flux1": "tiny-flux"}
 DEFAULT_IMAGES = {"sd15": 200, "sdxl": 200, "flux1": 100}  # the fewest of the drilled models' counts
 # Why the second process is not run when the first model is this family.
@@ -72,75 +57,6 @@ SECOND_RUN_SKIPPED = {
              "drill recipe checkpoints its blocks (the eager step: nothing captured), so there is no compile cache "
              "to show",
 }
-
-
-def generate_images(out: Path, count: int, sizes: list[tuple[int, int]], seed: int = 0) -> None:
-    """`count` distinct images (a colour field, shapes, noise) with sidecar captions, in a handoff folder."""
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        width, height = sizes[index % len(sizes)]
-        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-        colours = rng.uniform(0, 255, (3, 3))
-        angle = rng.uniform(0, 2 * np.pi)
-        ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height + 1) / 2
-        image = colours[0] + (colours[1] - colours[0]) * ramp[..., None]
-        for _ in range(4):  # a few ellipses at random places
-            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-            ry, rx = rng.uniform(0.05, 0.3) * height, rng.uniform(0.05, 0.3) * width
-            mask = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
-            image[mask] = rng.uniform(0, 255, 3)
-        image += rng.normal(0, 6, image.shape)
-        name = f"render-{index:04d}"
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out / f"{name}.jpg", quality=90)
-        tags = [str(rng.choice(options)) for options in TAGS.values()]
-        (out / f"{name}.txt").write_text(", ".join([TRIGGER, *tags]) + "\n", encoding="utf-8")
-    (out / "_READY").write_text("", encoding="utf-8")
-
-
-def write_spec(root: DataRoot, min_side: int) -> None:
-    spec = {
-        "name": VERSION, "intent": "GPU drill: generated renders of real sizes in mixed aspect ratios",
-        "trigger": TRIGGER, "repeats": 1, "sources": [{"batch": BATCH}], "merge": False,
-        "captions": {"from": "sidecar", "vocabulary": [t for options in TAGS.values() for t in options],
-                     "banned": ["appliance"]},
-        "checks": {"min_side": min_side, "max_aspect": 2.5, "near_duplicates": "warn"},
-    }
-    root.spec_file(VERSION).write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-
-
-def recipe(name: str, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None,
-           checkpointing: bool = False) -> dict[str, Any]:
-    """kohya-style settings at the model's real resolution; evaluation kept small (1 prompt, 2 epochs);
-    `checkpointing`: gradient checkpointing in the U-Nets' recipes too (FLUX.1's always has it)."""
-    resolution = {"sd15": 512, "sdxl": 1024, "flux1": 1024}[family] if not smoke else 64
-    settings = _flux_settings(smoke) if family == "flux1" else {
-        "train_batch_size": {"sd15": 8, "sdxl": 4}[family],
-        "network_dim": 32 if not smoke else 4, "network_alpha": 16 if not smoke else 2,
-        "optimizer": "DAdaptAdamW", "learning_rate": 1.0, "shuffle_caption": True, "keep_tokens": 1,
-        "eval_max_epochs": 2, **({"gradient_checkpointing": True} if checkpointing else {}),
-    }
-    return {
-        "name": name, "base_model": base_model, "model_family": family, "resolution": resolution,
-        "enable_bucket": True, "min_bucket_reso": resolution // 2, "max_bucket_reso": resolution * 2,
-        "bucket_reso_steps": 64 if not smoke else 16, "epochs": epochs,
-        "save_every_n_epochs": max(1, epochs // 4), "lr_scheduler": "constant",
-        "mixed_precision": "bf16", "cache_latents": True, "seed": 42,
-        "sample_prompts": [PROMPT], "sample_steps": 8 if not smoke else 2, "eval_weights": [1.0],
-        "validation_split": 0.1, **settings, **({} if fast_path is None else {"fast_path": fast_path}),
-    }
-
-
-def _flux_settings(smoke: bool) -> dict[str, Any]:
-    """FLUX.1 [dev] on one H100: batch 1, rank 16, AdamW, fp8 base weights and gradient checkpointing; fixed
-    captions, so their T5 outputs are encoded once and kept in memory. The tiny model trains its double-stream
-    blocks only (diffusers cannot load a tiny single block) and reads 64 T5 tokens, not [dev]'s 512."""
-    return {
-        "train_batch_size": 1, "network_dim": 16 if not smoke else 4, "network_alpha": 16 if not smoke else 2,
-        "optimizer": "AdamW", "learning_rate": 1e-4, "shuffle_caption": False, "gradient_checkpointing": True,
-        "fp8_base": True, "train_blocks": "all" if not smoke else "double",
-        "t5xxl_max_token_length": 512 if not smoke else 64, "guidance_scale": 3.5, "eval_max_epochs": 1,
-    }
 
 
 def _peak_gib() -> float | None:
@@ -152,72 +68,6 @@ def _peak_gib() -> float | None:
     torch.cuda.reset_peak_memory_stats()
     return peak
 
-
-def diffusers_tensors(family: str, path: Path) -> int:
-    """How many tensors diffusers' kohya loader converts `path` into; RuntimeError if none or one is not finite."""
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    loader = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    state, _ = loader.lora_state_dict(str(path))
-    if not state or not all(torch.isfinite(t).all() for t in state.values()):
-        raise RuntimeError(f"{path}: diffusers' kohya loader gave no or non-finite weights")
-    return len(state)
-
-
-def diffusers_flux_layers(model_dir: Path, path: Path) -> int:
-    """Load a kohya FLUX.1 file as a user does, FluxPipeline's `load_lora_weights` into a FluxTransformer2DModel
-    of the model's config, on the CPU with its weights left uninitialised (only the LoRA's are read: seconds, and
-    no GPU memory); the number of LoRA-carrying layers. RuntimeError if none or a LoRA weight is not finite."""
-    import torch
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(model_dir / "transformer"))
-    transformer = transformer.to(torch.bfloat16).to_empty(device="cpu")
-    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
-    pipe.load_lora_weights(str(path), adapter_name="drill")
-    layers = sum(isinstance(m, BaseTunerLayer) for m in transformer.modules())
-    lora = [p for name, p in transformer.named_parameters() if ".drill." in name]
-    if not layers or not lora or not all(torch.isfinite(p).all() for p in lora):
-        raise RuntimeError(f"{path}: load_lora_weights placed no or non-finite LoRA weights ({layers} layers)")
-    return layers
-
-
-def check_outputs(root: DataRoot, family: str, base_model: str, trained: dict[str, Any]) -> dict[str, Any]:
-    """Epoch files convert through diffusers' kohya loader; the MLflow run is complete; provenance is ok."""
-    from mlflow.tracking import MlflowClient
-
-    from lora_pipeline.core.lineage.provenance import trace_lora
-    from lora_pipeline.core.models.loading import resolve_base_model
-    from lora_pipeline.core.paths import mlflow_tracking_uri
-
-    files = [Path(f) for f in trained["epoch_files"]]
-    started = time.perf_counter()
-    if family == "flux1":
-        converted = {"diffusers_lora_layers": diffusers_flux_layers(Path(resolve_base_model(root.models, base_model)),
-                                                                         files[-1])}
-    else:
-        converted = {"diffusers_tensors_per_file": [diffusers_tensors(family, path) for path in files][-1]}
-    diffusers_seconds = time.perf_counter() - started
-    client = MlflowClient(mlflow_tracking_uri(root.mlflow))
-    run = client.get_run(trained["mlflow_run_id"])
-    losses = client.get_metric_history(run.info.run_id, "loss")
-    artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "epochs")}
-    started = time.perf_counter()
-    chain = trace_lora(root, files[-1])
-    checks = {
-        "epoch_files": len(files), **converted, "diffusers_seconds": diffusers_seconds,
-        "provenance_seconds": time.perf_counter() - started,
-        "mlflow_status": run.info.status, "mlflow_loss_points": len(losses),
-        "mlflow_epoch_artifacts": sorted(artifacts) == sorted(p.name for p in files),
-        "provenance": chain.status, "provenance_images": len(chain.images),
-    }
-    if run.info.status != "FINISHED" or not checks["mlflow_epoch_artifacts"] or chain.status != "ok":
-        raise RuntimeError(f"{family}: output checks failed: {checks}")
-    return checks
 
 
 def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None,

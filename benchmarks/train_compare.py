@@ -19,7 +19,7 @@ def _first_non_finite(losses: torch.Tensor) -> int | None:
 def compare(shape: Any, args: argparse.Namespace, device: torch.device, trainer_step: Callable,
             release: Callable[[torch.device], None]) -> dict[str, Any]:
     """--compare N: N steps eager, N eager again (the GPU's own run-to-run spread) and N through the fast path,
-    from the same weights, noise and batch (`trainer_step` of train_throughput.py builds each run)."""
+    from the same weights, noise and batch (`trainer_step` of train_steps.py builds each run)."""
     runs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, variant in [("plain", "plain"), *args.compare_runs]:
         torch.manual_seed(0)  # the same random U-Net and LoRA initialisation for all

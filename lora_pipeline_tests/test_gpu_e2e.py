@@ -1,5 +1,5 @@
-"""benchmarks/gpu_e2e.py's own parts: the generated handoff and the drill recipes (the chain they feed through
-Dagster and MLflow is what test_defs_training covers on the tiny models)."""
+"""benchmarks/gpu_e2e.py's own parts: the generated handoff and the drill recipes of gpu_e2e_inputs.py (the chain they
+feed through Dagster and MLflow is what test_defs_training covers on the tiny models)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks.gpu_e2e_inputs import SMOKE_SIZES, TAGS, TRIGGER, generate_images, recipe
 from lora_pipeline.core.paths import REPO_ROOT
 from lora_pipeline.core.training.recipe import load_recipe
 
@@ -27,35 +28,33 @@ def _drill():
 
 
 def test_handoff_has_distinct_images_of_every_size_with_schema_captions(tmp_path):
-    drill = _drill()
-    drill.generate_images(tmp_path, 8, drill.SMOKE_SIZES)
+    generate_images(tmp_path, 8, SMOKE_SIZES)
     images = sorted(tmp_path.glob("*.jpg"))
     assert len(images) == 8 and (tmp_path / "_READY").is_file()
-    assert {Image.open(p).size for p in images} == set(drill.SMOKE_SIZES)
+    assert {Image.open(p).size for p in images} == set(SMOKE_SIZES)
     assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in images}) == 8
-    vocabulary = {tag for options in drill.TAGS.values() for tag in options}
+    vocabulary = {tag for options in TAGS.values() for tag in options}
     for image in images:
         trigger, *tags = image.with_suffix(".txt").read_text().strip().split(", ")
-        assert trigger == drill.TRIGGER and len(tags) == len(drill.TAGS) and set(tags) <= vocabulary
+        assert trigger == TRIGGER and len(tags) == len(TAGS) and set(tags) <= vocabulary
 
 
 @pytest.mark.parametrize(("family", "smoke"), [("sd15", False), ("sdxl", False), ("sdxl", True), ("flux1", False),
                                              ("flux1", True)])
 def test_drill_recipes_are_valid_recipes_at_the_models_resolution(tmp_path, family, smoke):
-    drill = _drill()
     name = f"drill-{family}"
     path = Path(tmp_path / f"{name}.yaml")
-    path.write_text(yaml.safe_dump(drill.recipe(name, family, f"random-{family}", 20, smoke, fast_path=False)))
-    recipe = load_recipe(path)
-    assert recipe.resolution == (64 if smoke else {"sd15": 512, "sdxl": 1024, "flux1": 1024}[family])
-    assert recipe.model_family == family and recipe.fast_path is False and recipe.save_every_n_epochs == 5
+    path.write_text(yaml.safe_dump(recipe(name, family, f"random-{family}", 20, smoke, fast_path=False)))
+    loaded = load_recipe(path)
+    assert loaded.resolution == (64 if smoke else {"sd15": 512, "sdxl": 1024, "flux1": 1024}[family])
+    assert loaded.model_family == family and loaded.fast_path is False and loaded.save_every_n_epochs == 5
 
 
 def test_flux_recipe_is_the_one_h100_recipe():
-    recipe = _drill().recipe("drill-flux1", "flux1", "random-flux1", 1, False, None)
-    assert {k: recipe[k] for k in ("train_batch_size", "network_dim", "optimizer", "learning_rate", "fp8_base",
-                                   "gradient_checkpointing", "train_blocks", "t5xxl_max_token_length",
-                                   "sample_steps", "guidance_scale", "eval_weights", "eval_max_epochs")} == {
+    settings = recipe("drill-flux1", "flux1", "random-flux1", 1, False, None)
+    assert {k: settings[k] for k in ("train_batch_size", "network_dim", "optimizer", "learning_rate", "fp8_base",
+                                     "gradient_checkpointing", "train_blocks", "t5xxl_max_token_length",
+                                     "sample_steps", "guidance_scale", "eval_weights", "eval_max_epochs")} == {
         "train_batch_size": 1, "network_dim": 16, "optimizer": "AdamW", "learning_rate": 1e-4, "fp8_base": True,
         "gradient_checkpointing": True, "train_blocks": "all", "t5xxl_max_token_length": 512, "sample_steps": 8,
         "guidance_scale": 3.5, "eval_weights": [1.0], "eval_max_epochs": 1}
