@@ -43,7 +43,7 @@ from snapshot_bench import CLI, build_env, ensure_captioned_batch, fresh_version
 # (label, module, function): each is timed where the caller looks it up. Nested stages are subtracted from
 # their parent's own line, so the lines add up to the whole command.
 STAGES: list[tuple[str, str, str, str | None]] = [
-    ("register partitions", "lora_pipeline.cli", "_register", None),
+    ("register partitions", "lora_pipeline.cli_jobs", "_register", None),
     ("Dagster run (definitions, events, step bookkeeping)", "lora_pipeline.runs.jobs", "run_job", None),
     ("snapshot (copy, manifest)", "lora_pipeline.defs.datasets", "build_snapshot", "run_job"),
     ("captions: plan (read sidecars, lint)", "lora_pipeline.defs.datasets", "plan_captions", "run_job"),

@@ -72,7 +72,7 @@ def _peak_gib() -> float | None:
 
 def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke: bool, fast_path: bool | None,
                 checkpointing: bool = False) -> dict[str, Any]:
-    from lora_pipeline.cli import evaluate_version, train_version
+    from lora_pipeline.cli_jobs import evaluate_version, train_version
 
     name = f"drill-{family}"
     root.recipe_file(name).write_text(yaml.safe_dump(recipe(name, family, base_model, epochs, smoke, fast_path,
@@ -104,7 +104,7 @@ def drill_model(root: DataRoot, family: str, base_model: str, epochs: int, smoke
 
 def retrain(root: DataRoot, family: str) -> dict[str, Any]:
     """Train the drill recipe again for one epoch under a new name (new outputs, same model and buckets)."""
-    from lora_pipeline.cli import train_version
+    from lora_pipeline.cli_jobs import train_version
 
     source = yaml.safe_load(root.recipe_file(f"drill-{family}").read_text(encoding="utf-8"))
     name = f"drill-{family}-again"
@@ -137,7 +137,7 @@ def _stage_done(stages: dict[str, float], stage: str, started: float) -> None:
 def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from lora_pipeline.cli import build_version, cmd_intake
+    from lora_pipeline.cli_jobs import build_version, cmd_intake
     from lora_pipeline.core.models.fullsize import write_fullsize_model
 
     root = DataRoot(Path(args.root))

@@ -1,6 +1,6 @@
 """The commands that run no Dagster job: `provenance`, `diff` and `lineage` read the data root (and the lineage
 index), `rights`, `retire` / `unretire` append a record under governance/, `captions export` writes a CSV; and the
-result every command of cli.py hands back."""
+result every command of cli.py and cli_jobs.py hands back."""
 
 from __future__ import annotations
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from lora_pipeline.core.datasets.captions.caption_files import read_caption_text
 from lora_pipeline.core.datasets.captions.captions import (
     CaptionPlan,
-    caption_path,
     load_caption_check,
     parse_caption_source,
     plan_captions,
-    read_caption_text,
     write_caption_check,
     write_captions,
 )
+from lora_pipeline.core.datasets.captions.tags import caption_path
 from lora_pipeline.core.datasets.snapshot.manifest import manifest_root, read_manifest, write_manifest
 from lora_pipeline.core.datasets.spec import CaptionSpec, DatasetSpec, SourceRef
 from lora_pipeline.core.errors import UserError

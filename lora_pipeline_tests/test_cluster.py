@@ -24,7 +24,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from lora_pipeline import cli
+from lora_pipeline import cli_jobs
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.defs import partitions
 from lora_pipeline.runs import queue
@@ -121,7 +121,7 @@ def chain(cluster):
     """Build through the cluster and two trainings submitted at once: what the tests read."""
     running, root = cluster
     with environment(running.env()), dg.DagsterInstance.get() as inst:
-        built = cli.build_version(root, VERSION, quiet=True)
+        built = cli_jobs.build_version(root, VERSION, quiet=True)
         partitions.register(inst, partitions.dataset_versions, [VERSION])
         partitions.register(inst, partitions.training_runs, [partitions.training_key(VERSION, r) for r in RECIPES])
         run_ids = [queue.submit(inst, "train_job", partitions.training_key(VERSION, r), RUN_CONFIG)
@@ -162,8 +162,8 @@ def check_the_chain_matches_the_in_process_run(cluster_env, chain, tmp_path, mon
         monkeypatch.delenv(var)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LORA_PIPELINE_DATA", str(local.root))
-    built = cli.build_version(local, VERSION, quiet=True)
-    trained = cli.train_version(local, VERSION, RECIPES[0], quiet=True)
+    built = cli_jobs.build_version(local, VERSION, quiet=True)
+    trained = cli_jobs.train_version(local, VERSION, RECIPES[0], quiet=True)
     assert built["manifest_root"] == chain["built"]["manifest_root"]
     ours = sorted(root.loras(VERSION, RECIPES[0]).glob("*.safetensors"))
     theirs = sorted(Path(p) for p in trained["epoch_files"])

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+from lora_pipeline.core.lineage.provenance import trace_lora
+from lora_pipeline.core.lineage.provenance_text import format_provenance
 from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.schema import hashed_values
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata

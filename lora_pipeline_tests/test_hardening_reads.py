@@ -29,7 +29,8 @@ from lora_pipeline.core.datasets.sources import hashcache
 from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.evaluation.evaluate import RECOMMENDATION_JSON, evaluate_lora
-from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+from lora_pipeline.core.lineage.provenance import trace_lora
+from lora_pipeline.core.lineage.provenance_text import format_provenance
 from lora_pipeline.core.paths import REPO_ROOT, SEAL, DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache

@@ -17,7 +17,8 @@ from scripts.floor_plan import Checkout, FolderGraph, within
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lora_pipeline"
 CHECKOUT = Checkout(REPO)
-ABOVE_CORE = ("dagster", "lora_pipeline.defs", "lora_pipeline.runs", "lora_pipeline.cli", "lora_pipeline.cli_records")
+ABOVE_CORE = ("dagster", "lora_pipeline.defs", "lora_pipeline.runs", "lora_pipeline.cli", "lora_pipeline.cli_jobs",
+              "lora_pipeline.cli_records")
 
 
 def plant(root: Path, files: dict[str, str]) -> Checkout:

@@ -18,7 +18,8 @@ from lora_pipeline.core.datasets.spec import load_spec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import write_json
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+from lora_pipeline.core.lineage.provenance import trace_lora
+from lora_pipeline.core.lineage.provenance_text import format_provenance
 from lora_pipeline.core.models.loading import base_model_hash
 from lora_pipeline.core.paths import (
     CAPTION_CHECK,

@@ -23,7 +23,8 @@ from lora_pipeline.core.datasets.sources.rights import (
     rights_history,
 )
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.lineage.provenance import format_provenance, trace_lora
+from lora_pipeline.core.lineage.provenance import trace_lora
+from lora_pipeline.core.lineage.provenance_text import format_provenance
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline_tests.helpers import captioned_batch, finish_version, tiny_recipe, train, write_spec

@@ -23,8 +23,9 @@ FIELDS_DOC = REPO_ROOT / "docs" / "fields.md"
 
 INTRO = f"""# Spec and recipe fields
 
-Generated from the schema classes in `lora_pipeline/core/datasets/spec.py` and
-`lora_pipeline/core/training/recipe_fields.py` by `make docs`; a test keeps this file equal to them.
+Generated from the schema classes in `lora_pipeline/core/datasets/spec.py`,
+`lora_pipeline/core/training/recipe_fields.py` and `lora_pipeline/core/training/adapter_fields.py` by
+`make docs`; a test keeps this file equal to them.
 
 Rules for every spec and recipe file:
 

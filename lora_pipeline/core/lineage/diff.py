@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_pipeline.core.datasets.captions.captions import snapshot_caption
+from lora_pipeline.core.datasets.captions.caption_files import snapshot_caption
 from lora_pipeline.core.datasets.snapshot.manifest import (
     IMAGE_KINDS,
     ManifestRow,

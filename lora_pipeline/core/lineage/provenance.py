@@ -5,14 +5,15 @@ LoRA -> recipe -> dataset version (its manifest, re-verified) -> every input tra
 regularisation images, their captions and loss masks) with the source files they were copied from (re-hashed)
 -> base model -> code commit -> MLflow run -> the LoRA its run started from (`from_lora`), with that LoRA's own
 chain (provenance_start.py). Every link is checked against what is on disk now, and each break
-becomes one plain-language finding in `status`. The header is untrusted input: its epoch is checked against the
-file's name, and every file is read through reads.py (no link followed, nothing outside its folder).
+becomes one plain-language finding in `status`; provenance_text.py writes the chain as text. The header is
+untrusted input: its epoch is checked against the file's name, and every file is read through reads.py (no link
+followed, nothing outside its folder).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,9 +22,9 @@ from pydantic import Field
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest, read_snapshot_info
 from lora_pipeline.core.datasets.snapshot.seal import verify_version
 from lora_pipeline.core.datasets.spec import load_spec
-from lora_pipeline.core.errors import UserError, printable
+from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.hashing import sha256_file
-from lora_pipeline.core.lineage.provenance_start import StartLink, start_lines, start_link
+from lora_pipeline.core.lineage.provenance_start import StartLink, start_link
 from lora_pipeline.core.lineage.reads import caption_text, model_folders, rehash
 from lora_pipeline.core.lineage.source_flags import BatchFlags, retired_findings, version_flags
 from lora_pipeline.core.models.model_hash import base_model_hash
@@ -355,62 +356,3 @@ def trace_lora(root: DataRoot, lora_path: Path, _starts: int = 0) -> ProvenanceC
         status=chain.findings or "ok",
         batches=flags, **({"from_lora": start} if start is not None else {}),
     )
-
-
-def _short(digest: str | None) -> str:
-    return f"{digest[:12]}…" if digest else "?"
-
-
-def _source_line(label: str, link: SourceLink) -> str:
-    return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
-
-
-def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Sequence[str] = ()) -> str:
-    """A readable, indented text tree of `trace_lora`'s chain for the command line: the `summary` lines (the
-    per-batch summary of provenance_text.py), then, with `files`, every image with its caption and source files."""
-    lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
-    training = lora.training
-    lines = [
-        f"LoRA {lora.path}",
-        f"  sha256 {lora.sha256}",
-        f"  epoch {lora.epoch} of {training.get('ss_num_epochs', '?')}, step {training.get('ss_steps', '?')}, "
-        f"dim {training.get('ss_network_dim', '?')} alpha {training.get('ss_network_alpha', '?')}, "
-        f"{training.get('ss_base_model_version', '?')}",
-        f"recipe {recipe.name} (sha256 {_short(recipe.sha256)}): {recipe.file} {recipe.file_status}",
-        f"dataset {dataset.version} at {dataset.path}",
-        f"  manifest root {dataset.header_manifest_root} (in the LoRA header)",
-    ]
-    if dataset.snapshot_manifest_root is not None:
-        lines.append(f"  manifest root {dataset.snapshot_manifest_root} (in snapshot.json)")
-        state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
-        lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
-    lines.append(f"  {len(chain.images)} images, from:")
-    lines += summary
-    for image in chain.images if files else ():
-        size = f"{image.width}x{image.height}" if image.width else "size unknown"
-        lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")
-        caption = image.caption
-        if caption:
-            lines.append(f"      caption: {caption.text}")
-        lines.append("      " + _source_line("from", image.source))
-        if image.origin:
-            lines.append("      " + _source_line("origin", image.origin))
-        if caption and caption.source:
-            src = caption.source
-            lines.append(f"      caption source {caption.caption_source} (sha256 {_short(src.sha256)}, {src.status})")
-        if image.mask:
-            lines.append("      " + _source_line(f"mask {image.mask.path}", image.mask.source))
-    if not summary:  # a summary says the same per batch
-        lines += [line for flags in chain.batches for line in flags.lines]
-    lines += [
-        f"base model {base.name}: {base.source} (U-Net sha256 {_short(base.hash)}, {base.status})",
-        f"code commit {chain.code_commit}",
-        f"MLflow run {chain.mlflow.run_id} in {chain.mlflow.tracking_uri}",
-    ]
-    lines += start_lines(chain.from_lora, lambda sub: format_provenance(ProvenanceChain.model_validate(sub), False))
-    if chain.status == "ok":
-        lines.append("status: ok, every link checks out")
-    else:
-        lines.append(f"status: {len(chain.status)} finding(s)")
-        lines += [f"  - {finding}" for finding in chain.status]
-    return "\n".join(printable(line) for line in lines)  # captions and header values are untrusted text

@@ -1,15 +1,78 @@
-"""The per-batch summary that `lora-pipeline provenance` prints first: a 2,000-image dataset reads as a few lines
-(batch, images, captions and where they came from, source files changed since), the per-image rows only with
-`--files`. `--json` keeps every image and adds these rows as `batch_summary`. A batch's row carries its rights
-when the version was built and now, and whether it is retired (source_flags.py); the text says what changed.
+"""What `lora-pipeline provenance` prints: provenance.py's chain as an indented text tree, the per-batch summary
+first: a 2,000-image dataset reads as a few lines (batch, images, captions and where they came from, source files
+changed since), the per-image rows only with `--files`. `--json` keeps every image and adds these rows as
+`batch_summary`. A batch's row carries its rights when the version was built and now, and whether it is retired
+(source_flags.py); the text says what changed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from lora_pipeline.core.lineage.provenance import ProvenanceChain, format_provenance
+from lora_pipeline.core.errors import printable
+from lora_pipeline.core.lineage.provenance import ProvenanceChain, SourceLink
+from lora_pipeline.core.lineage.provenance_start import start_lines
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "?"
+
+
+def _source_line(label: str, link: SourceLink) -> str:
+    return f"{label}: {link.kind} {link.name}: {link.path} (sha256 {_short(link.sha256)}, {link.status})"
+
+
+def format_provenance(chain: ProvenanceChain, files: bool = True, summary: Sequence[str] = ()) -> str:
+    """A readable, indented text tree of `trace_lora`'s chain for the command line: the `summary` lines (the
+    per-batch summary below), then, with `files`, every image with its caption and source files."""
+    lora, recipe, dataset, base = chain.lora, chain.recipe, chain.dataset, chain.base_model
+    training = lora.training
+    lines = [
+        f"LoRA {lora.path}",
+        f"  sha256 {lora.sha256}",
+        f"  epoch {lora.epoch} of {training.get('ss_num_epochs', '?')}, step {training.get('ss_steps', '?')}, "
+        f"dim {training.get('ss_network_dim', '?')} alpha {training.get('ss_network_alpha', '?')}, "
+        f"{training.get('ss_base_model_version', '?')}",
+        f"recipe {recipe.name} (sha256 {_short(recipe.sha256)}): {recipe.file} {recipe.file_status}",
+        f"dataset {dataset.version} at {dataset.path}",
+        f"  manifest root {dataset.header_manifest_root} (in the LoRA header)",
+    ]
+    if dataset.snapshot_manifest_root is not None:
+        lines.append(f"  manifest root {dataset.snapshot_manifest_root} (in snapshot.json)")
+        state = "verified" if dataset.verified else "DOES NOT MATCH its manifest"
+        lines.append(f"  snapshot {state} ({dataset.files_checked} files re-hashed)")
+    lines.append(f"  {len(chain.images)} images, from:")
+    lines += summary
+    for image in chain.images if files else ():
+        size = f"{image.width}x{image.height}" if image.width else "size unknown"
+        lines.append(f"    {image.path} ({size}, sha256 {_short(image.sha256)})")
+        caption = image.caption
+        if caption:
+            lines.append(f"      caption: {caption.text}")
+        lines.append("      " + _source_line("from", image.source))
+        if image.origin:
+            lines.append("      " + _source_line("origin", image.origin))
+        if caption and caption.source:
+            src = caption.source
+            lines.append(f"      caption source {caption.caption_source} (sha256 {_short(src.sha256)}, {src.status})")
+        if image.mask:
+            lines.append("      " + _source_line(f"mask {image.mask.path}", image.mask.source))
+    if not summary:  # a summary says the same per batch
+        lines += [line for flags in chain.batches for line in flags.lines]
+    lines += [
+        f"base model {base.name}: {base.source} (U-Net sha256 {_short(base.hash)}, {base.status})",
+        f"code commit {chain.code_commit}",
+        f"MLflow run {chain.mlflow.run_id} in {chain.mlflow.tracking_uri}",
+    ]
+    lines += start_lines(chain.from_lora, lambda sub: format_provenance(ProvenanceChain.model_validate(sub), False))
+    if chain.status == "ok":
+        lines.append("status: ok, every link checks out")
+    else:
+        lines.append(f"status: {len(chain.status)} finding(s)")
+        lines += [f"  - {finding}" for finding in chain.status]
+    return "\n".join(printable(line) for line in lines)  # captions and header values are untrusted text
 
 
 def batch_summary(chain: ProvenanceChain) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ reused from an earlier dataset version always take that version's .txt beside th
 Every caption is read as UTF-8 (an optional BOM is dropped), normalised (see caption_lint: a multi-line
 caption is joined into one line with the separator, because kohya reads only the first line, and warned
 about) and linted. Problems with single files are collected so one report lists them all; a table or
-spec that cannot be used at all raises UserError.
+spec that cannot be used at all raises UserError. Reading a caption file is caption_files.py's, reading a
+table caption_tables.py's; this module gathers the sources into a plan and writes it.
 
 A sidecar or table row is an `orphan_caption` when the image it names does not exist in the batch. An
 image that exists but is not in the snapshot was left out on purpose (include/exclude globs), so its
@@ -24,44 +25,27 @@ caption is not an orphan.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
-import string
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from lora_pipeline.core.datasets.captions.caption_files import CaptionCollector, snapshot_caption
 from lora_pipeline.core.datasets.captions.caption_lint import control_problem, lint_captions
+from lora_pipeline.core.datasets.captions.caption_tables import captions_from_table
 from lora_pipeline.core.datasets.captions.overrides import override_reads
 from lora_pipeline.core.datasets.captions.tags import CAPTION_SUFFIX, caption_path, normalise_caption, place_trigger
 from lora_pipeline.core.datasets.problems import Problem, problem
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, read_manifest
 from lora_pipeline.core.datasets.snapshot.seal import read_seal
-from lora_pipeline.core.datasets.sources.batches import (
-    IMAGE_EXTENSIONS,
-    locate_table,
-    safe_relative,
-    spec_batches,
-    walk_files,
-)
-from lora_pipeline.core.datasets.sources.regular_files import (
-    CAPTION_LIMIT,
-    TABLE_LIMIT,
-    FileTooLarge,
-    NotRegularFile,
-    is_regular,
-    read_regular,
-)
+from lora_pipeline.core.datasets.sources.batches import IMAGE_EXTENSIONS, spec_batches, walk_files
+from lora_pipeline.core.datasets.sources.regular_files import CAPTION_LIMIT, read_regular
 from lora_pipeline.core.datasets.spec import DatasetSpec
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_all, read_json, write_json
 from lora_pipeline.core.hashing import sha256_bytes
 from lora_pipeline.core.paths import CAPTION_CHECK, DataRoot
-
-_NOT_READ = {"symlink_not_followed": "symbolic link", "not_a_regular_file": "special file (not a regular file)"}
 
 
 @dataclass
@@ -87,79 +71,7 @@ def parse_caption_source(source: str) -> tuple[str, str, str]:
     return kind, name, path
 
 
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8-sig")
-
-
-def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
-    return f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
-
-
-def read_caption_text(path: Path) -> str:
-    """A caption file's text: UTF-8 with an optional BOM, a regular file of at most CAPTION_LIMIT bytes,
-    else UserError naming the file."""
-    try:
-        data = read_regular(path, CAPTION_LIMIT)
-    except FileNotFoundError:
-        raise UserError("caption file not found", path) from None
-    try:
-        return _decode(data)
-    except UnicodeDecodeError as exc:
-        raise UserError(_not_utf8(data, exc), path) from None
-
-
-def snapshot_caption(path: Path) -> str:
-    """The caption a snapshot's .txt holds, as training reads it: one line without the newline."""
-    return read_caption_text(path).strip()
-
-
-@dataclass
-class _Found:
-    text: str  # as read, before normalisation
-    source: str
-    sha256: str
-
-
-@dataclass
-class _Collector:
-    """Captions found so far and the problems met on the way."""
-
-    spec: DatasetSpec
-    found: dict[str, _Found] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-
-    def read_file(self, image: str, path: Path, file: str, scope: str, source: str, label: str) -> None:
-        """Read the caption of `image` from `path` (`file` within `scope`, `label` in messages); what stops it
-        is a problem."""
-        try:
-            data = read_regular(path, CAPTION_LIMIT)
-        except FileNotFoundError:
-            self.missing(image, f"{label} not found")
-            return
-        except NotRegularFile as exc:
-            self.missing(image, f"{label} is a {_NOT_READ[exc.code]}; it was not read")
-            return
-        except FileTooLarge:
-            message = f"caption file larger than {CAPTION_LIMIT:,} bytes; it was not read"
-            self.problems.append(problem(file, "caption_too_large", "error", message, scope))
-            return
-        try:
-            self.found[image] = _Found(_decode(data), source, sha256_bytes(data))
-        except UnicodeDecodeError as exc:
-            self.problems.append(problem(file, "caption_not_utf8", "error", _not_utf8(data, exc), scope))
-
-    def missing(self, image: str, why: str) -> None:
-        self.problems.append(problem(image, "missing_caption", "error", f"no caption: {why}", self.scope))
-
-    def orphan(self, file: str, batch: str, why: str) -> None:
-        self.problems.append(problem(file, "orphan_caption", "warning", why, f"batch:{batch}"))
-
-    @property
-    def scope(self) -> str:
-        return f"dataset:{self.spec.name}"
-
-
-def _from_sidecars(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
+def _from_sidecars(root: DataRoot, images: list[ManifestRow], out: CaptionCollector) -> None:
     claimed: dict[str, set[str]] = defaultdict(set)
     for row in images:
         batch = row.source_batch
@@ -179,156 +91,7 @@ def _from_sidecars(root: DataRoot, images: list[ManifestRow], out: _Collector) -
                 out.orphan(rel, batch, "caption file with no image of the same name beside it")
 
 
-@dataclass
-class _Table:
-    batch: str
-    rel: str  # path inside the batch
-    path: Path
-    sha256: str
-    columns: set[str]
-    rows: list[dict[str, str]]  # record n is rows[n - 1]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def _parse_csv(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        if reader.fieldnames is None:
-            raise UserError("caption table is empty", path)
-        reader.fieldnames = [name.strip() for name in reader.fieldnames]
-        for n, row in enumerate(reader, 1):
-            if None in row:
-                raise UserError(f"row {n} has more fields than the header (quote captions that contain commas)", path)
-            rows.append({key: _cell(value) for key, value in row.items()})
-    except csv.Error as exc:
-        raise UserError(f"not valid CSV at line {reader.line_num}: {exc}", path) from None
-    return set(reader.fieldnames), rows
-
-
-def _parse_jsonl(text: str, path: Path) -> tuple[set[str], list[dict[str, str]]]:
-    columns: set[str] = set()
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"line {lineno} is not valid JSON: {exc.msg}", path) from None
-        except (ValueError, RecursionError):  # an integer of thousands of digits, or nesting past Python's limit
-            message = f"line {lineno} is not JSON this reader accepts (a huge number or deep nesting)"
-            raise UserError(message, path) from None
-        if not isinstance(record, dict):
-            raise UserError(f"line {lineno} is not a JSON object", path)
-        columns.update(record)
-        rows.append({key: _cell(value) for key, value in record.items()})
-    return columns, rows
-
-
-def _read_table(batch: str, rel: str, path: Path) -> _Table:
-    parsers = {".csv": _parse_csv, ".jsonl": _parse_jsonl}
-    parser = parsers.get(path.suffix.lower())
-    if parser is None:
-        raise UserError("a caption table must be .csv or .jsonl", path)
-    data = read_regular(path, TABLE_LIMIT)
-    try:
-        text = _decode(data)
-    except UnicodeDecodeError as exc:
-        raise UserError(_not_utf8(data, exc), path) from None
-    columns, rows = parser(text, path)
-    return _Table(batch, rel, path, sha256_bytes(data), columns, rows)
-
-
-def _template_fields(template: str, spec_file: Path) -> list[str]:
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise UserError(f"captions.template is not a valid template: {exc}", spec_file) from None
-    names = [name for _, name, _, _ in parsed if name is not None]
-    for name in names:
-        if not name or name.isdigit() or any(c in name for c in ".[]"):
-            raise UserError(f"captions.template placeholder '{{{name}}}' must name a table column", spec_file)
-    return list(dict.fromkeys(names))
-
-
-def _render(table: _Table, n: int, row: dict[str, str], template: str, trigger: str) -> str:
-    try:
-        return template.format_map({**row, "trigger": trigger})
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(f"captions.template cannot render row {n}: {exc}", table.path) from None
-
-
-def _from_table(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
-    spec = out.spec
-    kind = spec.captions.source
-    table = _read_table(*locate_table(root, spec))
-    fields: list[str] = []
-    if kind == "attributes":
-        placeholders = _template_fields(spec.captions.template or "", root.spec_file(spec.name))
-        fields = [name for name in placeholders if name != "trigger"]
-    for column in ("file", "caption") if kind == "table" else ("file", *fields):
-        if column not in table.columns:
-            what = "captions.template" if column in fields else f"captions.from: {kind}"
-            raise UserError(f"no column '{column}' (needed by {what})", table.path)
-
-    folder = root.batch(table.batch)
-    scope = f"batch:{table.batch}"
-    by_source = {row.source_path: row.path for row in images if row.source_batch == table.batch}
-    first_row: dict[str, int] = {}
-    for n, row in enumerate(table.rows, 1):
-        file = row.get("file", "").strip()
-        where = f"row {n} of {table.rel}"
-        if not file:
-            out.problems.append(problem(table.rel, "table_row_without_file", "error", f"{where} has no file", scope))
-            continue
-        rel = safe_relative(file, folder)
-        if rel is None:
-            message = f"{where} names '{file}', which is outside the batch; it was not read"
-            out.problems.append(problem(file, "caption_path_outside_batch", "error", message, scope))
-            continue
-        image = by_source.get(rel)
-        if image is None:
-            if not is_regular(folder / rel):
-                out.orphan(rel, table.batch, f"{where} names an image that is not in the batch")
-            continue
-        if image in first_row:
-            message = f"rows {first_row[image]} and {n} of {table.rel} both caption it"
-            out.problems.append(problem(rel, "duplicate_caption_row", "error", message, scope))
-            continue
-        first_row[image] = n
-        empty = [f for f in fields if not row.get(f, "").strip()]
-        if empty:
-            message = f"{where} has no value for {', '.join(empty)}"
-            out.problems.append(problem(rel, "empty_attribute", "error", message, scope))
-            continue
-        text = (
-            row.get("caption", "")
-            if kind == "table"
-            else _render(table, n, row, spec.captions.template or "", spec.trigger)
-        )
-        if len(text.encode("utf-8")) > CAPTION_LIMIT:
-            message = f"{where} gives a caption larger than {CAPTION_LIMIT:,} bytes; it was not used"
-            out.problems.append(problem(rel, "caption_too_large", "error", message, scope))
-            continue
-        out.found[image] = _Found(text, f"{kind}:{table.batch}/{table.rel}#{n}", table.sha256)
-
-    for row in images:
-        if row.path in out.found or row.path in first_row:
-            continue
-        if row.source_batch == table.batch:
-            out.missing(row.path, f"{table.batch}/{table.rel} has no row for '{row.source_path}'")
-        else:
-            why = f"captions come from {table.batch}/{table.rel}, but the image is from batch '{row.source_batch}'"
-            out.missing(row.path, why)
-
-
-def _from_datasets(root: DataRoot, images: list[ManifestRow], out: _Collector) -> None:
+def _from_datasets(root: DataRoot, images: list[ManifestRow], out: CaptionCollector) -> None:
     for row in images:
         version = row.source_dataset
         rel = caption_path(row.source_path)
@@ -336,7 +99,7 @@ def _from_datasets(root: DataRoot, images: list[ManifestRow], out: _Collector) -
         out.read_file(row.path, path, rel, f"dataset:{version}", source, f"{version}/{rel}")
 
 
-def _stem_collisions(images: list[ManifestRow], out: _Collector) -> set[str]:
+def _stem_collisions(images: list[ManifestRow], out: CaptionCollector) -> set[str]:
     """Images that would share one .txt (a.png and a.jpg in one folder): kohya cannot pair them."""
     by_caption: dict[str, list[str]] = defaultdict(list)
     for row in images:
@@ -354,11 +117,11 @@ def plan_captions(root: DataRoot, spec: DatasetSpec, snapshot_dir: Path) -> Capt
     """Find, normalise and lint the caption of every image in a snapshot's manifest; writes nothing."""
     images = sorted((r for r in read_manifest(snapshot_dir) if r.kind == "image"), key=lambda r: r.path)
     from_batches = [r for r in images if r.source_batch is not None]
-    out = _Collector(spec)
+    out = CaptionCollector(spec)
     if spec.captions.source == "sidecar":
         _from_sidecars(root, from_batches, out)
     elif from_batches or spec_batches(root, spec):
-        _from_table(root, from_batches, out)
+        captions_from_table(root, from_batches, out)
     _from_datasets(root, [r for r in images if r.source_dataset is not None], out)
     overrides, override_problems = override_reads(root, spec, images)  # reviewed captions layered on top
     out.problems = [p for p in out.problems if not (p["file"] in overrides and p["scope"] == out.scope)]

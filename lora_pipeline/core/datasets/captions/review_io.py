@@ -29,8 +29,8 @@ from pathlib import Path
 import yaml
 from PIL import Image, ImageOps
 
+from lora_pipeline.core.datasets.captions.caption_files import snapshot_caption
 from lora_pipeline.core.datasets.captions.caption_lint import lint_captions
-from lora_pipeline.core.datasets.captions.captions import snapshot_caption
 from lora_pipeline.core.datasets.captions.overrides import origin_sidecar
 from lora_pipeline.core.datasets.captions.review import THUMBNAIL_PX, ReviewRow, review_rows
 from lora_pipeline.core.datasets.captions.tags import is_trigger, normalise_caption, split_tags

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from lora_pipeline.core.datasets.buckets import BucketSettings, select_bucket
-from lora_pipeline.core.datasets.captions.captions import caption_path, snapshot_caption
-from lora_pipeline.core.datasets.captions.tags import split_tags
+from lora_pipeline.core.datasets.captions.caption_files import snapshot_caption
+from lora_pipeline.core.datasets.captions.tags import caption_path, split_tags
 from lora_pipeline.core.datasets.images import load_rgb
 from lora_pipeline.core.datasets.masks import ALPHA, load_mask
 from lora_pipeline.core.datasets.snapshot.manifest import ManifestRow, manifest_root, read_manifest, read_snapshot_info
