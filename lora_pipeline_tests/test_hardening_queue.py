@@ -59,7 +59,7 @@ def test_no_daemon_is_said_at_once_and_no_run_is_made(queued_instance):
 
 
 def test_a_daemon_that_stops_while_the_run_is_queued_cancels_the_run(queued_instance):
-    _beat(queued_instance, HEARTBEAT_TOLERANCE_S - 60)  # its last beat: stale 60 s from now (the CLI is queued by then)
+    _beat(queued_instance, HEARTBEAT_TOLERANCE_S - 25)  # its last beat: stale 25 s from now (the CLI is queued by then)
     result = cli("build", VERSION, check=False)
     assert_one_line_error(result, "is still queued: nothing consumes the instance's run queue", "has not beaten")
     (run,) = queued_instance.get_runs()

@@ -31,7 +31,7 @@ from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline_tests.helpers import FAMILIES, tiny_recipe, train
 
-# make test runs `-n 2 --dist loadgroup`: one worker runs this module, so its shared training runs happen once
+# make test runs `-n 3 --dist loadgroup`: one worker runs this module, so its shared training runs happen once
 pytestmark = pytest.mark.xdist_group("network")
 
 SQUARE = {"enable_bucket": False, "validation_split": 0.2}
