@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +292,54 @@ FINISHED_AT = STARTED_AT + 60  # the save time `train` gives (ss_training_finish
 TINY = {"name": "tiny", "base_model": "tiny-sd", "resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
         "bucket_reso_steps": 16, "epochs": 3, "train_batch_size": 2, "network_dim": 4, "network_alpha": 2.0,
         "mixed_precision": "no", "validation_split": 0.2}
+
+
+@contextlib.contextmanager
+def timesteps_seen() -> Iterator[list[Any]]:
+    """While open, every timestep the U-Net's forward is called with is appended to the yielded list, as a flat
+    CPU tensor (the forward wrapped, nothing replaced)."""
+    import pytest
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    seen: list[torch.Tensor] = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, *args, **kwargs):
+        seen.append(torch.as_tensor(timestep).detach().cpu().flatten())
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(UNet2DConditionModel, "forward", recording)
+        yield seen
+
+
+def recipe_refusal(tmp_path: Path, **fields: Any) -> str:
+    """The one-line UserError that parsing TINY with `fields` gives (it names the recipe file)."""
+    import pytest
+
+    from lora_pipeline.core.errors import UserError
+    from lora_pipeline.core.training.recipe import parse_recipe
+
+    path = tmp_path / "r.yaml"
+    with pytest.raises(UserError) as caught:
+        parse_recipe({**TINY, "name": "r", **fields}, path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+class Crash(Exception):
+    """Raised by `crash_after`'s log: a training stopped at a chosen moment, as a kill would stop it."""
+
+
+def crash_after(epoch: int) -> Callable[[str], None]:
+    """A training `log` that stops the run once it logs epoch `epoch`'s summary line (its files are saved)."""
+    def log(line: str) -> None:
+        if line.startswith(f"epoch {epoch}/"):
+            raise Crash(line)
+
+    return log
 
 
 FAMILIES = {"tiny-sd": "sd15", "tiny-sdxl": "sdxl", "tiny-flux": "flux1"}  # the tiny models' model_family

@@ -19,7 +19,7 @@ from lora_pipeline.core.training.kohya.network import add_network, kohya_state_d
 from lora_pipeline.core.training.recipe_groups import EmaSettings
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.step.ema import LoraEma
-from lora_pipeline_tests.helpers import tiny_recipe, train
+from lora_pipeline_tests.helpers import Crash, crash_after, tiny_recipe, train
 
 pytestmark = pytest.mark.xdist_group("ema")
 
@@ -87,9 +87,6 @@ def test_the_epoch_file_holds_the_shadow_not_the_raw_weights(root, ema_run):
     assert (params["use_ema"], params["ema_decay"], params["ema_update_after_step"]) == (True, 0.8, 0)
 
 
-class Crash(Exception):
-    pass
-
 
 def _bytes(result) -> list[bytes]:
     return [Path(e["file"]).read_bytes() for e in result.epochs]
@@ -98,12 +95,9 @@ def _bytes(result) -> list[bytes]:
 def test_an_ema_run_resumes_to_the_same_bytes_and_replays_on_the_fast_path(root, ema_run):
     clean = ema_run
 
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            raise Crash(line)
 
     with pytest.raises(Crash):
-        train(root, EMA, "ema-resumed", log=crash)
+        train(root, EMA, "ema-resumed", log=crash_after(1))
     resumed, _ = train(root, EMA, "ema-resumed")
     assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
     assert _bytes(resumed) == _bytes(clean)

@@ -17,8 +17,7 @@ from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
-from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
-from lora_pipeline_tests.test_trainer import Crash, crash_after
+from lora_pipeline_tests.helpers import TINY, Crash, crash_after, tiny_recipe, train
 
 CPU = torch.device("cpu")
 

@@ -19,7 +19,7 @@ from lora_pipeline.core.training.kohya.network import add_network, trainable
 from lora_pipeline.core.training.recipe_groups import FlowSettings
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow, pack_latents, unpack_latents
-from lora_pipeline_tests.helpers import assert_same_deltas, tiny_recipe, train
+from lora_pipeline_tests.helpers import Crash, assert_same_deltas, crash_after, tiny_recipe, train
 
 FLUX = {"base_model": "tiny-flux", "model_family": "flux1", "epochs": 2, "optimizer": "AdamW",
         "learning_rate": 1e-3}
@@ -80,12 +80,8 @@ def test_resume_gives_byte_identical_files(flux_snapshot):
     recipe = tiny_recipe(**{**FLUX, "epochs": 3})
     clean, _ = train(flux_snapshot, recipe, "clean")
 
-    def crash(line: str) -> None:
-        if line.startswith("epoch 2/"):
-            raise RuntimeError(line)
-
-    with pytest.raises(RuntimeError):
-        train(flux_snapshot, recipe, "resumed", log=crash)
+    with pytest.raises(Crash):
+        train(flux_snapshot, recipe, "resumed", log=crash_after(2))
     resumed, _ = train(flux_snapshot, recipe, "resumed")
     assert resumed.resumed_from_epoch == 2 and file_bytes(resumed) == file_bytes(clean)
 

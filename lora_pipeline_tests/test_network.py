@@ -29,7 +29,7 @@ from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
-from lora_pipeline_tests.helpers import FAMILIES, tiny_recipe, train
+from lora_pipeline_tests.helpers import FAMILIES, Crash, crash_after, tiny_recipe, train
 
 # make test runs `-n 3 --dist loadgroup`: one worker runs this module, so its shared training runs happen once
 pytestmark = pytest.mark.xdist_group("network")
@@ -140,19 +140,13 @@ def test_locon_text_encoder_lion_steps_and_samples(root, locon):
         assert strip.size == (64, 64)
 
 
-class Crash(Exception):
-    pass
-
 
 def test_resume_reproduces_the_run_and_every_new_option_changes_the_recipe_hash(root, locon):
     clean, _ = locon
 
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            raise Crash(line)
 
     with pytest.raises(Crash):
-        train(root, LOCON, "resumed", log=crash)
+        train(root, LOCON, "resumed", log=crash_after(1))
     assert not (root.root / "resumed" / "train-v1-tiny-e002.safetensors").exists()
     resumed, lines = train(root, LOCON, "resumed")
     assert resumed.resumed_from_epoch == 1 and any(line.startswith("resuming train-v1/tiny after epoch 1/2")
@@ -230,12 +224,9 @@ def test_dora_adafactor_accumulation_and_noise_options_on_sdxl(root, dora):
 def test_dora_run_resumes_to_the_same_tensors(root, dora):
     clean = dora[0]
 
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            raise Crash(line)
 
     with pytest.raises(Crash):
-        train(root, DORA, "dora-resumed", log=crash)
+        train(root, DORA, "dora-resumed", log=crash_after(1))
     resumed, _ = train(root, DORA, "dora-resumed")
     assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
     for mine, theirs in zip(resumed.epochs, clean.epochs, strict=True):

@@ -16,14 +16,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.families import model_family
 from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.training.blocks import block_lr_weights
 from lora_pipeline.core.training.kohya.dropout import ATTRIBUTE, reseed_dropout
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata, save_lora
 from lora_pipeline.core.training.kohya.network import add_network, kohya_state_dict
-from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.recipe_groups import FlowSettings
 from lora_pipeline.core.training.run.checkpoint import load_state
@@ -31,7 +29,7 @@ from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
-from lora_pipeline_tests.helpers import TINY, lora_layers, tiny_recipe, train
+from lora_pipeline_tests.helpers import Crash, crash_after, lora_layers, recipe_refusal, tiny_recipe, train
 from lora_pipeline_tests.test_lora_file import unet_inputs, unet_out
 
 pytestmark = pytest.mark.xdist_group("network_args")
@@ -48,15 +46,6 @@ BLOCKS = tiny_recipe(
     up_lr_weight="linear+0.1", block_lr_zero_threshold=0.15, network_dropout=0.1, rank_dropout=0.2,
     module_dropout=0.1,
 )
-
-
-def _refusal(tmp_path: Path, **fields) -> str:
-    path = tmp_path / "r.yaml"
-    with pytest.raises(UserError) as caught:
-        parse_recipe({**TINY, "name": "r", **fields}, path)
-    message = str(caught.value)
-    assert "\n" not in message and str(path) in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -123,18 +112,12 @@ def test_the_network_args_are_in_the_header_and_mlflow(root, blocks_run):
     assert (params["network_dropout"], params["up_lr_weight"]) == ("0.1", "linear+0.1")
 
 
-class Crash(Exception):
-    pass
-
 
 def test_a_run_with_blocks_and_dropouts_resumes_to_the_same_file(root, blocks_run):
     """The per-block optimizer groups come back from the state, the dropout masks from (seed, step)."""
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            raise Crash(line)
 
     with pytest.raises(Crash):
-        train(root, BLOCKS, "blocks-resumed", log=crash)
+        train(root, BLOCKS, "blocks-resumed", log=crash_after(1))
     resumed, _ = train(root, BLOCKS, "blocks-resumed")
     assert resumed.resumed_from_epoch == 1 and resumed.loss_history == blocks_run.loss_history
     a, b = load_file(blocks_run.epochs[-1]["file"]), load_file(resumed.epochs[-1]["file"])
@@ -267,14 +250,14 @@ def test_the_options_keep_old_hashes_and_say_why_there_is_no_fast_path():
 def test_the_recipe_refuses_what_cannot_train_in_one_line(tmp_path):
     flux = {"base_model": "tiny-flux", "model_family": "flux1"}
     assert "block_dims is not an option of a FLUX.1 model (model_family: flux1): it has no kohya U-Net blocks" in (
-        _refusal(tmp_path, **flux, block_dims=[1] * 25))
-    assert "rank_dropout" not in _refusal(tmp_path, **flux, rank_dropout=0.1, up_lr_weight="sine")
-    assert "block_dims must have 25 values" in _refusal(tmp_path, optimizer="AdamW", block_dims=[1] * 23)
+        recipe_refusal(tmp_path, **flux, block_dims=[1] * 25))
+    assert "rank_dropout" not in recipe_refusal(tmp_path, **flux, rank_dropout=0.1, up_lr_weight="sine")
+    assert "block_dims must have 25 values" in recipe_refusal(tmp_path, optimizer="AdamW", block_dims=[1] * 23)
     sdxl = {"base_model": "tiny-sdxl", "model_family": "sdxl", "optimizer": "AdamW"}
-    assert "block_dims must have 23 values" in _refusal(tmp_path, **sdxl, block_dims=[1] * 25)
-    assert "down_lr_weight must have at most 9 values" in _refusal(tmp_path, **sdxl, down_lr_weight=[1.0] * 12)
-    assert "DAdaptAdamW adapts one step size" in _refusal(tmp_path, up_lr_weight="cosine")
-    assert "block_alphas needs block_dims" in _refusal(tmp_path, optimizer="AdamW", block_alphas=[1.0] * 25)
-    assert "gradient_checkpointing" in _refusal(tmp_path, rank_dropout=0.1, gradient_checkpointing=True)
-    assert "up_lr_weight" in _refusal(tmp_path, optimizer="AdamW", up_lr_weight="steps")
-    assert "resolutions must not repeat" in _refusal(tmp_path, resolutions=[64, 64])
+    assert "block_dims must have 23 values" in recipe_refusal(tmp_path, **sdxl, block_dims=[1] * 25)
+    assert "down_lr_weight must have at most 9 values" in recipe_refusal(tmp_path, **sdxl, down_lr_weight=[1.0] * 12)
+    assert "DAdaptAdamW adapts one step size" in recipe_refusal(tmp_path, up_lr_weight="cosine")
+    assert "block_alphas needs block_dims" in recipe_refusal(tmp_path, optimizer="AdamW", block_alphas=[1.0] * 25)
+    assert "gradient_checkpointing" in recipe_refusal(tmp_path, rank_dropout=0.1, gradient_checkpointing=True)
+    assert "up_lr_weight" in recipe_refusal(tmp_path, optimizer="AdamW", up_lr_weight="steps")
+    assert "resolutions must not repeat" in recipe_refusal(tmp_path, resolutions=[64, 64])

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_groups import NoiseSettings
 from lora_pipeline.core.training.step.noise import draw_timesteps
-from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
+from lora_pipeline_tests.helpers import TINY, timesteps_seen, tiny_recipe, train
 
 pytestmark = pytest.mark.xdist_group("timestep_sampling")
 
@@ -53,15 +52,7 @@ def test_each_mode_draws_its_density_inside_the_bounds():
 
 def recorded_run(root, out: str, **fields) -> tuple[float, torch.Tensor, dict[str, str]]:
     """A one-step run's first loss, the timesteps its U-Net was called with, and its file's header."""
-    seen: list[torch.Tensor] = []
-    forward = UNet2DConditionModel.forward
-
-    def recording(self, sample, timestep, *args, **kwargs):
-        seen.append(torch.as_tensor(timestep).detach().cpu().flatten())
-        return forward(self, sample, timestep, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(UNet2DConditionModel, "forward", recording)
+    with timesteps_seen() as seen:
         result, _ = train(root, tiny_recipe(**ONE_STEP, **fields), out)
     return result.loss_history[0], torch.cat(seen), read_lora_metadata(Path(result.epochs[0]["file"]))
 

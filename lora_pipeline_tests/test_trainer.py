@@ -22,7 +22,7 @@ from lora_pipeline.core.training.kohya.lora_file import add_unet_lora, read_lora
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.checkpoint import load_state
 from lora_pipeline.core.training.run.trainer import train_lora
-from lora_pipeline_tests.helpers import PROVENANCE, STARTED_AT, TINY, tiny_recipe, train, tree_state
+from lora_pipeline_tests.helpers import PROVENANCE, STARTED_AT, TINY, Crash, crash_after, tiny_recipe, train, tree_state
 
 
 def file_bytes(result) -> dict[str, bytes]:
@@ -100,18 +100,6 @@ def test_trained_file_loads_in_diffusers_like_the_trained_unet(train_snapshot, t
         expected = trained(**inputs).sample
     torch.testing.assert_close(loaded_out, expected, rtol=1e-4, atol=1e-5)
     assert (loaded_out - base_out).abs().max() > 1e-4  # the LoRA does change the output
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after(epoch: int):
-    def log(line: str) -> None:
-        if line.startswith(f"epoch {epoch}/"):
-            raise Crash(line)
-
-    return log
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW8bit", "Prodigy"])

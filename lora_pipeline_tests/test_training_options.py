@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import load_base_model
 from lora_pipeline.core.training.kohya.lora_file import read_lora_metadata
 from lora_pipeline.core.training.kohya.network import add_network
@@ -31,7 +30,7 @@ from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loss import conditional_loss, huber_threshold
 from lora_pipeline.core.training.step.noise import draw_timesteps
 from lora_pipeline.core.training.step.optim import make_optimizer
-from lora_pipeline_tests.helpers import TINY, tiny_recipe, train
+from lora_pipeline_tests.helpers import TINY, Crash, crash_after, recipe_refusal, timesteps_seen, tiny_recipe, train
 
 pytestmark = pytest.mark.xdist_group("training_options")
 
@@ -51,15 +50,7 @@ def root(module_snapshot):
 @pytest.fixture(scope="module")
 def options_run(root):
     """The OPTIONS run, with the timesteps the U-Net was called with (its forward wrapped, nothing replaced)."""
-    seen: list[torch.Tensor] = []
-    forward = UNet2DConditionModel.forward
-
-    def recording(self, sample, timestep, *args, **kwargs):
-        seen.append(torch.as_tensor(timestep).detach().cpu().flatten())
-        return forward(self, sample, timestep, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(UNet2DConditionModel, "forward", recording)
+    with timesteps_seen() as seen:
         result = train_lora(root, "train-v1", OPTIONS, out_dir=root.root / "options", device="cpu",
                             provenance={"code_commit": "test-commit"}, tracker=TrainingTracker(root.mlflow),
                             log=lambda line: None)
@@ -102,19 +93,13 @@ def test_the_options_are_mlflow_params(root, options_run):
     assert params["optimizer_args"] == '{"amsgrad":true,"betas":[0.8,0.95],"eps":1e-06,"weight_decay":0.02}'
 
 
-class Crash(Exception):
-    pass
-
 
 def test_a_run_with_the_options_resumes_to_the_same_files(root, options_run):
     clean, _ = options_run
 
-    def crash(line: str) -> None:
-        if line.startswith("epoch 1/"):
-            raise Crash(line)
 
     with pytest.raises(Crash):
-        train(root, OPTIONS, "options-resumed", log=crash)
+        train(root, OPTIONS, "options-resumed", log=crash_after(1))
     resumed, _ = train(root, OPTIONS, "options-resumed")
     assert resumed.resumed_from_epoch == 1 and resumed.loss_history == clean.loss_history
     for a, b in zip(clean.epochs, resumed.epochs, strict=True):
@@ -236,23 +221,15 @@ def test_prodigy_takes_kohyas_d_adaptation_arguments():
     assert group["decouple"] and group["use_bias_correction"] and group["safeguard_warmup"]
 
 
-def _refusal(tmp_path: Path, **fields) -> str:
-    path = tmp_path / "r.yaml"
-    with pytest.raises(UserError) as caught:
-        parse_recipe({**TINY, "name": "r", **fields}, path)
-    message = str(caught.value)
-    assert "\n" not in message and str(path) in message
-    return message
-
-
 def test_the_recipe_refuses_what_cannot_train_in_one_line(tmp_path):
-    assert "AdamW takes no argument 'd_coef'" in _refusal(tmp_path, optimizer="AdamW", optimizer_args={"d_coef": 1.0})
-    assert "'lr' is the recipe field learning_rate" in _refusal(tmp_path, optimizer_args={"lr": 1e-3})
-    assert "min_timestep must not be larger than max_timestep" in _refusal(tmp_path, min_timestep=500,
+    assert "AdamW takes no argument 'd_coef'" in recipe_refusal(tmp_path, optimizer="AdamW",
+                                                               optimizer_args={"d_coef": 1.0})
+    assert "'lr' is the recipe field learning_rate" in recipe_refusal(tmp_path, optimizer_args={"lr": 1e-3})
+    assert "min_timestep must not be larger than max_timestep" in recipe_refusal(tmp_path, min_timestep=500,
                                                                            max_timestep=400)
     flux = {"base_model": "tiny-flux", "model_family": "flux1"}
-    assert "min_timestep is not an option of a FLUX.1 model" in _refusal(tmp_path, **flux, min_timestep=100)
-    assert "huber_schedule: snr needs a DDPM noise schedule" in _refusal(tmp_path, **flux, loss_type="huber")
+    assert "min_timestep is not an option of a FLUX.1 model" in recipe_refusal(tmp_path, **flux, min_timestep=100)
+    assert "huber_schedule: snr needs a DDPM noise schedule" in recipe_refusal(tmp_path, **flux, loss_type="huber")
     assert parse_recipe({**TINY, **flux, "name": "r", "loss_type": "huber", "huber_schedule": "constant"},
                         tmp_path / "r.yaml").loss_type == "huber"
 
