@@ -329,6 +329,15 @@ def recipe_refusal(tmp_path: Path, **fields: Any) -> str:
     return message
 
 
+def assert_same_tensors(path_a: Any, path_b: Any) -> None:
+    """Two safetensors files hold the same tensors bit for bit (their headers may differ: run ids, recipes)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 class Crash(Exception):
     """Raised by `crash_after`'s log: a training stopped at a chosen moment, as a kill would stop it."""
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.models.loading import host_to_device
@@ -17,15 +16,9 @@ from lora_pipeline.core.training.recipe import parse_recipe
 from lora_pipeline.core.training.recipe_checks import fast_path_blockers
 from lora_pipeline.core.training.run.distributed import refusal
 from lora_pipeline.core.training.step.fastpath import fast_path_choice
-from lora_pipeline_tests.helpers import TINY, Crash, crash_after, tiny_recipe, train
+from lora_pipeline_tests.helpers import TINY, Crash, assert_same_tensors, crash_after, tiny_recipe, train
 
 CPU = torch.device("cpu")
-
-
-def _assert_same_tensors(path_a: str, path_b: str) -> None:
-    """The same tensors bit for bit (the headers differ: each records its recipe, fast_path included)."""
-    a, b = load_file(path_a), load_file(path_b)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_host_to_device_is_a_plain_copy_off_cuda():
@@ -49,7 +42,7 @@ def test_fast_path_trains_byte_identically_and_reports_its_warm_up(train_snapsho
     assert len({lr for lr in plain.lr_history}) == len(plain.lr_history)  # the schedule moved every step
     assert fast.loss_history == plain.loss_history and fast.lr_history == plain.lr_history
     for fast_epoch, plain_epoch in zip(fast.epochs, plain.epochs, strict=True):
-        _assert_same_tensors(fast_epoch["file"], plain_epoch["file"])
+        assert_same_tensors(fast_epoch["file"], plain_epoch["file"])
     for result in (plain, fast):
         timings = result.timings
         assert {"load", "latent_caching", "text_encoding", "training_steps", "shape_warmup", "saving",
@@ -73,7 +66,7 @@ def test_dadapt_replayed_from_its_recording_keeps_adapting(train_snapshot):
     assert fast.resumed_from_epoch == 1 and any(line.startswith("warm-up of ") for line in lines)
     assert fast.lr_history == plain.lr_history and plain.lr_history[-1] > plain.lr_history[0]
     for fast_epoch, plain_epoch in zip(fast.epochs, plain.epochs, strict=True):
-        _assert_same_tensors(fast_epoch["file"], plain_epoch["file"])
+        assert_same_tensors(fast_epoch["file"], plain_epoch["file"])
 
 
 @pytest.mark.parametrize("override, reason", [

@@ -29,7 +29,15 @@ from lora_pipeline.core.training.run.tracking import TrainingTracker
 from lora_pipeline.core.training.run.trainer import train_lora
 from lora_pipeline.core.training.step.flux_step import RectifiedFlow
 from lora_pipeline.core.training.step.loop import StepBatch, denoising_loss, draw_noise
-from lora_pipeline_tests.helpers import Crash, crash_after, lora_layers, recipe_refusal, tiny_recipe, train
+from lora_pipeline_tests.helpers import (
+    Crash,
+    assert_same_tensors,
+    crash_after,
+    lora_layers,
+    recipe_refusal,
+    tiny_recipe,
+    train,
+)
 from lora_pipeline_tests.test_lora_file import unet_inputs, unet_out
 
 pytestmark = pytest.mark.xdist_group("network_args")
@@ -115,13 +123,11 @@ def test_the_network_args_are_in_the_header_and_mlflow(root, blocks_run):
 
 def test_a_run_with_blocks_and_dropouts_resumes_to_the_same_file(root, blocks_run):
     """The per-block optimizer groups come back from the state, the dropout masks from (seed, step)."""
-
     with pytest.raises(Crash):
         train(root, BLOCKS, "blocks-resumed", log=crash_after(1))
     resumed, _ = train(root, BLOCKS, "blocks-resumed")
     assert resumed.resumed_from_epoch == 1 and resumed.loss_history == blocks_run.loss_history
-    a, b = load_file(blocks_run.epochs[-1]["file"]), load_file(resumed.epochs[-1]["file"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(blocks_run.epochs[-1]["file"], resumed.epochs[-1]["file"])
 
 
 @pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")  # diffusers' loader, below

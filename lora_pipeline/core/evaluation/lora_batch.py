@@ -41,29 +41,26 @@ BATCHED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 MAX_BATCH_PIXELS = 32 * 512 * 512  # images of one call at most: 32 at 512 px, 8 at 1024 px (before guidance's 2x)
 
 
-def _plain_lora(pipe: DiffusionPipeline, adapter: str) -> bool:
-    """Whether every layer of `adapter` is a plain LoRA, whose output the per-image hook can scale: a DoRA layer's
-    weight is not linear in its LoRA's scale, and LoHa / LoKr layers have no `lora_B` (those take a call a weight)."""
+def _adapter_layers(pipe: DiffusionPipeline, adapter: str) -> list[Any]:
+    """Every layer of `adapter` in the pipeline's denoiser and text encoders (LoRA, LoHa or LoKr)."""
     from lora_pipeline.core.models.dora import adapter_modules
 
     models = [getattr(pipe, name, None) for name in ("unet", "transformer", "text_encoder", "text_encoder_2")]
-    layers = [module for model in models if model is not None for _, module in adapter_modules(model, adapter)]
+    return [module for model in models if model is not None for _, module in adapter_modules(model, adapter)]
+
+
+def _plain_lora(pipe: DiffusionPipeline, adapter: str) -> bool:
+    """Whether every layer of `adapter` is a plain LoRA, whose output the per-image hook can scale: a DoRA layer's
+    weight is not linear in its LoRA's scale, and LoHa / LoKr layers have no `lora_B` (those take a call a weight)."""
+    layers = _adapter_layers(pipe, adapter)
     return bool(layers) and all(hasattr(layer, "lora_B") and not layer.use_dora.get(adapter) for layer in layers)
-
-
-def _lora_layers(pipe: DiffusionPipeline, adapter: str) -> list[Any]:
-    from peft.tuners.lora import LoraLayer
-
-    models = [getattr(pipe, name, None) for name in ("unet", "transformer", "text_encoder", "text_encoder_2")]
-    return [module for model in models if model is not None for module in model.modules()
-            if isinstance(module, LoraLayer) and adapter in module.lora_B]
 
 
 @contextmanager
 def per_image_weights(pipe: DiffusionPipeline, adapter: str, weights: Sequence[float]) -> Iterator[None]:
     """While open, image i of each call is rendered with `adapter` at `weights[i]` (module docstring)."""
     set_lora_weight(pipe, adapter, 1.0)
-    layers = _lora_layers(pipe, adapter)
+    layers = _adapter_layers(pipe, adapter)  # plain LoRA layers here (sample_weights checks _plain_lora)
     scalings = [float(layer.scaling[adapter]) for layer in layers]
     handles = []
 

@@ -78,7 +78,7 @@ def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, e
     lora = to_host(dict(trainable(run.base)), pinned)
     optimizer = to_host(ctx.parts.optimizer.state_dict(), pinned)
     lr_scheduler = to_host(ctx.lr_scheduler.state_dict(), pinned)
-    ema = ctx.ema.state() if ctx.ema is not None else None  # host copies already
+    ema = to_host(ctx.ema.shadow, pinned) if ctx.ema is not None else None
     losses, lrs = list(losses), list(lrs)  # training goes on appending to the run's lists
 
     def write() -> None:

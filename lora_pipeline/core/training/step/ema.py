@@ -47,10 +47,6 @@ class LoraEma:
         get_ema_multi_avg_fn(self.settings.decay(step))([self.shadow[n] for n in names],
                                                         [self.params[n].detach().float() for n in names], None)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the shadow, for the resume state."""
-        return {n: t.detach().cpu().clone() for n, t in self.shadow.items()}
-
     @contextmanager
     def applied(self) -> Iterator[None]:
         """The parameters hold the shadow inside the block (to save or sample), their own weights after it."""
