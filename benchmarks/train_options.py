@@ -23,6 +23,8 @@ bookkeeping ran (the recorded step is called again; there is no graph).
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,6 +150,10 @@ def run_options(bench: Callable, shapes: list[Any], args: argparse.Namespace, de
                 except torch.cuda.OutOfMemoryError:
                     results.append({"model": shape.name, "variant": variant, "option": option,
                                     "error": "out of GPU memory"})
+                except RuntimeError as error:  # a capture that fails: the row says so, the other options still run
+                    results.append({"model": shape.name, "variant": variant, "option": option,
+                                    "error": f"failed: {str(error).splitlines()[0][:120]}"})
+                    print(f"[{shape.name} {variant} {option}] {traceback.format_exc()}", file=sys.stderr, flush=True)
                 release(device)
     return results
 

@@ -11,12 +11,12 @@ import time
 import pytest
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.locks import exclusive_lock
+from lora_pipeline.core.locks import exclusive_lock, refuse_if_locked
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from lora_pipeline.core.locks import exclusive_lock
+from lora_pipeline.core.locks import exclusive_lock, refuse_if_locked
 with exclusive_lock(Path(sys.argv[1]), busy="busy"):
     print("held", flush=True)
     time.sleep(600)
@@ -31,6 +31,9 @@ def test_a_held_lock_is_refused_with_the_holders_pid_and_freed_by_sigkill(tmp_pa
         with pytest.raises(UserError) as refused, exclusive_lock(lock, busy="already being trained"):
             pass
         assert str(refused.value) == f"{lock.parent}: already being trained by pid {holder.pid} (lock .lock)"
+        with pytest.raises(UserError) as probed:  # the probe gives the same refusal and leaves the pid as it was
+            refuse_if_locked(lock, "already being trained")
+        assert str(probed.value) == str(refused.value) and lock.read_text() == f"{holder.pid}\n"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -38,6 +41,9 @@ def test_a_held_lock_is_refused_with_the_holders_pid_and_freed_by_sigkill(tmp_pa
     with exclusive_lock(lock, busy="already being trained"):  # the kernel dropped the dead holder's lock
         assert lock.read_text() == f"{os.getpid()}\n"
     assert time.monotonic() - started < 1.0
+    refuse_if_locked(lock, "already being trained")  # free now: no refusal
+    refuse_if_locked(tmp_path / "never" / ".lock", "already being trained")  # never locked: nothing created
+    assert not (tmp_path / "never").exists()
 
 
 def test_without_busy_a_second_holder_waits_for_the_first(tmp_path):

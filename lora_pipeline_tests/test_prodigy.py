@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_pipeline.core.training.step.prodigy import Prodigy
 
@@ -115,3 +116,37 @@ def test_prodigy_resumed_from_its_own_state_continues_byte_for_byte():
     resumed.step()
     assert all(torch.equal(a, b) for a, b in zip(whole, cut, strict=True))
     assert torch.equal(resumed.param_groups[0]["d"], uninterrupted.param_groups[0]["d"])
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any read of a tensor's value back to the host (`.item()`, `float(t)`, a tensor used as a Python
+    number): on CUDA each is a sync, which a graph capture refuses (cudaErrorStreamCaptureUnsupported)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten._local_scalar_dense.default, "the step read a tensor back to the host"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", [
+    "Prodigy", "Prodigy-options", "DAdaptAdamW",
+])
+def test_a_step_with_the_fast_paths_learning_rate_tensor_reads_nothing_back_to_the_host(optimizer):
+    """Under the fast path each group's lr is a device tensor (fastpath.GraphedSteps.lrs). Prodigy's eps term was
+    once added positionally (`_foreach_add_(denom, d * eps)`), which torch parses as a Python number: the capture
+    failed on the H100 and this test failed on the CPU."""
+    from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
+
+    params = _params()
+    if optimizer == "DAdaptAdamW":
+        opt = DAdaptAdamW(params, lr=1.0, weight_decay=0.01)
+    else:
+        opt = Prodigy(params, lr=1.0, **({"weight_decay": 0.1, "use_bias_correction": True, "d_coef": 2.0}
+                                         if optimizer == "Prodigy-options" else {}))
+    for step in range(3):
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(1.0)
+        for p, g in zip(params, _grads(step), strict=True):
+            p.grad = g.clone()
+        with _NoHostReads():
+            opt.step()
+    assert not torch.equal(params[1].detach(), torch.zeros(16, 4))  # the steps moved the parameters

@@ -66,7 +66,9 @@ class Cluster:
         return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DAGSTER_HOME": str(self.home),
                 **env_vars(data=str(self.data), dagster_pg_url=self.dagster_db, executor="celery",
                            celery_broker=self.broker, celery_backend=self.backend, queue_prefix=self.queue_prefix,
-                           mlflow_uri=self.mlflow_uri)}
+                           mlflow_uri=self.mlflow_uri),
+                # the pipeline runs no MLflow server jobs (its GenAI scorers): off, the server starts no huey workers
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def commands(self) -> dict[str, list[str]]:
         """Name -> command line of each process, as run on the machines of a deployment."""

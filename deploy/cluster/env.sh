@@ -12,3 +12,6 @@ export LORA_PIPELINE_TRAIN_PROCESSES="${LORA_PIPELINE_TRAIN_PROCESSES:-1}"
 # The one shared data root (NFS or similar) that every machine mounts at the same path; nothing is copied
 # between workers. MLflow's artifacts live in it too.
 export LORA_PIPELINE_DATA="${LORA_PIPELINE_DATA:-$PWD/data}"
+# The pipeline runs no MLflow server jobs (its GenAI scorers and periodic tasks): off, `mlflow server` starts no
+# huey consumer processes beside itself.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"

@@ -29,10 +29,31 @@ def exclusive_lock(lock_file: Path, busy: str | None = None) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise UserError(f"{busy} by pid {holder} (lock {lock_file.name})", lock_file.parent) from None
+            raise _busy(fd, lock_file, busy) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def refuse_if_locked(lock_file: Path, busy: str) -> None:
+    """The refusal `exclusive_lock(lock_file, busy)` would give, without taking the lock or creating anything: a
+    caller checks this before seconds of set-up (imports, model loads) and takes the lock itself afterwards.
+    Probed with a shared lock, which conflicts only with a holder's exclusive one."""
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # never locked here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(fd, lock_file, busy) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(fd: int, lock_file: Path, busy: str) -> UserError:
+    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+    return UserError(f"{busy} by pid {holder} (lock {lock_file.name})", lock_file.parent)

@@ -11,6 +11,7 @@ from lora_pipeline.core.lineage.batch_links import version_batches
 from lora_pipeline.core.lineage.lineage_index import update_index
 from lora_pipeline.core.paths import MANIFEST, DataRoot, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.training.recipe import Recipe, load_recipe
+from lora_pipeline.core.training.run.result import refuse_busy_output
 from lora_pipeline.defs.automation import evaluate_on_condition, train_on_condition
 from lora_pipeline.defs.failures import fails_on_user_error
 from lora_pipeline.defs.lineage_pages import batch_observations, blocked_observation
@@ -63,6 +64,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     except UserError as exc:  # the partition's page says it is blocked, why, and links the report
         context.log_event(blocked_observation(root, version, recipe.name, str(exc)))
         raise
+    refuse_busy_output(root.loras(version, recipe.name))  # before the imports below, not after them
     # torch/diffusers/mlflow take seconds to import: only runs that train pay for them, not every code load.
     from lora_pipeline.core.training.run.distributed import train_distributed
     from lora_pipeline.core.training.run.tracking import TrainingTracker

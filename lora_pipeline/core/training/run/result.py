@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.locks import exclusive_lock
+from lora_pipeline.core.locks import exclusive_lock, refuse_if_locked
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.recipe import Recipe
 
 OUTPUT_LOCK = ".lock"
+BUSY = "already being trained"
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -78,7 +79,7 @@ def own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
             if out_dir.resolve().is_relative_to(area.resolve()):
                 raise UserError(f"refusing to write training output inside {area.name}/ (never written)", out_dir)
         try:
-            with exclusive_lock(out_dir / OUTPUT_LOCK, busy="already being trained"):
+            with exclusive_lock(out_dir / OUTPUT_LOCK, busy=BUSY):
                 return train(root, version, recipe, out_dir=out_dir, **kwargs)
         except OSError as exc:
             error = environment_error(exc, out_dir)
@@ -87,3 +88,9 @@ def own_output(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
             raise error from None
 
     return locked
+
+
+def refuse_busy_output(out_dir: Path) -> None:
+    """`own_output`'s refusal of a folder another process is training into, checked before the imports and model
+    loads of a training (seconds) rather than after them."""
+    refuse_if_locked(out_dir / OUTPUT_LOCK, BUSY)

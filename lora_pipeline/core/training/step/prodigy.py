@@ -151,7 +151,7 @@ class Prodigy(torch.optim.Optimizer):
 
         # the step with the new d in the denominator and the step size of the old one (dlr), as the reference
         denom = foreach.sqrt(exp_avg_sq)
-        foreach.add_(denom, d * eps)
+        foreach.add_tensor_(denom, d * eps)
         step_size = dlr * progressed.to(torch.float32)
         if decay != 0 and decouple:
             foreach.add_(params, foreach.mul(params, -decay * step_size))
