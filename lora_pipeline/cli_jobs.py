@@ -230,6 +230,13 @@ def cmd_captions_import(args: argparse.Namespace, root: DataRoot) -> CommandResu
     })
 
 
+def demo_mlflow_line(run_id: str, tracking_uri: str) -> str:
+    """The demo's MLflow line: `make mlflow-ui` serves the data root's own SQLite store, so it is named only for
+    that store, never for a server's (the cluster profile's, which `make cluster-demo` stops when it ends)."""
+    return f"  mlflow      run {run_id} in {tracking_uri}" + (
+        " (make mlflow-ui)" if tracking_uri.startswith("sqlite:") else "")
+
+
 def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
     from lora_pipeline.core.lineage.provenance import trace_lora
 
@@ -258,8 +265,7 @@ def cmd_demo(args: argparse.Namespace, root: DataRoot) -> CommandResult:
         "lora-pipeline demo: done",
         *(f"  dataset     {v}: {b['dataset']} (report {b['report']})" for v, b in built.items()),
         f"  epochs      {len(trained['epoch_files'])} files in {Path(trained['epoch_files'][-1]).parent}",
-        f"  mlflow      run {trained['mlflow_run_id']} in {trained['mlflow_tracking_uri']}"
-        + (" (make mlflow-ui)" if trained["mlflow_tracking_uri"].startswith("sqlite:") else ""),
+        demo_mlflow_line(trained["mlflow_run_id"], trained["mlflow_tracking_uri"]),
         *(f"  grid        {g}" for g in evaluated["grids"]),
         f"  val loss    {evaluated['val_loss_png']}",
         f"  recommended epoch {rec['recommended_epoch']}: {chosen}",

@@ -106,3 +106,24 @@ def test_each_cluster_demo_has_databases_of_its_own_and_checked_ports(monkeypatc
     monkeypatch.setenv("CLUSTER_WEB_PORT", "web")
     with pytest.raises(UserError, match=r"\$CLUSTER_WEB_PORT must be a port number"):
         port_setting("CLUSTER_WEB_PORT", 3030)
+
+
+def test_the_cluster_demo_says_its_servers_stopped_and_names_make_mlflow_ui_only_for_the_local_store(tmp_path):
+    """Issue 27: `make cluster-demo` ended by printing "MLflow run … in http://127.0.0.1:5050 (make mlflow-ui)":
+    a server it had already stopped, and a make target that serves another store."""
+    from lora_pipeline.cli_jobs import demo_mlflow_line
+    from scripts.cluster import Cluster, demo_summary
+
+    cluster = Cluster(home=tmp_path / "home", data=tmp_path / "data", dagster_db="postgresql://h/d_dagster",
+                      mlflow_db="postgresql://h/d_mlflow", mlflow_port=5050, web_port=3030)
+    stopped = demo_summary(cluster, 0, 95.0, hold=False)
+    assert "cluster-demo: done in 95 s" in stopped
+    for line in ("  Dagster UI  http://127.0.0.1:3030 (stopped with the demo; HOLD=1 keeps it up)",
+                 "  MLflow UI   http://127.0.0.1:5050 (stopped with the demo; HOLD=1 keeps it up)"):
+        assert line in stopped
+    held = demo_summary(cluster, 1, 95.0, hold=True)
+    assert "stopped" not in held.split("databases")[0] and "FAILED (exit 1)" in held
+    assert demo_mlflow_line("r1", "http://127.0.0.1:5050") == "  mlflow      run r1 in http://127.0.0.1:5050"
+    assert demo_mlflow_line("r1", "sqlite:////d/mlflow.db").endswith("(make mlflow-ui)")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert "CLUSTER_WEB_PORT" in readme and "CLUSTER_MLFLOW_PORT" in readme  # the port overrides are documented

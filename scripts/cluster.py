@@ -248,22 +248,28 @@ def _demo(cluster: Cluster, started: float, hold: bool) -> int:
         ready = time.monotonic() - started
         print(f"all processes ready after {ready:.0f} s; running `lora-pipeline demo` through them", flush=True)
         code = cli.main(["demo"])
-        up = "" if hold else " (stopped with the demo; HOLD=1 keeps it up)"
-        print("\n".join([
-            "",
-            f"cluster-demo: {'done' if code == 0 else f'FAILED (exit {code})'} in {time.monotonic() - started:.0f} s",
-            f"  Dagster UI  http://127.0.0.1:{cluster.web_port}{up}",
-            f"  MLflow UI   {cluster.mlflow_uri}{up}; artifacts in {cluster.data / 'mlflow' / 'artifacts'}",
-            f"  databases   {cluster.dagster_db.rsplit('/', 1)[-1]}, {cluster.mlflow_db.rsplit('/', 1)[-1]} "
-            "(this run's own, dropped when it stops)",
-            f"  data root   {cluster.data}",
-            f"  logs        {cluster.logs}/ (one per process; the Celery workers log each step they ran)",
-        ]), flush=True)
+        print(demo_summary(cluster, code, time.monotonic() - started, hold), flush=True)
         if hold:
             with contextlib.suppress(KeyboardInterrupt, EOFError):
                 input("press Enter (or Ctrl-C) to stop the cluster ")
     print("stopped every process the demo started", flush=True)
     return code
+
+
+def demo_summary(cluster: Cluster, code: int, seconds: float, hold: bool) -> str:
+    """What the demo prints at its end. Without HOLD its servers stop with it, and the lines say so rather than
+    leave a user opening the URL of a server that is gone."""
+    up = "" if hold else " (stopped with the demo; HOLD=1 keeps it up)"
+    return "\n".join([
+        "",
+        f"cluster-demo: {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s",
+        f"  Dagster UI  http://127.0.0.1:{cluster.web_port}{up}",
+        f"  MLflow UI   {cluster.mlflow_uri}{up}; artifacts in {cluster.data / 'mlflow' / 'artifacts'}",
+        f"  databases   {cluster.dagster_db.rsplit('/', 1)[-1]}, {cluster.mlflow_db.rsplit('/', 1)[-1]} "
+        "(this run's own, dropped when it stops)",
+        f"  data root   {cluster.data}",
+        f"  logs        {cluster.logs}/ (one per process; the Celery workers log each step they ran)",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
