@@ -34,7 +34,7 @@ DRILL = tuple(name for name in BENCH if name != "bitsandbytes") + (
     "gitdb", "smmap", "opentelemetry-api", "opentelemetry-proto", "opentelemetry-sdk",
     "opentelemetry-semantic-conventions", "protobuf", "sqlparse", "graphene", "graphql-core", "graphql-relay",
     "flask", "werkzeug", "itsdangerous", "blinker", "flask-cors", "huey", "skops", "prettytable", "wcwidth",
-    "narwhals", "tzdata", "click", "cryptography", "cffi", "pycparser")
+    "narwhals", "tzdata", "pytz", "click", "cryptography", "cffi", "pycparser")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
