@@ -75,3 +75,26 @@ def test_a_failed_background_write_fails_the_run_and_nothing_is_written_after_it
     state = load_state(out)
     assert state is not None and state.epoch == 1  # the state vouches for epoch 1 only
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_host_buffers_are_separate_views_of_one_block_per_dtype_that_files_write_as_separate_tensors(tmp_path):
+    import safetensors.torch
+
+    from lora_pipeline.core.training.run.writer import host_buffers
+
+    tensors = {"down": torch.randn(4, 3, dtype=torch.bfloat16), "alpha": torch.tensor(8.0),
+               "empty": torch.zeros(0, 5), "mask": torch.tensor([True, False, True]),
+               "step": torch.tensor(7, dtype=torch.int64), "up": torch.randn(3, 4)}
+    views = host_buffers(list(tensors.values()), pinned=False)
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 4  # one allocation per dtype
+    for view, tensor in zip(views, tensors.values(), strict=True):
+        assert (view.shape, view.dtype) == (tensor.shape, tensor.dtype)
+        assert view.data_ptr() % 64 == 0
+        view.copy_(tensor)
+    copies = dict(zip(tensors, views, strict=True))
+    for name, tensor in tensors.items():  # no view overwrote another
+        assert torch.equal(copies[name], tensor), name
+    loaded = safetensors.torch.load(safetensors.torch.save(copies))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    torch.save(copies, tmp_path / "state.pt")
+    assert all(torch.equal(torch.load(tmp_path / "state.pt")[name], t) for name, t in tensors.items())

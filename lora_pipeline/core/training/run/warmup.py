@@ -1,8 +1,9 @@
 """Every batch shape of a run warmed up before its first epoch, so no epoch stops at a bucket's first step.
 
-With the fast path each input shape costs an eager step (it lets cuBLAS, cuDNN and the allocator settle) and the
-capture of its CUDA graph (step/fastpath.py). Measured with gpu_e2e.py on an H100 (issue 22) these first steps were
-10.6 s of an SD1.5 run and 31.0 s of an SDXL one, spread over the epochs. `warm_up_shapes` takes them all up
+With the fast path each input shape costs the capture of its CUDA graph (step/fastpath.py), and the run's first
+one an eager step before it (it lets cuBLAS, the autograd engine and the optimizer's state settle). Measured with
+gpu_e2e.py on an H100 (issue 22) these first steps were 10.6 s of an SD1.5 run and 31.0 s of an SDXL one, spread
+over the epochs. `warm_up_shapes` takes them all up
 front, from the run's batch plan: the first batch of each distinct shape (its size and bucket) of the epochs
 still to train, built as training builds it (`loop.step_inputs`), so its inputs have exactly the layout the
 step will replay. Both the eager step and (on a CPU, where there is no graph) the recording change the LoRA and
@@ -110,7 +111,7 @@ def warm_up_shapes(run: TrainingRun, ctx: StepContext, first_epoch: int, global_
         saved.restore()
     _sync(run.device)
     seconds = time.perf_counter() - started
-    run.log(f"warm-up of {len(plan)} batch shape(s) took {seconds:.1f} s (each one's eager step and capture, "
+    run.log(f"warm-up of {len(plan)} batch shape(s) took {seconds:.1f} s (captures, after one eager step, "
             "before the first epoch)")
     return seconds
 

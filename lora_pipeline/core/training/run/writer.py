@@ -29,16 +29,51 @@ def to_host(value: Any, pinned: bool) -> Any:
     """A copy of `value` (nested dicts, lists and tuples of tensors and plain values) whose tensors live on the
     host and are not shared with training: pinned, non-blocking copies of device tensors when `pinned` (valid
     once the stream reaches them: BackgroundWriter waits for that), clones of host tensors."""
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach()
+    if not pinned:
+        return _mapped(value, lambda tensor: tensor.detach().clone())
+    on_device = [t for t in _leaves(value) if t.device.type != "cpu"]
+    buffers = iter(host_buffers(on_device, pinned=True))
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type == "cpu":
-            return tensor.clone()
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pinned)
-        return host.copy_(tensor, non_blocking=pinned)
+            return tensor.detach().clone()
+        return next(buffers).copy_(tensor.detach(), non_blocking=True)
+
+    return _mapped(value, copy)
+
+
+ALIGNMENT = 64  # bytes: where each view of host_buffers starts
+
+
+def host_buffers(tensors: list[torch.Tensor], pinned: bool) -> list[torch.Tensor]:
+    """Empty host tensors of the shapes and dtypes of `tensors`: views into one allocation per dtype (pinned if
+    asked), not one each: a snapshot is thousands of tensors (an SDXL LoRA with its optimizer state), and each
+    pinned allocation is a driver call on the training thread. The views do not overlap, so safetensors and
+    torch.save (which refuses one storage viewed as two dtypes) write them as separate tensors."""
+    offsets: list[int] = []
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        step = max(1, ALIGNMENT // tensor.element_size())
+        offsets.append(-(-sizes.get(tensor.dtype, 0) // step) * step)
+        sizes[tensor.dtype] = offsets[-1] + tensor.numel()
+    blocks = {dtype: torch.empty(size, dtype=dtype, pin_memory=pinned) for dtype, size in sizes.items()}
+    return [blocks[t.dtype][start:start + t.numel()].view(t.shape) for start, t in zip(offsets, tensors, strict=True)]
+
+
+def _leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of `value`, in the order `_mapped` visits them."""
+    found: list[torch.Tensor] = []
+    _mapped(value, lambda tensor: found.append(tensor) or tensor)
+    return found
+
+
+def _mapped(value: Any, copy: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return copy(value)
     if isinstance(value, dict):
-        return {key: to_host(item, pinned) for key, item in value.items()}
+        return {key: _mapped(item, copy) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        copied = [to_host(item, pinned) for item in value]
+        copied = [_mapped(item, copy) for item in value]
         return copied if isinstance(value, list) else tuple(copied)
     return value
 

@@ -206,13 +206,15 @@ class GraphedSteps:
         return loss
 
     def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> bool:
-        """Take the eager step and the capture of this input shape now, ahead of training (False: done already).
-        Both change the LoRA and the optimizer state: the caller puts them back (run/warmup.py)."""
+        """Capture this input shape now, ahead of training (False: done already), after an eager step for the
+        run's first shape only: what an eager step settles (cuBLAS, the autograd engine, the optimizer's state) is
+        per run, not per shape. Both change the LoRA and the optimizer state: the caller puts them back
+        (run/warmup.py)."""
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
         if key in self.captured:
             return False
-        if key not in self.eager_done:
+        if not self.eager_done:  # once per run: cuBLAS, the autograd engine and the allocator settle
             self.eager_done.add(key)
             self._eager(batch, drawn)
         static = inputs.clone()
