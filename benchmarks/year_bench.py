@@ -130,6 +130,8 @@ def measure_sensors(root, inst, out: dict[str, float]) -> None:
     # the automation as its sensor evaluates it in the code server (use_user_code_server): Dagster's own tick
     out["training_automation_sensor: first tick (no cursor)"], first = tick("training_automation_sensor", None)
     out["training_automation_sensor: next tick"], _ = tick("training_automation_sensor", first.cursor)
+    asked = sorted({r.partition_key for r in first.run_requests})
+    print(f"  automation's first tick asks for {len(asked)} partition(s){': ' if asked else ''}{asked[:5]}")
 
 
 def measure_automation(inst, out: dict[str, float], profile: bool = False) -> None:
