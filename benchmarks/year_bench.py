@@ -159,7 +159,9 @@ def measure_cli(env: dict[str, str], root, workdir: Path, history, out: dict[str
            "definitions(); print(time.perf_counter() - t)"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     out["definitions: load (in a fresh process)"] = float(done.stdout.strip().splitlines()[-1])
-    spec = {"name": "bench-new-v1", "trigger": "trg", "repeats": 2, "sources": [{"batch": "bench-new-b"}],
+    # a name of its own per measurement: a workdir measured again (before/after) builds a new version again
+    name = f"bench{int(time.time())}"
+    spec = {"name": f"{name}-v1", "trigger": "trg", "repeats": 2, "sources": [{"batch": f"{name}-b"}],
             "captions": {"from": "sidecar"}, "checks": {"min_side": 32, "near_duplicates": "ignore"}}
     empty = workdir / "empty"
     shutil.rmtree(empty, ignore_errors=True)
@@ -168,12 +170,11 @@ def measure_cli(env: dict[str, str], root, workdir: Path, history, out: dict[str
     for label, data, e in (("empty instance", DataRoot(empty / "data"), _env(empty, None)),
                            ("the year's instance", root, env)):
         data.specs.mkdir(parents=True, exist_ok=True)
-        if not data.batch("bench-new-b").exists():
-            land_batch(data, "bench-new-b", seed=4242)
-        data.spec_file("bench-new-v1").write_text(yaml.safe_dump(spec))
+        land_batch(data, f"{name}-b", seed=4242)
+        data.spec_file(f"{name}-v1").write_text(yaml.safe_dump(spec))
         if label == "empty instance":
             _home(empty, None)
-        out[f"cli: build of one new version, {label}"] = _cli(e, "build", "bench-new-v1")
+        out[f"cli: build of one new version, {label}"] = _cli(e, "build", f"{name}-v1")
     out["cli: verify one version"] = _cli(env, "verify", history.versions[0])
     out["cli: verify all versions"] = _cli(env, "verify")
     lora = sorted(root.loras_root.rglob("*.safetensors"))
