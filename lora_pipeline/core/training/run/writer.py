@@ -29,15 +29,13 @@ def to_host(value: Any, pinned: bool) -> Any:
     """A copy of `value` (nested dicts, lists and tuples of tensors and plain values) whose tensors live on the
     host and are not shared with training: pinned, non-blocking copies of device tensors when `pinned` (valid
     once the stream reaches them: BackgroundWriter waits for that), clones of host tensors."""
-    if not pinned:
-        return _mapped(value, lambda tensor: tensor.detach().clone())
     on_device = [t for t in _leaves(value) if t.device.type != "cpu"]
-    buffers = iter(host_buffers(on_device, pinned=True))
+    buffers = iter(host_buffers(on_device, pinned))
 
     def copy(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type == "cpu":
             return tensor.detach().clone()
-        return next(buffers).copy_(tensor.detach(), non_blocking=True)
+        return next(buffers).copy_(tensor.detach(), non_blocking=pinned)
 
     return _mapped(value, copy)
 
