@@ -4,6 +4,8 @@ nothing is written after it, leaving the block waits for what was submitted; sna
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -25,6 +27,18 @@ def test_jobs_run_in_order_off_the_training_thread():
         assert done == []
         gate.set()
     assert done == [(n, "lora-writer") for n in range(5)]
+
+
+def test_a_finished_job_and_its_snapshot_are_released_before_the_next_job_arrives():
+    snapshot = torch.ones(1000)  # what a save job holds: the host copies of the LoRA and its optimizer state
+    released = weakref.ref(snapshot)
+    with BackgroundWriter(CPU) as writer:
+        writer.submit(lambda tensors=snapshot: tensors.sum())
+        del snapshot
+        deadline = time.monotonic() + 10
+        while released() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert released() is None  # freed while the writer waits for the next job, not held for an epoch
 
 
 def test_a_failed_job_is_raised_on_the_training_thread_and_later_jobs_are_dropped():

@@ -91,17 +91,22 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         while (item := self._jobs.get()) is not None:
-            job, ready = item
-            if self._error is not None:  # nothing is written after a failed write
-                continue
-            started = time.perf_counter()
-            try:
-                if ready is not None:
-                    ready.synchronize()  # the non-blocking copies of the job's snapshot have landed
-                job()
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
-                self._error = exc
-            self.busy_seconds += time.perf_counter() - started
+            self._run(*item)
+            # the job and its snapshot go now, not when the next job arrives: its host memory (pinned buffers
+            # go back to PyTorch's cache, for the next epoch's snapshot) is not held through a whole epoch
+            del item
+
+    def _run(self, job: Callable[[], Any], ready: torch.cuda.Event | None) -> None:
+        if self._error is not None:  # nothing is written after a failed write
+            return
+        started = time.perf_counter()
+        try:
+            if ready is not None:
+                ready.synchronize()  # the non-blocking copies of the job's snapshot have landed
+            job()
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread, which raises it
+            self._error = exc
+        self.busy_seconds += time.perf_counter() - started
 
     def check(self) -> None:
         """Raise the exception of a job that failed, if one did."""
