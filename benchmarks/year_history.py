@@ -198,6 +198,6 @@ def build_history(root: DataRoot, inst: dg.DagsterInstance, batches: int, versio
     if build:
         from benchmarks.year_trainings import record_trainings
 
-        record_trainings(root, keys)
+        record_trainings(inst, root, keys)
     history.timed("trainings", started)
     return history

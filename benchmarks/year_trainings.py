@@ -81,17 +81,14 @@ def _materialized(inst: dg.DagsterInstance, root: DataRoot, key: str, run_id: st
                   "final_mean_loss": epochs[-1]["mean_loss"], "synthetic": "year_bench: no training ran"}))
     inst.report_runless_asset_event(dg.AssetMaterialization(
         "evaluation_grid", partition=key,
-        metadata={"path": dg.MetadataValue.path(str(root.root / "evals" / version / recipe)),
+        metadata={"path": dg.MetadataValue.path(str(root.evals(version, recipe))),
                   "recommended_epoch": epochs[-1]["epoch"],
                   "recommended_file": dg.MetadataValue.path(str(out / epochs[-1]["file"])),
                   "mlflow_run_id": run_id, "synthetic": "year_bench: nothing sampled"}))
 
 
-def record_trainings(root: DataRoot, keys: list[str]) -> None:
-    """Each training partition's files, MLflow run and materializations (in $DAGSTER_HOME's instance, the bench's)."""
-    from lora_pipeline.runs.instance import instance
-
-    inst = instance()
+def record_trainings(inst: dg.DagsterInstance, root: DataRoot, keys: list[str]) -> None:
+    """Each training partition's files, MLflow run and materializations."""
     tracker = TrainingTracker(root.mlflow, tags={"synthetic": "year_bench"})
     for key in keys:
         run_id, epochs = record_training(root, tracker, key)
