@@ -47,18 +47,23 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
 
 
 @contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block has ended, then raise KeyboardInterrupt. Dagster's `submit_run`
-    reports any exception inside it as the run's failure, so an interrupt there would leave a FAILURE where the
-    user asked for a cancel; held, it cancels the queued run instead (see `submit`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _interrupts_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C and SIGTERM until the block has ended, then raise KeyboardInterrupt; the block may poll the
+    list of signals heard so far. Two uses:
+
+    - `submit`: Dagster's `submit_run` reports any exception inside it as the run's failure, so an interrupt there
+      would leave a FAILURE where the user asked for a cancel; held, it cancels the queued run instead;
+    - `submit_and_wait`'s wait, which polls the list: a KeyboardInterrupt raised wherever the signal lands can be
+      dropped by the interpreter (raised inside a finalizer it is only printed, "Exception ignored in ..."), and
+      the waiter then waited on until the daemon's heartbeat went stale (HEARTBEAT_TOLERANCE_S)."""
     heard: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield heard
+        return
     previous = {sig: signal.signal(sig, lambda number, _frame: heard.append(number))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield heard
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -100,14 +105,17 @@ def _say_new_messages(inst: dg.DagsterInstance, run_id: str, cursor: str | None,
 
 def wait(inst: dg.DagsterInstance, run_id: str, timeout_s: float | None = None,
          while_queued: Callable[[], str | None] | None = None, say: Callable[[str], None] | None = None,
-         ) -> dg.DagsterRun:
+         interrupted: Callable[[], bool] | None = None) -> dg.DagsterRun:
     """The run once it has finished (success, failure or canceled). `while_queued`, asked every few seconds while
     the run is still queued, may give a reason to stop waiting: a UserError then. `say` hears the steps' progress
-    lines as the workers log them (the epoch lines of a training), as a run in this process prints them."""
+    lines as the workers log them (the epoch lines of a training), as a run in this process prints them.
+    `interrupted`, asked at every poll, stops the wait with KeyboardInterrupt (a Ctrl-C held by the caller)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     next_check = time.monotonic()
     cursor: str | None = None
     while True:
+        if interrupted is not None and interrupted():
+            raise KeyboardInterrupt
         run = inst.get_run_by_id(run_id)
         if run is None:
             raise RuntimeError(f"run {run_id} is not in the instance")
@@ -163,7 +171,9 @@ def submit_and_wait(inst: dg.DagsterInstance, job_name: str, partition_key: str 
         raise UserError(problem)
     run_id = submit(inst, job_name, partition_key, run_config, tags)
     try:
-        run = wait(inst, run_id, while_queued=lambda: queue_consumer_problem(inst), say=say)
+        with _interrupts_held() as heard:  # polled by the wait: no Ctrl-C is lost (see _interrupts_held)
+            run = wait(inst, run_id, while_queued=lambda: queue_consumer_problem(inst), say=say,
+                       interrupted=lambda: bool(heard))
     except BaseException:
         give_up(inst, run_id)
         raise
