@@ -63,7 +63,12 @@ def host_buffers(tensors: list[torch.Tensor], pinned: bool) -> list[torch.Tensor
 def _leaves(value: Any) -> list[torch.Tensor]:
     """The tensors of `value`, in the order `_mapped` visits them."""
     found: list[torch.Tensor] = []
-    _mapped(value, lambda tensor: found.append(tensor) or tensor)
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        found.append(tensor)
+        return tensor
+
+    _mapped(value, note)
     return found
 
 

@@ -214,7 +214,7 @@ class GraphedSteps:
         key = inputs.key()
         if key in self.captured:
             return False
-        if not self.eager_done:  # once per run: cuBLAS, the autograd engine and the allocator settle
+        if not self.eager_done:  # once per run (see the docstring)
             self.eager_done.add(key)
             self._eager(batch, drawn)
         static = inputs.clone()
