@@ -185,6 +185,8 @@ def evaluate_version(root: DataRoot, version: str, recipe: str, quiet: bool) -> 
         "grids": sorted(str(p) for p in out.glob("grid*.png")),
         "val_loss_png": str(out / "val_loss.png"),
         "recommendation": read_json(out / "recommendation.json"),
+        "timings": {k.removeprefix("seconds_"): v for k, v in outcome.metadata("evaluation_grid").items()
+                    if k.startswith("seconds_")},
         "dagster_run_id": outcome.run_id,
     }
 

@@ -95,6 +95,9 @@ def test_grids_losses_recommendation_and_mlflow_on_tiny_sd(train_snapshot, lora_
         assert fmt(r["val_loss"]) in result.summary_markdown and fmt(r["train_loss"]) in result.summary_markdown
     assert result.val_loss_plot == out / "val_loss.png" and result.val_loss_plot.read_bytes()[:4] == b"\x89PNG"
     assert lines[-1].startswith(f"recommended epoch {epoch}") and result.seconds > 0
+    assert {"load", "validation_inputs", "pipeline", "sampling", "adapters", "validation_loss", "writing",
+            "tracking"} == set(result.timings)
+    assert result.timings["sampling"] > 0 and sum(result.timings.values()) <= result.seconds
 
     client = MlflowClient(mlflow_tracking_uri(root.mlflow))
     run = client.get_run(result.mlflow_run_id)

@@ -1,6 +1,7 @@
 """Training assets: lora_epochs -> evaluation_grid, per dataset version x recipe, in pool `gpu`."""
 
 import functools
+import time
 
 import dagster as dg
 
@@ -56,6 +57,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
                 launcher: TrainingLauncherResource) -> dg.MaterializeResult:
     # A killed earlier run would still hold a `gpu` slot and stay STARTED: fail it and free the slot (a
     # run started from the UI or a sensor reaches this point when the pool had a slot left).
+    started = time.perf_counter()
     fail_dead_runs(context.instance, context.log.warning)
     root, version, recipe = _training_inputs(context, data_root)
     # Dagster's blocking checks only stop steps inside one run; a separate run must check for itself.
@@ -76,11 +78,13 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
               "code_commit": commit},
     )
     processes = launcher.processes
+    asset_seconds = {"asset_setup": time.perf_counter() - started}  # the gate, the imports, MLflow's store
     result = train_distributed(
         root, version, recipe, out_dir=root.loras(version, recipe.name), provenance={"code_commit": commit},
         num_processes=processes, tracker=tracker, log=context.log.info,
     )
     last = result.epochs[-1]
+    finishing = time.perf_counter()
     update_index(root, version, recipe.name)  # the lineage index learns the epoch files
     samples = {}
     if result.sample_strip is not None:  # sample_every_n_epochs: the latest strip, to stop a bad run early
@@ -90,6 +94,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
     chain = trace_lora(root, result.out_dir / last["file"])  # checks every link, as `lora-pipeline provenance`
     for observation in batch_observations(root, list(version_batches(root, version))):  # now with this LoRA
         context.log_event(observation)
+    asset_seconds["provenance_and_lineage"] = time.perf_counter() - finishing
     return dg.MaterializeResult(
         data_version=dg.DataVersion(last["sha256"]),
         metadata={
@@ -109,7 +114,7 @@ def lora_epochs(context: dg.AssetExecutionContext, data_root: DataRootResource,
             "fast_path": result.fast_path,
             **{f"latent_cache_{name}": value for name, value in result.latent_cache.items()},
             "warnings": dg.MetadataValue.md("\n".join(f"- {w}" for w in result.warnings) or "none"),
-            **{f"seconds_{name}": round(value, 2) for name, value in result.timings.items()},
+            **{f"seconds_{name}": round(value, 2) for name, value in {**result.timings, **asset_seconds}.items()},
             "resumed_from_epoch": result.resumed_from_epoch,
             "total_steps": result.total_steps,
             "device": result.device,
@@ -148,6 +153,7 @@ def evaluation_grid(context: dg.AssetExecutionContext, data_root: DataRootResour
         "mlflow_run": _mlflow_link(result.mlflow_run_id),
         "mlflow_run_id": result.mlflow_run_id,
         "seconds": round(result.seconds, 1),
+        **{f"seconds_{name}": round(value, 2) for name, value in result.timings.items()},
     }
     for i, grid in enumerate(result.grid_paths):
         metadata[f"grid_{i}"] = image_markdown(grid, f"prompt {i}: {recipe.sample_prompts[i]}", max_width=1400)

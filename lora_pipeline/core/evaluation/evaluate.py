@@ -52,6 +52,7 @@ from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, header_epoch, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.tracking import dataset_tags
+from lora_pipeline.core.training.timing import StageTimes
 
 VAL_LOSS_PNG = "val_loss.png"
 RECOMMENDATION_JSON = "recommendation.json"
@@ -74,6 +75,10 @@ class EvaluationResult:
     summary_markdown: str  # the content of recommendation.md
     mlflow_run_id: str  # the evaluation's run (nested under the training run when that is known)
     seconds: float
+    # Host seconds per stage: load (base model), validation_inputs (its latents and captions encoded), pipeline,
+    # sampling (every grid image), adapters (epoch files put in the adapter), validation_loss, writing (grids,
+    # plot, report), tracking (MLflow: the training losses read, the evaluation run logged)
+    timings: dict[str, float]
 
 
 def epoch_files(folder: Path, version: str, recipe: str) -> dict[int, Path]:
@@ -146,20 +151,24 @@ def _subtitle(version: str, recipe: Recipe, base: BaseModel) -> str:
 
 def _sample_epochs(
     pipe: DiffusionPipeline, base: BaseModel, validation: ValidationSet, recipe: Recipe, files: Mapping[int, Path],
-    epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None],
+    epochs: Sequence[int], dtype: torch.dtype, log: Callable[[str], None], times: StageTimes,
 ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, float]]:
     """Base images, then per epoch (its weights put in the one adapter, lora_batch.py) the images at every weight,
     as few pipeline calls as memory allows, and the validation loss."""
     options = base.pipeline_call_options
-    baseline = sample(pipe, recipe.sampling, options=options)
+    with times.host("sampling"):
+        baseline = sample(pipe, recipe.sampling, options=options)
     images: dict[int, np.ndarray] = {}
     val: dict[int, float] = {}
     with epoch_adapter(pipe, base) as load:
         for epoch in epochs:
-            adapter = load(files[epoch], epoch)
-            images[epoch] = sample_weights(pipe, base, recipe.sampling, adapter, recipe.eval_weights, options)
-            set_lora_weight(pipe, adapter, 1.0)
-            val[epoch] = validation_loss(base.denoiser, base, validation, dtype)
+            with times.host("adapters"):
+                adapter = load(files[epoch], epoch)
+            with times.host("sampling"):
+                images[epoch] = sample_weights(pipe, base, recipe.sampling, adapter, recipe.eval_weights, options)
+            with times.host("validation_loss"):
+                set_lora_weight(pipe, adapter, 1.0)
+                val[epoch] = validation_loss(base.denoiser, base, validation, dtype)
             log(f"epoch {epoch}: validation loss {val[epoch]:.6f}")
     return baseline, images, val
 
@@ -183,19 +192,24 @@ def evaluate_lora(
     epochs = select_epochs(list(files), recipe.eval_max_epochs)
     target = default_device(device)
     dtype = sampling_dtype(recipe.mixed_precision, target)
+    times = StageTimes(target)
     data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
-    base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype,
-                           recipe.t5xxl_max_token_length)
-    validation = prepare_validation(base, data, recipe, target, dtype)
+    with times.host("load"):
+        base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype,
+                               recipe.t5xxl_max_token_length)
+    with times.host("validation_inputs"):
+        validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")
     log(f"evaluating {len(epochs)} of {len(files)} epochs x {len(recipe.eval_weights) + 1} weights x "
         f"{len(recipe.sample_prompts)} prompts on {target}")
-    pipe = load_pipeline(base, dtype, v_prediction=recipe.v_parameterization)
+    with times.host("pipeline"):
+        pipe = load_pipeline(base, dtype, v_prediction=recipe.v_parameterization)
     baseline, images, val = _sample_epochs(pipe, base, validation, recipe, files, epochs,
-                                           dtype, log)
-    client = training_run_client(root.mlflow)
-    train, train_note = training_losses(client, run_id, {e: headers[e] for e in epochs})
+                                           dtype, log, times)
+    with times.host("tracking"):
+        client = training_run_client(root.mlflow)
+        train, train_note = training_losses(client, run_id, {e: headers[e] for e in epochs})
     rows = [
         {"epoch": e, "grid_row": i + 1, "train_loss": round6(train[e]), "val_loss": round6(val[e]),
          "file": files[e].name, "steps": int(headers[e].get("ss_steps", 0)),
@@ -206,6 +220,7 @@ def evaluate_lora(
     chosen = decision["recommended_epoch"]
     out_dir = root.evals(version, recipe.name)
     remove_abandoned(out_dir.parent)
+    writing = time.perf_counter()
     with staging_folder(out_dir.parent, out_dir.name) as staged:
         grids = write_grids(staged, recipe, baseline, images, chosen, _subtitle(version, recipe, base))
         loss_plot(epochs, [r["train_loss"] for r in rows], [r["val_loss"] for r in rows], chosen,
@@ -226,10 +241,12 @@ def evaluate_lora(
         write_json(staged / RECOMMENDATION_JSON, report)
         atomic_write_text(staged / RECOMMENDATION_MD, markdown)
         _replace_folder(staged, out_dir)
+    times.add("writing", time.perf_counter() - writing)
     grids, plot = [out_dir / p.name for p in grids], out_dir / VAL_LOSS_PNG
-    eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,
-                              [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD], root.mlflow,
-                              dataset_tags(data.snapshot_dir))
+    with times.host("tracking"):
+        eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,
+                                  [*grids, plot, out_dir / RECOMMENDATION_JSON, out_dir / RECOMMENDATION_MD],
+                                  root.mlflow, dataset_tags(data.snapshot_dir))
     log(f"recommended epoch {chosen}: {decision['basis']}")
     return EvaluationResult(
         version=version, recipe=recipe.name, out_dir=out_dir, epochs=epochs, weights=list(recipe.eval_weights),
@@ -237,4 +254,5 @@ def evaluate_lora(
         recommendation_md=out_dir / RECOMMENDATION_MD,
         loss_rows=[{k: r[k] for k in ("epoch", "train_loss", "val_loss")} for r in rows], recommendation=report,
         summary_markdown=markdown, mlflow_run_id=eval_run, seconds=time.perf_counter() - started,
+        timings=times.seconds(),
     )

@@ -31,6 +31,15 @@ class StageTimes:
             yield
             self._host[name] += time.perf_counter() - started
 
+    @contextmanager
+    def host(self, name: str) -> Iterator[None]:
+        """Host wall time of the block under `name` (host work: reading files, hashing, MLflow calls)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._host[name] += time.perf_counter() - started
+
     def add(self, name: str, seconds: float) -> None:
         """Add a host-measured interval (one that was synchronised by its caller)."""
         self._host[name] += seconds

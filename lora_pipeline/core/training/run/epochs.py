@@ -32,6 +32,8 @@ from lora_pipeline.core.training.step.loop import (
 from lora_pipeline.core.training.step.optim import averaged_weights
 
 LOSS_CURVE = "loss_curve.png"
+# Host work of a run besides its GPU stages, timed for the asset's metadata (TrainResult.timings)
+HOST_STAGES = ("data", "base_model_hash", "network", "optimizer", "tracking", "loss_curve")
 
 
 def _epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
@@ -124,15 +126,19 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
         writer.wait()  # the last epoch's files and logging; raises a failed write's error
         run.times.add("saving", time.perf_counter() - draining)
         run.times.add("saving_background", writer.busy_seconds)
-    timings = _timings(run, seconds, warmup, first_step_done)
     run.peak.mark("training")
     curve = run.out_dir / LOSS_CURVE
     if writes(ctx):
-        loss_curve_png(losses, curve, steps_per_epoch=per_epoch, title=f"{run.version}/{recipe.name} training loss")
+        with run.times.host("loss_curve"):
+            loss_curve_png(losses, curve, steps_per_epoch=per_epoch,
+                           title=f"{run.version}/{recipe.name} training loss")
     if tracker is not None:
-        tracker.log_steps(losses, lrs)
-        tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
-        tracker.log_files([curve], overwrite=True)
+        with run.times.host("tracking"):
+            tracker.log_steps(losses, lrs)
+            tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
+            tracker.log_files([curve], overwrite=True)
+    timings = _timings(run, seconds, warmup, first_step_done)
+    if tracker is not None:
         tracker.log_values({f"seconds_{name}": value for name, value in timings.items()})
         tracker.log_values({f"latent_cache_{name}": value for name, value in ctx.latents.stats.as_dict().items()})
         tracker.log_values({f"peak_memory_gib_{name}": value for name, value in run.peak.gib.items()})
@@ -160,6 +166,7 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
         "warmup_ahead": stages.get("warmup_ahead", 0.0),
         "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),
         "sampling": stages.get("sampling", 0.0),
+        **{name: stages.get(name, 0.0) for name in HOST_STAGES},
     }
     if first_step_done is not None:
         timings["time_to_first_step"] = first_step_done - run.called_at

@@ -46,8 +46,10 @@ class TrainResult:
     # with the fast path, the eager step and the capture), warmup_ahead (the fast path's shapes all warmed up and
     # captured before the first epoch instead: run/warmup.py; not part of training_steps), saving (on the
     # training thread: snapshots, and the wait for the last writes), saving_background (the background writer's
-    # own time: files, resume state, MLflow; run/writer.py), sampling; and time_to_first_step, from the call's
-    # start to the end of its first training step.
+    # own time: files, resume state, MLflow; run/writer.py), sampling; the host work around them (data: reading
+    # the snapshot; base_model_hash: what is left of it after the load it overlaps; network: the LoRA put on the
+    # model; optimizer: optimizer, schedule and accelerate; tracking: MLflow calls on the training thread;
+    # loss_curve: its PNG); and time_to_first_step, from the call's start to the end of its first training step.
     timings: dict[str, float]
     # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
     latent_cache: dict[str, int] = field(default_factory=dict)

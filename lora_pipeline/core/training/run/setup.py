@@ -112,10 +112,11 @@ def build_context(run: TrainingRun) -> StepContext:
     dtype = DTYPES[run.precision]
     unet = base.denoiser
     noise, augmentation = recipe.noise, replace(recipe.augmentation, flip_aug=run.flip_aug)
-    add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
-    if run.start is not None and run.state is None:
-        load_start_lora(base, recipe, run.start)
-        run.log(f"starting from LoRA {run.start.named} (sha256 {run.start.sha256[:12]}…)")
+    with run.times.host("network"):
+        add_network(run.base, recipe.network, recipe.seed, run.state.lora if run.state else None)
+        if run.start is not None and run.state is None:
+            load_start_lora(base, recipe, run.start)
+            run.log(f"starting from LoRA {run.start.named} (sha256 {run.start.sha256[:12]}…)")
     flow = training_objective(base, noise, recipe.flow)
     train_text = not recipe.network_train_unet_only
     unet.train()  # no dropout or batch norm in the U-Net; needed for gradient checkpointing
@@ -154,6 +155,7 @@ def build_context(run: TrainingRun) -> StepContext:
             for encoder in base.text_encoders:
                 encoder.to("cpu")
     run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
+    preparing = time.perf_counter()
     params = list(trainable(base).values())
     groups = param_groups(base, recipe.text_encoder_lr, recipe.learning_rate,
                           block_lr(recipe.network, base.architecture))
@@ -167,6 +169,7 @@ def build_context(run: TrainingRun) -> StepContext:
         optimizer.load_state_dict(run.state.optimizer)
         groups_to_device(optimizer, device)
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
+    run.times.add("optimizer", time.perf_counter() - preparing)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
                       text_encode=text.encode_ids if train_text else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -34,7 +35,12 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.models.loading import base_model_hash, default_device, load_base_model
+from lora_pipeline.core.models.loading import (
+    base_model_hash,
+    default_device,
+    load_base_model,
+    resolve_base_model,
+)
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance
@@ -88,24 +94,30 @@ def train_lora(
     (ss_training_finished_at); a fixed one makes runs byte-reproducible.
     """
     called_at = time.perf_counter()
-    data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
+    target = default_device(device)
+    times = StageTimes(target)
+    with times.host("data"):  # the snapshot's manifest, captions and image sizes
+        data = load_training_data(root.dataset(version), recipe.buckets, recipe.validation_split)
     if recipe.masked_loss and not data.has_masks:
         raise UserError(f"masked_loss: true but dataset '{version}' has no masks (a spec source's masks: file "
                         "or alpha)", root.recipe_file(recipe.name))
     if data.has_masks and not recipe.masked_loss:
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
     start = resolve_start(root, recipe)  # from_lora: its file, family checked before the model loads
-    target = default_device(device)
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
-    times = StageTimes(target)
-    loading = time.perf_counter()
-    base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision],
-                           recipe.t5xxl_max_token_length)
-    times.add("load", time.perf_counter() - loading)
+    source = resolve_base_model(root.models, recipe.base_model)
+    # The denoiser's sha256 (seconds for a model met the first time: the hash cache keeps it after) is read
+    # by another thread while the model loads: hashlib and file reads release the GIL.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-model-hash") as pool:
+        hashing = pool.submit(base_model_hash, source, cache=root.cache)
+        with times.host("load"):
+            base = load_base_model(root.models, source, recipe.model_family, "cpu", DTYPES[precision],
+                                   recipe.t5xxl_max_token_length)
+        with times.host("base_model_hash"):  # what is left of it once the model is loaded
+            model_hash = hashing.result()
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
-        "recipe_sha256": recipe.sha256, "base_model_source": base.source,
-        "base_model_hash": base_model_hash(base.source, cache=root.cache),
+        "recipe_sha256": recipe.sha256, "base_model_source": base.source, "base_model_hash": model_hash,
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
     if start is not None:  # a changed starting file starts the run over
@@ -122,11 +134,13 @@ def train_lora(
     resume_id = state.provenance.get("mlflow_run_id") if state else None
     params = {**recipe.resolved(), "effective_batch_size": recipe.effective_batch_size,
               **({"flip_aug": True} if run.flip_aug else {})}  # the spec's flip_aug counts too
+    opening = time.perf_counter()
     with tracker.run(f"{version}/{recipe.name}", params=params, tags=tags, resume_run_id=resume_id) as rid:
         held_out = {i.rel for i in data.validation}
         rows = [{**row.to_json_dict(), "split": "validation" if row.path in held_out else "train"}
                 for row in data.image_rows]
         tracker.log_dataset(rows, name=version, digest=data.manifest_root, source=str(data.snapshot_dir))
+        times.add("tracking", time.perf_counter() - opening)
         return _train(run, _provenance(provenance, derived, rid), tracker)
 
 
