@@ -57,3 +57,20 @@ def test_disk_cache_second_run_encodes_nothing_and_gives_identical_files(train_s
     fresh, _ = train(root, replace(recipe, base_model=str(changed)), "e")
     assert fresh.latent_cache == {"hits": 0, "misses": 3, "rejected": 0, "vae_encodes": 3}
     assert all(torch.isfinite(torch.tensor(fresh.loss_history)))
+
+
+def test_a_bf16_vae_names_its_own_entries_and_float32_keeps_the_old_names():
+    """bf16 encoding (vae_encoding_dtype) gives other posteriors than float32: they must never be read for each
+    other; float32 entries keep the names they had before the dtype counted."""
+    from lora_pipeline.core.hashing import sha256_json
+    from lora_pipeline.core.models.loading import vae_encoding_dtype
+    from lora_pipeline.core.training.inputs.latent_cache import FORMAT, entry_key
+
+    args = ("a" * 64, "b" * 64, (512, 768), (512, 770), (0, 1), False)
+    before = sha256_json({"format": FORMAT, "image_sha256": args[0], "vae_hash": args[1], "bucket": [512, 768],
+                          "resized": [512, 770], "crop_top_left": [0, 1], "flip": False})
+    assert entry_key(*args) == entry_key(*args, "float32") == before
+    assert entry_key(*args, "bfloat16") != before
+    assert vae_encoding_dtype("bf16", no_half_vae=False) == torch.bfloat16
+    assert vae_encoding_dtype("bf16", no_half_vae=True) == vae_encoding_dtype("fp16", no_half_vae=False) == \
+        vae_encoding_dtype("no", no_half_vae=False) == torch.float32

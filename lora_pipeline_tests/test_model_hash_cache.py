@@ -34,8 +34,8 @@ def reads(monkeypatch):
     window: the files of these tests are only just written)."""
     seen: list[tuple[str, int]] = []
 
-    def counting(f):
-        sha, n = sha256_stream(f)
+    def counting(f, chunk_size):
+        sha, n = sha256_stream(f, chunk_size)
         seen.append((os.readlink(f"/proc/self/fd/{f.fileno()}"), n))
         return sha, n
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lora_pipeline.core.errors import UserError
 
@@ -21,11 +21,19 @@ def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
     """
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
+    atomic_write_stream(path, lambda f: f.write(data), readonly)
+    return True
+
+
+def atomic_write_stream(path: Path, fill: Callable[[BinaryIO], object], readonly: bool = False) -> None:
+    """`fill(f)` writes the file's content into `f`, a temp file beside `path`, which is fsynced and renamed over
+    `path`: readers never see half a file, and a large content is never held in memory whole first (torch.save
+    of a resume state into a BytesIO and then to disk took 3.6 s for 720 MB, straight into the file 1.1 s)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o444 if readonly else 0o644)
@@ -34,7 +42,6 @@ def atomic_write_bytes(path: Path, data: bytes, readonly: bool = False) -> bool:
         Path(tmp).unlink(missing_ok=True)
         name_os_error(exc, path)
         raise
-    return True
 
 
 def atomic_write_all(files: Sequence[tuple[Path, bytes]], readonly: bool = False, threads: int = 8) -> None:

@@ -45,8 +45,14 @@ from lora_pipeline.core.evaluation.val_loss import (
     validation_loss,
 )
 from lora_pipeline.core.fileio import atomic_write_text, write_json
-from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model
-from lora_pipeline.core.models.sampling import load_pipeline, sample, sampling_dtype, set_lora_weight
+from lora_pipeline.core.models.loading import BaseModel, default_device, load_base_model, vae_encoding_dtype
+from lora_pipeline.core.models.sampling import (
+    load_pipeline,
+    quiet_diffusers,
+    sample,
+    sampling_dtype,
+    set_lora_weight,
+)
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, header_epoch, read_lora_metadata
@@ -197,7 +203,9 @@ def evaluate_lora(
     with times.host("load"):
         base = load_base_model(root.models, recipe.base_model, recipe.model_family, target, dtype,
                                recipe.t5xxl_max_token_length)
-    with times.host("validation_inputs"):
+    with times.host("validation_inputs"), quiet_diffusers():  # the VAE encodes as the training's did
+        base.vae.to(dtype=vae_encoding_dtype(recipe.mixed_precision if target.type == "cuda" else "no",
+                                             recipe.no_half_vae))
         validation = prepare_validation(base, data, recipe, target, dtype)
     if not validation.held_out:
         log(f"{version}/{recipe.name}: validation_split holds no image out; validation loss uses the training images")

@@ -31,7 +31,7 @@ diffusers_logging.disable_progress_bar()  # "Loading pipeline components..." of 
 __all__ = [
     "TINY_MODELS", "BaseModel", "base_model_hash", "encode_prompts", "encode_token_ids", "ensure_tiny_model",
     "host_to_device", "prompt_token_ids",
-    "load_base_model", "resolve_base_model", "sdxl_add_time_ids", "text_folders",
+    "load_base_model", "resolve_base_model", "sdxl_add_time_ids", "text_folders", "vae_encoding_dtype",
 ]
 
 
@@ -160,6 +160,13 @@ def load_base_model(
 def default_device(device: str | None) -> torch.device:
     """`device`, or when it is None CUDA if there is a GPU, else the CPU (training and evaluation alike)."""
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def vae_encoding_dtype(precision: str, no_half_vae: bool) -> torch.dtype:
+    """The dtype the VAE encodes training (and validation) images in, for a run of mixed `precision` ("no" on a
+    CPU): bf16 under bf16, as kohya's half VAE (its default; `no_half_vae` keeps float32); float32 otherwise,
+    fp16 included, where the SD and SDXL VAEs overflow (kohya's users pass --no_half_vae there)."""
+    return torch.bfloat16 if precision == "bf16" and not no_half_vae else torch.float32
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

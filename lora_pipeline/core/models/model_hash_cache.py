@@ -36,7 +36,7 @@ from lora_pipeline.core.datasets.sources.copying import stat_key
 from lora_pipeline.core.datasets.sources.regular_files import NotRegularFile, open_regular, read_regular
 from lora_pipeline.core.errors import UserError
 from lora_pipeline.core.fileio import atomic_write_text
-from lora_pipeline.core.hashing import sha256_bytes, sha256_stream
+from lora_pipeline.core.hashing import LARGE_CHUNK, sha256_bytes, sha256_stream
 
 FOLDER = "models"  # under the data root's .cache/
 KEY_FILE = ".key"
@@ -60,7 +60,7 @@ def file_sha256(path: Path, cache: Path | None) -> str:
     started = time.time_ns()
     with open_regular(real, buffered=True) as f:
         before = os.fstat(f.fileno())
-        sha = sha256_stream(f)[0]
+        sha = sha256_stream(f, LARGE_CHUNK)[0]
         after = os.fstat(f.fileno())
     if key is not None and entry is not None and hashcache.trustworthy(before, after, started, RACY_NS):
         row = {"path": str(real), "sha256": sha, **dict(zip(FIELDS, stat_key(before), strict=True))}

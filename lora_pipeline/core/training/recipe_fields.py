@@ -160,6 +160,11 @@ class _BaseFields:
     mixed_precision: Precision = Field(
         "bf16", description='autocast dtype on a GPU; write "no" in quotes (a bare no is YAML for false)'
     )
+    no_half_vae: Bool = Field(
+        False, description="encode latents with the VAE in float32 (kohya's --no_half_vae). Off: with bf16 mixed "
+        "precision on a GPU the VAE encodes in bf16 (kohya's default, about twice as fast); with fp16 it stays "
+        "float32 all the same, since the SD and SDXL VAEs overflow in fp16", json_schema_extra=ADDED_LATER,
+    )
     gradient_checkpointing: Bool = Field(False, description="recompute activations to save GPU memory")
     fp8_base: Bool = Field(
         False, description="store the frozen denoiser's Linear weights as float8 (e4m3fn), computed in the "

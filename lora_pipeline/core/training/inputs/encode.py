@@ -108,7 +108,8 @@ class LatentSource:
             pixels = self._pixels((index, flip)) if self.disk is None else None
         posterior = None
         if self.disk is not None:
-            key = entry_key(image.sha256, self.disk.vae_hash, image.bucket, image.resized, image.crop_top_left, flip)
+            key = entry_key(image.sha256, self.disk.vae_hash, image.bucket, image.resized, image.crop_top_left, flip,
+                            str(self.base.vae.dtype).removeprefix("torch."))
             factor = self.base.vae_scale_factor
             shape = (2 * self.base.vae.config.latent_channels, image.bucket[1] // factor, image.bucket[0] // factor)
             posterior = self.disk.get(key, shape)

@@ -2,8 +2,8 @@
 
 An entry is what the VAE made of one image seen one way: the posterior's parameters (mean and log-variance,
 float32), so every run still draws its own latent sample from its seed, exactly as without the disk cache.
-Its name is content-addressed: the sha256 of the image's sha256, the VAE's weights hash, the bucket, the
-resized size, the crop and the flip (and a format number). A changed image, VAE or bucket is another name,
+Its name is content-addressed: the sha256 of the image's sha256, the VAE's weights hash and dtype, the bucket,
+the resized size, the crop and the flip (and a format number). A changed image, VAE or bucket is another name,
 so an entry is never trusted across a changed VAE; runs and recipes of the same base model at the same
 buckets share entries.
 
@@ -36,10 +36,12 @@ class CacheStats(EntryStats):
 
 
 def entry_key(image_sha256: str, vae_hash: str, bucket: tuple[int, int], resized: tuple[int, int],
-              crop_top_left: tuple[int, int], flip: bool) -> str:
+              crop_top_left: tuple[int, int], flip: bool, vae_dtype: str = "float32") -> str:
+    """The entry's name; the VAE's dtype counts where it is not float32 (the entries written before bf16
+    encoding keep their names)."""
     return sha256_json({"format": FORMAT, "image_sha256": image_sha256, "vae_hash": vae_hash,
                         "bucket": list(bucket), "resized": list(resized), "crop_top_left": list(crop_top_left),
-                        "flip": flip})
+                        "flip": flip, **({"vae_dtype": vae_dtype} if vae_dtype != "float32" else {})})
 
 
 @dataclass

@@ -14,7 +14,6 @@ they may come from a run with other settings or from a kill between the file and
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lora_pipeline.core.fileio import atomic_write_bytes
+from lora_pipeline.core.fileio import atomic_write_stream
 from lora_pipeline.core.hashing import sha256_file
 
 RESUME_DIR = ".resume"
@@ -62,9 +61,8 @@ def state_path(out_dir: Path) -> Path:
 
 
 def save_state(out_dir: Path, state: ResumeState) -> None:
-    buffer = io.BytesIO()  # the fields as they are: `asdict` would deep-copy every tensor first
-    torch.save({f.name: getattr(state, f.name) for f in fields(state)}, buffer)
-    atomic_write_bytes(state_path(out_dir), buffer.getvalue())
+    fields_as_they_are = {f.name: getattr(state, f.name) for f in fields(state)}  # `asdict` deep-copies tensors
+    atomic_write_stream(state_path(out_dir), lambda f: torch.save(fields_as_they_are, f))
 
 
 def load_state(out_dir: Path) -> ResumeState | None:

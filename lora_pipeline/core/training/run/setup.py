@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from lora_pipeline.core.models.loading import BaseModel
+from lora_pipeline.core.models.loading import BaseModel, vae_encoding_dtype
 from lora_pipeline.core.models.model_hash import weights_hash
+from lora_pipeline.core.models.sampling import quiet_diffusers
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_in_effect, steps_per_epoch
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
@@ -126,7 +127,8 @@ def build_context(run: TrainingRun) -> StepContext:
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
         lora_inputs_uncast(unet)  # nor peft's float32 copy of each LoRA layer's input
-    base.vae.to(device)
+    with quiet_diffusers():  # "cast with to()": the VAE's dtype is the point here
+        base.vae.to(device, vae_encoding_dtype(run.precision, recipe.no_half_vae))
     for encoder in base.text_encoders:
         encoder.to(device)
     run.times.add("load", time.perf_counter() - moving)
