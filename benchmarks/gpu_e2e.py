@@ -211,7 +211,8 @@ def print_report(report: dict[str, Any]) -> None:
                                             "training_steps", "saving"))
         print(f"{m['family']}: {m['epochs']} epochs, {m['images_trained']} images, fast path "
               f"{'on' if m['fast_path'] else 'off'}\n  split: load {t['load']:.1f} s | latent caching "
-              f"{t['latent_caching']:.1f} s | text encoding {t['text_encoding']:.1f} s | warm-up of all shapes "
+              f"{t['latent_caching']:.1f} s (background {t.get('latent_caching_background', 0.0):.1f} s, "
+              f"overlapped) | text encoding {t['text_encoding']:.1f} s | warm-up of all shapes "
               f"ahead {t.get('warmup_ahead', 0.0):.1f} s | training steps {t['training_steps']:.1f} s (first "
               f"steps per shape {t['shape_warmup']:.1f} s of it) | saving on the training thread "
               f"{t['saving']:.1f} s (background writer {t.get('saving_background', 0.0):.1f} s, overlapped) | "

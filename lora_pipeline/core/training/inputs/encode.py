@@ -11,7 +11,10 @@ captured step).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,19 +82,96 @@ def encode_latents(base: BaseModel, pixels: torch.Tensor, generator: torch.Gener
 
 class LatentSource:
     """Latents of training images: cached once (per orientation with flip_aug; on disk with `disk`), or encoded
-    per step (seeded by the step) without a cache. `stats` counts VAE encodes and disk-cache hits and misses."""
+    per step (seeded by the step) without a cache. `stats` counts VAE encodes and disk-cache hits and misses.
+
+    With `background` the cache is filled by a thread of its own, on a CUDA stream of its own, the images of
+    `first` first, while the training thread goes on (text encoding, the fast path's warm-up and captures:
+    run/warmup.py): `batch` waits only for the latents it needs, `finish` for all of them. Each image's latents
+    come from its own generator, so the order and the thread change no value. `busy_seconds` is the encoding's
+    own time, `waited_seconds` what the caller spent in it.
+    """
 
     def __init__(self, base: BaseModel, images: Sequence[TrainImage], seed: int, cache: bool, device: torch.device,
-                 flip_aug: bool = False, disk: LatentDiskCache | None = None):
+                 flip_aug: bool = False, disk: LatentDiskCache | None = None, first: Sequence[int] = (),
+                 background: bool = False):
         self.base, self.images, self.seed, self.device = base, images, seed, device
         self.disk = disk
         self.stats = disk.stats if disk else CacheStats()
         self.cache: dict[tuple[int, bool], torch.Tensor] | None = None
-        if cache:
-            keys = [(index, flip) for index in range(len(images)) for flip in ((False, True) if flip_aug else (False,))]
-            # Without a disk cache every image is decoded: a few threads decode ahead of the VAE (`prefetched`).
-            decoded = prefetched(self._pixels, keys) if disk is None else (None for _ in keys)
-            self.cache = {key: self._cached(*key, pixels) for key, pixels in zip(keys, decoded, strict=True)}
+        self.busy_seconds = self.waited_seconds = 0.0
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Condition()
+        self._error: BaseException | None = None
+        self._done = self._stopping = False
+        if not cache:
+            return
+        order = dict.fromkeys([*first, *range(len(images))])
+        keys = [(index, flip) for index in order for flip in ((False, True) if flip_aug else (False,))]
+        self.cache = {}
+        started = time.perf_counter()
+        if background:
+            self._thread = threading.Thread(target=self._fill_in_background, args=(keys,), name="latent-cache",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._fill(keys)
+        self.waited_seconds += time.perf_counter() - started
+
+    def _fill(self, keys: list[tuple[int, bool]], stream: torch.cuda.Stream | None = None) -> None:
+        started = time.perf_counter()
+        # Without a disk cache every image is decoded: a few threads decode ahead of the VAE (`prefetched`).
+        decoded = prefetched(self._pixels, keys) if self.disk is None else (None for _ in keys)
+        for key, pixels in zip(keys, decoded, strict=True):
+            if self._stopping:
+                break
+            latents = self._cached(*key, pixels)
+            if stream is not None:
+                stream.synchronize()  # complete before another stream reads it
+            with self._ready:
+                self.cache[key] = latents  # type: ignore[index]
+                self._ready.notify_all()
+        self.busy_seconds += time.perf_counter() - started
+
+    def _fill_in_background(self, keys: list[tuple[int, bool]]) -> None:
+        try:
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._fill(keys, stream)
+        except BaseException as exc:  # raised on the training thread by `batch` or `finish`
+            self._error = exc
+        finally:
+            with self._ready:
+                self._done = True
+                self._ready.notify_all()
+
+    def _wait_for(self, keys: Sequence[tuple[int, bool]]) -> None:
+        cache = self.cache
+        if self._thread is None or cache is None or all(key in cache for key in keys):
+            return
+        started = time.perf_counter()
+        with self._ready:
+            while not all(key in cache for key in keys):
+                if self._error is not None:
+                    raise self._error
+                if self._done:
+                    raise RuntimeError("the latent cache stopped before it had every image")
+                self._ready.wait()
+        self.waited_seconds += time.perf_counter() - started
+
+    def finish(self) -> None:
+        """Wait for every latent of the cache (raising the filling thread's error, if it failed)."""
+        if self._thread is not None:
+            started = time.perf_counter()
+            self._thread.join()
+            self.waited_seconds += time.perf_counter() - started
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
+        """Stop filling the cache (after the image at hand) and wait for the thread: a run that fails meanwhile."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join()
 
     def _posterior(self, pixels: torch.Tensor) -> torch.Tensor:
         self.stats.vae_encodes += 1
@@ -130,7 +210,9 @@ class LatentSource:
         batch, so a row gets the same latents whichever process of a DDP run encodes it (loop.Shard)."""
         wanted = range(len(indices))[rows]
         if self.cache is not None:
-            return torch.stack([self.cache[(indices[n], bool(views and views[n].flip))] for n in wanted])
+            keys = [(indices[n], bool(views and views[n].flip)) for n in wanted]
+            self._wait_for(keys)
+            return torch.stack([self.cache[key] for key in keys])
         pixels = torch.stack([self.images[indices[n]].pixels(views[n] if views else None) for n in wanted])
         posterior = self._posterior(pixels)
         whole = posterior.new_zeros((len(indices), *posterior.shape[1:]))

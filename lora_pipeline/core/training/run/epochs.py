@@ -17,7 +17,7 @@ from lora_pipeline.core.training.run.checkpoint import step_file_name
 from lora_pipeline.core.training.run.result import TrainResult
 from lora_pipeline.core.training.run.samples import SampleRenderer, latest_strip, strip_path
 from lora_pipeline.core.training.run.saving import save_epoch, save_lora_file, writes
-from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun, build_context
+from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun, build_context, finish_latent_cache
 from lora_pipeline.core.training.run.tracking import TrainingTracker, loss_curve_png
 from lora_pipeline.core.training.run.warmup import warm_up_shapes
 from lora_pipeline.core.training.run.writer import BackgroundWriter
@@ -95,11 +95,16 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
     with BackgroundWriter(run.device) as writer:
         if state:
             run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
-            if not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it rendered:
-                _sample(run, ctx, renderer, start, tracker, writer)  # the restored weights are that epoch's
         if ctx.shard:
             require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
-        run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
+        try:
+            run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
+        except BaseException:
+            ctx.latents.close()  # filled beside the warm-up on a GPU
+            raise
+        finish_latent_cache(run, ctx)  # before anything else uses the VAE
+        if state and not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it
+            _sample(run, ctx, renderer, start, tracker, writer)  # rendered: the weights (put back) are that epoch's
         for epoch in range(start + 1, run.last_epoch + 1):
             stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files, writer)
             global_step += steps
@@ -162,6 +167,7 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
     text = stages.get("text_encoding", 0.0)
     timings = {
         "load": stages.get("load", 0.0), "latent_caching": stages.get("latent_caching", 0.0),
+        "latent_caching_background": stages.get("latent_caching_background", 0.0),
         "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
         "warmup_ahead": stages.get("warmup_ahead", 0.0),
         "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),

@@ -13,12 +13,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from lora_pipeline.core.models.loading import BaseModel, vae_encoding_dtype
 from lora_pipeline.core.models.model_hash import weights_hash
 from lora_pipeline.core.models.sampling import quiet_diffusers
 from lora_pipeline.core.paths import DataRoot
-from lora_pipeline.core.training.inputs.data import TrainingData, accumulation_in_effect, steps_per_epoch
+from lora_pipeline.core.training.inputs.data import (
+    TrainingData,
+    accumulation_in_effect,
+    epoch_batches,
+    steps_per_epoch,
+)
 from lora_pipeline.core.training.inputs.encode import LatentSource, TextSource
 from lora_pipeline.core.training.inputs.latent_cache import LatentDiskCache
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
@@ -105,6 +111,19 @@ class TrainingRun:
     def last_epoch(self) -> int:
         return -(-self.total // self.per_epoch)
 
+    def planned_shapes(self, first_epoch: int, global_step: int) -> list[tuple[int, int, list[int]]]:
+        """(epoch, global step, image indices) of the first batch of each distinct shape (size, bucket) that the
+        run trains from `first_epoch` on, after `global_step` steps."""
+        recipe, images = self.recipe, self.data.images
+        found: dict[tuple[int, tuple[int, int]], tuple[int, int, list[int]]] = {}
+        step = global_step
+        for epoch in range(first_epoch, self.last_epoch + 1):
+            batches = epoch_batches(images, self.data.image_repeats, recipe.effective_batch_size, recipe.seed, epoch)
+            for indices in batches[:self.total - step]:
+                step += 1
+                found.setdefault((len(indices), images[indices[0]].bucket), (epoch, step, indices))
+        return list(found.values())
+
 
 def build_context(run: TrainingRun) -> StepContext:
     """The step context of the run (see the module docstring); the text encoders and the VAE leave the GPU where
@@ -138,8 +157,14 @@ def build_context(run: TrainingRun) -> StepContext:
     if recipe.cache_latents_to_disk:
         vae_hash = weights_hash(base.source, "vae", cache=run.root.cache)
         disk = LatentDiskCache(run.root.cache / LATENT_CACHE, vae_hash, run.log)
-    with run.times.stage("latent_caching"):
-        latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk)
+    fast_path, why = fast_path_choice(recipe, device, PartialState().num_processes)
+    # With the fast path on a GPU the VAE fills the cache beside the text encoding and the warm-up (its
+    # captures are host work): the first batch of each shape first, which the warm-up takes
+    state = run.state
+    plan = run.planned_shapes(state.epoch + 1 if state else 1, state.global_step if state else 0)
+    latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk,
+                           first=[index for _, _, indices in plan for index in indices],
+                           background=fast_path and device.type == "cuda")
     if train_text:
         run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "
                 "(network_train_unet_only: false)")
@@ -150,12 +175,9 @@ def build_context(run: TrainingRun) -> StepContext:
     if recipe.cache_text_encoder_outputs_to_disk:  # the recipe made sure that captions are fixed
         text_disk = TextDiskCache.for_model(base, run.root.cache / TEXT_CACHE, run.log)
     text = TextSource(base, dtype, device, cached, run.times, train=train_text, disk=text_disk)
-    if device.type == "cuda":  # what the cache made unnecessary leaves the GPU
-        if recipe.cache_latents:
-            base.vae.to("cpu")
-        if fixed_captions:
-            for encoder in base.text_encoders:
-                encoder.to("cpu")
+    if device.type == "cuda" and fixed_captions:  # what the cache made unnecessary leaves the GPU (the VAE:
+        for encoder in base.text_encoders:  # `finish_latent_cache`)
+            encoder.to("cpu")
     run.peak.mark("caching")  # the VAE and the text encoders' peak, before training
     preparing = time.perf_counter()
     params = list(trainable(base).values())
@@ -175,9 +197,7 @@ def build_context(run: TrainingRun) -> StepContext:
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
                       text_encode=text.encode_ids if train_text else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
-    state = run.state
     ema = LoraEma(recipe.ema, trainable(base), state.ema if state else None) if recipe.use_ema else None
-    fast_path, why = fast_path_choice(recipe, device, accelerator.num_processes)
     if device.type == "cuda":  # on a CPU there is nothing to choose
         run.log(why)
     return StepContext(
@@ -190,3 +210,13 @@ def build_context(run: TrainingRun) -> StepContext:
         shard=Shard(accelerator.process_index, accelerator.num_processes) if accelerator.num_processes > 1 else None,
         ema=ema,
     )
+
+
+def finish_latent_cache(run: TrainingRun, ctx: StepContext) -> None:
+    """Wait for the latent cache (filled in the background on a GPU: LatentSource), time it, and move the VAE
+    off the GPU where the cache made it unnecessary."""
+    ctx.latents.finish()
+    run.times.add("latent_caching", ctx.latents.waited_seconds)
+    run.times.add("latent_caching_background", ctx.latents.busy_seconds)
+    if run.device.type == "cuda" and run.recipe.cache_latents:
+        run.base.vae.to("cpu")

@@ -5,8 +5,10 @@ one an eager step before it (it lets cuBLAS, the autograd engine and the optimiz
 gpu_e2e.py on an H100 (issue 22) these first steps were 10.6 s of an SD1.5 run and 31.0 s of an SDXL one, spread
 over the epochs; taken ahead, with an eager step for every shape, 8.2 s and 21.4 s; with one eager step per run,
 5.1 s and 8.4 s. `warm_up_shapes` takes them all up front, from the run's batch plan: the first batch of each
-distinct shape (its size and bucket) of the epochs still to train, built as training builds it
-(`loop.step_inputs`), so its inputs have exactly the layout the step will replay. Both the eager step and (on a
+distinct shape (its size and bucket) of the epochs still to train (`TrainingRun.planned_shapes`), built as
+training builds it (`loop.step_inputs`), so its inputs have exactly the layout the step will replay. On a GPU
+the latent cache is filled meanwhile, these batches' images first (encode.LatentSource), and the captures let
+that thread work (`capture_error_mode="thread_local"`: step/fastpath.py). Both the eager step and (on a
 CPU, where there is no graph) the recording change the LoRA and the optimizer state, so they are put back
 afterwards, in place (a graph reads its tensors by address):
 
@@ -28,7 +30,6 @@ import time
 
 import torch
 
-from lora_pipeline.core.training.inputs.data import epoch_batches
 from lora_pipeline.core.training.kohya.network import trainable
 from lora_pipeline.core.training.run.setup import TrainingRun
 from lora_pipeline.core.training.step.dadapt import DAdaptAdamW
@@ -36,20 +37,6 @@ from lora_pipeline.core.training.step.fastpath import GraphedSteps
 from lora_pipeline.core.training.step.loop import StepContext, step_inputs
 
 RESTORABLE = (DAdaptAdamW, torch.optim.AdamW)  # optimizers whose fresh per-parameter state is all zeros
-
-
-def planned_shapes(run: TrainingRun, first_epoch: int, global_step: int) -> list[tuple[int, int, list[int]]]:
-    """(epoch, global step, image indices) of the first batch of each distinct shape (size, bucket) that the run
-    trains from `first_epoch` on, after `global_step` steps."""
-    recipe, images = run.recipe, run.data.images
-    found: dict[tuple[int, tuple[int, int]], tuple[int, int, list[int]]] = {}
-    step = global_step
-    for epoch in range(first_epoch, run.last_epoch + 1):
-        batches = epoch_batches(images, run.data.image_repeats, recipe.effective_batch_size, recipe.seed, epoch)
-        for indices in batches[:run.total - step]:
-            step += 1
-            found.setdefault((len(indices), images[indices[0]].bucket), (epoch, step, indices))
-    return list(found.values())
 
 
 class _TrainingState:
@@ -98,7 +85,7 @@ def warm_up_shapes(run: TrainingRun, ctx: StepContext, first_epoch: int, global_
                 f"{' with a gradient scaler' if ctx.parts.accelerator.scaler is not None else ''}: its state is not "
                 "put back after a warm-up ahead)")
         return 0.0
-    plan = planned_shapes(run, first_epoch, global_step)
+    plan = run.planned_shapes(first_epoch, global_step)
     _sync(run.device)
     started = time.perf_counter()
     saved = _TrainingState(run, ctx)

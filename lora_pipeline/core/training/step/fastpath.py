@@ -142,7 +142,8 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda":
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            # thread_local: another thread may allocate and copy meanwhile (the latent cache's: run/warmup.py)
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.out = run()
         else:
             self.out = run()  # executes the step: the call that recording stands for on a GPU
