@@ -178,7 +178,7 @@ KILLED_IN_MIGRATION = textwrap.dedent(
         MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlflow.db").search_experiments()
     else:
         from lora_pipeline.core.training.run.tracking import TrainingTracker
-        TrainingTracker(Path(sys.argv[1]))
+        TrainingTracker(Path(sys.argv[1])).client
     """
 )
 
@@ -233,7 +233,7 @@ def test_an_unfinished_schema_with_runs_is_one_line_and_left_alone(tmp_path):
     before = db.read_bytes()
     with pytest.raises(UserError, match=r"mlflow\.db: MLflow store has an unfinished or older schema "
                                         r"\(schema revision 451aebb31d03, .*\) and holds 1 run\(s\)"):
-        TrainingTracker(mlflow_dir)
+        TrainingTracker(mlflow_dir).client  # the store opens on first use
     assert db.read_bytes() == before
 
 

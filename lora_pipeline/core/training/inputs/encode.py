@@ -33,7 +33,7 @@ from lora_pipeline.core.models.loading import (
     sdxl_add_time_ids,
 )
 from lora_pipeline.core.training.inputs.augment import View
-from lora_pipeline.core.training.inputs.data import TrainImage
+from lora_pipeline.core.training.inputs.data import DECODE_THREADS, TrainImage
 from lora_pipeline.core.training.inputs.latent_cache import CacheStats, LatentDiskCache, entry_key
 from lora_pipeline.core.training.inputs.text_cache import TextDiskCache
 from lora_pipeline.core.training.seeds import Stream, torch_generator
@@ -42,7 +42,6 @@ from lora_pipeline.core.training.timing import StageTimes
 T = TypeVar("T")
 
 
-DECODE_THREADS = 8
 DECODE_AHEAD = 32  # images decoded ahead of the encoder at most: bounded memory for any dataset size
 
 

@@ -33,6 +33,7 @@ import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -225,9 +226,19 @@ class TrainingTracker:
         self.tags = dict(tags or {})
         self.experiment = experiment
         store = None if external_mlflow_uri() else mlflow_dir / MLFLOW_DB
-        self.client: Any = _StoreClient(MlflowClient(tracking_uri=open_store(mlflow_dir, log)), store)
+        # The store is opened (on a new data root: created, a second or two of MLflow's migrations) by a thread of
+        # its own while the training reads its data and loads the model; its first use waits for it.
+        opening = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
+        self._client: Future[Any] = opening.submit(
+            lambda: _StoreClient(MlflowClient(tracking_uri=open_store(mlflow_dir, log)), store))
+        opening.shutdown(wait=False)
         self.run_id: str | None = None
         self._last_step = 0
+
+    @property
+    def client(self) -> Any:
+        """The MLflow client of the store, once it is open (its error, if it cannot be: a UserError)."""
+        return self._client.result()
 
     def experiment_id(self) -> str:
         """The experiment's id, created if need be, and tagged a model-training experiment (an experiment made
