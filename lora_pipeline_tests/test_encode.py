@@ -78,3 +78,30 @@ def test_close_stops_the_filling_thread(inputs, monkeypatch):
     source.close()
     assert not source._thread.is_alive()
     assert len(source.cache) <= len(images)
+
+
+def test_captions_that_change_every_step_are_encoded_inside_the_step(train_snapshot, monkeypatch):
+    """Shuffled captions: the step encodes their token ids (so the fast path captures the encoders with the
+    U-Net); fixed captions: encoded once, up front. Counted at the encoders' two entry points."""
+    from lora_pipeline.core.training.inputs import encode
+    from lora_pipeline_tests.helpers import train
+
+    calls = {"up_front": 0, "in_step": 0}
+    up_front, in_step = encode.encode_prompts, encode.encode_token_ids
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(encode, "encode_prompts", counted("up_front", up_front))
+    monkeypatch.setattr(encode, "encode_token_ids", counted("in_step", in_step))
+    root = train_snapshot(n=3, repeats=1)
+    shuffled, _ = train(root, tiny_recipe(epochs=1, validation_split=0.0, shuffle_caption=True), "shuffled")
+    assert calls == {"up_front": 0, "in_step": shuffled.total_steps}
+    assert shuffled.timings["text_encoding"] == 0.0
+    calls.update(up_front=0, in_step=0)
+    fixed, _ = train(root, tiny_recipe(epochs=1, validation_split=0.0, shuffle_caption=False), "fixed")
+    assert calls == {"up_front": 3, "in_step": 0}  # one per distinct caption
+    assert fixed.timings["text_encoding"] > 0

@@ -174,7 +174,8 @@ def build_context(run: TrainingRun) -> StepContext:
     text_disk = None
     if recipe.cache_text_encoder_outputs_to_disk:  # the recipe made sure that captions are fixed
         text_disk = TextDiskCache.for_model(base, run.root.cache / TEXT_CACHE, run.log)
-    text = TextSource(base, dtype, device, cached, run.times, train=train_text, disk=text_disk)
+    text = TextSource(base, dtype, device, cached, run.times, train=train_text, disk=text_disk,
+                      in_step=not fixed_captions)
     if device.type == "cuda" and fixed_captions:  # what the cache made unnecessary leaves the GPU (the VAE:
         for encoder in base.text_encoders:  # `finish_latent_cache`)
             encoder.to("cpu")
@@ -195,7 +196,7 @@ def build_context(run: TrainingRun) -> StepContext:
         lr_scheduler.load_state_dict(run.state.lr_scheduler)
     run.times.add("optimizer", time.perf_counter() - preparing)
     parts = StepParts(unet, base.noise_scheduler, noise, accelerator, optimizer, params, flow,
-                      text_encode=text.encode_ids if train_text else None,
+                      text_encode=text.encode_ids if text.in_step else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
     ema = LoraEma(recipe.ema, trainable(base), state.ema if state else None) if recipe.use_ema else None
     if device.type == "cuda":  # on a CPU there is nothing to choose

@@ -132,6 +132,16 @@ class _Inputs:
 Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and the gradients it leaves (if kept)
 
 
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream captures are recorded on (one per device, as torch.cuda.graph's default capture stream)."""
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
+
+
 class CapturedStep:
     """One recorded step: on CUDA a graph replayed with one launch, on a CPU the recorded call made again. The
     step returns its loss and, where the optimizer runs after the graph, the gradients it wrote (on CUDA the
@@ -141,10 +151,16 @@ class CapturedStep:
         self._run = run
         self.graph: torch.cuda.CUDAGraph | None = None
         if device.type == "cuda":
+            # torch.cuda.graph's steps without its device-wide synchronize and empty_cache (GraphedSteps._capture
+            # frees memory where an eager step left some): the latent cache's thread encodes meanwhile
+            # (run/warmup.py), and may allocate and copy during the capture (thread_local)
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread may allocate and copy meanwhile (the latent cache's: run/warmup.py)
-            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.out = run()
+            with torch.cuda.stream(_capture_stream(device)):
+                self.graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    self.out = run()
+                finally:
+                    self.graph.capture_end()
         else:
             self.out = run()  # executes the step: the call that recording stands for on a GPU
             self._ran = True
@@ -173,6 +189,7 @@ class GraphedSteps:
         self.eager_done: set[tuple] = set()
         self.captured: dict[tuple, tuple[_Inputs, CapturedStep]] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self._eager_since_capture = False  # an eager step's activations are in the allocator's cache
         # one learning rate per parameter group (the text encoders' text_encoder_lr is a group of its own)
         self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
                     for group in parts.optimizer.param_groups]
@@ -236,6 +253,7 @@ class GraphedSteps:
             torch.cuda.current_stream(self.device).wait_stream(side)
         if not self.parts.optimizer_in_graph:
             optimizer_step(self.parts)  # on the current stream, as after a replay
+        self._eager_since_capture = True
         return loss
 
     def _capture(self, static: _Inputs) -> CapturedStep:
@@ -261,9 +279,10 @@ class GraphedSteps:
                     group["lr"] = lr
 
         self._fill_lrs()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self._eager_since_capture:
             # the eager steps' freed activations go back to the driver: the graph's private pool allocates its own,
             # and at FLUX.1's size (about 34 GiB of activations) the two would not fit side by side
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+            self._eager_since_capture = False
         return CapturedStep(step, self.device, self.pool)

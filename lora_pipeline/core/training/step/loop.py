@@ -78,7 +78,8 @@ def make_accelerator(device: torch.device, precision: str) -> Accelerator:
 class StepParts:
     """What a step updates besides the batch: the (prepared) U-Net, its noise schedule and the optimizer; with
     `text_encode` (token ids of each encoder -> hidden states and pooled embeddings, in the step's dtype) the text
-    encoders that carry a training LoRA, run inside the step."""
+    encoders, run inside the step: frozen ones where the captions change every step, or ones carrying a training
+    LoRA."""
 
     unet: torch.nn.Module
     scheduler: DDPMScheduler
@@ -106,8 +107,9 @@ class StepParts:
         return flow_batch_loss(self.unet, self.flow, batch, drawn)
 
     def conditioned(self, batch: StepBatch) -> StepBatch:
-        """The batch with its text conditioning: given, or encoded from its token ids (with gradients, outside
-        autocast, as the text encoders ran before they moved into the step), with the step's attention kernels."""
+        """The batch with its text conditioning: given, or encoded from its token ids (outside autocast, as the
+        text encoders ran before they moved into the step; gradients flow where they train), with the step's
+        attention kernels."""
         ids = batch.token_ids()
         if not ids:
             return batch
