@@ -34,6 +34,7 @@ from lora_pipeline.core.training.step.optim import averaged_weights
 LOSS_CURVE = "loss_curve.png"
 # Host work of a run besides its GPU stages, timed for the asset's metadata (TrainResult.timings)
 HOST_STAGES = ("data", "base_model_hash", "network", "optimizer", "tracking", "loss_curve")
+WRITER_STAGES = ("writer_epoch_file", "writer_resume_state", "writer_mlflow")  # the background writer's jobs
 
 
 def _epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int, global_step: int,
@@ -69,6 +70,14 @@ def _sample(run: TrainingRun, ctx: StepContext, renderer: SampleRenderer, epoch:
         path = renderer.render(strip_path(run.out_dir, run.version, run.recipe.name, epoch))
     if tracker is not None:
         writer.submit(lambda: tracker.log_image(path, "samples", epoch))
+
+
+def _log_epoch(run: TrainingRun, tracker: TrainingTracker, saved: list[dict], losses: list[float],
+               lrs: list[float]) -> None:
+    """The writer's MLflow job after an epoch: the steps so far and the epoch files written so far."""
+    with run.times.host("writer_mlflow"):
+        tracker.log_steps(losses, lrs)
+        tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs")
 
 
 def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingTracker | None) -> TrainResult:
@@ -119,8 +128,7 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
             if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and writes(ctx):
                 save_epoch(run, ctx, provenance, epoch, global_step, mean_loss, (saved, losses, lrs), writer)
             if tracker is not None:
-                writer.submit(functools.partial(tracker.log_steps, list(losses), list(lrs)))
-                writer.submit(lambda: tracker.log_files([run.out_dir / rec["file"] for rec in saved], "epochs"))
+                writer.submit(functools.partial(_log_epoch, run, tracker, saved, list(losses), list(lrs)))
             run.times.add("saving", time.perf_counter() - saving)
             _sample(run, ctx, renderer, epoch, tracker, writer)
             run.log(
@@ -172,7 +180,7 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
         "warmup_ahead": stages.get("warmup_ahead", 0.0),
         "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),
         "sampling": stages.get("sampling", 0.0),
-        **{name: stages.get(name, 0.0) for name in HOST_STAGES},
+        **{name: stages.get(name, 0.0) for name in (*HOST_STAGES, *WRITER_STAGES)},
     }
     if first_step_done is not None:
         timings["time_to_first_step"] = first_step_done - run.called_at

@@ -49,7 +49,8 @@ class TrainResult:
     # own time: files, resume state, MLflow; run/writer.py), sampling; the host work around them (data: reading
     # the snapshot; base_model_hash: what is left of it after the load it overlaps; network: the LoRA put on the
     # model; optimizer: optimizer, schedule and accelerate; tracking: MLflow calls on the training thread;
-    # loss_curve: its PNG); and time_to_first_step, from the call's start to the end of its first training step.
+    # loss_curve: its PNG); the background writer's jobs (writer_epoch_file, writer_resume_state, writer_mlflow);
+    # and time_to_first_step, from the call's start to the end of its first training step.
     timings: dict[str, float]
     # VAE encodes and latent disk-cache hits, misses and rejected entries of this call (latent_cache.py).
     latent_cache: dict[str, int] = field(default_factory=dict)

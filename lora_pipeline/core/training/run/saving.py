@@ -82,12 +82,14 @@ def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, e
     losses, lrs = list(losses), list(lrs)  # training goes on appending to the run's lists
 
     def write() -> None:
-        sha = save_lora(path, tensors, metadata)
+        with run.times.host("writer_epoch_file"):
+            sha = save_lora(path, tensors, metadata)
         saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss, "sha256": sha})
-        save_state(run.out_dir, ResumeState(
-            key=run.key, epoch=epoch, global_step=global_step, started_at=run.started_at,
-            provenance=asdict(provenance), saved=list(saved), losses=losses, lrs=lrs, lora=lora,
-            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-        ))
+        with run.times.host("writer_resume_state"):
+            save_state(run.out_dir, ResumeState(
+                key=run.key, epoch=epoch, global_step=global_step, started_at=run.started_at,
+                provenance=asdict(provenance), saved=list(saved), losses=losses, lrs=lrs, lora=lora,
+                optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+            ))
 
     writer.submit(write)
