@@ -205,3 +205,36 @@ def test_a_full_disk_stops_training_in_one_line_with_nothing_half_written(train_
         assert sorted(p.name for p in out.rglob("*")) == [".lock"]  # no epoch file, no temp file
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_the_base_model_hash_of_a_fresh_run_is_read_after_the_warm_up_and_lands_in_every_file(train_snapshot,
+                                                                                             monkeypatch):
+    """A fresh run reads the denoiser's sha256 on a thread started once the shapes are warmed up (beside the
+    model's load it slowed the load as much as it hid); the epoch files and the resume state still record it."""
+    from lora_pipeline.core.models.model_hash import base_model_hash
+    from lora_pipeline.core.training.run import epochs, setup
+
+    events: list[str] = []
+    real_warm_up = epochs.warm_up_shapes
+
+    def warm_up(*args, **kwargs):
+        events.append("warm-up")
+        return real_warm_up(*args, **kwargs)
+
+    def hashed(*args, **kwargs):
+        events.append("hash")
+        return base_model_hash(*args, **kwargs)
+
+    monkeypatch.setattr(epochs, "warm_up_shapes", warm_up)
+    monkeypatch.setattr(setup, "base_model_hash", hashed)
+    root = train_snapshot(n=3, repeats=1)
+    result, _ = train(root, tiny_recipe(epochs=2, validation_split=0.0), "out")
+    assert events == ["warm-up", "hash"]
+    expected = base_model_hash(str(root.models / "tiny-sd"))
+    for record in result.epochs:
+        assert read_lora_metadata(Path(record["file"]))["lora_pipeline.base_model_hash"] == expected
+    state = load_state(root.root / "out")
+    assert state.key["base_model_hash"] == expected == state.provenance["base_model_hash"]
+    events.clear()
+    again, _ = train(root, tiny_recipe(epochs=2, validation_split=0.0), "out")  # a finished run: checked up front
+    assert events == ["hash", "warm-up"] and again.resumed_from_epoch == 2

@@ -112,6 +112,8 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
             ctx.latents.close()  # filled beside the warm-up on a GPU
             raise
         finish_latent_cache(run, ctx)  # before anything else uses the VAE
+        if run.model_hash is not None:
+            run.model_hash.start()  # read while the first epoch trains (TrainingRun.settled)
         if state and not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it
             _sample(run, ctx, renderer, start, tracker, writer)  # rendered: the weights (put back) are that epoch's
         for epoch in range(start + 1, run.last_epoch + 1):

@@ -29,7 +29,7 @@ def lora_snapshot(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance
     """(tensors, metadata) of the LoRA as it stands (for a schedule-free optimizer: its averaged weights; with use_ema:
     the EMA shadow), the
     tensors on the host (`to_host`: on CUDA pinned copies still in flight, which the writer waits for)."""
-    recipe = run.recipe
+    recipe, provenance = run.recipe, run.settled(provenance)
     unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
         recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=run.total,
@@ -72,6 +72,7 @@ def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, e
     lrs) of the run so far, and `saved` gains the epoch file's record once the file is written (read it after
     the writer's `wait`)."""
     saved, losses, lrs = history
+    provenance = run.settled(provenance)  # the resume state's key and provenance hold the base model's hash
     path = run.out_dir / epoch_file_name(run.version, run.recipe.name, epoch)
     tensors, metadata = lora_snapshot(run, ctx, provenance, epoch, global_step)
     pinned = run.device.type == "cuda"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -35,21 +34,16 @@ from accelerate import PartialState
 
 from lora_pipeline.core.codeversion import code_version
 from lora_pipeline.core.errors import UserError
-from lora_pipeline.core.models.loading import (
-    base_model_hash,
-    default_device,
-    load_base_model,
-    resolve_base_model,
-)
+from lora_pipeline.core.models.loading import default_device, load_base_model
 from lora_pipeline.core.paths import DataRoot
 from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import LoraProvenance
 from lora_pipeline.core.training.progress import training_threads
 from lora_pipeline.core.training.recipe import Recipe
-from lora_pipeline.core.training.run.checkpoint import resume_point
+from lora_pipeline.core.training.run.checkpoint import resume_point, state_path
 from lora_pipeline.core.training.run.epochs import train_steps
 from lora_pipeline.core.training.run.result import TrainResult, own_output
-from lora_pipeline.core.training.run.setup import DTYPES, TrainingRun
+from lora_pipeline.core.training.run.setup import DTYPES, PENDING_HASH, BaseModelHash, TrainingRun
 from lora_pipeline.core.training.run.start_lora import resolve_start
 from lora_pipeline.core.training.run.tracking import TrainingTracker, dataset_tags
 from lora_pipeline.core.training.timing import StageTimes
@@ -105,19 +99,17 @@ def train_lora(
         log(f"dataset {version} has loss masks; masked_loss is off, so they are not used")
     start = resolve_start(root, recipe)  # from_lora: its file, family checked before the model loads
     precision = recipe.mixed_precision if target.type == "cuda" else "no"
-    source = resolve_base_model(root.models, recipe.base_model)
-    # The denoiser's sha256 (seconds for a model met the first time: the hash cache keeps it after) is read
-    # by another thread while the model loads: hashlib and file reads release the GIL.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-model-hash") as pool:
-        hashing = pool.submit(base_model_hash, source, cache=root.cache)
-        with times.host("load"):
-            base = load_base_model(root.models, source, recipe.model_family, "cpu", DTYPES[precision],
-                                   recipe.t5xxl_max_token_length)
-        with times.host("base_model_hash"):  # what is left of it once the model is loaded
-            model_hash = hashing.result()
+    with times.host("load"):
+        base = load_base_model(root.models, recipe.base_model, recipe.model_family, "cpu", DTYPES[precision],
+                               recipe.t5xxl_max_token_length)
+    model_hash = BaseModelHash(base.source, root.cache, times)
+    # A resume state's key and a caller's hash are checked now; else the hash is read while the first epoch
+    # trains (TrainingRun.settled), not before: beside the model's load it slowed the load as much as it hid
+    checked_now = state_path(out_dir).is_file() or "base_model_hash" in provenance
     derived = {
         "dataset_version": version, "manifest_root": data.manifest_root, "spec_sha256": data.spec_sha256,
-        "recipe_sha256": recipe.sha256, "base_model_source": base.source, "base_model_hash": model_hash,
+        "recipe_sha256": recipe.sha256, "base_model_source": base.source,
+        "base_model_hash": model_hash.value() if checked_now else PENDING_HASH,
     }
     key = {k: derived[k] for k in ("recipe_sha256", "manifest_root", "base_model_hash")}
     if start is not None:  # a changed starting file starts the run over
@@ -126,7 +118,7 @@ def train_lora(
         state = resume_point(out_dir, version, recipe.name, key, log)
     run = TrainingRun(root, version, recipe, out_dir, data, base, derived, key, state,
                state.started_at if state else started_at if started_at is not None else time.time(),
-               target, precision, log, times, called_at, start, clock)
+               target, precision, log, times, called_at, start, clock, model_hash)
     if tracker is None:
         return _train(run, _provenance(provenance, derived, ""), None)
     tags = {**dataset_tags(data.snapshot_dir), "dataset_version": version, "recipe": recipe.name,
