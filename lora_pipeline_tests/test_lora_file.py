@@ -266,3 +266,25 @@ def test_every_key_kohya_always_writes_is_there_in_kohyas_format():
                            dataset_dirs={}, training_started_at=1_700_000_000.5)
     assert again["ss_session_id"] == meta["ss_session_id"] != other["ss_session_id"]
     assert 0 <= int(meta["ss_session_id"]) < 2**32
+
+
+def test_the_addnet_hashes_of_a_saved_file_are_kohyas_without_a_second_serialization(tmp_path):
+    """save_lora computes sshs_* from the one serialization (the ss_-only file's header length stands in for
+    the file itself): the same hashes as kohya's way, `addnet_hashes`, for tensors under and over the legacy
+    hash's 1 MiB offset and metadata with escapes, controls and non-ASCII characters."""
+    from lora_pipeline.core.training.kohya.lora_file import addnet_hashes, save_lora
+
+    nasty = "".join(chr(c) for c in range(0, 0x80)) + "é中🙂\u2028\\\"'"
+    for numel in (16, 300_000, 2_000_000):
+        tensors = {"lora_unet_a.lora_down.weight": torch.arange(numel, dtype=torch.float32),
+                   "lora_unet_a.alpha": torch.tensor(4.0, dtype=torch.float16)}
+        metadata = {"ss_network_dim": "4", "ss_tag_frequency": nasty * 3, "modelspec.title": nasty,
+                    "lora_pipeline.code_commit": "x" * (numel // 1000)}
+        path = tmp_path / f"{numel}.safetensors"
+        sha = save_lora(path, tensors, metadata)
+        written = read_lora_metadata(path)
+        expected = addnet_hashes(tensors, metadata)
+        assert {k: written[k] for k in expected} == expected, numel
+        assert sha == sha256_bytes(path.read_bytes())
+        assert {k: v for k, v in written.items() if not k.startswith("sshs_")} == metadata
+        assert save_lora(path, tensors, metadata) == sha  # the same file again: left alone
