@@ -233,7 +233,7 @@ def test_an_unfinished_schema_with_runs_is_one_line_and_left_alone(tmp_path):
     before = db.read_bytes()
     with pytest.raises(UserError, match=r"mlflow\.db: MLflow store has an unfinished or older schema "
                                         r"\(schema revision 451aebb31d03, .*\) and holds 1 run\(s\)"):
-        TrainingTracker(mlflow_dir).client  # the store opens on first use
+        TrainingTracker(mlflow_dir).experiment_id()  # the store opens on first use
     assert db.read_bytes() == before
 
 

@@ -29,6 +29,13 @@ def atomic_write_stream(path: Path, fill: Callable[[BinaryIO], object], readonly
     """`fill(f)` writes the file's content into `f`, a temp file beside `path`, which is fsynced and renamed over
     `path`: readers never see half a file, and a large content is never held in memory whole first (torch.save
     of a resume state into a BytesIO and then to disk took 3.6 s for 720 MB, straight into the file 1.1 s)."""
+    commit_staged(write_staged(path, fill, readonly), path)
+
+
+def write_staged(path: Path, fill: Callable[[BinaryIO], object], readonly: bool = False) -> Path:
+    """The first half of `atomic_write_stream`: the content written and fsynced in a temp file beside `path`
+    (its name starts with a dot and ends in .tmp), which is returned; `commit_staged` puts it in place. On an
+    error nothing is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -37,9 +44,19 @@ def atomic_write_stream(path: Path, fill: Callable[[BinaryIO], object], readonly
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o444 if readonly else 0o644)
-        os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        name_os_error(exc, path)
+        raise
+    return Path(tmp)
+
+
+def commit_staged(staged: Path, path: Path) -> None:
+    """Rename a `write_staged` file over `path` (removing it if that fails)."""
+    try:
+        os.replace(staged, path)
+    except BaseException as exc:
+        staged.unlink(missing_ok=True)
         name_os_error(exc, path)
         raise
 

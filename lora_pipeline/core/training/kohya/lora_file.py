@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors.torch
 import torch
@@ -84,14 +84,24 @@ def _addnet_hashes_of(header: dict[str, Any], body: memoryview) -> dict[str, str
     return {"sshs_model_hash": hashlib.sha256(body).hexdigest(), "sshs_legacy_hash": sha256_bytes(window)[:8]}
 
 
-def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write a safetensors LoRA atomically (temp file beside it, then rename); return the file's sha256.
+@dataclass(frozen=True)
+class PreparedLora:
+    """A LoRA file's bytes as `save_lora` writes them: the sorted header and the tensor bytes, and its sha256."""
 
-    The sshs_* hashes are added to the metadata here, since they depend on the tensors. The tensors are
-    serialized once and never copied whole again (an SDXL epoch file is hundreds of MB: with a second
-    serialization for the hashes and copies for the sorted header it took 2.7 s of the writer's time on an
-    H100 host).
-    """
+    head: bytes
+    body: memoryview
+    sha256: str
+
+    def write(self, f: BinaryIO) -> None:
+        f.write(self.head)
+        f.write(self.body)
+
+
+def prepare_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> PreparedLora:
+    """The file `save_lora` writes, in memory. The sshs_* hashes are added to the metadata here, since they depend
+    on the tensors. The tensors are serialized once and never copied whole again (an SDXL epoch file is hundreds
+    of MB: with a second serialization for the hashes and copies for the sorted header it took 2.7 s of the
+    writer's time on an H100 host)."""
     wrong = sorted(k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str))
     if wrong:
         raise TypeError(f"LoRA metadata values must be strings: {', '.join(map(str, wrong))}")
@@ -101,10 +111,21 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     head = _header_bytes(header)
     digest = hashlib.sha256(head)
     digest.update(body)
-    size = len(head) + len(body)
-    if not (path.is_file() and path.stat().st_size == size and sha256_file(path) == digest.hexdigest()):
-        atomic_write_stream(path, lambda f: (f.write(head), f.write(body)))  # an identical file is left alone
-    return digest.hexdigest()
+    return PreparedLora(head, body, digest.hexdigest())
+
+
+def write_lora(path: Path, prepared: PreparedLora) -> None:
+    """Write a prepared LoRA atomically (temp file beside it, then rename); an identical file is left alone."""
+    size = len(prepared.head) + len(prepared.body)
+    if not (path.is_file() and path.stat().st_size == size and sha256_file(path) == prepared.sha256):
+        atomic_write_stream(path, prepared.write)
+
+
+def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors LoRA atomically (`prepare_lora`, `write_lora`); return the file's sha256."""
+    prepared = prepare_lora(tensors, metadata)
+    write_lora(path, prepared)
+    return prepared.sha256
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lora_pipeline.core.fileio import atomic_write_stream
+from lora_pipeline.core.fileio import write_staged
 from lora_pipeline.core.hashing import sha256_file
 
 RESUME_DIR = ".resume"
@@ -60,9 +60,11 @@ def state_path(out_dir: Path) -> Path:
     return out_dir / RESUME_DIR / STATE_FILE
 
 
-def save_state(out_dir: Path, state: ResumeState) -> None:
+def stage_state(out_dir: Path, state: ResumeState) -> Path:
+    """The state written and fsynced beside its place (fileio.write_staged); `commit_staged(it, state_path(..))`
+    puts it there: after the epoch file it vouches for (saving.py writes the two at once)."""
     fields_as_they_are = {f.name: getattr(state, f.name) for f in fields(state)}  # `asdict` deep-copies tensors
-    atomic_write_stream(state_path(out_dir), lambda f: torch.save(fields_as_they_are, f))
+    return write_staged(state_path(out_dir), lambda f: torch.save(fields_as_they_are, f))
 
 
 def load_state(out_dir: Path) -> ResumeState | None:

@@ -2,21 +2,28 @@
 and, with each epoch file, the resume state that a later call continues from (checkpoint.py).
 
 The training thread only takes the snapshot (`to_host`); the files are written by the run's `BackgroundWriter`
-(writer.py), the epoch file before its resume state, in one job."""
+(writer.py), the epoch file and its resume state in one job: written at once, the state put in place after the
+epoch file."""
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from lora_pipeline.core.fileio import commit_staged
 from lora_pipeline.core.training.inputs.data import steps_per_epoch
-from lora_pipeline.core.training.kohya.lora_file import LoraProvenance, build_metadata, save_lora
-from lora_pipeline.core.training.kohya.network import kohya_state_dict, trainable
-from lora_pipeline.core.training.run.checkpoint import (
-    ResumeState,
-    epoch_file_name,
-    save_state,
+from lora_pipeline.core.training.kohya.lora_file import (
+    LoraProvenance,
+    PreparedLora,
+    build_metadata,
+    prepare_lora,
+    save_lora,
+    write_lora,
 )
+from lora_pipeline.core.training.kohya.network import kohya_state_dict, trainable
+from lora_pipeline.core.training.run.checkpoint import ResumeState, epoch_file_name, stage_state, state_path
 from lora_pipeline.core.training.run.setup import TrainingRun
 from lora_pipeline.core.training.run.writer import BackgroundWriter, to_host
 from lora_pipeline.core.training.step.ema import ema_applied
@@ -84,13 +91,34 @@ def save_epoch(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, e
 
     def write() -> None:
         with run.times.host("writer_epoch_file"):
-            sha = save_lora(path, tensors, metadata)
-        saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss, "sha256": sha})
-        with run.times.host("writer_resume_state"):
-            save_state(run.out_dir, ResumeState(
-                key=run.key, epoch=epoch, global_step=global_step, started_at=run.started_at,
-                provenance=asdict(provenance), saved=list(saved), losses=losses, lrs=lrs, lora=lora,
-                optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            ))
+            prepared = prepare_lora(tensors, metadata)
+        saved.append({"epoch": epoch, "file": path.name, "steps": global_step, "mean_loss": mean_loss,
+                      "sha256": prepared.sha256})
+        state = ResumeState(
+            key=run.key, epoch=epoch, global_step=global_step, started_at=run.started_at,
+            provenance=asdict(provenance), saved=list(saved), losses=losses, lrs=lrs, lora=lora,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        )
+        write_both(run, path, prepared, state)
 
     writer.submit(write)
+
+
+def write_both(run: TrainingRun, path: Path, prepared: PreparedLora, state: ResumeState) -> None:
+    """The epoch file and the resume state written at once (the state by a second thread: both are hundreds of MB
+    for SDXL), the state put in place only after the epoch file it vouches for; a failed epoch file leaves no
+    state behind."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state") as pool:
+        staging = pool.submit(stage_state, run.out_dir, state)
+        try:
+            with run.times.host("writer_epoch_file"):
+                write_lora(path, prepared)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                staging.result().unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the state's folder, where this job made it
+                state_path(run.out_dir).parent.rmdir()
+            raise
+        with run.times.host("writer_resume_state"):  # what is left of it once the epoch file is in place
+            staged = staging.result()
+    commit_staged(staged, state_path(run.out_dir))
