@@ -1,7 +1,8 @@
 """Setting up a run: `TrainingRun` (what `train_lora` was given and what it derived: the data, the base model, the
-resume state, the step counts) and `build_context`, which puts the LoRA on the base model, moves the frozen parts
-where they train, fills the latent and text caches and builds the optimizer, schedule and step (the captured fast
-path where it can) into the epoch loop's `StepContext`.
+resume state, the step counts, the base model's hash read while training: `BaseModelHash`) and `build_context`,
+which puts the LoRA on the base model, moves the frozen parts where they train, fills the latent cache (on a GPU
+with the fast path in the background, until `finish_latent_cache`) and the text cache and builds the optimizer,
+schedule and step (the captured fast path where it can) into the epoch loop's `StepContext`.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ class TrainingRun:
 
 
 def build_context(run: TrainingRun) -> StepContext:
-    """The step context of the run (see the module docstring); the text encoders and the VAE leave the GPU where
-    the caches made them unnecessary."""
+    """The step context of the run (see the module docstring); the text encoders leave the GPU where the text
+    cache made them unnecessary (the VAE once the latent cache is full: `finish_latent_cache`)."""
     recipe, base, device = run.recipe, run.base, run.device
     dtype = DTYPES[run.precision]
     unet = base.denoiser
