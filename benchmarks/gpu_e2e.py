@@ -187,8 +187,6 @@ def run_drill(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-REST = ("asset_setup", "data", "base_model_hash", "network", "optimizer", "tracking", "loss_curve",
-        "provenance_and_lineage")  # the lora_epochs asset's host work outside the stages of the split
 
 
 def _parts(timings: dict[str, float]) -> str:
@@ -197,8 +195,11 @@ def _parts(timings: dict[str, float]) -> str:
 
 def _rest(m: dict[str, Any], timed: float) -> str:
     """The rest of the asset by part; 'dagster' is what none of them holds (the run's own events and steps)."""
+    from lora_pipeline.core.training.run.epochs import HOST_STAGES  # the training stack: imported when printing
+
     t = m["timings"]
-    parts = {name: t.get(name, 0.0) for name in REST}
+    rest = ("asset_setup", *HOST_STAGES, "provenance_and_lineage")  # the trainer's host work and the asset's own
+    parts = {name: t.get(name, 0.0) for name in rest}
     return _parts({**parts, "dagster": m["train_asset_seconds"] - timed - sum(parts.values())})
 
 

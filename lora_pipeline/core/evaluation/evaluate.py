@@ -228,8 +228,7 @@ def evaluate_lora(
     chosen = decision["recommended_epoch"]
     out_dir = root.evals(version, recipe.name)
     remove_abandoned(out_dir.parent)
-    writing = time.perf_counter()
-    with staging_folder(out_dir.parent, out_dir.name) as staged:
+    with times.host("writing"), staging_folder(out_dir.parent, out_dir.name) as staged:
         grids = write_grids(staged, recipe, baseline, images, chosen, _subtitle(version, recipe, base))
         loss_plot(epochs, [r["train_loss"] for r in rows], [r["val_loss"] for r in rows], chosen,
                   staged / VAL_LOSS_PNG, f"{version}/{recipe.name}: loss per epoch", validation.held_out)
@@ -249,7 +248,6 @@ def evaluate_lora(
         write_json(staged / RECOMMENDATION_JSON, report)
         atomic_write_text(staged / RECOMMENDATION_MD, markdown)
         _replace_folder(staged, out_dir)
-    times.add("writing", time.perf_counter() - writing)
     grids, plot = [out_dir / p.name for p in grids], out_dir / VAL_LOSS_PNG
     with times.host("tracking"):
         eval_run = log_evaluation(client, run_id, f"{version}/{recipe.name}/eval", recipe, report,

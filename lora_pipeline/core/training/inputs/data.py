@@ -245,8 +245,8 @@ def _read_caption(snapshot_dir: Path, image_rel: str, caption_rows: dict[str, Ma
     return snapshot_caption(path)
 
 
-def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, resos: list[tuple[int, int]] | None,
-                 mask_rows: dict[str, ManifestRow]) -> TrainImage:
+def _checked_size(snapshot_dir: Path, row: ManifestRow, mask_rows: dict[str, ManifestRow]) -> tuple[int, int]:
+    """The image's size, once its bytes (and its mask file's) match the manifest and it decodes."""
     path = snapshot_dir / row.path
     _checked_bytes(snapshot_dir, row.path, row)
     mask = row.mask
@@ -255,9 +255,15 @@ def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, resos: list
             raise UserError(f"the mask {mask} of {row.path} is not in the manifest", snapshot_dir / MANIFEST)
         _checked_bytes(snapshot_dir, mask, mask_rows[mask])
     try:
-        size = load_rgb(path).size
+        return load_rgb(path).size
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot be decoded: {exc}", path) from None
+
+
+def _train_image(snapshot_dir: Path, row: ManifestRow, caption: str, size: tuple[int, int],
+                 resos: list[tuple[int, int]] | None) -> TrainImage:
+    path = snapshot_dir / row.path
+    mask = row.mask
     bucket = select_bucket(*size, resos)
     resized, crop = fit_to_bucket(size, bucket)
     return TrainImage(
@@ -292,13 +298,14 @@ def load_training_data(snapshot_dir: Path, buckets: BucketSettings, validation_s
     bucket_lists = [buckets.buckets(side) for side in buckets.sides]
 
     def images(selected: list[ManifestRow]) -> tuple[TrainImage, ...]:
-        """Each row at every side (multi-resolution): all rows at the first side, then at the next. A few threads
-        check and decode the images (Pillow and hashlib release the GIL): one thread took 1.1 s for the 200
-        photos of the GPU drill."""
-        once = [(row, _read_caption(snapshot_dir, row.path, caption_rows)) for row in selected]
-        jobs = [(row, caption, resos) for resos in bucket_lists for row, caption in once]
+        """Each row at every side (multi-resolution): all rows at the first side, then at the next. Each image is
+        checked and decoded once, by a few threads (Pillow and hashlib release the GIL): one thread took 1.1 s
+        for the 200 photos of the GPU drill."""
+        captions = [_read_caption(snapshot_dir, row.path, caption_rows) for row in selected]
         with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, os.cpu_count() or 1)) as pool:
-            return tuple(pool.map(lambda job: _train_image(snapshot_dir, *job, mask_rows), jobs))
+            sizes = list(pool.map(lambda row: _checked_size(snapshot_dir, row, mask_rows), selected))
+        return tuple(_train_image(snapshot_dir, row, caption, size, resos) for resos in bucket_lists
+                     for row, caption, size in zip(selected, captions, sizes, strict=True))
 
     return TrainingData(
         version=info.version, snapshot_dir=snapshot_dir,

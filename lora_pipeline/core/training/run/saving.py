@@ -8,7 +8,6 @@ epoch file."""
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lora_pipeline.core.training.kohya.lora_file import (
     write_lora,
 )
 from lora_pipeline.core.training.kohya.network import kohya_state_dict, trainable
+from lora_pipeline.core.training.run.background import in_background
 from lora_pipeline.core.training.run.checkpoint import ResumeState, epoch_file_name, stage_state, state_path
 from lora_pipeline.core.training.run.setup import TrainingRun
 from lora_pipeline.core.training.run.writer import BackgroundWriter, to_host
@@ -108,17 +108,16 @@ def write_both(run: TrainingRun, path: Path, prepared: PreparedLora, state: Resu
     """The epoch file and the resume state written at once (the state by a second thread: both are hundreds of MB
     for SDXL), the state put in place only after the epoch file it vouches for; a failed epoch file leaves no
     state behind."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resume-state") as pool:
-        staging = pool.submit(stage_state, run.out_dir, state)
-        try:
-            with run.times.host("writer_epoch_file"):
-                write_lora(path, prepared)
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                staging.result().unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the state's folder, where this job made it
-                state_path(run.out_dir).parent.rmdir()
-            raise
-        with run.times.host("writer_resume_state"):  # what is left of it once the epoch file is in place
-            staged = staging.result()
+    staging = in_background("resume-state", stage_state, run.out_dir, state)
+    try:
+        with run.times.host("writer_epoch_file"):
+            write_lora(path, prepared)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            staging.result().unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the state's folder, where this job made it
+            state_path(run.out_dir).parent.rmdir()
+        raise
+    with run.times.host("writer_resume_state"):  # what is left of it once the epoch file is in place
+        staged = staging.result()
     commit_staged(staged, state_path(run.out_dir))

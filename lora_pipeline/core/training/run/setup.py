@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from lora_pipeline.core.training.kohya.network import add_network, block_lr, par
 from lora_pipeline.core.training.kohya.rights_keys import rights_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.recipe_checks import GRAPH_SAFE_OPTIMIZERS
+from lora_pipeline.core.training.run.background import in_background
 from lora_pipeline.core.training.run.checkpoint import ResumeState
 from lora_pipeline.core.training.run.memory import PeakMemory, lighten_denoiser
 from lora_pipeline.core.training.run.start_lora import StartLora, load_start_lora
@@ -67,14 +68,11 @@ class BaseModelHash:
 
     def __init__(self, source: str, cache: Path, times: StageTimes):
         self.source, self.cache, self.times = source, cache, times
-        self._pool: ThreadPoolExecutor | None = None
         self._future: Future[str] | None = None
 
     def start(self) -> None:
         if self._future is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-model-hash")
-            self._future = self._pool.submit(base_model_hash, self.source, cache=self.cache)
-            self._pool.shutdown(wait=False)
+            self._future = in_background("base-model-hash", base_model_hash, self.source, cache=self.cache)
 
     def value(self) -> str:
         self.start()

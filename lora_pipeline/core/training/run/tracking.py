@@ -33,7 +33,7 @@ import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from lora_pipeline.core.hashing import canonical_json
 from lora_pipeline.core.locks import exclusive_lock
 from lora_pipeline.core.paths import MLFLOW_DB, external_mlflow_uri, mlflow_tracking_uri
 from lora_pipeline.core.plots import line_chart
+from lora_pipeline.core.training.run.background import in_background
 
 EXPERIMENT = "lora-pipeline"
 ARTIFACTS = "artifacts"
@@ -228,10 +229,8 @@ class TrainingTracker:
         store = None if external_mlflow_uri() else mlflow_dir / MLFLOW_DB
         # The store is opened (on a new data root: created, a second or two of MLflow's migrations) by a thread of
         # its own while the training reads its data and loads the model; its first use waits for it.
-        opening = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-store")
-        self._client: Future[Any] = opening.submit(
-            lambda: _StoreClient(MlflowClient(tracking_uri=open_store(mlflow_dir, log)), store))
-        opening.shutdown(wait=False)
+        self._client: Future[Any] = in_background(
+            "mlflow-store", lambda: _StoreClient(MlflowClient(tracking_uri=open_store(mlflow_dir, log)), store))
         self.run_id: str | None = None
         self._last_step = 0
 

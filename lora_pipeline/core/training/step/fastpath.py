@@ -59,6 +59,7 @@ different, per-tensor code path for a tensor learning rate.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -132,14 +133,10 @@ class _Inputs:
 Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and the gradients it leaves (if kept)
 
 
-_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
+@functools.cache
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream captures are recorded on (one per device, as torch.cuda.graph's default capture stream)."""
-    if device not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
-    return _CAPTURE_STREAMS[device]
+    return torch.cuda.Stream(device)
 
 
 class CapturedStep:
