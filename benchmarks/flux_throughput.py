@@ -3,8 +3,10 @@
 - reference: as diffusers' examples/dreambooth/train_dreambooth_lora_flux.py steps: the VAE (latents shifted and
   scaled) and both text encoders (CLIP-L pooled, T5-XXL 512 tokens) every step, packed latents, flow-matching
   sigmas drawn as kohya's default (`timestep_sampling: sigma`, shift 3.0, no weighting: RectifiedFlow.draw), the
-  transformer, CLIP and T5 frozen in bf16, bf16 autocast, torch AdamW on a peft LoRA (rank --rank, fp32) over the
-  trainer's target modules (every Linear of the blocks, lora_layout.lora_targets), clip 1.0, the loss read back;
+  transformer, CLIP and T5 frozen in bf16, bf16 autocast, torch AdamW on a peft LoRA (rank --rank) over the
+  trainer's target modules (every Linear of the blocks, lora_layout.lora_targets), its weights in bf16 as the
+  script leaves them under bf16 (it casts them to float32 only under fp16; until 2026-12-07 this reference cast them
+  always, which made it pay peft's float32 copy of every LoRA input), clip 1.0, the loss read back;
 - plain: the trainer's step (loop.update over StepParts.flow) on cached latents and text outputs, with the
   recipe's memory options through run/memory.py's `lighten_denoiser`: --fp8-base, --blocks-to-swap N,
   --gradient-checkpointing;
@@ -52,6 +54,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
+from lora_pipeline.core.training.step.lora_fused import fuse_lora_linears
 from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
@@ -114,11 +117,14 @@ def flux_parts(smoke: bool, dtype: torch.dtype, device: torch.device) -> dict[st
     return parts
 
 
-def _add_lora(transformer: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
+def _add_lora(transformer: torch.nn.Module, rank: int, float32: bool) -> list[torch.nn.Parameter]:
+    """peft's LoRA over the trainer's targets; its weights in float32 where `float32` (the trainer's, always), else
+    in the base's dtype (peft's default)."""
     torch.manual_seed(0)  # peft draws the gaussian init from the global generator: every variant starts alike
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=lora_targets(FLUX1, transformer)))
-    cast_training_params(transformer, dtype=torch.float32)
+    if float32:
+        cast_training_params(transformer, dtype=torch.float32)
     transformer.train()
     return [p for p in transformer.parameters() if p.requires_grad]
 
@@ -153,7 +159,9 @@ def reference_step(args: argparse.Namespace, device: torch.device, pixels: int, 
     parts = flux_parts(args.smoke, dtype, device)
     transformer, vae, clip, t5 = (parts[k] for k in ("transformer", "vae", "clip", "t5"))
     transformer.to(device)
-    params = _add_lora(transformer, args.rank)
+    # the script upcasts the LoRA to float32 only under fp16 (`if args.mixed_precision == "fp16":
+    # cast_training_params(...)`): under bf16 its LoRA weights, and AdamW's state, stay bf16
+    params = _add_lora(transformer, args.rank, float32=precision == "fp16")
     accelerator = make_accelerator(device, precision)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     model, optimizer = accelerator.prepare(transformer, optimizer)
@@ -197,12 +205,14 @@ def trainer_step(args: argparse.Namespace, device: torch.device, pixels: int, ba
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[precision]
     parts = flux_parts(args.smoke, dtype, device)
     transformer = parts["transformer"]
-    params = _add_lora(transformer, args.rank)
+    params = _add_lora(transformer, args.rank, float32=True)
     recipe = bench_recipe(args)
     swap = lighten_denoiser(transformer, FLUX1, recipe, device)
     if precision != "no":
         norms_in_dtype(transformer, dtype)
         lora_inputs_uncast(transformer)  # as the trainer does
+    if not args.unfused_lora:
+        fuse_lora_linears(transformer)
     for name in ("vae", "clip", "t5"):  # cached inputs: the frozen encoders leave the GPU, as in the trainer
         parts[name].to("cpu")
     optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, device)

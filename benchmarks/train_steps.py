@@ -35,6 +35,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
+from lora_pipeline.core.training.step.lora_fused import fuse_lora_linears
 from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.optim import make_lr_scheduler, make_optimizer
 
@@ -176,6 +177,8 @@ def trainer_step(shape: Shape, args: argparse.Namespace, device: torch.device, v
         lora_inputs_uncast(unet)
         if not args.autocast_norms:
             norms_in_dtype(unet, dtype)
+    if not args.unfused_lora:
+        fuse_lora_linears(unet)
     option = getattr(args, "option", None)  # --options (train_options.py)
     encoders, text_encode = train_options.trainer_pieces(shape, args, device, dtype, _frozen_parts)
     params = [p for p in unet.parameters() if p.requires_grad] + train_options.lora_params(encoders)

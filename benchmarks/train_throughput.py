@@ -160,6 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="every variant: the U-Net's weights channels-last (the trainer's until 2026-12-03)")
     parser.add_argument("--autocast-norms", action="store_true",
                         help="plain and fast variants: leave GroupNorm/LayerNorm to autocast's float32 (norms.py)")
+    parser.add_argument("--unfused-lora", action="store_true",
+                        help="plain and fast variants: peft's LoRA forward, not step/lora_fused.py's")
     parser.add_argument("--deterministic", action="store_true",
                         help="--compare: deterministic kernels (math attention, cuDNN and cuBLAS deterministic), so "
                              "two eager runs agree bit for bit and any fast-path difference is the capture's own")

@@ -48,6 +48,7 @@ from lora_pipeline.core.training.step.loop import (
     make_accelerator,
     update,
 )
+from lora_pipeline.core.training.step.lora_fused import fuse_lora_linears
 from lora_pipeline.core.training.step.norms import lora_inputs_uncast, norms_in_dtype
 from lora_pipeline.core.training.step.objective import training_objective
 from lora_pipeline.core.training.step.optim import groups_to_device, make_lr_scheduler, make_optimizer
@@ -182,6 +183,7 @@ def build_context(run: TrainingRun) -> StepContext:
     if run.precision != "no":
         norms_in_dtype(unet, dtype)  # frozen norms in bf16/fp16, not autocast's float32 round trip
         lora_inputs_uncast(unet)  # nor peft's float32 copy of each LoRA layer's input
+    fuse_lora_linears(unet)  # the LoRA branch and its base layer in fewer passes over the activations
     with quiet_diffusers():  # "cast with to()": the VAE's dtype is the point here
         base.vae.to(device, vae_encoding_dtype(run.precision, recipe.no_half_vae))
     for encoder in base.text_encoders:
