@@ -89,3 +89,40 @@ def test_the_optimizers_that_cannot_be_captured_still_refuse_the_fast_path():
     for name in ("Lion", "Adafactor", "AdamWScheduleFree"):
         (reason,) = fast_path_blockers(tiny_recipe(optimizer=name))
         assert reason.startswith(f"{name} reads values back to the host or keeps host state")
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.parametrize("optimizer_name", ["AdamW", "DAdaptAdamW", "Prodigy"])
+def test_the_recorded_optimizer_reads_the_learning_rate_tensor_and_leaves_the_run_groups_alone(optimizer_name):
+    """What a CUDA graph records (GraphedSteps._recorded_optimizer): the run's optimizer (the same parameters and
+    state) in copies of its groups that read the learning rate from the device tensor the replay fills, so that a
+    capture on its own thread never touches the floats the schedule writes. Its step equals the run optimizer's
+    step at the tensor's learning rate, also with the schedule's step-counting wrapper on the run's optimizer."""
+    adaptive = optimizer_name != "AdamW"
+    recipe = tiny_recipe(optimizer=optimizer_name, learning_rate=1.0 if adaptive else 1e-3,
+                         lr_scheduler="constant")
+    results = []
+    for recorded in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+        optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, CPU)
+        schedule = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, 10)
+        assert "step" in vars(optimizer)  # the schedule wrapped the optimizer's step
+        accelerator = make_accelerator(CPU, "no")
+        parts = StepParts(None, None, recipe.noise, accelerator, optimizer, params)
+        steps = GraphedSteps(parts, CPU)
+        half = optimizer.param_groups[0]["lr"] / 2
+        for step in range(3):
+            for p in params:
+                p.grad = torch.full_like(p, 0.1 * (step + 1))
+            if recorded:
+                steps.lrs[0].fill_(half)
+                steps._recorded_optimizer().step()
+            else:
+                optimizer.param_groups[0]["lr"] = half
+                optimizer.step()
+                optimizer.param_groups[0]["lr"] = half * 2
+            schedule.step()
+        assert optimizer.param_groups[0]["lr"] == half * 2  # the run's group kept the schedule's float
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -11,14 +11,16 @@ graph replays fixed shapes and a bucketed dataset has a few:
 - the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
   cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
   and every later one replays, after its inputs are copied into the graph's static buffers (the trainer takes
-  the eager step and the capture of every shape of its batch plan before the first epoch, `warm_up`, and puts
-  the LoRA and the optimizer state back: run/warmup.py);
+  the eager step before the first epoch, `warm_up`, and puts the LoRA and the optimizer state back; on a GPU a
+  thread of its own then captures every shape of the batch plan while training replays those captured already,
+  `capture_ahead`, one recording or eager step at a time: run/warmup.py);
 - every input of the step is a static buffer: the batch (or the micro-batches of an accumulated step, one graph
   for all of them), its optional inputs (loss masks, the per-image loss weights of class images, ip_noise_gamma's
   perturbation, SDXL's conditioning), the noise;
 - the random inputs (noise, timesteps) are still drawn on the host from the step's own generator and copied in,
-  and the learning rate is a device tensor filled before each replay: a replayed step runs the eager step's
-  kernels on the same values;
+  and the learning rate is a device tensor filled before each replay (the graph records the optimizer through
+  copies of its parameter groups that hold those tensors, so the schedule's floats in the real groups are never
+  touched, also by a capture on another thread): a replayed step runs the eager step's kernels on the same values;
 - all graphs share one memory pool (they never run at once, and each step's loss is copied out right after
   its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
 - the step is the model family's (`StepParts.loss`): DDPM for the U-Nets, the rectified flow for FLUX.1 (its
@@ -59,9 +61,12 @@ different, per-tensor code path for a tensor learning rate.)
 
 from __future__ import annotations
 
+import copy
 import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -190,22 +195,80 @@ class GraphedSteps:
         # one learning rate per parameter group (the text encoders' text_encoder_lr is a group of its own)
         self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
                     for group in parts.optimizer.param_groups]
+        # Captures ahead on a thread of their own (`capture_ahead`): the shapes still to come, and the lock that
+        # keeps one step's host work (an eager step, a recording) at a time: both set the parameters' .grad
+        self._pending: dict[tuple, threading.Event] = {}
+        self._capture_error: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._one_at_a_time = threading.Lock()
+        self.waited_seconds = 0.0  # the training thread's wait for a shape's capture
+        self.ahead_seconds = 0.0  # the capturing thread's time
 
     def __call__(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
+        pending = self._pending.get(key)
+        if pending is not None:
+            self._wait_for(key, pending)
         if key in self.captured:
             static, step = self.captured[key]
             static.copy_from(inputs)
             self._fill_lrs()
             return self._replay(step)
-        if key not in self.eager_done:
-            self.eager_done.add(key)
-            return self._eager(batch, drawn)
-        static = inputs.clone()
-        step = self._capture(static)
-        self.captured[key] = (static, step)
+        with self._one_at_a_time:
+            if key not in self.eager_done:
+                self.eager_done.add(key)
+                return self._eager(batch, drawn)
+            static = inputs.clone()
+            step = self._capture(static)
+            self.captured[key] = (static, step)
         return self._replay(step)
+
+    def capture_ahead(self, steps: Sequence[tuple[StepBatch | Sequence[StepBatch], StepNoise]]) -> None:
+        """Capture these steps' shapes on a thread of its own (CUDA only: a recording there runs nothing, so the
+        training thread replays the shapes already captured meanwhile, and waits only at a shape still to come).
+        The run's eager step must have been taken (`warm_up`)."""
+        items = []
+        for batch, drawn in steps:
+            inputs = _Inputs.of(batch, drawn)
+            key = inputs.key()
+            if key not in self.captured and key not in self._pending:
+                self._pending[key] = threading.Event()
+                items.append((key, inputs.clone()))
+        if items:
+            self._thread = threading.Thread(target=self._capture_all, args=(items,), name="capture-ahead",
+                                            daemon=True)
+            self._thread.start()
+
+    def _capture_all(self, items: list[tuple[tuple, _Inputs]]) -> None:
+        started = time.perf_counter()
+        try:
+            for key, static in items:
+                if self._stopping:
+                    break
+                with self._one_at_a_time:
+                    self.captured[key] = (static, self._capture(static))
+                self._pending.pop(key).set()
+        except BaseException as exc:  # raised on the training thread when it needs a shape still to come
+            self._capture_error = exc
+        finally:
+            for event in list(self._pending.values()):
+                event.set()
+            self.ahead_seconds = time.perf_counter() - started
+
+    def _wait_for(self, key: tuple, pending: threading.Event) -> None:
+        started = time.perf_counter()
+        pending.wait()
+        self.waited_seconds += time.perf_counter() - started
+        if key not in self.captured:
+            raise RuntimeError(f"capturing the step ahead failed: {self._capture_error}") from self._capture_error
+
+    def close(self) -> None:
+        """Stop capturing ahead (after the capture at hand) and wait for the thread: a run that fails meanwhile."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join()
 
     def _fill_lrs(self) -> None:
         for lr, group in zip(self.lrs, self.parts.optimizer.param_groups, strict=True):
@@ -220,11 +283,11 @@ class GraphedSteps:
             optimizer_step(self.parts)  # queued behind the replay: no sync
         return loss
 
-    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> bool:
+    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise, capture: bool = True) -> bool:
         """Capture this input shape now, ahead of training (False: done already), after an eager step for the
         run's first shape only: what an eager step settles (cuBLAS, the autograd engine, the optimizer's state) is
         per run, not per shape. Both change the LoRA and the optimizer state: the caller puts them back
-        (run/warmup.py)."""
+        (run/warmup.py). `capture=False`: the eager step only (`capture_ahead` records the shapes)."""
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
         if key in self.captured:
@@ -232,6 +295,8 @@ class GraphedSteps:
         if not self.eager_done:  # once per run (see the docstring)
             self.eager_done.add(key)
             self._eager(batch, drawn)
+        if not capture:
+            return True
         static = inputs.clone()
         step = self._capture(static)
         step.forget_recording()
@@ -257,7 +322,6 @@ class GraphedSteps:
         """Record `update` (or, for an optimizer outside the graph, `gradients`) on the static buffers; in a CUDA
         graph the optimizer reads each group's learning rate from `self.lrs`, filled before each replay (a float
         would be frozen into the graph)."""
-        groups = self.parts.optimizer.param_groups
         in_graph = self.parts.optimizer_in_graph
 
         def step() -> Recorded:
@@ -266,14 +330,7 @@ class GraphedSteps:
                 return loss, [p.grad for p in self.parts.params]
             if self.device.type != "cuda":  # no graph: the float the schedule wrote is read at every call
                 return update(self.parts, *static.args()), []
-            host_lrs = [group["lr"] for group in groups]
-            for group, lr in zip(groups, self.lrs, strict=True):
-                group["lr"] = lr
-            try:
-                return update(self.parts, *static.args()), []
-            finally:
-                for group, lr in zip(groups, host_lrs, strict=True):
-                    group["lr"] = lr
+            return update(replace(self.parts, optimizer=self._recorded_optimizer()), *static.args()), []
 
         self._fill_lrs()
         if self.device.type == "cuda" and self._eager_since_capture:
@@ -283,3 +340,13 @@ class GraphedSteps:
             torch.cuda.empty_cache()
             self._eager_since_capture = False
         return CapturedStep(step, self.device, self.pool)
+
+    def _recorded_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer a graph records: the run's (its state and its groups' tensors the same objects), in
+        copies of its parameter groups that read each learning rate from `self.lrs`. The run's own groups keep
+        the floats the schedule writes, also while a capture ahead records on its thread."""
+        run = getattr(self.parts.optimizer, "optimizer", self.parts.optimizer)  # inside accelerate's wrapper
+        recorded = copy.copy(run)
+        vars(recorded).pop("step", None)  # the schedule's step-counting wrapper calls the run's optimizer itself
+        recorded.param_groups = [{**group, "lr": lr} for group, lr in zip(run.param_groups, self.lrs, strict=True)]
+        return recorded
