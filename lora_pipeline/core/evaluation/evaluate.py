@@ -58,6 +58,7 @@ from lora_pipeline.core.training.inputs.data import load_training_data
 from lora_pipeline.core.training.kohya.lora_file import epoch_mismatch, header_epoch, read_lora_metadata
 from lora_pipeline.core.training.recipe import Recipe
 from lora_pipeline.core.training.run.tracking import dataset_tags
+from lora_pipeline.core.training.step.lora_fused import fuse_lora_linears
 from lora_pipeline.core.training.timing import StageTimes
 
 VAL_LOSS_PNG = "val_loss.png"
@@ -170,6 +171,7 @@ def _sample_epochs(
         for epoch in epochs:
             with times.host("adapters"):
                 adapter = load(files[epoch], epoch)
+                fuse_lora_linears(base.denoiser)  # the validation loss's forwards, as training's (step/lora_fused.py)
             with times.host("sampling"):
                 images[epoch] = sample_weights(pipe, base, recipe.sampling, adapter, recipe.eval_weights, options)
             with times.host("validation_loss"):
