@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,7 @@ class _Inputs:
         return (self.batches if self.micro else self.batches[0]), self.drawn
 
 
+CAPTURE_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's hand-over interval while shapes are captured ahead
 Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and the gradients it leaves (if kept)
 
 
@@ -243,6 +245,11 @@ class GraphedSteps:
 
     def _capture_all(self, items: list[tuple[tuple, _Inputs]]) -> None:
         started = time.perf_counter()
+        # A recording is Python from end to end and holds the GIL; the threads beside it (the training thread's
+        # replays, the latent cache's VAE launches) each need it briefly and often: handed over every 0.5 ms
+        # instead of Python's 5 ms, they wait less for it
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, CAPTURE_SWITCH_INTERVAL))
         try:
             for key, static in items:
                 if self._stopping:
@@ -253,6 +260,7 @@ class GraphedSteps:
         except BaseException as exc:  # raised on the training thread when it needs a shape still to come
             self._capture_error = exc
         finally:
+            sys.setswitchinterval(switch_interval)
             for event in list(self._pending.values()):
                 event.set()
             self.ahead_seconds = time.perf_counter() - started
