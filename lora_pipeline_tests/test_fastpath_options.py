@@ -7,6 +7,7 @@ buffers including the token ids, the gradients handed to an optimizer outside th
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import pytest
 import torch
@@ -30,12 +31,10 @@ STEPS = 3  # one shape: the eager step, the recording, a replay
 Trained = tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _train(tiny_model, recipe: Recipe, fast: bool) -> Trained:
-    """STEPS steps of `recipe` built as run/setup.py builds them, on random latents: (losses, LoRA tensors before,
-    LoRA tensors after)."""
+def _parts(tiny_model, recipe: Recipe) -> tuple[Any, TextSource, StepParts, Any]:
+    """tiny-sd's step parts for `recipe`, built as run/setup.py builds them: (base, text, parts, schedule)."""
     base = load_base_model(tiny_model("tiny-sd").parent, "tiny-sd", "sd15")
     add_network(base, recipe.network, 0)
-    before = {name: p.detach().clone() for name, p in trainable(base).items()}
     unet = base.denoiser.train()
     train_text = not recipe.network_train_unet_only
     text = TextSource(base, torch.float32, CPU, train=train_text)
@@ -48,6 +47,14 @@ def _train(tiny_model, recipe: Recipe, fast: bool) -> Trained:
     parts = StepParts(unet, base.noise_scheduler, recipe.noise, accelerator, optimizer, params,
                       text_encode=text.encode_ids if train_text else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
+    return base, text, parts, schedule
+
+
+def _train(tiny_model, recipe: Recipe, fast: bool) -> Trained:
+    """STEPS steps of `recipe` on random latents: (losses, LoRA tensors before, LoRA tensors after)."""
+    base, text, parts, schedule = _parts(tiny_model, recipe)
+    unet = parts.unet
+    before = {name: p.detach().clone() for name, p in trainable(base).items()}
     step = GraphedSteps(parts, CPU) if fast else functools.partial(update, parts)
     losses = []
     for index in range(STEPS):
@@ -126,3 +133,31 @@ def test_the_recorded_optimizer_reads_the_learning_rate_tensor_and_leaves_the_ru
         assert optimizer.param_groups[0]["lr"] == half * 2  # the run's group kept the schedule's float
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_captures_ahead_are_waited_for_and_a_failed_one_fails_the_step_that_needs_it(tiny_model):
+    """GraphedSteps.capture_ahead's bookkeeping (on a GPU the recordings run nothing while training replays; on a
+    CPU recording a step runs it, so this test steps only after the thread is done): every planned shape is
+    captured once, a step waits for its shape's capture, and a recording that fails raises on the training thread
+    at the step that needs it, with the recording's error."""
+    recipe = tiny_recipe(optimizer="AdamW", learning_rate=1e-3, lr_scheduler="constant")
+    _, _, parts, _ = _parts(tiny_model, recipe)
+    steps = GraphedSteps(parts, CPU)
+    generator = torch_generator(0, Stream.NOISE, 0)
+
+    def inputs(images: int, text_dim: int) -> tuple[StepBatch, Any]:
+        latents = torch.randn(images, 4, 8, 8, generator=generator)
+        return StepBatch(latents, torch.randn(images, 77, text_dim, generator=generator)), parts.draw(latents,
+                                                                                                       generator)
+
+    dim = parts.unet.config.cross_attention_dim
+    two, one, wrong = inputs(2, dim), inputs(1, dim), inputs(3, dim + 1)  # the U-Net refuses the last one
+    steps.warm_up(*two, capture=False)
+    steps.capture_ahead([two, one, wrong])
+    with pytest.raises(RuntimeError, match="capturing the step ahead failed: .*") as failed:
+        steps.captures_done()
+    assert isinstance(failed.value.__cause__, RuntimeError) and "mat1 and mat2" in str(failed.value.__cause__)
+    assert len(steps.captured) == 2  # the two shapes before the failure
+    assert torch.isfinite(steps(*one)) and torch.isfinite(steps(*two))  # replays of their recordings
+    with pytest.raises(RuntimeError, match="capturing the step ahead failed"):
+        steps(*wrong)

@@ -185,7 +185,7 @@ def _background_done(run: TrainingRun, ctx: StepContext, latents_ready: bool) ->
     if not latents_ready:
         finish_latent_cache(run, ctx)
     if isinstance(ctx.update, GraphedSteps):
-        ctx.update.close()
+        ctx.update.captures_done()  # a shape that only a later epoch trains may still be recording
         run.times.add("capture_ahead_background", ctx.update.ahead_seconds)
         run.times.add("capture_ahead_waited", ctx.update.waited_seconds)
 

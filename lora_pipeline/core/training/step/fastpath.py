@@ -266,10 +266,18 @@ class GraphedSteps:
             self.ahead_seconds = time.perf_counter() - started
 
     def _wait_for(self, key: tuple, pending: threading.Event) -> None:
+        """Wait for the capture of `key` ahead (a thread stopped before it leaves it to the training thread)."""
         started = time.perf_counter()
         pending.wait()
         self.waited_seconds += time.perf_counter() - started
-        if key not in self.captured:
+        if self._capture_error is not None:
+            raise RuntimeError(f"capturing the step ahead failed: {self._capture_error}") from self._capture_error
+
+    def captures_done(self) -> None:
+        """Wait for the captures ahead (raising the thread's error, if it failed)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._capture_error is not None:
             raise RuntimeError(f"capturing the step ahead failed: {self._capture_error}") from self._capture_error
 
     def close(self) -> None:
