@@ -146,6 +146,19 @@ def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+def _libraries_ready(device: torch.device) -> None:
+    """Make this thread's cuBLAS, cuBLASLt and cuDNN handles before it captures: each library makes its handle at
+    a thread's first call, allocating device memory, which a capturing thread may not do (the capture fails with
+    "operation failed due to a previous error during capture"). The training thread has them from its eager step;
+    a thread that captures ahead has not called any yet."""
+    with torch.cuda.stream(_capture_stream(device)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            square = torch.ones(8, 8, device=device, dtype=dtype)
+            torch.nn.functional.linear(square, square, square[0]).addmm_(square, square)  # cuBLASLt, cuBLAS
+            torch.nn.functional.conv2d(square[None, None], square[None, None, :3, :3])  # cuDNN
+        torch.cuda.current_stream(device).synchronize()
+
+
 class CapturedStep:
     """One recorded step: on CUDA a graph replayed with one launch, on a CPU the recorded call made again. The
     step returns its loss and, where the optimizer runs after the graph, the gradients it wrote (on CUDA the
@@ -251,6 +264,7 @@ class GraphedSteps:
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(switch_interval, CAPTURE_SWITCH_INTERVAL))
         try:
+            _libraries_ready(self.device)
             for key, static in items:
                 if self._stopping:
                     break
