@@ -68,6 +68,15 @@ from train_steps import FLUX, SD15, SDXL, SMOKE, Shape, reference_step, trainer_
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 
 
+def _addmm_in_place_flops(self_shape: Any, a_shape: Any, b_shape: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of `c.addmm_(a, b)` (torch's counter counts only the out-of-place addmm): the fused LoRA layers'
+    base matmuls (core/training/step/lora_fused.py)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+IN_PLACE_FLOPS = {torch.ops.aten.addmm_: _addmm_in_place_flops}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,7 +95,7 @@ def bench(shape: Shape, variant: str, args: argparse.Namespace, device: torch.de
         step, prepare, _ = (flux_throughput.trainer_step(args, device, shape.pixels, batch_size, variant) if flux
                             else trainer_step(shape, args, device, variant))
         precision = args.precision if device.type == "cuda" else "no"
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=IN_PLACE_FLOPS) as counter:
             step(0)
         flops = counter.get_total_flops()
         prepare()
