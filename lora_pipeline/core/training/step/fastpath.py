@@ -264,7 +264,8 @@ class GraphedSteps:
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(switch_interval, CAPTURE_SWITCH_INTERVAL))
         try:
-            _libraries_ready(self.device)
+            if self.device.type == "cuda":
+                _libraries_ready(self.device)
             for key, static in items:
                 if self._stopping:
                     break
