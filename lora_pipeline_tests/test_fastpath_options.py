@@ -7,7 +7,6 @@ buffers including the token ids, the gradients handed to an optimizer outside th
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import pytest
 import torch
@@ -31,10 +30,12 @@ STEPS = 3  # one shape: the eager step, the recording, a replay
 Trained = tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _parts(tiny_model, recipe: Recipe) -> tuple[Any, TextSource, StepParts, Any]:
-    """tiny-sd's step parts for `recipe`, built as run/setup.py builds them: (base, text, parts, schedule)."""
+def _train(tiny_model, recipe: Recipe, fast: bool) -> Trained:
+    """STEPS steps of `recipe` built as run/setup.py builds them, on random latents: (losses, LoRA tensors before,
+    LoRA tensors after)."""
     base = load_base_model(tiny_model("tiny-sd").parent, "tiny-sd", "sd15")
     add_network(base, recipe.network, 0)
+    before = {name: p.detach().clone() for name, p in trainable(base).items()}
     unet = base.denoiser.train()
     train_text = not recipe.network_train_unet_only
     text = TextSource(base, torch.float32, CPU, train=train_text)
@@ -47,14 +48,6 @@ def _parts(tiny_model, recipe: Recipe) -> tuple[Any, TextSource, StepParts, Any]
     parts = StepParts(unet, base.noise_scheduler, recipe.noise, accelerator, optimizer, params,
                       text_encode=text.encode_ids if train_text else None,
                       optimizer_in_graph=recipe.optimizer in GRAPH_SAFE_OPTIMIZERS)
-    return base, text, parts, schedule
-
-
-def _train(tiny_model, recipe: Recipe, fast: bool) -> Trained:
-    """STEPS steps of `recipe` on random latents: (losses, LoRA tensors before, LoRA tensors after)."""
-    base, text, parts, schedule = _parts(tiny_model, recipe)
-    unet = parts.unet
-    before = {name: p.detach().clone() for name, p in trainable(base).items()}
     step = GraphedSteps(parts, CPU) if fast else functools.partial(update, parts)
     losses = []
     for index in range(STEPS):
@@ -96,68 +89,3 @@ def test_the_optimizers_that_cannot_be_captured_still_refuse_the_fast_path():
     for name in ("Lion", "Adafactor", "AdamWScheduleFree"):
         (reason,) = fast_path_blockers(tiny_recipe(optimizer=name))
         assert reason.startswith(f"{name} reads values back to the host or keeps host state")
-
-
-@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
-@pytest.mark.parametrize("optimizer_name", ["AdamW", "DAdaptAdamW", "Prodigy"])
-def test_the_recorded_optimizer_reads_the_learning_rate_tensor_and_leaves_the_run_groups_alone(optimizer_name):
-    """What a CUDA graph records (GraphedSteps._recorded_optimizer): the run's optimizer (the same parameters and
-    state) in copies of its groups that read the learning rate from the device tensor the replay fills, so that a
-    capture on its own thread never touches the floats the schedule writes. Its step equals the run optimizer's
-    step at the tensor's learning rate, also with the schedule's step-counting wrapper on the run's optimizer."""
-    adaptive = optimizer_name != "AdamW"
-    recipe = tiny_recipe(optimizer=optimizer_name, learning_rate=1.0 if adaptive else 1e-3,
-                         lr_scheduler="constant")
-    results = []
-    for recorded in (False, True):
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
-        optimizer = make_optimizer(recipe.optimizer_settings, recipe.schedule, params, CPU)
-        schedule = make_lr_scheduler(recipe.optimizer_settings, recipe.schedule, optimizer, 10)
-        assert "step" in vars(optimizer)  # the schedule wrapped the optimizer's step
-        accelerator = make_accelerator(CPU, "no")
-        parts = StepParts(None, None, recipe.noise, accelerator, optimizer, params)
-        steps = GraphedSteps(parts, CPU)
-        half = optimizer.param_groups[0]["lr"] / 2
-        for step in range(3):
-            for p in params:
-                p.grad = torch.full_like(p, 0.1 * (step + 1))
-            if recorded:
-                steps.lrs[0].fill_(half)
-                steps._recorded_optimizer().step()
-            else:
-                optimizer.param_groups[0]["lr"] = half
-                optimizer.step()
-                optimizer.param_groups[0]["lr"] = half * 2
-            schedule.step()
-        assert optimizer.param_groups[0]["lr"] == half * 2  # the run's group kept the schedule's float
-        results.append([p.detach().clone() for p in params])
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
-
-
-def test_captures_ahead_are_waited_for_and_a_failed_one_fails_the_step_that_needs_it(tiny_model):
-    """GraphedSteps.capture_ahead's bookkeeping (on a GPU the recordings run nothing while training replays; on a
-    CPU recording a step runs it, so this test steps only after the thread is done): every planned shape is
-    captured once, a step waits for its shape's capture, and a recording that fails raises on the training thread
-    at the step that needs it, with the recording's error."""
-    recipe = tiny_recipe(optimizer="AdamW", learning_rate=1e-3, lr_scheduler="constant")
-    _, _, parts, _ = _parts(tiny_model, recipe)
-    steps = GraphedSteps(parts, CPU)
-    generator = torch_generator(0, Stream.NOISE, 0)
-
-    def inputs(images: int, text_dim: int) -> tuple[StepBatch, Any]:
-        latents = torch.randn(images, 4, 8, 8, generator=generator)
-        return StepBatch(latents, torch.randn(images, 77, text_dim, generator=generator)), parts.draw(latents,
-                                                                                                       generator)
-
-    dim = parts.unet.config.cross_attention_dim
-    two, one, wrong = inputs(2, dim), inputs(1, dim), inputs(3, dim + 1)  # the U-Net refuses the last one
-    steps.warm_up(*two, capture=False)
-    steps.capture_ahead([two, one, wrong])
-    with pytest.raises(RuntimeError, match="capturing the step ahead failed: .*") as failed:
-        steps.captures_done()
-    assert isinstance(failed.value.__cause__, RuntimeError) and "mat1 and mat2" in str(failed.value.__cause__)
-    assert len(steps.captured) == 2  # the two shapes before the failure
-    assert torch.isfinite(steps(*one)) and torch.isfinite(steps(*two))  # replays of their recordings
-    with pytest.raises(RuntimeError, match="capturing the step ahead failed"):
-        steps(*wrong)

@@ -5,11 +5,9 @@ next epoch trains while the last one is written; the run waits for them before i
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 import time
-from collections.abc import Iterator
 
 from lora_pipeline.core.training.inputs.augment import flip_warning
 from lora_pipeline.core.training.inputs.data import epoch_batches
@@ -108,43 +106,37 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
             run.log(f"resuming {run.version}/{recipe.name} after epoch {start}/{run.last_epoch} (step {global_step})")
         if ctx.shard:
             require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
-        with _background_stopped_on_failure(ctx):
+        try:
             run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
-            # with captures ahead (a GPU) the first epoch trains while the latent cache fills: it waits per batch
-            captures_ahead = isinstance(ctx.update, GraphedSteps) and run.device.type == "cuda"
-            # killed while it rendered the samples of the epoch it resumes after: the weights (put back) are its
-            resample = state is not None and not strip_path(run.out_dir, run.version, recipe.name, start).is_file()
-            if resample or not captures_ahead:
-                finish_latent_cache(run, ctx)  # before anything else uses the VAE
-            if run.model_hash is not None:
-                run.model_hash.start()  # read while the first epoch trains (TrainingRun.settled)
-            if resample:
-                _sample(run, ctx, renderer, start, tracker, writer)
-            if start >= run.last_epoch:
-                _background_done(run, ctx, latents_ready=resample or not captures_ahead)
-            for epoch in range(start + 1, run.last_epoch + 1):
-                stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files, writer)
-                if epoch == start + 1:
-                    _background_done(run, ctx, latents_ready=resample or not captures_ahead)
-                global_step += steps
-                losses += stats.losses
-                lrs += stats.lrs
-                trained_images += stats.images
-                seconds += stats.seconds
-                warmup += stats.warmup_seconds
-                first_step_done = first_step_done or stats.first_step_done
-                mean_loss = statistics.fmean(stats.losses)
-                saving = time.perf_counter()
-                if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and writes(ctx):
-                    save_epoch(run, ctx, provenance, epoch, global_step, mean_loss, (saved, losses, lrs), writer)
-                if tracker is not None:
-                    writer.submit(functools.partial(_log_epoch, run, tracker, saved, list(losses), list(lrs)))
-                run.times.add("saving", time.perf_counter() - saving)
-                _sample(run, ctx, renderer, epoch, tracker, writer)
-                run.log(
-                    f"epoch {epoch}/{run.last_epoch}: {steps} steps, mean loss {mean_loss:.4f}, "
-                    f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
-                )
+        except BaseException:
+            ctx.latents.close()  # filled beside the warm-up on a GPU
+            raise
+        finish_latent_cache(run, ctx)  # before anything else uses the VAE
+        if run.model_hash is not None:
+            run.model_hash.start()  # read while the first epoch trains (TrainingRun.settled)
+        if state and not strip_path(run.out_dir, run.version, recipe.name, start).is_file():  # killed while it
+            _sample(run, ctx, renderer, start, tracker, writer)  # rendered: the weights (put back) are that epoch's
+        for epoch in range(start + 1, run.last_epoch + 1):
+            stats, steps = _epoch(run, ctx, provenance, epoch, global_step, step_files, writer)
+            global_step += steps
+            losses += stats.losses
+            lrs += stats.lrs
+            trained_images += stats.images
+            seconds += stats.seconds
+            warmup += stats.warmup_seconds
+            first_step_done = first_step_done or stats.first_step_done
+            mean_loss = statistics.fmean(stats.losses)
+            saving = time.perf_counter()
+            if (epoch % recipe.save_every_n_epochs == 0 or epoch == run.last_epoch) and writes(ctx):
+                save_epoch(run, ctx, provenance, epoch, global_step, mean_loss, (saved, losses, lrs), writer)
+            if tracker is not None:
+                writer.submit(functools.partial(_log_epoch, run, tracker, saved, list(losses), list(lrs)))
+            run.times.add("saving", time.perf_counter() - saving)
+            _sample(run, ctx, renderer, epoch, tracker, writer)
+            run.log(
+                f"epoch {epoch}/{run.last_epoch}: {steps} steps, mean loss {mean_loss:.4f}, "
+                f"{stats.images / max(stats.seconds, 1e-9):.1f} images/s, lr {lrs[-1]:.3g}"
+            )
         draining = time.perf_counter()
         writer.wait()  # the last epoch's files and logging; raises a failed write's error
         run.times.add("saving", time.perf_counter() - draining)
@@ -179,30 +171,6 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
     )
 
 
-def _background_done(run: TrainingRun, ctx: StepContext, latents_ready: bool) -> None:
-    """After the first epoch of this call (or before the epochs, where none is left): the latent cache finished
-    (unless it was already) and the thread capturing shapes ahead done, their times kept."""
-    if not latents_ready:
-        finish_latent_cache(run, ctx)
-    if isinstance(ctx.update, GraphedSteps):
-        ctx.update.captures_done()  # a shape that only a later epoch trains may still be recording
-        run.times.add("capture_ahead_background", ctx.update.ahead_seconds)
-        run.times.add("capture_ahead_waited", ctx.update.waited_seconds)
-
-
-@contextlib.contextmanager
-def _background_stopped_on_failure(ctx: StepContext) -> Iterator[None]:
-    """The threads that fill the latent cache and capture shapes ahead (a GPU's fast path) stopped when the run
-    fails beside them."""
-    try:
-        yield
-    except BaseException:
-        ctx.latents.close()
-        if isinstance(ctx.update, GraphedSteps):
-            ctx.update.close()
-        raise
-
-
 def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_done: float | None) -> dict[str, float]:
     """TrainResult.timings: the stage split of this call (see there)."""
     stages = run.times.seconds()
@@ -212,8 +180,6 @@ def _timings(run: TrainingRun, step_seconds: float, warmup: float, first_step_do
         "latent_caching_background": stages.get("latent_caching_background", 0.0),
         "text_encoding": text, "training_steps": max(0.0, step_seconds - text), "shape_warmup": warmup,
         "warmup_ahead": stages.get("warmup_ahead", 0.0),
-        "capture_ahead_background": stages.get("capture_ahead_background", 0.0),
-        "capture_ahead_waited": stages.get("capture_ahead_waited", 0.0),
         "saving": stages.get("saving", 0.0), "saving_background": stages.get("saving_background", 0.0),
         "sampling": stages.get("sampling", 0.0),
         **{name: stages.get(name, 0.0) for name in (*HOST_STAGES, *WRITER_STAGES)},

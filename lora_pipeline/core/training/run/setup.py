@@ -196,16 +196,12 @@ def build_context(run: TrainingRun) -> StepContext:
         vae_hash = weights_hash(base.source, "vae", cache=run.root.cache)
         disk = LatentDiskCache(run.root.cache / LATENT_CACHE, vae_hash, run.log)
     fast_path, why = fast_path_choice(recipe, device, PartialState().num_processes)
-    # With the fast path on a GPU the VAE fills the cache beside the text encoding, the warm-up and the first
-    # epoch (run/warmup.py: the shapes are captured meanwhile, host work): the first batch of each shape first,
-    # which the warm-up takes, then in the order the first epoch trains them
+    # With the fast path on a GPU the VAE fills the cache beside the text encoding and the warm-up (its
+    # captures are host work): the first batch of each shape first, which the warm-up takes
     state = run.state
-    first_epoch = state.epoch + 1 if state else 1
-    plan = run.planned_shapes(first_epoch, state.global_step if state else 0)
-    first_batches = epoch_batches(images, run.data.image_repeats, recipe.effective_batch_size, recipe.seed,
-                                  first_epoch)
+    plan = run.planned_shapes(state.epoch + 1 if state else 1, state.global_step if state else 0)
     latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk,
-                           first=[index for indices in [*(p[2] for p in plan), *first_batches] for index in indices],
+                           first=[index for _, _, indices in plan for index in indices],
                            background=fast_path and device.type == "cuda")
     if train_text:
         run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "

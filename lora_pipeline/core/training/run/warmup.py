@@ -6,16 +6,10 @@ gpu_e2e.py on an H100 (issue 22) these first steps were 10.6 s of an SD1.5 run a
 over the epochs; taken ahead, with an eager step for every shape, 8.2 s and 21.4 s; with one eager step per run,
 5.1 s and 8.4 s. `warm_up_shapes` takes them all up front, from the run's batch plan: the first batch of each
 distinct shape (its size and bucket) of the epochs still to train (`TrainingRun.planned_shapes`), built as
-training builds it (`loop.step_inputs`), so its inputs have exactly the layout the step will replay.
-
-On a GPU only the eager step is taken here: a recording runs nothing there, so the shapes are captured by a
-thread of their own (`GraphedSteps.capture_ahead`) while the first epoch trains, which waits only at a shape still
-to come. An epoch trains its buckets one after another (`data.epoch_batches`), so the captures stay ahead of it:
-SDXL's 9 captures took 13.4 s of host work before the first step (gpu_e2e.py, H100). The latent cache fills
-beside them (encode.LatentSource, in the order the first epoch takes the images), each batch waiting only for its
-own latents. On a CPU, where recording a step runs it, the shapes are recorded here, one after another.
-
-Both the eager step and (on a CPU) the recording change the LoRA and the optimizer state, so they are put back
+training builds it (`loop.step_inputs`), so its inputs have exactly the layout the step will replay. On a GPU
+the latent cache is filled meanwhile, these batches' images first (encode.LatentSource), and the captures let
+that thread work (`capture_error_mode="thread_local"`: step/fastpath.py). Both the eager step and (on a
+CPU, where there is no graph) the recording change the LoRA and the optimizer state, so they are put back
 afterwards, in place (a graph reads its tensors by address):
 
 - the LoRA weights, the optimizer's per-parameter state that existed before, and every tensor of its parameter
@@ -92,31 +86,21 @@ def warm_up_shapes(run: TrainingRun, ctx: StepContext, first_epoch: int, global_
                 "put back after a warm-up ahead)")
         return 0.0
     plan = run.planned_shapes(first_epoch, global_step)
-    ahead = run.device.type == "cuda"  # a recording runs nothing there: the captures can go on beside training
     _sync(run.device)
     started = time.perf_counter()
     saved = _TrainingState(run, ctx)
-    steps = []
     try:
         for epoch, step, indices in plan:
             batch, drawn = step_inputs(ctx, epoch, step, indices)
-            steps.append((batch, drawn))
+            update.warm_up(batch, drawn)
             shape = tuple((batch[0] if isinstance(batch, list) else batch).latents.shape)
             ctx.shapes_seen[shape] = max(ctx.shapes_seen.get(shape, 0), ctx.warmup_steps_per_shape)
-        for batch, drawn in steps[:1] if ahead else steps:
-            update.warm_up(batch, drawn, capture=not ahead)
     finally:
         saved.restore()
-    if ahead:
-        update.capture_ahead(steps)
     _sync(run.device)
     seconds = time.perf_counter() - started
-    if ahead:
-        run.log(f"warm-up: one eager step in {seconds:.1f} s; the {len(plan)} batch shape(s) are captured on a "
-                "thread of their own while training starts")
-    else:
-        run.log(f"warm-up of {len(plan)} batch shape(s) took {seconds:.1f} s (recordings, after one eager step, "
-                "before the first epoch)")
+    run.log(f"warm-up of {len(plan)} batch shape(s) took {seconds:.1f} s (captures, after one eager step, "
+            "before the first epoch)")
     return seconds
 
 

@@ -11,16 +11,14 @@ graph replays fixed shapes and a bucketed dataset has a few:
 - the first step at a new shape runs eagerly on a side stream (it is a real training step; it also lets
   cuBLAS, cuDNN and the allocator settle, which a capture requires); the next step of that shape is captured
   and every later one replays, after its inputs are copied into the graph's static buffers (the trainer takes
-  the eager step before the first epoch, `warm_up`, and puts the LoRA and the optimizer state back; on a GPU a
-  thread of its own then captures every shape of the batch plan while training replays those captured already,
-  `capture_ahead`, one recording or eager step at a time: run/warmup.py);
+  the eager step and the capture of every shape of its batch plan before the first epoch, `warm_up`, and puts
+  the LoRA and the optimizer state back: run/warmup.py);
 - every input of the step is a static buffer: the batch (or the micro-batches of an accumulated step, one graph
   for all of them), its optional inputs (loss masks, the per-image loss weights of class images, ip_noise_gamma's
   perturbation, SDXL's conditioning), the noise;
 - the random inputs (noise, timesteps) are still drawn on the host from the step's own generator and copied in,
-  and the learning rate is a device tensor filled before each replay (the graph records the optimizer through
-  copies of its parameter groups that hold those tensors, so the schedule's floats in the real groups are never
-  touched, also by a capture on another thread): a replayed step runs the eager step's kernels on the same values;
+  and the learning rate is a device tensor filled before each replay: a replayed step runs the eager step's
+  kernels on the same values;
 - all graphs share one memory pool (they never run at once, and each step's loss is copied out right after
   its replay), so several bucket shapes cost the activation memory of the largest, not their sum;
 - the step is the model family's (`StepParts.loss`): DDPM for the U-Nets, the rectified flow for FLUX.1 (its
@@ -61,13 +59,9 @@ different, per-tensor code path for a tensor learning rate.)
 
 from __future__ import annotations
 
-import copy
 import functools
-import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -136,7 +130,6 @@ class _Inputs:
         return (self.batches if self.micro else self.batches[0]), self.drawn
 
 
-CAPTURE_SWITCH_INTERVAL = 0.0005  # seconds: the GIL's hand-over interval while shapes are captured ahead
 Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and the gradients it leaves (if kept)
 
 
@@ -144,19 +137,6 @@ Recorded = tuple[torch.Tensor, list[torch.Tensor | None]]  # a step's loss and t
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream captures are recorded on (one per device, as torch.cuda.graph's default capture stream)."""
     return torch.cuda.Stream(device)
-
-
-def _libraries_ready(device: torch.device) -> None:
-    """Make this thread's cuBLAS, cuBLASLt and cuDNN handles before it captures: each library makes its handle at
-    a thread's first call, allocating device memory, which a capturing thread may not do (the capture fails with
-    "operation failed due to a previous error during capture"). The training thread has them from its eager step;
-    a thread that captures ahead has not called any yet."""
-    with torch.cuda.stream(_capture_stream(device)):
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            square = torch.ones(8, 8, device=device, dtype=dtype)
-            torch.nn.functional.linear(square, square, square[0]).addmm_(square, square)  # cuBLASLt, cuBLAS
-            torch.nn.functional.conv2d(square[None, None], square[None, None, :3, :3])  # cuDNN
-        torch.cuda.current_stream(device).synchronize()
 
 
 class CapturedStep:
@@ -210,96 +190,22 @@ class GraphedSteps:
         # one learning rate per parameter group (the text encoders' text_encoder_lr is a group of its own)
         self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
                     for group in parts.optimizer.param_groups]
-        # Captures ahead on a thread of their own (`capture_ahead`): the shapes still to come, and the lock that
-        # keeps one step's host work (an eager step, a recording) at a time: both set the parameters' .grad
-        self._pending: dict[tuple, threading.Event] = {}
-        self._capture_error: BaseException | None = None
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._one_at_a_time = threading.Lock()
-        self.waited_seconds = 0.0  # the training thread's wait for a shape's capture
-        self.ahead_seconds = 0.0  # the capturing thread's time
 
     def __call__(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> torch.Tensor:
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
-        pending = self._pending.get(key)
-        if pending is not None:
-            self._wait_for(key, pending)
         if key in self.captured:
             static, step = self.captured[key]
             static.copy_from(inputs)
             self._fill_lrs()
             return self._replay(step)
-        with self._one_at_a_time:
-            if key not in self.eager_done:
-                self.eager_done.add(key)
-                return self._eager(batch, drawn)
-            static = inputs.clone()
-            step = self._capture(static)
-            self.captured[key] = (static, step)
+        if key not in self.eager_done:
+            self.eager_done.add(key)
+            return self._eager(batch, drawn)
+        static = inputs.clone()
+        step = self._capture(static)
+        self.captured[key] = (static, step)
         return self._replay(step)
-
-    def capture_ahead(self, steps: Sequence[tuple[StepBatch | Sequence[StepBatch], StepNoise]]) -> None:
-        """Capture these steps' shapes on a thread of its own (CUDA only: a recording there runs nothing, so the
-        training thread replays the shapes already captured meanwhile, and waits only at a shape still to come).
-        The run's eager step must have been taken (`warm_up`)."""
-        items = []
-        for batch, drawn in steps:
-            inputs = _Inputs.of(batch, drawn)
-            key = inputs.key()
-            if key not in self.captured and key not in self._pending:
-                self._pending[key] = threading.Event()
-                items.append((key, inputs.clone()))
-        if items:
-            self._thread = threading.Thread(target=self._capture_all, args=(items,), name="capture-ahead",
-                                            daemon=True)
-            self._thread.start()
-
-    def _capture_all(self, items: list[tuple[tuple, _Inputs]]) -> None:
-        started = time.perf_counter()
-        # A recording is Python from end to end and holds the GIL; the threads beside it (the training thread's
-        # replays, the latent cache's VAE launches) each need it briefly and often: handed over every 0.5 ms
-        # instead of Python's 5 ms, they wait less for it
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch_interval, CAPTURE_SWITCH_INTERVAL))
-        try:
-            if self.device.type == "cuda":
-                _libraries_ready(self.device)
-            for key, static in items:
-                if self._stopping:
-                    break
-                with self._one_at_a_time:
-                    self.captured[key] = (static, self._capture(static))
-                self._pending.pop(key).set()
-        except BaseException as exc:  # raised on the training thread when it needs a shape still to come
-            self._capture_error = exc
-        finally:
-            sys.setswitchinterval(switch_interval)
-            for event in list(self._pending.values()):
-                event.set()
-            self.ahead_seconds = time.perf_counter() - started
-
-    def _wait_for(self, key: tuple, pending: threading.Event) -> None:
-        """Wait for the capture of `key` ahead (a thread stopped before it leaves it to the training thread)."""
-        started = time.perf_counter()
-        pending.wait()
-        self.waited_seconds += time.perf_counter() - started
-        if self._capture_error is not None:
-            raise RuntimeError(f"capturing the step ahead failed: {self._capture_error}") from self._capture_error
-
-    def captures_done(self) -> None:
-        """Wait for the captures ahead (raising the thread's error, if it failed)."""
-        if self._thread is not None:
-            self._thread.join()
-        if self._capture_error is not None:
-            raise RuntimeError(f"capturing the step ahead failed: {self._capture_error}") from self._capture_error
-
-    def close(self) -> None:
-        """Stop capturing ahead (after the capture at hand) and wait for the thread: a run that fails meanwhile."""
-        self._stopping = True
-        if self._thread is not None:
-            self._thread.join()
 
     def _fill_lrs(self) -> None:
         for lr, group in zip(self.lrs, self.parts.optimizer.param_groups, strict=True):
@@ -314,11 +220,11 @@ class GraphedSteps:
             optimizer_step(self.parts)  # queued behind the replay: no sync
         return loss
 
-    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise, capture: bool = True) -> bool:
+    def warm_up(self, batch: StepBatch | Sequence[StepBatch], drawn: StepNoise) -> bool:
         """Capture this input shape now, ahead of training (False: done already), after an eager step for the
         run's first shape only: what an eager step settles (cuBLAS, the autograd engine, the optimizer's state) is
         per run, not per shape. Both change the LoRA and the optimizer state: the caller puts them back
-        (run/warmup.py). `capture=False`: the eager step only (`capture_ahead` records the shapes)."""
+        (run/warmup.py)."""
         inputs = _Inputs.of(batch, drawn)
         key = inputs.key()
         if key in self.captured:
@@ -326,8 +232,6 @@ class GraphedSteps:
         if not self.eager_done:  # once per run (see the docstring)
             self.eager_done.add(key)
             self._eager(batch, drawn)
-        if not capture:
-            return True
         static = inputs.clone()
         step = self._capture(static)
         step.forget_recording()
@@ -353,6 +257,7 @@ class GraphedSteps:
         """Record `update` (or, for an optimizer outside the graph, `gradients`) on the static buffers; in a CUDA
         graph the optimizer reads each group's learning rate from `self.lrs`, filled before each replay (a float
         would be frozen into the graph)."""
+        groups = self.parts.optimizer.param_groups
         in_graph = self.parts.optimizer_in_graph
 
         def step() -> Recorded:
@@ -361,7 +266,14 @@ class GraphedSteps:
                 return loss, [p.grad for p in self.parts.params]
             if self.device.type != "cuda":  # no graph: the float the schedule wrote is read at every call
                 return update(self.parts, *static.args()), []
-            return update(replace(self.parts, optimizer=self._recorded_optimizer()), *static.args()), []
+            host_lrs = [group["lr"] for group in groups]
+            for group, lr in zip(groups, self.lrs, strict=True):
+                group["lr"] = lr
+            try:
+                return update(self.parts, *static.args()), []
+            finally:
+                for group, lr in zip(groups, host_lrs, strict=True):
+                    group["lr"] = lr
 
         self._fill_lrs()
         if self.device.type == "cuda" and self._eager_since_capture:
@@ -371,13 +283,3 @@ class GraphedSteps:
             torch.cuda.empty_cache()
             self._eager_since_capture = False
         return CapturedStep(step, self.device, self.pool)
-
-    def _recorded_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer a graph records: the run's (its state and its groups' tensors the same objects), in
-        copies of its parameter groups that read each learning rate from `self.lrs`. The run's own groups keep
-        the floats the schedule writes, also while a capture ahead records on its thread."""
-        run = getattr(self.parts.optimizer, "optimizer", self.parts.optimizer)  # inside accelerate's wrapper
-        recorded = copy.copy(run)
-        vars(recorded).pop("step", None)  # the schedule's step-counting wrapper calls the run's optimizer itself
-        recorded.param_groups = [{**group, "lr": lr} for group, lr in zip(run.param_groups, self.lrs, strict=True)]
-        return recorded
