@@ -93,3 +93,26 @@ def test_options_smoke_run_times_each_option_plain_and_fast_beside_the_reference
     assert by_run[("te-lora", "plain")]["final_loss"] != by_run[("adamw8bit", "plain")]["final_loss"]
     table = benchmark.train_options.options_table(rows)
     assert "| sd15 | te-lora |" in table and "x) |" in table  # each step's ratio to the reference
+
+
+def test_the_fused_lora_layers_count_the_flops_of_peft_ones(capsys):
+    """The fused layers' base matmuls are in-place `addmm_`, which torch's FlopCounterMode skips unless told: the
+    same model counts the same FLOPs either way, so the MFU of the two is comparable."""
+    benchmark = _benchmark()
+    flops = []
+    for extra in ([], ["--unfused-lora"]):
+        assert benchmark.main(["--smoke", "--model", "sd15", "--variants", "plain", "--json", "--device", "cpu",
+                               *extra]) == 0
+        flops.append(json.loads(capsys.readouterr().out)["results"][0]["flops_per_step"])
+    assert flops[0] == flops[1] > 1e7
+
+
+def test_lora_layer_benchmark_times_peft_and_the_fused_layer(capsys):
+    path = REPO_ROOT / "benchmarks" / "lora_layer.py"
+    spec = importlib.util.spec_from_file_location("lora_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if " tokens, " in line]
+    assert len(rows) == len(module.SMOKE_SHAPES) and all("peft " in r and "fused " in r for r in rows)
