@@ -107,7 +107,7 @@ def train_steps(run: TrainingRun, provenance: LoraProvenance, tracker: TrainingT
         if ctx.shard:
             require_agreement(ctx.parts.accelerator, start_epoch=start, global_step=global_step, total_steps=total)
         try:
-            run.times.add("warmup_ahead", warm_up_shapes(run, ctx, start + 1, global_step))  # the fast path's shapes
+            run.times.add("warmup_ahead", warm_up_shapes(run, ctx))  # the fast path's shapes
         except BaseException:
             ctx.latents.close()  # filled beside the warm-up on a GPU
             raise

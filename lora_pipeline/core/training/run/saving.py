@@ -34,9 +34,9 @@ from lora_pipeline.core.training.step.optim import averaged_weights
 def lora_snapshot(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
                   global_step: int) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of the LoRA as it stands (for a schedule-free optimizer: its averaged weights; with use_ema:
-    the EMA shadow), the
-    tensors on the host (`to_host`: on CUDA pinned copies still in flight, which the writer waits for)."""
-    recipe, provenance = run.recipe, run.settled(provenance)
+    the EMA shadow), the tensors on the host (`to_host`: on CUDA pinned copies still in flight, which the writer
+    waits for); `provenance` already holds the base model's hash (`TrainingRun.settled`)."""
+    recipe = run.recipe
     unet = ctx.parts.accelerator.unwrap_model(ctx.parts.unet)
     metadata = build_metadata(
         recipe=recipe, provenance=provenance, epoch=epoch, steps=global_step, max_train_steps=run.total,
@@ -63,7 +63,7 @@ def lora_snapshot(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance
 def save_lora_file(run: TrainingRun, ctx: StepContext, provenance: LoraProvenance, epoch: int,
                    global_step: int, path: Path, writer: BackgroundWriter) -> None:
     """Write the LoRA as it stands to `path`, on the writer's thread."""
-    tensors, metadata = lora_snapshot(run, ctx, provenance, epoch, global_step)
+    tensors, metadata = lora_snapshot(run, ctx, run.settled(provenance), epoch, global_step)
     writer.submit(lambda: save_lora(path, tensors, metadata))
 
 

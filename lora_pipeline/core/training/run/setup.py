@@ -148,13 +148,14 @@ class TrainingRun:
     def last_epoch(self) -> int:
         return -(-self.total // self.per_epoch)
 
-    def planned_shapes(self, first_epoch: int, global_step: int) -> list[tuple[int, int, list[int]]]:
-        """(epoch, global step, image indices) of the first batch of each distinct shape (size, bucket) that the
-        run trains from `first_epoch` on, after `global_step` steps."""
+    @functools.cached_property
+    def planned_shapes(self) -> list[tuple[int, int, list[int]]]:
+        """(epoch, global step, image indices) of the first batch of each distinct shape (size, bucket) that this
+        call trains: from the epoch after the resume state's (or the first) on; empty when none is left."""
         recipe, images = self.recipe, self.data.images
         found: dict[tuple[int, tuple[int, int]], tuple[int, int, list[int]]] = {}
-        step = global_step
-        for epoch in range(first_epoch, self.last_epoch + 1):
+        step = self.state.global_step if self.state else 0
+        for epoch in range((self.state.epoch if self.state else 0) + 1, self.last_epoch + 1):
             batches = epoch_batches(images, self.data.image_repeats, recipe.effective_batch_size, recipe.seed, epoch)
             for indices in batches[:self.total - step]:
                 step += 1
@@ -199,9 +200,8 @@ def build_context(run: TrainingRun) -> StepContext:
     # With the fast path on a GPU the VAE fills the cache beside the text encoding and the warm-up (its
     # captures are host work): the first batch of each shape first, which the warm-up takes
     state = run.state
-    plan = run.planned_shapes(state.epoch + 1 if state else 1, state.global_step if state else 0)
     latents = LatentSource(base, images, recipe.seed, recipe.cache_latents, device, run.flip_aug, disk,
-                           first=[index for _, _, indices in plan for index in indices],
+                           first=[index for _, _, indices in run.planned_shapes for index in indices],
                            background=fast_path and device.type == "cuda")
     if train_text:
         run.log("text-encoder outputs are not cached: the text encoders carry a LoRA that trains "

@@ -74,18 +74,18 @@ class _TrainingState:
         torch.set_rng_state(self.rng)
 
 
-def warm_up_shapes(run: TrainingRun, ctx: StepContext, first_epoch: int, global_step: int) -> float:
-    """Warm up and capture every batch shape of the epochs from `first_epoch` on (module docstring); the seconds
-    it took (0.0 where the run warms each shape at its first steps instead)."""
+def warm_up_shapes(run: TrainingRun, ctx: StepContext) -> float:
+    """Warm up and capture every batch shape of the epochs this call trains (module docstring); the seconds it
+    took (0.0 where the run warms each shape at its first steps instead, or has none left)."""
     update, optimizer = ctx.update, getattr(ctx.parts.optimizer, "optimizer", ctx.parts.optimizer)
-    if not isinstance(update, GraphedSteps) or first_epoch > run.last_epoch:
+    plan = run.planned_shapes
+    if not isinstance(update, GraphedSteps) or not plan:
         return 0.0
     if not isinstance(optimizer, RESTORABLE) or ctx.parts.accelerator.scaler is not None:
         run.log(f"warm-up at each batch shape's first steps ({type(optimizer).__name__}"
                 f"{' with a gradient scaler' if ctx.parts.accelerator.scaler is not None else ''}: its state is not "
                 "put back after a warm-up ahead)")
         return 0.0
-    plan = run.planned_shapes(first_epoch, global_step)
     _sync(run.device)
     started = time.perf_counter()
     saved = _TrainingState(run, ctx)
